@@ -1,0 +1,511 @@
+/**
+ * The backup engine: reads disks from sources and commits one checkpoint.
+ *
+ * Flow of `runBackup` (every step before 4 changes nothing in the repository):
+ *   1. plan: resolve the level (`auto` -> full when the VM has no usable chain or an incremental is
+ *      impossible), the base checkpoint (whose map an inc/diff overlays: the chain's latest) and
+ *      the parent (inc: the base, diff: the chain's full), and which bitmap each disk must read;
+ *   2. probe every source (exists, format, not in use, same virtual size as the base);
+ *   3. take the writer lock;
+ *   4. insert the checkpoint as `running`; per disk: start change tracking for the new checkpoint,
+ *      read the ranges to back up (full: allocated data from `base:allocation`; inc/diff: the dirty
+ *      bitmap intersected with `base:allocation`, so dirty ranges that are now holes or zeros are
+ *      recorded as zero extents without being read), split them on the chunk grid, hash+compress in
+ *      the worker pool, dedup and append to packs, and build the disk's page map;
+ *   5. seal packs (fsync), then flip the checkpoint to `complete` in one transaction.
+ * Failure or interruption at any point: the `running` rows are deleted (or, after a crash, by the
+ * next writer), change tracking added in step 4 is rolled back, and the repository is as before.
+ *
+ * Memory: bounded by the read window (`readConcurrency` x `readSize`) plus the pool's jobs, never
+ * by disk size; dirty/allocation maps are consumed as streams, window by window.
+ * Core code: reports through `onProgress`/`onNotice`, never prints.
+ */
+import { BkfsError, isBkfsError } from '../errors';
+import type { Repository } from '../repo/repository';
+import { deleteCheckpointRows } from '../repo/repository';
+import {
+  checkName,
+  checkpointById,
+  checkpointDisks,
+  ensureVm,
+  findVm,
+  listCheckpoints,
+  type CheckpointRow,
+  type DiskRow,
+  type Level,
+} from '../index/catalog';
+import { DiskMapWriter, maxPageId, type MapExtent } from '../index/pagemap';
+import { ChunkWriter, type ChunkStats } from '../store/chunk-writer';
+import { IngestPool } from '../store/ingest-pool';
+import { isZero } from '../store/codec';
+import { orderedMap } from '../util/pipeline';
+import type { NbdClient } from '../nbd/client';
+import type { BackupSource } from './sources';
+
+export interface DiskSpec {
+  name: string;
+  source: BackupSource;
+}
+
+export interface BackupProgress {
+  disk: string;
+  /** Bytes read or resolved so far, over all disks. */
+  done: number;
+  /** Bytes to read over all disks (known once every disk's map was scanned). */
+  total: number;
+}
+
+export interface BackupOptions {
+  vm: string;
+  disks: DiskSpec[];
+  level: Level | 'auto';
+  checkpoint?: string;
+  configs?: { name: string; data: Buffer }[];
+  libvirtCheckpoint?: string;
+  onProgress?: (p: BackupProgress) => void;
+  onNotice?: (msg: string) => void;
+  signal?: AbortSignal;
+  /** Read request size and how many are in flight. */
+  readSize?: number;
+  readConcurrency?: number;
+  workers?: number;
+}
+
+export interface BackupResult {
+  checkpoint: CheckpointRow;
+  level: Level;
+  bytesRead: number;
+  bytesZero: number;
+  virtualSize: number;
+  chunks: ChunkStats;
+  durationMs: number;
+}
+
+interface DiskPlan {
+  spec: DiskSpec;
+  size: number;
+  format: string;
+  baseDisk: DiskRow | null;
+  readBitmap: string | null;
+}
+
+export interface Plan {
+  level: Level;
+  base: CheckpointRow | null;
+  parent: CheckpointRow | null;
+  chainFull: CheckpointRow | null;
+}
+
+/** Bitmap name for a checkpoint of this repository (qcow2 image sources). */
+export function bitmapName(repoId: string, checkpoint: string): string {
+  return `${bitmapPrefix(repoId)}${checkpoint}`;
+}
+export function bitmapPrefix(repoId: string): string {
+  return `bkfs-${repoId}-`;
+}
+
+/** The checkpoints an inc/diff of `vm` would build on, or nulls when there is no chain. */
+export function chainPlan(repo: Repository, vmName: string, level: Level): Plan {
+  if (level === 'full' || level === 'copy') return { level, base: null, parent: null, chainFull: null };
+  const vm = findVm(repo.db, vmName);
+  const cps = vm ? listCheckpoints(repo.db, vm.id).filter((c) => c.level !== 'copy') : [];
+  const base = cps[cps.length - 1];
+  if (!base) {
+    throw new BkfsError(
+      'CHAIN_BROKEN',
+      `VM '${vmName}' has no full backup to build a${level === 'inc' ? 'n inc' : ' diff'} on: use --level full`,
+    );
+  }
+  const chainFull = checkpointById(repo.db, base.chain_id) ?? null;
+  if (!chainFull || chainFull.state !== 'complete') {
+    throw new BkfsError(
+      'CHAIN_BROKEN',
+      `the full backup of VM '${vmName}''s chain is gone: use --level full`,
+    );
+  }
+  return { level, base, parent: level === 'inc' ? base : chainFull, chainFull };
+}
+
+function nextCheckpointName(repo: Repository, vmName: string): string {
+  const vm = findVm(repo.db, vmName);
+  if (!vm) return 'check1';
+  const rows = repo.db.prepare('SELECT name FROM checkpoints WHERE vm_id = ?').all(vm.id) as {
+    name: string;
+  }[];
+  let max = 0;
+  for (const r of rows) {
+    const m = /^check(\d+)$/.exec(r.name);
+    if (m) max = Math.max(max, Number(m[1]));
+  }
+  return `check${max + 1}`;
+}
+
+async function planDisks(repo: Repository, opts: BackupOptions, plan: Plan): Promise<DiskPlan[]> {
+  const out: DiskPlan[] = [];
+  const baseDisks = plan.base ? checkpointDisks(repo.db, plan.base.id) : [];
+  const parentDisks = plan.parent ? checkpointDisks(repo.db, plan.parent.id) : [];
+  for (const spec of opts.disks) {
+    const probe = await spec.source.probe();
+    let baseDisk: DiskRow | null = null;
+    let readBitmap: string | null = null;
+    if (plan.base && plan.parent) {
+      baseDisk = baseDisks.find((d) => d.name === spec.name) ?? null;
+      const parentDisk = parentDisks.find((d) => d.name === spec.name);
+      if (!baseDisk || !parentDisk) {
+        throw new BkfsError(
+          'CHAIN_BROKEN',
+          `disk '${spec.name}' is not in checkpoint ${plan.parent.name}: a new disk needs --level full`,
+        );
+      }
+      if (baseDisk.virtual_size !== probe.size) {
+        throw new BkfsError(
+          'SIZE_CHANGED',
+          `disk '${spec.name}' changed size since ${plan.base.name} (${baseDisk.virtual_size} -> ${probe.size} bytes): use --level full`,
+        );
+      }
+      readBitmap = await spec.source.dirtyBitmapFor(parentDisk.bitmap);
+    }
+    out.push({ spec, size: probe.size, format: probe.format, baseDisk, readBitmap });
+  }
+  return out;
+}
+
+/** Resolve `auto` and check everything that can be checked before the repository is touched. */
+async function makePlan(repo: Repository, opts: BackupOptions): Promise<{ plan: Plan; disks: DiskPlan[] }> {
+  if (opts.level !== 'auto') {
+    const plan = chainPlan(repo, opts.vm, opts.level);
+    return { plan, disks: await planDisks(repo, opts, plan) };
+  }
+  try {
+    const plan = chainPlan(repo, opts.vm, 'inc');
+    return { plan, disks: await planDisks(repo, opts, plan) };
+  } catch (e) {
+    if (!isBkfsError(e, 'CHAIN_BROKEN') && !isBkfsError(e, 'SIZE_CHANGED')) throw e;
+    if (findVm(repo.db, opts.vm))
+      opts.onNotice?.(`${e.message.replace(/: use --level full$/, '')}; taking a full backup`);
+    const plan = chainPlan(repo, opts.vm, 'full');
+    return { plan, disks: await planDisks(repo, opts, plan) };
+  }
+}
+
+function checkAborted(signal?: AbortSignal): void {
+  if (signal?.aborted) throw new BkfsError('INTERRUPTED', 'backup interrupted');
+}
+
+export async function runBackup(repo: Repository, opts: BackupOptions): Promise<BackupResult> {
+  const t0 = Date.now();
+  checkName('VM', opts.vm);
+  if (opts.checkpoint !== undefined) checkName('checkpoint', opts.checkpoint);
+  if (opts.disks.length === 0) throw new BkfsError('USAGE', 'no disks to back up (give --disk NAME=SOURCE)');
+  const seen = new Set<string>();
+  for (const d of opts.disks) {
+    checkName('disk', d.name);
+    if (seen.has(d.name)) throw new BkfsError('USAGE', `disk '${d.name}' is given twice`);
+    seen.add(d.name);
+  }
+  const { plan, disks } = await makePlan(repo, opts);
+  checkAborted(opts.signal);
+
+  repo.lockWriter(`backup ${opts.vm}`);
+  const db = repo.db;
+  let cpId: number | undefined;
+  const pool = new IngestPool(repo.config.compression.level, opts.workers);
+  const chunks = new ChunkWriter(db, repo.dir);
+  const prepared: DiskPlan[] = [];
+  try {
+    const name = opts.checkpoint ?? nextCheckpointName(repo, opts.vm);
+    const vm = ensureVm(db, opts.vm);
+    if (db.prepare('SELECT 1 FROM checkpoints WHERE vm_id = ? AND name = ?').get(vm.id, name)) {
+      throw new BkfsError('BAD_NAME', `VM '${opts.vm}' already has a checkpoint named '${name}'`);
+    }
+    const ins = db
+      .prepare(
+        `INSERT INTO checkpoints (vm_id, name, level, state, chain_id, parent_id, base_id, started, libvirt_checkpoint)
+         VALUES (?, ?, ?, 'running', 0, ?, ?, ?, ?)`,
+      )
+      .run(
+        vm.id,
+        name,
+        plan.level,
+        plan.parent?.id ?? null,
+        plan.base?.id ?? null,
+        t0,
+        opts.libvirtCheckpoint ?? null,
+      );
+    cpId = Number(ins.lastInsertRowid);
+    db.prepare('UPDATE checkpoints SET chain_id = ? WHERE id = ?').run(plan.chainFull?.id ?? cpId, cpId);
+
+    let nextPage = maxPageId(db);
+    const allocPage = () => ++nextPage;
+    const progress = { done: 0, total: 0 };
+    let bytesRead = 0;
+    let bytesZero = 0;
+    let virtualSize = 0;
+    // Change tracking for the new checkpoint starts before any data is read.
+    const diskRows: { plan: DiskPlan; diskId: number; newBitmap: string | null }[] = [];
+    for (const dp of disks) {
+      const newBitmap =
+        plan.level === 'copy' ? null : await dp.spec.source.prepare(bitmapName(repo.config.id, name));
+      prepared.push(dp);
+      const r = db
+        .prepare(
+          'INSERT INTO disks (checkpoint_id, name, virtual_size, source, format, bitmap) VALUES (?, ?, ?, ?, ?, ?)',
+        )
+        .run(cpId, dp.spec.name, dp.size, dp.spec.source.location, dp.format, newBitmap);
+      diskRows.push({ plan: dp, diskId: Number(r.lastInsertRowid), newBitmap });
+      virtualSize += dp.size;
+    }
+    for (const d of diskRows) {
+      checkAborted(opts.signal);
+      const src = await d.plan.spec.source.open(d.plan.readBitmap);
+      try {
+        if (src.dirtyContext && !src.client.hasMetaContext(src.dirtyContext)) {
+          throw new BkfsError(
+            'CHAIN_BROKEN',
+            `${d.plan.spec.source.location} does not export ${src.dirtyContext}: use --level full`,
+          );
+        }
+        if (src.client.size !== d.plan.size) {
+          throw new BkfsError(
+            'SIZE_CHANGED',
+            `disk '${d.plan.spec.name}' changed size while being backed up`,
+          );
+        }
+        const writer = new DiskMapWriter(
+          db,
+          repo.config.pageSpan,
+          d.diskId,
+          d.plan.baseDisk?.id ?? null,
+          allocPage,
+        );
+        const r = await backupDisk({
+          client: src.client,
+          dirtyContext: src.dirtyContext,
+          size: d.plan.size,
+          chunkSize: repo.config.chunkSize,
+          pageSpan: repo.config.pageSpan,
+          recordZeros: d.plan.baseDisk !== null,
+          diskId: d.diskId,
+          writer,
+          pool,
+          chunks,
+          readSize: opts.readSize ?? 4 << 20,
+          readConcurrency: opts.readConcurrency ?? 8,
+          signal: opts.signal,
+          onBytes: (n, total) => {
+            if (total !== undefined) progress.total += total;
+            progress.done += n;
+            opts.onProgress?.({ disk: d.plan.spec.name, done: progress.done, total: progress.total });
+          },
+        });
+        writer.finish();
+        bytesRead += r.read;
+        bytesZero += r.zero;
+        db.prepare('UPDATE disks SET bytes_read = ?, bytes_zero = ? WHERE id = ?').run(
+          r.read,
+          r.zero,
+          d.diskId,
+        );
+      } finally {
+        await src.close();
+      }
+    }
+    await chunks.finish();
+    checkAborted(opts.signal);
+    db.transaction(() => {
+      for (const c of opts.configs ?? []) {
+        db.prepare('INSERT INTO configs (checkpoint_id, name, data) VALUES (?, ?, ?)').run(
+          cpId,
+          c.name,
+          c.data,
+        );
+      }
+      db.prepare(
+        `UPDATE checkpoints SET state = 'complete', finished = ?, bytes_read = ?, bytes_new_raw = ?,
+                bytes_new_stored = ?, chunks_new = ? WHERE id = ?`,
+      ).run(
+        Date.now(),
+        bytesRead,
+        chunks.stats.newRawBytes,
+        chunks.stats.newStoredBytes,
+        chunks.stats.newChunks,
+        cpId,
+      );
+    })();
+    const committedId = cpId;
+    cpId = undefined;
+    // The checkpoint is committed. Drop change tracking that no longer serves a chain.
+    if (plan.level === 'full') {
+      for (const d of diskRows) {
+        const keep = new Set(d.newBitmap ? [d.newBitmap] : []);
+        await d.plan.spec.source
+          .afterCommit(keep, bitmapPrefix(repo.config.id), true)
+          .catch((e: unknown) => opts.onNotice?.(`could not remove old bitmaps: ${(e as Error).message}`));
+      }
+    }
+    return {
+      checkpoint: checkpointById(db, committedId)!,
+      level: plan.level,
+      bytesRead,
+      bytesZero,
+      virtualSize,
+      chunks: chunks.stats,
+      durationMs: Date.now() - t0,
+    };
+  } catch (e) {
+    await chunks.abort();
+    for (const dp of prepared) await dp.spec.source.rollback();
+    if (cpId !== undefined) {
+      const id = cpId;
+      db.transaction(() => deleteCheckpointRows(db, id))();
+    }
+    throw e;
+  } finally {
+    await pool.close();
+    repo.unlockWriter();
+  }
+}
+
+interface DiskJob {
+  client: NbdClient;
+  dirtyContext: string | null;
+  size: number;
+  chunkSize: number;
+  pageSpan: number;
+  /** Record zero extents (inc/diff: they override the base); a full simply leaves them out. */
+  recordZeros: boolean;
+  diskId: number;
+  writer: DiskMapWriter;
+  pool: IngestPool;
+  chunks: ChunkWriter;
+  readSize: number;
+  readConcurrency: number;
+  signal: AbortSignal | undefined;
+  onBytes: (n: number, total?: number) => void;
+}
+
+/** A range to back up: `zero` ranges are known zeros (no read). */
+interface Range {
+  offset: number;
+  length: number;
+  zero: boolean;
+}
+
+const ALLOC = 'base:allocation';
+const NBD_STATE_ZERO = 2;
+const WINDOW = 1 << 30;
+
+/**
+ * The ranges to back up in [start, end): allocated data (full), or dirty ∩ allocation (inc/diff),
+ * from NBD block status. Yields ranges in offset order.
+ */
+async function* rangesOf(job: DiskJob, start: number, end: number): AsyncGenerator<Range> {
+  const c = job.client;
+  const hasAlloc = c.hasMetaContext(ALLOC);
+  const alloc = async function* (s: number, e: number): AsyncGenerator<Range> {
+    if (!hasAlloc) {
+      yield { offset: s, length: e - s, zero: false };
+      return;
+    }
+    for await (const x of c.mapExtents(ALLOC, s, e - s)) {
+      yield { offset: x.offset, length: x.length, zero: (x.flags & NBD_STATE_ZERO) !== 0 };
+    }
+  };
+  if (!job.dirtyContext) {
+    for await (const r of alloc(start, end)) if (!r.zero) yield r;
+    return;
+  }
+  for await (const d of c.mapExtents(job.dirtyContext, start, end - start)) {
+    if ((d.flags & 1) === 0) continue;
+    yield* alloc(d.offset, d.offset + d.length);
+  }
+}
+
+/** Split ranges on the chunk grid and group them into reads of at most `readSize`. */
+function* pieces(r: Range, chunkSize: number): Generator<Range> {
+  let off = r.offset;
+  const end = r.offset + r.length;
+  while (off < end) {
+    const next = Math.min(end, (Math.floor(off / chunkSize) + 1) * chunkSize);
+    yield { offset: off, length: next - off, zero: r.zero };
+    off = next;
+  }
+}
+
+interface ReadGroup {
+  offset: number;
+  length: number;
+  zero: boolean;
+  parts: Range[];
+}
+
+async function* readGroups(job: DiskJob, start: number, end: number): AsyncGenerator<ReadGroup> {
+  let g: ReadGroup | undefined;
+  for await (const r of rangesOf(job, start, end)) {
+    for (const p of pieces(r, job.chunkSize)) {
+      if (g && g.zero === p.zero && g.offset + g.length === p.offset && g.length + p.length <= job.readSize) {
+        g.length += p.length;
+        g.parts.push(p);
+      } else {
+        if (g) yield g;
+        g = { offset: p.offset, length: p.length, zero: p.zero, parts: [p] };
+      }
+    }
+  }
+  if (g) yield g;
+}
+
+async function backupDisk(job: DiskJob): Promise<{ read: number; zero: number }> {
+  let read = 0;
+  let zero = 0;
+  // First pass over the maps (cheap: block status only) to know the total for progress.
+  let total = 0;
+  for await (const r of rangesOf(job, 0, job.size)) if (!r.zero) total += r.length;
+  job.onBytes(0, total);
+
+  for (let w = 0; w < job.size; w += WINDOW) {
+    const wEnd = Math.min(job.size, w + WINDOW);
+    const results = orderedMap(
+      readGroups(job, w, wEnd),
+      job.readConcurrency,
+      async (g): Promise<MapExtent[]> => {
+        checkAborted(job.signal);
+        if (g.zero) {
+          return job.recordZeros
+            ? g.parts.map((p) => ({
+                offset: p.offset,
+                length: p.length,
+                chunkId: null,
+                chunkOff: 0,
+                origin: job.diskId,
+              }))
+            : [];
+        }
+        const data = await job.client.read(g.offset, g.length);
+        read += g.length;
+        const exts = await Promise.all(
+          g.parts.map(async (p): Promise<MapExtent | null> => {
+            const buf = data.subarray(p.offset - g.offset, p.offset - g.offset + p.length);
+            if (isZero(buf)) {
+              return job.recordZeros
+                ? { offset: p.offset, length: p.length, chunkId: null, chunkOff: 0, origin: job.diskId }
+                : null;
+            }
+            const enc = await job.pool.process(buf);
+            const id = await job.chunks.put(enc.hash, enc.codec, enc.stored, p.length);
+            return { offset: p.offset, length: p.length, chunkId: id, chunkOff: 0, origin: job.diskId };
+          }),
+        );
+        job.onBytes(g.length);
+        return exts.filter((e): e is MapExtent => e !== null);
+      },
+    );
+    for await (const exts of results) {
+      for (const e of exts) {
+        if (e.chunkId === null) zero += e.length;
+        job.writer.add(e);
+      }
+    }
+  }
+  return { read, zero };
+}

@@ -1,0 +1,224 @@
+/**
+ * Backup sources: where a disk's bytes and its dirty map come from.
+ *
+ * Every source ends up as an NBD export read by bkfs's own client, so the engine has one read path:
+ *   - ImageSource: a qcow2 or raw file. bkfs starts `qemu-nbd --read-only` itself and, for qcow2,
+ *     manages persistent dirty bitmaps as virtnbdbackup does for offline VMs: each checkpoint adds
+ *     an enabled bitmap `bkfs-<repo id>-<checkpoint>` *before* its data is read (so a write that
+ *     lands after the read is never missed), an incremental reads the bitmap of its base
+ *     checkpoint through `qemu-nbd -B`, a differential the bitmap of its chain's full, and a new
+ *     full removes this repository's older bitmaps once it is committed.
+ *   - NbdUriSource: any NBD export given by URI; the caller may name a dirty bitmap meta context
+ *     (`--bitmap NAME` -> `qemu:dirty-bitmap:NAME`) that holds the changes since the base.
+ * The live libvirt source (pull-mode backup) implements the same interface.
+ */
+import { BkfsError } from '../errors';
+import { NbdClient, parseNbdUri } from '../nbd/client';
+import { bitmapAdd, bitmapRemove, imageInfo, QemuNbd, type ImageInfo } from './qemu';
+
+export interface SourceProbe {
+  size: number;
+  format: string;
+}
+
+export interface OpenSource {
+  client: NbdClient;
+  /** Negotiated meta context holding the dirty map, when one was asked for. */
+  dirtyContext: string | null;
+  close(): Promise<void>;
+}
+
+export interface BackupSource {
+  readonly location: string;
+  probe(): Promise<SourceProbe>;
+  /**
+   * The dirty bitmap to read for changes since a checkpoint that recorded `recorded`; throws
+   * CHAIN_BROKEN when those changes cannot be read.
+   */
+  dirtyBitmapFor(recorded: string | null): Promise<string>;
+  /** Before reading: start tracking changes for the new checkpoint. Returns the bitmap to record. */
+  prepare(newBitmap: string | null): Promise<string | null>;
+  open(dirtyBitmap: string | null): Promise<OpenSource>;
+  /** Undo `prepare` after a failed backup (best effort). */
+  rollback(): Promise<void>;
+  /** After the checkpoint committed: drop tracking that no longer serves a chain. */
+  afterCommit(keep: ReadonlySet<string>, prefix: string, newChain: boolean): Promise<void>;
+}
+
+const ALLOC = 'base:allocation';
+
+export class ImageSource implements BackupSource {
+  private info: ImageInfo | undefined;
+  private added: string | null = null;
+
+  constructor(readonly location: string) {}
+
+  async probe(): Promise<SourceProbe> {
+    this.info = await imageInfo(this.location);
+    if (this.info.format !== 'qcow2' && this.info.format !== 'raw') {
+      throw new BkfsError(
+        'SOURCE_FORMAT',
+        `${this.location} is a ${this.info.format} image; bkfs backs up qcow2 and raw images (convert it with qemu-img)`,
+      );
+    }
+    return { size: this.info.virtualSize, format: this.info.format };
+  }
+
+  private get infoOrThrow(): ImageInfo {
+    if (!this.info) throw new Error('probe() first');
+    return this.info;
+  }
+
+  async dirtyBitmapFor(bitmap: string | null): Promise<string> {
+    const info = this.infoOrThrow;
+    if (info.format !== 'qcow2') {
+      throw new BkfsError(
+        'CHAIN_BROKEN',
+        `${this.location} is a raw image, which has no dirty bitmaps: use --level full (unchanged data is deduplicated)`,
+      );
+    }
+    if (!bitmap) {
+      throw new BkfsError(
+        'CHAIN_BROKEN',
+        `the previous checkpoint of ${this.location} recorded no bitmap: use --level full`,
+      );
+    }
+    const bm = info.bitmaps.find((b) => b.name === bitmap);
+    if (!bm) {
+      throw new BkfsError(
+        'CHAIN_BROKEN',
+        `bitmap '${bitmap}' is missing from ${this.location} (removed, or the image was replaced): use --level full`,
+      );
+    }
+    if (bm.flags.includes('in-use')) {
+      throw new BkfsError(
+        'CHAIN_BROKEN',
+        `bitmap '${bitmap}' in ${this.location} is inconsistent (a QEMU process using it was killed): use --level full`,
+      );
+    }
+    return bitmap;
+  }
+
+  async prepare(newBitmap: string | null): Promise<string | null> {
+    const info = this.infoOrThrow;
+    if (!newBitmap || info.format !== 'qcow2') return null;
+    if (info.bitmaps.some((b) => b.name === newBitmap)) {
+      // Left by a backup that crashed before committing: it is ours and belongs to no checkpoint.
+      await bitmapRemove(this.location, newBitmap);
+    }
+    await bitmapAdd(this.location, newBitmap);
+    this.added = newBitmap;
+    return newBitmap;
+  }
+
+  async open(dirtyBitmap: string | null): Promise<OpenSource> {
+    const info = this.infoOrThrow;
+    const srv = await QemuNbd.start({
+      image: this.location,
+      format: info.format,
+      readOnly: true,
+      ...(dirtyBitmap ? { bitmap: dirtyBitmap } : {}),
+    });
+    const dirtyContext = dirtyBitmap ? `qemu:dirty-bitmap:${dirtyBitmap}` : null;
+    try {
+      const client = await NbdClient.connect(
+        { socket: srv.socket },
+        { metaContexts: dirtyContext ? [ALLOC, dirtyContext] : [ALLOC] },
+      );
+      if (dirtyContext && !client.hasMetaContext(dirtyContext)) {
+        await client.close();
+        throw new BkfsError(
+          'CHAIN_BROKEN',
+          `qemu-nbd did not export bitmap '${dirtyBitmap}' of ${this.location}`,
+        );
+      }
+      return {
+        client,
+        dirtyContext,
+        close: async () => {
+          await client.close().catch(() => undefined);
+          await srv.stop();
+        },
+      };
+    } catch (e) {
+      await srv.stop();
+      throw e;
+    }
+  }
+
+  async rollback(): Promise<void> {
+    if (this.added) {
+      await bitmapRemove(this.location, this.added).catch(() => undefined);
+      this.added = null;
+    }
+  }
+
+  async afterCommit(keep: ReadonlySet<string>, prefix: string, newChain: boolean): Promise<void> {
+    if (!newChain || this.infoOrThrow.format !== 'qcow2') return;
+    const info = await imageInfo(this.location);
+    for (const b of info.bitmaps) {
+      if (b.name.startsWith(prefix) && !keep.has(b.name)) await bitmapRemove(this.location, b.name);
+    }
+  }
+}
+
+export class NbdUriSource implements BackupSource {
+  constructor(
+    readonly location: string,
+    private readonly bitmap: string | null,
+  ) {
+    parseNbdUri(location); // validate early
+  }
+
+  async probe(): Promise<SourceProbe> {
+    const c = await NbdClient.connect(this.location);
+    try {
+      return { size: c.size, format: 'nbd' };
+    } finally {
+      await c.close();
+    }
+  }
+
+  async dirtyBitmapFor(): Promise<string> {
+    if (!this.bitmap) {
+      throw new BkfsError(
+        'CHAIN_BROKEN',
+        `an incremental from ${this.location} needs --bitmap NAME (a dirty bitmap exported by the server): use --level full`,
+      );
+    }
+    const ctx = `qemu:dirty-bitmap:${this.bitmap}`;
+    const c = await NbdClient.connect(this.location, { metaContexts: [ctx] });
+    try {
+      if (!c.hasMetaContext(ctx)) {
+        throw new BkfsError(
+          'CHAIN_BROKEN',
+          `${this.location} does not export dirty bitmap '${this.bitmap}': use --level full`,
+        );
+      }
+      return this.bitmap;
+    } finally {
+      await c.close();
+    }
+  }
+
+  async prepare(): Promise<string | null> {
+    return null;
+  }
+
+  async open(dirtyBitmap: string | null): Promise<OpenSource> {
+    const dirtyContext = dirtyBitmap ? `qemu:dirty-bitmap:${dirtyBitmap}` : null;
+    const client = await NbdClient.connect(this.location, {
+      metaContexts: dirtyContext ? [ALLOC, dirtyContext] : [ALLOC],
+    });
+    return { client, dirtyContext, close: () => client.close() };
+  }
+
+  async rollback(): Promise<void> {}
+  async afterCommit(): Promise<void> {}
+}
+
+/** `SOURCE` of `--disk NAME=SOURCE`: an NBD URI or an image path. */
+export function sourceFor(spec: string, bitmap: string | null): BackupSource {
+  if (/^nbds?(\+unix)?:\/\//.test(spec)) return new NbdUriSource(spec, bitmap);
+  return new ImageSource(spec);
+}

@@ -1,0 +1,128 @@
+import type { Command } from 'commander';
+import {
+  checkpointById,
+  checkpointDisks,
+  getConfigs,
+  getVm,
+  listCheckpoints,
+  listVms,
+  resolveRef,
+  type CheckpointRow,
+} from '../../index/catalog';
+import type { Repository } from '../../repo/repository';
+import { bytes, duration } from '../../util/format';
+import { out, table, withRepo } from '../context';
+
+function describe(repo: Repository, vm: string, cp: CheckpointRow) {
+  const disks = checkpointDisks(repo.db, cp.id);
+  const parent = cp.parent_id !== null ? checkpointById(repo.db, cp.parent_id) : undefined;
+  return {
+    vm,
+    name: cp.name,
+    level: cp.level,
+    parent: parent?.name ?? null,
+    time: new Date(cp.started).toISOString(),
+    durationMs: (cp.finished ?? cp.started) - cp.started,
+    disks: disks.map((d) => ({
+      name: d.name,
+      virtualSize: d.virtual_size,
+      bytesRead: d.bytes_read,
+      source: d.source,
+      format: d.format,
+      bitmap: d.bitmap,
+    })),
+    virtualSize: disks.reduce((a, d) => a + d.virtual_size, 0),
+    bytesRead: cp.bytes_read,
+    bytesNewRaw: cp.bytes_new_raw,
+    bytesNewStored: cp.bytes_new_stored,
+    chunksNew: cp.chunks_new,
+    libvirtCheckpoint: cp.libvirt_checkpoint,
+    protected: cp.protected === 1,
+    damaged: cp.damaged === 1,
+  };
+}
+
+export function registerCatalog(program: Command): void {
+  program
+    .command('list')
+    .description('list checkpoints (of one VM, or of all)')
+    .argument('[vm]', 'VM name')
+    .option('--json', 'machine-readable output')
+    .action(async (vmName: string | undefined, opts: { json?: boolean }, cmd: Command) => {
+      await withRepo(cmd, (repo) => {
+        const vms = vmName ? [getVm(repo.db, vmName)] : listVms(repo.db);
+        const rows = vms.flatMap((vm) =>
+          listCheckpoints(repo.db, vm.id).map((cp) => describe(repo, vm.name, cp)),
+        );
+        if (opts.json) {
+          out(JSON.stringify(rows, null, 2));
+          return;
+        }
+        if (rows.length === 0) {
+          out(vmName ? `VM '${vmName}' has no checkpoints` : 'the repository has no checkpoints');
+          return;
+        }
+        out(
+          table(
+            [
+              'CHECKPOINT',
+              'LEVEL',
+              'PARENT',
+              'TIME',
+              'DISKS',
+              'VIRTUAL',
+              'READ',
+              'NEW STORED',
+              'TOOK',
+              'FLAGS',
+            ],
+            rows.map((r) => [
+              `${r.vm}@${r.name}`,
+              r.level,
+              r.parent ?? '-',
+              r.time.replace('T', ' ').slice(0, 19),
+              r.disks.map((d) => d.name).join(','),
+              bytes(r.virtualSize),
+              bytes(r.bytesRead),
+              bytes(r.bytesNewStored),
+              duration(r.durationMs),
+              [r.protected ? 'protected' : '', r.damaged ? 'DAMAGED' : ''].filter(Boolean).join(',') || '-',
+            ]),
+          ),
+        );
+      });
+    });
+
+  program
+    .command('info')
+    .description('show one checkpoint in detail')
+    .argument('<ref>', 'VM or VM@CHECKPOINT')
+    .option('--json', 'machine-readable output')
+    .action(async (ref: string, opts: { json?: boolean }, cmd: Command) => {
+      await withRepo(cmd, (repo) => {
+        const { vm, checkpoint } = resolveRef(repo.db, ref);
+        const d = describe(repo, vm.name, checkpoint);
+        const configs = getConfigs(repo.db, checkpoint.id).map((c) => ({
+          name: c.name,
+          size: c.data.length,
+        }));
+        if (opts.json) {
+          out(JSON.stringify({ ...d, configs }, null, 2));
+          return;
+        }
+        out(`checkpoint  ${d.vm}@${d.name}`);
+        out(`level       ${d.level}${d.parent ? ` (parent ${d.parent})` : ''}`);
+        out(`time        ${d.time} (took ${duration(d.durationMs)})`);
+        out(
+          `read        ${bytes(d.bytesRead)}; new data ${bytes(d.bytesNewRaw)} stored as ${bytes(d.bytesNewStored)} (${d.chunksNew} chunks)`,
+        );
+        if (d.libvirtCheckpoint) out(`libvirt     checkpoint ${d.libvirtCheckpoint}`);
+        for (const k of d.disks) {
+          out(
+            `disk ${k.name}  ${bytes(k.virtualSize)} virtual, ${bytes(k.bytesRead)} read, from ${k.source ?? '?'} (${k.format ?? '?'})${k.bitmap ? `, bitmap ${k.bitmap}` : ''}`,
+          );
+        }
+        for (const c of configs) out(`config ${c.name}  ${bytes(c.size)}`);
+      });
+    });
+}

@@ -1,0 +1,20 @@
+import type { Command } from 'commander';
+import { Repository } from '../../repo/repository';
+import { out, parseIntOption, repoPath } from '../context';
+
+export function registerInit(program: Command): void {
+  program
+    .command('init')
+    .description('create a new, empty repository')
+    .option('--chunk-size <bytes>', 'chunk grid in bytes (power of two, 4 KiB to 16 MiB)', '262144')
+    .option('--compression-level <n>', 'zstd level for new chunks', '1')
+    .action((opts: { chunkSize: string; compressionLevel: string }, cmd: Command) => {
+      const dir = repoPath(cmd);
+      const repo = Repository.init(dir, {
+        chunkSize: parseIntOption('--chunk-size', opts.chunkSize),
+        compressionLevel: Number(opts.compressionLevel),
+      });
+      out(`created bkfs repository ${repo.config.id} at ${dir}`);
+      repo.close();
+    });
+}

@@ -1,0 +1,67 @@
+/** Shared helpers of CLI commands: repository opening, signals, output. */
+import type { Command } from 'commander';
+import { BkfsError } from '../errors';
+import { defaultRepoPath, Repository } from '../repo/repository';
+
+export function repoPath(cmd: Command): string {
+  const opts = cmd.optsWithGlobals<{ repo?: string }>();
+  return opts.repo ?? defaultRepoPath();
+}
+
+/** Open the repository, run `fn`, always close. */
+export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T> | T): Promise<T> {
+  const repo = Repository.open(repoPath(cmd));
+  try {
+    return await fn(repo);
+  } finally {
+    repo.close();
+  }
+}
+
+/**
+ * An AbortSignal fired by SIGINT/SIGTERM so long commands clean up (stop qemu-nbd, roll back)
+ * before exiting; a second signal exits at once.
+ */
+export function interruptSignal(): { signal: AbortSignal; dispose: () => void } {
+  const ac = new AbortController();
+  const handler = (sig: NodeJS.Signals) => {
+    if (ac.signal.aborted) process.exit(130);
+    process.stderr.write(`\nbkfs: ${sig} received, stopping cleanly (again to force)\n`);
+    ac.abort(new BkfsError('INTERRUPTED', `interrupted by ${sig}`));
+  };
+  process.on('SIGINT', handler);
+  process.on('SIGTERM', handler);
+  return {
+    signal: ac.signal,
+    dispose: () => {
+      process.off('SIGINT', handler);
+      process.off('SIGTERM', handler);
+    },
+  };
+}
+
+export function out(line = ''): void {
+  process.stdout.write(`${line}\n`);
+}
+
+export function note(line: string): void {
+  process.stderr.write(`bkfs: ${line}\n`);
+}
+
+export function parseIntOption(name: string, v: string): number {
+  const n = Number(v);
+  if (!Number.isSafeInteger(n) || n < 0)
+    throw new BkfsError('USAGE', `${name} must be a whole number, got '${v}'`);
+  return n;
+}
+
+/** Render rows as an aligned text table. */
+export function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const fmt = (r: string[]) =>
+    r
+      .map((c, i) => c.padEnd(widths[i] ?? 0))
+      .join('  ')
+      .trimEnd();
+  return [fmt(header), ...rows.map(fmt)].join('\n');
+}

@@ -1,0 +1,31 @@
+/**
+ * The one table from error codes to process exit codes. The README repeats it; keep both in step
+ * (a unit test checks that every code is listed in the README).
+ */
+import type { ErrorCode } from '../errors';
+
+export const EXIT_OK = 0;
+export const EXIT_INTERNAL = 1;
+
+export const EXIT_CODES: Record<ErrorCode, number> = {
+  USAGE: 2,
+  BAD_NAME: 3,
+  REPO_NOT_FOUND: 4,
+  REPO_EXISTS: 5,
+  REPO_VERSION: 6,
+  REPO_LOCKED: 7,
+  NOT_FOUND: 8,
+  SOURCE_NOT_FOUND: 9,
+  SOURCE_FORMAT: 10,
+  SOURCE_IN_USE: 11,
+  CHAIN_BROKEN: 12,
+  SIZE_CHANGED: 13,
+  NBD_PROTOCOL: 14,
+  DATA_DAMAGED: 15,
+  VERIFY_FAILED: 16,
+  TARGET_EXISTS: 17,
+  TARGET_INVALID: 18,
+  EXTERNAL_TOOL: 19,
+  MOUNT_FAILED: 20,
+  INTERRUPTED: 130,
+};

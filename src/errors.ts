@@ -1,0 +1,72 @@
+/**
+ * One error class for everything bkfs reports on purpose.
+ *
+ * Every failure a user can cause or meet (bad input, missing repository, a chain that cannot be
+ * extended, a damaged chunk) is a `BkfsError` with a stable `code`. Core modules throw these and
+ * never print; the CLI maps each code to an exit code through the single table in
+ * `src/cli/exit-codes.ts`, which the README repeats. Anything that is not a `BkfsError` is a bug and
+ * exits with the generic internal-error code.
+ */
+
+export type ErrorCode =
+  /** Command-line usage: unknown option, missing argument, bad value. */
+  | 'USAGE'
+  /** A name (VM, disk, checkpoint) with characters that cannot be used. */
+  | 'BAD_NAME'
+  /** The repository path does not hold a bkfs repository. */
+  | 'REPO_NOT_FOUND'
+  /** The repository exists already (init). */
+  | 'REPO_EXISTS'
+  /** The repository was written by a newer bkfs (format version too high). */
+  | 'REPO_VERSION'
+  /** Another process holds the repository's writer lock. */
+  | 'REPO_LOCKED'
+  /** A VM or checkpoint that the repository does not have. */
+  | 'NOT_FOUND'
+  /** A source (image file, socket, URI) that does not exist or cannot be opened. */
+  | 'SOURCE_NOT_FOUND'
+  /** An image whose format bkfs does not back up (only qcow2 and raw). */
+  | 'SOURCE_FORMAT'
+  /** An image held open by another process (a running VM). */
+  | 'SOURCE_IN_USE'
+  /** An incremental/differential backup is not possible (no full, missing or broken bitmap). */
+  | 'CHAIN_BROKEN'
+  /** A disk's virtual size changed since the parent checkpoint. */
+  | 'SIZE_CHANGED'
+  /** The NBD server broke the protocol or refused a request. */
+  | 'NBD_PROTOCOL'
+  /** Stored data failed its hash or could not be decompressed. */
+  | 'DATA_DAMAGED'
+  /** verify found damage (exit code distinct from a failure to run). */
+  | 'VERIFY_FAILED'
+  /** A target exists and --force was not given, or a target is unusable. */
+  | 'TARGET_EXISTS'
+  | 'TARGET_INVALID'
+  /** An external program (qemu-img, qemu-nbd, guestfish, virsh) failed. */
+  | 'EXTERNAL_TOOL'
+  /** The FUSE layer failed to mount or unmount. */
+  | 'MOUNT_FAILED'
+  /** The work was interrupted by a signal. */
+  | 'INTERRUPTED';
+
+export class BkfsError extends Error {
+  readonly code: ErrorCode;
+  readonly data: Record<string, unknown> | undefined;
+
+  constructor(code: ErrorCode, message: string, data?: Record<string, unknown>) {
+    super(message);
+    this.name = 'BkfsError';
+    this.code = code;
+    this.data = data;
+  }
+}
+
+export function isBkfsError(e: unknown, code?: ErrorCode): e is BkfsError {
+  return e instanceof BkfsError && (code === undefined || e.code === code);
+}
+
+/** Message of any thrown value, on one line. */
+export function errorMessage(e: unknown): string {
+  const msg = e instanceof Error ? e.message : String(e);
+  return msg.replace(/\s*\n\s*/g, ' ').trim();
+}

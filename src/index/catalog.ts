@@ -1,0 +1,144 @@
+/**
+ * Catalogue queries over the index: VMs, checkpoints, disks, saved configurations.
+ * Plain synchronous better-sqlite3 calls; callers own transactions.
+ */
+import type Database from 'better-sqlite3';
+import { BkfsError } from '../errors';
+
+export type Level = 'full' | 'inc' | 'diff' | 'copy';
+export type CheckpointState = 'running' | 'complete' | 'failed';
+
+export interface VmRow {
+  id: number;
+  name: string;
+  created: number;
+}
+
+export interface CheckpointRow {
+  id: number;
+  vm_id: number;
+  name: string;
+  level: Level;
+  state: CheckpointState;
+  chain_id: number;
+  parent_id: number | null;
+  base_id: number | null;
+  started: number;
+  finished: number | null;
+  bytes_read: number;
+  bytes_new_raw: number;
+  bytes_new_stored: number;
+  chunks_new: number;
+  libvirt_checkpoint: string | null;
+  protected: number;
+  damaged: number;
+}
+
+export interface DiskRow {
+  id: number;
+  checkpoint_id: number;
+  name: string;
+  virtual_size: number;
+  source: string | null;
+  format: string | null;
+  bitmap: string | null;
+  bytes_read: number;
+  bytes_zero: number;
+}
+
+/** Names of VMs, disks and checkpoints: safe as file names and in `VM@CP:DISK` addresses. */
+export const NAME_RE = /^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$/;
+
+export function checkName(kind: string, name: string): string {
+  if (!NAME_RE.test(name) || name === '.' || name === '..' || name === 'latest') {
+    throw new BkfsError(
+      'BAD_NAME',
+      `invalid ${kind} name '${name}': use letters, digits and _ . + - (not starting with . + -, at most 128, not 'latest')`,
+    );
+  }
+  return name;
+}
+
+export function findVm(db: Database.Database, name: string): VmRow | undefined {
+  return db.prepare('SELECT * FROM vms WHERE name = ?').get(name) as VmRow | undefined;
+}
+
+export function getVm(db: Database.Database, name: string): VmRow {
+  const vm = findVm(db, name);
+  if (!vm) throw new BkfsError('NOT_FOUND', `no VM named '${name}' in this repository`);
+  return vm;
+}
+
+export function ensureVm(db: Database.Database, name: string): VmRow {
+  const vm = findVm(db, name);
+  if (vm) return vm;
+  db.prepare('INSERT INTO vms (name, created) VALUES (?, ?)').run(name, Date.now());
+  return getVm(db, name);
+}
+
+export function listVms(db: Database.Database): VmRow[] {
+  return db.prepare('SELECT * FROM vms ORDER BY name').all() as VmRow[];
+}
+
+/** Complete checkpoints of a VM, oldest first. */
+export function listCheckpoints(db: Database.Database, vmId: number): CheckpointRow[] {
+  return db
+    .prepare("SELECT * FROM checkpoints WHERE vm_id = ? AND state = 'complete' ORDER BY id")
+    .all(vmId) as CheckpointRow[];
+}
+
+export function checkpointById(db: Database.Database, id: number): CheckpointRow | undefined {
+  return db.prepare('SELECT * FROM checkpoints WHERE id = ?').get(id) as CheckpointRow | undefined;
+}
+
+/** A complete checkpoint by name, or the latest one when `name` is undefined or 'latest'. */
+export function getCheckpoint(db: Database.Database, vm: VmRow, name?: string): CheckpointRow {
+  if (name === undefined || name === 'latest') {
+    const cp = db
+      .prepare("SELECT * FROM checkpoints WHERE vm_id = ? AND state = 'complete' ORDER BY id DESC LIMIT 1")
+      .get(vm.id) as CheckpointRow | undefined;
+    if (!cp) throw new BkfsError('NOT_FOUND', `VM '${vm.name}' has no checkpoints`);
+    return cp;
+  }
+  const cp = db
+    .prepare("SELECT * FROM checkpoints WHERE vm_id = ? AND name = ? AND state = 'complete'")
+    .get(vm.id, name) as CheckpointRow | undefined;
+  if (!cp) {
+    const names = listCheckpoints(db, vm.id).map((c) => c.name);
+    const hint = names.length ? ` (it has: ${names.slice(-8).join(', ')})` : '';
+    throw new BkfsError('NOT_FOUND', `VM '${vm.name}' has no checkpoint '${name}'${hint}`);
+  }
+  return cp;
+}
+
+export function checkpointDisks(db: Database.Database, checkpointId: number): DiskRow[] {
+  return db
+    .prepare('SELECT * FROM disks WHERE checkpoint_id = ? ORDER BY name')
+    .all(checkpointId) as DiskRow[];
+}
+
+export function getConfigs(db: Database.Database, checkpointId: number): { name: string; data: Buffer }[] {
+  return db
+    .prepare('SELECT name, data FROM configs WHERE checkpoint_id = ? ORDER BY name')
+    .all(checkpointId) as {
+    name: string;
+    data: Buffer;
+  }[];
+}
+
+/** Parse `VM`, `VM@CP`; returns the names (not validated against the repository). */
+export function parseCheckpointRef(ref: string): { vm: string; checkpoint?: string } {
+  const at = ref.indexOf('@');
+  if (at < 0) return { vm: checkName('VM', ref) };
+  const vm = checkName('VM', ref.slice(0, at));
+  const cp = ref.slice(at + 1);
+  if (cp === 'latest' || cp === '') return { vm };
+  return { vm, checkpoint: checkName('checkpoint', cp) };
+}
+
+/** Resolve `VM[@CP]` to rows. */
+export function resolveRef(db: Database.Database, ref: string): { vm: VmRow; checkpoint: CheckpointRow } {
+  const r = parseCheckpointRef(ref);
+  const vm = getVm(db, r.vm);
+  return { vm, checkpoint: getCheckpoint(db, vm, r.checkpoint) };
+}

@@ -1,0 +1,95 @@
+/**
+ * SQLite schema of the block index and catalogue (repository format 1).
+ * The meaning of every table and its invariants are documented in `src/store/FORMAT.md`.
+ * Changing anything here means a new FORMAT_VERSION and a migration.
+ */
+export const FORMAT_VERSION = 1;
+
+export const SCHEMA = `
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+
+CREATE TABLE vms (
+  id INTEGER PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  created INTEGER NOT NULL
+);
+
+CREATE TABLE checkpoints (
+  id INTEGER PRIMARY KEY,
+  vm_id INTEGER NOT NULL,
+  name TEXT NOT NULL,
+  level TEXT NOT NULL CHECK (level IN ('full', 'inc', 'diff', 'copy')),
+  state TEXT NOT NULL CHECK (state IN ('running', 'complete', 'failed')),
+  chain_id INTEGER NOT NULL,
+  parent_id INTEGER,
+  base_id INTEGER,
+  started INTEGER NOT NULL,
+  finished INTEGER,
+  bytes_read INTEGER NOT NULL DEFAULT 0,
+  bytes_new_raw INTEGER NOT NULL DEFAULT 0,
+  bytes_new_stored INTEGER NOT NULL DEFAULT 0,
+  chunks_new INTEGER NOT NULL DEFAULT 0,
+  libvirt_checkpoint TEXT,
+  protected INTEGER NOT NULL DEFAULT 0,
+  damaged INTEGER NOT NULL DEFAULT 0,
+  UNIQUE (vm_id, name)
+);
+
+CREATE TABLE configs (
+  checkpoint_id INTEGER NOT NULL,
+  name TEXT NOT NULL,
+  data BLOB NOT NULL,
+  PRIMARY KEY (checkpoint_id, name)
+) WITHOUT ROWID;
+
+CREATE TABLE disks (
+  id INTEGER PRIMARY KEY,
+  checkpoint_id INTEGER NOT NULL,
+  name TEXT NOT NULL,
+  virtual_size INTEGER NOT NULL,
+  source TEXT,
+  format TEXT,
+  bitmap TEXT,
+  bytes_read INTEGER NOT NULL DEFAULT 0,
+  bytes_zero INTEGER NOT NULL DEFAULT 0,
+  UNIQUE (checkpoint_id, name)
+);
+
+CREATE TABLE disk_pages (
+  disk_id INTEGER NOT NULL,
+  page_no INTEGER NOT NULL,
+  page_id INTEGER NOT NULL,
+  PRIMARY KEY (disk_id, page_no)
+) WITHOUT ROWID;
+CREATE INDEX disk_pages_by_page ON disk_pages (page_id);
+
+CREATE TABLE extents (
+  page_id INTEGER NOT NULL,
+  offset INTEGER NOT NULL,
+  length INTEGER NOT NULL,
+  chunk_id INTEGER,
+  chunk_off INTEGER NOT NULL DEFAULT 0,
+  origin INTEGER NOT NULL,
+  PRIMARY KEY (page_id, offset)
+) WITHOUT ROWID;
+
+CREATE TABLE packs (
+  id INTEGER PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  size INTEGER NOT NULL,
+  created INTEGER NOT NULL
+);
+
+CREATE TABLE chunks (
+  id INTEGER PRIMARY KEY,
+  hash BLOB NOT NULL,
+  pack_id INTEGER NOT NULL,
+  offset INTEGER NOT NULL,
+  stored_len INTEGER NOT NULL,
+  raw_len INTEGER NOT NULL,
+  codec INTEGER NOT NULL,
+  damaged INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX chunks_by_hash ON chunks (hash) WHERE damaged = 0;
+CREATE INDEX chunks_by_pack ON chunks (pack_id);
+`;

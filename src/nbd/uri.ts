@@ -1,0 +1,127 @@
+/**
+ * NBD URIs (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/uri.md), the subset bkfs
+ * can connect to without TLS:
+ *
+ *   nbd://host[:port][/export]                 TCP, port defaults to 10809
+ *   nbd+unix:///[export]?socket=PATH            Unix domain socket
+ *
+ * The export name is the path without its leading '/', percent-decoded ('' is the default export).
+ * Query values are percent-decoded as RFC 3986 says ('+' stays a plus). Anything else (nbds, TLS
+ * parameters, vsock, unknown parameters) is a `BkfsError('USAGE')` with one clear line.
+ */
+import { BkfsError } from '../errors';
+
+export const NBD_DEFAULT_PORT = 10809;
+
+export type NbdTarget =
+  { socket: string; exportName?: string } | { host: string; port: number; exportName?: string };
+
+const URI_RE = /^([A-Za-z][A-Za-z0-9+.-]*):\/\/([^/?#]*)([^?#]*)(?:\?([^#]*))?(?:#.*)?$/;
+
+function bad(uri: string, why: string): BkfsError {
+  return new BkfsError('USAGE', `invalid NBD URI "${uri}": ${why}`, { uri });
+}
+
+function decode(uri: string, s: string, what: string): string {
+  try {
+    return decodeURIComponent(s);
+  } catch {
+    throw bad(uri, `bad percent-encoding in ${what}`);
+  }
+}
+
+/** Parse an NBD URI into a connection target. */
+export function parseNbdUri(uri: string): NbdTarget {
+  const m = URI_RE.exec(uri);
+  if (!m) {
+    throw bad(uri, 'expected nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH');
+  }
+  const scheme = (m[1] ?? '').toLowerCase();
+  const authority = m[2] ?? '';
+  const path = m[3] ?? '';
+  const query = m[4];
+
+  if (scheme === 'nbds' || scheme === 'nbds+unix') throw bad(uri, 'TLS (nbds) is not supported');
+  if (scheme !== 'nbd' && scheme !== 'nbd+unix') {
+    throw bad(uri, `unsupported scheme "${scheme}" (use nbd:// or nbd+unix://)`);
+  }
+
+  if (path !== '' && !path.startsWith('/')) throw bad(uri, 'the export name must follow a "/"');
+  const exportName = decode(uri, path.slice(1), 'the export name');
+  if (exportName.includes('\0')) throw bad(uri, 'the export name contains NUL');
+
+  const params = new Map<string, string>();
+  if (query !== undefined && query !== '') {
+    for (const part of query.split('&')) {
+      if (part === '') continue;
+      const eq = part.indexOf('=');
+      const key = decode(uri, eq < 0 ? part : part.slice(0, eq), 'a query parameter');
+      const value = decode(uri, eq < 0 ? '' : part.slice(eq + 1), 'a query parameter');
+      if (params.has(key)) throw bad(uri, `query parameter "${key}" given twice`);
+      params.set(key, value);
+    }
+  }
+  for (const key of params.keys()) {
+    if (key.startsWith('tls-')) throw bad(uri, `TLS parameter "${key}" is not supported`);
+    if (key !== 'socket') throw bad(uri, `unknown query parameter "${key}"`);
+  }
+
+  if (scheme === 'nbd+unix') {
+    if (authority !== '') {
+      throw bad(uri, 'nbd+unix URIs take no host (write nbd+unix:///EXPORT?socket=PATH)');
+    }
+    const socket = params.get('socket');
+    if (socket === undefined || socket === '') throw bad(uri, 'nbd+unix needs ?socket=PATH');
+    return { socket, exportName };
+  }
+
+  // nbd://[userinfo@]host[:port]
+  if (params.has('socket')) throw bad(uri, '?socket= is only valid with nbd+unix://');
+  const hostPort = authority.includes('@') ? authority.slice(authority.lastIndexOf('@') + 1) : authority;
+  let host: string;
+  let portStr: string | undefined;
+  if (hostPort.startsWith('[')) {
+    const close = hostPort.indexOf(']');
+    if (close < 0) throw bad(uri, 'unterminated IPv6 address');
+    host = hostPort.slice(1, close);
+    const rest = hostPort.slice(close + 1);
+    if (rest !== '' && !rest.startsWith(':')) throw bad(uri, 'junk after IPv6 address');
+    portStr = rest === '' ? undefined : rest.slice(1);
+  } else {
+    const colon = hostPort.lastIndexOf(':');
+    host = colon < 0 ? hostPort : hostPort.slice(0, colon);
+    portStr = colon < 0 ? undefined : hostPort.slice(colon + 1);
+    host = decode(uri, host, 'the host');
+  }
+  if (host === '') throw bad(uri, 'missing host (write nbd://HOST[:PORT]/EXPORT)');
+  let port = NBD_DEFAULT_PORT;
+  if (portStr !== undefined && portStr !== '') {
+    if (!/^[0-9]{1,5}$/.test(portStr) || Number(portStr) < 1 || Number(portStr) > 65535) {
+      throw bad(uri, `bad port "${portStr}"`);
+    }
+    port = Number(portStr);
+  }
+  return { host, port, exportName };
+}
+
+/** A short human description of a target, for messages: "unix socket /run/x.sock, export "sda"". */
+export function describeNbdTarget(target: NbdTarget): string {
+  const where =
+    'socket' in target ? `unix socket ${target.socket}` : `${formatHost(target.host)}:${target.port}`;
+  const exp = target.exportName ? `, export "${target.exportName}"` : '';
+  return `NBD server at ${where}${exp}`;
+}
+
+function formatHost(host: string): string {
+  return host.includes(':') ? `[${host}]` : host;
+}
+
+/** The URI of a target (for tools such as qemu-img that accept NBD URIs). */
+export function formatNbdUri(target: NbdTarget): string {
+  const exp = encodeURIComponent(target.exportName ?? '').replace(/%2F/gi, '/');
+  if ('socket' in target) {
+    return `nbd+unix:///${exp}?socket=${encodeURIComponent(target.socket).replace(/%2F/gi, '/')}`;
+  }
+  const port = target.port === NBD_DEFAULT_PORT ? '' : `:${target.port}`;
+  return `nbd://${formatHost(target.host)}${port}/${exp}`;
+}

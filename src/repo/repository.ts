@@ -1,0 +1,261 @@
+/**
+ * A bkfs repository: one self-contained directory (see `src/store/FORMAT.md`).
+ *
+ *   bkfs-repo.json   magic, format version, repository id and chunking parameters
+ *   index.db         SQLite block index and catalogue (WAL mode)
+ *   packs/NN/*.pack  chunk data
+ *   tmp/             packs being written
+ *   lock             writer lock (JSON: pid, host, command, time)
+ *
+ * Locking: one writer at a time holds `lock` (created with O_EXCL; a lock whose process is gone on
+ * this host is stale and taken over). Readers (list, mount, restore, verify) take no lock: SQLite's
+ * WAL lets them read committed state while a backup writes, and a checkpoint becomes visible only
+ * when its final transaction flips it to `complete`.
+ *
+ * Recovery: whoever takes the writer lock first removes what a crashed writer left behind:
+ * checkpoints still marked `running` (with their disks and page maps) and temp packs. Chunks that
+ * were indexed stay; they are valid data, reused by dedup or removed by gc.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import Database from 'better-sqlite3';
+import { BkfsError } from '../errors';
+import { FORMAT_VERSION, SCHEMA } from '../index/schema';
+import { PackReader } from '../store/packs';
+
+export const REPO_MAGIC = 'bkfs-repository';
+export const CONFIG_FILE = 'bkfs-repo.json';
+export const DB_FILE = 'index.db';
+
+export interface RepoConfig {
+  magic: string;
+  format: number;
+  id: string;
+  /** Chunk grid: extents are split at multiples of this (bytes, power of two). */
+  chunkSize: number;
+  /** Bytes of disk covered by one map page (a multiple of chunkSize). */
+  pageSpan: number;
+  hash: 'blake3';
+  compression: { codec: 'zstd'; level: number };
+  created: string;
+}
+
+export interface InitOptions {
+  chunkSize?: number;
+  pageCells?: number;
+  compressionLevel?: number;
+}
+
+export function defaultRepoPath(env: NodeJS.ProcessEnv = process.env): string {
+  if (env.BKFS_REPO) return env.BKFS_REPO;
+  if (process.getuid?.() === 0) return '/var/lib/bkfs';
+  const data = env.XDG_DATA_HOME || path.join(os.homedir(), '.local', 'share');
+  return path.join(data, 'bkfs');
+}
+
+function isPowerOfTwo(n: number): boolean {
+  return Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
+}
+
+export class Repository {
+  readonly packs: PackReader;
+  private lockHeld = false;
+
+  private constructor(
+    readonly dir: string,
+    readonly config: RepoConfig,
+    readonly db: Database.Database,
+  ) {
+    this.packs = new PackReader(dir);
+  }
+
+  static init(dir: string, opts: InitOptions = {}): Repository {
+    const chunkSize = opts.chunkSize ?? 256 * 1024;
+    const pageCells = opts.pageCells ?? 64;
+    if (!isPowerOfTwo(chunkSize) || chunkSize < 4096 || chunkSize > 16 << 20) {
+      throw new BkfsError(
+        'USAGE',
+        `chunk size must be a power of two between 4 KiB and 16 MiB, got ${chunkSize}`,
+      );
+    }
+    if (fs.existsSync(path.join(dir, CONFIG_FILE))) {
+      throw new BkfsError('REPO_EXISTS', `a bkfs repository already exists at ${dir}`);
+    }
+    if (fs.existsSync(dir) && fs.readdirSync(dir).length > 0) {
+      throw new BkfsError('REPO_EXISTS', `${dir} is not empty; choose an empty or new directory`);
+    }
+    fs.mkdirSync(path.join(dir, 'packs'), { recursive: true });
+    fs.mkdirSync(path.join(dir, 'tmp'), { recursive: true });
+    const config: RepoConfig = {
+      magic: REPO_MAGIC,
+      format: FORMAT_VERSION,
+      id: randomBytes(8).toString('hex'),
+      chunkSize,
+      pageSpan: chunkSize * pageCells,
+      hash: 'blake3',
+      compression: { codec: 'zstd', level: opts.compressionLevel ?? 1 },
+      created: new Date().toISOString(),
+    };
+    const db = new Database(path.join(dir, DB_FILE));
+    db.pragma('journal_mode = WAL');
+    db.exec(SCHEMA);
+    db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('format', String(FORMAT_VERSION));
+    db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('repo_id', config.id);
+    db.close();
+    // The config file is written last: a directory without it is not a repository.
+    const tmp = path.join(dir, `${CONFIG_FILE}.tmp`);
+    fs.writeFileSync(tmp, JSON.stringify(config, null, 2) + '\n');
+    fs.renameSync(tmp, path.join(dir, CONFIG_FILE));
+    return Repository.open(dir);
+  }
+
+  static open(dir: string): Repository {
+    const cfgPath = path.join(dir, CONFIG_FILE);
+    let raw: string;
+    try {
+      raw = fs.readFileSync(cfgPath, 'utf8');
+    } catch {
+      throw new BkfsError('REPO_NOT_FOUND', `no bkfs repository at ${dir} (run 'bkfs init -r ${dir}' first)`);
+    }
+    let config: RepoConfig;
+    try {
+      config = JSON.parse(raw) as RepoConfig;
+    } catch {
+      throw new BkfsError('REPO_NOT_FOUND', `${cfgPath} is not a bkfs repository configuration`);
+    }
+    if (config.magic !== REPO_MAGIC) {
+      throw new BkfsError('REPO_NOT_FOUND', `${cfgPath} is not a bkfs repository configuration`);
+    }
+    if (typeof config.format !== 'number' || config.format > FORMAT_VERSION) {
+      throw new BkfsError(
+        'REPO_VERSION',
+        `repository ${dir} has format ${String(config.format)}; this bkfs reads format ${FORMAT_VERSION} (upgrade bkfs)`,
+      );
+    }
+    const dbPath = path.join(dir, DB_FILE);
+    if (!fs.existsSync(dbPath)) {
+      throw new BkfsError('REPO_NOT_FOUND', `repository ${dir} has no index (${DB_FILE}); see 'bkfs repair'`);
+    }
+    const db = new Database(dbPath, { fileMustExist: true });
+    db.pragma('busy_timeout = 10000');
+    db.pragma('journal_mode = WAL');
+    db.pragma('synchronous = NORMAL');
+    const ver = db.prepare("SELECT value FROM meta WHERE key = 'format'").get() as
+      { value: string } | undefined;
+    if (!ver || Number(ver.value) > FORMAT_VERSION) {
+      db.close();
+      throw new BkfsError('REPO_VERSION', `index of ${dir} has format ${ver?.value ?? '?'}; upgrade bkfs`);
+    }
+    return new Repository(dir, config, db);
+  }
+
+  get lockPath(): string {
+    return path.join(this.dir, 'lock');
+  }
+
+  /** Take the writer lock, then clean up after any writer that crashed. */
+  lockWriter(command: string): void {
+    const info = JSON.stringify({
+      pid: process.pid,
+      host: os.hostname(),
+      command,
+      time: new Date().toISOString(),
+    });
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        fs.writeFileSync(this.lockPath, info, { flag: 'wx' });
+        this.lockHeld = true;
+        this.recover();
+        return;
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      }
+      const holder = readLock(this.lockPath);
+      if (holder && holder.host === os.hostname() && !processAlive(holder.pid)) {
+        fs.rmSync(this.lockPath, { force: true });
+        continue;
+      }
+      const who = holder
+        ? `pid ${holder.pid} on ${holder.host} (${holder.command}, since ${holder.time})`
+        : 'another process';
+      throw new BkfsError('REPO_LOCKED', `repository ${this.dir} is locked by ${who}`);
+    }
+    throw new BkfsError('REPO_LOCKED', `repository ${this.dir} is locked`);
+  }
+
+  unlockWriter(): void {
+    if (!this.lockHeld) return;
+    this.lockHeld = false;
+    const holder = readLock(this.lockPath);
+    if (holder && holder.pid === process.pid) fs.rmSync(this.lockPath, { force: true });
+  }
+
+  /** Remove what an interrupted writer left: running checkpoints, their maps, temp packs. */
+  private recover(): void {
+    const running = this.db.prepare("SELECT id FROM checkpoints WHERE state = 'running'").all() as {
+      id: number;
+    }[];
+    if (running.length > 0) {
+      this.db.transaction(() => {
+        for (const { id } of running) deleteCheckpointRows(this.db, id);
+      })();
+    }
+    const tmp = path.join(this.dir, 'tmp');
+    fs.mkdirSync(tmp, { recursive: true });
+    for (const f of fs.readdirSync(tmp)) fs.rmSync(path.join(tmp, f), { force: true, recursive: true });
+  }
+
+  close(): void {
+    this.unlockWriter();
+    this.packs.close();
+    if (this.db.open) this.db.close();
+  }
+}
+
+/**
+ * Delete a checkpoint's catalogue rows and every map page only it referenced. Chunks are left for
+ * gc. Must run inside a transaction.
+ */
+export function deleteCheckpointRows(db: Database.Database, checkpointId: number): void {
+  const disks = db.prepare('SELECT id FROM disks WHERE checkpoint_id = ?').all(checkpointId) as {
+    id: number;
+  }[];
+  const pagesOf = db.prepare('SELECT page_id FROM disk_pages WHERE disk_id = ?');
+  const otherRefs = db.prepare('SELECT 1 FROM disk_pages WHERE page_id = ? AND disk_id != ? LIMIT 1');
+  const delExtents = db.prepare('DELETE FROM extents WHERE page_id = ?');
+  for (const d of disks) {
+    for (const row of pagesOf.all(d.id) as { page_id: number }[]) {
+      if (!otherRefs.get(row.page_id, d.id)) delExtents.run(row.page_id);
+    }
+    db.prepare('DELETE FROM disk_pages WHERE disk_id = ?').run(d.id);
+  }
+  db.prepare('DELETE FROM disks WHERE checkpoint_id = ?').run(checkpointId);
+  db.prepare('DELETE FROM configs WHERE checkpoint_id = ?').run(checkpointId);
+  db.prepare('DELETE FROM checkpoints WHERE id = ?').run(checkpointId);
+}
+
+interface LockInfo {
+  pid: number;
+  host: string;
+  command: string;
+  time: string;
+}
+
+function readLock(p: string): LockInfo | undefined {
+  try {
+    return JSON.parse(fs.readFileSync(p, 'utf8')) as LockInfo;
+  } catch {
+    return undefined;
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

@@ -1,0 +1,115 @@
+/**
+ * ChunkWriter: deduplicating writer of chunks into packs, for one backup at a time.
+ *
+ * `put()` takes a hashed, compressed chunk and returns its chunk id: an existing undamaged chunk
+ * with the same hash (in the index, or written earlier by this backup) is reused; otherwise the
+ * chunk is appended to the current pack. Chunk ids are allocated up front (the writer lock
+ * guarantees a single writer), so page maps can reference a chunk before its pack is sealed. When a
+ * pack reaches PACK_TARGET it is sealed (fsync + rename) and only then are its chunk rows inserted
+ * in one transaction: an indexed chunk is always durable. The checkpoint that references chunks
+ * is committed after `finish()`, so it never points at data that is not on disk.
+ *
+ * `put()` calls are serialized internally; memory is the pending hash map of the current pack.
+ */
+import type Database from 'better-sqlite3';
+import { PackWriter, PACK_TARGET } from './packs';
+import type { Codec } from './codec';
+
+export interface ChunkStats {
+  newChunks: number;
+  newRawBytes: number;
+  newStoredBytes: number;
+  dedupChunks: number;
+  dedupBytes: number;
+}
+
+export class ChunkWriter {
+  private pack: PackWriter | undefined;
+  private pending = new Map<string, number>(); // hash hex -> chunk id, chunks of the open pack
+  private nextId: number;
+  private chain: Promise<unknown> = Promise.resolve();
+  private readonly findStmt: Database.Statement;
+  readonly stats: ChunkStats = {
+    newChunks: 0,
+    newRawBytes: 0,
+    newStoredBytes: 0,
+    dedupChunks: 0,
+    dedupBytes: 0,
+  };
+
+  constructor(
+    private readonly db: Database.Database,
+    private readonly repoDir: string,
+    private readonly packTarget = PACK_TARGET,
+  ) {
+    const m = db.prepare('SELECT max(id) AS m FROM chunks').get() as { m: number | null };
+    this.nextId = (m.m ?? 0) + 1;
+    this.findStmt = db.prepare('SELECT id FROM chunks WHERE hash = ? AND damaged = 0');
+  }
+
+  put(hash: Buffer, codec: Codec, stored: Buffer, rawLen: number): Promise<number> {
+    const p = this.chain.then(() => this.putNow(hash, codec, stored, rawLen));
+    this.chain = p.catch(() => undefined);
+    return p;
+  }
+
+  private async putNow(hash: Buffer, codec: Codec, stored: Buffer, rawLen: number): Promise<number> {
+    const key = hash.toString('hex');
+    const known = this.pending.get(key) ?? this.lookup(hash);
+    if (known !== undefined) {
+      this.stats.dedupChunks++;
+      this.stats.dedupBytes += rawLen;
+      return known;
+    }
+    this.pack ??= await PackWriter.create(this.repoDir);
+    const id = this.nextId++;
+    await this.pack.append({ codec, rawLen, storedLen: stored.length, hash }, stored);
+    this.pending.set(key, id);
+    this.stats.newChunks++;
+    this.stats.newRawBytes += rawLen;
+    this.stats.newStoredBytes += stored.length;
+    if (this.pack.size >= this.packTarget) await this.sealPack();
+    return id;
+  }
+
+  private lookup(hash: Buffer): number | undefined {
+    const r = this.findStmt.get(hash) as { id: number } | undefined;
+    return r?.id;
+  }
+
+  private async sealPack(): Promise<void> {
+    const pack = this.pack;
+    if (!pack) return;
+    this.pack = undefined;
+    await pack.seal();
+    const pending = this.pending;
+    this.pending = new Map();
+    const insPack = this.db.prepare('INSERT INTO packs (name, size, created) VALUES (?, ?, ?)');
+    const insChunk = this.db.prepare(
+      'INSERT INTO chunks (id, hash, pack_id, offset, stored_len, raw_len, codec) VALUES (?, ?, ?, ?, ?, ?, ?)',
+    );
+    this.db.transaction(() => {
+      const packId = Number(insPack.run(pack.name, pack.size, Date.now()).lastInsertRowid);
+      for (const c of pack.chunks) {
+        const id = pending.get(c.hash.toString('hex'));
+        if (id === undefined) continue;
+        insChunk.run(id, c.hash, packId, c.offset, c.storedLen, c.rawLen, c.codec);
+      }
+    })();
+  }
+
+  /** Seal the open pack; after this every chunk handed out is durable and indexed. */
+  async finish(): Promise<void> {
+    await this.chain;
+    await this.sealPack();
+  }
+
+  /** Drop the open pack (sealed packs stay: their chunks are indexed and valid). */
+  async abort(): Promise<void> {
+    await this.chain.catch(() => undefined);
+    const pack = this.pack;
+    this.pack = undefined;
+    this.pending.clear();
+    if (pack) await pack.abort();
+  }
+}

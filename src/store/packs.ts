@@ -1,0 +1,206 @@
+/**
+ * Pack files: the repository's chunk store.
+ *
+ * Chunks are appended to pack files of about `PACK_TARGET` bytes instead of one file per chunk: one
+ * fsync per pack instead of per chunk, few open files when reading, and packs that describe
+ * themselves (every record carries its hash and lengths), so the SQLite index can be rebuilt from
+ * the packs alone. The byte layout is documented in `FORMAT.md` beside this file.
+ *
+ * Writing (one writer at a time, guarded by the repository lock): records go to
+ * `tmp/<name>.pack.tmp`; `seal()` fsyncs the file, renames it to `packs/<nn>/<name>.pack` and fsyncs
+ * that directory. Only then does the caller insert the pack's chunk rows into the index, so an
+ * indexed chunk is always durable. A crash leaves at worst an unreferenced temp file or pack, which
+ * `gc` removes.
+ *
+ * Reading: `PackReader` keeps a small LRU of open file descriptors and reads a record's stored bytes
+ * with one positioned read. Memory: the writer buffers nothing (each record is written as it comes);
+ * the reader holds at most `maxOpen` descriptors.
+ */
+import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { BkfsError } from '../errors';
+import { HASH_LEN } from './codec';
+
+export const PACK_MAGIC = Buffer.from('BKFSPACK', 'ascii');
+export const PACK_VERSION = 1;
+export const PACK_HEADER_LEN = 16;
+export const RECORD_MAGIC = Buffer.from('BKCH', 'ascii');
+export const RECORD_HEADER_LEN = 4 + 4 + 4 + 4 + HASH_LEN; // 48
+export const PACK_TARGET = 64 << 20;
+
+export function packPath(repoDir: string, name: string): string {
+  return path.join(repoDir, 'packs', name.slice(0, 2), `${name}.pack`);
+}
+
+export function encodePackHeader(): Buffer {
+  const h = Buffer.alloc(PACK_HEADER_LEN);
+  PACK_MAGIC.copy(h, 0);
+  h.writeUInt32BE(PACK_VERSION, 8);
+  h.writeUInt32BE(0, 12);
+  return h;
+}
+
+export interface RecordHeader {
+  codec: number;
+  rawLen: number;
+  storedLen: number;
+  hash: Buffer;
+}
+
+export function encodeRecordHeader(r: RecordHeader): Buffer {
+  const h = Buffer.alloc(RECORD_HEADER_LEN);
+  RECORD_MAGIC.copy(h, 0);
+  h.writeUInt8(r.codec, 4);
+  h.writeUInt32BE(r.rawLen, 8);
+  h.writeUInt32BE(r.storedLen, 12);
+  r.hash.copy(h, 16);
+  return h;
+}
+
+export function decodeRecordHeader(h: Buffer): RecordHeader {
+  if (h.length < RECORD_HEADER_LEN || !h.subarray(0, 4).equals(RECORD_MAGIC)) {
+    throw new BkfsError('DATA_DAMAGED', 'pack record header has a bad magic');
+  }
+  return {
+    codec: h.readUInt8(4),
+    rawLen: h.readUInt32BE(8),
+    storedLen: h.readUInt32BE(12),
+    hash: Buffer.from(h.subarray(16, 16 + HASH_LEN)),
+  };
+}
+
+/** A chunk placed in a pack: where its stored bytes start and how long they are. */
+export interface PackedChunk extends RecordHeader {
+  offset: number; // offset of the stored bytes (after the record header)
+}
+
+export class PackWriter {
+  readonly name: string;
+  private readonly tmpPath: string;
+  private fh: fsp.FileHandle | undefined;
+  private pos = 0;
+  readonly chunks: PackedChunk[] = [];
+
+  private constructor(
+    private readonly repoDir: string,
+    name: string,
+  ) {
+    this.name = name;
+    this.tmpPath = path.join(repoDir, 'tmp', `${name}.pack.tmp`);
+  }
+
+  static async create(repoDir: string): Promise<PackWriter> {
+    const w = new PackWriter(repoDir, randomBytes(16).toString('hex'));
+    w.fh = await fsp.open(w.tmpPath, 'wx');
+    const h = encodePackHeader();
+    await w.fh.write(h, 0, h.length, 0);
+    w.pos = h.length;
+    return w;
+  }
+
+  get size(): number {
+    return this.pos;
+  }
+
+  async append(rec: RecordHeader, stored: Buffer): Promise<PackedChunk> {
+    if (!this.fh) throw new Error('pack writer is closed');
+    const header = encodeRecordHeader(rec);
+    await this.fh.writev([header, stored], this.pos);
+    const pc: PackedChunk = { ...rec, offset: this.pos + header.length };
+    this.pos += header.length + stored.length;
+    this.chunks.push(pc);
+    return pc;
+  }
+
+  /** Make the pack durable under its final name. */
+  async seal(): Promise<void> {
+    if (!this.fh) throw new Error('pack writer is closed');
+    await this.fh.datasync();
+    await this.fh.close();
+    this.fh = undefined;
+    const final = packPath(this.repoDir, this.name);
+    await fsp.mkdir(path.dirname(final), { recursive: true });
+    await fsp.rename(this.tmpPath, final);
+    await fsyncDir(path.dirname(final));
+  }
+
+  /** Drop an unsealed pack (on failure). */
+  async abort(): Promise<void> {
+    if (this.fh) {
+      await this.fh.close().catch(() => undefined);
+      this.fh = undefined;
+    }
+    await fsp.rm(this.tmpPath, { force: true });
+  }
+}
+
+export async function fsyncDir(dir: string): Promise<void> {
+  const fh = await fsp.open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Positioned reads of stored chunk bytes with a small LRU of open descriptors. A descriptor with
+ * reads in flight is never closed by eviction.
+ */
+export class PackReader {
+  private readonly fds = new Map<string, { fd: number; busy: number }>();
+
+  constructor(
+    private readonly repoDir: string,
+    private readonly maxOpen = 64,
+  ) {}
+
+  private acquire(name: string): { fd: number; busy: number } {
+    let e = this.fds.get(name);
+    if (e !== undefined) {
+      this.fds.delete(name);
+      this.fds.set(name, e);
+    } else {
+      let fd: number;
+      try {
+        fd = fs.openSync(packPath(this.repoDir, name), 'r');
+      } catch (err) {
+        throw new BkfsError('DATA_DAMAGED', `pack ${name} cannot be opened: ${(err as Error).message}`);
+      }
+      e = { fd, busy: 0 };
+      this.fds.set(name, e);
+      if (this.fds.size > this.maxOpen) {
+        for (const [n, old] of this.fds) {
+          if (old.busy === 0 && n !== name) {
+            this.fds.delete(n);
+            fs.closeSync(old.fd);
+            break;
+          }
+        }
+      }
+    }
+    e.busy++;
+    return e;
+  }
+
+  read(name: string, offset: number, length: number): Promise<Buffer> {
+    const e = this.acquire(name);
+    const buf = Buffer.allocUnsafe(length);
+    return new Promise((resolve, reject) => {
+      fs.read(e.fd, buf, 0, length, offset, (err, n) => {
+        e.busy--;
+        if (err) reject(new BkfsError('DATA_DAMAGED', `pack ${name}: ${err.message}`));
+        else if (n !== length)
+          reject(new BkfsError('DATA_DAMAGED', `pack ${name} is truncated at ${offset}`));
+        else resolve(buf);
+      });
+    });
+  }
+
+  close(): void {
+    for (const e of this.fds.values()) fs.closeSync(e.fd);
+    this.fds.clear();
+  }
+}
