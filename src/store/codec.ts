@@ -22,7 +22,7 @@ export type Codec = typeof CODEC_RAW | typeof CODEC_ZSTD;
 export const HASH_LEN = 32;
 
 export function hashChunk(data: Uint8Array): Buffer {
-  return blake3(data);
+  return blake3(Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength));
 }
 
 let compressor: Compressor | undefined;
