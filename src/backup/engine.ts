@@ -455,6 +455,33 @@ async function* readGroups(job: DiskJob, start: number, end: number): AsyncGener
   if (g) yield g;
 }
 
+/**
+ * Read buffers live in SharedArrayBuffers: the NBD client reads into them and the ingest workers
+ * see the same memory (a view of a SharedArrayBuffer is shared, not copied, by postMessage), so a
+ * chunk is never copied between threads. A buffer returns to the pool once every chunk of its
+ * read has been hashed and compressed.
+ */
+class BufferPool {
+  private readonly free: Buffer[] = [];
+  private readonly waiters: ((b: Buffer) => void)[] = [];
+
+  constructor(count: number, size: number) {
+    for (let i = 0; i < count; i++) this.free.push(Buffer.from(new SharedArrayBuffer(size)));
+  }
+
+  acquire(): Promise<Buffer> {
+    const b = this.free.pop();
+    if (b) return Promise.resolve(b);
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  release(b: Buffer): void {
+    const w = this.waiters.shift();
+    if (w) w(b);
+    else this.free.push(b);
+  }
+}
+
 async function backupDisk(job: DiskJob): Promise<{ read: number; zero: number }> {
   let read = 0;
   let zero = 0;
@@ -462,6 +489,14 @@ async function backupDisk(job: DiskJob): Promise<{ read: number; zero: number }>
   let total = 0;
   for await (const r of rangesOf(job, 0, job.size)) if (!r.zero) total += r.length;
   job.onBytes(0, total);
+  const buffers = new BufferPool(job.readConcurrency, job.readSize);
+  const zeroExtent = (p: Range): MapExtent => ({
+    offset: p.offset,
+    length: p.length,
+    chunkId: null,
+    chunkOff: 0,
+    origin: job.diskId,
+  });
 
   for (let w = 0; w < job.size; w += WINDOW) {
     const wEnd = Math.min(job.size, w + WINDOW);
@@ -470,34 +505,26 @@ async function backupDisk(job: DiskJob): Promise<{ read: number; zero: number }>
       job.readConcurrency,
       async (g): Promise<MapExtent[]> => {
         checkAborted(job.signal);
-        if (g.zero) {
-          return job.recordZeros
-            ? g.parts.map((p) => ({
-                offset: p.offset,
-                length: p.length,
-                chunkId: null,
-                chunkOff: 0,
-                origin: job.diskId,
-              }))
-            : [];
+        if (g.zero) return job.recordZeros ? g.parts.map(zeroExtent) : [];
+        const buf = await buffers.acquire();
+        try {
+          const data = buf.subarray(0, g.length);
+          await job.client.readInto(g.offset, data);
+          read += g.length;
+          const exts = await Promise.all(
+            g.parts.map(async (p): Promise<MapExtent | null> => {
+              const piece = data.subarray(p.offset - g.offset, p.offset - g.offset + p.length);
+              if (isZero(piece)) return job.recordZeros ? zeroExtent(p) : null;
+              const enc = await job.pool.process(piece);
+              const id = await job.chunks.put(enc.hash, enc.codec, enc.stored, p.length);
+              return { offset: p.offset, length: p.length, chunkId: id, chunkOff: 0, origin: job.diskId };
+            }),
+          );
+          job.onBytes(g.length);
+          return exts.filter((e): e is MapExtent => e !== null);
+        } finally {
+          buffers.release(buf);
         }
-        const data = await job.client.read(g.offset, g.length);
-        read += g.length;
-        const exts = await Promise.all(
-          g.parts.map(async (p): Promise<MapExtent | null> => {
-            const buf = data.subarray(p.offset - g.offset, p.offset - g.offset + p.length);
-            if (isZero(buf)) {
-              return job.recordZeros
-                ? { offset: p.offset, length: p.length, chunkId: null, chunkOff: 0, origin: job.diskId }
-                : null;
-            }
-            const enc = await job.pool.process(buf);
-            const id = await job.chunks.put(enc.hash, enc.codec, enc.stored, p.length);
-            return { offset: p.offset, length: p.length, chunkId: id, chunkOff: 0, origin: job.diskId };
-          }),
-        );
-        job.onBytes(g.length);
-        return exts.filter((e): e is MapExtent => e !== null);
       },
     );
     for await (const exts of results) {

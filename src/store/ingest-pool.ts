@@ -57,7 +57,11 @@ export class IngestPool {
     this.pending.clear();
   }
 
-  /** Hash and compress one chunk. `data` is copied to the worker; the caller keeps it. */
+  /**
+   * Hash and compress one chunk. A view of a SharedArrayBuffer reaches the worker without a copy
+   * (the caller must not reuse that memory until the promise settles); any other buffer is copied
+   * into a transferable one first, since postMessage would clone its whole backing store.
+   */
   process(data: Buffer): Promise<IngestResult> {
     if (this.failed) return Promise.reject(this.failed);
     let wi = 0;
@@ -66,7 +70,13 @@ export class IngestPool {
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject, worker: wi });
       this.load[wi]!++;
-      this.workers[wi]!.postMessage({ id, data, level: this.level });
+      if (data.buffer instanceof SharedArrayBuffer) {
+        this.workers[wi]!.postMessage({ id, data, level: this.level });
+      } else {
+        const own = new Uint8Array(data.length);
+        own.set(data);
+        this.workers[wi]!.postMessage({ id, data: own, level: this.level }, [own.buffer]);
+      }
     });
   }
 
