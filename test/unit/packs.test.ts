@@ -1,0 +1,111 @@
+import { describe, it } from 'node:test';
+import * as assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import {
+  decodeRecordHeader,
+  encodePackHeader,
+  encodeRecordHeader,
+  PackReader,
+  PackWriter,
+  packPath,
+  RECORD_HEADER_LEN,
+} from '../../src/store/packs';
+import { CODEC_RAW, CODEC_ZSTD, decodeChunk, encodeChunk, hashChunk, isZero } from '../../src/store/codec';
+
+describe('pack format (golden bytes)', () => {
+  it('pack header', () => {
+    assert.equal(
+      encodePackHeader().toString('hex'),
+      Buffer.from('BKFSPACK').toString('hex') + '00000001' + '00000000',
+    );
+  });
+
+  it('record header round-trips and has the documented layout', () => {
+    const hash = Buffer.alloc(32, 0xab);
+    const h = encodeRecordHeader({ codec: 1, rawLen: 0x40000, storedLen: 0x1234, hash });
+    assert.equal(h.length, RECORD_HEADER_LEN);
+    assert.equal(
+      h.subarray(0, 16).toString('hex'),
+      Buffer.from('BKCH').toString('hex') + '01000000' + '00040000' + '00001234',
+    );
+    assert.deepEqual(decodeRecordHeader(h), { codec: 1, rawLen: 0x40000, storedLen: 0x1234, hash });
+    assert.throws(() => decodeRecordHeader(Buffer.alloc(48)), /bad magic/);
+  });
+
+  it('BLAKE3 of a known input', () => {
+    // Official BLAKE3 test vector for the empty input.
+    assert.equal(
+      hashChunk(Buffer.alloc(0)).toString('hex'),
+      'af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262',
+    );
+  });
+});
+
+describe('chunk codec', () => {
+  it('compresses compressible data and stores random data raw', () => {
+    const text = Buffer.from('block backup '.repeat(20000));
+    const z = encodeChunk(text, 1);
+    assert.equal(z.codec, CODEC_ZSTD);
+    assert.ok(z.data.length < text.length / 10);
+    assert.ok(decodeChunk(z.data, z.codec, text.length, hashChunk(text)).equals(text));
+    const random = randomBytes(65536);
+    const r = encodeChunk(random, 1);
+    assert.equal(r.codec, CODEC_RAW);
+    assert.ok(r.data.equals(random));
+  });
+
+  it('rejects damaged data instead of returning wrong bytes', () => {
+    const text = Buffer.from('x'.repeat(100000));
+    const z = encodeChunk(text, 1);
+    const bad = Buffer.from(z.data);
+    bad[bad.length - 3]! ^= 0xff;
+    assert.throws(
+      () => decodeChunk(bad, CODEC_ZSTD, text.length, hashChunk(text)),
+      (e: Error & { code?: string }) => e.code === 'DATA_DAMAGED',
+    );
+    const raw = Buffer.from(text);
+    raw[5] = 0x79;
+    assert.throws(() => decodeChunk(raw, CODEC_RAW, text.length, hashChunk(text)), /hash mismatch/);
+  });
+
+  it('isZero', () => {
+    assert.ok(isZero(Buffer.alloc(9 << 20)));
+    const b = Buffer.alloc(9 << 20);
+    b[(9 << 20) - 1] = 1;
+    assert.ok(!isZero(b));
+  });
+});
+
+describe('pack writer and reader', () => {
+  it('seals a pack under its final name and reads records back', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-pack-'));
+    try {
+      fs.mkdirSync(path.join(dir, 'tmp'));
+      const w = await PackWriter.create(dir);
+      const a = await w.append(
+        { codec: 0, rawLen: 3, storedLen: 3, hash: hashChunk(Buffer.from('abc')) },
+        Buffer.from('abc'),
+      );
+      const b = await w.append(
+        { codec: 0, rawLen: 2, storedLen: 2, hash: hashChunk(Buffer.from('de')) },
+        Buffer.from('de'),
+      );
+      assert.ok(fs.existsSync(path.join(dir, 'tmp', `${w.name}.pack.tmp`)));
+      await w.seal();
+      assert.ok(fs.existsSync(packPath(dir, w.name)));
+      assert.equal(fs.readdirSync(path.join(dir, 'tmp')).length, 0);
+      const r = new PackReader(dir, 1);
+      assert.equal((await r.read(w.name, a.offset, 3)).toString(), 'abc');
+      assert.equal((await r.read(w.name, b.offset, 2)).toString(), 'de');
+      const file = fs.readFileSync(packPath(dir, w.name));
+      assert.deepEqual(decodeRecordHeader(file.subarray(16, 16 + RECORD_HEADER_LEN)).rawLen, 3);
+      await assert.rejects(r.read(w.name, file.length - 1, 10), /truncated/);
+      r.close();
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
