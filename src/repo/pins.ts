@@ -12,6 +12,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { Repository } from './repository';
+import { processAlive } from '../util/proc';
 
 export interface PinInfo {
   pid: number;
@@ -70,15 +71,6 @@ export function pinCheckpoints(repo: Repository, checkpoints: number[]): Pin {
   return new Pin(file, [...new Set(checkpoints)]);
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
 /** Pins held by live processes; stale pin files of this host are removed. */
 export function activePins(repo: Repository): PinInfo[] {
   const dir = pinsDir(repo);
@@ -97,7 +89,7 @@ export function activePins(repo: Repository): PinInfo[] {
     } catch {
       continue; // being written
     }
-    if (info.host === os.hostname() && !alive(info.pid)) {
+    if (info.host === os.hostname() && !processAlive(info.pid)) {
       fs.rmSync(p, { force: true });
       continue;
     }

@@ -24,6 +24,7 @@ import Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
 import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
+import { processAlive } from '../util/proc';
 
 export const REPO_MAGIC = 'bkfs-repository';
 export const CONFIG_FILE = 'bkfs-repo.json';
@@ -248,14 +249,5 @@ function readLock(p: string): LockInfo | undefined {
     return JSON.parse(fs.readFileSync(p, 'utf8')) as LockInfo;
   } catch {
     return undefined;
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

@@ -102,3 +102,13 @@ export async function stopChild(child: ChildProcess, graceMs = 5000): Promise<vo
   await exited;
   clearTimeout(t);
 }
+
+/** Whether a process with this PID exists on this host (EPERM means it exists as another user). */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
