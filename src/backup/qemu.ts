@@ -8,6 +8,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as net from 'node:net';
 import * as fsp from 'node:fs/promises';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -72,6 +73,17 @@ export async function bitmapRemove(image: string, name: string): Promise<void> {
   if (r.code !== 0) throw classifyQemuError(image, r.stderr);
 }
 
+function canConnect(socket: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const c = net.connect(socket);
+    c.once('connect', () => {
+      c.destroy();
+      resolve(true);
+    });
+    c.once('error', () => resolve(false));
+  });
+}
+
 let setprivChecked: boolean | undefined;
 function hasSetprivPdeathsig(): boolean {
   if (setprivChecked === undefined) {
@@ -129,7 +141,8 @@ export class QemuNbd {
         await srv.stop();
         throw classifyQemuError(o.image, stderr || 'qemu-nbd exited');
       }
-      if (fs.existsSync(socket)) return srv;
+      // The socket file appears before qemu-nbd listens on it: wait until a connect succeeds.
+      if (fs.existsSync(socket) && (await canConnect(socket))) return srv;
       if (Date.now() > deadline) {
         await srv.stop();
         throw new BkfsError('EXTERNAL_TOOL', `qemu-nbd did not start serving ${o.image} in time`);
