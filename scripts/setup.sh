@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 # Runtime: qemu-nbd/qemu-img (sources), libfuse2 (fuse-native's binary links it), fusermount.
 # Tests, demo and benchmarks also use nbdkit, libnbd tools, filesystem and partitioning tools.
+# Live libvirt backups (and their tests: a TCG domain booting the host's kernel) need libvirt and QEMU.
 PKGS=(qemu-utils libfuse2 fuse3 nbdkit libnbd-bin util-linux e2fsprogs xfsprogs gdisk fdisk parted dosfstools mtools
-  python3 make g++)
+  python3 make g++ libvirt-daemon-system libvirt-clients qemu-system-x86 linux-image-amd64)
 PKGS+=(${BKFS_EXTRA_PACKAGES:-})
 
 missing=()

@@ -46,6 +46,8 @@ export type ErrorCode =
   | 'EXTERNAL_TOOL'
   /** The FUSE layer failed to mount or unmount. */
   | 'MOUNT_FAILED'
+  /** A protected checkpoint cannot be forgotten (unprotect it first). */
+  | 'PROTECTED'
   /** The work was interrupted by a signal. */
   | 'INTERRUPTED';
 

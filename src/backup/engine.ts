@@ -12,7 +12,8 @@
  *      bitmap intersected with `base:allocation`, so dirty ranges that are now holes or zeros are
  *      recorded as zero extents without being read), split them on the chunk grid, hash+compress in
  *      the worker pool, dedup and append to packs, and build the disk's page map;
- *   5. seal packs (fsync), then flip the checkpoint to `complete` in one transaction.
+ *   5. seal packs (fsync), write the checkpoint's manifest (fsync), then flip the checkpoint to
+ *      `complete` in one transaction (`commitCheckpoint`).
  * Failure or interruption at any point: the `running` rows are deleted (or, after a crash, by the
  * next writer), change tracking added in step 4 is rolled back, and the repository is as before.
  *
@@ -23,6 +24,7 @@
 import { BkfsError, isBkfsError } from '../errors';
 import type { Repository } from '../repo/repository';
 import { deleteCheckpointRows } from '../repo/repository';
+import { commitCheckpoint } from '../repo/manifest';
 import {
   checkName,
   checkpointById,
@@ -118,9 +120,11 @@ export function chainPlan(repo: Repository, vmName: string, level: Level): Plan 
   }
   const chainFull = checkpointById(repo.db, base.chain_id) ?? null;
   if (!chainFull || chainFull.state !== 'complete') {
+    // Forgotten full: an inc only needs the latest checkpoint (its bitmap); a diff needs the full's.
+    if (level === 'inc') return { level, base, parent: base, chainFull: null };
     throw new BkfsError(
       'CHAIN_BROKEN',
-      `the full backup of VM '${vmName}''s chain is gone: use --level full`,
+      `the full backup of VM '${vmName}''s chain was forgotten, and a diff needs its bitmap: use --level inc or full`,
     );
   }
   return { level, base, parent: level === 'inc' ? base : chainFull, chainFull };
@@ -233,7 +237,7 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
         opts.libvirtCheckpoint ?? null,
       );
     cpId = Number(ins.lastInsertRowid);
-    db.prepare('UPDATE checkpoints SET chain_id = ? WHERE id = ?').run(plan.chainFull?.id ?? cpId, cpId);
+    db.prepare('UPDATE checkpoints SET chain_id = ? WHERE id = ?').run(plan.base?.chain_id ?? cpId, cpId);
 
     let nextPage = maxPageId(db);
     const allocPage = () => ++nextPage;
@@ -312,26 +316,14 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
     }
     await chunks.finish();
     checkAborted(opts.signal);
-    db.transaction(() => {
-      for (const c of opts.configs ?? []) {
-        db.prepare('INSERT INTO configs (checkpoint_id, name, data) VALUES (?, ?, ?)').run(
-          cpId,
-          c.name,
-          c.data,
-        );
-      }
-      db.prepare(
-        `UPDATE checkpoints SET state = 'complete', finished = ?, bytes_read = ?, bytes_new_raw = ?,
-                bytes_new_stored = ?, chunks_new = ? WHERE id = ?`,
-      ).run(
-        Date.now(),
-        bytesRead,
-        chunks.stats.newRawBytes,
-        chunks.stats.newStoredBytes,
-        chunks.stats.newChunks,
-        cpId,
-      );
-    })();
+    // Manifest (durable), then one transaction: configs, statistics, state = 'complete'.
+    commitCheckpoint(repo, cpId, {
+      configs: opts.configs ?? [],
+      bytesRead,
+      bytesNewRaw: chunks.stats.newRawBytes,
+      bytesNewStored: chunks.stats.newStoredBytes,
+      chunksNew: chunks.stats.newChunks,
+    });
     const committedId = cpId;
     cpId = undefined;
     // The checkpoint is committed. Drop change tracking that no longer serves a chain.

@@ -27,5 +27,6 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   TARGET_INVALID: 18,
   EXTERNAL_TOOL: 19,
   MOUNT_FAILED: 20,
+  PROTECTED: 21,
   INTERRUPTED: 130,
 };

@@ -13,6 +13,7 @@ import { registerCatalog } from './commands/catalog';
 import { registerInit } from './commands/init';
 import { registerVerify } from './commands/verify';
 import { registerOptional } from './commands/optional';
+import { registerLifecycle } from './commands/lifecycle';
 
 function packageVersion(): string {
   const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '../../../package.json'), 'utf8')) as {
@@ -38,6 +39,7 @@ export function buildProgram(): Command {
   registerCatalog(program);
   registerVerify(program);
   registerOptional(program);
+  registerLifecycle(program);
   program.addHelpText(
     'after',
     '\nAddresses: VM means its latest checkpoint, VM@NAME a checkpoint by name.\nExit codes: see README ("Exit codes").',

@@ -15,11 +15,12 @@ CREATE TABLE vms (
 );
 
 CREATE TABLE checkpoints (
-  id INTEGER PRIMARY KEY,
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  uid TEXT NOT NULL UNIQUE DEFAULT (lower(hex(randomblob(16)))),
   vm_id INTEGER NOT NULL,
   name TEXT NOT NULL,
   level TEXT NOT NULL CHECK (level IN ('full', 'inc', 'diff', 'copy')),
-  state TEXT NOT NULL CHECK (state IN ('running', 'complete', 'failed')),
+  state TEXT NOT NULL CHECK (state IN ('running', 'complete', 'failed', 'forgotten')),
   chain_id INTEGER NOT NULL,
   parent_id INTEGER,
   base_id INTEGER,
@@ -43,7 +44,7 @@ CREATE TABLE configs (
 ) WITHOUT ROWID;
 
 CREATE TABLE disks (
-  id INTEGER PRIMARY KEY,
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
   checkpoint_id INTEGER NOT NULL,
   name TEXT NOT NULL,
   virtual_size INTEGER NOT NULL,
@@ -91,5 +92,6 @@ CREATE TABLE chunks (
   damaged INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX chunks_by_hash ON chunks (hash) WHERE damaged = 0;
+CREATE INDEX chunks_damaged ON chunks (hash) WHERE damaged = 1;
 CREATE INDEX chunks_by_pack ON chunks (pack_id);
 `;

@@ -5,6 +5,8 @@
  *   index.db         SQLite block index and catalogue (WAL mode)
  *   packs/NN/*.pack  chunk data
  *   tmp/             packs being written
+ *   manifests/       one manifest per checkpoint, to rebuild the index (`manifest.ts`)
+ *   pins/            checkpoints in use by readers (`pins.ts`)
  *   lock             writer lock (JSON: pid, host, command, time)
  *
  * Locking: one writer at a time holds `lock` (created with O_EXCL; a lock whose process is gone on
@@ -13,8 +15,9 @@
  * when its final transaction flips it to `complete`.
  *
  * Recovery: whoever takes the writer lock first removes what a crashed writer left behind:
- * checkpoints still marked `running` (with their disks and page maps) and temp packs. Chunks that
- * were indexed stay; they are valid data, reused by dedup or removed by gc.
+ * checkpoints still marked `running` (with their disks, page maps and manifests), temp packs, and
+ * half-done forgets (`finishForgetJournals`). Chunks that were indexed stay; they are valid data,
+ * reused by dedup or removed by gc.
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -25,10 +28,22 @@ import { BkfsError } from '../errors';
 import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
 import { processAlive } from '../util/proc';
+import { finishForgetJournals, removeManifest } from './manifest';
 
 export const REPO_MAGIC = 'bkfs-repository';
 export const CONFIG_FILE = 'bkfs-repo.json';
 export const DB_FILE = 'index.db';
+/** A rebuilt index that is complete and durable, waiting to replace `index.db` (see rebuild.ts). */
+export const DB_NEW_FILE = 'index.db.new';
+
+/**
+ * Test-only crash injection: when `BKFS_TEST_CRASH_AT` names `step`, the process kills itself with
+ * SIGKILL right there (a real kill of the real process, so crash-safety tests need no fakes). The
+ * steps are listed in FORMAT.md ("Crash points").
+ */
+export function crashPoint(step: string): void {
+  if (process.env.BKFS_TEST_CRASH_AT === step) process.kill(process.pid, 'SIGKILL');
+}
 
 export interface RepoConfig {
   magic: string;
@@ -89,6 +104,7 @@ export class Repository {
     }
     fs.mkdirSync(path.join(dir, 'packs'), { recursive: true });
     fs.mkdirSync(path.join(dir, 'tmp'), { recursive: true });
+    fs.mkdirSync(path.join(dir, 'manifests'), { recursive: true });
     const config: RepoConfig = {
       magic: REPO_MAGIC,
       format: FORMAT_VERSION,
@@ -113,31 +129,21 @@ export class Repository {
   }
 
   static open(dir: string): Repository {
-    const cfgPath = path.join(dir, CONFIG_FILE);
-    let raw: string;
-    try {
-      raw = fs.readFileSync(cfgPath, 'utf8');
-    } catch {
-      throw new BkfsError('REPO_NOT_FOUND', `no bkfs repository at ${dir} (run 'bkfs init -r ${dir}' first)`);
-    }
-    let config: RepoConfig;
-    try {
-      config = JSON.parse(raw) as RepoConfig;
-    } catch {
-      throw new BkfsError('REPO_NOT_FOUND', `${cfgPath} is not a bkfs repository configuration`);
-    }
-    if (config.magic !== REPO_MAGIC) {
-      throw new BkfsError('REPO_NOT_FOUND', `${cfgPath} is not a bkfs repository configuration`);
-    }
-    if (typeof config.format !== 'number' || config.format > FORMAT_VERSION) {
-      throw new BkfsError(
-        'REPO_VERSION',
-        `repository ${dir} has format ${String(config.format)}; this bkfs reads format ${FORMAT_VERSION} (upgrade bkfs)`,
-      );
-    }
+    const config = loadConfig(dir);
     const dbPath = path.join(dir, DB_FILE);
+    if (!fs.existsSync(dbPath) && fs.existsSync(path.join(dir, DB_NEW_FILE))) {
+      // An index rebuild was interrupted right after moving the old index aside: finish it.
+      try {
+        fs.renameSync(path.join(dir, DB_NEW_FILE), dbPath);
+      } catch {
+        // another process finished it first
+      }
+    }
     if (!fs.existsSync(dbPath)) {
-      throw new BkfsError('REPO_NOT_FOUND', `repository ${dir} has no index (${DB_FILE}); see 'bkfs repair'`);
+      throw new BkfsError(
+        'REPO_NOT_FOUND',
+        `repository ${dir} has no index (${DB_FILE}); run 'bkfs repair --rebuild-index'`,
+      );
     }
     const db = new Database(dbPath, { fileMustExist: true });
     db.pragma('busy_timeout = 10000');
@@ -158,51 +164,32 @@ export class Repository {
 
   /** Take the writer lock, then clean up after any writer that crashed. */
   lockWriter(command: string): void {
-    const info = JSON.stringify({
-      pid: process.pid,
-      host: os.hostname(),
-      command,
-      time: new Date().toISOString(),
-    });
-    for (let attempt = 0; attempt < 2; attempt++) {
-      try {
-        fs.writeFileSync(this.lockPath, info, { flag: 'wx' });
-        this.lockHeld = true;
-        this.recover();
-        return;
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-      }
-      const holder = readLock(this.lockPath);
-      if (holder && holder.host === os.hostname() && !processAlive(holder.pid)) {
-        fs.rmSync(this.lockPath, { force: true });
-        continue;
-      }
-      const who = holder
-        ? `pid ${holder.pid} on ${holder.host} (${holder.command}, since ${holder.time})`
-        : 'another process';
-      throw new BkfsError('REPO_LOCKED', `repository ${this.dir} is locked by ${who}`);
-    }
-    throw new BkfsError('REPO_LOCKED', `repository ${this.dir} is locked`);
+    acquireWriterLock(this.dir, command);
+    this.lockHeld = true;
+    this.recover();
   }
 
   unlockWriter(): void {
     if (!this.lockHeld) return;
     this.lockHeld = false;
-    const holder = readLock(this.lockPath);
-    if (holder && holder.pid === process.pid) fs.rmSync(this.lockPath, { force: true });
+    releaseWriterLock(this.dir);
   }
 
   /** Remove what an interrupted writer left: running checkpoints, their maps, temp packs. */
   private recover(): void {
-    const running = this.db.prepare("SELECT id FROM checkpoints WHERE state = 'running'").all() as {
+    const running = this.db.prepare("SELECT id, uid FROM checkpoints WHERE state = 'running'").all() as {
       id: number;
+      uid: string;
     }[];
     if (running.length > 0) {
+      // Manifest first: a crash in between leaves a running row without a manifest, never a
+      // manifest that an index rebuild would take for a committed checkpoint.
+      for (const r of running) removeManifest(this.dir, r.uid);
       this.db.transaction(() => {
         for (const { id } of running) deleteCheckpointRows(this.db, id);
       })();
     }
+    finishForgetJournals(this);
     const tmp = path.join(this.dir, 'tmp');
     fs.mkdirSync(tmp, { recursive: true });
     for (const f of fs.readdirSync(tmp)) fs.rmSync(path.join(tmp, f), { force: true, recursive: true });
@@ -235,6 +222,73 @@ export function deleteCheckpointRows(db: Database.Database, checkpointId: number
   db.prepare('DELETE FROM disks WHERE checkpoint_id = ?').run(checkpointId);
   db.prepare('DELETE FROM configs WHERE checkpoint_id = ?').run(checkpointId);
   db.prepare('DELETE FROM checkpoints WHERE id = ?').run(checkpointId);
+}
+
+/** Read and check `bkfs-repo.json` (without opening the index). */
+export function loadConfig(dir: string): RepoConfig {
+  const cfgPath = path.join(dir, CONFIG_FILE);
+  let raw: string;
+  try {
+    raw = fs.readFileSync(cfgPath, 'utf8');
+  } catch {
+    throw new BkfsError('REPO_NOT_FOUND', `no bkfs repository at ${dir} (run 'bkfs init -r ${dir}' first)`);
+  }
+  let config: RepoConfig;
+  try {
+    config = JSON.parse(raw) as RepoConfig;
+  } catch {
+    throw new BkfsError('REPO_NOT_FOUND', `${cfgPath} is not a bkfs repository configuration`);
+  }
+  if (config.magic !== REPO_MAGIC) {
+    throw new BkfsError('REPO_NOT_FOUND', `${cfgPath} is not a bkfs repository configuration`);
+  }
+  if (typeof config.format !== 'number' || config.format > FORMAT_VERSION) {
+    throw new BkfsError(
+      'REPO_VERSION',
+      `repository ${dir} has format ${String(config.format)}; this bkfs reads format ${FORMAT_VERSION} (upgrade bkfs)`,
+    );
+  }
+  return config;
+}
+
+/**
+ * Take the writer lock of the repository in `dir` (O_EXCL create of `lock`; a lock left by a dead
+ * process of this host is taken over). Throws REPO_LOCKED when a live process holds it. Used by
+ * `Repository.lockWriter` and by the index rebuild, which runs without an index.
+ */
+export function acquireWriterLock(dir: string, command: string): void {
+  const lockPath = path.join(dir, 'lock');
+  const info = JSON.stringify({
+    pid: process.pid,
+    host: os.hostname(),
+    command,
+    time: new Date().toISOString(),
+  });
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      fs.writeFileSync(lockPath, info, { flag: 'wx' });
+      return;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    }
+    const holder = readLock(lockPath);
+    if (holder && holder.host === os.hostname() && !processAlive(holder.pid)) {
+      fs.rmSync(lockPath, { force: true });
+      continue;
+    }
+    const who = holder
+      ? `pid ${holder.pid} on ${holder.host} (${holder.command}, since ${holder.time})`
+      : 'another process';
+    throw new BkfsError('REPO_LOCKED', `repository ${dir} is locked by ${who}`);
+  }
+  throw new BkfsError('REPO_LOCKED', `repository ${dir} is locked`);
+}
+
+/** Release the writer lock if this process holds it. */
+export function releaseWriterLock(dir: string): void {
+  const lockPath = path.join(dir, 'lock');
+  const holder = readLock(lockPath);
+  if (holder && holder.pid === process.pid) fs.rmSync(lockPath, { force: true });
 }
 
 interface LockInfo {

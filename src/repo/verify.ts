@@ -3,11 +3,20 @@
  *
  * 1. Index consistency for the selected checkpoints: every extent references an indexed chunk and
  *    lies inside it, extents of a page are sorted and do not overlap, stay inside their page and
- *    the disk, every chunk's pack is indexed and present on disk with the chunk inside it.
- * 2. Deep check: every chunk the selection uses is read back from its pack (in pack order, a few
- *    reads in flight), decompressed and re-hashed. A chunk that fails is reported with every
- *    checkpoint and disk range that uses it.
- * Read-only: takes no lock, works while a backup runs. Memory: the set of chunk ids in use.
+ *    the disk, every chunk's pack is indexed and present on disk with the chunk inside it, and
+ *    every checkpoint has its manifest (without it an index rebuild would lose the checkpoint).
+ * 2. Deep check: every chunk the selection uses (or a random share, `samplePercent`) is read back
+ *    from its pack (in pack order, a few reads in flight), decompressed and re-hashed. A chunk that
+ *    fails is reported with every checkpoint and disk range that uses it, and marked damaged in the
+ *    index with those checkpoints (`chunks.damaged`, `checkpoints.damaged`): `list` shows DAMAGED,
+ *    and the next backup that meets the same data stores it again instead of deduplicating against
+ *    the damaged copy, which heals the checkpoints (`healDamagedChunks`). A chunk marked damaged
+ *    that now reads back correctly (a transient I/O error) is unmarked.
+ * 3. Optionally (`compareWithSources`), the disks of a checkpoint are compared byte for byte with
+ *    their source images through qemu-nbd (read-only) and the differing ranges reported.
+ * Takes no lock and works while a backup or gc runs: a chunk that gc moved while verify ran is
+ * looked up again before it is called damaged. It writes only damage flags (short transactions).
+ * Memory: the set of chunk ids in use.
  */
 import * as fs from 'node:fs';
 import type { Repository } from './repository';
@@ -15,12 +24,19 @@ import { decodeChunk } from '../store/codec';
 import { packPath } from '../store/packs';
 import { getCheckpoint, getVm, listCheckpoints, listVms, type CheckpointRow } from '../index/catalog';
 import { orderedMap } from '../util/pipeline';
+import { CheckpointReader } from '../chain/reader';
+import { NbdClient } from '../nbd/client';
+import { QemuNbd, imageInfo } from '../backup/qemu';
+import { manifestPath } from './manifest';
+import { healDamagedChunks, refreshCheckpointDamage } from './gc';
 
 export interface VerifyOptions {
   vm?: string;
   checkpoint?: string;
   /** Re-read only this share of the chunks (0 < p <= 100), chosen at random. */
   samplePercent?: number;
+  /** Record damage in the index (default true). */
+  markDamaged?: boolean;
   onProgress?: (done: number, total: number) => void;
 }
 
@@ -45,9 +61,14 @@ export interface VerifyReport {
   bytesChecked: number;
   problems: string[];
   damaged: DamagedChunk[];
+  /** Chunks that were marked damaged and now read back correctly (unmarked). */
+  recovered: number;
 }
 
-function selectCheckpoints(repo: Repository, o: VerifyOptions): { vm: string; cp: CheckpointRow }[] {
+export function selectCheckpoints(
+  repo: Repository,
+  o: { vm?: string; checkpoint?: string },
+): { vm: string; cp: CheckpointRow }[] {
   if (o.vm) {
     const vm = getVm(repo.db, o.vm);
     if (o.checkpoint) return [{ vm: vm.name, cp: getCheckpoint(repo.db, vm, o.checkpoint) }];
@@ -69,6 +90,12 @@ export async function verifyRepository(repo: Repository, o: VerifyOptions = {}):
       WHERE dp.disk_id = ? ORDER BY dp.page_no, e.offset`,
   );
   for (const { vm, cp } of sel) {
+    const uid = (cp as CheckpointRow & { uid?: string }).uid;
+    if (uid && !fs.existsSync(manifestPath(repo.dir, uid))) {
+      problems.push(
+        `${vm}@${cp.name}: manifest ${uid} is missing (an index rebuild would lose this checkpoint; 'bkfs repair --manifests' writes it)`,
+      );
+    }
     const disks = db.prepare('SELECT * FROM disks WHERE checkpoint_id = ?').all(cp.id) as {
       id: number;
       name: string;
@@ -125,7 +152,7 @@ export async function verifyRepository(repo: Repository, o: VerifyOptions = {}):
   }
   const locStmt = db.prepare(
     `SELECT c.id AS id, c.hash AS hash, p.name AS pack, p.size AS packSize, c.offset AS offset,
-            c.stored_len AS storedLen, c.raw_len AS rawLen, c.codec AS codec
+            c.stored_len AS storedLen, c.raw_len AS rawLen, c.codec AS codec, c.damaged AS damaged
        FROM chunks c LEFT JOIN packs p ON p.id = c.pack_id WHERE c.id = ?`,
   );
   type Loc = {
@@ -137,15 +164,16 @@ export async function verifyRepository(repo: Repository, o: VerifyOptions = {}):
     storedLen: number;
     rawLen: number;
     codec: number;
+    damaged: number;
   };
-  const locs = ids.map((id) => locStmt.get(id) as Loc);
+  const locs = ids.map((id) => locStmt.get(id) as Loc | undefined).filter((l): l is Loc => l !== undefined);
   locs.sort((a, b) => (a.pack ?? '').localeCompare(b.pack ?? '') || a.offset - b.offset);
   const packSizes = new Map<string, number>();
   const damaged: DamagedChunk[] = [];
   let done = 0;
   let bytesChecked = 0;
-  const results = orderedMap(locs, 4, async (loc): Promise<{ loc: Loc; error?: string }> => {
-    if (!loc.pack) return { loc, error: 'its pack is not in the index' };
+  const check = async (loc: Loc): Promise<string | undefined> => {
+    if (!loc.pack) return 'its pack is not in the index';
     let size = packSizes.get(loc.pack);
     if (size === undefined) {
       try {
@@ -155,29 +183,88 @@ export async function verifyRepository(repo: Repository, o: VerifyOptions = {}):
       }
       packSizes.set(loc.pack, size);
     }
-    if (size < 0) return { loc, error: `pack ${loc.pack} is missing` };
-    if (loc.offset + loc.storedLen > size) return { loc, error: `pack ${loc.pack} is truncated` };
+    if (size < 0) return `pack ${loc.pack} is missing`;
+    if (loc.offset + loc.storedLen > size) return `pack ${loc.pack} is truncated`;
     try {
       const stored = await repo.packs.read(loc.pack, loc.offset, loc.storedLen);
       decodeChunk(stored, loc.codec, loc.rawLen, loc.hash);
       bytesChecked += loc.storedLen;
-      return { loc };
+      return undefined;
     } catch (e) {
-      return { loc, error: (e as Error).message };
+      return (e as Error).message;
     }
+  };
+  const results = orderedMap(locs, 4, async (loc): Promise<{ loc: Loc; error?: string; gone?: boolean }> => {
+    let error = await check(loc);
+    if (error !== undefined) {
+      // gc may have moved or removed the chunk since it was looked up: look again.
+      const now = locStmt.get(loc.id) as Loc | undefined;
+      if (!now) return { loc, gone: true };
+      if (now.pack !== loc.pack || now.offset !== loc.offset) {
+        packSizes.delete(now.pack ?? '');
+        error = await check(now);
+      }
+    }
+    return error === undefined ? { loc } : { loc, error };
   });
+  const recovered: number[] = [];
   for await (const r of results) {
     done++;
     o.onProgress?.(done, locs.length);
-    if (r.error)
+    if (r.error !== undefined) {
       damaged.push({
         chunkId: r.loc.id,
         hash: r.loc.hash.toString('hex'),
         error: r.error,
         uses: chunkUses(repo, r.loc.id),
       });
+    } else if (!r.gone && r.loc.damaged === 1) {
+      recovered.push(r.loc.id);
+    }
   }
-  return { checkpoints: sel.length, chunksChecked: locs.length, bytesChecked, problems, damaged };
+  let unmarked = 0;
+  if (o.markDamaged !== false)
+    unmarked = recordDamage(
+      repo,
+      damaged.map((d) => d.chunkId),
+      recovered,
+    );
+  return {
+    checkpoints: sel.length,
+    chunksChecked: locs.length,
+    bytesChecked,
+    problems,
+    damaged,
+    recovered: unmarked,
+  };
+}
+
+/**
+ * Write verify's findings to the index in one transaction: damaged chunks and the checkpoints that
+ * use them are marked; chunks that read back fine are unmarked (unless an undamaged copy with the
+ * same hash exists, which then takes over their extents). Returns how many were unmarked.
+ */
+function recordDamage(repo: Repository, damagedIds: number[], fineIds: number[]): number {
+  if (damagedIds.length === 0 && fineIds.length === 0) return 0;
+  const db = repo.db;
+  let unmarked = 0;
+  db.transaction(() => {
+    const mark = db.prepare('UPDATE chunks SET damaged = 1 WHERE id = ?');
+    for (const id of damagedIds) mark.run(id);
+    const twin = db.prepare(
+      'SELECT 1 FROM chunks g JOIN chunks d ON g.hash = d.hash WHERE d.id = ? AND g.damaged = 0 AND g.id != d.id',
+    );
+    const unmark = db.prepare('UPDATE chunks SET damaged = 0 WHERE id = ?');
+    for (const id of fineIds) {
+      if (!twin.get(id)) {
+        unmark.run(id);
+        unmarked++;
+      }
+    }
+    healDamagedChunks(db);
+    refreshCheckpointDamage(db);
+  })();
+  return unmarked;
 }
 
 /** Every complete checkpoint and disk range that reads a chunk. */
@@ -190,4 +277,131 @@ export function chunkUses(repo: Repository, chunkId: number): ChunkUse[] {
         WHERE e.chunk_id = ? AND c.state = 'complete' ORDER BY v.name, c.id, d.name, e.offset`,
     )
     .all(chunkId) as ChunkUse[];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Comparison with the source images
+
+export interface SourceDiff {
+  vm: string;
+  checkpoint: string;
+  disk: string;
+  source: string | null;
+  /** 'same', 'differs', or 'skipped' (no source recorded, or it is gone). */
+  status: 'same' | 'differs' | 'skipped';
+  reason?: string;
+  bytesCompared: number;
+  bytesDiffering: number;
+  /** Differing byte ranges (runs of equal bytes shorter than 4 KiB inside a run are included). */
+  ranges: { offset: number; length: number }[];
+}
+
+const NBD_URI_RE = /^nbds?(\+unix)?:\/\//;
+const BLOCK = 4 << 20;
+const SEG = 4096;
+
+/** Differing ranges of `a` and `b` (same length) at `base`, appended to `out` (merging). */
+function diffRanges(a: Buffer, b: Buffer, base: number, out: { offset: number; length: number }[]): number {
+  let n = 0;
+  for (let s = 0; s < a.length; s += SEG) {
+    const e = Math.min(a.length, s + SEG);
+    if (a.subarray(s, e).equals(b.subarray(s, e))) continue;
+    let first = s;
+    while (a[first] === b[first]) first++;
+    let last = e - 1;
+    while (a[last] === b[last]) last--;
+    const start = base + first;
+    const end = base + last + 1;
+    const prev = out[out.length - 1];
+    if (prev && start - (prev.offset + prev.length) < SEG) {
+      n += end - (prev.offset + prev.length);
+      prev.length = end - prev.offset;
+    } else {
+      out.push({ offset: start, length: end - start });
+      n += end - start;
+    }
+  }
+  return n;
+}
+
+/**
+ * Compare every disk of the given checkpoints with its source as it is now (an image file through
+ * `qemu-nbd --read-only`, or an NBD URI), reading both sides in 4 MiB blocks. Meaningful for a
+ * checkpoint whose source has not changed since (the latest backup of a stopped VM).
+ */
+export async function compareWithSources(
+  repo: Repository,
+  sel: { vm: string; cp: CheckpointRow }[],
+  onProgress?: (done: number, total: number) => void,
+): Promise<SourceDiff[]> {
+  const out: SourceDiff[] = [];
+  for (const { vm, cp } of sel) {
+    const reader = new CheckpointReader(repo, getVm(repo.db, vm), cp, { cacheBytes: 32 << 20 });
+    for (const d of reader.disks) {
+      const r: SourceDiff = {
+        vm,
+        checkpoint: cp.name,
+        disk: d.name,
+        source: d.source,
+        status: 'same',
+        bytesCompared: 0,
+        bytesDiffering: 0,
+        ranges: [],
+      };
+      out.push(r);
+      const src = d.source;
+      if (!src) {
+        Object.assign(r, { status: 'skipped', reason: 'no source recorded' });
+        continue;
+      }
+      let client: NbdClient;
+      let srv: QemuNbd | undefined;
+      if (NBD_URI_RE.test(src)) {
+        try {
+          client = await NbdClient.connect(src);
+        } catch (e) {
+          Object.assign(r, { status: 'skipped', reason: `cannot connect: ${(e as Error).message}` });
+          continue;
+        }
+      } else {
+        if (!fs.existsSync(src)) {
+          Object.assign(r, { status: 'skipped', reason: 'the source image no longer exists' });
+          continue;
+        }
+        const info = await imageInfo(src);
+        srv = await QemuNbd.start({ image: src, format: info.format, readOnly: true });
+        try {
+          client = await NbdClient.connect({ socket: srv.socket });
+        } catch (e) {
+          await srv.stop();
+          throw e;
+        }
+      }
+      try {
+        const size = d.virtual_size;
+        if (client.size !== size) {
+          r.status = 'differs';
+          r.reason = `the source is ${client.size} bytes, the checkpoint ${size}`;
+        }
+        const common = Math.min(size, client.size);
+        const blocks: number[] = [];
+        for (let off = 0; off < common; off += BLOCK) blocks.push(off);
+        const results = orderedMap(blocks, 4, async (off) => {
+          const len = Math.min(BLOCK, common - off);
+          const [a, b] = await Promise.all([reader.readAt(d.name, off, len), client.read(off, len)]);
+          return { off, a, b };
+        });
+        for await (const { off, a, b } of results) {
+          r.bytesCompared += a.length;
+          if (!a.equals(b)) r.bytesDiffering += diffRanges(a, b, off, r.ranges);
+          onProgress?.(r.bytesCompared, common);
+        }
+        if (r.ranges.length > 0) r.status = 'differs';
+      } finally {
+        await client.close().catch(() => undefined);
+        if (srv) await srv.stop();
+      }
+    }
+  }
+  return out;
 }

@@ -1,8 +1,14 @@
+/**
+ * `bkfs backup VM`: from images / NBD URIs (`--disk NAME=SOURCE`, the engine directly) or from a
+ * libvirt domain (`--libvirt DOMAIN`, a pull-mode backup job through `backup/libvirt.ts`).
+ * Prints the summary; notes from the core go to stderr as they come.
+ */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { Command } from 'commander';
 import { BkfsError } from '../../errors';
-import { runBackup, type DiskSpec } from '../../backup/engine';
+import { runBackup, type BackupResult, type DiskSpec } from '../../backup/engine';
+import { backupLibvirt } from '../../backup/libvirt';
 import { sourceFor } from '../../backup/sources';
 import type { Level } from '../../index/catalog';
 import { bytes, duration, rate, ratio } from '../../util/format';
@@ -31,6 +37,40 @@ interface BackupCliOptions {
   checkpoint?: string;
   bitmap?: string;
   config: string[];
+  libvirt?: string;
+  connect?: string;
+  disks: string[];
+  exclude: string[];
+  freeze: boolean;
+  scratchDir?: string;
+}
+
+/** Options that only make sense with --libvirt, and the reverse. */
+function checkModeOptions(opts: BackupCliOptions): void {
+  if (opts.libvirt !== undefined) {
+    if (opts.disk.length > 0) {
+      throw new BkfsError(
+        'USAGE',
+        '--libvirt and --disk exclude each other (use --disks vda,vdb to choose disks)',
+      );
+    }
+    if (opts.bitmap !== undefined) {
+      throw new BkfsError(
+        'USAGE',
+        '--bitmap is for NBD URI sources; with --libvirt, libvirt provides the bitmaps',
+      );
+    }
+    return;
+  }
+  const only: [string, boolean][] = [
+    ['--connect', opts.connect !== undefined],
+    ['--disks', opts.disks.length > 0],
+    ['--exclude', opts.exclude.length > 0],
+    ['--no-freeze', !opts.freeze],
+    ['--scratch-dir', opts.scratchDir !== undefined],
+  ];
+  const bad = only.find(([, given]) => given);
+  if (bad) throw new BkfsError('USAGE', `${bad[0]} needs --libvirt DOMAIN`);
 }
 
 export function registerBackup(program: Command): void {
@@ -56,6 +96,15 @@ export function registerBackup(program: Command): void {
       collect,
       [],
     )
+    .option('--libvirt <domain>', 'back up a libvirt domain (running: live pull-mode backup)')
+    .option('--connect <uri>', 'with --libvirt: libvirt URI of the local host (default: virsh default)')
+    .option('--disks <list>', 'with --libvirt: back up only these disks (targets, e.g. vda,vdb)', collect, [])
+    .option('--exclude <list>', 'with --libvirt: leave these disks out (e.g. vdb)', collect, [])
+    .option('--no-freeze', 'with --libvirt: do not freeze guest filesystems through the guest agent')
+    .option(
+      '--scratch-dir <dir>',
+      'with --libvirt: where the backup job keeps scratch files (default /var/tmp)',
+    )
     .addHelpText(
       'after',
       `
@@ -63,16 +112,26 @@ Levels: full starts a new chain; inc stores the changes since the previous check
 changes since the chain's full; copy is a standalone full that no chain builds on; auto is inc when
 possible, otherwise full.
 
+libvirt: one pull-mode backup job covers all disks at one instant; each checkpoint creates a libvirt
+checkpoint bkfs-<repo id>-<checkpoint>. cdrom, read-only and shareable disks are skipped; raw disks
+only in full/copy. A shut-off domain gets a full (or copy) from its images.
+
 Examples:
   bkfs backup web --disk vda=/var/lib/libvirt/images/web.qcow2 --level full
   bkfs backup web --disk vda=/var/lib/libvirt/images/web.qcow2          # auto: incremental
-  bkfs backup db --disk vda=nbd+unix:///vda?socket=/run/x.sock --level full`,
+  bkfs backup db --disk vda=nbd+unix:///vda?socket=/run/x.sock --level full
+  bkfs backup web --libvirt web --level full
+  bkfs backup web --libvirt web --exclude vdb                             # auto: incremental`,
     )
     .action(async (vm: string, opts: BackupCliOptions, cmd: Command) => {
       if (!LEVELS.includes(opts.level)) {
         throw new BkfsError('USAGE', `--level must be one of ${LEVELS.join(', ')}, got '${opts.level}'`);
       }
-      const disks = parseDiskSpecs(opts.disk, opts.bitmap ?? null);
+      checkModeOptions(opts);
+      if (opts.libvirt === undefined && opts.disk.length === 0) {
+        throw new BkfsError('USAGE', 'no disks to back up (give --disk NAME=SOURCE or --libvirt DOMAIN)');
+      }
+      const disks = opts.libvirt === undefined ? parseDiskSpecs(opts.disk, opts.bitmap ?? null) : [];
       const configs = opts.config.map((c) => {
         const eq = c.indexOf('=');
         const name = eq > 0 ? c.slice(0, eq) : path.basename(c);
@@ -82,27 +141,49 @@ Examples:
       });
       const bar = new ProgressBar(`backup ${vm}`);
       const intr = interruptSignal();
+      const common = {
+        vm,
+        level: opts.level as Level | 'auto',
+        ...(opts.checkpoint !== undefined ? { checkpoint: opts.checkpoint } : {}),
+        configs,
+        signal: intr.signal,
+        onProgress: (p: { done: number; total: number }) => bar.update(p.done, p.total),
+        onNotice: (m: string) => {
+          bar.done();
+          note(m);
+        },
+      };
       try {
-        const res = await withRepo(cmd, (repo) =>
-          runBackup(repo, {
-            vm,
-            disks,
-            level: opts.level as Level | 'auto',
-            ...(opts.checkpoint !== undefined ? { checkpoint: opts.checkpoint } : {}),
-            configs,
-            signal: intr.signal,
-            onProgress: (p) => bar.update(p.done, p.total),
-            onNotice: (m) => {
-              bar.done();
-              note(m);
-            },
-          }),
-        );
+        let res: BackupResult;
+        let diskCount = disks.length;
+        const extra: string[] = [];
+        if (opts.libvirt !== undefined) {
+          const domain = opts.libvirt;
+          const lv = await withRepo(cmd, (repo) =>
+            backupLibvirt(repo, {
+              ...common,
+              domain,
+              ...(opts.connect !== undefined ? { connect: opts.connect } : {}),
+              ...(opts.disks.length > 0 ? { disks: opts.disks } : {}),
+              ...(opts.exclude.length > 0 ? { exclude: opts.exclude } : {}),
+              freeze: opts.freeze,
+              ...(opts.scratchDir !== undefined ? { scratchDir: opts.scratchDir } : {}),
+            }),
+          );
+          res = lv;
+          diskCount = lv.disks.length;
+          extra.push(
+            `  libvirt   domain ${lv.domain}, disks ${lv.disks.join(', ')}, ${lv.consistency}` +
+              (lv.libvirtCheckpoint ? `, checkpoint ${lv.libvirtCheckpoint}` : ', no libvirt checkpoint'),
+          );
+        } else {
+          res = await withRepo(cmd, (repo) => runBackup(repo, { ...common, disks }));
+        }
         bar.done();
         const secs = res.durationMs / 1000;
         const st = res.chunks;
         out(
-          `${vm}@${res.checkpoint.name}: ${res.level} backup of ${disks.length} disk(s), ${bytes(res.virtualSize)} virtual`,
+          `${vm}@${res.checkpoint.name}: ${res.level} backup of ${diskCount} disk(s), ${bytes(res.virtualSize)} virtual`,
         );
         out(
           `  read      ${bytes(res.bytesRead)} in ${duration(res.durationMs)} (${rate(res.bytesRead / Math.max(secs, 0.001))}), ${bytes(res.bytesZero)} zeros skipped`,
@@ -111,6 +192,7 @@ Examples:
           `  new data  ${bytes(st.newRawBytes)} in ${st.newChunks} chunks, stored as ${bytes(st.newStoredBytes)} (compression ${ratio(st.newRawBytes, st.newStoredBytes)})`,
         );
         out(`  dedup     ${bytes(st.dedupBytes)} in ${st.dedupChunks} chunks already stored`);
+        for (const l of extra) out(l);
       } finally {
         bar.done();
         intr.dispose();

@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
 import { BkfsError } from '../../errors';
-import { parseCheckpointRef } from '../../index/catalog';
-import { verifyRepository } from '../../repo/verify';
+import { getCheckpoint, getVm, listVms, parseCheckpointRef } from '../../index/catalog';
+import { compareWithSources, selectCheckpoints, verifyRepository, type SourceDiff } from '../../repo/verify';
 import { bytes } from '../../util/format';
 import { ProgressBar } from '../progress';
 import { out, withRepo } from '../context';
@@ -12,43 +12,97 @@ export function registerVerify(program: Command): void {
     .description('check the index and re-read and re-hash every chunk that the selection uses')
     .argument('[ref]', 'VM or VM@CHECKPOINT (default: everything)')
     .option('--sample <percent>', 're-read only a random share of the chunks')
+    .option(
+      '--source',
+      "also compare the checkpoint (default: each selected VM's latest) with its source images as they are now",
+    )
     .option('--json', 'machine-readable report')
-    .action(async (ref: string | undefined, opts: { sample?: string; json?: boolean }, cmd: Command) => {
-      const sel: { vm?: string; checkpoint?: string } = ref ? parseCheckpointRef(ref) : {};
-      const sample = opts.sample === undefined ? undefined : Number(opts.sample);
-      if (sample !== undefined && !(sample > 0 && sample <= 100)) {
-        throw new BkfsError('USAGE', `--sample takes a percentage in (0, 100], got '${opts.sample}'`);
-      }
-      const bar = new ProgressBar('verify');
-      const rep = await withRepo(cmd, (repo) =>
-        verifyRepository(repo, {
-          ...(sel.vm !== undefined ? { vm: sel.vm } : {}),
-          ...(ref?.includes('@') && sel.checkpoint === undefined ? { checkpoint: 'latest' } : {}),
-          ...(sel.checkpoint !== undefined ? { checkpoint: sel.checkpoint } : {}),
-          ...(sample !== undefined ? { samplePercent: sample } : {}),
-          onProgress: (d, t) => bar.update(d, t),
-        }),
-      );
-      bar.done();
-      if (opts.json) {
-        out(JSON.stringify(rep, null, 2));
-      } else {
-        out(
-          `checked ${rep.checkpoints} checkpoint(s), ${rep.chunksChecked} chunks, ${bytes(rep.bytesChecked)} stored`,
-        );
-        for (const p of rep.problems) out(`index problem: ${p}`);
-        for (const d of rep.damaged) {
-          out(`damaged chunk ${d.hash.slice(0, 16)}: ${d.error}`);
-          for (const u of d.uses)
-            out(`  used by ${u.vm}@${u.checkpoint} ${u.disk} bytes ${u.offset}-${u.offset + u.length - 1}`);
+    .addHelpText(
+      'after',
+      `
+Damaged chunks are reported with every checkpoint and disk range that uses them, and marked in the
+index: 'bkfs list' shows those checkpoints as DAMAGED, and the next backup that reads the same data
+stores it again and heals them. Exit code 16 when anything is damaged or differs from its source.`,
+    )
+    .action(
+      async (
+        ref: string | undefined,
+        opts: { sample?: string; source?: boolean; json?: boolean },
+        cmd: Command,
+      ) => {
+        const sel: { vm?: string; checkpoint?: string } = ref ? parseCheckpointRef(ref) : {};
+        const sample = opts.sample === undefined ? undefined : Number(opts.sample);
+        if (sample !== undefined && !(sample > 0 && sample <= 100)) {
+          throw new BkfsError('USAGE', `--sample takes a percentage in (0, 100], got '${opts.sample}'`);
         }
-      }
-      if (rep.problems.length > 0 || rep.damaged.length > 0) {
-        throw new BkfsError(
-          'VERIFY_FAILED',
-          `verify found ${rep.damaged.length} damaged chunk(s) and ${rep.problems.length} index problem(s)`,
-        );
-      }
-      if (!opts.json) out('no damage found');
-    });
+        const bar = new ProgressBar('verify');
+        let sources: SourceDiff[] | undefined;
+        const rep = await withRepo(cmd, async (repo) => {
+          const r = await verifyRepository(repo, {
+            ...(sel.vm !== undefined ? { vm: sel.vm } : {}),
+            ...(ref?.includes('@') && sel.checkpoint === undefined ? { checkpoint: 'latest' } : {}),
+            ...(sel.checkpoint !== undefined ? { checkpoint: sel.checkpoint } : {}),
+            ...(sample !== undefined ? { samplePercent: sample } : {}),
+            onProgress: (d, t) => bar.update(d, t),
+          });
+          bar.done();
+          if (opts.source) {
+            // An explicit checkpoint, else the latest of each selected VM.
+            const which =
+              sel.vm === undefined
+                ? listVms(repo.db).flatMap((v) => {
+                    try {
+                      return [{ vm: v.name, cp: getCheckpoint(repo.db, v) }];
+                    } catch {
+                      return [];
+                    }
+                  })
+                : sel.checkpoint !== undefined
+                  ? selectCheckpoints(repo, { vm: sel.vm, checkpoint: sel.checkpoint })
+                  : [{ vm: sel.vm, cp: getCheckpoint(repo.db, getVm(repo.db, sel.vm)) }];
+            const sbar = new ProgressBar('compare');
+            sources = await compareWithSources(repo, which, (d, t) => sbar.update(d, t));
+            sbar.done();
+          }
+          return r;
+        });
+        bar.done();
+        const differing = (sources ?? []).filter((s) => s.status === 'differs');
+        if (opts.json) {
+          out(JSON.stringify(sources ? { ...rep, sources } : rep, null, 2));
+        } else {
+          out(
+            `checked ${rep.checkpoints} checkpoint(s), ${rep.chunksChecked} chunks, ${bytes(rep.bytesChecked)} stored`,
+          );
+          for (const p of rep.problems) out(`index problem: ${p}`);
+          for (const d of rep.damaged) {
+            out(`damaged chunk ${d.hash.slice(0, 16)}: ${d.error}`);
+            for (const u of d.uses)
+              out(`  used by ${u.vm}@${u.checkpoint} ${u.disk} bytes ${u.offset}-${u.offset + u.length - 1}`);
+          }
+          if (rep.recovered) out(`${rep.recovered} chunk(s) marked damaged earlier read back correctly now`);
+          for (const s of sources ?? []) {
+            const what = `source ${s.vm}@${s.checkpoint} ${s.disk} (${s.source ?? '-'})`;
+            if (s.status === 'skipped') out(`${what}: skipped, ${s.reason ?? ''}`);
+            else if (s.status === 'same') out(`${what}: identical (${bytes(s.bytesCompared)})`);
+            else {
+              out(
+                `${what}: DIFFERS in ${s.ranges.length} range(s), ${bytes(s.bytesDiffering)}${s.reason ? `; ${s.reason}` : ''}`,
+              );
+              for (const r of s.ranges.slice(0, 20)) out(`  bytes ${r.offset}-${r.offset + r.length - 1}`);
+              if (s.ranges.length > 20) out(`  ... and ${s.ranges.length - 20} more (--json lists all)`);
+            }
+          }
+        }
+        if (rep.problems.length > 0 || rep.damaged.length > 0 || differing.length > 0) {
+          const parts = [
+            `${rep.damaged.length} damaged chunk(s)`,
+            `${rep.problems.length} index problem(s)`,
+            ...(sources ? [`${differing.length} disk(s) differing from their source`] : []),
+          ];
+          throw new BkfsError('VERIFY_FAILED', `verify found ${parts.join(', ')}`);
+        }
+        if (!opts.json) out('no damage found');
+      },
+    );
 }

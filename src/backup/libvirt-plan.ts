@@ -1,0 +1,312 @@
+/**
+ * Decisions of a libvirt backup, as pure functions (unit-tested in `test/unit/libvirt-plan.test.ts`):
+ * which disks to back up, how bkfs names and recognises its own libvirt checkpoints, whether
+ * libvirt's checkpoints and the repository agree well enough for an inc/diff, which checkpoints
+ * to delete, and how to read virsh's answers. `libvirt.ts` runs virsh and applies them.
+ *
+ * No I/O, no state, no locking; inputs are small lists (disks, checkpoints).
+ */
+import { BkfsError } from '../errors';
+import type { DomainDisk, LibvirtCheckpoint } from './libvirt-xml';
+
+// ---------------------------------------------------------------------------------------------
+// Names
+
+/** Prefix of every libvirt checkpoint made for repository `repoId`. */
+export function libvirtPrefix(repoId: string): string {
+  return `bkfs-${repoId}-`;
+}
+
+/** The libvirt checkpoint of bkfs checkpoint `checkpoint` (also the qcow2 bitmap's name). */
+export function libvirtCheckpointName(repoId: string, checkpoint: string): string {
+  return `${libvirtPrefix(repoId)}${checkpoint}`;
+}
+
+/** The name `runBackup` would give the next checkpoint (check1, check2, ...), given all names. */
+export function nextCheckpointName(existing: readonly string[]): string {
+  let max = 0;
+  for (const n of existing) {
+    const m = /^check(\d+)$/.exec(n);
+    if (m) max = Math.max(max, Number(m[1]));
+  }
+  return `check${max + 1}`;
+}
+
+/** Name of the private directory of a pull-mode job (socket, scratch files), and its socket. */
+export const SOCKET_DIR_PREFIX = 'bkfs-pull-';
+export const SOCKET_NAME = 'nbd.sock';
+/** File in the job directory naming the bkfs process that owns the job. */
+export const OWNER_FILE = 'owner.json';
+
+/** Is `socket` the socket of a pull-mode job started by bkfs (any repository)? */
+export function isBkfsSocket(socket: string | null): boolean {
+  return socket !== null && new RegExp(`/${SOCKET_DIR_PREFIX}[^/]+/${SOCKET_NAME}$`).test(socket);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection URIs
+
+/**
+ * Refuse libvirt connections to another host: a pull-mode backup exports the disks on a unix
+ * socket on the VM's host, which bkfs could not reach. `uri` undefined = virsh's default
+ * (`LIBVIRT_DEFAULT_URI`, else the local hypervisor).
+ */
+export function checkConnectUri(uri: string | undefined, env: NodeJS.ProcessEnv = process.env): void {
+  const u = uri ?? env.LIBVIRT_DEFAULT_URI;
+  if (u === undefined || u === '') return;
+  const m = /^([a-z0-9+]+):\/\/([^/?#]*)/i.exec(u);
+  if (!m) throw new BkfsError('USAGE', `--connect: '${u}' is not a libvirt URI (e.g. qemu:///system)`);
+  const scheme = (m[1] ?? '').toLowerCase();
+  const host = m[2] ?? '';
+  const [driver, transport] = scheme.split('+');
+  if (driver !== 'qemu') {
+    throw new BkfsError('USAGE', `--connect ${u}: bkfs backs up QEMU domains only (qemu:///system)`);
+  }
+  if (host !== '' || (transport !== undefined && transport !== 'unix')) {
+    throw new BkfsError(
+      'USAGE',
+      `--connect ${u}: remote libvirt hosts are not supported (the pull-mode NBD export is a unix socket on the VM's host); run bkfs on that host`,
+    );
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Disk selection
+
+export type ResolvedLevel = 'full' | 'inc' | 'diff' | 'copy';
+
+export interface DiskChoice {
+  only?: readonly string[];
+  exclude?: readonly string[];
+}
+
+export interface DiskSelection {
+  selected: DomainDisk[];
+  /** Disks left out, with the reason (a note for the user). */
+  skipped: { target: string; reason: string }[];
+}
+
+/** Why `d` cannot be backed up at `level` (live: through a pull-mode job), or null. */
+export function unbackupable(d: DomainDisk, level: ResolvedLevel, live: boolean): string | null {
+  if (d.device === 'cdrom' || d.device === 'floppy') return `a ${d.device}`;
+  if (d.source === null) return 'has no source (empty drive)';
+  if (d.readonly) return 'read-only';
+  if (d.shareable) return 'shareable (other VMs write it; it has no consistent point in time)';
+  if (d.transient) return 'transient (its changes are discarded)';
+  if (!live && d.type !== 'file' && d.type !== 'block') {
+    return `a ${d.type} disk, which bkfs opens only through the running domain`;
+  }
+  if ((level === 'inc' || level === 'diff') && d.format !== 'qcow2') {
+    return `${d.format ?? 'raw'}, which has no dirty bitmaps: back it up with --level full or copy`;
+  }
+  return null;
+}
+
+function splitList(v: readonly string[] | undefined): string[] {
+  return (v ?? [])
+    .flatMap((s) => s.split(','))
+    .map((s) => s.trim())
+    .filter((s) => s !== '');
+}
+
+/**
+ * The disks to back up. `only` (--disks) names disks that must be backed up: one that cannot be
+ * is an error. Without `only`, every disk is taken except the `exclude`d ones and those that cannot
+ * be backed up at this level, which are skipped with a reason. Unknown names are errors.
+ */
+export function selectDisks(
+  disks: readonly DomainDisk[],
+  level: ResolvedLevel,
+  live: boolean,
+  choice: DiskChoice = {},
+): DiskSelection {
+  const only = splitList(choice.only);
+  const exclude = splitList(choice.exclude);
+  const names = new Set(disks.map((d) => d.target));
+  for (const n of [...only, ...exclude]) {
+    if (!names.has(n)) {
+      throw new BkfsError(
+        'USAGE',
+        `the domain has no disk '${n}' (it has: ${[...names].join(', ') || 'none'})`,
+      );
+    }
+  }
+  const selected: DomainDisk[] = [];
+  const skipped: { target: string; reason: string }[] = [];
+  for (const d of disks) {
+    if (exclude.includes(d.target)) {
+      skipped.push({ target: d.target, reason: 'excluded' });
+      continue;
+    }
+    if (only.length > 0 && !only.includes(d.target)) continue;
+    const why = unbackupable(d, level, live);
+    if (why !== null) {
+      if (only.includes(d.target)) {
+        throw new BkfsError(
+          'USAGE',
+          `disk '${d.target}' cannot be backed up at level ${level}: it is ${why}`,
+        );
+      }
+      skipped.push({ target: d.target, reason: why });
+      continue;
+    }
+    selected.push(d);
+  }
+  if (selected.length === 0) {
+    throw new BkfsError(
+      'USAGE',
+      `no disk of the domain can be backed up at level ${level}${skipped.length ? ` (${skipped.map((s) => `${s.target}: ${s.reason}`).join('; ')})` : ''}`,
+    );
+  }
+  return { selected, skipped };
+}
+
+/**
+ * The disks an inc/diff reads changes of: the selected qcow2 disks. Raw disks are left out (a
+ * note at backup time), unless named in --disks; CHAIN_BROKEN when none is left or a named disk
+ * has no bitmaps, so that `auto` can take a full instead.
+ */
+export function incrementalDisks(disks: readonly DomainDisk[], choice: DiskChoice = {}): string[] {
+  const sel = selectDisks(disks, 'full', true, choice);
+  const only = splitList(choice.only);
+  const raw = sel.selected.find((d) => d.format !== 'qcow2' && only.includes(d.target));
+  if (raw) {
+    throw new BkfsError(
+      'CHAIN_BROKEN',
+      `disk '${raw.target}' is ${raw.format ?? 'raw'}, which has no dirty bitmaps: use --level full`,
+    );
+  }
+  const out = sel.selected.filter((d) => d.format === 'qcow2').map((d) => d.target);
+  if (out.length === 0) {
+    throw new BkfsError(
+      'CHAIN_BROKEN',
+      'no disk of the domain is qcow2, so none has dirty bitmaps: use --level full',
+    );
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoint reconciliation
+
+export interface ReconcileInput {
+  domain: string;
+  /** The bkfs checkpoint an inc/diff is relative to (inc: the chain's latest, diff: the full). */
+  parent: { name: string; libvirtCheckpoint: string | null; disks: readonly string[] };
+  /** Target names of the disks to back up (all qcow2). */
+  disks: readonly string[];
+  /** Every checkpoint of the domain, with `--size` information. */
+  checkpoints: readonly LibvirtCheckpoint[];
+  /** This repository's libvirt checkpoint prefix. */
+  prefix: string;
+}
+
+/**
+ * Why an inc/diff relative to `parent` cannot be trusted, or null when libvirt and the repository
+ * agree: the parent's libvirt checkpoint exists, covers every disk with a bitmap that exists and is
+ * consistent (libvirt reports a size only then), and no other tool made a checkpoint after it
+ * (bkfs cannot know what that tool does with its checkpoints and their bitmaps, e.g. redefining
+ * or deleting checkpoints with `--metadata`, so the chain's history is no longer bkfs's alone).
+ * The reasons end without advice; the caller adds ': use --level full'.
+ */
+export function reconcileProblem(i: ReconcileInput): string | null {
+  const lv = i.parent.libvirtCheckpoint;
+  if (lv === null) {
+    return `checkpoint ${i.parent.name} has no libvirt checkpoint (it was taken while domain '${i.domain}' was shut off, or from image files)`;
+  }
+  const cp = i.checkpoints.find((c) => c.name === lv);
+  if (!cp) {
+    return `libvirt checkpoint '${lv}' of ${i.parent.name} is missing from domain '${i.domain}' (deleted, or the domain was redefined)`;
+  }
+  for (const disk of i.disks) {
+    if (!i.parent.disks.includes(disk)) {
+      return `disk '${disk}' is not in checkpoint ${i.parent.name} (a new disk needs a full backup)`;
+    }
+    const d = cp.disks.find((x) => x.name === disk);
+    if (!d || d.checkpoint !== 'bitmap') {
+      return `disk '${disk}' is not tracked by libvirt checkpoint '${lv}'`;
+    }
+    if (d.size === null) {
+      return `the dirty bitmap '${d.bitmap ?? lv}' of disk '${disk}' is missing or broken in domain '${i.domain}' (libvirt checkpoint '${lv}')`;
+    }
+  }
+  const after = foreignAfter(i.checkpoints, cp, i.prefix);
+  if (after) {
+    return `checkpoint '${after.name}' of domain '${i.domain}' was made by another tool after bkfs's '${lv}'`;
+  }
+  return null;
+}
+
+/**
+ * A checkpoint not made by this repository that came after `cp`: a descendant of it in libvirt's
+ * checkpoint tree, or, unless it is an ancestor, one created in the same second or later.
+ */
+function foreignAfter(
+  all: readonly LibvirtCheckpoint[],
+  cp: LibvirtCheckpoint,
+  prefix: string,
+): LibvirtCheckpoint | undefined {
+  const byName = new Map(all.map((c) => [c.name, c]));
+  const ancestors = (c: LibvirtCheckpoint): Set<string> => {
+    const seen = new Set<string>();
+    let p = c.parent;
+    while (p !== null && !seen.has(p)) {
+      seen.add(p);
+      p = byName.get(p)?.parent ?? null;
+    }
+    return seen;
+  };
+  const before = ancestors(cp);
+  return all.find(
+    (c) =>
+      c.name !== cp.name &&
+      !c.name.startsWith(prefix) &&
+      (ancestors(c).has(cp.name) || (!before.has(c.name) && c.creationTime >= cp.creationTime)),
+  );
+}
+
+/**
+ * This repository's checkpoints among `names` that must go: those not in `keep` (orphans left by
+ * an interrupted backup, and, after a new full, the VM's older chains). Checkpoints of other tools
+ * and other repositories are never touched.
+ */
+export function ownCheckpointsToDelete(
+  names: readonly string[],
+  prefix: string,
+  keep: ReadonlySet<string>,
+): string[] {
+  return names.filter((n) => n.startsWith(prefix) && !keep.has(n));
+}
+
+// ---------------------------------------------------------------------------------------------
+// virsh output
+
+/** `Operation:` of `virsh domjobinfo` (e.g. 'Backup'), or null when no job runs. */
+export function jobOperation(domjobinfo: string): string | null {
+  const type = /^Job type:\s*(\S+)/m.exec(domjobinfo)?.[1];
+  if (!type || type === 'None') return null;
+  return /^Operation:\s*(.+?)\s*$/m.exec(domjobinfo)?.[1] ?? 'Unknown';
+}
+
+/** Live states in which QEMU runs (a pull-mode job is possible); 'shut off' is offline. */
+export function isLiveState(domstate: string): boolean {
+  const s = domstate.trim().toLowerCase();
+  return s !== 'shut off' && s !== 'shutoff' && s !== '';
+}
+
+/** Does a `virsh domfsfreeze` failure mean the domain has no usable guest agent? */
+export function isNoAgentError(stderr: string): boolean {
+  return /guest agent is not (configured|connected|responding|available)|agent is not (connected|responding)|QEMU guest agent/i.test(
+    stderr,
+  );
+}
+
+/** virsh's error message (lines starting 'error: '), on one line. */
+export function virshError(stderr: string): string {
+  const lines = stderr
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l !== '')
+    .map((l) => l.replace(/^error:\s*/, ''));
+  return lines.join(': ') || '(no output)';
+}

@@ -1,0 +1,659 @@
+/**
+ * Live backups of libvirt domains: one pull-mode backup job per checkpoint, read by the engine.
+ *
+ * Running domain (`backupLibvirt`):
+ *   1. Read the domain (state, live and inactive XML); end a backup job a killed bkfs left behind
+ *      (its socket lives in a `bkfs-pull-*` directory whose owner process is gone), refuse any
+ *      other job.
+ *   2. Resolve the level. An inc (diff) is relative to the libvirt checkpoint recorded with the
+ *      chain's latest checkpoint (the chain's full). Before using it, libvirt and the repository
+ *      must agree (`reconcileProblem`): the checkpoint exists, its bitmap on every disk exists and
+ *      is consistent (`checkpoint-dumpxml --size` reports a size only then), no other tool made a
+ *      checkpoint after it. Otherwise inc/diff stop with CHAIN_BROKEN and `auto` takes a full.
+ *   3. Delete this repository's libvirt checkpoints that no checkpoint of the repository records
+ *      (left by an interrupted backup); create a private job directory `bkfs-pull-*` in the
+ *      scratch directory (default /var/tmp), owned by the QEMU user, for the NBD socket and the
+ *      scratch files; start the job guard (`libvirt-virsh.ts`).
+ *   4. Freeze the guest's filesystems through the guest agent (unless --no-freeze; without an
+ *      agent: a note, crash-consistent), `virsh backup-begin` with `<domainbackup mode='pull'>`
+ *      for all selected disks at once plus a `<domaincheckpoint>` named
+ *      `bkfs-<repo id>-<checkpoint>` (a bitmap per qcow2 disk), thaw at once (also on failure).
+ *   5. `runBackup` reads every disk over NBD from the job's socket (export = target name; dirty
+ *      map `qemu:dirty-bitmap:<exportbitmap>` from `backup-dumpxml`) and commits the checkpoint
+ *      with `libvirt_checkpoint` and the inactive domain XML as config `domain.xml`.
+ *   6. End the job (`domjobabort`: libvirt removes the socket and scratch files), remove the
+ *      job directory. On failure or interruption also delete the new libvirt checkpoint, so libvirt
+ *      and the repository keep agreeing. After a new full, delete this VM's older libvirt
+ *      checkpoints (each is a bitmap QEMU updates on every guest write).
+ *
+ * Shut-off domain: full or copy from the images (`OfflineImageSource`), no libvirt checkpoint;
+ * inc/diff are refused (start the domain, or use `--disk NAME=IMAGE`), `auto` takes a full.
+ *
+ * Memory: that of `runBackup` (bounded read window); scratch files grow on disk by what the guest
+ * writes during the job. Locking: the repository's writer lock is taken by `runBackup`; libvirt
+ * allows one job per domain, which also keeps two bkfs processes from backing up one domain at
+ * once. Core code: reports through `onNotice`/`onProgress`, never prints.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { BkfsError, isBkfsError } from '../errors';
+import type { Repository } from '../repo/repository';
+import { checkName, checkpointDisks, findVm, type Level } from '../index/catalog';
+import { processAlive } from '../util/proc';
+import { chainPlan, runBackup, type BackupProgress, type BackupResult, type DiskSpec } from './engine';
+import {
+  checkConnectUri,
+  incrementalDisks,
+  isBkfsSocket,
+  isLiveState,
+  isNoAgentError,
+  jobOperation,
+  libvirtCheckpointName,
+  libvirtPrefix,
+  nextCheckpointName,
+  OWNER_FILE,
+  ownCheckpointsToDelete,
+  reconcileProblem,
+  selectDisks,
+  SOCKET_DIR_PREFIX,
+  SOCKET_NAME,
+  virshError,
+  type DiskSelection,
+  type ResolvedLevel,
+} from './libvirt-plan';
+import { OfflineImageSource, PullSource } from './libvirt-source';
+import { JobGuard, Virsh } from './libvirt-virsh';
+import {
+  backupXml,
+  checkpointXml,
+  parseBackupJob,
+  parseCheckpoint,
+  parseDomain,
+  type BackupJob,
+  type DomainInfo,
+  type LibvirtCheckpoint,
+} from './libvirt-xml';
+
+export interface LibvirtBackupOptions {
+  /** VM name in the repository. */
+  vm: string;
+  /** libvirt domain name (or UUID). */
+  domain: string;
+  /** libvirt URI; local QEMU only. Default: virsh's default. */
+  connect?: string;
+  level: Level | 'auto';
+  checkpoint?: string;
+  /** Back up only these disk targets (comma-separated lists allowed). */
+  disks?: string[];
+  /** Leave these disk targets out. */
+  exclude?: string[];
+  /** Freeze guest filesystems through the guest agent around backup-begin (default true). */
+  freeze?: boolean;
+  /** Where the job's scratch files go (default /var/tmp). */
+  scratchDir?: string;
+  /** More configuration files to save with the checkpoint (domain.xml is added). */
+  configs?: { name: string; data: Buffer }[];
+  onProgress?: (p: BackupProgress) => void;
+  onNotice?: (msg: string) => void;
+  signal?: AbortSignal;
+  readSize?: number;
+  readConcurrency?: number;
+  workers?: number;
+}
+
+export interface LibvirtBackupResult extends BackupResult {
+  domain: string;
+  /** Targets backed up. */
+  disks: string[];
+  skipped: { target: string; reason: string }[];
+  /** The libvirt checkpoint made with this checkpoint (null: copy, or an offline domain). */
+  libvirtCheckpoint: string | null;
+  /** frozen: guest filesystems were frozen; crash-consistent: not; offline: domain shut off. */
+  consistency: 'frozen' | 'crash-consistent' | 'offline';
+}
+
+const DEFAULT_SCRATCH_DIR = '/var/tmp';
+/** How long a job may take to end after domjobabort before bkfs gives up (not a speed limit). */
+const JOB_END_WAIT_MS = 120_000;
+/** Longest unix socket path (sun_path is 108 bytes with its NUL). */
+const MAX_SOCKET_PATH = 107;
+
+function checkAborted(signal?: AbortSignal): void {
+  if (signal?.aborted) throw new BkfsError('INTERRUPTED', 'backup interrupted');
+}
+
+function withoutAdvice(msg: string): string {
+  return msg.replace(/: use --level full.*$/, '');
+}
+
+export async function backupLibvirt(repo: Repository, o: LibvirtBackupOptions): Promise<LibvirtBackupResult> {
+  try {
+    return await backupDomain(repo, o);
+  } catch (e) {
+    // A Ctrl-C also reaches the virsh child of the moment, which then fails: report the interrupt.
+    if (o.signal?.aborted && !isBkfsError(e, 'INTERRUPTED')) {
+      throw new BkfsError('INTERRUPTED', 'backup interrupted');
+    }
+    throw e;
+  }
+}
+
+async function backupDomain(repo: Repository, o: LibvirtBackupOptions): Promise<LibvirtBackupResult> {
+  checkName('VM', o.vm);
+  if (o.checkpoint !== undefined) checkName('checkpoint', o.checkpoint);
+  checkConnectUri(o.connect);
+  if (o.configs?.some((c) => c.name === 'domain.xml')) {
+    throw new BkfsError(
+      'USAGE',
+      'domain.xml is saved automatically with a libvirt backup; name the file differently',
+    );
+  }
+  const scratchRoot = scratchBase(o);
+  if (!fs.statSync(scratchRoot, { throwIfNoEntry: false })?.isDirectory()) {
+    throw new BkfsError('USAGE', `--scratch-dir ${scratchRoot} is not a directory`);
+  }
+  const v = new Virsh(o.connect);
+  const state = (await v.out(['domstate', o.domain])).trim();
+  const inactiveXml = await v.out(['dumpxml', '--inactive', o.domain]);
+  const configs = [...(o.configs ?? []), { name: 'domain.xml', data: Buffer.from(inactiveXml, 'utf8') }];
+  checkAborted(o.signal);
+  if (!isLiveState(state)) return offlineBackup(repo, o, parseDomain(inactiveXml), configs);
+
+  const dom = parseDomain(await v.out(['dumpxml', o.domain]));
+  await endLeftoverJob(v, o);
+  checkAborted(o.signal);
+
+  const want = o.level;
+  let level: ResolvedLevel = want === 'auto' ? 'inc' : want;
+  let incremental: string | null = null;
+  if (level === 'inc' || level === 'diff') {
+    try {
+      incremental = await incrementalBase(repo, v, o, dom, level);
+    } catch (e) {
+      if (want !== 'auto' || !isBkfsError(e, 'CHAIN_BROKEN')) throw e;
+      if (findVm(repo.db, o.vm)) o.onNotice?.(`${withoutAdvice(e.message)}; taking a full backup`);
+      level = 'full';
+    }
+  }
+  try {
+    return await liveBackup(repo, v, o, dom, level, incremental, configs);
+  } catch (e) {
+    // The engine's own checks (a disk's size changed, ...) for an auto run: a full instead.
+    if (
+      want === 'auto' &&
+      level !== 'full' &&
+      (isBkfsError(e, 'CHAIN_BROKEN') || isBkfsError(e, 'SIZE_CHANGED'))
+    ) {
+      o.onNotice?.(`${withoutAdvice(e.message)}; taking a full backup`);
+      return liveBackup(repo, v, o, dom, 'full', null, configs);
+    }
+    throw e;
+  }
+}
+
+/** The libvirt checkpoint an inc/diff reads changes since; CHAIN_BROKEN when it cannot be trusted. */
+async function incrementalBase(
+  repo: Repository,
+  v: Virsh,
+  o: LibvirtBackupOptions,
+  dom: DomainInfo,
+  level: 'inc' | 'diff',
+): Promise<string> {
+  const plan = chainPlan(repo, o.vm, level);
+  const parent = plan.parent;
+  if (!parent) throw new BkfsError('CHAIN_BROKEN', `VM '${o.vm}' has no chain: use --level full`);
+  const disks = incrementalDisks(dom.disks, choiceOf(o));
+  const checkpoints = await listCheckpoints(v, o.domain, parent.libvirt_checkpoint);
+  const problem = reconcileProblem({
+    domain: o.domain,
+    parent: {
+      name: parent.name,
+      libvirtCheckpoint: parent.libvirt_checkpoint,
+      disks: checkpointDisks(repo.db, parent.id).map((d) => d.name),
+    },
+    disks,
+    checkpoints,
+    prefix: libvirtPrefix(repo.config.id),
+  });
+  if (problem !== null) throw new BkfsError('CHAIN_BROKEN', `${problem}: use --level full`);
+  return parent.libvirt_checkpoint as string;
+}
+
+function choiceOf(o: LibvirtBackupOptions): { only?: string[]; exclude?: string[] } {
+  return { ...(o.disks ? { only: o.disks } : {}), ...(o.exclude ? { exclude: o.exclude } : {}) };
+}
+
+/** Every checkpoint of the domain; sizes (bitmap health) only for `withSize`. */
+async function listCheckpoints(
+  v: Virsh,
+  domain: string,
+  withSize: string | null,
+): Promise<LibvirtCheckpoint[]> {
+  const names = await checkpointNames(v, domain);
+  const out: LibvirtCheckpoint[] = [];
+  for (const n of names) {
+    const args = ['checkpoint-dumpxml', domain, n, '--no-domain'];
+    let r = await v.tryRun(n === withSize ? [...args, '--size'] : args);
+    // --size fails outright on some broken bitmaps: then read it without sizes (= broken).
+    if (r.code !== 0 && n === withSize) r = await v.tryRun(args);
+    if (r.code !== 0) {
+      if (/not found|no domain checkpoint/i.test(r.stderr)) continue; // deleted meanwhile
+      throw v.error(args, r);
+    }
+    out.push(parseCheckpoint(r.stdout));
+  }
+  return out;
+}
+
+async function checkpointNames(v: Virsh, domain: string): Promise<string[]> {
+  const text = await v.out(['checkpoint-list', domain, '--name']);
+  return text
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l !== '');
+}
+
+/** Delete a libvirt checkpoint; when its bitmaps are broken, delete its metadata only. */
+async function deleteCheckpoint(
+  v: Virsh,
+  domain: string,
+  name: string,
+  notice: (m: string) => void,
+): Promise<void> {
+  const r = await v.tryRun(['checkpoint-delete', domain, name]);
+  if (r.code === 0) return;
+  const m = await v.tryRun(['checkpoint-delete', domain, name, '--metadata']);
+  if (m.code === 0) {
+    notice(
+      `libvirt could not delete checkpoint '${name}' with its bitmaps (${virshError(r.stderr)}); deleted its metadata only (leftover bitmaps stay in the images)`,
+    );
+    return;
+  }
+  if (/not found|no domain checkpoint/i.test(m.stderr)) return;
+  throw v.error(['checkpoint-delete', domain, name], m);
+}
+
+interface Owner {
+  pid: number;
+  host: string;
+}
+
+function readOwner(dir: string): Owner | undefined {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(dir, OWNER_FILE), 'utf8')) as Owner;
+  } catch {
+    return undefined;
+  }
+}
+
+async function backupJobOf(v: Virsh, domain: string): Promise<BackupJob | null> {
+  const r = await v.tryRun(['backup-dumpxml', domain]);
+  if (r.code !== 0) return null;
+  return parseBackupJob(r.stdout);
+}
+
+/** Remove the job directory of a bkfs job (socket, scratch files, owner file). */
+function removeJobDir(job: BackupJob): void {
+  const dir = job.socket ? path.dirname(job.socket) : null;
+  if (dir && path.basename(dir).startsWith(SOCKET_DIR_PREFIX))
+    fs.rmSync(dir, { recursive: true, force: true });
+}
+
+/** End a pull-mode job that a killed bkfs left running; refuse any other running job. */
+async function endLeftoverJob(v: Virsh, o: LibvirtBackupOptions): Promise<void> {
+  const op = jobOperation(await v.out(['domjobinfo', o.domain]));
+  if (op === null) return;
+  const job = op === 'Backup' ? await backupJobOf(v, o.domain) : null;
+  if (!job) {
+    throw new BkfsError(
+      'SOURCE_IN_USE',
+      `domain '${o.domain}' is busy with a libvirt job (${op}); try again later`,
+    );
+  }
+  if (!isBkfsSocket(job.socket)) {
+    throw new BkfsError(
+      'SOURCE_IN_USE',
+      `domain '${o.domain}' already has a backup job that bkfs did not start; if it is stale, end it with 'virsh domjobabort ${o.domain}'`,
+    );
+  }
+  const owner = readOwner(path.dirname(job.socket as string));
+  if (owner && owner.host === os.hostname() && owner.pid !== process.pid && processAlive(owner.pid)) {
+    throw new BkfsError(
+      'SOURCE_IN_USE',
+      `domain '${o.domain}' is being backed up by bkfs (pid ${owner.pid})`,
+    );
+  }
+  await abortJob(v, o.domain, job.socket);
+  removeJobDir(job);
+  o.onNotice?.(
+    `ended the backup job of domain '${o.domain}' left by a bkfs that was killed${owner ? ` (pid ${owner.pid})` : ''}`,
+  );
+}
+
+/** uid/gid of the domain's QEMU process (system libvirt), else of its first image; null: leave as is. */
+function qemuOwner(domain: string, image: string | null): { uid: number; gid: number } | null {
+  if (process.getuid?.() !== 0) return null;
+  for (const dir of ['/run/libvirt/qemu', '/var/run/libvirt/qemu']) {
+    try {
+      const pid = fs.readFileSync(path.join(dir, `${domain}.pid`), 'utf8').trim();
+      if (/^\d+$/.test(pid)) {
+        const st = fs.statSync(`/proc/${pid}`);
+        return { uid: st.uid, gid: st.gid };
+      }
+    } catch {
+      // not this place
+    }
+  }
+  if (image) {
+    const st = fs.statSync(image, { throwIfNoEntry: false });
+    if (st) return { uid: st.uid, gid: st.gid };
+  }
+  return null;
+}
+
+function noteSkipped(o: LibvirtBackupOptions, sel: DiskSelection): void {
+  for (const s of sel.skipped) o.onNotice?.(`disk '${s.target}' is not backed up: ${s.reason}`);
+}
+
+function knownLibvirtCheckpoints(repo: Repository, exceptVm?: string): Set<string> {
+  const rows = repo.db
+    .prepare(
+      `SELECT c.libvirt_checkpoint AS n FROM checkpoints c JOIN vms v ON v.id = c.vm_id
+       WHERE c.libvirt_checkpoint IS NOT NULL AND c.state = 'complete' AND v.name != ?`,
+    )
+    .all(exceptVm ?? '') as { n: string }[];
+  return new Set(rows.map((r) => r.n));
+}
+
+async function liveBackup(
+  repo: Repository,
+  v: Virsh,
+  o: LibvirtBackupOptions,
+  dom: DomainInfo,
+  level: ResolvedLevel,
+  incremental: string | null,
+  configs: { name: string; data: Buffer }[],
+): Promise<LibvirtBackupResult> {
+  const notice = (m: string) => o.onNotice?.(m);
+  const sel = selectDisks(dom.disks, level, true, choiceOf(o));
+  noteSkipped(o, sel);
+  const vm = findVm(repo.db, o.vm);
+  const names = vm
+    ? (repo.db.prepare('SELECT name FROM checkpoints WHERE vm_id = ?').all(vm.id) as { name: string }[]).map(
+        (r) => r.name,
+      )
+    : [];
+  const name = o.checkpoint ?? nextCheckpointName(names);
+  if (names.includes(name))
+    throw new BkfsError('BAD_NAME', `VM '${o.vm}' already has a checkpoint named '${name}'`);
+  const prefix = libvirtPrefix(repo.config.id);
+  const lvName = level === 'copy' ? null : libvirtCheckpointName(repo.config.id, name);
+
+  // Checkpoints of this repository that no checkpoint records: left by an interrupted backup.
+  const known = knownLibvirtCheckpoints(repo);
+  for (const n of ownCheckpointsToDelete(await checkpointNames(v, o.domain), prefix, known)) {
+    await deleteCheckpoint(v, o.domain, n, notice);
+    notice(
+      `deleted libvirt checkpoint '${n}' of domain '${o.domain}': no checkpoint of the repository uses it`,
+    );
+  }
+  if (lvName !== null && known.has(lvName)) {
+    throw new BkfsError(
+      'BAD_NAME',
+      `libvirt checkpoint '${lvName}' is used by another VM of this repository: give --checkpoint NAME`,
+    );
+  }
+  checkAborted(o.signal);
+
+  // One private directory holds the job's socket, scratch files and XML; QEMU owns it.
+  const jobDir = fs.mkdtempSync(path.join(scratchBase(o), SOCKET_DIR_PREFIX));
+  const socket = path.join(jobDir, SOCKET_NAME);
+  let guard: JobGuard | undefined;
+  let begun = false;
+  let committed = false;
+  try {
+    if (socket.length > MAX_SOCKET_PATH) {
+      throw new BkfsError('USAGE', `socket path ${socket} is too long: choose a shorter --scratch-dir`);
+    }
+    fs.writeFileSync(
+      path.join(jobDir, OWNER_FILE),
+      JSON.stringify({ pid: process.pid, host: os.hostname(), repo: repo.dir }),
+    );
+    const owner = qemuOwner(dom.name || o.domain, sel.selected[0]?.source ?? null);
+    fs.chmodSync(jobDir, 0o700);
+    if (owner) fs.chownSync(jobDir, owner.uid, owner.gid);
+    const selected = new Set(sel.selected.map((d) => d.target));
+    const bxml = backupXml(
+      socket,
+      incremental,
+      dom.disks.map((d) =>
+        selected.has(d.target)
+          ? { name: d.target, scratch: path.join(jobDir, `${d.target}.qcow2`) }
+          : { name: d.target },
+      ),
+    );
+    const bxmlPath = path.join(jobDir, 'backup.xml');
+    fs.writeFileSync(bxmlPath, bxml);
+    const args = ['backup-begin', o.domain, bxmlPath];
+    if (lvName !== null) {
+      const cxmlPath = path.join(jobDir, 'checkpoint.xml');
+      fs.writeFileSync(
+        cxmlPath,
+        checkpointXml(
+          lvName,
+          `bkfs checkpoint ${o.vm}@${name} of repository ${repo.config.id}`,
+          dom.disks.map((d) => ({ name: d.target, bitmap: selected.has(d.target) && d.format === 'qcow2' })),
+        ),
+      );
+      args.push(cxmlPath);
+    }
+    guard = JobGuard.start({ virsh: v, domain: o.domain, socket, dir: jobDir });
+
+    const fz = o.freeze === false ? { frozen: false, thaw: false } : await freeze(v, o.domain, guard, notice);
+    try {
+      checkAborted(o.signal);
+      begun = true;
+      await v.out(args);
+    } finally {
+      if (fz.thaw && (await thaw(v, o.domain, notice))) guard.tell('thawed');
+    }
+    const consistency = fz.frozen ? 'frozen' : 'crash-consistent';
+    const job = await backupJobOf(v, o.domain);
+    if (!job || job.socket !== socket) {
+      throw new BkfsError(
+        'EXTERNAL_TOOL',
+        `the backup job of domain '${o.domain}' is not the one bkfs started`,
+      );
+    }
+    checkAborted(o.signal);
+    const disks: DiskSpec[] = sel.selected.map((d) => {
+      const jd = job.disks.find((x) => x.name === d.target);
+      return {
+        name: d.target,
+        source: new PullSource({
+          socket,
+          target: d.target,
+          exportName: jd?.exportName ?? d.target,
+          exportBitmap: jd?.exportBitmap ?? null,
+          incremental: job.incremental,
+          newCheckpoint: lvName !== null && d.format === 'qcow2' ? lvName : null,
+          location: d.source ?? d.target,
+          format: d.format ?? 'raw',
+        }),
+      };
+    });
+    const res = await runBackup(repo, {
+      vm: o.vm,
+      disks,
+      level,
+      checkpoint: name,
+      configs,
+      ...(lvName !== null ? { libvirtCheckpoint: lvName } : {}),
+      ...(o.onProgress ? { onProgress: o.onProgress } : {}),
+      ...(o.onNotice ? { onNotice: o.onNotice } : {}),
+      ...(o.signal ? { signal: o.signal } : {}),
+      ...(o.readSize ? { readSize: o.readSize } : {}),
+      ...(o.readConcurrency ? { readConcurrency: o.readConcurrency } : {}),
+      ...(o.workers ? { workers: o.workers } : {}),
+    });
+    committed = true;
+    begun = false;
+    // The checkpoint is committed: a job that will not end is worth a note, not a failure.
+    await endJob(v, o.domain, socket).catch((e: unknown) =>
+      notice(`could not end the backup job: ${(e as Error).message} (run 'virsh domjobabort ${o.domain}')`),
+    );
+    if (level === 'full' && lvName !== null) {
+      // A new chain: this VM's older libvirt checkpoints serve no inc/diff any more.
+      const keep = knownLibvirtCheckpoints(repo, o.vm);
+      keep.add(lvName);
+      for (const n of ownCheckpointsToDelete(await checkpointNames(v, o.domain), prefix, keep)) {
+        await deleteCheckpoint(v, o.domain, n, notice).catch((e: unknown) =>
+          notice(`could not delete old libvirt checkpoint '${n}': ${(e as Error).message}`),
+        );
+      }
+    }
+    return {
+      ...res,
+      domain: o.domain,
+      disks: sel.selected.map((d) => d.target),
+      skipped: sel.skipped,
+      libvirtCheckpoint: lvName,
+      consistency,
+    };
+  } finally {
+    if (begun) {
+      await endJob(v, o.domain, socket).catch((e: unknown) =>
+        notice(`could not end the backup job: ${(e as Error).message} (run 'virsh domjobabort ${o.domain}')`),
+      );
+      if (!committed && lvName !== null) {
+        await deleteCheckpoint(v, o.domain, lvName, notice).catch((e: unknown) =>
+          notice(`could not delete libvirt checkpoint '${lvName}': ${(e as Error).message}`),
+        );
+      }
+    }
+    fs.rmSync(jobDir, { recursive: true, force: true });
+    await guard?.disarm();
+  }
+}
+
+function scratchBase(o: LibvirtBackupOptions): string {
+  return path.resolve(o.scratchDir ?? DEFAULT_SCRATCH_DIR);
+}
+
+/** End our job if it still runs (a failed backup-begin may have left none). */
+async function endJob(v: Virsh, domain: string, socket: string): Promise<void> {
+  const job = await backupJobOf(v, domain);
+  if (!job || job.socket !== socket) return;
+  await abortJob(v, domain, socket);
+}
+
+/**
+ * `domjobabort`, then wait until the job is really gone: libvirt returns while QEMU still tears
+ * the job's block jobs down, and a checkpoint cannot be deleted (nor a new job begun) until then.
+ */
+async function abortJob(v: Virsh, domain: string, socket: string | null): Promise<void> {
+  const r = await v.tryRun(['domjobabort', domain]);
+  const deadline = Date.now() + JOB_END_WAIT_MS;
+  for (;;) {
+    // Gone when libvirt reports no job at all (backup-dumpxml may fail while it tears down).
+    const info = await v.tryRun(['domjobinfo', domain]);
+    if (info.code === 0 && jobOperation(info.stdout) === null) return;
+    const job = await backupJobOf(v, domain);
+    if (job && job.socket !== socket) return; // ours ended, another began
+    if (Date.now() > deadline) {
+      throw r.code !== 0
+        ? v.error(['domjobabort', domain], r)
+        : new BkfsError(
+            'EXTERNAL_TOOL',
+            `the backup job of domain '${domain}' did not end after 'virsh domjobabort'`,
+          );
+    }
+    await new Promise((res) => setTimeout(res, 100));
+  }
+}
+
+/**
+ * Freeze guest filesystems through the guest agent. Failure is a note, not an error; `thaw` says
+ * whether a thaw is due (also after a failure that may have frozen part of the guest).
+ */
+async function freeze(
+  v: Virsh,
+  domain: string,
+  guard: JobGuard,
+  notice: (m: string) => void,
+): Promise<{ frozen: boolean; thaw: boolean }> {
+  guard.tell('frozen'); // first: virsh may freeze the guest and still fail (a timeout)
+  const r = await v.tryRun(['domfsfreeze', domain], 60_000);
+  if (r.code === 0) return { frozen: true, thaw: true };
+  if (isNoAgentError(r.stderr)) {
+    guard.tell('thawed');
+    notice(
+      `domain '${domain}' has no guest agent: the backup is crash-consistent (install qemu-guest-agent in the guest to freeze its filesystems)`,
+    );
+    return { frozen: false, thaw: false };
+  }
+  notice(
+    `could not freeze the filesystems of domain '${domain}' (${virshError(r.stderr)}): the backup is crash-consistent`,
+  );
+  return { frozen: false, thaw: true };
+}
+
+async function thaw(v: Virsh, domain: string, notice: (m: string) => void): Promise<boolean> {
+  for (let i = 0; i < 3; i++) {
+    const r = await v.tryRun(['domfsthaw', domain], 60_000);
+    if (r.code === 0) return true;
+    if (isNoAgentError(r.stderr) || /not frozen/i.test(r.stderr)) return true;
+    if (i === 2)
+      notice(
+        `could not thaw the filesystems of domain '${domain}': ${virshError(r.stderr)} (run 'virsh domfsthaw ${domain}')`,
+      );
+  }
+  return false;
+}
+
+async function offlineBackup(
+  repo: Repository,
+  o: LibvirtBackupOptions,
+  dom: DomainInfo,
+  configs: { name: string; data: Buffer }[],
+): Promise<LibvirtBackupResult> {
+  if (o.level === 'inc' || o.level === 'diff') {
+    throw new BkfsError(
+      'CHAIN_BROKEN',
+      `domain '${o.domain}' is shut off: a${o.level === 'inc' ? 'n inc' : ' diff'} needs the running domain (libvirt checkpoints); start it, use --level full, or back up the images with --disk NAME=IMAGE`,
+    );
+  }
+  const level = o.level === 'auto' ? 'full' : o.level;
+  if (o.level === 'auto') {
+    o.onNotice?.(
+      `domain '${o.domain}' is shut off: taking a full backup of its images, without a libvirt checkpoint (start the domain for incremental backups)`,
+    );
+  }
+  const sel = selectDisks(dom.disks, level, false, choiceOf(o));
+  noteSkipped(o, sel);
+  const res = await runBackup(repo, {
+    vm: o.vm,
+    disks: sel.selected.map((d) => ({
+      name: d.target,
+      source: new OfflineImageSource(d.source as string, o.domain),
+    })),
+    level,
+    ...(o.checkpoint !== undefined ? { checkpoint: o.checkpoint } : {}),
+    configs,
+    ...(o.onProgress ? { onProgress: o.onProgress } : {}),
+    ...(o.onNotice ? { onNotice: o.onNotice } : {}),
+    ...(o.signal ? { signal: o.signal } : {}),
+    ...(o.readSize ? { readSize: o.readSize } : {}),
+    ...(o.readConcurrency ? { readConcurrency: o.readConcurrency } : {}),
+    ...(o.workers ? { workers: o.workers } : {}),
+  });
+  return {
+    ...res,
+    domain: o.domain,
+    disks: sel.selected.map((d) => d.target),
+    skipped: sel.skipped,
+    libvirtCheckpoint: null,
+    consistency: 'offline',
+  };
+}

@@ -1,0 +1,298 @@
+/**
+ * Repository lifecycle commands: forget, protect/unprotect, gc (prune), repair, stats.
+ * Thin adapters over `src/repo/{forget,gc,rebuild,manifest,stats}.ts`; the only printing is here.
+ */
+import type { Command } from 'commander';
+import * as fs from 'node:fs';
+import { BkfsError } from '../../errors';
+import { forgetByName, forgetByPolicy, setProtected, type ForgetResult } from '../../repo/forget';
+import { runGc, type GcReport } from '../../repo/gc';
+import { rebuildIndex } from '../../repo/rebuild';
+import { manifestPath, rewriteManifest } from '../../repo/manifest';
+import { repositoryStats, type Totals } from '../../repo/stats';
+import type { RetentionPolicy } from '../../repo/retention';
+import type { Repository } from '../../repo/repository';
+import { bytes, ratio } from '../../util/format';
+import { ProgressBar } from '../progress';
+import { note, out, parseIntOption, repoPath, table, withRepo } from '../context';
+
+interface ForgetCli {
+  keepLast?: string;
+  keepDaily?: string;
+  keepWeekly?: string;
+  keepMonthly?: string;
+  dryRun?: boolean;
+  prune?: boolean;
+  json?: boolean;
+}
+
+function time(ms: number): string {
+  return new Date(ms).toISOString().replace('T', ' ').slice(0, 19);
+}
+
+function printForget(r: ForgetResult): void {
+  const rows: string[][] = [];
+  for (const k of r.kept)
+    rows.push(['keep', `${k.vm}@${k.name}`, k.level, time(k.time), k.reasons.join(',')]);
+  for (const k of r.removed) {
+    rows.push([
+      r.dryRun ? 'would remove' : 'removed',
+      `${k.vm}@${k.name}`,
+      k.level,
+      time(k.time),
+      k.pinned ? 'in use by a reader: hidden now, deleted by gc once released' : '',
+    ]);
+  }
+  rows.sort((a, b) => (a[1]! < b[1]! ? -1 : a[1]! > b[1]! ? 1 : 0));
+  if (rows.length > 0) out(table(['ACTION', 'CHECKPOINT', 'LEVEL', 'TIME', 'WHY'], rows));
+  const n = r.removed.length;
+  if (r.dryRun) out(`dry run: ${n} checkpoint(s) would be forgotten, ${r.kept.length} kept; nothing changed`);
+  else out(`forgot ${n} checkpoint(s)${r.kept.length ? `, kept ${r.kept.length}` : ''}`);
+}
+
+function printGc(r: GcReport): void {
+  const verb = r.dryRun ? 'would free' : 'freed';
+  if (r.checkpointsRemoved || r.checkpointsPinned) {
+    out(
+      `forgotten checkpoints: ${r.checkpointsRemoved} removed${r.checkpointsPinned ? `, ${r.checkpointsPinned} still in use by readers` : ''}`,
+    );
+  }
+  out(`chunks: ${r.chunksRemoved} unused (${bytes(r.chunkBytesRemoved)} stored)`);
+  out(
+    `packs: ${r.packsDeleted} deleted, ${r.packsRewritten} rewritten into ${r.dryRun ? '?' : r.packsWritten} (${bytes(r.bytesCopied)} copied)` +
+      (r.packsKeptForReaders ? `, ${r.packsKeptForReaders} kept while readers use them` : '') +
+      (r.packsKeptDamaged ? `, ${r.packsKeptDamaged} kept because they hold damaged chunks` : '') +
+      (r.orphansRemoved ? `, ${r.orphansRemoved} left by a crash removed` : ''),
+  );
+  if (r.extentsHealed) out(`healed ${r.extentsHealed} extent(s) of damaged chunks`);
+  if (r.packsPending)
+    out(`${r.packsPending} old pack(s) (${bytes(r.bytesPending)}) wait for readers to finish`);
+  out(
+    `${verb} ${bytes(r.bytesFreed)}; packs now ${bytes(r.bytesAfter)}${r.dryRun ? ' (dry run: nothing changed)' : ''}`,
+  );
+}
+
+function count(name: string, v: string | undefined): number | undefined {
+  return v === undefined ? undefined : parseIntOption(name, v);
+}
+
+export function registerLifecycle(program: Command): void {
+  program
+    .command('forget')
+    .description('remove checkpoints from the catalogue, by name or by a retention policy (then run gc)')
+    .argument('[refs...]', 'VM@CHECKPOINT to forget; with --keep-*: an optional VM (default: every VM)')
+    .option('--keep-last <n>', 'keep the n newest checkpoints')
+    .option('--keep-daily <n>', 'keep the newest checkpoint of each of the last n days that have one')
+    .option('--keep-weekly <n>', 'same per ISO week')
+    .option('--keep-monthly <n>', 'same per month')
+    .option('-n, --dry-run', 'show what would be forgotten; change nothing')
+    .option('--prune', 'run gc afterwards')
+    .option('--json', 'machine-readable output')
+    .addHelpText(
+      'after',
+      `
+Every kept checkpoint stays complete whatever is forgotten (each has a full block map). Protected
+checkpoints are kept by every policy and refused by name. A checkpoint in use by a mount or restore
+disappears from the catalogue at once; its data goes at the first gc after the reader ends.
+
+Examples:
+  bkfs forget web@check3 web@check4
+  bkfs forget web --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run
+  bkfs forget --keep-daily 14 --prune        # every VM, then free the space`,
+    )
+    .action(async (refs: string[], opts: ForgetCli, cmd: Command) => {
+      const policy: RetentionPolicy = {};
+      const kl = count('--keep-last', opts.keepLast);
+      const kd = count('--keep-daily', opts.keepDaily);
+      const kw = count('--keep-weekly', opts.keepWeekly);
+      const km = count('--keep-monthly', opts.keepMonthly);
+      if (kl !== undefined) policy.keepLast = kl;
+      if (kd !== undefined) policy.keepDaily = kd;
+      if (kw !== undefined) policy.keepWeekly = kw;
+      if (km !== undefined) policy.keepMonthly = km;
+      const byPolicy = Object.keys(policy).length > 0;
+      if (byPolicy && (refs.length > 1 || refs.some((r) => r.includes('@')))) {
+        throw new BkfsError('USAGE', 'with --keep-* give at most one VM name, not checkpoints');
+      }
+      if (!byPolicy && refs.length === 0) {
+        throw new BkfsError(
+          'USAGE',
+          'give checkpoints (VM@CHECKPOINT) or a policy (--keep-last, --keep-daily, ...)',
+        );
+      }
+      await withRepo(cmd, async (repo) => {
+        const dry = opts.dryRun === true ? { dryRun: true } : {};
+        const r = byPolicy ? forgetByPolicy(repo, refs[0], policy, dry) : forgetByName(repo, refs, dry);
+        let gc: GcReport | undefined;
+        if (opts.prune && !opts.dryRun) gc = await runGc(repo);
+        if (opts.json) {
+          out(JSON.stringify(gc ? { ...r, gc } : r, null, 2));
+          return;
+        }
+        printForget(r);
+        if (gc) printGc(gc);
+        else if (!r.dryRun && r.removed.length > 0) out("run 'bkfs gc' to free their space");
+      });
+    });
+
+  for (const value of [true, false]) {
+    const name = value ? 'protect' : 'unprotect';
+    program
+      .command(name)
+      .description(
+        value
+          ? 'protect checkpoints: no retention policy removes them and forget by name refuses them'
+          : 'remove the protection of checkpoints',
+      )
+      .argument('<refs...>', 'VM@CHECKPOINT')
+      .action(async (refs: string[], _opts: unknown, cmd: Command) => {
+        await withRepo(cmd, (repo) => {
+          const changed = setProtected(repo, refs, value);
+          const names = changed.map((c) => `${c.vm}@${c.name}`);
+          if (names.length === 0) out(`nothing to do: already ${value ? 'protected' : 'unprotected'}`);
+          else out(`${value ? 'protected' : 'unprotected'} ${names.join(', ')}`);
+        });
+      });
+  }
+
+  program
+    .command('gc')
+    .alias('prune')
+    .description('delete data that no checkpoint uses and compact packs (takes the writer lock)')
+    .option('-n, --dry-run', 'show what would be freed; change nothing')
+    .option('--json', 'machine-readable output')
+    .addHelpText(
+      'after',
+      `
+gc holds the repository's writer lock: a backup started meanwhile fails with exit code 7
+(REPO_LOCKED), and gc fails the same way while a backup runs. Mounts and restores keep working:
+whatever their checkpoints use is kept, and packs they may be reading are only rewritten or
+deleted once they are done (a later gc finishes the job).`,
+    )
+    .action(async (opts: { dryRun?: boolean; json?: boolean }, cmd: Command) => {
+      const bar = new ProgressBar('gc');
+      try {
+        const r = await withRepo(cmd, (repo) =>
+          runGc(repo, {
+            ...(opts.dryRun ? { dryRun: true } : {}),
+            onProgress: (d, t) => bar.update(d, t),
+            onNotice: (m) => {
+              bar.done();
+              note(m);
+            },
+          }),
+        );
+        bar.done();
+        if (opts.json) out(JSON.stringify(r, null, 2));
+        else printGc(r);
+      } finally {
+        bar.done();
+      }
+    });
+
+  program
+    .command('repair')
+    .description('repair the index: rebuild it from packs and manifests, or rewrite missing manifests')
+    .option('--rebuild-index', 'recreate index.db from the manifests and packs (the old one is kept aside)')
+    .option('--manifests', 'write the manifest of every checkpoint that lacks one')
+    .option('--json', 'machine-readable output')
+    .action(async (opts: { rebuildIndex?: boolean; manifests?: boolean; json?: boolean }, cmd: Command) => {
+      if (!opts.rebuildIndex && !opts.manifests) {
+        throw new BkfsError('USAGE', 'say what to repair: --rebuild-index or --manifests');
+      }
+      const dir = repoPath(cmd);
+      if (opts.rebuildIndex) {
+        const bar = new ProgressBar('rebuild');
+        const r = await rebuildIndex(dir, { onProgress: (_p, d, t) => bar.update(d, t) });
+        bar.done();
+        if (opts.json) {
+          out(JSON.stringify(r, null, 2));
+        } else {
+          out(
+            `rebuilt the index: ${r.checkpoints} checkpoint(s) of ${r.vms} VM(s) from ${r.manifests} manifest(s), ${r.chunks} chunks in ${r.packs} pack(s)`,
+          );
+          if (r.skippedForgotten) out(`skipped ${r.skippedForgotten} manifest(s) of forgotten checkpoints`);
+          if (r.duplicateChunks) out(`${r.duplicateChunks} duplicate chunk copies (gc removes them)`);
+          for (const p of r.problems) out(`problem: ${p}`);
+          if (r.missingChunks) {
+            out(`${r.missingChunks} chunk(s) are in no pack; damaged: ${r.damagedCheckpoints.join(', ')}`);
+          }
+          if (r.oldIndex) out(`the old index is kept as ${r.oldIndex}`);
+        }
+      }
+      if (opts.manifests) {
+        const written = await withRepo(cmd, (repo) => writeMissingManifests(repo));
+        if (!opts.json)
+          out(
+            `wrote ${written.length} missing manifest(s)${written.length ? `: ${written.join(', ')}` : ''}`,
+          );
+        else if (!opts.rebuildIndex) out(JSON.stringify({ written }, null, 2));
+      }
+    });
+
+  program
+    .command('stats')
+    .description('logical and stored size, dedup and compression, per VM and per checkpoint')
+    .argument('[vm]', 'only this VM')
+    .option('--json', 'machine-readable output')
+    .action(async (vm: string | undefined, opts: { json?: boolean }, cmd: Command) => {
+      await withRepo(cmd, (repo) => {
+        if (vm !== undefined && !repo.db.prepare('SELECT 1 FROM vms WHERE name = ?').get(vm)) {
+          throw new BkfsError('NOT_FOUND', `no VM named '${vm}' in this repository`);
+        }
+        const s = repositoryStats(repo, vm);
+        if (opts.json) {
+          out(JSON.stringify(s, null, 2));
+          return;
+        }
+        const line = (label: string, t: Totals) =>
+          `${label}: ${t.checkpoints} checkpoint(s), logical ${bytes(t.logicalBytes)}, unique ${bytes(t.rawBytes)} in ${t.chunks} chunks, stored ${bytes(t.storedBytes)} (dedup ${ratio(t.logicalBytes, t.rawBytes)}, compression ${ratio(t.rawBytes, t.storedBytes)}, total ${ratio(t.logicalBytes, t.storedBytes)})`;
+        if (vm === undefined) {
+          const r = s.repository;
+          out(line('repository', r));
+          out(
+            `packs: ${r.packs} file(s), ${bytes(r.packBytes)}; reclaimable by gc ${bytes(r.reclaimableBytes)}`,
+          );
+        }
+        for (const v of s.vms) out(`${line(`VM ${v.vm}`, v)}; only this VM: ${bytes(v.uniqueStoredBytes)}`);
+        if (s.checkpoints.length > 0) {
+          out('');
+          out(
+            table(
+              ['CHECKPOINT', 'LEVEL', 'TIME', 'VIRTUAL', 'LOGICAL', 'ONLY HERE (STORED)', 'FLAGS'],
+              s.checkpoints.map((c) => [
+                `${c.vm}@${c.name}`,
+                c.level,
+                time(c.time),
+                bytes(c.virtualSize),
+                bytes(c.logicalBytes),
+                bytes(c.uniqueStoredBytes),
+                [c.protected ? 'protected' : '', c.damaged ? 'DAMAGED' : ''].filter(Boolean).join(',') || '-',
+              ]),
+            ),
+          );
+        }
+      });
+    });
+}
+
+/** `repair --manifests`: write the manifest of each complete checkpoint that has none. */
+function writeMissingManifests(repo: Repository): string[] {
+  repo.lockWriter('repair --manifests');
+  try {
+    const rows = repo.db
+      .prepare(
+        "SELECT c.id, c.uid, c.name, v.name AS vm FROM checkpoints c JOIN vms v ON v.id = c.vm_id WHERE c.state = 'complete' ORDER BY c.id",
+      )
+      .all() as { id: number; uid: string; name: string; vm: string }[];
+    const written: string[] = [];
+    for (const r of rows) {
+      if (fs.existsSync(manifestPath(repo.dir, r.uid))) continue;
+      rewriteManifest(repo, r.id);
+      written.push(`${r.vm}@${r.name}`);
+    }
+    return written;
+  } finally {
+    repo.unlockWriter();
+  }
+}

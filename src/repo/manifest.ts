@@ -1,0 +1,503 @@
+/**
+ * Checkpoint manifests: what it takes to rebuild the index without the index.
+ *
+ * Every committed checkpoint has `manifests/<uid>.json.zst` (zstd-compressed JSON, format in
+ * FORMAT.md, "Manifests"): its catalogue row (VM, name, level, times, statistics, parent/base/chain
+ * by id, uid and name, libvirt checkpoint, protected), its configurations, its disks and each disk's
+ * complete block map as the index holds it (extents with chunk HASHES, not chunk ids, so the map
+ * survives chunk renumbering by gc and by a rebuild). With the packs, which describe their chunks,
+ * the manifests are enough to recreate `index.db` (`rebuild.ts`).
+ *
+ * Commit order (`commitCheckpoint`, called by the backup engine once every pack is sealed): the
+ * manifest is written to a temp file, fsynced, renamed and its directory fsynced; only then does
+ * one transaction flip the checkpoint to `complete`. A crash in between leaves a manifest of a
+ * `running` checkpoint, which the next writer deletes (before the rows, see `Repository.recover`).
+ *
+ * Forget order (`forget.ts`): a journal `manifests/forget-<random>.json` listing the checkpoints is
+ * made durable first, then the index transaction runs, then the manifests are deleted, then the
+ * journal. An index rebuild skips every checkpoint a journal names, so a leftover manifest never
+ * resurrects a forgotten checkpoint; the next writer finishes (or, if the transaction never ran,
+ * drops) each journal it finds (`finishForgetJournals`).
+ *
+ * Size and memory: about 5 numbers per extent plus 32 bytes per distinct chunk before compression;
+ * a checkpoint of 1 GiB of allocated data (4096 chunks of 256 KiB) gives about 150 KiB
+ * compressed. The whole manifest is built in memory (a few MB for a 100 GiB disk).
+ * Locking: written under the writer lock, except `rewriteManifest` (protect/unprotect), which only
+ * ever replaces a file atomically with the same map.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import type Database from 'better-sqlite3';
+import { compress, decompress } from 'zstd-napi';
+import { BkfsError } from '../errors';
+import type { Repository } from './repository';
+import { crashPoint } from './repository';
+import { healDamagedChunks } from './gc';
+
+export const MANIFEST_DIR = 'manifests';
+export const MANIFEST_MAGIC = 'bkfs-manifest';
+export const MANIFEST_VERSION = 1;
+const MANIFEST_SUFFIX = '.json.zst';
+const JOURNAL_PREFIX = 'forget-';
+
+/** A link to another checkpoint: id and uid (stable), name (for people). */
+export interface ManifestRef {
+  id: number;
+  uid: string | null;
+  name: string | null;
+}
+
+export interface ManifestDisk {
+  id: number;
+  name: string;
+  virtualSize: number;
+  source: string | null;
+  format: string | null;
+  bitmap: string | null;
+  bytesRead: number;
+  bytesZero: number;
+  /**
+   * The disk's block map, 5 numbers per extent, in offset order:
+   * gap (offset minus the previous extent's end), length, hash index (-1 = zeros), chunk offset,
+   * origin index.
+   */
+  extents: number[];
+}
+
+export interface Manifest {
+  magic: typeof MANIFEST_MAGIC;
+  version: number;
+  repo: string;
+  vm: { name: string; created: number };
+  checkpoint: {
+    id: number;
+    uid: string;
+    name: string;
+    level: string;
+    started: number;
+    finished: number | null;
+    bytesRead: number;
+    bytesNewRaw: number;
+    bytesNewStored: number;
+    chunksNew: number;
+    libvirtCheckpoint: string | null;
+    protected: boolean;
+    parent: ManifestRef | null;
+    base: ManifestRef | null;
+    chain: ManifestRef;
+  };
+  configs: { name: string; data: string }[];
+  /** Chunk hashes (hex) that the extents refer to by index. */
+  hashes: string[];
+  /** Disks that wrote extents (`extents.origin`): disk id, its checkpoint uid and names if known. */
+  origins: {
+    disk: number;
+    checkpoint: string | null;
+    checkpointName: string | null;
+    diskName: string | null;
+  }[];
+  disks: ManifestDisk[];
+}
+
+export function manifestDir(repoDir: string): string {
+  return path.join(repoDir, MANIFEST_DIR);
+}
+
+export function manifestPath(repoDir: string, uid: string): string {
+  return path.join(manifestDir(repoDir), `${uid}${MANIFEST_SUFFIX}`);
+}
+
+/** Uids of every manifest file present. */
+export function listManifestUids(repoDir: string): string[] {
+  let names: string[];
+  try {
+    names = fs.readdirSync(manifestDir(repoDir));
+  } catch {
+    return [];
+  }
+  return names
+    .filter((n) => /^[0-9a-f]{32}\.json\.zst$/.test(n))
+    .map((n) => n.slice(0, -MANIFEST_SUFFIX.length))
+    .sort();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durable small-file helpers
+
+export function fsyncDirSync(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Write `data` to `file` atomically and durably (temp file, fsync, rename, fsync directory). */
+export function writeFileDurable(file: string, data: Buffer): void {
+  const tmp = `${file}.${process.pid}.tmp`;
+  const fd = fs.openSync(tmp, 'w');
+  try {
+    let off = 0;
+    while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+  fsyncDirSync(path.dirname(file));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building, writing, reading
+
+interface CheckpointRowX {
+  id: number;
+  uid: string;
+  vm_id: number;
+  name: string;
+  level: string;
+  state: string;
+  chain_id: number;
+  parent_id: number | null;
+  base_id: number | null;
+  started: number;
+  finished: number | null;
+  bytes_read: number;
+  bytes_new_raw: number;
+  bytes_new_stored: number;
+  chunks_new: number;
+  libvirt_checkpoint: string | null;
+  protected: number;
+}
+
+export interface ManifestOverrides {
+  finished?: number;
+  bytesRead?: number;
+  bytesNewRaw?: number;
+  bytesNewStored?: number;
+  chunksNew?: number;
+  /** Configurations not yet in the index (a commit in progress). */
+  configs?: { name: string; data: Buffer }[];
+}
+
+/** Build the manifest of checkpoint `cpId` from the index (plus `o` for a commit in progress). */
+export function buildManifest(
+  db: Database.Database,
+  repoId: string,
+  cpId: number,
+  o: ManifestOverrides = {},
+): Manifest {
+  const cp = db.prepare('SELECT * FROM checkpoints WHERE id = ?').get(cpId) as CheckpointRowX | undefined;
+  if (!cp) throw new BkfsError('NOT_FOUND', `checkpoint ${cpId} is not in the index`);
+  const vm = db.prepare('SELECT name, created FROM vms WHERE id = ?').get(cp.vm_id) as {
+    name: string;
+    created: number;
+  };
+  const refStmt = db.prepare('SELECT id, uid, name FROM checkpoints WHERE id = ?');
+  const ref = (id: number | null): ManifestRef | null => {
+    if (id === null) return null;
+    const r = refStmt.get(id) as { id: number; uid: string; name: string } | undefined;
+    return r ? { id, uid: r.uid, name: r.name } : { id, uid: null, name: null };
+  };
+  const configs =
+    o.configs ??
+    (db.prepare('SELECT name, data FROM configs WHERE checkpoint_id = ? ORDER BY name').all(cpId) as {
+      name: string;
+      data: Buffer;
+    }[]);
+  const hashes: string[] = [];
+  const hashIdx = new Map<string, number>();
+  const origins: Manifest['origins'] = [];
+  const originIdx = new Map<number, number>();
+  const originStmt = db.prepare(
+    `SELECT d.name AS diskName, c.uid AS uid, c.name AS cpName
+       FROM disks d JOIN checkpoints c ON c.id = d.checkpoint_id WHERE d.id = ?`,
+  );
+  const extStmt = db.prepare(
+    `SELECT e.offset AS offset, e.length AS length, e.chunk_id AS chunkId, e.chunk_off AS chunkOff,
+            e.origin AS origin, c.hash AS hash
+       FROM disk_pages dp JOIN extents e ON e.page_id = dp.page_id LEFT JOIN chunks c ON c.id = e.chunk_id
+      WHERE dp.disk_id = ? ORDER BY dp.page_no, e.offset`,
+  );
+  const diskRows = db.prepare('SELECT * FROM disks WHERE checkpoint_id = ? ORDER BY name').all(cpId) as {
+    id: number;
+    name: string;
+    virtual_size: number;
+    source: string | null;
+    format: string | null;
+    bitmap: string | null;
+    bytes_read: number;
+    bytes_zero: number;
+  }[];
+  const disks: ManifestDisk[] = diskRows.map((d) => {
+    const ext: number[] = [];
+    let prevEnd = 0;
+    for (const e of extStmt.iterate(d.id) as IterableIterator<{
+      offset: number;
+      length: number;
+      chunkId: number | null;
+      chunkOff: number;
+      origin: number;
+      hash: Buffer | null;
+    }>) {
+      let h = -1;
+      if (e.chunkId !== null) {
+        if (!e.hash)
+          throw new Error(`extent at ${e.offset} of disk ${d.id} references missing chunk ${e.chunkId}`);
+        const hex = e.hash.toString('hex');
+        h = hashIdx.get(hex) ?? -1;
+        if (h < 0) {
+          h = hashes.length;
+          hashes.push(hex);
+          hashIdx.set(hex, h);
+        }
+      }
+      let oi = originIdx.get(e.origin);
+      if (oi === undefined) {
+        const r = originStmt.get(e.origin) as { diskName: string; uid: string; cpName: string } | undefined;
+        oi = origins.length;
+        origins.push({
+          disk: e.origin,
+          checkpoint: r?.uid ?? null,
+          checkpointName: r?.cpName ?? null,
+          diskName: r?.diskName ?? null,
+        });
+        originIdx.set(e.origin, oi);
+      }
+      ext.push(e.offset - prevEnd, e.length, h, e.chunkOff, oi);
+      prevEnd = e.offset + e.length;
+    }
+    return {
+      id: d.id,
+      name: d.name,
+      virtualSize: d.virtual_size,
+      source: d.source,
+      format: d.format,
+      bitmap: d.bitmap,
+      bytesRead: d.bytes_read,
+      bytesZero: d.bytes_zero,
+      extents: ext,
+    };
+  });
+  return {
+    magic: MANIFEST_MAGIC,
+    version: MANIFEST_VERSION,
+    repo: repoId,
+    vm: { name: vm.name, created: vm.created },
+    checkpoint: {
+      id: cp.id,
+      uid: cp.uid,
+      name: cp.name,
+      level: cp.level,
+      started: cp.started,
+      finished: o.finished ?? cp.finished,
+      bytesRead: o.bytesRead ?? cp.bytes_read,
+      bytesNewRaw: o.bytesNewRaw ?? cp.bytes_new_raw,
+      bytesNewStored: o.bytesNewStored ?? cp.bytes_new_stored,
+      chunksNew: o.chunksNew ?? cp.chunks_new,
+      libvirtCheckpoint: cp.libvirt_checkpoint,
+      protected: cp.protected === 1,
+      parent: ref(cp.parent_id),
+      base: ref(cp.base_id),
+      chain: ref(cp.chain_id) ?? { id: cp.chain_id, uid: null, name: null },
+    },
+    configs: configs.map((c) => ({ name: c.name, data: c.data.toString('base64') })),
+    hashes,
+    origins,
+    disks,
+  };
+}
+
+export function encodeManifest(m: Manifest): Buffer {
+  return compress(Buffer.from(JSON.stringify(m)), { compressionLevel: 3 });
+}
+
+export function decodeManifest(data: Buffer, where: string): Manifest {
+  let m: Manifest;
+  try {
+    m = JSON.parse(decompress(data).toString('utf8')) as Manifest;
+  } catch (e) {
+    throw new BkfsError('DATA_DAMAGED', `manifest ${where} cannot be read: ${(e as Error).message}`);
+  }
+  if (m?.magic !== MANIFEST_MAGIC || typeof m.checkpoint?.uid !== 'string' || !Array.isArray(m.disks)) {
+    throw new BkfsError('DATA_DAMAGED', `${where} is not a bkfs manifest`);
+  }
+  if (m.version > MANIFEST_VERSION) {
+    throw new BkfsError('REPO_VERSION', `manifest ${where} has version ${m.version}; upgrade bkfs`);
+  }
+  for (const d of m.disks) {
+    if (!Array.isArray(d.extents) || d.extents.length % 5 !== 0) {
+      throw new BkfsError('DATA_DAMAGED', `manifest ${where}: disk ${d.name} has a malformed block map`);
+    }
+  }
+  return m;
+}
+
+export function readManifest(repoDir: string, uid: string): Manifest {
+  const p = manifestPath(repoDir, uid);
+  return decodeManifest(fs.readFileSync(p), p);
+}
+
+export function writeManifest(repoDir: string, m: Manifest): void {
+  fs.mkdirSync(manifestDir(repoDir), { recursive: true });
+  writeFileDurable(manifestPath(repoDir, m.checkpoint.uid), encodeManifest(m));
+}
+
+export function removeManifest(repoDir: string, uid: string): void {
+  fs.rmSync(manifestPath(repoDir, uid), { force: true });
+}
+
+/** Rewrite a committed checkpoint's manifest from the index (after protect/unprotect, repair). */
+export function rewriteManifest(repo: Repository, cpId: number): void {
+  writeManifest(repo.dir, buildManifest(repo.db, repo.config.id, cpId));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commit of a backup
+
+export interface CommitInfo {
+  configs: { name: string; data: Buffer }[];
+  bytesRead: number;
+  bytesNewRaw: number;
+  bytesNewStored: number;
+  chunksNew: number;
+}
+
+/**
+ * Commit a `running` checkpoint whose chunks are all sealed and indexed: write its manifest
+ * durably, then in one transaction save its configurations and statistics, flip it to `complete`
+ * and re-point extents of damaged chunks that now have a good copy (`healDamagedChunks`). Throws
+ * CHAIN_BROKEN when the checkpoint it builds on was forgotten (and its rows removed) between the
+ * backup's planning and its taking of the writer lock: its map would then be incomplete.
+ */
+export function commitCheckpoint(repo: Repository, cpId: number, info: CommitInfo): void {
+  const db = repo.db;
+  const finished = Date.now();
+  const m = buildManifest(db, repo.config.id, cpId, { ...info, finished });
+  writeManifest(repo.dir, m);
+  crashPoint('backup-after-manifest');
+  try {
+    db.transaction(() => {
+      const cp = db.prepare('SELECT base_id FROM checkpoints WHERE id = ?').get(cpId) as {
+        base_id: number | null;
+      };
+      if (cp.base_id !== null && !db.prepare('SELECT 1 FROM checkpoints WHERE id = ?').get(cp.base_id)) {
+        throw new BkfsError(
+          'CHAIN_BROKEN',
+          `checkpoint ${m.checkpoint.base?.name ?? cp.base_id}, which this backup builds on, was forgotten while it started: run the backup again`,
+        );
+      }
+      const insCfg = db.prepare('INSERT INTO configs (checkpoint_id, name, data) VALUES (?, ?, ?)');
+      for (const c of info.configs) insCfg.run(cpId, c.name, c.data);
+      db.prepare(
+        `UPDATE checkpoints SET state = 'complete', finished = ?, bytes_read = ?, bytes_new_raw = ?,
+                bytes_new_stored = ?, chunks_new = ? WHERE id = ?`,
+      ).run(finished, info.bytesRead, info.bytesNewRaw, info.bytesNewStored, info.chunksNew, cpId);
+      healDamagedChunks(db);
+    })();
+  } catch (e) {
+    removeManifest(repo.dir, m.checkpoint.uid);
+    throw e;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forget journals (tombstones)
+
+export interface ForgetJournal {
+  time: string;
+  checkpoints: { id: number; uid: string }[];
+}
+
+function journalFiles(repoDir: string): string[] {
+  let names: string[];
+  try {
+    names = fs.readdirSync(manifestDir(repoDir));
+  } catch {
+    return [];
+  }
+  return names
+    .filter((n) => n.startsWith(JOURNAL_PREFIX) && n.endsWith('.json'))
+    .map((n) => path.join(manifestDir(repoDir), n));
+}
+
+/** Durably record that these checkpoints are being forgotten; returns the journal's path. */
+export function writeForgetJournal(repoDir: string, checkpoints: { id: number; uid: string }[]): string {
+  fs.mkdirSync(manifestDir(repoDir), { recursive: true });
+  const file = path.join(manifestDir(repoDir), `${JOURNAL_PREFIX}${randomBytes(8).toString('hex')}.json`);
+  const j: ForgetJournal = { time: new Date().toISOString(), checkpoints };
+  writeFileDurable(file, Buffer.from(JSON.stringify(j)));
+  return file;
+}
+
+function readJournal(file: string): ForgetJournal | undefined {
+  try {
+    const j = JSON.parse(fs.readFileSync(file, 'utf8')) as ForgetJournal;
+    return Array.isArray(j.checkpoints) ? j : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Every checkpoint named by a forget journal (an index rebuild skips them). */
+export function forgottenInJournals(repoDir: string): { uids: Set<string>; maxId: number } {
+  const uids = new Set<string>();
+  let maxId = 0;
+  for (const f of journalFiles(repoDir)) {
+    for (const c of readJournal(f)?.checkpoints ?? []) {
+      uids.add(c.uid);
+      maxId = Math.max(maxId, c.id);
+    }
+  }
+  return { uids, maxId };
+}
+
+/**
+ * Finish what interrupted forgets left (runs under the writer lock): for each journal, delete the
+ * manifest of every listed checkpoint that is no longer `complete` in the index (the forget's
+ * transaction ran), keep the others (it did not), then delete the journal. Also removes temp
+ * files of processes that are gone.
+ */
+export function finishForgetJournals(repo: Repository): void {
+  const dir = manifestDir(repo.dir);
+  const files = journalFiles(repo.dir);
+  if (files.length > 0) {
+    const st = repo.db.prepare('SELECT state FROM checkpoints WHERE uid = ?');
+    for (const f of files) {
+      for (const c of readJournal(f)?.checkpoints ?? []) {
+        const row = st.get(c.uid) as { state: string } | undefined;
+        if (!row || row.state !== 'complete') removeManifest(repo.dir, c.uid);
+      }
+      fsyncDirSync(dir);
+      fs.rmSync(f, { force: true });
+    }
+  }
+  let names: string[] = [];
+  try {
+    names = fs.readdirSync(dir);
+  } catch {
+    return;
+  }
+  for (const n of names) {
+    const m = /\.(\d+)\.tmp$/.exec(n);
+    if (m && !pidAlive(Number(m[1]))) fs.rmSync(path.join(dir, n), { force: true });
+  }
+}
+
+/** Delete a forget journal once its manifests are gone (durably). */
+export function closeForgetJournal(repoDir: string, file: string): void {
+  fsyncDirSync(manifestDir(repoDir));
+  fs.rmSync(file, { force: true });
+}
+
+function pidAlive(pid: number): boolean {
+  if (pid === process.pid) return true;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

@@ -1,0 +1,240 @@
+/**
+ * `bkfs stats`: what the repository stores and what each VM and checkpoint costs.
+ *
+ * Definitions (bytes):
+ *   - logical: allocated data of a checkpoint's disks (non-zero extents of its block map), summed
+ *     over checkpoints: what restoring every checkpoint would produce, holes aside;
+ *   - raw: uncompressed size of the distinct chunks used; stored: their compressed size in packs;
+ *   - dedup ratio = logical / raw; compression ratio = raw / stored; total = logical / stored;
+ *   - unique (per checkpoint): chunks that no other checkpoint uses, i.e. about what forgetting
+ *     only that checkpoint and running gc would free; unique (per VM): chunks no other VM uses;
+ *   - packs: bytes of pack files on disk; reclaimable: pack bytes that are not live chunks (what gc
+ *     frees, once forgotten checkpoints are no longer pinned).
+ * Read-only, no lock. One pass over the page tables and the extents of the pages in use (pages
+ * shared by several checkpoints are read once). Memory: per-chunk counters (a few typed arrays
+ * indexed by chunk id) and the page -> chunks lists of the pages in use.
+ */
+import type { Repository } from './repository';
+import { PACK_HEADER_LEN, RECORD_HEADER_LEN } from '../store/packs';
+import { packFilesOnDisk } from './gc';
+
+export interface CheckpointStats {
+  vm: string;
+  name: string;
+  level: string;
+  time: number;
+  virtualSize: number;
+  logicalBytes: number;
+  /** Chunks of this checkpoint that no other checkpoint uses. */
+  uniqueChunks: number;
+  uniqueRawBytes: number;
+  uniqueStoredBytes: number;
+  protected: boolean;
+  damaged: boolean;
+}
+
+export interface Totals {
+  checkpoints: number;
+  logicalBytes: number;
+  chunks: number;
+  rawBytes: number;
+  storedBytes: number;
+  dedupRatio: number;
+  compressionRatio: number;
+  totalRatio: number;
+}
+
+export interface VmStats extends Totals {
+  vm: string;
+  /** Chunks that no other VM uses. */
+  uniqueStoredBytes: number;
+}
+
+export interface RepoStats {
+  repository: Totals & {
+    packs: number;
+    packBytes: number;
+    /** Stored bytes of chunks in the index (live or not yet collected). */
+    indexedStoredBytes: number;
+    /** Pack bytes that gc can free (dead chunks, and space of chunks already dropped). */
+    reclaimableBytes: number;
+  };
+  vms: VmStats[];
+  checkpoints: CheckpointStats[];
+}
+
+function ratio(a: number, b: number): number {
+  return b > 0 ? a / b : 0;
+}
+
+export function repositoryStats(repo: Repository, vmName?: string): RepoStats {
+  const db = repo.db;
+  const vms = db.prepare('SELECT id, name FROM vms ORDER BY name').all() as { id: number; name: string }[];
+  const vmName_ = new Map(vms.map((v) => [v.id, v.name]));
+  const cps = db
+    .prepare(
+      `SELECT id, vm_id AS vm, name, level, started, protected, damaged, state FROM checkpoints
+        WHERE state IN ('complete', 'forgotten') ORDER BY id`,
+    )
+    .all() as {
+    id: number;
+    vm: number;
+    name: string;
+    level: string;
+    started: number;
+    protected: number;
+    damaged: number;
+    state: string;
+  }[];
+  const chunkRows = db.prepare('SELECT id, raw_len AS raw, stored_len AS stored FROM chunks').all() as {
+    id: number;
+    raw: number;
+    stored: number;
+  }[];
+  let maxId = 0;
+  for (const c of chunkRows) maxId = Math.max(maxId, c.id);
+  const raw = new Float64Array(maxId + 1);
+  const stored = new Float64Array(maxId + 1);
+  for (const c of chunkRows) {
+    raw[c.id] = c.raw;
+    stored[c.id] = c.stored;
+  }
+
+  // Pages of each checkpoint, and logical bytes + chunks of each page in use.
+  const pagesOfCp = new Map<number, number[]>();
+  const pageInfo = new Map<number, { logical: number; chunks: number[] }>();
+  const pageStmt = db.prepare(
+    'SELECT dp.page_id AS p FROM disks d JOIN disk_pages dp ON dp.disk_id = d.id WHERE d.checkpoint_id = ?',
+  );
+  for (const cp of cps) {
+    const ps = (pageStmt.all(cp.id) as { p: number }[]).map((r) => r.p);
+    pagesOfCp.set(cp.id, ps);
+    for (const p of ps) if (!pageInfo.has(p)) pageInfo.set(p, { logical: 0, chunks: [] });
+  }
+  const extStmt = db.prepare(
+    'SELECT page_id AS p, length AS len, chunk_id AS c FROM extents WHERE chunk_id IS NOT NULL',
+  );
+  for (const e of extStmt.iterate() as IterableIterator<{ p: number; len: number; c: number }>) {
+    const pi = pageInfo.get(e.p);
+    if (!pi) continue;
+    pi.logical += e.len;
+    pi.chunks.push(e.c);
+  }
+
+  // Per chunk: how many checkpoints use it (and the last one), how many VMs (and the last one).
+  const cpCount = new Uint32Array(maxId + 1);
+  const vmCount = new Uint32Array(maxId + 1);
+  const vmLast = new Int32Array(maxId + 1).fill(-1);
+  const seen = new Int32Array(maxId + 1).fill(-1);
+  const cpChunks = new Map<number, number[]>();
+  const logicalOf = new Map<number, number>();
+  // Walk checkpoints VM by VM, so a chunk's VM count goes up exactly when a new VM uses it.
+  const byVm = [...cps].sort((a, b) => a.vm - b.vm || a.id - b.id);
+  for (const cp of byVm) {
+    const list: number[] = [];
+    let logical = 0;
+    for (const p of pagesOfCp.get(cp.id) ?? []) {
+      const pi = pageInfo.get(p)!;
+      logical += pi.logical;
+      for (const c of pi.chunks) {
+        if (c > maxId || seen[c] === cp.id) continue;
+        seen[c] = cp.id;
+        list.push(c);
+        cpCount[c]!++;
+        if (vmLast[c] !== cp.vm) {
+          vmCount[c]!++;
+          vmLast[c] = cp.vm;
+        }
+      }
+    }
+    cpChunks.set(cp.id, list);
+    logicalOf.set(cp.id, logical);
+  }
+
+  const diskSize = db.prepare(
+    'SELECT coalesce(sum(virtual_size), 0) AS n FROM disks WHERE checkpoint_id = ?',
+  );
+  const visible = cps.filter((c) => c.state === 'complete');
+  const wanted = (vmId: number): boolean => vmName === undefined || vmName_.get(vmId) === vmName;
+  const checkpoints: CheckpointStats[] = visible
+    .filter((c) => wanted(c.vm))
+    .map((cp) => {
+      let n = 0;
+      let r = 0;
+      let s = 0;
+      for (const c of cpChunks.get(cp.id)!) {
+        if (cpCount[c] === 1) {
+          n++;
+          r += raw[c]!;
+          s += stored[c]!;
+        }
+      }
+      return {
+        vm: vmName_.get(cp.vm) ?? '?',
+        name: cp.name,
+        level: cp.level,
+        time: cp.started,
+        virtualSize: (diskSize.get(cp.id) as { n: number }).n,
+        logicalBytes: logicalOf.get(cp.id) ?? 0,
+        uniqueChunks: n,
+        uniqueRawBytes: r,
+        uniqueStoredBytes: s,
+        protected: cp.protected === 1,
+        damaged: cp.damaged === 1,
+      };
+    });
+
+  const totals = (sel: typeof cps): Totals & { uniqueStored: number } => {
+    const set = new Set<number>();
+    let logical = 0;
+    for (const cp of sel) {
+      logical += logicalOf.get(cp.id) ?? 0;
+      for (const c of cpChunks.get(cp.id)!) set.add(c);
+    }
+    let r = 0;
+    let s = 0;
+    let u = 0;
+    for (const c of set) {
+      r += raw[c]!;
+      s += stored[c]!;
+      if (vmCount[c]! <= 1) u += stored[c]!;
+    }
+    return {
+      checkpoints: sel.length,
+      logicalBytes: logical,
+      chunks: set.size,
+      rawBytes: r,
+      storedBytes: s,
+      dedupRatio: ratio(logical, r),
+      compressionRatio: ratio(r, s),
+      totalRatio: ratio(logical, s),
+      uniqueStored: u,
+    };
+  };
+  const vmStats: VmStats[] = vms
+    .filter((v) => wanted(v.id))
+    .map((v) => {
+      const t = totals(visible.filter((c) => c.vm === v.id));
+      const { uniqueStored, ...rest } = t;
+      return { vm: v.name, ...rest, uniqueStoredBytes: uniqueStored };
+    });
+  const all = totals(visible);
+  const files = packFilesOnDisk(repo.dir);
+  const packBytes = files.reduce((a, f) => a + f.size, 0);
+  const indexedStored = chunkRows.reduce((a, c) => a + c.stored, 0);
+  // Live = chunks used by any checkpoint that still has rows (complete or pinned-forgotten).
+  let liveBytes = 0;
+  for (const c of chunkRows) if (cpCount[c.id]! > 0) liveBytes += RECORD_HEADER_LEN + c.stored;
+  const { uniqueStored: _u, ...repoTotals } = all;
+  return {
+    repository: {
+      ...repoTotals,
+      packs: files.length,
+      packBytes,
+      indexedStoredBytes: indexedStored,
+      reclaimableBytes: Math.max(0, packBytes - liveBytes - files.length * PACK_HEADER_LEN),
+    },
+    vms: vmStats,
+    checkpoints,
+  };
+}

@@ -1,0 +1,262 @@
+/**
+ * Decisions of a libvirt backup: disk selection, checkpoint names, the reconciliation of libvirt's
+ * checkpoints with the repository (every desync case), remote-URI refusal, virsh output.
+ */
+import { test } from 'node:test';
+import * as assert from 'node:assert/strict';
+import {
+  checkConnectUri,
+  incrementalDisks,
+  isBkfsSocket,
+  isLiveState,
+  isNoAgentError,
+  jobOperation,
+  libvirtCheckpointName,
+  libvirtPrefix,
+  nextCheckpointName,
+  ownCheckpointsToDelete,
+  reconcileProblem,
+  selectDisks,
+  virshError,
+  type ReconcileInput,
+} from '../../src/backup/libvirt-plan';
+import type { DomainDisk, LibvirtCheckpoint } from '../../src/backup/libvirt-xml';
+import { isBkfsError } from '../../src/errors';
+
+function disk(target: string, o: Partial<DomainDisk> = {}): DomainDisk {
+  return {
+    target,
+    device: 'disk',
+    type: 'file',
+    format: 'qcow2',
+    bus: 'scsi',
+    source: `/img/${target}.qcow2`,
+    readonly: false,
+    shareable: false,
+    transient: false,
+    ...o,
+  };
+}
+
+const DISKS = [
+  disk('sda'),
+  disk('sdb'),
+  disk('sdc', { format: 'raw', source: '/img/sdc.raw' }),
+  disk('hdc', { device: 'cdrom', source: null, readonly: true }),
+  disk('sdd', { readonly: true }),
+  disk('sde', { shareable: true }),
+  disk('vdn', { type: 'network', source: 'nbd:x' }),
+];
+
+const targets = (ds: DomainDisk[]) => ds.map((d) => d.target);
+
+test('selectDisks: full takes qcow2 and raw, skips cdrom, read-only and shareable with a reason', () => {
+  const s = selectDisks(DISKS, 'full', true);
+  assert.deepEqual(targets(s.selected), ['sda', 'sdb', 'sdc', 'vdn']);
+  assert.deepEqual(
+    s.skipped.map((x) => x.target),
+    ['hdc', 'sdd', 'sde'],
+  );
+  assert.match(s.skipped[0]!.reason, /cdrom/);
+  assert.match(s.skipped[1]!.reason, /read-only/);
+  assert.match(s.skipped[2]!.reason, /shareable/);
+});
+
+test('selectDisks: inc/diff skip raw disks (no bitmaps); offline skips network disks', () => {
+  const inc = selectDisks(DISKS, 'inc', true);
+  assert.deepEqual(targets(inc.selected), ['sda', 'sdb', 'vdn']);
+  assert.match(inc.skipped.find((x) => x.target === 'sdc')!.reason, /raw, which has no dirty bitmaps/);
+  const off = selectDisks(DISKS, 'full', false);
+  assert.deepEqual(targets(off.selected), ['sda', 'sdb', 'sdc']);
+  assert.match(off.skipped.find((x) => x.target === 'vdn')!.reason, /running domain/);
+});
+
+test('selectDisks: --disks and --exclude, comma lists, unknown and impossible names are errors', () => {
+  assert.deepEqual(targets(selectDisks(DISKS, 'full', true, { only: ['sdb,sda'] }).selected), ['sda', 'sdb']);
+  const ex = selectDisks(DISKS, 'full', true, { exclude: ['sdb', 'sdc'] });
+  assert.deepEqual(targets(ex.selected), ['sda', 'vdn']);
+  assert.deepEqual(
+    ex.skipped.filter((x) => x.reason === 'excluded').map((x) => x.target),
+    ['sdb', 'sdc'],
+  );
+  const usage = (re: RegExp) => (e: unknown) => isBkfsError(e, 'USAGE') && re.test((e as Error).message);
+  assert.throws(
+    () => selectDisks(DISKS, 'full', true, { only: ['vdz'] }),
+    usage(/no disk 'vdz'.*it has: sda/),
+  );
+  assert.throws(() => selectDisks(DISKS, 'full', true, { exclude: ['vdz'] }), usage(/no disk 'vdz'/));
+  assert.throws(
+    () => selectDisks(DISKS, 'full', true, { only: ['hdc'] }),
+    usage(/'hdc' cannot be backed up.*cdrom/),
+  );
+  assert.throws(() => selectDisks(DISKS, 'inc', true, { only: ['sdc'] }), usage(/'sdc' cannot.*level inc/));
+  assert.throws(
+    () => selectDisks([DISKS[3]!], 'full', true),
+    usage(/no disk of the domain can be backed up/),
+  );
+});
+
+test('incrementalDisks: the qcow2 disks; CHAIN_BROKEN when a named disk is raw or none is qcow2', () => {
+  assert.deepEqual(incrementalDisks(DISKS), ['sda', 'sdb', 'vdn']);
+  assert.deepEqual(incrementalDisks(DISKS, { exclude: ['sda'] }), ['sdb', 'vdn']);
+  const broken = (e: unknown) => isBkfsError(e, 'CHAIN_BROKEN') && /--level full$/.test((e as Error).message);
+  assert.throws(() => incrementalDisks(DISKS, { only: ['sda,sdc'] }), broken);
+  assert.throws(() => incrementalDisks([DISKS[2]!]), broken);
+});
+
+test('checkpoint names: own prefix, next name like the engine', () => {
+  assert.equal(libvirtCheckpointName('00aa', 'check3'), 'bkfs-00aa-check3');
+  assert.ok(libvirtCheckpointName('00aa', 'x').startsWith(libvirtPrefix('00aa')));
+  assert.equal(nextCheckpointName([]), 'check1');
+  assert.equal(nextCheckpointName(['check1', 'nightly', 'check9', 'check10x']), 'check10');
+});
+
+const P = libvirtPrefix('r1');
+function cp(
+  name: string,
+  t: number,
+  parent: string | null,
+  sizes: (number | null)[] = [0, 0],
+): LibvirtCheckpoint {
+  return {
+    name,
+    parent,
+    creationTime: t,
+    disks: [
+      { name: 'sda', checkpoint: 'bitmap', bitmap: name, size: sizes[0] ?? null },
+      { name: 'sdb', checkpoint: 'bitmap', bitmap: name, size: sizes[1] ?? null },
+      { name: 'sdc', checkpoint: 'no', bitmap: null, size: null },
+    ],
+  };
+}
+
+function input(over: Partial<ReconcileInput> = {}): ReconcileInput {
+  return {
+    domain: 'web',
+    parent: { name: 'check2', libvirtCheckpoint: `${P}check2`, disks: ['sda', 'sdb', 'sdc'] },
+    disks: ['sda', 'sdb'],
+    checkpoints: [cp(`${P}check1`, 100, null), cp(`${P}check2`, 200, `${P}check1`)],
+    prefix: P,
+    ...over,
+  };
+}
+
+test('reconcile: agreement', () => {
+  assert.equal(reconcileProblem(input()), null);
+  // Our own later checkpoints (an orphan of a killed run, a later inc) and older foreign ones are fine.
+  const cps = [
+    cp('other-tool.0', 50, null),
+    cp(`${P}check1`, 100, 'other-tool.0'),
+    cp(`${P}check2`, 200, `${P}check1`),
+    cp(`${P}check3`, 300, `${P}check2`),
+  ];
+  assert.equal(reconcileProblem(input({ checkpoints: cps })), null);
+});
+
+test('reconcile: the parent has no libvirt checkpoint (taken offline or from images)', () => {
+  const p = reconcileProblem(input({ parent: { name: 'check2', libvirtCheckpoint: null, disks: ['sda'] } }));
+  assert.match(p!, /check2 has no libvirt checkpoint/);
+});
+
+test('reconcile: the libvirt checkpoint was deleted', () => {
+  const p = reconcileProblem(input({ checkpoints: [cp(`${P}check1`, 100, null)] }));
+  assert.match(p!, /libvirt checkpoint 'bkfs-r1-check2' of check2 is missing from domain 'web'/);
+});
+
+test('reconcile: a bitmap missing or broken (no size reported)', () => {
+  const p = reconcileProblem(
+    input({ checkpoints: [cp(`${P}check1`, 100, null), cp(`${P}check2`, 200, `${P}check1`, [0, null])] }),
+  );
+  assert.match(p!, /dirty bitmap 'bkfs-r1-check2' of disk 'sdb' is missing or broken/);
+});
+
+test('reconcile: a disk the checkpoint does not track, or that the parent does not have', () => {
+  assert.match(
+    reconcileProblem(input({ disks: ['sda', 'sdc'] }))!,
+    /'sdc' is not tracked by libvirt checkpoint/,
+  );
+  assert.match(
+    reconcileProblem(input({ parent: { name: 'check2', libvirtCheckpoint: `${P}check2`, disks: ['sda'] } }))!,
+    /disk 'sdb' is not in checkpoint check2/,
+  );
+});
+
+test('reconcile: a checkpoint made by another tool after ours (newer, or a descendant)', () => {
+  const newer = [
+    cp(`${P}check1`, 100, null),
+    cp(`${P}check2`, 200, `${P}check1`),
+    cp('virtnbdbackup.0', 300, null),
+  ];
+  assert.match(
+    reconcileProblem(input({ checkpoints: newer }))!,
+    /checkpoint 'virtnbdbackup.0' of domain 'web' was made by another tool after bkfs's 'bkfs-r1-check2'/,
+  );
+  // Same second: cannot tell the order, so it counts as after.
+  const same = [cp(`${P}check2`, 200, null), cp('x', 200, null)];
+  assert.ok(reconcileProblem(input({ checkpoints: same })));
+  // A descendant with an odd clock.
+  const child = [cp(`${P}check2`, 200, null), cp('x', 10, `${P}check2`)];
+  assert.ok(reconcileProblem(input({ checkpoints: child })));
+  // An ancestor is before ours, whatever the clock says.
+  const ancestor = [cp('x', 200, null), cp(`${P}check2`, 200, 'x')];
+  assert.equal(reconcileProblem(input({ checkpoints: ancestor })), null);
+  // Another bkfs repository is another tool too.
+  const otherRepo = [cp(`${P}check2`, 200, null), cp(`${libvirtPrefix('r2')}check1`, 300, `${P}check2`)];
+  assert.ok(reconcileProblem(input({ checkpoints: otherRepo })));
+});
+
+test('ownCheckpointsToDelete: only this repository, only those not kept', () => {
+  const names = [`${P}check1`, `${P}check2`, `${P}check3`, 'virtnbdbackup.0', `${libvirtPrefix('r2')}check1`];
+  assert.deepEqual(ownCheckpointsToDelete(names, P, new Set([`${P}check2`])), [`${P}check1`, `${P}check3`]);
+  // bkfs-r1- must not match bkfs-r10-...
+  assert.deepEqual(ownCheckpointsToDelete([`${libvirtPrefix('r10')}check1`], P, new Set()), []);
+});
+
+test('checkConnectUri: local QEMU only', () => {
+  for (const ok of [
+    undefined,
+    'qemu:///system',
+    'qemu:///session',
+    'qemu+unix:///system',
+    'QEMU:///system',
+  ]) {
+    assert.doesNotThrow(() => checkConnectUri(ok, {}));
+  }
+  const usage = (re: RegExp) => (e: unknown) => isBkfsError(e, 'USAGE') && re.test((e as Error).message);
+  assert.throws(
+    () => checkConnectUri('qemu+ssh://host/system', {}),
+    usage(/remote libvirt hosts are not supported/),
+  );
+  assert.throws(() => checkConnectUri('qemu+tcp://host/system', {}), usage(/remote/));
+  assert.throws(() => checkConnectUri('qemu://host/system', {}), usage(/remote/));
+  assert.throws(() => checkConnectUri('xen:///system', {}), usage(/QEMU domains only/));
+  assert.throws(() => checkConnectUri('system', {}), usage(/not a libvirt URI/));
+  // The environment's default counts when --connect is not given.
+  assert.throws(
+    () => checkConnectUri(undefined, { LIBVIRT_DEFAULT_URI: 'qemu+ssh://h/system' }),
+    usage(/remote/),
+  );
+});
+
+test('virsh output: job info, domain state, agent errors, error lines, bkfs sockets', () => {
+  assert.equal(jobOperation('Job type:         None        \n\n'), null);
+  assert.equal(
+    jobOperation(
+      'Job type:         Unbounded   \nOperation:        Backup      \nTime elapsed:     162 ms\n',
+    ),
+    'Backup',
+  );
+  assert.ok(isLiveState('running\n'));
+  assert.ok(isLiveState('paused'));
+  assert.ok(!isLiveState('shut off\n'));
+  assert.ok(isNoAgentError('error: argument unsupported: QEMU guest agent is not configured'));
+  assert.ok(isNoAgentError('error: Guest agent is not responding: QEMU guest agent is not connected'));
+  assert.ok(!isNoAgentError('error: Unable to freeze filesystems: Input/output error'));
+  assert.equal(
+    virshError('error: Failed to delete checkpoint x\nerror: internal error: bitmap not found\n'),
+    'Failed to delete checkpoint x: internal error: bitmap not found',
+  );
+  assert.ok(isBkfsSocket('/var/tmp/bkfs-pull-a1B2c3/nbd.sock'));
+  assert.ok(!isBkfsSocket('/var/tmp/other/nbd.sock'));
+  assert.ok(!isBkfsSocket(null));
+});
