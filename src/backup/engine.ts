@@ -130,18 +130,23 @@ export function chainPlan(repo: Repository, vmName: string, level: Level): Plan 
   return { level, base, parent: level === 'inc' ? base : chainFull, chainFull };
 }
 
+/** The default name of a VM's next checkpoint (check1, check2, ...), given every name it has. */
+export function nextCheckpointNameOf(existing: readonly string[]): string {
+  let max = 0;
+  for (const n of existing) {
+    const m = /^check(\d+)$/.exec(n);
+    if (m) max = Math.max(max, Number(m[1]));
+  }
+  return `check${max + 1}`;
+}
+
 function nextCheckpointName(repo: Repository, vmName: string): string {
   const vm = findVm(repo.db, vmName);
   if (!vm) return 'check1';
   const rows = repo.db.prepare('SELECT name FROM checkpoints WHERE vm_id = ?').all(vm.id) as {
     name: string;
   }[];
-  let max = 0;
-  for (const r of rows) {
-    const m = /^check(\d+)$/.exec(r.name);
-    if (m) max = Math.max(max, Number(m[1]));
-  }
-  return `check${max + 1}`;
+  return nextCheckpointNameOf(rows.map((r) => r.name));
 }
 
 async function planDisks(repo: Repository, opts: BackupOptions, plan: Plan): Promise<DiskPlan[]> {

@@ -23,14 +23,7 @@ export function libvirtCheckpointName(repoId: string, checkpoint: string): strin
 }
 
 /** The name `runBackup` would give the next checkpoint (check1, check2, ...), given all names. */
-export function nextCheckpointName(existing: readonly string[]): string {
-  let max = 0;
-  for (const n of existing) {
-    const m = /^check(\d+)$/.exec(n);
-    if (m) max = Math.max(max, Number(m[1]));
-  }
-  return `check${max + 1}`;
-}
+export { nextCheckpointNameOf as nextCheckpointName } from './engine';
 
 /** Name of the private directory of a pull-mode job (socket, scratch files), and its socket. */
 export const SOCKET_DIR_PREFIX = 'bkfs-pull-';
