@@ -14,6 +14,7 @@ import { registerInit } from './commands/init';
 import { registerVerify } from './commands/verify';
 import { registerOptional } from './commands/optional';
 import { registerLifecycle } from './commands/lifecycle';
+import { registerRestore } from './commands/restore';
 
 function packageVersion(): string {
   const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '../../../package.json'), 'utf8')) as {
@@ -40,6 +41,7 @@ export function buildProgram(): Command {
   registerVerify(program);
   registerOptional(program);
   registerLifecycle(program);
+  registerRestore(program);
   program.addHelpText(
     'after',
     '\nAddresses: VM means its latest checkpoint, VM@NAME a checkpoint by name.\nExit codes: see README ("Exit codes").',
@@ -48,11 +50,13 @@ export function buildProgram(): Command {
 }
 
 export async function main(argv: string[]): Promise<void> {
-  // `bkfs list | head`: a closed pipe ends output quietly.
-  process.stdout.on('error', (e: NodeJS.ErrnoException) => {
-    if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
-    throw e;
-  });
+  // `bkfs list | head`, `bkfs backup ... 2>&1 | head`: a closed pipe silences output, not the work.
+  for (const stream of [process.stdout, process.stderr]) {
+    stream.on('error', (e: NodeJS.ErrnoException) => {
+      if (e.code === 'EPIPE') return; // the reader went away: keep working, stop talking
+      throw e;
+    });
+  }
   const program = buildProgram();
   try {
     await program.parseAsync(argv);

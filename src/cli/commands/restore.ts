@@ -1,0 +1,180 @@
+import type { Command } from 'commander';
+import { BkfsError } from '../../errors';
+import { runRestore, type FileFormat, type RestoreResult } from '../../restore/engine';
+import { runExport, type ExportResult } from '../../restore/export';
+import { bytes, duration, rate } from '../../util/format';
+import { ProgressBar } from '../progress';
+import { interruptSignal, note, out, parseIntOption, withRepo } from '../context';
+
+interface RestoreCliOptions {
+  to: string;
+  disk?: string;
+  format?: string;
+  since?: string;
+  force?: boolean;
+  define?: string;
+  concurrency?: string;
+  json?: boolean;
+}
+
+interface ExportCliOptions {
+  to: string;
+  disk?: string;
+  format: string;
+  force?: boolean;
+  json?: boolean;
+}
+
+function printRestore(r: RestoreResult): void {
+  const written = r.disks.reduce((n, d) => n + d.bytesWritten, 0);
+  const secs = Math.max(r.durationMs / 1000, 0.001);
+  const what = r.since ? `incremental restore from ${r.vm}@${r.since}` : 'restore';
+  out(`${r.vm}@${r.checkpoint}: ${what} of ${r.disks.length} disk(s) in ${duration(r.durationMs)}`);
+  for (const d of r.disks) {
+    const extra = r.since
+      ? `, ${bytes(d.bytesZeroed)} zeroed; ${d.pagesCompared ?? 0} map page(s) compared, ${d.pagesSkipped ?? 0} identical skipped`
+      : d.holes > 0
+        ? `, ${bytes(d.holes)} left as holes`
+        : `, ${bytes(d.bytesZeroed)} zeroed`;
+    out(
+      `  ${d.disk} -> ${d.target} (${d.format}, ${bytes(d.virtualSize)}): ${bytes(d.bytesWritten)} written${extra}, ${rate(d.bytesWritten / Math.max(d.durationMs / 1000, 0.001))}`,
+    );
+  }
+  out(`  total     ${bytes(written)} written in ${duration(r.durationMs)} (${rate(written / secs)})`);
+  for (const c of r.configs) out(`  config    ${c}`);
+  if (r.defined) out(`  defined libvirt domain '${r.defined}'`);
+  else if (r.domainXml)
+    out(`  domain XML for the restored disks: ${r.domainXml} (virsh define it, or use --define NAME)`);
+}
+
+function printExport(r: ExportResult): void {
+  out(`${r.vm}@${r.checkpoint}: exported as qcow2 chains into ${r.dir} in ${duration(r.durationMs)}`);
+  for (const d of r.disks) {
+    out(`  ${d.disk}: ${d.layers.length} layer(s), top ${d.top}`);
+    for (const l of d.layers) {
+      out(
+        `    ${l.checkpoint}.qcow2  ${bytes(l.bytesWritten)} data, ${bytes(l.bytesZeroed)} zeros${l.backing ? `, backing ${l.backing}` : ''}`,
+      );
+    }
+  }
+  for (const c of r.configs) out(`  config    ${c}`);
+}
+
+export function registerRestore(program: Command): void {
+  program
+    .command('restore')
+    .description('restore the disks of a checkpoint into files, qcow2 images or an NBD export')
+    .argument('<ref>', 'VM or VM@CHECKPOINT')
+    .requiredOption(
+      '-t, --to <target>',
+      'directory (all disks), file (with --disk), or nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH',
+    )
+    .option('-d, --disk <name>', 'restore only this disk (then --to is a file or an NBD URI)')
+    .option('-f, --format <format>', 'raw (sparse) or qcow2 (default: raw, or qcow2 for a FILE.qcow2)')
+    .option('--since <ref>', 'the target already holds VM@CHECKPOINT: write only what differs')
+    .option('--force', 'replace existing target files (and an existing libvirt domain with --define)')
+    .option('--define <name>', 'define the restored VM in libvirt under this name (needs a saved domain.xml)')
+    .option('--concurrency <n>', 'writes in flight (default 8)')
+    .option('--json', 'machine-readable summary')
+    .addHelpText(
+      'after',
+      `
+Without --disk, every disk is written to DIR/<disk>.raw (or .qcow2) together with the saved
+configuration files; a saved libvirt domain.xml is rewritten to use the restored files
+(DIR/domain.xml; the saved one is DIR/domain.orig.xml). Files are written as FILE.bkfs-partial and
+renamed when complete. Every chunk is checked against its BLAKE3 hash as it is read.
+
+Examples:
+  bkfs restore web@check3 --to /srv/restore/web
+  bkfs restore web --disk vda --to /var/lib/libvirt/images/web-vda.qcow2
+  bkfs restore web@check5 --disk vda --to web-vda.raw --since web@check3
+  bkfs restore web --disk vda --to 'nbd+unix:///?socket=/run/web-vda.sock'
+  bkfs restore web --to /var/lib/libvirt/images/web2 --format qcow2 --define web2`,
+    )
+    .action(async (ref: string, opts: RestoreCliOptions, cmd: Command) => {
+      if (opts.format !== undefined && opts.format !== 'raw' && opts.format !== 'qcow2') {
+        throw new BkfsError('USAGE', `--format must be raw or qcow2, got '${opts.format}'`);
+      }
+      const concurrency =
+        opts.concurrency !== undefined ? parseIntOption('--concurrency', opts.concurrency) : undefined;
+      if (concurrency === 0) throw new BkfsError('USAGE', '--concurrency must be at least 1');
+      const bar = new ProgressBar(`restore ${ref}`);
+      const intr = interruptSignal();
+      try {
+        const res = await withRepo(cmd, (repo) =>
+          runRestore(repo, {
+            ref,
+            to: opts.to,
+            ...(opts.disk !== undefined ? { disk: opts.disk } : {}),
+            ...(opts.format !== undefined ? { format: opts.format as FileFormat } : {}),
+            ...(opts.since !== undefined ? { since: opts.since } : {}),
+            ...(opts.define !== undefined ? { define: opts.define } : {}),
+            ...(concurrency !== undefined ? { concurrency } : {}),
+            force: opts.force ?? false,
+            signal: intr.signal,
+            onProgress: (p) => bar.update(p.done, p.total),
+            onNotice: (m) => {
+              bar.done();
+              note(m);
+            },
+          }),
+        );
+        bar.done();
+        if (opts.json) out(JSON.stringify(res, null, 2));
+        else printRestore(res);
+      } finally {
+        bar.done();
+        intr.dispose();
+      }
+    });
+
+  program
+    .command('export')
+    .description('export a checkpoint as a qcow2 backing chain (one layer per checkpoint of its chain)')
+    .argument('<ref>', 'VM or VM@CHECKPOINT')
+    .requiredOption('-t, --to <dir>', 'directory: DIR/<disk>/<checkpoint>.qcow2')
+    .option('-f, --format <format>', 'qcow2-chain', 'qcow2-chain')
+    .option('-d, --disk <name>', 'export only this disk')
+    .option('--force', 'replace existing layer files')
+    .option('--json', 'machine-readable summary')
+    .addHelpText(
+      'after',
+      `
+Each layer holds only its own checkpoint's changes and names the layer below by a relative path
+(qemu-img create -b <previous>.qcow2 -F qcow2), so the directory can be moved. qemu-img convert
+DIR/<disk>/<checkpoint>.qcow2 reads the disk as of that checkpoint.
+
+Example:
+  bkfs export web@check4 --format qcow2-chain --to /srv/export/web`,
+    )
+    .action(async (ref: string, opts: ExportCliOptions, cmd: Command) => {
+      if (opts.format !== 'qcow2-chain') {
+        throw new BkfsError('USAGE', `--format must be qcow2-chain, got '${opts.format}'`);
+      }
+      const bar = new ProgressBar(`export ${ref}`);
+      const intr = interruptSignal();
+      try {
+        const res = await withRepo(cmd, (repo) =>
+          runExport(repo, {
+            ref,
+            to: opts.to,
+            format: 'qcow2-chain',
+            ...(opts.disk !== undefined ? { disk: opts.disk } : {}),
+            force: opts.force ?? false,
+            signal: intr.signal,
+            onProgress: (p) => bar.update(p.done, p.total),
+            onNotice: (m) => {
+              bar.done();
+              note(m);
+            },
+          }),
+        );
+        bar.done();
+        if (opts.json) out(JSON.stringify(res, null, 2));
+        else printExport(res);
+      } finally {
+        bar.done();
+        intr.dispose();
+      }
+    });
+}
