@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 # Live libvirt backups (and their tests: a TCG domain booting the host's kernel) need libvirt and QEMU.
 PKGS=(qemu-utils libfuse2 fuse3 nbdkit libnbd-bin util-linux e2fsprogs xfsprogs gdisk fdisk parted dosfstools mtools
   python3 make g++ libvirt-daemon-system libvirt-clients qemu-system-x86 linux-image-amd64)
+# File-level restore (bkfs ls/cp/cat/find/diff): libguestfs and its appliance kernel; cryptsetup for tests.
+PKGS+=(libguestfs-tools libguestfs-xfs linux-image-amd64 cryptsetup-bin)
 PKGS+=(${BKFS_EXTRA_PACKAGES:-})
 
 missing=()

@@ -48,6 +48,8 @@ export type ErrorCode =
   | 'MOUNT_FAILED'
   /** A protected checkpoint cannot be forgotten (unprotect it first). */
   | 'PROTECTED'
+  /** No filesystem bkfs can open: none found, LUKS-encrypted, or not mountable by the engine. */
+  | 'FS_UNSUPPORTED'
   /** The work was interrupted by a signal. */
   | 'INTERRUPTED';
 

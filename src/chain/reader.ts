@@ -8,8 +8,12 @@
  *
  * Sequential access (a read starting where the previous one ended) triggers read-ahead: the next
  * `readAheadBytes` of chunks are loaded in the background, so `dd`/`cp`-style readers find them
- * decoded. Opening a reader costs one query for the checkpoint's disks, whatever the chain length
- * or disk size. A reader pins nothing on disk by itself: mounts hold their own repository handle,
+ * decoded. Access is noted when a read starts, not when it ends, so overlapping in-order requests
+ * (the kernel may keep more than one 128 KiB FUSE read in flight) still count as sequential.
+ * `readInto` fills a caller's buffer (the FUSE request buffer) without an extra copy; a failed read
+ * rejects only after every piece of it has settled, so nothing writes into the buffer afterwards.
+ * Opening a reader costs one query for the checkpoint's disks, whatever the chain length or disk
+ * size. A reader pins nothing on disk by itself: mounts hold their own repository handle,
  * and SQLite WAL snapshots keep the rows they read consistent.
  *
  * This module is the one read path: the FUSE layer, restore and verify all use it.
@@ -146,15 +150,34 @@ export class CheckpointReader {
   /** Read `length` bytes at `offset` of a disk; clipped at the disk's end. */
   async readAt(diskName: string, offset: number, length: number): Promise<Buffer> {
     const disk = this.disk(diskName);
-    if (offset < 0 || length < 0 || !Number.isSafeInteger(offset) || !Number.isSafeInteger(length)) {
-      throw new BkfsError('USAGE', `invalid read range ${offset}+${length}`);
-    }
+    checkRange(offset, length);
     const end = Math.min(offset + length, disk.virtual_size);
     if (end <= offset) return Buffer.alloc(0);
     const out = Buffer.alloc(end - offset);
-    await this.fill(disk, offset, end, out);
-    this.noteAccess(disk, offset, end);
+    await this.readRange(disk, offset, end, out);
     return out;
+  }
+
+  /**
+   * Read up to `target.length` bytes at `offset` of a disk into `target`; returns how many bytes
+   * were filled (clipped at the disk's end; 0 at or past it). Holes are zero-filled.
+   */
+  async readInto(diskName: string, offset: number, target: Buffer): Promise<number> {
+    const disk = this.disk(diskName);
+    checkRange(offset, target.length);
+    const end = Math.min(offset + target.length, disk.virtual_size);
+    if (end <= offset) return 0;
+    const out = target.subarray(0, end - offset);
+    out.fill(0);
+    await this.readRange(disk, offset, end, out);
+    return end - offset;
+  }
+
+  /** Fill the zeroed `out` with bytes [start, end) of `disk`, noting the access for read-ahead. */
+  private readRange(disk: DiskRow, start: number, end: number, out: Buffer): Promise<void> {
+    const done = this.fill(disk, start, end, out); // starts every load synchronously
+    this.noteAccess(disk, start, end);
+    return done;
   }
 
   private async fill(disk: DiskRow, start: number, end: number, out: Buffer): Promise<void> {
@@ -178,8 +201,13 @@ export class CheckpointReader {
         );
       }
     }
-    if (jobs.length === 1) await jobs[0];
-    else if (jobs.length > 1) await Promise.all(jobs);
+    if (jobs.length === 1) {
+      await jobs[0];
+    } else if (jobs.length > 1) {
+      // Wait for every piece before failing: no copy may land in `out` after the caller gave up.
+      const results = await Promise.allSettled(jobs);
+      for (const r of results) if (r.status === 'rejected') throw r.reason;
+    }
   }
 
   private noteAccess(disk: DiskRow, start: number, end: number): void {
@@ -206,6 +234,12 @@ export class CheckpointReader {
         }
       }
     }
+  }
+}
+
+function checkRange(offset: number, length: number): void {
+  if (offset < 0 || length < 0 || !Number.isSafeInteger(offset) || !Number.isSafeInteger(length)) {
+    throw new BkfsError('USAGE', `invalid read range ${offset}+${length}`);
   }
 }
 

@@ -28,5 +28,6 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   EXTERNAL_TOOL: 19,
   MOUNT_FAILED: 20,
   PROTECTED: 21,
+  FS_UNSUPPORTED: 22,
   INTERRUPTED: 130,
 };

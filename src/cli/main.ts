@@ -15,6 +15,8 @@ import { registerVerify } from './commands/verify';
 import { registerOptional } from './commands/optional';
 import { registerLifecycle } from './commands/lifecycle';
 import { registerRestore } from './commands/restore';
+import { registerMount } from './commands/mount';
+import { registerFiles } from './commands/files';
 
 function packageVersion(): string {
   const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '../../../package.json'), 'utf8')) as {
@@ -42,6 +44,8 @@ export function buildProgram(): Command {
   registerOptional(program);
   registerLifecycle(program);
   registerRestore(program);
+  registerMount(program);
+  registerFiles(program);
   program.addHelpText(
     'after',
     '\nAddresses: VM means its latest checkpoint, VM@NAME a checkpoint by name.\nExit codes: see README ("Exit codes").',

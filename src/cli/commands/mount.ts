@@ -1,0 +1,229 @@
+/**
+ * `bkfs mount [VM[@CP]] DIR` and `bkfs umount DIR`.
+ *
+ * By default `mount` checks its arguments, starts a detached daemon (this same program with
+ * `--foreground --ready-fd 3`), waits until the daemon reports the mount usable, prints what it
+ * mounted and exits 0; the daemon keeps serving and logs to a file next to its state file
+ * (src/fuse/state.ts). `--foreground` serves in this process and unmounts on Ctrl-C/SIGTERM.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { Option, type Command } from 'commander';
+import { BkfsError, errorMessage, isBkfsError } from '../../errors';
+import { parseCheckpointRef, resolveRef } from '../../index/catalog';
+import { DEFAULT_CACHE_BYTES } from '../../store/chunk-cache';
+import { bytes } from '../../util/format';
+import { prepareMountpoint, sendReady, serveMount, startDaemon, type MountedInfo } from '../../fuse/daemon';
+import { canonicalMountpoint, logPath, unmountPath } from '../../fuse/state';
+import { note, out, repoPath, withRepo } from '../context';
+import { mountFilesAction, umountFilesAction } from './files';
+
+interface MountCliOptions {
+  foreground?: boolean;
+  cacheSize: string;
+  mode: string;
+  readyFd?: string;
+  files?: boolean;
+  engine?: string;
+  guestfsTcg?: boolean;
+}
+
+const UNITS: Record<string, number> = { '': 1, K: 1 << 10, M: 1 << 20, G: 1 << 30, T: 2 ** 40 };
+
+/** "268435456", "256M", "256MiB", "1G", "1.5g" -> bytes. */
+export function parseSize(name: string, v: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$/i.exec(v);
+  const n = m ? Math.floor(Number(m[1]) * (UNITS[(m[2] ?? '').toUpperCase()] ?? NaN)) : NaN;
+  if (!Number.isSafeInteger(n) || n <= 0) {
+    throw new BkfsError('USAGE', `${name} takes a size such as 256M or 1G, got '${v}'`);
+  }
+  return n;
+}
+
+function parseMode(v: string): number {
+  if (!/^0?[0-7]{3}$/.test(v))
+    throw new BkfsError('USAGE', `--mode takes octal permission bits such as 0400 or 0444, got '${v}'`);
+  return parseInt(v, 8);
+}
+
+/** bin/bkfs of this installation: the daemon is this same program. */
+function bkfsBin(): string {
+  const bin = path.resolve(__dirname, '../../../../bin/bkfs');
+  if (!fs.existsSync(bin)) throw new BkfsError('MOUNT_FAILED', `cannot find the bkfs launcher at ${bin}`);
+  return bin;
+}
+
+function describeMount(info: MountedInfo, repoDir: string): void {
+  const what = info.ref ?? `repository ${repoDir}`;
+  out(`mounted ${what} on ${info.mountpoint} (daemon pid ${info.pid})`);
+  const width = Math.max(0, ...info.files.map((f) => f.name.length));
+  for (const f of info.files)
+    out(`  ${f.name.padEnd(width)}${info.mode === 'checkpoint' ? `  ${bytes(f.size)}` : ''}`);
+  if (info.files.length === 0) out('  (empty)');
+}
+
+/** Timestamped log lines for the daemon's log file (its stderr). */
+function daemonLogger(foreground: boolean): (line: string) => void {
+  if (foreground) return (line) => note(line);
+  return (line) => process.stderr.write(`${new Date().toISOString()} bkfs[${process.pid}]: ${line}\n`);
+}
+
+async function runForeground(
+  repoDir: string,
+  ref: string | undefined,
+  mountpoint: string,
+  cacheBytes: number,
+  fileMode: number,
+  readyFd: number | undefined,
+): Promise<void> {
+  const daemon = readyFd !== undefined;
+  const log = daemonLogger(!daemon);
+  const ac = new AbortController();
+  const onSignal = (sig: NodeJS.Signals) => {
+    if (ac.signal.aborted) return;
+    log(`${sig} received`);
+    ac.abort();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  // A detached daemon has no terminal to lose; in the foreground a hang-up ends the session.
+  if (daemon) process.on('SIGHUP', () => undefined);
+  else process.on('SIGHUP', onSignal);
+  let ready = false;
+  try {
+    await serveMount({
+      repoDir,
+      ...(ref !== undefined ? { ref } : {}),
+      mountpoint,
+      cacheBytes,
+      fileMode,
+      allowOther: process.getuid?.() === 0,
+      ...(daemon ? { logFile: logPath(mountpoint) } : {}),
+      log,
+      stop: ac.signal,
+      onReady: (info) => {
+        ready = true;
+        if (readyFd !== undefined) {
+          sendReady(readyFd, { ok: true, info });
+        } else {
+          describeMount(info, repoDir);
+          out(`serving in the foreground: Ctrl-C or 'bkfs umount ${mountpoint}' unmounts`);
+        }
+      },
+    });
+  } catch (e) {
+    if (readyFd !== undefined && !ready) {
+      sendReady(
+        readyFd,
+        isBkfsError(e)
+          ? { ok: false, code: e.code, message: e.message }
+          : { ok: false, code: 'INTERNAL', message: errorMessage(e) },
+      );
+    }
+    throw e;
+  } finally {
+    // fuse-native keeps a libuv handle after a mount: end the process once the action is done
+    // (after the CLI has reported any error and set the exit code).
+    setImmediate(() => process.exit());
+  }
+}
+
+export function registerMount(program: Command): void {
+  program
+    .command('mount')
+    .description('show a checkpoint (or the whole repository) as read-only raw disk files over FUSE')
+    .argument(
+      '<ref|dir>',
+      'VM or VM@CHECKPOINT to mount; or, alone, the mount point for the whole repository',
+    )
+    .argument('[dir]', 'mount point (an existing empty directory)')
+    .option('--foreground', 'serve in this process until Ctrl-C or SIGTERM (default: return once mounted)')
+    .option(
+      '--cache-size <size>',
+      'decoded chunk cache shared by all files, e.g. 256M, 1G',
+      `${DEFAULT_CACHE_BYTES >> 20}M`,
+    )
+    .option('--mode <octal>', 'permission bits of the files: 0400 owner only, 0444 every local user', '0400')
+    .addOption(new Option('--ready-fd <fd>', 'internal: report readiness on this fd (daemon)').hideHelp())
+    .option(
+      '--files',
+      'also mount the guest filesystems: DIR/disks/<disk>.raw and DIR/fs/<volume>/ (see bkfs ls --help)',
+    )
+    .option('--engine <engine>', 'with --files: auto, guestfs or kernel')
+    .option('--guestfs-tcg', 'with --files: libguestfs without KVM (force_tcg)')
+    .addHelpText(
+      'after',
+      `
+Files: DIR/<disk>.raw for every disk of the checkpoint (its virtual size, its exact bytes) and the
+saved configurations (e.g. domain.xml). Without VM, DIR/<vm>/<checkpoint>/<disk>.raw for the whole
+repository, with DIR/<vm>/latest -> newest checkpoint; new checkpoints appear while mounted.
+Everything is read-only. Partitions: losetup -r -o OFFSET --sizelimit SIZE DIR/vda.raw.
+
+Examples:
+  bkfs mount web@check3 /mnt/web && ls -l /mnt/web
+  bkfs mount /mnt/backups && ls /mnt/backups/web/latest/
+  bkfs umount /mnt/web`,
+    )
+    .action(async (first: string, second: string | undefined, opts: MountCliOptions, cmd: Command) => {
+      const ref = second === undefined ? undefined : first;
+      const mountpoint = canonicalMountpoint(second ?? first);
+      if (ref !== undefined) parseCheckpointRef(ref); // BAD_NAME before anything else
+      if (opts.files) {
+        if (ref === undefined) throw new BkfsError('USAGE', '--files needs VM[@CP] and a directory');
+        return mountFilesAction(cmd, ref, mountpoint, opts);
+      }
+      const cacheBytes = parseSize('--cache-size', opts.cacheSize);
+      const fileMode = parseMode(opts.mode);
+      const repoDir = path.resolve(repoPath(cmd));
+      if (opts.readyFd !== undefined || opts.foreground) {
+        const fd = opts.readyFd === undefined ? undefined : Number(opts.readyFd);
+        if (fd !== undefined && !Number.isInteger(fd))
+          throw new BkfsError('USAGE', '--ready-fd takes a number');
+        await runForeground(repoDir, ref, mountpoint, cacheBytes, fileMode, fd);
+        return;
+      }
+      // Check what can be checked here, so errors come with their own exit codes at once.
+      await withRepo(cmd, (repo) => {
+        if (ref !== undefined) resolveRef(repo.db, ref);
+      });
+      await prepareMountpoint(mountpoint, note);
+      const info = await startDaemon({
+        command: process.execPath,
+        args: [
+          bkfsBin(),
+          '-r',
+          repoDir,
+          'mount',
+          ...(ref !== undefined ? [ref] : []),
+          mountpoint,
+          '--foreground',
+          '--cache-size',
+          String(cacheBytes),
+          '--mode',
+          opts.mode,
+          '--ready-fd',
+          '3',
+        ],
+        logFile: logPath(mountpoint),
+      });
+      describeMount(info, repoDir);
+      out(`log: ${info.log ?? '-'}; unmount with: bkfs umount ${mountpoint}`);
+    });
+
+  program
+    .command('umount')
+    .alias('unmount')
+    .description('unmount a bkfs mount and stop its daemon (also cleans a mount whose daemon died)')
+    .argument('<dir>', 'mount point')
+    .option('-z, --lazy', 'detach now even if files are open (they fail once the daemon stops)')
+    .action(async (dir: string, opts: { lazy?: boolean }) => {
+      const mountpoint = canonicalMountpoint(dir);
+      if (await umountFilesAction(mountpoint, opts.lazy ?? false)) return;
+      const r = await unmountPath(mountpoint, { lazy: opts.lazy ?? false });
+      if (r.outcome === 'stale') {
+        out(`removed the stale mount at ${mountpoint} (its daemon${r.pid ? ` pid ${r.pid}` : ''} had died)`);
+      } else {
+        out(`unmounted ${mountpoint}`);
+      }
+    });
+}

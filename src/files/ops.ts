@@ -1,0 +1,343 @@
+/**
+ * The file-level commands as library calls (the CLI in `src/cli/commands/files.ts` only parses and
+ * prints): each opens a `FilesSession` over the checkpoints it needs, does its work and closes the
+ * session on every path. Progress and remarks go to `onNotice`; nothing here prints.
+ *
+ * Appliance launches: one per command (`find` over more checkpoints than fit in one appliance,
+ * `MAX_DRIVES` disks, uses one per group). Memory: `diff` holds two listings, `find` the matches.
+ */
+import type { Writable } from 'node:stream';
+import { BkfsError } from '../errors';
+import { getVm, listCheckpoints, resolveRef, type CheckpointRow, type VmRow } from '../index/catalog';
+import type { Repository } from '../repo/repository';
+import { parseFileAddress, type FileAddress } from './address';
+import type { EngineChoice } from './engine';
+import type { Layout } from './fstab';
+import { FilesSession, neighbours, type ListEntry, type SessionStats, type Target } from './session';
+import {
+  checksumCandidates,
+  diffListings,
+  fileHistory,
+  pathMatcher,
+  type DiffItem,
+  type FileEntry,
+  type HistoryRow,
+} from './tree';
+import type { DiskInfo, Volume } from './volumes';
+
+export interface FilesOptions {
+  engine?: EngineChoice;
+  guestfsTcg?: boolean;
+  onNotice?: (msg: string) => void;
+  signal?: AbortSignal;
+  /** Called with the session's statistics just before it closes. */
+  onStats?: (s: SessionStats) => void;
+}
+
+/** Disks of all checkpoints that one appliance gets at most (libguestfs allows a few hundred). */
+export const MAX_DRIVES = 64;
+
+async function withSession<T>(
+  repo: Repository,
+  vm: VmRow,
+  cps: readonly CheckpointRow[],
+  opts: FilesOptions,
+  fn: (s: FilesSession) => Promise<T>,
+): Promise<T> {
+  const sopts = {
+    ...(opts.engine ? { engine: opts.engine } : {}),
+    ...(opts.guestfsTcg ? { guestfsTcg: true } : {}),
+    ...(opts.onNotice ? { onNotice: opts.onNotice } : {}),
+    ...(opts.signal ? { signal: opts.signal } : {}),
+  };
+  const s = await FilesSession.open(repo, vm, cps, sopts);
+  let result: T;
+  try {
+    result = await fn(s);
+  } catch (e) {
+    await s.close().catch(() => undefined);
+    throw e;
+  }
+  opts.onStats?.(s.stats);
+  await s.close();
+  return result;
+}
+
+function diskCount(repo: Repository, cp: CheckpointRow): number {
+  const r = repo.db.prepare('SELECT COUNT(*) AS n FROM disks WHERE checkpoint_id = ?').get(cp.id) as {
+    n: number;
+  };
+  return Math.max(1, r.n);
+}
+
+/** Resolve an address to rows plus its target. */
+function target(repo: Repository, a: FileAddress): { vm: VmRow; cp: CheckpointRow; t: Target } {
+  const { vm, checkpoint } = resolveRef(repo.db, a.ref);
+  const t: Target = { checkpoint: checkpoint.name, path: a.path ?? '/' };
+  if (a.volume) t.volume = a.volume;
+  return { vm, cp: checkpoint, t };
+}
+
+/** A single-path command: the target checkpoint plus its neighbours (for "it exists in ..."). */
+async function withTarget<T>(
+  repo: Repository,
+  address: string,
+  opts: FilesOptions,
+  fn: (s: FilesSession, t: Target) => Promise<T>,
+): Promise<T> {
+  const a = parseFileAddress(address, { needPath: true });
+  const { vm, cp, t } = target(repo, a);
+  const all = listCheckpoints(repo.db, vm.id);
+  const cps = neighbours(all, all.find((c) => c.id === cp.id) ?? cp, (c) => diskCount(repo, c), MAX_DRIVES);
+  cps.sort((x, y) => x.id - y.id);
+  return withSession(repo, vm, cps, opts, (s) => fn(s, t));
+}
+
+export function listFiles(
+  repo: Repository,
+  address: string,
+  opts: FilesOptions,
+): Promise<{ vm: string; checkpoint: string; dir: boolean; path: string; entries: ListEntry[] }> {
+  return withTarget(repo, address, opts, async (s, t) => ({
+    vm: s.vm.name,
+    checkpoint: t.checkpoint,
+    ...(await s.list(t)),
+  }));
+}
+
+export function catFile(repo: Repository, address: string, out: Writable, opts: FilesOptions): Promise<void> {
+  return withTarget(repo, address, opts, (s, t) => s.cat(t, out));
+}
+
+export interface CopyResult {
+  vm: string;
+  checkpoint: string;
+  source: string;
+  dest: string;
+  kind: string;
+  action: string;
+  engine: string | null;
+}
+
+export function copyOut(
+  repo: Repository,
+  address: string,
+  dest: string,
+  copts: { recursive: boolean; force: boolean },
+  opts: FilesOptions,
+): Promise<CopyResult> {
+  return withTarget(repo, address, opts, async (s, t) => {
+    const r = await s.copy(t, dest, copts);
+    return {
+      vm: s.vm.name,
+      checkpoint: t.checkpoint,
+      source: r.source,
+      dest: r.final,
+      kind: r.kind,
+      action: r.action,
+      engine: s.engineName,
+    };
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// ls VM@CP: disks, volumes, layout
+
+export interface OverviewVolume {
+  id: string;
+  disk: string | null;
+  partition: number | null;
+  lv: string | null;
+  offset: number;
+  size: number;
+  type: string | null;
+  label: string | null;
+  uuid: string | null;
+  partType: string | null;
+  partLabel: string | null;
+  partUuid: string | null;
+  mountpoint: string | null;
+  note: string | null;
+}
+
+export interface Overview {
+  vm: string;
+  checkpoint: string;
+  engine: string | null;
+  disks: { name: string; size: number; table: string; partitions: number; warnings: string[] }[];
+  volumes: OverviewVolume[];
+  fstabFrom: string | null;
+  skipped: { mountpoint: string; spec: string; reason: string }[];
+}
+
+function overviewVolume(v: Volume, layout: Layout | null): OverviewVolume {
+  const mp = layout?.mounts.find((m) => m.volume.id === v.id)?.mountpoint ?? null;
+  const p = v.probe;
+  let note: string | null = null;
+  if (p?.type === 'crypto_LUKS') note = 'encrypted';
+  else if (p?.needsRecovery) note = 'journal not replayed';
+  else if (!p) note = 'no filesystem recognised';
+  return {
+    id: v.id,
+    disk: v.disk ?? null,
+    partition: v.partition ?? null,
+    lv: v.lv ? `${v.lv.vg}/${v.lv.lv}` : null,
+    offset: v.offset,
+    size: v.size,
+    type: p?.type ?? null,
+    label: p?.label ?? null,
+    uuid: p?.uuid ?? null,
+    partType: v.partType ?? null,
+    partLabel: v.partLabel ?? null,
+    partUuid: v.partUuid ?? null,
+    mountpoint: mp,
+    note,
+  };
+}
+
+export async function overview(repo: Repository, ref: string, opts: FilesOptions): Promise<Overview> {
+  const a = parseFileAddress(ref);
+  if (a.path !== undefined) throw new BkfsError('USAGE', 'overview takes VM[@CP] only');
+  const { vm, checkpoint } = resolveRef(repo.db, a.ref);
+  return withSession(repo, vm, [checkpoint], opts, async (s) => {
+    const layout = await s.layout(checkpoint.name);
+    const set = await s.volumes(checkpoint.name);
+    return {
+      vm: vm.name,
+      checkpoint: checkpoint.name,
+      engine: s.engineName,
+      disks: set.disks.map((d: DiskInfo) => ({
+        name: d.name,
+        size: d.size,
+        table: d.table.scheme,
+        partitions: d.table.partitions.filter((p) => !p.extended).length,
+        warnings: d.table.warnings ?? [],
+      })),
+      volumes: set.volumes.map((v) => overviewVolume(v, layout)),
+      fstabFrom: layout?.fstabFrom ?? null,
+      skipped: layout?.skipped ?? [],
+    };
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// find
+
+export interface FindResult {
+  vm: string;
+  checkpoints: string[];
+  /** Checkpoints in which the searched path itself does not exist. */
+  missing: string[];
+  matches: { path: string; history: HistoryRow[] }[];
+}
+
+/**
+ * Search file names (glob, see `pathMatcher`) in every checkpoint `scope` names: `VM` (all of its
+ * checkpoints) or `VM@CP`, optionally `:[VOLUME:]/path` to search below a path.
+ */
+export async function findFiles(
+  repo: Repository,
+  scope: string,
+  pattern: string,
+  opts: FilesOptions & { ignoreCase?: boolean },
+): Promise<FindResult> {
+  const a = parseFileAddress(scope);
+  const vm = getVm(repo.db, a.vm);
+  const cps = a.checkpoint ? [resolveRef(repo.db, a.ref).checkpoint] : listCheckpoints(repo.db, vm.id);
+  if (cps.length === 0) throw new BkfsError('NOT_FOUND', `VM '${vm.name}' has no checkpoints`);
+  const match = pathMatcher(pattern, opts.ignoreCase ?? false);
+  const per: { checkpoint: string; matches: Map<string, FileEntry> }[] = [];
+  const missing: string[] = [];
+  // One appliance per group of checkpoints that fits MAX_DRIVES.
+  let i = 0;
+  while (i < cps.length) {
+    const group: CheckpointRow[] = [];
+    let disks = 0;
+    while (i < cps.length) {
+      const c = cps[i] as CheckpointRow;
+      const n = diskCount(repo, c);
+      if (group.length > 0 && disks + n > MAX_DRIVES) break;
+      group.push(c);
+      disks += n;
+      i++;
+    }
+    await withSession(repo, vm, group, opts, async (s) => {
+      for (const c of group) {
+        const t: Target = { checkpoint: c.name, path: a.path ?? '/' };
+        if (a.volume) t.volume = a.volume;
+        const entries = await s.walk(t, match);
+        if (entries === null) missing.push(c.name);
+        per.push({ checkpoint: c.name, matches: new Map((entries ?? []).map((e) => [e.path, e])) });
+      }
+    });
+  }
+  const history = fileHistory(per);
+  return {
+    vm: vm.name,
+    checkpoints: cps.map((c) => c.name),
+    missing,
+    matches: [...history].map(([path, rows]) => ({ path, history: rows })),
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// diff
+
+export interface DiffResult {
+  vm: string;
+  from: string;
+  to: string;
+  path: string;
+  checksummed: number;
+  items: DiffItem[];
+}
+
+/**
+ * Files added, removed and changed between two checkpoints of one VM, below `path` (default '/').
+ * `checksum`: also compare the contents of files whose size and mtime are equal.
+ */
+export async function diffCheckpoints(
+  repo: Repository,
+  fromRef: string,
+  toRef: string,
+  guestPath: string | undefined,
+  opts: FilesOptions & { checksum?: boolean },
+): Promise<DiffResult> {
+  const a = parseFileAddress(fromRef);
+  const b = parseFileAddress(toRef);
+  const ra = target(repo, a);
+  const rb = target(repo, b);
+  if (ra.vm.id !== rb.vm.id)
+    throw new BkfsError('USAGE', `diff compares two checkpoints of one VM (${ra.vm.name} vs ${rb.vm.name})`);
+  const p = guestPath ?? a.path ?? b.path ?? '/';
+  const ta: Target = { ...ra.t, path: p };
+  const tb: Target = { ...rb.t, path: p };
+  if (!tb.volume && ta.volume) tb.volume = ta.volume;
+  if (!ta.volume && tb.volume) ta.volume = tb.volume;
+  const cps = ra.cp.id === rb.cp.id ? [ra.cp] : [ra.cp, rb.cp].sort((x, y) => x.id - y.id);
+  return withSession(repo, ra.vm, cps, opts, async (s) => {
+    const la = await s.walk(ta);
+    const lb = await s.walk(tb);
+    if (la === null && lb === null) {
+      throw new BkfsError(
+        'NOT_FOUND',
+        `${p} exists in neither ${ra.vm.name}@${ta.checkpoint} nor ${tb.checkpoint}`,
+      );
+    }
+    let checksums: { a: Map<string, string>; b: Map<string, string> } | undefined;
+    let checksummed = 0;
+    if (opts.checksum && la && lb) {
+      const cand = checksumCandidates(la, lb);
+      checksummed = cand.length;
+      checksums = { a: await s.checksums(ta, cand), b: await s.checksums(tb, cand) };
+    }
+    return {
+      vm: ra.vm.name,
+      from: ta.checkpoint,
+      to: tb.checkpoint,
+      path: p,
+      checksummed,
+      items: diffListings(la ?? [], lb ?? [], checksums),
+    };
+  });
+}
