@@ -41,7 +41,7 @@ import { BkfsError, isBkfsError } from '../errors';
 import type { Repository } from '../repo/repository';
 import { checkName, checkpointDisks, findVm, type Level } from '../index/catalog';
 import { processAlive } from '../util/proc';
-import { chainPlan, runBackup, type BackupProgress, type BackupResult, type DiskSpec } from './engine';
+import { chainPlan, runBackup, type BackupOptions, type BackupResult, type DiskSpec } from './engine';
 import {
   checkConnectUri,
   incrementalDisks,
@@ -75,15 +75,22 @@ import {
   type LibvirtCheckpoint,
 } from './libvirt-xml';
 
-export interface LibvirtBackupOptions {
-  /** VM name in the repository. */
-  vm: string;
+export interface LibvirtBackupOptions extends Pick<
+  BackupOptions,
+  | 'vm'
+  | 'level'
+  | 'checkpoint'
+  | 'onProgress'
+  | 'onNotice'
+  | 'signal'
+  | 'readSize'
+  | 'readConcurrency'
+  | 'workers'
+> {
   /** libvirt domain name (or UUID). */
   domain: string;
   /** libvirt URI; local QEMU only. Default: virsh's default. */
   connect?: string;
-  level: Level | 'auto';
-  checkpoint?: string;
   /** Back up only these disk targets (comma-separated lists allowed). */
   disks?: string[];
   /** Leave these disk targets out. */
@@ -94,12 +101,6 @@ export interface LibvirtBackupOptions {
   scratchDir?: string;
   /** More configuration files to save with the checkpoint (domain.xml is added). */
   configs?: { name: string; data: Buffer }[];
-  onProgress?: (p: BackupProgress) => void;
-  onNotice?: (msg: string) => void;
-  signal?: AbortSignal;
-  readSize?: number;
-  readConcurrency?: number;
-  workers?: number;
 }
 
 export interface LibvirtBackupResult extends BackupResult {

@@ -6,7 +6,7 @@ import type Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
 
 export type Level = 'full' | 'inc' | 'diff' | 'copy';
-export type CheckpointState = 'running' | 'complete' | 'failed';
+export type CheckpointState = 'running' | 'complete' | 'failed' | 'forgotten';
 
 export interface VmRow {
   id: number;
@@ -16,6 +16,8 @@ export interface VmRow {
 
 export interface CheckpointRow {
   id: number;
+  /** Random id naming the checkpoint's manifest (stable across index rebuilds). */
+  uid: string;
   vm_id: number;
   name: string;
   level: Level;

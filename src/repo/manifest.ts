@@ -31,6 +31,7 @@ import { randomBytes } from 'node:crypto';
 import type Database from 'better-sqlite3';
 import { compress, decompress } from 'zstd-napi';
 import { BkfsError } from '../errors';
+import type { CheckpointRow } from '../index/catalog';
 import type { Repository } from './repository';
 import { crashPoint } from './repository';
 import { healDamagedChunks } from './gc';
@@ -152,26 +153,6 @@ export function writeFileDurable(file: string, data: Buffer): void {
 // ---------------------------------------------------------------------------------------------
 // Building, writing, reading
 
-interface CheckpointRowX {
-  id: number;
-  uid: string;
-  vm_id: number;
-  name: string;
-  level: string;
-  state: string;
-  chain_id: number;
-  parent_id: number | null;
-  base_id: number | null;
-  started: number;
-  finished: number | null;
-  bytes_read: number;
-  bytes_new_raw: number;
-  bytes_new_stored: number;
-  chunks_new: number;
-  libvirt_checkpoint: string | null;
-  protected: number;
-}
-
 export interface ManifestOverrides {
   finished?: number;
   bytesRead?: number;
@@ -189,7 +170,7 @@ export function buildManifest(
   cpId: number,
   o: ManifestOverrides = {},
 ): Manifest {
-  const cp = db.prepare('SELECT * FROM checkpoints WHERE id = ?').get(cpId) as CheckpointRowX | undefined;
+  const cp = db.prepare('SELECT * FROM checkpoints WHERE id = ?').get(cpId) as CheckpointRow | undefined;
   if (!cp) throw new BkfsError('NOT_FOUND', `checkpoint ${cpId} is not in the index`);
   const vm = db.prepare('SELECT name, created FROM vms WHERE id = ?').get(cp.vm_id) as {
     name: string;

@@ -13,6 +13,10 @@
  * name differs from the saved one (libvirt makes a new one, so the copy never collides with the
  * original; redefining an existing domain with --force keeps that domain's UUID). Other disks (a cdrom, a disk bkfs did not back up) are left alone and reported.
  */
+import { escapeXml as escapeXmlAttr } from '../backup/libvirt-xml';
+
+/** Escape an attribute value (either quote): the same rules as the libvirt XML writer. */
+export { escapeXmlAttr };
 
 export interface DiskRewrite {
   path: string;
@@ -38,15 +42,6 @@ export interface XmlRewriteResult {
   untouched: string[];
   /** Restored disks that no `<disk>` element of the XML mentions. */
   missing: string[];
-}
-
-export function escapeXmlAttr(s: string): string {
-  return s
-    .replace(/&/g, '&amp;')
-    .replace(/</g, '&lt;')
-    .replace(/>/g, '&gt;')
-    .replace(/"/g, '&quot;')
-    .replace(/'/g, '&apos;');
 }
 
 function unescapeXml(s: string): string {
