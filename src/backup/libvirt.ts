@@ -39,7 +39,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { BkfsError, isBkfsError } from '../errors';
 import type { Repository } from '../repo/repository';
-import { checkName, checkpointDisks, findVm, type Level } from '../index/catalog';
+import { checkName, checkpointDisks, findVm } from '../index/catalog';
 import { processAlive } from '../util/proc';
 import { chainPlan, runBackup, type BackupOptions, type BackupResult, type DiskSpec } from './engine';
 import {
