@@ -67,6 +67,31 @@ async function main(): Promise<void> {
   bkfs('list', 'web');
   bkfs('info', 'web@check2');
 
+  step('what changed between the two checkpoints (file level)');
+  bkfs('diff', 'web@check1', 'web@check2');
+
+  step('get the old nginx.conf back from check1');
+  const restored = path.join(work, 'restored');
+  fs.mkdirSync(restored);
+  bkfs('cp', 'web@check1:/etc/nginx/nginx.conf', restored);
+  const same = fs.readFileSync(path.join(restored, 'nginx.conf')).equals(files[1]!.content);
+  process.stdout.write(
+    `  ${path.join(restored, 'nginx.conf')}: ${same ? 'identical to the original' : 'DIFFERS'}\n`,
+  );
+  if (!same) throw new Error('restored file differs');
+
+  step('mount check1 as a raw disk');
+  const mnt = path.join(work, 'mnt');
+  fs.mkdirSync(mnt);
+  bkfs('mount', 'web@check1', mnt);
+  try {
+    for (const f of fs.readdirSync(mnt)) {
+      process.stdout.write(`  ${path.join(mnt, f)}  ${fs.statSync(path.join(mnt, f)).size} bytes\n`);
+    }
+  } finally {
+    bkfs('umount', mnt);
+  }
+
   step('verify: re-read and re-hash every chunk');
   bkfs('verify', 'web');
 
