@@ -5,8 +5,9 @@
  * with the same hash (in the index, or written earlier by this backup) is reused; otherwise the
  * chunk is appended to the current pack. Chunk ids are allocated up front (the writer lock
  * guarantees a single writer), so page maps can reference a chunk before its pack is sealed. When a
- * pack reaches PACK_TARGET it is sealed (fsync + rename) and only then are its chunk rows inserted
- * in one transaction: an indexed chunk is always durable. The checkpoint that references chunks
+ * pack reaches PACK_TARGET it is sealed (fsync + rename) in the background while the next pack
+ * fills, and only then are its chunk rows inserted in one transaction: an indexed chunk is always
+ * durable. The checkpoint that references chunks
  * is committed after `finish()`, so it never points at data that is not on disk.
  *
  * `put()` calls are serialized internally; memory is the pending hash map of the current pack.
@@ -26,6 +27,9 @@ export interface ChunkStats {
 export class ChunkWriter {
   private pack: PackWriter | undefined;
   private pending = new Map<string, number>(); // hash hex -> chunk id, chunks of the open pack
+  /** Packs being sealed in the background, with their chunks (still found by dedup). */
+  private readonly sealing: { pending: Map<string, number>; done: Promise<void> }[] = [];
+  private sealError: unknown;
   private nextId: number;
   private chain: Promise<unknown> = Promise.resolve();
   private readonly findStmt: Database.Statement;
@@ -54,8 +58,9 @@ export class ChunkWriter {
   }
 
   private async putNow(hash: Buffer, codec: Codec, stored: Buffer, rawLen: number): Promise<number> {
+    if (this.sealError !== undefined) throw this.sealError;
     const key = hash.toString('hex');
-    const known = this.pending.get(key) ?? this.lookup(hash);
+    const known = this.pending.get(key) ?? this.sealingId(key) ?? this.lookup(hash);
     if (known !== undefined) {
       this.stats.dedupChunks++;
       this.stats.dedupBytes += rawLen;
@@ -68,8 +73,39 @@ export class ChunkWriter {
     this.stats.newChunks++;
     this.stats.newRawBytes += rawLen;
     this.stats.newStoredBytes += stored.length;
-    if (this.pack.size >= this.packTarget) await this.sealPack();
+    if (this.pack.size >= this.packTarget) await this.startSeal();
     return id;
+  }
+
+  private sealingId(key: string): number | undefined {
+    for (const s of this.sealing) {
+      const id = s.pending.get(key);
+      if (id !== undefined) return id;
+    }
+    return undefined;
+  }
+
+  /**
+   * Seal the open pack in the background (its fsync must not stall ingest) and start a new one.
+   * At most two seals run at once; `finish()` waits for all of them before the checkpoint commits.
+   */
+  private async startSeal(): Promise<void> {
+    const pack = this.pack;
+    if (!pack) return;
+    this.pack = undefined;
+    const pending = this.pending;
+    this.pending = new Map();
+    const entry = { pending, done: Promise.resolve() };
+    entry.done = this.sealPack(pack, pending).then(
+      () => {
+        this.sealing.splice(this.sealing.indexOf(entry), 1);
+      },
+      (e: unknown) => {
+        this.sealError ??= e;
+      },
+    );
+    this.sealing.push(entry);
+    if (this.sealing.length > 2) await this.sealing[0]!.done;
   }
 
   private lookup(hash: Buffer): number | undefined {
@@ -77,13 +113,8 @@ export class ChunkWriter {
     return r?.id;
   }
 
-  private async sealPack(): Promise<void> {
-    const pack = this.pack;
-    if (!pack) return;
-    this.pack = undefined;
+  private async sealPack(pack: PackWriter, pending: Map<string, number>): Promise<void> {
     await pack.seal();
-    const pending = this.pending;
-    this.pending = new Map();
     const insPack = this.db.prepare('INSERT INTO packs (name, size, created) VALUES (?, ?, ?)');
     const insChunk = this.db.prepare(
       'INSERT INTO chunks (id, hash, pack_id, offset, stored_len, raw_len, codec) VALUES (?, ?, ?, ?, ?, ?, ?)',
@@ -101,12 +132,15 @@ export class ChunkWriter {
   /** Seal the open pack; after this every chunk handed out is durable and indexed. */
   async finish(): Promise<void> {
     await this.chain;
-    await this.sealPack();
+    await this.startSeal();
+    await Promise.all(this.sealing.map((x) => x.done));
+    if (this.sealError !== undefined) throw this.sealError;
   }
 
   /** Drop the open pack (sealed packs stay: their chunks are indexed and valid). */
   async abort(): Promise<void> {
     await this.chain.catch(() => undefined);
+    await Promise.all(this.sealing.map((x) => x.done));
     const pack = this.pack;
     this.pack = undefined;
     this.pending.clear();
