@@ -2,6 +2,7 @@
 import type { Command } from 'commander';
 import { BkfsError } from '../errors';
 import { defaultRepoPath, Repository } from '../repo/repository';
+import { ProgressBar } from './progress';
 
 export function repoPath(cmd: Command): string {
   const opts = cmd.optsWithGlobals<{ repo?: string }>();
@@ -64,4 +65,33 @@ export function table(header: string[], rows: string[][]): string {
       .join('  ')
       .trimEnd();
   return [fmt(header), ...rows.map(fmt)].join('\n');
+}
+
+/** What a long-running command hands to core code: cancellation and progress/notice callbacks. */
+export interface LongJob {
+  signal: AbortSignal;
+  onProgress: (p: { done: number; total: number }) => void;
+  onNotice: (msg: string) => void;
+}
+
+/**
+ * Run a long job (backup, restore, export) with a progress bar on a terminal and SIGINT/SIGTERM
+ * turned into an abort; the bar is cleared before the caller prints its summary.
+ */
+export async function withLongJob<T>(label: string, fn: (job: LongJob) => Promise<T>): Promise<T> {
+  const bar = new ProgressBar(label);
+  const intr = interruptSignal();
+  try {
+    return await fn({
+      signal: intr.signal,
+      onProgress: (p) => bar.update(p.done, p.total),
+      onNotice: (m) => {
+        bar.done();
+        note(m);
+      },
+    });
+  } finally {
+    bar.done();
+    intr.dispose();
+  }
 }

@@ -12,8 +12,7 @@ import { backupLibvirt } from '../../backup/libvirt';
 import { sourceFor } from '../../backup/sources';
 import type { Level } from '../../index/catalog';
 import { bytes, duration, rate, ratio } from '../../util/format';
-import { ProgressBar } from '../progress';
-import { interruptSignal, note, out, withRepo } from '../context';
+import { out, withLongJob, withRepo } from '../context';
 
 const LEVELS = ['full', 'inc', 'diff', 'copy', 'auto'];
 
@@ -139,63 +138,47 @@ Examples:
         if (!fs.existsSync(file)) throw new BkfsError('USAGE', `configuration file ${file} does not exist`);
         return { name, data: fs.readFileSync(file) };
       });
-      const bar = new ProgressBar(`backup ${vm}`);
-      const intr = interruptSignal();
-      const common = {
-        vm,
-        level: opts.level as Level | 'auto',
-        ...(opts.checkpoint !== undefined ? { checkpoint: opts.checkpoint } : {}),
-        configs,
-        signal: intr.signal,
-        onProgress: (p: { done: number; total: number }) => bar.update(p.done, p.total),
-        onNotice: (m: string) => {
-          bar.done();
-          note(m);
-        },
-      };
-      try {
-        let res: BackupResult;
-        let diskCount = disks.length;
-        const extra: string[] = [];
-        if (opts.libvirt !== undefined) {
-          const domain = opts.libvirt;
-          const lv = await withRepo(cmd, (repo) =>
-            backupLibvirt(repo, {
-              ...common,
-              domain,
-              ...(opts.connect !== undefined ? { connect: opts.connect } : {}),
-              ...(opts.disks.length > 0 ? { disks: opts.disks } : {}),
-              ...(opts.exclude.length > 0 ? { exclude: opts.exclude } : {}),
-              freeze: opts.freeze,
-              ...(opts.scratchDir !== undefined ? { scratchDir: opts.scratchDir } : {}),
-            }),
-          );
-          res = lv;
-          diskCount = lv.disks.length;
-          extra.push(
-            `  libvirt   domain ${lv.domain}, disks ${lv.disks.join(', ')}, ${lv.consistency}` +
-              (lv.libvirtCheckpoint ? `, checkpoint ${lv.libvirtCheckpoint}` : ', no libvirt checkpoint'),
-          );
-        } else {
-          res = await withRepo(cmd, (repo) => runBackup(repo, { ...common, disks }));
+      const { res, diskCount, extra } = await withLongJob(`backup ${vm}`, async (job) => {
+        const common = {
+          vm,
+          level: opts.level as Level | 'auto',
+          ...(opts.checkpoint !== undefined ? { checkpoint: opts.checkpoint } : {}),
+          configs,
+          ...job,
+        };
+        if (opts.libvirt === undefined) {
+          const r: BackupResult = await withRepo(cmd, (repo) => runBackup(repo, { ...common, disks }));
+          return { res: r, diskCount: disks.length, extra: [] as string[] };
         }
-        bar.done();
-        const secs = res.durationMs / 1000;
-        const st = res.chunks;
-        out(
-          `${vm}@${res.checkpoint.name}: ${res.level} backup of ${diskCount} disk(s), ${bytes(res.virtualSize)} virtual`,
+        const domain = opts.libvirt;
+        const lv = await withRepo(cmd, (repo) =>
+          backupLibvirt(repo, {
+            ...common,
+            domain,
+            ...(opts.connect !== undefined ? { connect: opts.connect } : {}),
+            ...(opts.disks.length > 0 ? { disks: opts.disks } : {}),
+            ...(opts.exclude.length > 0 ? { exclude: opts.exclude } : {}),
+            freeze: opts.freeze,
+            ...(opts.scratchDir !== undefined ? { scratchDir: opts.scratchDir } : {}),
+          }),
         );
-        out(
-          `  read      ${bytes(res.bytesRead)} in ${duration(res.durationMs)} (${rate(res.bytesRead / Math.max(secs, 0.001))}), ${bytes(res.bytesZero)} zeros skipped`,
-        );
-        out(
-          `  new data  ${bytes(st.newRawBytes)} in ${st.newChunks} chunks, stored as ${bytes(st.newStoredBytes)} (compression ${ratio(st.newRawBytes, st.newStoredBytes)})`,
-        );
-        out(`  dedup     ${bytes(st.dedupBytes)} in ${st.dedupChunks} chunks already stored`);
-        for (const l of extra) out(l);
-      } finally {
-        bar.done();
-        intr.dispose();
-      }
+        const line =
+          `  libvirt   domain ${lv.domain}, disks ${lv.disks.join(', ')}, ${lv.consistency}` +
+          (lv.libvirtCheckpoint ? `, checkpoint ${lv.libvirtCheckpoint}` : ', no libvirt checkpoint');
+        return { res: lv, diskCount: lv.disks.length, extra: [line] };
+      });
+      const secs = res.durationMs / 1000;
+      const st = res.chunks;
+      out(
+        `${vm}@${res.checkpoint.name}: ${res.level} backup of ${diskCount} disk(s), ${bytes(res.virtualSize)} virtual`,
+      );
+      out(
+        `  read      ${bytes(res.bytesRead)} in ${duration(res.durationMs)} (${rate(res.bytesRead / Math.max(secs, 0.001))}), ${bytes(res.bytesZero)} zeros skipped`,
+      );
+      out(
+        `  new data  ${bytes(st.newRawBytes)} in ${st.newChunks} chunks, stored as ${bytes(st.newStoredBytes)} (compression ${ratio(st.newRawBytes, st.newStoredBytes)})`,
+      );
+      out(`  dedup     ${bytes(st.dedupBytes)} in ${st.dedupChunks} chunks already stored`);
+      for (const l of extra) out(l);
     });
 }

@@ -3,8 +3,7 @@ import { BkfsError } from '../../errors';
 import { runRestore, type FileFormat, type RestoreResult } from '../../restore/engine';
 import { runExport, type ExportResult } from '../../restore/export';
 import { bytes, duration, rate } from '../../util/format';
-import { ProgressBar } from '../progress';
-import { interruptSignal, note, out, parseIntOption, withRepo } from '../context';
+import { out, parseIntOption, withLongJob, withRepo } from '../context';
 
 interface RestoreCliOptions {
   to: string;
@@ -98,10 +97,8 @@ Examples:
       const concurrency =
         opts.concurrency !== undefined ? parseIntOption('--concurrency', opts.concurrency) : undefined;
       if (concurrency === 0) throw new BkfsError('USAGE', '--concurrency must be at least 1');
-      const bar = new ProgressBar(`restore ${ref}`);
-      const intr = interruptSignal();
-      try {
-        const res = await withRepo(cmd, (repo) =>
+      const res = await withLongJob(`restore ${ref}`, (job) =>
+        withRepo(cmd, (repo) =>
           runRestore(repo, {
             ref,
             to: opts.to,
@@ -111,21 +108,12 @@ Examples:
             ...(opts.define !== undefined ? { define: opts.define } : {}),
             ...(concurrency !== undefined ? { concurrency } : {}),
             force: opts.force ?? false,
-            signal: intr.signal,
-            onProgress: (p) => bar.update(p.done, p.total),
-            onNotice: (m) => {
-              bar.done();
-              note(m);
-            },
+            ...job,
           }),
-        );
-        bar.done();
-        if (opts.json) out(JSON.stringify(res, null, 2));
-        else printRestore(res);
-      } finally {
-        bar.done();
-        intr.dispose();
-      }
+        ),
+      );
+      if (opts.json) out(JSON.stringify(res, null, 2));
+      else printRestore(res);
     });
 
   program
@@ -151,30 +139,19 @@ Example:
       if (opts.format !== 'qcow2-chain') {
         throw new BkfsError('USAGE', `--format must be qcow2-chain, got '${opts.format}'`);
       }
-      const bar = new ProgressBar(`export ${ref}`);
-      const intr = interruptSignal();
-      try {
-        const res = await withRepo(cmd, (repo) =>
+      const res = await withLongJob(`export ${ref}`, (job) =>
+        withRepo(cmd, (repo) =>
           runExport(repo, {
             ref,
             to: opts.to,
             format: 'qcow2-chain',
             ...(opts.disk !== undefined ? { disk: opts.disk } : {}),
             force: opts.force ?? false,
-            signal: intr.signal,
-            onProgress: (p) => bar.update(p.done, p.total),
-            onNotice: (m) => {
-              bar.done();
-              note(m);
-            },
+            ...job,
           }),
-        );
-        bar.done();
-        if (opts.json) out(JSON.stringify(res, null, 2));
-        else printExport(res);
-      } finally {
-        bar.done();
-        intr.dispose();
-      }
+        ),
+      );
+      if (opts.json) out(JSON.stringify(res, null, 2));
+      else printExport(res);
     });
 }
