@@ -12,6 +12,7 @@ import { spawn, type ChildProcess, type StdioOptions } from 'node:child_process'
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
+import { mountsUnder } from '../../test/helpers/images';
 
 export const MiB = 1024 * 1024;
 export const GiB = 1024 * MiB;
@@ -367,19 +368,6 @@ export async function withCleanup<T>(body: (c: Cleanup) => Promise<T>): Promise<
 
 // ---------------------------------------------------------------------------------------------
 // Mounts and loop devices
-
-/** Mount points at or below `dir`, deepest first. */
-export async function mountsUnder(dir: string): Promise<string[]> {
-  const real = await fsp.realpath(dir).catch(() => dir);
-  const text = await fsp.readFile('/proc/self/mounts', 'utf8').catch(() => '');
-  const decode = (s: string): string =>
-    s.replace(/\\([0-7]{3})/g, (_m, o: string) => String.fromCharCode(parseInt(o, 8)));
-  return text
-    .split('\n')
-    .map((l) => decode(l.split(' ')[1] ?? ''))
-    .filter((m) => m === real || m.startsWith(real + '/'))
-    .sort((a, b) => b.length - a.length);
-}
 
 export async function isMounted(dir: string): Promise<boolean> {
   const real = await fsp.realpath(dir).catch(() => dir);

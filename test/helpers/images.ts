@@ -174,7 +174,7 @@ export function sha256(data: Buffer): string {
 }
 
 /** Mount points at or below `dir`, deepest first (from /proc/self/mounts). */
-async function mountsUnder(dir: string): Promise<string[]> {
+export async function mountsUnder(dir: string): Promise<string[]> {
   const real = await fsp.realpath(dir).catch(() => dir);
   const text = await fsp.readFile('/proc/self/mounts', 'utf8').catch(() => '');
   const decode = (s: string): string =>
