@@ -50,6 +50,16 @@ export type ErrorCode =
   | 'PROTECTED'
   /** No filesystem bkfs can open: none found, LUKS-encrypted, or not mountable by the engine. */
   | 'FS_UNSUPPORTED'
+  /** This user may not read or write a path bkfs needs (the repository, a target, a source). */
+  | 'PERMISSION_DENIED'
+  /** `verify --source`: the checkpoint's source image no longer exists. */
+  | 'SOURCE_GONE'
+  /** A source image refers to other files (backing or data file) and its format was not declared. */
+  | 'SOURCE_UNSAFE'
+  /** `restore --since`: the target does not provably hold the older checkpoint. */
+  | 'TARGET_MISMATCH'
+  /** A repository file (manifest, pin, gc state, pack header) is unreadable or inconsistent. */
+  | 'REPO_CORRUPT'
   /** The work was interrupted by a signal. */
   | 'INTERRUPTED';
 
