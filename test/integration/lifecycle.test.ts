@@ -437,7 +437,7 @@ describe('gc beside readers and a running backup', () => {
     try {
       const a = CheckpointReader.open(repo, 'vm@A', { cacheBytes: 4 * MiB });
       const b = CheckpointReader.open(repo, 'vm@B', { cacheBytes: 4 * MiB });
-      const pin = pinCheckpoints(repo, [a.checkpoint.id, b.checkpoint.id]);
+      let pin = pinCheckpoints(repo, [a.checkpoint.id, b.checkpoint.id]);
       try {
         // The readers cache page maps (chunk locations) before anything is collected.
         await readerEquals(a, path.join(dir, 'A.raw'));
@@ -454,7 +454,9 @@ describe('gc beside readers and a running backup', () => {
         await readerEquals(a, path.join(dir, 'A.raw'));
 
         // A is released; B (pinned) shares the first pack with A's now dead chunks.
-        pin.update([b.checkpoint.id]);
+        const pinB = pinCheckpoints(repo, [b.checkpoint.id]);
+        pin.release();
+        pin = pinB;
         // Read B while gc runs in another process.
         const gc = bkfs(['-r', repoDir, 'gc', '--json']);
         let done = false;

@@ -17,17 +17,22 @@ export function registerVerify(program: Command): void {
       "also compare the checkpoint (default: each selected VM's latest) with its source images as they are now",
     )
     .option('--json', 'machine-readable report')
+    .option(
+      '--read-only',
+      'report only: record no damage in the index and take no lock (runs beside a backup or gc)',
+    )
     .addHelpText(
       'after',
       `
 Damaged chunks are reported with every checkpoint and disk range that uses them, and marked in the
 index: 'bkfs list' shows those checkpoints as DAMAGED, and the next backup that reads the same data
-stores it again and heals them. Exit code 16 when anything is damaged or differs from its source.`,
+stores it again and heals them. Marking needs the writer lock: verify fails with exit code 7
+(REPO_LOCKED) while a backup, forget or gc runs, unless --read-only. Exit code 16 when anything is damaged or differs from its source.`,
     )
     .action(
       async (
         ref: string | undefined,
-        opts: { sample?: string; source?: boolean; json?: boolean },
+        opts: { sample?: string; source?: boolean; json?: boolean; readOnly?: boolean },
         cmd: Command,
       ) => {
         const sel: { vm?: string; checkpoint?: string } = ref ? parseCheckpointRef(ref) : {};
@@ -43,6 +48,7 @@ stores it again and heals them. Exit code 16 when anything is damaged or differs
             ...(ref?.includes('@') && sel.checkpoint === undefined ? { checkpoint: 'latest' } : {}),
             ...(sel.checkpoint !== undefined ? { checkpoint: sel.checkpoint } : {}),
             ...(sample !== undefined ? { samplePercent: sample } : {}),
+            ...(opts.readOnly ? { markDamaged: false } : {}),
             onProgress: (d, t) => bar.update(d, t),
           });
           bar.done();
