@@ -467,7 +467,10 @@ export class CheckpointVfs {
     if (this.pinCheckpoint(view.checkpoint.id)) return;
     this.views.delete(view.checkpoint.id);
     this.readers.delete(view.checkpoint.id);
-    throw new FsError('ENOENT', `${path}: checkpoint ${view.vm.name}@${view.checkpoint.name} was just removed`);
+    throw new FsError(
+      'ENOENT',
+      `${path}: checkpoint ${view.vm.name}@${view.checkpoint.name} was just removed`,
+    );
   }
 
   private dirAttr(mtime: number): NodeAttr {

@@ -206,7 +206,8 @@ function forgetRows(repo: Repository, sel: { vm: string; cp: Row }[], strict: bo
     const cur = db.prepare('SELECT state FROM checkpoints WHERE id = ?');
     for (const d of done) {
       if (d.pinned) continue;
-      if ((cur.get(d.id) as { state: string } | undefined)?.state === 'forgotten') deleteCheckpointRows(db, d.id);
+      if ((cur.get(d.id) as { state: string } | undefined)?.state === 'forgotten')
+        deleteCheckpointRows(db, d.id);
     }
   }).immediate();
   crashPoint('forget-after-index');

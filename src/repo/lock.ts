@@ -148,11 +148,7 @@ export function acquireWriterLock(dir: string, command: string, o: LockOptions =
   for (;;) {
     let fd: number;
     try {
-      fd = fs.openSync(
-        lockPath,
-        fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW,
-        0o600,
-      );
+      fd = fs.openSync(lockPath, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW, 0o600);
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
       if (code === 'ENOENT') {

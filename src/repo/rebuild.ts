@@ -36,14 +36,7 @@ import {
   decodeRecordHeader,
   packPath,
 } from '../store/packs';
-import {
-  DB_FILE,
-  DB_NEW_FILE,
-  Repository,
-  acquireWriterLock,
-  crashPoint,
-  loadConfig,
-} from './repository';
+import { DB_FILE, DB_NEW_FILE, Repository, acquireWriterLock, crashPoint, loadConfig } from './repository';
 import { activePins } from './pins';
 import {
   decodeManifest,

@@ -44,6 +44,20 @@ export const DB_NEW_FILE = 'index.db.new';
  */
 export function crashPoint(step: string): void {
   if (process.env.BKFS_TEST_CRASH_AT === step) process.kill(process.pid, 'SIGKILL');
+  if (process.env.BKFS_TEST_PAUSE_AT === step) pauseHere(process.env.BKFS_TEST_PAUSE_FILE);
+}
+
+/**
+ * Test-only pause (`BKFS_TEST_PAUSE_AT=step`, `BKFS_TEST_PAUSE_FILE=F`): create `F.paused`, then
+ * wait until `F.resume` exists (at most a minute). Lets race tests start a real second process at
+ * an exact point of a real first one (e.g. a mount between forget's two transactions).
+ */
+function pauseHere(file: string | undefined): void {
+  if (!file) return;
+  fs.writeFileSync(`${file}.paused`, String(process.pid));
+  const end = Date.now() + 60_000;
+  const cell = new Int32Array(new SharedArrayBuffer(4));
+  while (!fs.existsSync(`${file}.resume`) && Date.now() < end) Atomics.wait(cell, 0, 0, 20);
 }
 
 export interface RepoConfig {
@@ -265,4 +279,11 @@ export function loadConfig(dir: string): RepoConfig {
   return config;
 }
 
-export { acquireWriterLock, readLockInfo, writerLockHolder, WriterLock, type LockInfo, type LockOptions } from './lock';
+export {
+  acquireWriterLock,
+  readLockInfo,
+  writerLockHolder,
+  WriterLock,
+  type LockInfo,
+  type LockOptions,
+} from './lock';
