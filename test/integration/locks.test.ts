@@ -26,7 +26,7 @@ import { run } from '../../src/util/proc';
 
 const MiB = 1 << 20;
 const ROUNDS = Number(process.env.BKFS_TEST_LOCK_ROUNDS ?? 50);
-const MOUNT_ROUNDS = Number(process.env.BKFS_TEST_MOUNT_ROUNDS ?? 4);
+const MOUNT_ROUNDS = Number(process.env.BKFS_TEST_MOUNT_ROUNDS ?? 2);
 const LOCK_JS = path.resolve(__dirname, '../../src/repo/lock.js');
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
@@ -411,11 +411,13 @@ describe('forget racing a real FUSE mount of the same checkpoint', () => {
             if (fd !== undefined) fs.closeSync(fd);
           }
           if (mountAt(mp)) await bkfsOk(['umount', mp]);
-          // Unmounted: gc deletes what the mount kept, and the repository is sound.
-          await bkfsOk(['-r', repoDir, 'gc']);
-          const left = await bkfsOk(['-r', repoDir, 'list', 'vm', '--json']);
-          assert.deepEqual(JSON.parse(left.stdout), [], `${tag}: forgotten`);
-          await bkfsOk(['-r', repoDir, 'verify']);
+          if (round === 0) {
+            // Unmounted: gc deletes what the mount kept, and the repository is sound.
+            await bkfsOk(['-r', repoDir, 'gc']);
+            const left = await bkfsOk(['-r', repoDir, 'list', 'vm', '--json']);
+            assert.deepEqual(JSON.parse(left.stdout), [], `${tag}: forgotten`);
+            await bkfsOk(['-r', repoDir, 'verify']);
+          }
         } finally {
           await forceUnmount(mp);
           fs.rmSync(repoDir, { recursive: true, force: true });

@@ -27,7 +27,8 @@ export function registerVerify(program: Command): void {
 Damaged chunks are reported with every checkpoint and disk range that uses them, and marked in the
 index: 'bkfs list' shows those checkpoints as DAMAGED, and the next backup that reads the same data
 stores it again and heals them. Marking needs the writer lock: verify fails with exit code 7
-(REPO_LOCKED) while a backup, forget or gc runs, unless --read-only. Exit code 16 when anything is damaged or differs from its source.`,
+(REPO_LOCKED) while a backup, forget or gc runs, unless --read-only. Exit code 16 when anything
+is damaged or differs from its source.`,
     )
     .action(
       async (
