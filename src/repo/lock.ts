@@ -49,10 +49,22 @@ export interface LockInfo {
 }
 
 export interface LockOptions {
-  /** Keep trying this long (ms) while another process holds the lock; default 0 (fail at once). */
+  /** Keep trying this long (ms) while another process holds the lock; default: `setDefaultLockWait`, else 0. */
   waitMs?: number;
   /** Poll interval while waiting (ms), default 100. */
   pollMs?: number;
+}
+
+let defaultWaitMs = 0;
+
+/**
+ * Set how long every later `acquireWriterLock` without its own `waitMs` keeps trying (ms; 0 =
+ * fail at once, the default). For a CLI option such as `--retry-lock`, set once at startup, so
+ * every command that takes the lock (backup, forget, gc, verify, protect, repair) honours it.
+ */
+export function setDefaultLockWait(ms: number): void {
+  if (!Number.isFinite(ms) || ms < 0) throw new BkfsError('USAGE', `lock wait must be >= 0 ms, got ${ms}`);
+  defaultWaitMs = ms;
 }
 
 /** A held writer lock. `release()` is idempotent; process exit releases it too. */
@@ -143,7 +155,7 @@ function legacyHolder(info: LockInfo | undefined): LockInfo | undefined {
  */
 export function acquireWriterLock(dir: string, command: string, o: LockOptions = {}): WriterLock {
   const lockPath = path.join(dir, LOCK_FILE);
-  const deadline = Date.now() + Math.max(0, o.waitMs ?? 0);
+  const deadline = Date.now() + Math.max(0, o.waitMs ?? defaultWaitMs);
   const poll = Math.max(1, o.pollMs ?? 100);
   for (;;) {
     let fd: number;

@@ -281,6 +281,7 @@ export function loadConfig(dir: string): RepoConfig {
 
 export {
   acquireWriterLock,
+  setDefaultLockWait,
   readLockInfo,
   writerLockHolder,
   WriterLock,

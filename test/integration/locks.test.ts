@@ -356,8 +356,8 @@ describe('forget racing a real FUSE mount of the same checkpoint', () => {
             assert.equal(fr.code, 0, fr.stderr);
             if (c === 'before-hide') {
               assert.equal(m.code, 0, `${tag}: ${m.stderr}`);
-              assert.ok(pinnedOf(fr.stdout), `${tag}: forget saw the mount's pin`);
               assertServesSource(path.join(mp, 'vda.raw'), tag);
+              assert.ok(pinnedOf(fr.stdout), `${tag}: forget saw the mount's pin`);
               served++;
             } else {
               assert.equal(m.code, EXIT_CODES.NOT_FOUND, `${tag}: ${m.stderr}`);
