@@ -450,7 +450,14 @@ export class CheckpointVfs {
       if (this.pin) this.pin.add(id);
       else this.pin = pinCheckpoints(this.repo, [id]);
     } catch (e) {
-      // A repository on read-only media cannot take pins (nor be written by forget/gc there).
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code !== 'EROFS' && code !== 'EACCES' && code !== 'EPERM') {
+        // Unpinned, a forget could delete its rows while we serve it: refuse instead.
+        this.pinned.delete(id);
+        this.opts.onNotice?.(`cannot pin checkpoint ${id}, not serving it: ${errorMessage(e)}`);
+        return false;
+      }
+      // A repository we may not write (read-only media, another user's) cannot take pins.
       this.opts.onNotice?.(
         `cannot pin checkpoint ${id} (forget/gc will not see this mount): ${errorMessage(e)}`,
       );

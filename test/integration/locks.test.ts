@@ -218,7 +218,7 @@ describe('the writer lock', () => {
 
 // -------------------------------------------------------------------------------------------------
 
-describe('corrupt pins and gc state', () => {
+describe('corrupt pins and gc state; forget killed between its transactions', () => {
   it('a corrupt gc-pending.json or pin file is REPO_CORRUPT (exit 27) for gc and forget; nothing changes', async () => {
     const repoDir = copyRepo('corrupt');
     const pending = path.join(repoDir, 'gc-pending.json');
@@ -273,6 +273,21 @@ describe('corrupt pins and gc state', () => {
     assert.equal(f.removed[0]?.pinned, undefined, 'the stale pin does not keep it');
     assert.ok(!fs.existsSync(pin), 'stale pin removed');
     await bkfsOk(['-r', repoDir, 'gc']);
+  });
+
+  it('kill -9 between hiding and deleting: hidden at once, the rows go with the next gc, never back', async () => {
+    const repoDir = copyRepo('hide-crash');
+    const r = await bkfs(['-r', repoDir, 'forget', 'vm@cp'], { BKFS_TEST_CRASH_AT: 'forget-after-hide' });
+    assert.equal(r.code, 128, `killed at forget-after-hide: ${r.code} ${r.stderr}`);
+    assert.deepEqual(JSON.parse((await bkfsOk(['-r', repoDir, 'list', 'vm', '--json'])).stdout), []);
+    const g = JSON.parse((await bkfsOk(['-r', repoDir, 'gc', '--json'])).stdout) as {
+      checkpointsRemoved: number;
+      chunksRemoved: number;
+    };
+    assert.equal(g.checkpointsRemoved, 1);
+    assert.ok(g.chunksRemoved > 0);
+    assert.deepEqual(fs.readdirSync(path.join(repoDir, 'manifests')), [], 'manifest and journal gone');
+    await bkfsOk(['-r', repoDir, 'verify']);
   });
 });
 
