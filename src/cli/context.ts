@@ -1,7 +1,8 @@
 /** Shared helpers of CLI commands: repository opening, signals, output. */
 import type { Command } from 'commander';
 import { BkfsError } from '../errors';
-import { defaultRepoPath, Repository } from '../repo/repository';
+import { defaultRepoPath } from '../repo/default-path';
+import type { Repository } from '../repo/repository';
 import { ProgressBar } from './progress';
 
 export function repoPath(cmd: Command): string {
@@ -11,6 +12,8 @@ export function repoPath(cmd: Command): string {
 
 /** Open the repository, run `fn`, always close. */
 export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T> | T): Promise<T> {
+  // Loaded on demand: the index and pack modules (SQLite, zstd) are not needed for --help.
+  const { Repository } = await import('../repo/repository');
   const repo = Repository.open(repoPath(cmd));
   try {
     return await fn(repo);

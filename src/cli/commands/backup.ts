@@ -7,9 +7,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { Command } from 'commander';
 import { BkfsError } from '../../errors';
-import { runBackup, type BackupResult, type DiskSpec } from '../../backup/engine';
-import { backupLibvirt } from '../../backup/libvirt';
-import { sourceFor } from '../../backup/sources';
+import type { BackupResult, DiskSpec } from '../../backup/engine';
 import type { Level } from '../../index/catalog';
 import { bytes, duration, rate, ratio } from '../../util/format';
 import { out, withLongJob, withRepo } from '../context';
@@ -20,7 +18,8 @@ function collect(v: string, prev: string[]): string[] {
   return [...prev, v];
 }
 
-export function parseDiskSpecs(specs: string[], bitmap: string | null): DiskSpec[] {
+export async function parseDiskSpecs(specs: string[], bitmap: string | null): Promise<DiskSpec[]> {
+  const { sourceFor } = await import('../../backup/sources');
   return specs.map((s) => {
     const eq = s.indexOf('=');
     if (eq <= 0 || eq === s.length - 1) {
@@ -130,7 +129,7 @@ Examples:
       if (opts.libvirt === undefined && opts.disk.length === 0) {
         throw new BkfsError('USAGE', 'no disks to back up (give --disk NAME=SOURCE or --libvirt DOMAIN)');
       }
-      const disks = opts.libvirt === undefined ? parseDiskSpecs(opts.disk, opts.bitmap ?? null) : [];
+      const disks = opts.libvirt === undefined ? await parseDiskSpecs(opts.disk, opts.bitmap ?? null) : [];
       const configs = opts.config.map((c) => {
         const eq = c.indexOf('=');
         const name = eq > 0 ? c.slice(0, eq) : path.basename(c);
@@ -138,6 +137,8 @@ Examples:
         if (!fs.existsSync(file)) throw new BkfsError('USAGE', `configuration file ${file} does not exist`);
         return { name, data: fs.readFileSync(file) };
       });
+      const { runBackup } = await import('../../backup/engine');
+      const { backupLibvirt } = await import('../../backup/libvirt');
       const { res, diskCount, extra } = await withLongJob(`backup ${vm}`, async (job) => {
         const common = {
           vm,

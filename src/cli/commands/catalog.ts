@@ -1,19 +1,13 @@
 import type { Command } from 'commander';
-import {
-  checkpointById,
-  checkpointDisks,
-  getConfigs,
-  getVm,
-  listCheckpoints,
-  listVms,
-  resolveRef,
-  type CheckpointRow,
-} from '../../index/catalog';
+import type { CheckpointRow } from '../../index/catalog';
 import type { Repository } from '../../repo/repository';
 import { bytes, duration } from '../../util/format';
 import { out, table, withRepo } from '../context';
 
-function describe(repo: Repository, vm: string, cp: CheckpointRow) {
+type Catalog = typeof import('../../index/catalog');
+
+function describe(cat: Catalog, repo: Repository, vm: string, cp: CheckpointRow) {
+  const { checkpointDisks, checkpointById } = cat;
   const disks = checkpointDisks(repo.db, cp.id);
   const parent = cp.parent_id !== null ? checkpointById(repo.db, cp.parent_id) : undefined;
   return {
@@ -49,10 +43,12 @@ export function registerCatalog(program: Command): void {
     .argument('[vm]', 'VM name')
     .option('--json', 'machine-readable output')
     .action(async (vmName: string | undefined, opts: { json?: boolean }, cmd: Command) => {
+      const cat = await import('../../index/catalog');
+      const { getVm, listVms, listCheckpoints } = cat;
       await withRepo(cmd, (repo) => {
         const vms = vmName ? [getVm(repo.db, vmName)] : listVms(repo.db);
         const rows = vms.flatMap((vm) =>
-          listCheckpoints(repo.db, vm.id).map((cp) => describe(repo, vm.name, cp)),
+          listCheckpoints(repo.db, vm.id).map((cp) => describe(cat, repo, vm.name, cp)),
         );
         if (opts.json) {
           out(JSON.stringify(rows, null, 2));
@@ -99,9 +95,11 @@ export function registerCatalog(program: Command): void {
     .argument('<ref>', 'VM or VM@CHECKPOINT')
     .option('--json', 'machine-readable output')
     .action(async (ref: string, opts: { json?: boolean }, cmd: Command) => {
+      const cat = await import('../../index/catalog');
+      const { resolveRef, getConfigs } = cat;
       await withRepo(cmd, (repo) => {
         const { vm, checkpoint } = resolveRef(repo.db, ref);
-        const d = describe(repo, vm.name, checkpoint);
+        const d = describe(cat, repo, vm.name, checkpoint);
         const configs = getConfigs(repo.db, checkpoint.id).map((c) => ({
           name: c.name,
           size: c.data.length,

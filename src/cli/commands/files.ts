@@ -8,17 +8,7 @@ import { Writable } from 'node:stream';
 import { Command, Option } from 'commander';
 import { BkfsError, errorMessage } from '../../errors';
 import type { EngineChoice } from '../../files/engine';
-import { mountFiles, readFilesState, unmountFiles } from '../../files/fsmount';
-import {
-  catFile,
-  copyOut,
-  diffCheckpoints,
-  findFiles,
-  listFiles,
-  overview,
-  type FilesOptions,
-  type Overview,
-} from '../../files/ops';
+import type { FilesOptions, Overview } from '../../files/ops';
 import type { ListEntry, SessionStats } from '../../files/session';
 import { modeString, type DiffItem, type FileEntry } from '../../files/tree';
 import { bytes } from '../../util/format';
@@ -202,6 +192,7 @@ export async function mountFilesAction(
   if (!['auto', 'guestfs', 'kernel'].includes(engine)) {
     throw new BkfsError('USAGE', `--engine must be auto, guestfs or kernel, got '${engine}'`);
   }
+  const { mountFiles } = await import('../../files/fsmount');
   await withRepo(cmd, async (repo) => {
     const s = await mountFiles(repo, {
       dir,
@@ -224,6 +215,7 @@ export async function mountFilesAction(
 
 /** `bkfs umount DIR` of a --files mount; returns false when DIR is not one. */
 export async function umountFilesAction(dir: string, lazy: boolean): Promise<boolean> {
+  const { readFilesState, unmountFiles } = await import('../../files/fsmount');
   if (!readFilesState(dir)) return false;
   const s = await unmountFiles(dir, { lazy });
   out(`unmounted ${s.dir} (filesystems and disks of ${s.ref})`);
@@ -254,6 +246,7 @@ ${ENGINE_HELP}`,
     )
     .action(
       async (address: string, opts: EngineCliOptions & { long?: boolean; json?: boolean }, cmd: Command) => {
+        const { overview, listFiles } = await import('../../files/ops');
         await withInterrupt((signal) =>
           withRepo(cmd, async (repo) => {
             const fo = filesOptions(opts, signal);
@@ -310,6 +303,7 @@ ${ENGINE_HELP}`,
         opts: EngineCliOptions & { recursive?: boolean; force?: boolean; json?: boolean },
         cmd: Command,
       ) => {
+        const { copyOut } = await import('../../files/ops');
         await withInterrupt((signal) =>
           withRepo(cmd, async (repo) => {
             const r = await copyOut(
@@ -337,6 +331,7 @@ ${ENGINE_HELP}`,
   )
     .addHelpText('after', ENGINE_HELP)
     .action(async (address: string, opts: EngineCliOptions, cmd: Command) => {
+      const { catFile } = await import('../../files/ops');
       await withInterrupt((signal) =>
         withRepo(cmd, async (repo) => {
           try {
@@ -382,6 +377,7 @@ ${ENGINE_HELP}`,
         opts: EngineCliOptions & { ignoreCase?: boolean; json?: boolean },
         cmd: Command,
       ) => {
+        const { findFiles } = await import('../../files/ops');
         await withInterrupt((signal) =>
           withRepo(cmd, async (repo) => {
             const r = await findFiles(repo, scope, pattern, {
@@ -448,6 +444,7 @@ ${ENGINE_HELP}`,
         if (guestPath !== undefined && !guestPath.startsWith('/')) {
           throw new BkfsError('USAGE', `the path '${guestPath}' must start with /`);
         }
+        const { diffCheckpoints } = await import('../../files/ops');
         await withInterrupt((signal) =>
           withRepo(cmd, async (repo) => {
             const r = await diffCheckpoints(repo, from, to, guestPath, {

@@ -1,5 +1,4 @@
 import type { Command } from 'commander';
-import { Repository } from '../../repo/repository';
 import { out, parseIntOption, repoPath } from '../context';
 
 export function registerInit(program: Command): void {
@@ -8,8 +7,9 @@ export function registerInit(program: Command): void {
     .description('create a new, empty repository')
     .option('--chunk-size <bytes>', 'chunk grid in bytes (power of two, 4 KiB to 16 MiB)', '262144')
     .option('--compression-level <n>', 'zstd level for new chunks', '1')
-    .action((opts: { chunkSize: string; compressionLevel: string }, cmd: Command) => {
+    .action(async (opts: { chunkSize: string; compressionLevel: string }, cmd: Command) => {
       const dir = repoPath(cmd);
+      const { Repository } = await import('../../repo/repository');
       const repo = Repository.init(dir, {
         chunkSize: parseIntOption('--chunk-size', opts.chunkSize),
         compressionLevel: Number(opts.compressionLevel),

@@ -5,11 +5,9 @@
 import type { Command } from 'commander';
 import * as fs from 'node:fs';
 import { BkfsError } from '../../errors';
-import { forgetByName, forgetByPolicy, setProtected, type ForgetResult } from '../../repo/forget';
-import { runGc, type GcReport } from '../../repo/gc';
-import { rebuildIndex } from '../../repo/rebuild';
-import { manifestPath, rewriteManifest } from '../../repo/manifest';
-import { repositoryStats, type Totals } from '../../repo/stats';
+import type { ForgetResult } from '../../repo/forget';
+import type { GcReport } from '../../repo/gc';
+import type { Totals } from '../../repo/stats';
 import type { RetentionPolicy } from '../../repo/retention';
 import type { Repository } from '../../repo/repository';
 import { bytes, ratio } from '../../util/format';
@@ -120,6 +118,8 @@ Examples:
           'give checkpoints (VM@CHECKPOINT) or a policy (--keep-last, --keep-daily, ...)',
         );
       }
+      const { forgetByName, forgetByPolicy } = await import('../../repo/forget');
+      const { runGc } = await import('../../repo/gc');
       await withRepo(cmd, async (repo) => {
         const dry = opts.dryRun === true ? { dryRun: true } : {};
         const r = byPolicy ? forgetByPolicy(repo, refs[0], policy, dry) : forgetByName(repo, refs, dry);
@@ -146,6 +146,7 @@ Examples:
       )
       .argument('<refs...>', 'VM@CHECKPOINT')
       .action(async (refs: string[], _opts: unknown, cmd: Command) => {
+        const { setProtected } = await import('../../repo/forget');
         await withRepo(cmd, (repo) => {
           const changed = setProtected(repo, refs, value);
           const names = changed.map((c) => `${c.vm}@${c.name}`);
@@ -170,6 +171,7 @@ whatever their checkpoints use is kept, and packs they may be reading are only r
 deleted once they are done (a later gc finishes the job).`,
     )
     .action(async (opts: { dryRun?: boolean; json?: boolean }, cmd: Command) => {
+      const { runGc } = await import('../../repo/gc');
       const bar = new ProgressBar('gc');
       try {
         const r = await withRepo(cmd, (repo) =>
@@ -202,6 +204,7 @@ deleted once they are done (a later gc finishes the job).`,
       }
       const dir = repoPath(cmd);
       if (opts.rebuildIndex) {
+        const { rebuildIndex } = await import('../../repo/rebuild');
         const bar = new ProgressBar('rebuild');
         const r = await rebuildIndex(dir, { onProgress: (_p, d, t) => bar.update(d, t) });
         bar.done();
@@ -221,7 +224,9 @@ deleted once they are done (a later gc finishes the job).`,
         }
       }
       if (opts.manifests) {
-        const written = await withRepo(cmd, (repo) => writeMissingManifests(repo));
+        const written = await withRepo(cmd, async (repo) =>
+          writeMissingManifests(repo, await import('../../repo/manifest')),
+        );
         if (!opts.json)
           out(
             `wrote ${written.length} missing manifest(s)${written.length ? `: ${written.join(', ')}` : ''}`,
@@ -236,6 +241,7 @@ deleted once they are done (a later gc finishes the job).`,
     .argument('[vm]', 'only this VM')
     .option('--json', 'machine-readable output')
     .action(async (vm: string | undefined, opts: { json?: boolean }, cmd: Command) => {
+      const { repositoryStats } = await import('../../repo/stats');
       await withRepo(cmd, (repo) => {
         if (vm !== undefined && !repo.db.prepare('SELECT 1 FROM vms WHERE name = ?').get(vm)) {
           throw new BkfsError('NOT_FOUND', `no VM named '${vm}' in this repository`);
@@ -277,7 +283,10 @@ deleted once they are done (a later gc finishes the job).`,
 }
 
 /** `repair --manifests`: write the manifest of each complete checkpoint that has none. */
-function writeMissingManifests(repo: Repository): string[] {
+function writeMissingManifests(
+  repo: Repository,
+  { manifestPath, rewriteManifest }: typeof import('../../repo/manifest'),
+): string[] {
   repo.lockWriter('repair --manifests');
   try {
     const rows = repo.db

@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
 import { BkfsError } from '../../errors';
-import { runRestore, type FileFormat, type RestoreResult } from '../../restore/engine';
-import { runExport, type ExportResult } from '../../restore/export';
+import type { FileFormat, RestoreResult } from '../../restore/engine';
+import type { ExportResult } from '../../restore/export';
 import { bytes, duration, rate } from '../../util/format';
 import { out, parseIntOption, withLongJob, withRepo } from '../context';
 
@@ -97,6 +97,7 @@ Examples:
       const concurrency =
         opts.concurrency !== undefined ? parseIntOption('--concurrency', opts.concurrency) : undefined;
       if (concurrency === 0) throw new BkfsError('USAGE', '--concurrency must be at least 1');
+      const { runRestore } = await import('../../restore/engine');
       const res = await withLongJob(`restore ${ref}`, (job) =>
         withRepo(cmd, (repo) =>
           runRestore(repo, {
@@ -139,6 +140,7 @@ Example:
       if (opts.format !== 'qcow2-chain') {
         throw new BkfsError('USAGE', `--format must be qcow2-chain, got '${opts.format}'`);
       }
+      const { runExport } = await import('../../restore/export');
       const res = await withLongJob(`export ${ref}`, (job) =>
         withRepo(cmd, (repo) =>
           runExport(repo, {

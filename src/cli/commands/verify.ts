@@ -1,7 +1,6 @@
 import type { Command } from 'commander';
 import { BkfsError } from '../../errors';
-import { getCheckpoint, getVm, listVms, parseCheckpointRef } from '../../index/catalog';
-import { compareWithSources, selectCheckpoints, verifyRepository, type SourceDiff } from '../../repo/verify';
+import type { SourceDiff } from '../../repo/verify';
 import { bytes } from '../../util/format';
 import { ProgressBar } from '../progress';
 import { out, withRepo } from '../context';
@@ -30,6 +29,8 @@ stores it again and heals them. Exit code 16 when anything is damaged or differs
         opts: { sample?: string; source?: boolean; json?: boolean },
         cmd: Command,
       ) => {
+        const { getCheckpoint, getVm, listVms, parseCheckpointRef } = await import('../../index/catalog');
+        const { compareWithSources, selectCheckpoints, verifyRepository } = await import('../../repo/verify');
         const sel: { vm?: string; checkpoint?: string } = ref ? parseCheckpointRef(ref) : {};
         const sample = opts.sample === undefined ? undefined : Number(opts.sample);
         if (sample !== undefined && !(sample > 0 && sample <= 100)) {
