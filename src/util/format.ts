@@ -10,8 +10,9 @@ export function bytes(n: number): string {
   return i === 0 ? `${v} B` : `${v.toFixed(v >= 100 ? 0 : v >= 10 ? 1 : 2)} ${units[i]}`;
 }
 
+/** Bytes per second in the same IEC units as `bytes` (MiB/s), so sizes and rates compare. */
 export function rate(bytesPerSec: number): string {
-  return `${(bytesPerSec / 1e6).toFixed(bytesPerSec >= 1e8 ? 0 : 1)} MB/s`;
+  return `${bytes(Math.round(bytesPerSec))}/s`;
 }
 
 export function duration(ms: number): string {
