@@ -10,7 +10,7 @@ import { BkfsError } from '../../errors';
 import type { BackupResult, DiskSpec } from '../../backup/engine';
 import type { Level } from '../../index/catalog';
 import { bytes, duration, rate, ratio } from '../../util/format';
-import { out, withLongJob, withRepo } from '../context';
+import { out, retryLocked, withLongJob, withRepo } from '../context';
 
 const LEVELS = ['full', 'inc', 'diff', 'copy', 'auto'];
 
@@ -148,20 +148,24 @@ Examples:
           ...job,
         };
         if (opts.libvirt === undefined) {
-          const r: BackupResult = await withRepo(cmd, (repo) => runBackup(repo, { ...common, disks }));
+          const r: BackupResult = await retryLocked(cmd, () =>
+            withRepo(cmd, (repo) => runBackup(repo, { ...common, disks })),
+          );
           return { res: r, diskCount: disks.length, extra: [] as string[] };
         }
         const domain = opts.libvirt;
-        const lv = await withRepo(cmd, (repo) =>
-          backupLibvirt(repo, {
-            ...common,
-            domain,
-            ...(opts.connect !== undefined ? { connect: opts.connect } : {}),
-            ...(opts.disks.length > 0 ? { disks: opts.disks } : {}),
-            ...(opts.exclude.length > 0 ? { exclude: opts.exclude } : {}),
-            freeze: opts.freeze,
-            ...(opts.scratchDir !== undefined ? { scratchDir: opts.scratchDir } : {}),
-          }),
+        const lv = await retryLocked(cmd, () =>
+          withRepo(cmd, (repo) =>
+            backupLibvirt(repo, {
+              ...common,
+              domain,
+              ...(opts.connect !== undefined ? { connect: opts.connect } : {}),
+              ...(opts.disks.length > 0 ? { disks: opts.disks } : {}),
+              ...(opts.exclude.length > 0 ? { exclude: opts.exclude } : {}),
+              freeze: opts.freeze,
+              ...(opts.scratchDir !== undefined ? { scratchDir: opts.scratchDir } : {}),
+            }),
+          ),
         );
         const line =
           `  libvirt   domain ${lv.domain}, disks ${lv.disks.join(', ')}, ${lv.consistency}` +

@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
 import type { CheckpointRow } from '../../index/catalog';
 import type { Repository } from '../../repo/repository';
-import { bytes, duration } from '../../util/format';
+import { bytes, duration, localTime } from '../../util/format';
 import { out, table, withRepo } from '../context';
 
 type Catalog = typeof import('../../index/catalog');
@@ -39,9 +39,21 @@ function describe(cat: Catalog, repo: Repository, vm: string, cp: CheckpointRow)
 export function registerCatalog(program: Command): void {
   program
     .command('list')
-    .description('list checkpoints (of one VM, or of all)')
+    .alias('snapshots')
+    .description('list checkpoints (of one VM, or of all), oldest first')
     .argument('[vm]', 'VM name')
     .option('--json', 'machine-readable output')
+    .addHelpText(
+      'after',
+      `
+Times are local (TZ is honoured) with their UTC offset; --json gives ISO 8601 UTC times.
+
+Examples:
+  bkfs list
+  bkfs list web
+  TZ=UTC bkfs snapshots web
+  bkfs list web --json | jq -r '.[].name'`,
+    )
     .action(async (vmName: string | undefined, opts: { json?: boolean }, cmd: Command) => {
       const cat = await import('../../index/catalog');
       const { getVm, listVms, listCheckpoints } = cat;
@@ -76,7 +88,7 @@ export function registerCatalog(program: Command): void {
               `${r.vm}@${r.name}`,
               r.level,
               r.parent ?? '-',
-              r.time.replace('T', ' ').slice(0, 19),
+              localTime(Date.parse(r.time)),
               r.disks.map((d) => d.name).join(','),
               bytes(r.virtualSize),
               bytes(r.bytesRead),
@@ -94,6 +106,14 @@ export function registerCatalog(program: Command): void {
     .description('show one checkpoint in detail')
     .argument('<ref>', 'VM or VM@CHECKPOINT')
     .option('--json', 'machine-readable output')
+    .addHelpText(
+      'after',
+      `
+Examples:
+  bkfs info web
+  bkfs info web@check3
+  bkfs info web@check3 --json`,
+    )
     .action(async (ref: string, opts: { json?: boolean }, cmd: Command) => {
       const cat = await import('../../index/catalog');
       const { resolveRef, getConfigs } = cat;
@@ -110,7 +130,7 @@ export function registerCatalog(program: Command): void {
         }
         out(`checkpoint  ${d.vm}@${d.name}`);
         out(`level       ${d.level}${d.parent ? ` (parent ${d.parent})` : ''}`);
-        out(`time        ${d.time} (took ${duration(d.durationMs)})`);
+        out(`time        ${localTime(Date.parse(d.time))} (took ${duration(d.durationMs)})`);
         out(
           `read        ${bytes(d.bytesRead)}; new data ${bytes(d.bytesNewRaw)} stored as ${bytes(d.bytesNewStored)} (${d.chunksNew} chunks)`,
         );

@@ -329,7 +329,14 @@ ${ENGINE_HELP}`,
       .description('write a file of a checkpoint to standard output')
       .argument('<address>', 'VM[@CP]:/path or VM[@CP]:DISK:PART:/path'),
   )
-    .addHelpText('after', ENGINE_HELP)
+    .addHelpText(
+      'after',
+      `
+Examples:
+  bkfs cat web@check2:/etc/hostname
+  bkfs cat web:/var/log/syslog | grep -i error
+${ENGINE_HELP}`,
+    )
     .action(async (address: string, opts: EngineCliOptions, cmd: Command) => {
       const { catFile } = await import('../../files/ops');
       await withInterrupt((signal) =>
@@ -429,8 +436,9 @@ ${ENGINE_HELP}`,
       `
 Files compare by type, size, mtime, mode, owner and symlink target; directories by type, mode and
 owner only (their size and mtime follow their contents).
-Example:
+Examples:
   bkfs diff web@check1 web@check3 /etc
+  bkfs diff web@check1 web@check3 --checksum --json
 ${ENGINE_HELP}`,
     )
     .action(

@@ -7,6 +7,15 @@ export function registerInit(program: Command): void {
     .description('create a new, empty repository')
     .option('--chunk-size <bytes>', 'chunk grid in bytes (power of two, 4 KiB to 16 MiB)', '262144')
     .option('--compression-level <n>', 'zstd level for new chunks', '1')
+    .option('--json', 'machine-readable output')
+    .addHelpText(
+      'after',
+      `
+Examples:
+  bkfs -r /srv/bkfs init
+  BKFS_REPO=/srv/bkfs bkfs init --chunk-size 1048576
+  bkfs -r /srv/bkfs init --json`,
+    )
     .action(async (opts: { chunkSize: string; compressionLevel: string }, cmd: Command) => {
       const dir = repoPath(cmd);
       const { Repository } = await import('../../repo/repository');

@@ -224,6 +224,13 @@ Examples:
     .description('unmount a bkfs mount and stop its daemon (also cleans a mount whose daemon died)')
     .argument('<dir>', 'mount point')
     .option('-z, --lazy', 'detach now even if files are open (they fail once the daemon stops)')
+    .addHelpText(
+      'after',
+      `
+Examples:
+  bkfs umount /mnt/web
+  bkfs umount --lazy /mnt/web`,
+    )
     .action(async (dir: string, opts: { lazy?: boolean }) => {
       const { canonicalMountpoint, unmountPath } = await import('../../fuse/state');
       const { umountFilesAction } = await import('./files');

@@ -133,7 +133,7 @@ Each layer holds only its own checkpoint's changes and names the layer below by 
 (qemu-img create -b <previous>.qcow2 -F qcow2), so the directory can be moved. qemu-img convert
 DIR/<disk>/<checkpoint>.qcow2 reads the disk as of that checkpoint.
 
-Example:
+Examples:
   bkfs export web@check4 --format qcow2-chain --to /srv/export/web`,
     )
     .action(async (ref: string, opts: ExportCliOptions, cmd: Command) => {

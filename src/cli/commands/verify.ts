@@ -21,7 +21,13 @@ export function registerVerify(program: Command): void {
       `
 Damaged chunks are reported with every checkpoint and disk range that uses them, and marked in the
 index: 'bkfs list' shows those checkpoints as DAMAGED, and the next backup that reads the same data
-stores it again and heals them. Exit code 16 when anything is damaged or differs from its source.`,
+stores it again and heals them. Exit code 16 when anything is damaged or differs from its source.
+
+Examples:
+  bkfs verify
+  bkfs verify web --sample 10
+  bkfs verify web@check3 --source
+  bkfs verify --json`,
     )
     .action(
       async (
