@@ -11,6 +11,7 @@ import type { BackupResult, DiskSpec } from '../../backup/engine';
 import type { Level } from '../../index/catalog';
 import { bytes, duration, rate, ratio } from '../../util/format';
 import { out, retryLocked, withLongJob, withRepo } from '../context';
+import { printJson } from '../json';
 
 const LEVELS = ['full', 'inc', 'diff', 'copy', 'auto'];
 
@@ -41,6 +42,7 @@ interface BackupCliOptions {
   exclude: string[];
   freeze: boolean;
   scratchDir?: string;
+  json?: boolean;
 }
 
 /** Options that only make sense with --libvirt, and the reverse. */
@@ -103,6 +105,7 @@ export function registerBackup(program: Command): void {
       '--scratch-dir <dir>',
       'with --libvirt: where the backup job keeps scratch files (default /var/tmp)',
     )
+    .option('--json', 'machine-readable summary')
     .addHelpText(
       'after',
       `
@@ -139,7 +142,7 @@ Examples:
       });
       const { runBackup } = await import('../../backup/engine');
       const { backupLibvirt } = await import('../../backup/libvirt');
-      const { res, diskCount, extra } = await withLongJob(`backup ${vm}`, async (job) => {
+      const { res, diskCount, extra, libvirt } = await withLongJob(`backup ${vm}`, async (job) => {
         const common = {
           vm,
           level: opts.level as Level | 'auto',
@@ -151,7 +154,7 @@ Examples:
           const r: BackupResult = await retryLocked(cmd, () =>
             withRepo(cmd, (repo) => runBackup(repo, { ...common, disks })),
           );
-          return { res: r, diskCount: disks.length, extra: [] as string[] };
+          return { res: r, diskCount: disks.length, extra: [] as string[], libvirt: undefined };
         }
         const domain = opts.libvirt;
         const lv = await retryLocked(cmd, () =>
@@ -170,8 +173,32 @@ Examples:
         const line =
           `  libvirt   domain ${lv.domain}, disks ${lv.disks.join(', ')}, ${lv.consistency}` +
           (lv.libvirtCheckpoint ? `, checkpoint ${lv.libvirtCheckpoint}` : ', no libvirt checkpoint');
-        return { res: lv, diskCount: lv.disks.length, extra: [line] };
+        return { res: lv, diskCount: lv.disks.length, extra: [line], libvirt: lv };
       });
+      if (opts.json) {
+        const cp = res.checkpoint;
+        printJson({
+          vm,
+          checkpoint: cp.name,
+          level: res.level,
+          time: cp.started,
+          durationMs: res.durationMs,
+          disks: diskCount,
+          virtualSize: res.virtualSize,
+          bytesRead: res.bytesRead,
+          bytesZero: res.bytesZero,
+          chunks: res.chunks,
+          libvirt: libvirt
+            ? {
+                domain: libvirt.domain,
+                disks: libvirt.disks,
+                consistency: libvirt.consistency,
+                checkpoint: libvirt.libvirtCheckpoint ?? null,
+              }
+            : null,
+        });
+        return;
+      }
       const secs = res.durationMs / 1000;
       const st = res.chunks;
       out(

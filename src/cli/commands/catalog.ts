@@ -3,6 +3,7 @@ import type { CheckpointRow } from '../../index/catalog';
 import type { Repository } from '../../repo/repository';
 import { bytes, duration, localTime } from '../../util/format';
 import { out, table, withRepo } from '../context';
+import { printJson } from '../json';
 
 type Catalog = typeof import('../../index/catalog');
 
@@ -63,7 +64,7 @@ Examples:
           listCheckpoints(repo.db, vm.id).map((cp) => describe(cat, repo, vm.name, cp)),
         );
         if (opts.json) {
-          out(JSON.stringify(rows, null, 2));
+          printJson(rows);
           return;
         }
         if (rows.length === 0) {
@@ -125,7 +126,7 @@ Examples:
           size: c.data.length,
         }));
         if (opts.json) {
-          out(JSON.stringify({ ...d, configs }, null, 2));
+          printJson({ ...d, configs });
           return;
         }
         out(`checkpoint  ${d.vm}@${d.name}`);

@@ -13,6 +13,7 @@ import type { ListEntry, SessionStats } from '../../files/session';
 import { modeString, type DiffItem, type FileEntry } from '../../files/tree';
 import { bytes } from '../../util/format';
 import { interruptSignal, note, out, table, withRepo } from '../context';
+import { printJson } from '../json';
 
 interface EngineCliOptions {
   engine: string;
@@ -186,7 +187,7 @@ export async function mountFilesAction(
   cmd: Command,
   ref: string,
   dir: string,
-  opts: { engine?: string; guestfsTcg?: boolean },
+  opts: { engine?: string; guestfsTcg?: boolean; json?: boolean },
 ): Promise<void> {
   const engine = (opts.engine ?? 'auto') as EngineChoice;
   if (!['auto', 'guestfs', 'kernel'].includes(engine)) {
@@ -202,6 +203,22 @@ export async function mountFilesAction(
       bkfsBin: path.resolve(__dirname, '../../../../bin/bkfs'),
       onNotice: (m) => note(m),
     });
+    if (opts.json) {
+      printJson({
+        ref: s.ref,
+        mountpoint: s.dir,
+        engine: s.engine,
+        disks: path.join(s.dir, 'disks'),
+        volumes: s.volumes.map((v) => ({
+          name: v.name,
+          path: path.join(s.dir, 'fs', v.name),
+          type: v.type,
+          mounted: v.mounted,
+          note: v.note ?? null,
+        })),
+      });
+      return;
+    }
     out(`mounted ${s.ref} on ${s.dir} (filesystems read with ${s.engine})`);
     out(`  ${path.join(s.dir, 'disks')}/   raw disks`);
     for (const v of s.volumes) {
@@ -214,10 +231,14 @@ export async function mountFilesAction(
 }
 
 /** `bkfs umount DIR` of a --files mount; returns false when DIR is not one. */
-export async function umountFilesAction(dir: string, lazy: boolean): Promise<boolean> {
+export async function umountFilesAction(dir: string, lazy: boolean, json = false): Promise<boolean> {
   const { readFilesState, unmountFiles } = await import('../../files/fsmount');
   if (!readFilesState(dir)) return false;
   const s = await unmountFiles(dir, { lazy });
+  if (json) {
+    printJson({ mountpoint: s.dir, outcome: 'unmounted', ref: s.ref });
+    return true;
+  }
   out(`unmounted ${s.dir} (filesystems and disks of ${s.ref})`);
   return true;
 }
@@ -252,13 +273,13 @@ ${ENGINE_HELP}`,
             const fo = filesOptions(opts, signal);
             if (!address.includes(':')) {
               const o = await overview(repo, address, fo);
-              if (opts.json) out(JSON.stringify(o, null, 2));
+              if (opts.json) printJson(o);
               else printOverview(o);
               return;
             }
             const r = await listFiles(repo, address, fo);
             if (opts.json) {
-              out(JSON.stringify(r, null, 2));
+              printJson(r);
               return;
             }
             const name = (e: ListEntry): string => (r.dir ? e.name : e.path) + (e.kind === 'dir' ? '/' : '');
@@ -313,7 +334,7 @@ ${ENGINE_HELP}`,
               { recursive: opts.recursive ?? false, force: opts.force ?? false },
               filesOptions(opts, signal),
             );
-            if (opts.json) out(JSON.stringify(r, null, 2));
+            if (opts.json) printJson(r);
             else
               out(
                 `${r.vm}@${r.checkpoint}:${r.source} -> ${r.dest} (${r.kind}${r.action !== 'create' ? `, ${r.action}d` : ''})`,
@@ -392,7 +413,7 @@ ${ENGINE_HELP}`,
               ignoreCase: opts.ignoreCase ?? false,
             });
             if (opts.json) {
-              out(JSON.stringify(r, null, 2));
+              printJson(r);
               return;
             }
             if (r.missing.length > 0)
@@ -460,7 +481,7 @@ ${ENGINE_HELP}`,
               checksum: opts.checksum ?? false,
             });
             if (opts.json) {
-              out(JSON.stringify(r, null, 2));
+              printJson(r);
               return;
             }
             const sign = { added: '+', removed: '-', changed: 'M' } as const;

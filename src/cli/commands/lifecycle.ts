@@ -13,6 +13,7 @@ import type { Repository } from '../../repo/repository';
 import { bytes, localTime, ratio } from '../../util/format';
 import { ProgressBar } from '../progress';
 import { note, out, parseIntOption, repoPath, retryLocked, table, withRepo } from '../context';
+import { printJson } from '../json';
 
 interface ForgetCli {
   keepLast?: string;
@@ -161,7 +162,7 @@ Examples:
         let gc: GcReport | undefined;
         if (opts.prune && !opts.dryRun) gc = await retryLocked(cmd, () => runGc(repo));
         if (opts.json) {
-          out(JSON.stringify(gc ? { ...r, gc } : r, null, 2));
+          printJson(gc ? { ...r, gc } : r);
           return;
         }
         printForget(r);
@@ -188,11 +189,15 @@ Examples:
   bkfs ${name} web@check1
   bkfs ${name} web@check1 db@check7 --json`,
       )
-      .action(async (refs: string[], _opts: unknown, cmd: Command) => {
+      .action(async (refs: string[], opts: { json?: boolean }, cmd: Command) => {
         const { setProtected } = await import('../../repo/forget');
         await withRepo(cmd, async (repo) => {
           const changed = await retryLocked(cmd, () => setProtected(repo, refs, value));
           const names = changed.map((c) => `${c.vm}@${c.name}`);
+          if (opts.json) {
+            printJson({ protected: value, changed: changed.map((c) => ({ vm: c.vm, name: c.name })) });
+            return;
+          }
           if (names.length === 0) out(`nothing to do: already ${value ? 'protected' : 'unprotected'}`);
           else out(`${value ? 'protected' : 'unprotected'} ${names.join(', ')}`);
         });
@@ -235,7 +240,7 @@ Examples:
           ),
         );
         bar.done();
-        if (opts.json) out(JSON.stringify(r, null, 2));
+        if (opts.json) printJson(r);
         else printGc(r);
       } finally {
         bar.done();
@@ -260,6 +265,7 @@ Examples:
         throw new BkfsError('USAGE', 'say what to repair: --rebuild-index or --manifests');
       }
       const dir = repoPath(cmd);
+      let rebuilt: object | undefined;
       if (opts.rebuildIndex) {
         const { rebuildIndex } = await import('../../repo/rebuild');
         const bar = new ProgressBar('rebuild');
@@ -268,7 +274,8 @@ Examples:
         );
         bar.done();
         if (opts.json) {
-          out(JSON.stringify(r, null, 2));
+          if (opts.manifests) rebuilt = r;
+          else printJson(r);
         } else {
           out(
             `rebuilt the index: ${r.checkpoints} checkpoint(s) of ${r.vms} VM(s) from ${r.manifests} manifest(s), ${r.chunks} chunks in ${r.packs} pack(s)`,
@@ -291,7 +298,7 @@ Examples:
           out(
             `wrote ${written.length} missing manifest(s)${written.length ? `: ${written.join(', ')}` : ''}`,
           );
-        else if (!opts.rebuildIndex) out(JSON.stringify({ written }, null, 2));
+        else printJson({ ...rebuilt, written });
       }
     });
 
@@ -316,7 +323,7 @@ Examples:
         }
         const s = repositoryStats(repo, vm);
         if (opts.json) {
-          out(JSON.stringify(s, null, 2));
+          printJson(s);
           return;
         }
         const line = (label: string, t: Totals) =>

@@ -9,6 +9,7 @@ import type { Command, Option } from 'commander';
 import { BkfsError } from '../../errors';
 import { EXIT_CODES } from '../exit-codes';
 import { out } from '../context';
+import { printJson } from '../json';
 
 const ROOT = path.resolve(__dirname, '../../../..');
 
@@ -331,7 +332,7 @@ Examples:
     )
     .action(async (opts: { json?: boolean }) => {
       const v = await versionInfo();
-      if (opts.json) out(JSON.stringify(v, null, 2));
+      if (opts.json) printJson(v);
       else printVersion(v);
     });
 

@@ -14,6 +14,7 @@ import { parseCheckpointRef, resolveRef } from '../../index/catalog';
 import { bytes } from '../../util/format';
 import type { MountedInfo } from '../../fuse/daemon';
 import { note, out, repoPath, withRepo } from '../context';
+import { printJson } from '../json';
 
 /**
  * The default of --cache-size: DEFAULT_CACHE_BYTES of src/store/chunk-cache.ts, written out so that
@@ -22,6 +23,7 @@ import { note, out, repoPath, withRepo } from '../context';
 export const DEFAULT_CACHE_SIZE = '256M';
 
 interface MountCliOptions {
+  json?: boolean;
   foreground?: boolean;
   cacheSize: string;
   mode: string;
@@ -156,6 +158,7 @@ export function registerMount(program: Command): void {
     )
     .option('--engine <engine>', 'with --files: auto, guestfs or kernel')
     .option('--guestfs-tcg', 'with --files: libguestfs without KVM (force_tcg)')
+    .option('--json', 'machine-readable summary of what was mounted')
     .addHelpText(
       'after',
       `
@@ -214,6 +217,10 @@ Examples:
         ],
         logFile: logPath(mountpoint),
       });
+      if (opts.json) {
+        printJson({ ...info, repository: repoDir });
+        return;
+      }
       describeMount(info, repoDir);
       out(`log: ${info.log ?? '-'}; unmount with: bkfs umount ${mountpoint}`);
     });
@@ -231,12 +238,17 @@ Examples:
   bkfs umount /mnt/web
   bkfs umount --lazy /mnt/web`,
     )
-    .action(async (dir: string, opts: { lazy?: boolean }) => {
+    .option('--json', 'machine-readable result')
+    .action(async (dir: string, opts: { lazy?: boolean; json?: boolean }) => {
       const { canonicalMountpoint, unmountPath } = await import('../../fuse/state');
       const { umountFilesAction } = await import('./files');
       const mountpoint = canonicalMountpoint(dir);
-      if (await umountFilesAction(mountpoint, opts.lazy ?? false)) return;
+      if (await umountFilesAction(mountpoint, opts.lazy ?? false, opts.json ?? false)) return;
       const r = await unmountPath(mountpoint, { lazy: opts.lazy ?? false });
+      if (opts.json) {
+        printJson({ mountpoint, outcome: r.outcome, pid: r.pid ?? null });
+        return;
+      }
       if (r.outcome === 'stale') {
         out(`removed the stale mount at ${mountpoint} (its daemon${r.pid ? ` pid ${r.pid}` : ''} had died)`);
       } else {

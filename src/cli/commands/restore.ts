@@ -4,6 +4,7 @@ import type { FileFormat, RestoreResult } from '../../restore/engine';
 import type { ExportResult } from '../../restore/export';
 import { bytes, duration, rate } from '../../util/format';
 import { out, parseIntOption, withLongJob, withRepo } from '../context';
+import { printJson } from '../json';
 
 interface RestoreCliOptions {
   to: string;
@@ -113,7 +114,7 @@ Examples:
           }),
         ),
       );
-      if (opts.json) out(JSON.stringify(res, null, 2));
+      if (opts.json) printJson(res);
       else printRestore(res);
     });
 
@@ -153,7 +154,7 @@ Examples:
           }),
         ),
       );
-      if (opts.json) out(JSON.stringify(res, null, 2));
+      if (opts.json) printJson(res);
       else printExport(res);
     });
 }

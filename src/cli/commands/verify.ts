@@ -4,6 +4,7 @@ import type { SourceDiff } from '../../repo/verify';
 import { bytes } from '../../util/format';
 import { ProgressBar } from '../progress';
 import { out, withRepo } from '../context';
+import { printJson } from '../json';
 
 export function registerVerify(program: Command): void {
   program
@@ -76,7 +77,7 @@ Examples:
         bar.done();
         const differing = (sources ?? []).filter((s) => s.status === 'differs');
         if (opts.json) {
-          out(JSON.stringify(sources ? { ...rep, sources } : rep, null, 2));
+          printJson(sources ? { ...rep, sources } : rep);
         } else {
           out(
             `checked ${rep.checkpoints} checkpoint(s), ${rep.chunksChecked} chunks, ${bytes(rep.bytesChecked)} stored`,
