@@ -3,7 +3,8 @@
  * "JSON output"):
  *   - times are ISO 8601 strings in UTC with their zone (`2026-12-02T00:03:04.000Z`), never epoch
  *     numbers: core results carry `time`/`started`/`finished` as epoch ms and file entries
- *     `mtimeSec` + `mtimeNsec`; `printJson` turns them into `time`/`started`/`finished`/`mtime`;
+ *     `mtimeSec` + `mtimeNsec` (and atime); `printJson` turns them into `time`/`started`/
+ *     `finished`/`mtime`/`atime` (ISO strings, millisecond precision);
  *   - sizes and counts are integers in bytes (names end in `Bytes`/`Size` or say what they count);
  *   - durations are integer milliseconds named `...Ms`;
  *   - keys are camelCase; absent values are null, not omitted, where the shape has them.
@@ -24,10 +25,11 @@ export function jsonValue(v: unknown): unknown {
   const o = v as Record<string, unknown>;
   const res: Record<string, unknown> = {};
   for (const [k, x] of Object.entries(o)) {
-    if (k === 'mtimeNsec') continue; // folded into mtime
-    if (k === 'mtimeSec' && typeof x === 'number') {
-      const ns = typeof o.mtimeNsec === 'number' ? o.mtimeNsec : 0;
-      res.mtime = isoTime(x * 1000 + Math.floor(ns / 1e6));
+    const st = /^([a-z]+time)(Sec|Nsec)$/.exec(k); // stat times: mtimeSec + mtimeNsec -> mtime
+    if (st && typeof x === 'number') {
+      if (st[2] === 'Nsec') continue; // folded into the Sec key's time
+      const ns = o[`${st[1]}Nsec`];
+      res[st[1]!] = isoTime(x * 1000 + (typeof ns === 'number' ? Math.floor(ns / 1e6) : 0));
       continue;
     }
     if (MS_TIME_KEYS.has(k) && typeof x === 'number') {
