@@ -189,6 +189,7 @@ describe('global options and version', () => {
     assert.match(a.stdout, /^better-sqlite3 \d+\.\d+\.\d+, SQLite 3\.\d+/m);
     assert.match(a.stdout, /^zstd-napi \S+, zstd 1\.\d+\.\d+$/m);
     assert.match(a.stdout, /^fuse-native \d/m);
+    assert.match(a.stdout, /, commander \d+\.\d+\.\d+$/m);
     assert.match(a.stdout, /^qemu-img \d+\.\d+/m);
   });
 });

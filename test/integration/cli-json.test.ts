@@ -459,7 +459,15 @@ describe('every command with --json matches its schema', () => {
         repositoryFormatWritten: int,
         node: str,
         gitCommit: nullable(str),
-        dependencies: obj({ betterSqlite3: str, sqlite: str, zstdNapi: str, zstd: str, fuseNative: str }),
+        dependencies: obj({
+          betterSqlite3: str,
+          sqlite: str,
+          zstdNapi: str,
+          zstd: str,
+          fuseNative: str,
+          blakeHash: str,
+          commander: str,
+        }),
         qemuImg: nullable(str),
       }),
     )) as { node: string };

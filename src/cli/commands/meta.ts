@@ -18,12 +18,20 @@ export function packageVersion(): string {
   return pkg.version;
 }
 
+/** The installed version of an npm package (its package.json, found upwards from its entry point). */
 function moduleVersion(name: string): string | null {
   try {
-    const pkg = JSON.parse(fs.readFileSync(require.resolve(`${name}/package.json`), 'utf8')) as {
-      version: string;
-    };
-    return pkg.version;
+    let dir = path.dirname(require.resolve(name));
+    for (;;) {
+      const f = path.join(dir, 'package.json');
+      if (fs.existsSync(f)) {
+        const pkg = JSON.parse(fs.readFileSync(f, 'utf8')) as { name?: string; version: string };
+        if (pkg.name === name) return pkg.version;
+      }
+      const up = path.dirname(dir);
+      if (up === dir) return null;
+      dir = up;
+    }
   } catch {
     return null;
   }
