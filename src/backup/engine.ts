@@ -43,6 +43,7 @@ import { isZero } from '../store/codec';
 import { orderedMap } from '../util/pipeline';
 import type { NbdClient } from '../nbd/client';
 import type { BackupSource } from './sources';
+import { performance } from 'node:perf_hooks';
 
 export interface DiskSpec {
   name: string;
@@ -71,6 +72,63 @@ export interface BackupOptions {
   readSize?: number;
   readConcurrency?: number;
   workers?: number;
+  /** Filled in while the backup runs: where its time goes (see `BackupStats`). */
+  stats?: BackupStats;
+}
+
+/**
+ * Where a backup's time goes, for `bench/profile`. Stage times are sums over everything in
+ * flight (8 reads overlap, so `readMs` can exceed the wall time); `main*Ms` is the main thread's
+ * event-loop utilization over the reading phase (busy = running JS/native code, idle = waiting).
+ */
+export interface BackupStats {
+  wallMs: number;
+  /** Plan, probe, lock and source start-up (qemu-nbd), before the first read. */
+  setupMs: number;
+  /** The reading phase: first read to the last chunk handed to the pack writer. */
+  ingestMs: number;
+  /** Sealing the last packs and committing the checkpoint. */
+  commitMs: number;
+  /** Waiting for a free read buffer (the window is full). */
+  bufferWaitMs: number;
+  /** NBD reads, from request to the last byte received (summed over concurrent reads). */
+  readMs: number;
+  reads: number;
+  /** Zero check of read chunks on the main thread. */
+  zeroCheckMs: number;
+  /** A chunk's round trip through the worker pool (queueing included), summed. */
+  poolMs: number;
+  /** Thread time inside the workers: BLAKE3 and zstd. */
+  hashMs: number;
+  compressMs: number;
+  /** Dedup lookup and pack append, queueing behind earlier chunks included, summed. */
+  putMs: number;
+  chunks: number;
+  /** Chunks stored raw because zstd did not shrink them. */
+  rawChunks: number;
+  mainBusyMs: number;
+  mainIdleMs: number;
+}
+
+export function emptyBackupStats(): BackupStats {
+  return {
+    wallMs: 0,
+    setupMs: 0,
+    ingestMs: 0,
+    commitMs: 0,
+    bufferWaitMs: 0,
+    readMs: 0,
+    reads: 0,
+    zeroCheckMs: 0,
+    poolMs: 0,
+    hashMs: 0,
+    compressMs: 0,
+    putMs: 0,
+    chunks: 0,
+    rawChunks: 0,
+    mainBusyMs: 0,
+    mainIdleMs: 0,
+  };
 }
 
 export interface BackupResult {
@@ -203,6 +261,7 @@ function checkAborted(signal?: AbortSignal): void {
 
 export async function runBackup(repo: Repository, opts: BackupOptions): Promise<BackupResult> {
   const t0 = Date.now();
+  const tStart = performance.now();
   checkName('VM', opts.vm);
   if (opts.checkpoint !== undefined) checkName('checkpoint', opts.checkpoint);
   if (opts.disks.length === 0) throw new BkfsError('USAGE', 'no disks to back up (give --disk NAME=SOURCE)');
@@ -264,9 +323,17 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
       diskRows.push({ plan: dp, diskId: Number(r.lastInsertRowid), newBitmap });
       virtualSize += dp.size;
     }
+    const stats = opts.stats;
+    let elu = performance.eventLoopUtilization();
+    let tIngest = 0;
     for (const d of diskRows) {
       checkAborted(opts.signal);
       const src = await d.plan.spec.source.open(d.plan.readBitmap);
+      if (stats) {
+        if (tIngest === 0) stats.setupMs = performance.now() - tStart;
+        tIngest = performance.now();
+        elu = performance.eventLoopUtilization();
+      }
       try {
         if (src.dirtyContext && !src.client.hasMetaContext(src.dirtyContext)) {
           throw new BkfsError(
@@ -301,6 +368,7 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
           readSize: opts.readSize ?? 4 << 20,
           readConcurrency: opts.readConcurrency ?? 8,
           signal: opts.signal,
+          stats,
           onBytes: (n, total) => {
             if (total !== undefined) progress.total += total;
             progress.done += n;
@@ -315,10 +383,17 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
           r.zero,
           d.diskId,
         );
+        if (stats) {
+          stats.ingestMs += performance.now() - tIngest;
+          const u = performance.eventLoopUtilization(elu);
+          stats.mainBusyMs += u.active;
+          stats.mainIdleMs += u.idle;
+        }
       } finally {
         await src.close();
       }
     }
+    const tCommit = performance.now();
     await chunks.finish();
     checkAborted(opts.signal);
     // Manifest (durable), then one transaction: configs, statistics, state = 'complete'.
@@ -331,6 +406,14 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
     });
     const committedId = cpId;
     cpId = undefined;
+    if (stats) {
+      stats.commitMs = performance.now() - tCommit;
+      stats.hashMs = pool.times.hashMs;
+      stats.compressMs = pool.times.compressMs;
+      stats.chunks = pool.times.chunks;
+      stats.rawChunks = pool.times.rawCodecChunks;
+      stats.wallMs = performance.now() - tStart;
+    }
     // The checkpoint is committed. Drop change tracking that no longer serves a chain.
     if (plan.level === 'full') {
       for (const d of diskRows) {
@@ -378,6 +461,7 @@ interface DiskJob {
   readSize: number;
   readConcurrency: number;
   signal: AbortSignal | undefined;
+  stats: BackupStats | undefined;
   onBytes: (n: number, total?: number) => void;
 }
 
@@ -503,17 +587,41 @@ async function backupDisk(job: DiskJob): Promise<{ read: number; zero: number }>
       async (g): Promise<MapExtent[]> => {
         checkAborted(job.signal);
         if (g.zero) return job.recordZeros ? g.parts.map(zeroExtent) : [];
+        const st = job.stats;
+        let t = st ? performance.now() : 0;
         const buf = await buffers.acquire();
         try {
           const data = buf.subarray(0, g.length);
+          if (st) {
+            const now = performance.now();
+            st.bufferWaitMs += now - t;
+            t = now;
+          }
           await job.client.readInto(g.offset, data);
+          if (st) {
+            st.readMs += performance.now() - t;
+            st.reads++;
+          }
           read += g.length;
           const exts = await Promise.all(
             g.parts.map(async (p): Promise<MapExtent | null> => {
               const piece = data.subarray(p.offset - g.offset, p.offset - g.offset + p.length);
-              if (isZero(piece)) return job.recordZeros ? zeroExtent(p) : null;
+              let tp = st ? performance.now() : 0;
+              const zero = isZero(piece);
+              if (st) {
+                const now = performance.now();
+                st.zeroCheckMs += now - tp;
+                tp = now;
+              }
+              if (zero) return job.recordZeros ? zeroExtent(p) : null;
               const enc = await job.pool.process(piece);
+              if (st) {
+                const now = performance.now();
+                st.poolMs += now - tp;
+                tp = now;
+              }
               const id = await job.chunks.put(enc.hash, enc.codec, enc.stored, p.length);
+              if (st) st.putMs += performance.now() - tp;
               return { offset: p.offset, length: p.length, chunkId: id, chunkOff: 0, origin: job.diskId };
             }),
           );

@@ -16,6 +16,23 @@ export interface IngestResult {
   stored: Buffer;
 }
 
+/** Time the workers spent, summed over workers (ms of thread time, not wall time). */
+export interface IngestTimes {
+  hashMs: number;
+  compressMs: number;
+  chunks: number;
+  rawCodecChunks: number;
+}
+
+interface WorkerAnswer {
+  id: number;
+  hash: Uint8Array;
+  codec: Codec;
+  stored: Uint8Array;
+  hashMs: number;
+  compressMs: number;
+}
+
 interface Pending {
   resolve: (r: IngestResult) => void;
   reject: (e: Error) => void;
@@ -27,6 +44,7 @@ export class IngestPool {
   private readonly pending = new Map<number, Pending & { worker: number }>();
   private nextId = 1;
   private failed: Error | undefined;
+  readonly times: IngestTimes = { hashMs: 0, compressMs: 0, chunks: 0, rawCodecChunks: 0 };
 
   constructor(
     private readonly level: number,
@@ -34,9 +52,13 @@ export class IngestPool {
   ) {
     for (let i = 0; i < size; i++) {
       const w = new Worker(path.join(__dirname, 'ingest-worker.js'));
-      w.on('message', (m: { id: number; hash: Uint8Array; codec: Codec; stored: Uint8Array }) => {
+      w.on('message', (m: WorkerAnswer) => {
         const p = this.pending.get(m.id);
         if (!p) return;
+        this.times.hashMs += m.hashMs;
+        this.times.compressMs += m.compressMs;
+        this.times.chunks++;
+        if (m.codec === 0) this.times.rawCodecChunks++;
         this.pending.delete(m.id);
         this.load[p.worker]!--;
         p.resolve({
