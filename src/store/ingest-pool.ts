@@ -28,12 +28,13 @@ interface WorkerAnswer {
   id: number;
   hash: Uint8Array;
   codec: Codec;
-  stored: Uint8Array;
+  stored: Uint8Array | null;
   hashMs: number;
   compressMs: number;
 }
 
 interface Pending {
+  data: Buffer;
   resolve: (r: IngestResult) => void;
   reject: (e: Error) => void;
 }
@@ -64,7 +65,7 @@ export class IngestPool {
         p.resolve({
           hash: Buffer.from(m.hash.buffer, m.hash.byteOffset, m.hash.byteLength),
           codec: m.codec,
-          stored: Buffer.from(m.stored.buffer, m.stored.byteOffset, m.stored.byteLength),
+          stored: m.stored ? Buffer.from(m.stored.buffer, m.stored.byteOffset, m.stored.byteLength) : p.data,
         });
       });
       w.on('error', (e) => this.fail(e));
@@ -80,9 +81,10 @@ export class IngestPool {
   }
 
   /**
-   * Hash and compress one chunk. A view of a SharedArrayBuffer reaches the worker without a copy
-   * (the caller must not reuse that memory until the promise settles); any other buffer is copied
-   * into a transferable one first, since postMessage would clone its whole backing store.
+   * Hash and compress one chunk. A view of a SharedArrayBuffer reaches the worker without a copy;
+   * any other buffer is copied into a transferable one first, since postMessage would clone its
+   * whole backing store. A chunk that stays raw is answered with `stored` = `data` itself (no
+   * copy back), so the caller must not reuse that memory until it is done with `stored`.
    */
   process(data: Buffer): Promise<IngestResult> {
     if (this.failed) return Promise.reject(this.failed);
@@ -90,7 +92,7 @@ export class IngestPool {
     for (let i = 1; i < this.workers.length; i++) if (this.load[i]! < this.load[wi]!) wi = i;
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject, worker: wi });
+      this.pending.set(id, { data, resolve, reject, worker: wi });
       this.load[wi]!++;
       if (data.buffer instanceof SharedArrayBuffer) {
         this.workers[wi]!.postMessage({ id, data, level: this.level });
