@@ -28,6 +28,7 @@ import { bkfs, bkfsOk, qemuIo } from '../test/helpers/cli';
 import { randomBuffer } from '../test/helpers/images';
 import { run } from '../src/util/proc';
 import { mountAt } from '../src/fuse/state';
+import { fuseCeilingMBps } from './fuse-ceiling';
 
 const MiB = 1 << 20;
 const GiB = 1 << 30;
@@ -55,6 +56,8 @@ export interface MountBenchResult {
     mountColdMBps: number;
     rawFileColdMBps: number;
     mountWarmMBps: number;
+    /** The same dd of a fuse-native file system serving the bytes from memory (bench/fuse-ceiling.ts). */
+    fuseCeilingColdMBps: number;
   };
   random4k: {
     wholeDiskQd1: FioFigures;
@@ -204,6 +207,8 @@ export async function runMountBench(o: MountBenchOptions = {}): Promise<MountBen
     const mountColdMBps = ddRate(disk);
     const mountWarmMBps = ddRate(disk);
     await mounts.umount(m.mp);
+    log('sequential dd, cold, fuse-native in-memory ceiling');
+    const [fuseCeilingColdMBps] = await fuseCeilingMBps(sizeMiB, 1, work);
 
     log('fio random 4 KiB');
     m = await mounts.mount(repo, 'vm', 'fio');
@@ -294,6 +299,7 @@ export async function runMountBench(o: MountBenchOptions = {}): Promise<MountBen
         mountColdMBps: Math.round(mountColdMBps),
         rawFileColdMBps: Math.round(rawColdMBps),
         mountWarmMBps: Math.round(mountWarmMBps),
+        fuseCeilingColdMBps: Math.round(fuseCeilingColdMBps ?? 0),
       },
       random4k: { wholeDiskQd1, wholeDisk8Jobs, cachedRegionQd1, rawFileQd1 },
       sparse,
@@ -338,7 +344,7 @@ async function main(): Promise<void> {
     `bkfs mount read benchmark (${r.machine.cpus} CPUs, node ${r.machine.node}, ${r.dataMiB} MiB of data)`,
   );
   console.log(
-    `sequential dd bs=1M, page cache dropped: mount ${r.sequential.mountColdMBps} MB/s, raw file ${r.sequential.rawFileColdMBps} MB/s; warm re-read ${r.sequential.mountWarmMBps} MB/s`,
+    `sequential dd bs=1M, page cache dropped: mount ${r.sequential.mountColdMBps} MB/s, raw file ${r.sequential.rawFileColdMBps} MB/s; warm re-read ${r.sequential.mountWarmMBps} MB/s; fuse-native in-memory ceiling ${r.sequential.fuseCeilingColdMBps} MB/s (mount ${(r.sequential.mountColdMBps / r.sequential.fuseCeilingColdMBps).toFixed(2)}x)`,
   );
   console.log(`random 4 KiB (fio, O_DIRECT): whole disk QD1 ${f(r.random4k.wholeDiskQd1)}`);
   console.log(`                              whole disk 8 jobs ${f(r.random4k.wholeDisk8Jobs)}`);
