@@ -536,7 +536,10 @@ export class FilesSession {
         return null;
       }
     });
-    const tmp = tempSibling(plan.final, randomBytes(4).toString('hex'));
+    // The copy is made inside a private (0700) directory beside the target and renamed into
+    // place: until its mode is the guest's, nobody else can open what is being written.
+    const box = await fsp.mkdtemp(tempSibling(plan.final, randomBytes(4).toString('hex')));
+    const tmp = path.join(box, 'copy');
     try {
       if (r.kind === 'symlink') {
         await fsp.symlink(await r.engine.readlink(r.path), tmp);
@@ -552,7 +555,7 @@ export class FilesSession {
         await fsp.rename(tmp, plan.final);
       }
     } finally {
-      await fsp.rm(tmp, { recursive: true, force: true });
+      await fsp.rm(box, { recursive: true, force: true });
     }
     return { ...plan, kind: r.kind, source: r.path };
   }

@@ -50,6 +50,7 @@ import {
   fsyncDir,
   packPath,
 } from '../store/packs';
+import { openPrivate, repoModes } from '../util/private-fs';
 
 export const PENDING_FILE = 'gc-pending.json';
 
@@ -143,7 +144,7 @@ async function writePending(repoDir: string, packs: PendingPack[]): Promise<void
     return;
   }
   const tmp = `${file}.tmp`;
-  const fh = await fsp.open(tmp, 'w');
+  const fh = await openPrivate(tmp, 'w', repoModes(repoDir).file);
   try {
     await fh.writeFile(JSON.stringify({ packs }, null, 1));
     await fh.sync();

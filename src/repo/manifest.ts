@@ -35,6 +35,7 @@ import type { CheckpointRow } from '../index/catalog';
 import type { Repository } from './repository';
 import { crashPoint } from './repository';
 import { healDamagedChunks } from './gc';
+import { mkdirPrivateSync, openPrivateSync, repoModes } from '../util/private-fs';
 
 export const MANIFEST_DIR = 'manifests';
 export const MANIFEST_MAGIC = 'bkfs-manifest';
@@ -138,7 +139,7 @@ export function fsyncDirSync(dir: string): void {
 /** Write `data` to `file` atomically and durably (temp file, fsync, rename, fsync directory). */
 export function writeFileDurable(file: string, data: Buffer): void {
   const tmp = `${file}.${process.pid}.tmp`;
-  const fd = fs.openSync(tmp, 'w');
+  const fd = openPrivateSync(tmp, 'w', repoModes(path.dirname(path.dirname(file))).file);
   try {
     let off = 0;
     while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
@@ -322,7 +323,7 @@ export function readManifest(repoDir: string, uid: string): Manifest {
 }
 
 export function writeManifest(repoDir: string, m: Manifest): void {
-  fs.mkdirSync(manifestDir(repoDir), { recursive: true });
+  mkdirPrivateSync(manifestDir(repoDir), { recursive: true, mode: repoModes(repoDir).dir });
   writeFileDurable(manifestPath(repoDir, m.checkpoint.uid), encodeManifest(m));
 }
 
@@ -406,7 +407,7 @@ function journalFiles(repoDir: string): string[] {
 
 /** Durably record that these checkpoints are being forgotten; returns the journal's path. */
 export function writeForgetJournal(repoDir: string, checkpoints: { id: number; uid: string }[]): string {
-  fs.mkdirSync(manifestDir(repoDir), { recursive: true });
+  mkdirPrivateSync(manifestDir(repoDir), { recursive: true, mode: repoModes(repoDir).dir });
   const file = path.join(manifestDir(repoDir), `${JOURNAL_PREFIX}${randomBytes(8).toString('hex')}.json`);
   const j: ForgetJournal = { time: new Date().toISOString(), checkpoints };
   writeFileDurable(file, Buffer.from(JSON.stringify(j)));

@@ -13,6 +13,7 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { Repository } from './repository';
 import { processAlive } from '../util/proc';
+import { mkdirPrivateSync, repoModes, writeFilePrivateSync } from '../util/private-fs';
 
 export interface PinInfo {
   pid: number;
@@ -39,7 +40,9 @@ export class Pin {
       time: new Date().toISOString(),
     };
     const tmp = `${this.file}.tmp`;
-    fs.writeFileSync(tmp, JSON.stringify(info));
+    writeFilePrivateSync(tmp, JSON.stringify(info), {
+      mode: repoModes(path.dirname(path.dirname(this.file))).file,
+    });
     fs.renameSync(tmp, this.file);
   }
 
@@ -66,7 +69,7 @@ function pinsDir(repo: Repository): string {
 }
 
 export function pinCheckpoints(repo: Repository, checkpoints: number[]): Pin {
-  fs.mkdirSync(pinsDir(repo), { recursive: true });
+  mkdirPrivateSync(pinsDir(repo), { recursive: true, mode: repoModes(repo.dir).dir });
   const file = path.join(pinsDir(repo), `${process.pid}-${randomBytes(4).toString('hex')}.json`);
   return new Pin(file, [...new Set(checkpoints)]);
 }

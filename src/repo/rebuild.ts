@@ -56,6 +56,7 @@ import {
   type Manifest,
 } from './manifest';
 import { PENDING_FILE, packFilesOnDisk, refreshCheckpointDamage } from './gc';
+import { mkdirPrivateSync, precreateDbFile, repoModes } from '../util/private-fs';
 
 const BUILD_FILE = 'index.db.rebuild';
 
@@ -217,12 +218,13 @@ async function build(
     oldIndex: null,
   };
   const tmpDir = path.join(dir, 'tmp');
-  fs.mkdirSync(tmpDir, { recursive: true });
+  mkdirPrivateSync(tmpDir, { recursive: true, mode: repoModes(dir).dir });
   for (const f of fs.readdirSync(tmpDir)) fs.rmSync(path.join(tmpDir, f), { force: true, recursive: true });
   const buildPath = path.join(dir, BUILD_FILE);
   rmDbFiles(buildPath);
   rmDbFiles(path.join(dir, DB_NEW_FILE));
 
+  precreateDbFile(buildPath, repoModes(dir).file);
   const db = new Database(buildPath);
   try {
     db.pragma('journal_mode = MEMORY');

@@ -47,6 +47,7 @@ import {
 } from './targets';
 import { rewriteDomainXml, type DiskRewrite } from './domain-xml';
 import { defineDomain, domainUuid } from './libvirt';
+import { mkdirPrivate, writeFilePrivate } from '../util/private-fs';
 
 export type FileFormat = 'raw' | 'qcow2';
 
@@ -380,7 +381,7 @@ export function planConfigs(
 export async function writeConfigFiles(files: Map<string, Buffer>): Promise<void> {
   for (const [p, data] of files) {
     const tmp = `${p}.bkfs-partial`;
-    await fsp.writeFile(tmp, data);
+    await writeFilePrivate(tmp, data);
     await fsp.rename(tmp, p);
   }
 }
@@ -530,7 +531,7 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
   }
   if (dir !== null) {
     try {
-      await fsp.mkdir(dir, { recursive: true });
+      await mkdirPrivate(dir, { recursive: true });
     } catch (e) {
       throw new BkfsError('TARGET_INVALID', `cannot create directory ${dir}: ${(e as Error).message}`);
     }

@@ -22,6 +22,7 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BkfsError } from '../errors';
 import { HASH_LEN } from './codec';
+import { mkdirPrivate, openPrivate, repoModes } from '../util/private-fs';
 
 export const PACK_MAGIC = Buffer.from('BKFSPACK', 'ascii');
 export const PACK_VERSION = 1;
@@ -93,7 +94,7 @@ export class PackWriter {
 
   static async create(repoDir: string): Promise<PackWriter> {
     const w = new PackWriter(repoDir, randomBytes(16).toString('hex'));
-    w.fh = await fsp.open(w.tmpPath, 'wx');
+    w.fh = await openPrivate(w.tmpPath, 'wx', repoModes(repoDir).file);
     const h = encodePackHeader();
     await w.fh.write(h, 0, h.length, 0);
     w.pos = h.length;
@@ -121,7 +122,7 @@ export class PackWriter {
     await this.fh.close();
     this.fh = undefined;
     const final = packPath(this.repoDir, this.name);
-    await fsp.mkdir(path.dirname(final), { recursive: true });
+    await mkdirPrivate(path.dirname(final), { recursive: true, mode: repoModes(this.repoDir).dir });
     await fsp.rename(this.tmpPath, final);
     await fsyncDir(path.dirname(final));
   }
