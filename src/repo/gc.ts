@@ -49,6 +49,7 @@ import {
   RECORD_HEADER_LEN,
   fsyncDir,
   packPath,
+  checkRecordLengths,
 } from '../store/packs';
 import { openPrivate, repoModes } from '../util/private-fs';
 
@@ -504,11 +505,12 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
         } else {
           try {
             for (const r of rows) {
-              const buf = Buffer.allocUnsafe(r.storedLen);
-              const { bytesRead } = await fh.read(buf, 0, r.storedLen, r.offset);
               try {
+                checkRecordLengths(r, repo.config.chunkSize);
+                const buf = Buffer.allocUnsafe(r.storedLen);
+                const { bytesRead } = await fh.read(buf, 0, r.storedLen, r.offset);
                 if (bytesRead !== r.storedLen) throw new Error('truncated');
-                decodeChunk(buf, r.codec, r.rawLen, r.hash);
+                decodeChunk(buf, r.codec, r.rawLen, r.hash, repo.config.chunkSize);
                 data.push(buf);
               } catch {
                 bad.push(r.id);

@@ -187,7 +187,7 @@ export async function verifyRepository(repo: Repository, o: VerifyOptions = {}):
     if (loc.offset + loc.storedLen > size) return `pack ${loc.pack} is truncated`;
     try {
       const stored = await repo.packs.read(loc.pack, loc.offset, loc.storedLen);
-      decodeChunk(stored, loc.codec, loc.rawLen, loc.hash);
+      decodeChunk(stored, loc.codec, loc.rawLen, loc.hash, repo.config.chunkSize);
       bytesChecked += loc.storedLen;
       return undefined;
     } catch (e) {
