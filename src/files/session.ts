@@ -44,7 +44,15 @@ import {
   type GuestStat,
   type KernelSupport,
 } from './engine';
-import { chooseRoot, locate, mountsBelow, noLayoutError, type Layout, type MountPoint } from './fstab';
+import {
+  chooseRoot,
+  locate,
+  MAX_FSTAB_BYTES,
+  mountsBelow,
+  noLayoutError,
+  type Layout,
+  type MountPoint,
+} from './fstab';
 import { guestfishAvailable } from './guestfish';
 import { GuestfsEngine } from './guestfs-engine';
 import { KernelEngine } from './kernel';
@@ -337,6 +345,14 @@ export class FilesSession {
       }
       const r = await resolveInRoot('/etc/fstab', this.resolveOps(engine), true);
       if (!r.ok || r.kind !== 'file') return null;
+      // The guest wrote this file: refuse an absurd one before reading it into memory.
+      const st = await engine.lstat(r.path);
+      if (st && st.size > MAX_FSTAB_BYTES) {
+        throw new BkfsError(
+          'FS_UNSUPPORTED',
+          `${this.where(checkpoint)}: ${v.id}: /etc/fstab is ${st.size} bytes, more than the ${MAX_FSTAB_BYTES} bkfs reads: not a usable fstab; name a volume explicitly (VM@CP:VOLUME:/path)`,
+        );
+      }
       return (await engine.readFile(r.path)).toString('utf8');
     });
     c.layout = layout ?? null;
