@@ -80,6 +80,8 @@ export interface RestoreOptions extends CopyTuning {
   force?: boolean;
   /** Define the restored VM in libvirt under this name. */
   define?: string;
+  /** Permission bits of restored image files (default 0600: owner only). */
+  mode?: number;
   onProgress?: (p: RestoreProgress) => void;
   onNotice?: (msg: string) => void;
   signal?: AbortSignal;
@@ -587,6 +589,8 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
           runs,
         );
         await target.finish();
+        // Images are created 0600 (private-fs.ts); a wider mode only when the user asked for it.
+        if (o.mode !== undefined && j.kind !== 'nbd') await fsp.chmod(j.to, o.mode);
         ok = true;
         if (j.kind === 'nbd' && target.size > size) {
           o.onNotice?.(

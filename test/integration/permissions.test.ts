@@ -158,6 +158,23 @@ describe('permissions: other local users cannot read backups (umask 022)', () =>
       if (e.p === exp) continue; // --to names the user's own directory
       assert.equal(modeOf(e.p), e.dir ? 0o700 : 0o600, `${e.p}: ${modeOf(e.p).toString(8)}`);
     }
+    // Asked for: --mode gives restored images the requested bits.
+    const shared = path.join(work, 'shared.raw');
+    await ok022(['-r', repo, 'restore', 'vm', '--disk', 'vda', '--to', shared, '--mode', '0640']);
+    assert.equal(modeOf(shared), 0o640);
+    const bad = await bkfs022([
+      '-r',
+      repo,
+      'restore',
+      'vm',
+      '--disk',
+      'vda',
+      '--to',
+      shared + '2',
+      '--mode',
+      'rw',
+    ]);
+    assert.equal(bad.code, 2, bad.stderr);
     fs.chmodSync(exp, 0o755);
     for (const e of layers) if (e.dir) fs.chmodSync(e.p, 0o755);
     for (const e of layers.filter((x) => !x.dir)) assert.notEqual(asNobody(e.p, false).code, 0, e.p);
