@@ -16,11 +16,11 @@ import { Compressor } from 'zstd-napi';
 import * as zstd from 'zstd-napi/binding';
 import { BkfsError } from '../errors';
 
-export const CODEC_RAW = 0;
-export const CODEC_ZSTD = 1;
+import { CODEC_RAW, CODEC_ZSTD, MAX_CHUNK_LEN } from './hash-len';
+export { CODEC_RAW, CODEC_ZSTD, MAX_CHUNK_LEN };
 export type Codec = typeof CODEC_RAW | typeof CODEC_ZSTD;
 
-export const HASH_LEN = 32;
+export { HASH_LEN } from './hash-len';
 
 export function hashChunk(data: Uint8Array): Buffer {
   return blake3(Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength));
@@ -29,12 +29,6 @@ export function hashChunk(data: Uint8Array): Buffer {
 let compressor: Compressor | undefined;
 let compressorLevel = -100;
 let dctx: zstd.DCtx | undefined;
-
-/**
- * Largest chunk any repository can have (`init` allows chunk sizes up to 16 MiB): a stored or raw
- * length above it is damage (or a hostile file), refused before anything is allocated.
- */
-export const MAX_CHUNK_LEN = 16 << 20;
 
 export interface Encoded {
   codec: Codec;

@@ -21,7 +21,7 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BkfsError } from '../errors';
-import { CODEC_RAW, CODEC_ZSTD, HASH_LEN, MAX_CHUNK_LEN } from './codec';
+import { CODEC_RAW, CODEC_ZSTD, HASH_LEN, MAX_CHUNK_LEN } from './hash-len';
 import { mkdirPrivate, openPrivate, repoModes } from '../util/private-fs';
 
 export const PACK_MAGIC = Buffer.from('BKFSPACK', 'ascii');
