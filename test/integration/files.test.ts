@@ -7,8 +7,8 @@
  *
  * Appliance launches are the cost here (15-50 s each under TCG), so libguestfs checks are batched:
  * one launch builds the LVM disks, one in-process session checks every checkpoint of the GPT disk,
- * one the LVM disk, one CLI `find` in auto mode, one `mount --files`. Everything else uses the kernel
- * engine. Needs root, libguestfs-tools, nbdfuse, qemu-utils, mtools, cryptsetup.
+ * one the LVM disk, one CLI `find` with the default engine (libguestfs), one `mount --files`.
+ * Everything else asks for the kernel engine by name. Needs root, libguestfs-tools, nbdfuse, qemu-utils, mtools, cryptsetup.
  *
  * Changes reach the qcow2 images through QEMU (modifyDisk: qemu-nbd + loop; vfat: mtools on an
  * nbdfuse view of qemu-nbd; LVM: guestfish), so incremental backups see them in dirty bitmaps.
@@ -782,9 +782,12 @@ describe('libguestfs engine', () => {
     }
   });
 
-  it('auto mode falls back to libguestfs for vfat and says why (CLI find)', async () => {
-    const f = await bkfsOk(['-r', repo, 'find', 'web', '*.efi', '-i', '--json']);
-    assert.match(f.stderr, /cannot mount vfat \(vda3\).*using libguestfs/);
+  it('the default engine is libguestfs, even where the kernel could mount (CLI find)', async () => {
+    const f = await bkfsOk(['-r', repo, 'find', 'web', '*.efi', '-i', '--json', '--stats'], {
+      BKFS_FILES_ENGINE: '',
+    });
+    assert.match(f.stderr, /engine guestfs:/);
+    assert.doesNotMatch(f.stderr, /using libguestfs/);
     const res = JSON.parse(f.stdout) as {
       matches: { path: string; history: { checkpoint: string; state: string }[] }[];
     };
@@ -828,6 +831,28 @@ describe('mount --files', () => {
           assert.deepEqual(sorted(got), sorted(expectedSums(t, pick)), `${engine} ${vol}`);
         }
         assert.equal(fs.statSync(path.join(dir, 'fs/vda1/home/u/sp ace.txt')).uid, 1000);
+        // Only the mounting user reaches guest files: not another local user, not even one whose
+        // uid owns the file in the guest (1000), nor for a world-readable guest file.
+        assert.equal(fs.statSync(path.join(dir, 'fs/vda1/etc/hostname')).mode & 0o004, 0o004);
+        for (const uid of ['1000', '65534']) {
+          for (const p of ['fs/vda1/etc/hostname', 'fs/vda1/home/u/sp ace.txt', 'disks/vda.raw', 'fs']) {
+            const as = await run(
+              'setpriv',
+              ['--reuid', uid, '--regid', uid, '--clear-groups', 'head', '-c', '1', path.join(dir, p)],
+              { allowFail: true },
+            );
+            assert.notEqual(as.code, 0, `uid ${uid} read ${p}`);
+            assert.match(as.stderr, /Permission denied|Is a directory/, `uid ${uid} ${p}: ${as.stderr}`);
+          }
+          const ls = await run(
+            'setpriv',
+            ['--reuid', uid, '--regid', uid, '--clear-groups', 'ls', path.join(dir, 'fs')],
+            {
+              allowFail: true,
+            },
+          );
+          assert.notEqual(ls.code, 0, `uid ${uid} listed fs/: ${ls.stdout}`);
+        }
       } finally {
         const u = await bkfs(['-r', repo, 'umount', dir]);
         assert.equal(u.code, 0, u.stderr);
