@@ -43,7 +43,7 @@ function classifyQemuError(image: string, stderr: string): BkfsError {
 export type DeclaredFormat = 'raw' | 'qcow2';
 export const DECLARABLE_FORMATS: readonly DeclaredFormat[] = ['raw', 'qcow2'];
 
-interface QemuImgInfoJson {
+export interface QemuImgInfoJson {
   format: string;
   filename?: string;
   'virtual-size': number;
