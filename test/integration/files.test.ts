@@ -807,8 +807,11 @@ describe('libguestfs engine', () => {
 describe('mount --files', () => {
   for (const engine of ['kernel', 'guestfs'] as const) {
     it(`${engine}: filesystems browsable next to the raw disks, copied with cp -a, torn down in order`, async () => {
-      const dir = path.join(work, `mnt-${engine}`);
-      fs.mkdirSync(dir);
+      // In a directory every local user can reach (work is 0700), to see what they can read.
+      const pub = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-files-pub-'));
+      fs.chmodSync(pub, 0o755);
+      const dir = path.join(pub, `mnt-${engine}`);
+      fs.mkdirSync(dir, { mode: 0o755 });
       const cp = engine === 'kernel' ? 2 : 3;
       try {
         const m = await bkfsOk(['-r', repo, 'mount', '--files', `web@check${cp}`, dir, '--engine', engine]);
@@ -835,6 +838,10 @@ describe('mount --files', () => {
         // uid owns the file in the guest (1000), nor for a world-readable guest file.
         assert.equal(fs.statSync(path.join(dir, 'fs/vda1/etc/hostname')).mode & 0o004, 0o004);
         for (const uid of ['1000', '65534']) {
+          const top = await run('setpriv', ['--reuid', uid, '--regid', uid, '--clear-groups', 'ls', dir], {
+            allowFail: true,
+          });
+          assert.equal(top.code, 0, `uid ${uid} reaches the mount directory itself: ${top.stderr}`);
           for (const p of ['fs/vda1/etc/hostname', 'fs/vda1/home/u/sp ace.txt', 'disks/vda.raw', 'fs']) {
             const as = await run(
               'setpriv',
@@ -860,6 +867,7 @@ describe('mount --files', () => {
       assert.deepEqual(mountsBelow(dir), []);
       assert.deepEqual(fs.readdirSync(dir), []);
       assert.equal(await loopsOn(dir), '');
+      fs.rmSync(pub, { recursive: true, force: true });
       const left = (await run('pgrep', ['-f', process.env.BKFS_RUN_DIR as string], { allowFail: true }))
         .stdout;
       assert.equal(left.trim(), '');
