@@ -28,7 +28,7 @@ import { BkfsError } from '../errors';
 import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
 import { processAlive } from '../util/proc';
-import { finishForgetJournals, removeManifest } from './manifest';
+import { finishForgetJournals, fsyncDirSync, removeManifest, writeFileDurable } from './manifest';
 
 export const REPO_MAGIC = 'bkfs-repository';
 export const CONFIG_FILE = 'bkfs-repo.json';
@@ -102,9 +102,10 @@ export class Repository {
     if (fs.existsSync(dir) && fs.readdirSync(dir).length > 0) {
       throw new BkfsError('REPO_EXISTS', `${dir} is not empty; choose an empty or new directory`);
     }
-    fs.mkdirSync(path.join(dir, 'packs'), { recursive: true });
-    fs.mkdirSync(path.join(dir, 'tmp'), { recursive: true });
-    fs.mkdirSync(path.join(dir, 'manifests'), { recursive: true });
+    const created = fs.mkdirSync(dir, { recursive: true });
+    fs.mkdirSync(path.join(dir, 'packs'));
+    fs.mkdirSync(path.join(dir, 'tmp'));
+    fs.mkdirSync(path.join(dir, 'manifests'));
     const config: RepoConfig = {
       magic: REPO_MAGIC,
       format: FORMAT_VERSION,
@@ -117,14 +118,16 @@ export class Repository {
     };
     const db = new Database(path.join(dir, DB_FILE));
     db.pragma('journal_mode = WAL');
+    db.pragma('synchronous = FULL');
     db.exec(SCHEMA);
     db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('format', String(FORMAT_VERSION));
     db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('repo_id', config.id);
     db.close();
-    // The config file is written last: a directory without it is not a repository.
-    const tmp = path.join(dir, `${CONFIG_FILE}.tmp`);
-    fs.writeFileSync(tmp, JSON.stringify(config, null, 2) + '\n');
-    fs.renameSync(tmp, path.join(dir, CONFIG_FILE));
+    // The config file is written last, durably: a directory without it is not a repository, and
+    // one with it has its index and directories on disk (see "Durability" in FORMAT.md).
+    fsyncDirSync(dir); // packs/, tmp/, manifests/, index.db
+    if (created !== undefined) fsyncDirSync(path.dirname(path.resolve(created)));
+    writeFileDurable(path.join(dir, CONFIG_FILE), Buffer.from(JSON.stringify(config, null, 2) + '\n'));
     return Repository.open(dir);
   }
 
@@ -135,6 +138,7 @@ export class Repository {
       // An index rebuild was interrupted right after moving the old index aside: finish it.
       try {
         fs.renameSync(path.join(dir, DB_NEW_FILE), dbPath);
+        fsyncDirSync(dir);
       } catch {
         // another process finished it first
       }
@@ -148,7 +152,11 @@ export class Repository {
     const db = new Database(dbPath, { fileMustExist: true });
     db.pragma('busy_timeout = 10000');
     db.pragma('journal_mode = WAL');
-    db.pragma('synchronous = NORMAL');
+    // FULL: a transaction that returned is durable (the WAL is fsynced at each commit). Every
+    // writer deletes or overwrites files only after the index state that no longer needs them has
+    // committed, so this is what makes gc's pack deletion and forget's manifest deletion safe
+    // against power loss (FORMAT.md, "Durability"; the cost is measured in bench/durable.ts).
+    db.pragma('synchronous = FULL');
     const ver = db.prepare("SELECT value FROM meta WHERE key = 'format'").get() as
       { value: string } | undefined;
     if (!ver || Number(ver.value) > FORMAT_VERSION) {
@@ -266,7 +274,15 @@ export function acquireWriterLock(dir: string, command: string): void {
   });
   for (let attempt = 0; attempt < 2; attempt++) {
     try {
-      fs.writeFileSync(lockPath, info, { flag: 'wx' });
+      // fsynced: a power cut must not leave an empty lock file (its name can become durable with
+      // any later fsync of the repository directory, e.g. SQLite's WAL creation).
+      const fd = fs.openSync(lockPath, 'wx', 0o600);
+      try {
+        fs.writeSync(fd, info);
+        fs.fsyncSync(fd);
+      } finally {
+        fs.closeSync(fd);
+      }
       return;
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;

@@ -121,7 +121,10 @@ export class PackWriter {
     await this.fh.close();
     this.fh = undefined;
     const final = packPath(this.repoDir, this.name);
-    await fsp.mkdir(path.dirname(final), { recursive: true });
+    // A new packs/NN/ must be durable in packs/ too, or a power cut loses the pack with it.
+    if (await fsp.mkdir(path.dirname(final), { recursive: true })) {
+      await fsyncDir(path.dirname(path.dirname(final)));
+    }
     await fsp.rename(this.tmpPath, final);
     await fsyncDir(path.dirname(final));
   }
