@@ -119,6 +119,7 @@ export async function runCut(sc: Scenario, runDir: string, plan: CutPlan | 'coun
         : plan.atOp
           ? `op ${plan.atOp}`
           : 'end';
+  if (plan === 'count') return { point, stats, exits };
   try {
     await checkAfterCut(sc, runDir, reported);
   } catch (e) {
@@ -210,7 +211,8 @@ export async function sweep(sc: Scenario, work: string, o: SweepOptions): Promis
   let chosen = all;
   if (o.maxFsyncPoints !== undefined && all.length > o.maxFsyncPoints) {
     const step = all.length / o.maxFsyncPoints;
-    chosen = Array.from({ length: o.maxFsyncPoints }, (_, i) => all[Math.floor(i * step)]!);
+    // Spread out, ending at the last fsync (where commands commit).
+    chosen = Array.from({ length: o.maxFsyncPoints }, (_, i) => all[Math.ceil((i + 1) * step) - 1]!);
   }
   for (const n of chosen) points.push({ atFsync: n });
   points.push({}); // the end: after everything, no sync

@@ -24,7 +24,7 @@ import { packPath, PACK_HEADER_LEN, RECORD_HEADER_LEN } from '../../src/store/pa
 import { run } from '../../src/util/proc';
 
 const FULL = process.env.BKFS_POWERLOSS === 'full';
-const SWEEP = FULL ? { randomPoints: 12, seed: 11 } : { maxFsyncPoints: 4, randomPoints: 1, seed: 11 };
+const SWEEP = FULL ? { randomPoints: 8, seed: 11 } : { maxFsyncPoints: 2, randomPoints: 1, seed: 11 };
 const MiB = 1 << 20;
 let work: string;
 const tally = { cuts: 0, byScenario: new Map<string, number>() };
@@ -41,7 +41,8 @@ after(async () => {
 });
 
 function count(sc: string): (o: CutOutcome) => void {
-  return () => {
+  return (o) => {
+    if (FULL) console.log(`power-loss: ${sc}: cut at ${o.point ?? '?'}: ok (${tally.cuts + 1} so far)`);
     tally.cuts++;
     tally.byScenario.set(sc, (tally.byScenario.get(sc) ?? 0) + 1);
   };
@@ -269,7 +270,7 @@ describe('power loss: a restore that reports success is durable', () => {
           `cut at fsync ${n}: restored bytes differ`,
         );
       }
-      count('restore')({} as CutOutcome);
+      count('restore')({ point: `fsync ${n}`, stats: { fsyncs: n, ops: 0, dead: reached }, exits: [r.code] });
       fs.rmSync(dir, { recursive: true, force: true });
       cuts.push(n);
       if (!reached) break; // the restore finished before its n-th fsync: every boundary was tried
