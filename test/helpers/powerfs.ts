@@ -67,6 +67,13 @@ export interface CutPlan {
   atFsync?: number;
   /** Power fails when the N-th mutating request arrives (before it takes effect). */
   atOp?: number;
+  /**
+   * Also a state a crashed kernel can leave: the file system's journal committed every directory
+   * change (create, rename, unlink) made so far, but file data is still only what was fsynced
+   * (e.g. ext4 commits metadata every few seconds, whatever the application fsynced). Default:
+   * the strict state (directory changes since the directory's last fsync are lost too).
+   */
+  keepDirOps?: boolean;
 }
 
 const EIO = -5;
@@ -453,12 +460,12 @@ export class PowerFsModel {
    * Write the durable state to `out` (a new directory on the backing file system). Called after
    * the FUSE mount is gone.
    */
-  materialize(out: string): void {
+  materialize(out: string, keepDirOps = false): void {
     const seen = new Set<number>();
     const walk = (d: Node, dirPath: string): void => {
       if (seen.has(d.id)) return;
       seen.add(d.id);
-      for (const [name, n] of d.durableEntries ?? d.live!) {
+      for (const [name, n] of keepDirOps ? d.live! : (d.durableEntries ?? d.live!)) {
         const p = path.join(dirPath, name);
         if (n.dir) {
           fs.mkdirSync(p, { mode: 0o700 });
@@ -547,7 +554,7 @@ function daemonMain(backing: string, mnt: string): void {
           await unmount();
           const out = `${backing}.powerfs-durable`;
           fs.rmSync(out, { recursive: true, force: true });
-          model.materialize(out);
+          model.materialize(out, model.plan.keepDirOps === true);
           fs.rmSync(backing, { recursive: true, force: true });
           fs.renameSync(out, backing);
           fs.rmSync(shadow, { recursive: true, force: true });
@@ -626,7 +633,7 @@ export class PowerFs {
       child.kill('SIGKILL');
       throw new Error(m.ev === 'error' ? m.message : `powerfs: unexpected ${m.ev}`);
     }
-    if (plan.atFsync !== undefined || plan.atOp !== undefined) await pfs.arm(plan);
+    if (plan.atFsync !== undefined || plan.atOp !== undefined || plan.keepDirOps) await pfs.arm(plan);
     return pfs;
   }
 

@@ -111,7 +111,7 @@ export async function runCut(sc: Scenario, runDir: string, plan: CutPlan | 'coun
     await pfs.kill();
     throw e;
   }
-  const point =
+  let point =
     plan === 'count'
       ? 'none'
       : plan.atFsync
@@ -119,6 +119,7 @@ export async function runCut(sc: Scenario, runDir: string, plan: CutPlan | 'coun
         : plan.atOp
           ? `op ${plan.atOp}`
           : 'end';
+  if (plan !== 'count' && plan.keepDirOps) point += ' (directory changes committed)';
   if (plan === 'count') return { point, stats, exits };
   try {
     await checkAfterCut(sc, runDir, reported);
@@ -216,8 +217,12 @@ export async function sweep(sc: Scenario, work: string, o: SweepOptions): Promis
   }
   for (const n of chosen) points.push({ atFsync: n });
   points.push({}); // the end: after everything, no sync
+  points.push({ keepDirOps: true }); // the end, the journal having committed every directory change
+  // Random other points, half of them with directory changes committed by the journal.
   const rnd = lcg(o.seed);
-  for (let i = 0; i < o.randomPoints; i++) points.push({ atOp: 1 + Math.floor(rnd() * total.ops) });
+  for (let i = 0; i < o.randomPoints; i++) {
+    points.push({ atOp: 1 + Math.floor(rnd() * total.ops), ...(i % 2 === 0 ? { keepDirOps: true } : {}) });
+  }
   const out: CutOutcome[] = [];
   for (const p of points) {
     const d = dir();

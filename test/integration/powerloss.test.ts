@@ -24,7 +24,7 @@ import { packPath, PACK_HEADER_LEN, RECORD_HEADER_LEN } from '../../src/store/pa
 import { run } from '../../src/util/proc';
 
 const FULL = process.env.BKFS_POWERLOSS === 'full';
-const SWEEP = FULL ? { randomPoints: 8, seed: 11 } : { maxFsyncPoints: 2, randomPoints: 1, seed: 11 };
+const SWEEP = FULL ? { randomPoints: 8, seed: 11 } : { maxFsyncPoints: 1, randomPoints: 1, seed: 11 };
 const MiB = 1 << 20;
 let work: string;
 const tally = { cuts: 0, byScenario: new Map<string, number>() };

@@ -130,6 +130,19 @@ describe('powerfs: a power cut keeps exactly what was made durable', () => {
     assert.equal(fs.readFileSync(path.join(back, 'b'), 'utf8'), 'B');
   });
 
+  it('keepDirOps: the journal kept every directory change, file data is still only what was fsynced', async () => {
+    const { pfs, mnt, back } = await setup((d) => fs.writeFileSync(path.join(d, 'old'), 'O'));
+    await pfs.arm({ keepDirOps: true });
+    writeSynced(path.join(mnt, 'synced'), 'S');
+    fs.writeFileSync(path.join(mnt, 'unsynced'), 'U');
+    fs.renameSync(path.join(mnt, 'old'), path.join(mnt, 'renamed'));
+    await pfs.cut();
+    assert.deepEqual(fs.readdirSync(back).sort(), ['renamed', 'synced', 'unsynced']);
+    assert.equal(fs.readFileSync(path.join(back, 'renamed'), 'utf8'), 'O');
+    assert.equal(fs.readFileSync(path.join(back, 'synced'), 'utf8'), 'S');
+    assert.equal(fs.readFileSync(path.join(back, 'unsynced'), 'utf8'), '');
+  });
+
   it('counts fsync boundaries and cuts at the N-th: that fsync and everything after it fail, change nothing', async () => {
     const { pfs, mnt, back } = await setup();
     await pfs.arm({ atFsync: 3 });
