@@ -215,7 +215,9 @@ export async function sweep(sc: Scenario, work: string, o: SweepOptions): Promis
     // Spread out, ending at the last fsync (where commands commit).
     chosen = Array.from({ length: o.maxFsyncPoints }, (_, i) => all[Math.ceil((i + 1) * step) - 1]!);
   }
-  for (const n of chosen) points.push({ atFsync: n });
+  // Each fsync boundary twice: the strict state, and the state where the journal also committed
+  // every directory change (an unlink or rename that happened before a commit that is not durable).
+  for (const n of chosen) points.push({ atFsync: n }, { atFsync: n, keepDirOps: true });
   points.push({}); // the end: after everything, no sync
   points.push({ keepDirOps: true }); // the end, the journal having committed every directory change
   // Random other points, half of them with directory changes committed by the journal.
