@@ -287,8 +287,19 @@ export function acquireWriterLock(dir: string, command: string): void {
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
     }
-    const holder = readLock(lockPath);
-    if (holder && holder.host === os.hostname() && !processAlive(holder.pid)) {
+    let holder = readLock(lockPath);
+    if (!holder) {
+      // A writer fills its lock right after creating it. One that stays empty or unreadable was
+      // left by a crash or power cut between the create and the write (the name can become
+      // durable without the content): stale.
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 500);
+      holder = readLock(lockPath);
+      if (!holder) {
+        fs.rmSync(lockPath, { force: true });
+        continue;
+      }
+    }
+    if (holder.host === os.hostname() && !processAlive(holder.pid)) {
       fs.rmSync(lockPath, { force: true });
       continue;
     }
