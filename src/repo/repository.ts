@@ -28,7 +28,6 @@ import { BkfsError } from '../errors';
 import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
 import { processAlive } from '../util/proc';
-import { finishForgetJournals, fsyncDirSync, removeManifest, writeFileDurable } from './manifest';
 
 export const REPO_MAGIC = 'bkfs-repository';
 export const CONFIG_FILE = 'bkfs-repo.json';
@@ -64,12 +63,7 @@ export interface InitOptions {
   compressionLevel?: number;
 }
 
-export function defaultRepoPath(env: NodeJS.ProcessEnv = process.env): string {
-  if (env.BKFS_REPO) return env.BKFS_REPO;
-  if (process.getuid?.() === 0) return '/var/lib/bkfs';
-  const data = env.XDG_DATA_HOME || path.join(os.homedir(), '.local', 'share');
-  return path.join(data, 'bkfs');
-}
+export { defaultRepoPath } from './default-path';
 
 function isPowerOfTwo(n: number): boolean {
   return Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
@@ -185,6 +179,10 @@ export class Repository {
 
   /** Remove what an interrupted writer left: running checkpoints, their maps, temp packs. */
   private recover(): void {
+    // Loaded here, not at the top: readers (`bkfs list`) never recover, and manifest.ts pulls in
+    // zstd and gc (start-up time).
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const { finishForgetJournals, removeManifest } = require('./manifest') as typeof import('./manifest');
     const running = this.db.prepare("SELECT id, uid FROM checkpoints WHERE state = 'running'").all() as {
       id: number;
       uid: string;
@@ -230,6 +228,31 @@ export function deleteCheckpointRows(db: Database.Database, checkpointId: number
   db.prepare('DELETE FROM disks WHERE checkpoint_id = ?').run(checkpointId);
   db.prepare('DELETE FROM configs WHERE checkpoint_id = ?').run(checkpointId);
   db.prepare('DELETE FROM checkpoints WHERE id = ?').run(checkpointId);
+}
+
+/** fsync a directory (its entries: creates, renames, unlinks). */
+function fsyncDirSync(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Write a small file atomically and durably: temp file, fsync, rename, fsync the directory. */
+function writeFileDurable(file: string, data: Buffer): void {
+  const tmp = `${file}.${process.pid}.tmp`;
+  const fd = fs.openSync(tmp, 'w', 0o600);
+  try {
+    let off = 0;
+    while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+  fsyncDirSync(path.dirname(file));
 }
 
 /** Read and check `bkfs-repo.json` (without opening the index). */
