@@ -205,7 +205,7 @@ async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<Verif
     if (loc.offset + loc.storedLen > size) return `pack ${loc.pack} is truncated`;
     try {
       const stored = await repo.packs.read(loc.pack, loc.offset, loc.storedLen);
-      decodeChunk(stored, loc.codec, loc.rawLen, loc.hash);
+      decodeChunk(stored, loc.codec, loc.rawLen, loc.hash, repo.config.chunkSize);
       bytesChecked += loc.storedLen;
       return undefined;
     } catch (e) {
@@ -386,7 +386,9 @@ export async function compareWithSources(
           Object.assign(r, { status: 'skipped', reason: 'the source image no longer exists' });
           continue;
         }
-        const info = await imageInfo(src);
+        // The format recorded at backup time (declared or safely probed); never a new probe.
+        const declared = d.format === 'raw' || d.format === 'qcow2' ? d.format : undefined;
+        const info = await imageInfo(src, declared);
         srv = await QemuNbd.start({ image: src, format: info.format, readOnly: true });
         try {
           client = await NbdClient.connect({ socket: srv.socket });

@@ -23,6 +23,7 @@ import { BkfsError, errorMessage, isBkfsError } from '../errors';
 import { NbdClient, describeNbdTarget, parseNbdUri } from '../nbd/client';
 import { QemuNbd } from '../backup/qemu';
 import { run } from '../util/proc';
+import { openPrivate } from '../util/private-fs';
 
 export const PARTIAL_SUFFIX = '.bkfs-partial';
 
@@ -161,7 +162,7 @@ export class RawFileTarget implements RestoreTarget {
     try {
       // A leftover partial file (an interrupted run) is replaced; never written through a link.
       await fsp.rm(partial, { force: true });
-      fh = await fsp.open(partial, 'wx');
+      fh = await openPrivate(partial, 'wx');
     } catch (e) {
       throw targetError(file, e);
     }
@@ -260,7 +261,10 @@ export class RawFileTarget implements RestoreTarget {
       await this.fh.close();
     }
     await fsp.rename(this.partialPath, this.finalPath);
-    await fsyncDir(path.dirname(path.resolve(this.finalPath))).catch(() => undefined);
+    // The rename is durable only once the directory is: a failure here is a failed restore.
+    await fsyncDir(path.dirname(path.resolve(this.finalPath))).catch((e: unknown) => {
+      throw targetError(this.finalPath, e);
+    });
   }
 
   async abort(): Promise<void> {
@@ -403,6 +407,8 @@ export interface Qcow2Options {
 export async function createQcow2(file: string, size: number, o: Qcow2Options = {}): Promise<NbdTarget> {
   const partial = file + PARTIAL_SUFFIX;
   await fsp.rm(partial, { force: true });
+  // Created 0600 first: qemu-img then writes into the existing file, which keeps its mode.
+  await (await openPrivate(partial, 'wx')).close();
   const args = ['create', '-q', '-f', 'qcow2'];
   if (o.backing !== undefined) args.push('-b', o.backing, '-F', 'qcow2');
   args.push(partial, String(size));
@@ -426,7 +432,9 @@ export async function createQcow2(file: string, size: number, o: Qcow2Options = 
     async () => {
       await srv.stop();
       await fsp.rename(partial, file);
-      await fsyncDir(path.dirname(path.resolve(file))).catch(() => undefined);
+      await fsyncDir(path.dirname(path.resolve(file))).catch((e: unknown) => {
+        throw targetError(file, e);
+      });
     },
     async (wrote) => {
       await srv.stop();
