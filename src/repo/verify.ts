@@ -19,6 +19,7 @@
  * Memory: the set of chunk ids in use.
  */
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import type { Repository } from './repository';
 import { decodeChunk } from '../store/codec';
 import { packPath } from '../store/packs';
@@ -287,8 +288,8 @@ export interface SourceDiff {
   checkpoint: string;
   disk: string;
   source: string | null;
-  /** 'same', 'differs', or 'skipped' (no source recorded, or it is gone). */
-  status: 'same' | 'differs' | 'skipped';
+  /** 'same', 'differs', 'gone' (the source image no longer exists) or 'skipped' (none recorded, unreachable). */
+  status: 'same' | 'differs' | 'gone' | 'skipped';
   reason?: string;
   bytesCompared: number;
   bytesDiffering: number;
@@ -365,7 +366,12 @@ export async function compareWithSources(
         }
       } else {
         if (!fs.existsSync(src)) {
-          Object.assign(r, { status: 'skipped', reason: 'the source image no longer exists' });
+          Object.assign(r, {
+            status: 'gone',
+            reason: path.isAbsolute(src)
+              ? 'the source image no longer exists'
+              : `the source image no longer exists here (an older bkfs recorded the relative path '${src}')`,
+          });
           continue;
         }
         const info = await imageInfo(src);

@@ -22,7 +22,8 @@ export function registerVerify(program: Command): void {
       `
 Damaged chunks are reported with every checkpoint and disk range that uses them, and marked in the
 index: 'bkfs list' shows those checkpoints as DAMAGED, and the next backup that reads the same data
-stores it again and heals them. Exit code 16 when anything is damaged or differs from its source.`,
+stores it again and heals them. Exit code 16 when anything is damaged or differs from its source;
+with --source, exit code 24 when a source image no longer exists (and nothing is damaged).`,
     )
     .action(
       async (
@@ -84,6 +85,7 @@ stores it again and heals them. Exit code 16 when anything is damaged or differs
           for (const s of sources ?? []) {
             const what = `source ${s.vm}@${s.checkpoint} ${s.disk} (${s.source ?? '-'})`;
             if (s.status === 'skipped') out(`${what}: skipped, ${s.reason ?? ''}`);
+            else if (s.status === 'gone') out(`${what}: GONE, ${s.reason ?? ''}`);
             else if (s.status === 'same') out(`${what}: identical (${bytes(s.bytesCompared)})`);
             else {
               out(
@@ -101,6 +103,15 @@ stores it again and heals them. Exit code 16 when anything is damaged or differs
             ...(sources ? [`${differing.length} disk(s) differing from their source`] : []),
           ];
           throw new BkfsError('VERIFY_FAILED', `verify found ${parts.join(', ')}`);
+        }
+        const gone = (sources ?? []).filter((s) => s.status === 'gone');
+        if (gone.length > 0) {
+          // Asked to compare with the source, and could not: not a success.
+          const g = gone[0]!;
+          throw new BkfsError(
+            'SOURCE_GONE',
+            `the source of ${g.vm}@${g.checkpoint} ${g.disk} (${g.source ?? '-'}) no longer exists${gone.length > 1 ? ` (and ${gone.length - 1} more disk(s))` : ''}; no damage found otherwise`,
+          );
         }
         if (!opts.json) out('no damage found');
       },
