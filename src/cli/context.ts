@@ -1,7 +1,7 @@
 /** Shared helpers of CLI commands: repository opening, signals, output. */
 import type { Command } from 'commander';
 import { BkfsError } from '../errors';
-import { defaultRepoPath, Repository } from '../repo/repository';
+import { defaultRepoPath, Repository, type OpenOptions } from '../repo/repository';
 import { ProgressBar } from './progress';
 
 export function repoPath(cmd: Command): string {
@@ -9,14 +9,26 @@ export function repoPath(cmd: Command): string {
   return opts.repo ?? defaultRepoPath();
 }
 
-/** Open the repository, run `fn`, always close. */
-export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T> | T): Promise<T> {
-  const repo = Repository.open(repoPath(cmd));
+/**
+ * Open the repository, run `fn`, always close. Readers pass `{ readOnly: true }`: they then work
+ * on a repository this user may read but not write.
+ */
+export async function withRepo<T>(
+  cmd: Command,
+  fn: (repo: Repository) => Promise<T> | T,
+  opts: OpenOptions = {},
+): Promise<T> {
+  const repo = Repository.open(repoPath(cmd), opts);
   try {
     return await fn(repo);
   } finally {
     repo.close();
   }
+}
+
+/** `withRepo` for commands that only read: works on a repository this user may not write. */
+export function withReader<T>(cmd: Command, fn: (repo: Repository) => Promise<T> | T): Promise<T> {
+  return withRepo(cmd, fn, { readOnly: true });
 }
 
 /**

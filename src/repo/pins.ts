@@ -25,13 +25,15 @@ export class Pin {
   private released = false;
 
   constructor(
-    readonly file: string,
+    /** Null for a reader that cannot write the repository: it cannot pin (see Repository.open). */
+    readonly file: string | null,
     private checkpoints: number[],
   ) {
     this.write();
   }
 
   private write(): void {
+    if (this.file === null) return;
     const info: PinInfo = {
       pid: process.pid,
       host: os.hostname(),
@@ -57,7 +59,7 @@ export class Pin {
   release(): void {
     if (this.released) return;
     this.released = true;
-    fs.rmSync(this.file, { force: true });
+    if (this.file !== null) fs.rmSync(this.file, { force: true });
   }
 }
 
@@ -66,6 +68,7 @@ function pinsDir(repo: Repository): string {
 }
 
 export function pinCheckpoints(repo: Repository, checkpoints: number[]): Pin {
+  if (!repo.writable) return new Pin(null, [...new Set(checkpoints)]);
   fs.mkdirSync(pinsDir(repo), { recursive: true });
   const file = path.join(pinsDir(repo), `${process.pid}-${randomBytes(4).toString('hex')}.json`);
   return new Pin(file, [...new Set(checkpoints)]);

@@ -247,6 +247,8 @@ export async function verifyRepository(repo: Repository, o: VerifyOptions = {}):
  */
 function recordDamage(repo: Repository, damagedIds: number[], fineIds: number[]): number {
   if (damagedIds.length === 0 && fineIds.length === 0) return 0;
+  // A reader without write access reports what it found and records nothing.
+  if (!repo.writable || repo.db.readonly) return 0;
   const db = repo.db;
   let unmarked = 0;
   db.transaction(() => {

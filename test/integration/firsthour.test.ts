@@ -94,3 +94,135 @@ describe('files that are no disk (17.13)', () => {
     assert.doesNotMatch(r3.stderr, /disk image/);
   });
 });
+
+/** The real bkfs as user nobody (group nogroup): a reader without write access. */
+function bkfsAsNobody(args: string[]): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(
+      'setpriv',
+      ['--reuid=nobody', '--regid=nogroup', '--clear-groups', process.execPath, BKFS, ...args],
+      {
+        cwd: '/',
+        env: { ...process.env, CI: 'true', HOME: '/nonexistent' },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
+    );
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code: code ?? 128, stdout, stderr }));
+  });
+}
+
+/** Every path under `dir` with size and mtime: what a reader must leave as it found it. */
+function treeState(dir: string): string {
+  const out: string[] = [];
+  const walk = (d: string) => {
+    for (const n of fs.readdirSync(d).sort()) {
+      const p = path.join(d, n);
+      const st = fs.lstatSync(p);
+      out.push(`${path.relative(dir, p)} ${st.isDirectory() ? 'd' : st.size} ${st.mtimeMs}`);
+      if (st.isDirectory()) walk(p);
+    }
+  };
+  walk(dir);
+  return out.join('\n');
+}
+
+describe('readers without write access (17.5)', () => {
+  let repo: string;
+  let shared: string;
+  let img: string;
+  before(async () => {
+    if (process.getuid?.() !== 0) throw new Error('these tests switch to user nobody: run them as root');
+    if (!fs.existsSync('/usr/bin/setpriv')) throw new Error('setpriv is missing: apt-get install util-linux');
+    img = path.join(work, 'ro.img');
+    const data = Buffer.alloc(4 << 20);
+    for (let i = 0; i < data.length; i += 4096) data.fill(i / 4096, i, i + 512);
+    fs.writeFileSync(img, data);
+    repo = path.join(work, 'ro-repo');
+    await bkfsOk(['-r', repo, 'init']);
+    await bkfsOk(['-r', repo, 'backup', 'web', '-d', `vda=${img}`]);
+    // The administrator shares a copy with group nogroup, read-only.
+    shared = path.join(work, 'ro-shared');
+    await run('cp', ['-a', repo, shared]);
+    await run('chown', ['-R', 'root:nogroup', shared]);
+    await run('chmod', ['-R', 'g+rX,g-w,o-rwx', shared]);
+  });
+
+  it('list, info, stats, verify and restore work on a root-owned, group-readable repository', async () => {
+    const before = treeState(shared);
+    const list = await bkfsAsNobody(['-r', shared, 'list', 'web']);
+    assert.equal(list.code, 0, list.stderr);
+    assert.match(list.stdout, /check1/);
+    const info = await bkfsAsNobody(['-r', shared, 'info', 'web@check1', '--json']);
+    assert.equal(info.code, 0, info.stderr);
+    assert.equal((await bkfsAsNobody(['-r', shared, 'stats'])).code, 0);
+    const v = await bkfsAsNobody(['-r', shared, 'verify']);
+    assert.equal(v.code, 0, v.stdout + v.stderr);
+    const out = fs.mkdtempSync(path.join(work, 'nobody-out-'));
+    await run('chown', ['nobody:nogroup', out]);
+    const target = path.join(out, 'vda.raw');
+    const r = await bkfsAsNobody(['-r', shared, 'restore', 'web', '--disk', 'vda', '--to', target]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.ok(fs.readFileSync(target).equals(fs.readFileSync(img)), 'restored bytes');
+    assert.equal(treeState(shared), before, 'the readers changed nothing in the repository');
+    assert.deepEqual(
+      fs
+        .readdirSync(os.tmpdir())
+        .filter((n) => n.startsWith('bkfs-index-') && fs.statSync(path.join(os.tmpdir(), n)).uid === 65534),
+      [],
+      'no private index copy left behind',
+    );
+  });
+
+  it('while a process with write access has the index open, the reader reads through the WAL', async () => {
+    // A root reader keeps index.db-wal/-shm in place (as a running backup or mount would).
+    const { Repository } = await import('../../src/repo/repository');
+    const held = Repository.open(shared);
+    try {
+      held.db.prepare('SELECT count(*) FROM checkpoints').get();
+      assert.ok(fs.existsSync(path.join(shared, 'index.db-wal')));
+      const list = await bkfsAsNobody(['-r', shared, 'list', 'web']);
+      assert.equal(list.code, 0, list.stderr);
+      assert.match(list.stdout, /check1/);
+    } finally {
+      held.close();
+    }
+  });
+
+  it('a repository this user may not read: PERMISSION_DENIED (exit 23), one line', async () => {
+    const priv = path.join(work, 'ro-private');
+    await run('cp', ['-a', repo, priv]);
+    await run('chmod', ['-R', 'go-rwx', priv]);
+    for (const args of [
+      ['list'],
+      ['info', 'web'],
+      ['restore', 'web', '--disk', 'vda', '--to', '/tmp/x.raw'],
+    ]) {
+      const r = await bkfsAsNobody(['-r', priv, ...args]);
+      assert.equal(r.code, EXIT_CODES.PERMISSION_DENIED, `${args.join(' ')}: ${r.stderr}`);
+      assert.match(r.stderr, /permission denied: this user \(uid 65534\) cannot read/);
+      assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+    }
+  });
+
+  it('a read-only bind mount of the repository (root reader)', async () => {
+    const mnt = path.join(work, 'ro-mnt-firsthour');
+    fs.mkdirSync(mnt);
+    await run('mount', ['--bind', repo, mnt]);
+    try {
+      await run('mount', ['-o', 'remount,bind,ro', mnt]);
+      const list = await bkfs(['-r', mnt, 'list', 'web']);
+      assert.equal(list.code, 0, list.stderr);
+      const v = await bkfs(['-r', mnt, 'verify']);
+      assert.equal(v.code, 0, v.stdout + v.stderr);
+      const w = await bkfs(['-r', mnt, 'backup', 'web', '-d', `vda=${img}`]);
+      assert.notEqual(w.code, 0, 'a writer cannot write a read-only mount');
+    } finally {
+      await run('umount', [mnt]);
+    }
+  });
+});

@@ -11,7 +11,7 @@ import {
 } from '../../index/catalog';
 import type { Repository } from '../../repo/repository';
 import { bytes, duration } from '../../util/format';
-import { out, table, withRepo } from '../context';
+import { out, table, withReader } from '../context';
 
 function describe(repo: Repository, vm: string, cp: CheckpointRow) {
   const disks = checkpointDisks(repo.db, cp.id);
@@ -49,7 +49,7 @@ export function registerCatalog(program: Command): void {
     .argument('[vm]', 'VM name')
     .option('--json', 'machine-readable output')
     .action(async (vmName: string | undefined, opts: { json?: boolean }, cmd: Command) => {
-      await withRepo(cmd, (repo) => {
+      await withReader(cmd, (repo) => {
         const vms = vmName ? [getVm(repo.db, vmName)] : listVms(repo.db);
         const rows = vms.flatMap((vm) =>
           listCheckpoints(repo.db, vm.id).map((cp) => describe(repo, vm.name, cp)),
@@ -99,7 +99,7 @@ export function registerCatalog(program: Command): void {
     .argument('<ref>', 'VM or VM@CHECKPOINT')
     .option('--json', 'machine-readable output')
     .action(async (ref: string, opts: { json?: boolean }, cmd: Command) => {
-      await withRepo(cmd, (repo) => {
+      await withReader(cmd, (repo) => {
         const { vm, checkpoint } = resolveRef(repo.db, ref);
         const d = describe(repo, vm.name, checkpoint);
         const configs = getConfigs(repo.db, checkpoint.id).map((c) => ({

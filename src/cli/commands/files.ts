@@ -22,7 +22,7 @@ import {
 import type { ListEntry, SessionStats } from '../../files/session';
 import { modeString, type DiffItem, type FileEntry } from '../../files/tree';
 import { bytes } from '../../util/format';
-import { interruptSignal, note, out, table, withRepo } from '../context';
+import { interruptSignal, note, out, table, withReader } from '../context';
 
 interface EngineCliOptions {
   engine: string;
@@ -202,7 +202,7 @@ export async function mountFilesAction(
   if (!['auto', 'guestfs', 'kernel'].includes(engine)) {
     throw new BkfsError('USAGE', `--engine must be auto, guestfs or kernel, got '${engine}'`);
   }
-  await withRepo(cmd, async (repo) => {
+  await withReader(cmd, async (repo) => {
     const s = await mountFiles(repo, {
       dir,
       ref,
@@ -255,7 +255,7 @@ ${ENGINE_HELP}`,
     .action(
       async (address: string, opts: EngineCliOptions & { long?: boolean; json?: boolean }, cmd: Command) => {
         await withInterrupt((signal) =>
-          withRepo(cmd, async (repo) => {
+          withReader(cmd, async (repo) => {
             const fo = filesOptions(opts, signal);
             if (!address.includes(':')) {
               const o = await overview(repo, address, fo);
@@ -311,7 +311,7 @@ ${ENGINE_HELP}`,
         cmd: Command,
       ) => {
         await withInterrupt((signal) =>
-          withRepo(cmd, async (repo) => {
+          withReader(cmd, async (repo) => {
             const r = await copyOut(
               repo,
               source,
@@ -338,7 +338,7 @@ ${ENGINE_HELP}`,
     .addHelpText('after', ENGINE_HELP)
     .action(async (address: string, opts: EngineCliOptions, cmd: Command) => {
       await withInterrupt((signal) =>
-        withRepo(cmd, async (repo) => {
+        withReader(cmd, async (repo) => {
           try {
             await catFile(repo, address, new StdoutFd(), filesOptions(opts, signal));
           } catch (e) {
@@ -383,7 +383,7 @@ ${ENGINE_HELP}`,
         cmd: Command,
       ) => {
         await withInterrupt((signal) =>
-          withRepo(cmd, async (repo) => {
+          withReader(cmd, async (repo) => {
             const r = await findFiles(repo, scope, pattern, {
               ...filesOptions(opts, signal),
               ignoreCase: opts.ignoreCase ?? false,
@@ -449,7 +449,7 @@ ${ENGINE_HELP}`,
           throw new BkfsError('USAGE', `the path '${guestPath}' must start with /`);
         }
         await withInterrupt((signal) =>
-          withRepo(cmd, async (repo) => {
+          withReader(cmd, async (repo) => {
             const r = await diffCheckpoints(repo, from, to, guestPath, {
               ...filesOptions(opts, signal),
               checksum: opts.checksum ?? false,

@@ -14,7 +14,7 @@ import type { RetentionPolicy } from '../../repo/retention';
 import type { Repository } from '../../repo/repository';
 import { bytes, ratio } from '../../util/format';
 import { ProgressBar } from '../progress';
-import { note, out, parseIntOption, repoPath, table, withRepo } from '../context';
+import { note, out, parseIntOption, repoPath, table, withReader, withRepo } from '../context';
 
 interface ForgetCli {
   keepLast?: string;
@@ -236,7 +236,7 @@ deleted once they are done (a later gc finishes the job).`,
     .argument('[vm]', 'only this VM')
     .option('--json', 'machine-readable output')
     .action(async (vm: string | undefined, opts: { json?: boolean }, cmd: Command) => {
-      await withRepo(cmd, (repo) => {
+      await withReader(cmd, (repo) => {
         if (vm !== undefined && !repo.db.prepare('SELECT 1 FROM vms WHERE name = ?').get(vm)) {
           throw new BkfsError('NOT_FOUND', `no VM named '${vm}' in this repository`);
         }

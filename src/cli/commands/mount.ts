@@ -15,7 +15,7 @@ import { DEFAULT_CACHE_BYTES } from '../../store/chunk-cache';
 import { bytes } from '../../util/format';
 import { prepareMountpoint, sendReady, serveMount, startDaemon, type MountedInfo } from '../../fuse/daemon';
 import { canonicalMountpoint, logPath, unmountPath } from '../../fuse/state';
-import { note, out, repoPath, withRepo } from '../context';
+import { note, out, repoPath, withReader } from '../context';
 import { mountFilesAction, umountFilesAction } from './files';
 
 interface MountCliOptions {
@@ -183,7 +183,7 @@ Examples:
         return;
       }
       // Check what can be checked here, so errors come with their own exit codes at once.
-      await withRepo(cmd, (repo) => {
+      await withReader(cmd, (repo) => {
         if (ref !== undefined) resolveRef(repo.db, ref);
       });
       await prepareMountpoint(mountpoint, note);

@@ -3,7 +3,7 @@ import { BkfsError } from '../../errors';
 import { runRestore, type FileFormat, type RestoreResult } from '../../restore/engine';
 import { runExport, type ExportResult } from '../../restore/export';
 import { bytes, duration, rate } from '../../util/format';
-import { out, parseIntOption, withLongJob, withRepo } from '../context';
+import { out, parseIntOption, withLongJob, withReader } from '../context';
 
 interface RestoreCliOptions {
   to: string;
@@ -98,7 +98,7 @@ Examples:
         opts.concurrency !== undefined ? parseIntOption('--concurrency', opts.concurrency) : undefined;
       if (concurrency === 0) throw new BkfsError('USAGE', '--concurrency must be at least 1');
       const res = await withLongJob(`restore ${ref}`, (job) =>
-        withRepo(cmd, (repo) =>
+        withReader(cmd, (repo) =>
           runRestore(repo, {
             ref,
             to: opts.to,
@@ -140,7 +140,7 @@ Example:
         throw new BkfsError('USAGE', `--format must be qcow2-chain, got '${opts.format}'`);
       }
       const res = await withLongJob(`export ${ref}`, (job) =>
-        withRepo(cmd, (repo) =>
+        withReader(cmd, (repo) =>
           runExport(repo, {
             ref,
             to: opts.to,

@@ -4,7 +4,8 @@ import { getCheckpoint, getVm, listVms, parseCheckpointRef } from '../../index/c
 import { compareWithSources, selectCheckpoints, verifyRepository, type SourceDiff } from '../../repo/verify';
 import { bytes } from '../../util/format';
 import { ProgressBar } from '../progress';
-import { out, withRepo } from '../context';
+import { out, repoPath, withRepo } from '../context';
+import { canWriteRepository } from '../../repo/repository';
 
 export function registerVerify(program: Command): void {
   program
@@ -38,35 +39,40 @@ with --source, exit code 24 when a source image no longer exists (and nothing is
         }
         const bar = new ProgressBar('verify');
         let sources: SourceDiff[] | undefined;
-        const rep = await withRepo(cmd, async (repo) => {
-          const r = await verifyRepository(repo, {
-            ...(sel.vm !== undefined ? { vm: sel.vm } : {}),
-            ...(ref?.includes('@') && sel.checkpoint === undefined ? { checkpoint: 'latest' } : {}),
-            ...(sel.checkpoint !== undefined ? { checkpoint: sel.checkpoint } : {}),
-            ...(sample !== undefined ? { samplePercent: sample } : {}),
-            onProgress: (d, t) => bar.update(d, t),
-          });
-          bar.done();
-          if (opts.source) {
-            // An explicit checkpoint, else the latest of each selected VM.
-            const which =
-              sel.vm === undefined
-                ? listVms(repo.db).flatMap((v) => {
-                    try {
-                      return [{ vm: v.name, cp: getCheckpoint(repo.db, v) }];
-                    } catch {
-                      return [];
-                    }
-                  })
-                : sel.checkpoint !== undefined
-                  ? selectCheckpoints(repo, { vm: sel.vm, checkpoint: sel.checkpoint })
-                  : [{ vm: sel.vm, cp: getCheckpoint(repo.db, getVm(repo.db, sel.vm)) }];
-            const sbar = new ProgressBar('compare');
-            sources = await compareWithSources(repo, which, (d, t) => sbar.update(d, t));
-            sbar.done();
-          }
-          return r;
-        });
+        // Heals what it finds when this user may write the repository; reads only otherwise.
+        const rep = await withRepo(
+          cmd,
+          async (repo) => {
+            const r = await verifyRepository(repo, {
+              ...(sel.vm !== undefined ? { vm: sel.vm } : {}),
+              ...(ref?.includes('@') && sel.checkpoint === undefined ? { checkpoint: 'latest' } : {}),
+              ...(sel.checkpoint !== undefined ? { checkpoint: sel.checkpoint } : {}),
+              ...(sample !== undefined ? { samplePercent: sample } : {}),
+              onProgress: (d, t) => bar.update(d, t),
+            });
+            bar.done();
+            if (opts.source) {
+              // An explicit checkpoint, else the latest of each selected VM.
+              const which =
+                sel.vm === undefined
+                  ? listVms(repo.db).flatMap((v) => {
+                      try {
+                        return [{ vm: v.name, cp: getCheckpoint(repo.db, v) }];
+                      } catch {
+                        return [];
+                      }
+                    })
+                  : sel.checkpoint !== undefined
+                    ? selectCheckpoints(repo, { vm: sel.vm, checkpoint: sel.checkpoint })
+                    : [{ vm: sel.vm, cp: getCheckpoint(repo.db, getVm(repo.db, sel.vm)) }];
+              const sbar = new ProgressBar('compare');
+              sources = await compareWithSources(repo, which, (d, t) => sbar.update(d, t));
+              sbar.done();
+            }
+            return r;
+          },
+          { readOnly: !canWriteRepository(repoPath(cmd)) },
+        );
         bar.done();
         const differing = (sources ?? []).filter((s) => s.status === 'differs');
         if (opts.json) {
