@@ -226,3 +226,76 @@ describe('readers without write access (17.5)', () => {
     }
   });
 });
+
+describe('gc rewrites only packs worth it (17.9)', () => {
+  interface GcJson {
+    packsRewritten: number;
+    packsWritten: number;
+    bytesCopied: number;
+    bytesFreed: number;
+    bytesAfter: number;
+    packsKeptUnused: number;
+    bytesKeptUnused: number;
+    packsSmallMerged: number;
+  }
+  const gcJson = async (repo: string, ...args: string[]): Promise<GcJson> =>
+    JSON.parse((await bkfsOk(['-r', repo, 'gc', '--json', ...args])).stdout) as GcJson;
+  const packCount = (repo: string): number =>
+    fs
+      .readdirSync(path.join(repo, 'packs'))
+      .flatMap((d) => fs.readdirSync(path.join(repo, 'packs', d)))
+      .filter((n) => n.endsWith('.pack')).length;
+
+  it('a pack with a little unused is kept; -n shows the figures the real run then has', async () => {
+    const img = path.join(work, 'gc.img');
+    const data = Buffer.alloc(24 << 20);
+    for (let i = 0; i < data.length; i += 4)
+      data.writeUInt32LE((Math.imul(i, 2654435761) ^ (i >>> 7)) >>> 0, i);
+    fs.writeFileSync(img, data);
+    const repo = path.join(work, 'gc-repo');
+    await bkfsOk(['-r', repo, 'init']);
+    await bkfsOk(['-r', repo, 'backup', 'web', '-d', `vda=${img}`]);
+    // One 256 KiB chunk changes: check1's copy of it is what a forget leaves unused.
+    const fd = fs.openSync(img, 'r+');
+    fs.writeSync(fd, Buffer.alloc(256 << 10, 0x77), 0, 256 << 10, 4 << 20);
+    fs.closeSync(fd);
+    await bkfsOk(['-r', repo, 'backup', 'web', '-d', `vda=${img}`]);
+    await bkfsOk(['-r', repo, 'forget', 'web@check1']);
+    assert.equal(packCount(repo), 2);
+
+    // Default threshold: the 24 MiB pack with 256 KiB unused (about 1 %) is left alone.
+    const dflt = await gcJson(repo, '-n');
+    assert.equal(dflt.packsRewritten, 0);
+    assert.equal(dflt.packsKeptUnused, 1);
+    assert.ok(dflt.bytesKeptUnused >= 256 << 10, String(dflt.bytesKeptUnused));
+    const text = await bkfsOk(['-r', repo, 'gc', '-n']);
+    assert.doesNotMatch(text.stdout, /\?/);
+    assert.match(text.stdout, /1 pack\(s\) keep .* unused: at most 20 % of each/);
+    const real0 = await gcJson(repo);
+    assert.equal(real0.packsRewritten, 0);
+    assert.equal(packCount(repo), 2);
+
+    // --max-unused 0: the dry run's figures are the real run's.
+    const dry = await gcJson(repo, '-n', '--max-unused', '0');
+    assert.equal(dry.packsRewritten, 1);
+    assert.equal(dry.packsWritten, 1);
+    const real = await gcJson(repo, '--max-unused', '0');
+    for (const k of ['packsRewritten', 'packsWritten', 'bytesCopied', 'bytesFreed', 'bytesAfter'] as const) {
+      assert.equal(real[k], dry[k], k);
+    }
+    assert.ok(real.bytesFreed >= 256 << 10);
+
+    // --repack-small: the two packs (both far under 64 MiB) become one, same figures as -n.
+    const dsmall = await gcJson(repo, '-n', '--repack-small');
+    assert.equal(dsmall.packsSmallMerged, 2);
+    assert.equal(dsmall.packsWritten, 1);
+    const small = await gcJson(repo, '--repack-small');
+    assert.equal(small.packsWritten, 1);
+    assert.equal(small.bytesAfter, dsmall.bytesAfter);
+    assert.equal(packCount(repo), 1);
+    const restored = path.join(work, 'gc-restored.raw');
+    await bkfsOk(['-r', repo, 'restore', 'web', '--disk', 'vda', '--to', restored]);
+    assert.ok(fs.readFileSync(restored).equals(fs.readFileSync(img)));
+    assert.equal((await bkfs(['-r', repo, 'gc', '--max-unused', 'lots'])).code, EXIT_CODES.USAGE);
+  });
+});

@@ -6,7 +6,7 @@ import type { Command } from 'commander';
 import * as fs from 'node:fs';
 import { BkfsError } from '../../errors';
 import { forgetByName, forgetByPolicy, setProtected, type ForgetResult } from '../../repo/forget';
-import { runGc, type GcReport } from '../../repo/gc';
+import { DEFAULT_MAX_UNUSED, runGc, type GcReport } from '../../repo/gc';
 import { rebuildIndex } from '../../repo/rebuild';
 import { manifestPath, rewriteManifest } from '../../repo/manifest';
 import { repositoryStats, type Totals } from '../../repo/stats';
@@ -59,17 +59,37 @@ function printGc(r: GcReport): void {
   }
   out(`chunks: ${r.chunksRemoved} unused (${bytes(r.chunkBytesRemoved)} stored)`);
   out(
-    `packs: ${r.packsDeleted} deleted, ${r.packsRewritten} rewritten into ${r.dryRun ? '?' : r.packsWritten} (${bytes(r.bytesCopied)} copied)` +
+    `packs: ${r.packsDeleted} deleted, ${r.packsRewritten} rewritten into ${r.packsWritten} (${bytes(r.bytesCopied)} copied${r.packsSmallMerged ? `, ${r.packsSmallMerged} of them small packs merged` : ''})` +
       (r.packsKeptForReaders ? `, ${r.packsKeptForReaders} kept while readers use them` : '') +
       (r.packsKeptDamaged ? `, ${r.packsKeptDamaged} kept because they hold damaged chunks` : '') +
       (r.orphansRemoved ? `, ${r.orphansRemoved} left by a crash removed` : ''),
   );
+  if (r.packsKeptUnused) {
+    out(
+      `${r.packsKeptUnused} pack(s) keep ${bytes(r.bytesKeptUnused)} unused: at most ${pct(r.maxUnused)} of each, not worth a rewrite (--max-unused)`,
+    );
+  }
   if (r.extentsHealed) out(`healed ${r.extentsHealed} extent(s) of damaged chunks`);
   if (r.packsPending)
     out(`${r.packsPending} old pack(s) (${bytes(r.bytesPending)}) wait for readers to finish`);
   out(
     `${verb} ${bytes(r.bytesFreed)}; packs now ${bytes(r.bytesAfter)}${r.dryRun ? ' (dry run: nothing changed)' : ''}`,
   );
+}
+
+function pct(f: number): string {
+  return `${Math.round(f * 1000) / 10} %`;
+}
+
+/** `--max-unused`: a percentage ('20', '20%', '2.5%') or 'unlimited'; returns a fraction. */
+export function parseMaxUnused(v: string): number {
+  if (v === 'unlimited') return 1;
+  const m = /^(\d+(?:\.\d+)?)\s*%?$/.exec(v.trim());
+  const n = m ? Number(m[1]) : NaN;
+  if (!(n >= 0 && n <= 100)) {
+    throw new BkfsError('USAGE', `--max-unused takes a percentage from 0 to 100 or 'unlimited', got '${v}'`);
+  }
+  return n / 100;
 }
 
 function count(name: string, v: string | undefined): number | undefined {
@@ -160,35 +180,53 @@ Examples:
     .alias('prune')
     .description('delete data that no checkpoint uses and compact packs (takes the writer lock)')
     .option('-n, --dry-run', 'show what would be freed; change nothing')
+    .option(
+      '--max-unused <percent>',
+      `rewrite a pack only when more than this share of it is unused (0: any; 'unlimited': never)`,
+      `${DEFAULT_MAX_UNUSED * 100}%`,
+    )
+    .option('--repack-small', 'also merge small packs (under 80 % of the 64 MiB target) into full ones')
     .option('--json', 'machine-readable output')
     .addHelpText(
       'after',
       `
+Packs without any used chunk are always deleted. A pack that is partly unused is rewritten (its
+used chunks copied into a new pack) only when its unused share is above --max-unused: rewriting
+a 64 MiB pack to free a few KiB costs more than it saves.
+
 gc holds the repository's writer lock: a backup started meanwhile fails with exit code 7
 (REPO_LOCKED), and gc fails the same way while a backup runs. Mounts and restores keep working:
 whatever their checkpoints use is kept, and packs they may be reading are only rewritten or
 deleted once they are done (a later gc finishes the job).`,
     )
-    .action(async (opts: { dryRun?: boolean; json?: boolean }, cmd: Command) => {
-      const bar = new ProgressBar('gc');
-      try {
-        const r = await withRepo(cmd, (repo) =>
-          runGc(repo, {
-            ...(opts.dryRun ? { dryRun: true } : {}),
-            onProgress: (d, t) => bar.update(d, t),
-            onNotice: (m) => {
-              bar.done();
-              note(m);
-            },
-          }),
-        );
-        bar.done();
-        if (opts.json) out(JSON.stringify(r, null, 2));
-        else printGc(r);
-      } finally {
-        bar.done();
-      }
-    });
+    .action(
+      async (
+        opts: { dryRun?: boolean; json?: boolean; maxUnused: string; repackSmall?: boolean },
+        cmd: Command,
+      ) => {
+        const maxUnused = parseMaxUnused(opts.maxUnused);
+        const bar = new ProgressBar('gc');
+        try {
+          const r = await withRepo(cmd, (repo) =>
+            runGc(repo, {
+              ...(opts.dryRun ? { dryRun: true } : {}),
+              maxUnused,
+              ...(opts.repackSmall ? { repackSmall: true } : {}),
+              onProgress: (d, t) => bar.update(d, t),
+              onNotice: (m) => {
+                bar.done();
+                note(m);
+              },
+            }),
+          );
+          bar.done();
+          if (opts.json) out(JSON.stringify(r, null, 2));
+          else printGc(r);
+        } finally {
+          bar.done();
+        }
+      },
+    );
 
   program
     .command('repair')
