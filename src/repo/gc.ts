@@ -224,13 +224,13 @@ export function chunksOfCheckpoints(db: Database.Database, checkpointIds: Iterab
 // gc
 
 /**
- * Default `maxUnused`: a pack is rewritten only when more than this share of its bytes is unused.
- * Rewriting a pack copies its live bytes to free its dead ones: at 20 % every MiB freed costs at
- * most 4 MiB copied, where a threshold of 0 copied a 52.7 MiB pack to free 19 KiB. Chosen by
- * measurement (README "gc: which packs are rewritten"): below it the copy cost per freed byte grows
- * fast, above it little more space is left behind.
+ * Default `maxUnused`: gc leaves at most this share of the packs' bytes unused, rewriting the packs
+ * with the largest unused share first (restic's `--max-unused`, whose default is 5 %). Chosen by
+ * measurement (`bench/gc-threshold.ts`, README "gc: which packs are rewritten"): it copies a
+ * fraction of what rewriting every pack with an unused byte did (that copied a 52.7 MiB pack to
+ * free 19 KiB), and bounds what stays unused.
  */
-export const DEFAULT_MAX_UNUSED = 0.2;
+export const DEFAULT_MAX_UNUSED = 0.05;
 /** `repackSmall`: packs under this size (of `PACK_TARGET`) are merged, as restic does (80 %). */
 export const SMALL_PACK = Math.floor(PACK_TARGET * 0.8);
 
@@ -238,8 +238,9 @@ export interface GcOptions {
   /** Compute and report what gc would do; change nothing (takes no lock). */
   dryRun?: boolean;
   /**
-   * Rewrite a pack only when its unused share (dead bytes / pack size) is above this fraction
-   * (0 = any dead byte, 1 = never rewrite; packs with no live chunk are always deleted).
+   * Unused bytes gc may leave in packs, as a fraction of all pack bytes after gc: packs are
+   * rewritten, largest unused share first, until the rest is within it (0 = rewrite every pack
+   * with an unused byte; 1 = never rewrite; packs with no live chunk are always deleted).
    * Default `DEFAULT_MAX_UNUSED`.
    */
   maxUnused?: number;
@@ -281,7 +282,7 @@ export interface GcReport {
   extentsHealed: number;
   /** The threshold used (fraction of a pack's bytes). */
   maxUnused: number;
-  /** Packs with unused bytes left as they are: their unused share is at most `maxUnused`. */
+  /** Packs with unused bytes left as they are: what they leave unused is within `maxUnused`. */
   packsKeptUnused: number;
   bytesKeptUnused: number;
   /** Of `packsRewritten`: small packs merged for `repackSmall` (no unused bytes worth it). */
@@ -296,29 +297,40 @@ export interface PackChoice {
 }
 
 /**
- * Which packs to rewrite: those whose unused share is above `maxUnused`, and with `repackSmall`
- * the packs smaller than `SMALL_PACK` when there are at least two of them left to merge (one small
- * pack alone would only be copied). Returns indexes into `packs`, and which were chosen as small.
+ * Which packs to rewrite (restic's rule): the ones with the largest unused share first, until the
+ * unused bytes left in the others are at most `maxUnused` of the packs' bytes after gc, i.e.
+ * unused <= used x maxUnused / (1 - maxUnused); every pack with an unused byte when `maxUnused` is
+ * 0, none when it is 1. With `repackSmall`, also the packs smaller than `SMALL_PACK` when at least
+ * two packs get rewritten (one small pack alone would only be copied). Returns indexes into
+ * `packs`, and which were added as small.
  */
 export function choosePacks(
   packs: readonly PackChoice[],
   maxUnused: number,
   repackSmall: boolean,
 ): { rewrite: number[]; small: number[] } {
-  const rewrite: number[] = [];
-  const rest: number[] = [];
-  packs.forEach((p, i) => {
-    const unused = p.size - p.live;
-    if (unused > 0 && unused / p.size > maxUnused) rewrite.push(i);
-    else rest.push(i);
-  });
+  const used = packs.reduce((a, p) => a + p.live, 0);
+  let unused = packs.reduce((a, p) => a + p.size - p.live, 0);
+  const limit = maxUnused >= 1 ? Infinity : (used * maxUnused) / (1 - maxUnused);
+  const order = packs
+    .map((p, i) => ({ i, unused: p.size - p.live, share: (p.size - p.live) / p.size }))
+    .filter((x) => x.unused > 0)
+    .sort((a, b) => b.share - a.share || b.unused - a.unused);
+  const chosen = new Set<number>();
+  for (const x of order) {
+    if (unused <= limit) break;
+    chosen.add(x.i);
+    unused -= x.unused;
+  }
   let small: number[] = [];
   if (repackSmall) {
-    small = rest.filter((i) => packs[i]!.live < SMALL_PACK);
-    // One small pack merges only with packs being rewritten anyway.
-    if (small.length + rewrite.length < 2) small = [];
+    small = packs
+      .map((p, i) => ({ p, i }))
+      .filter((x) => !chosen.has(x.i) && x.p.live < SMALL_PACK)
+      .map((x) => x.i);
+    if (small.length + chosen.size < 2) small = [];
   }
-  return { rewrite: [...rewrite, ...small].sort((a, b) => a - b), small };
+  return { rewrite: [...chosen, ...small].sort((a, b) => a - b), small };
 }
 
 /** How many packs the rewrite of `live` (live bytes of each source pack, in order) writes. */

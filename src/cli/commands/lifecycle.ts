@@ -66,7 +66,7 @@ function printGc(r: GcReport): void {
   );
   if (r.packsKeptUnused) {
     out(
-      `${r.packsKeptUnused} pack(s) keep ${bytes(r.bytesKeptUnused)} unused: at most ${pct(r.maxUnused)} of each, not worth a rewrite (--max-unused)`,
+      `${r.packsKeptUnused} pack(s) keep ${bytes(r.bytesKeptUnused)} unused, within --max-unused ${pct(r.maxUnused)}: not worth a rewrite`,
     );
   }
   if (r.extentsHealed) out(`healed ${r.extentsHealed} extent(s) of damaged chunks`);
@@ -182,7 +182,7 @@ Examples:
     .option('-n, --dry-run', 'show what would be freed; change nothing')
     .option(
       '--max-unused <percent>',
-      `rewrite a pack only when more than this share of it is unused (0: any; 'unlimited': never)`,
+      `leave at most this share of the packs unused, rewriting the emptiest first (0: rewrite every pack with unused bytes; 'unlimited': none)`,
       `${DEFAULT_MAX_UNUSED * 100}%`,
     )
     .option('--repack-small', 'also merge small packs (under 80 % of the 64 MiB target) into full ones')
@@ -190,9 +190,10 @@ Examples:
     .addHelpText(
       'after',
       `
-Packs without any used chunk are always deleted. A pack that is partly unused is rewritten (its
-used chunks copied into a new pack) only when its unused share is above --max-unused: rewriting
-a 64 MiB pack to free a few KiB costs more than it saves.
+Packs without any used chunk are always deleted. Partly unused packs are rewritten (their used
+chunks copied into new packs), the emptiest first, only until what stays unused is within
+--max-unused of the packs' size (as restic's prune): rewriting a 64 MiB pack to free a few KiB
+costs more than it saves.
 
 gc holds the repository's writer lock: a backup started meanwhile fails with exit code 7
 (REPO_LOCKED), and gc fails the same way while a backup runs. Mounts and restores keep working:
