@@ -228,7 +228,7 @@ async function incrementalBase(
     },
     disks,
     checkpoints,
-    own: allLibvirtCheckpoints(repo),
+    own: new Set([...allLibvirtCheckpoints(repo), ...pendingLibvirtCheckpoints(repo)]),
   });
   if (problem !== null) throw new BkfsError('CHAIN_BROKEN', `${problem}: use --level full`);
   return parent.libvirt_checkpoint as string;
@@ -399,14 +399,32 @@ function vmLibvirtCheckpoints(repo: Repository, vm: string): Set<string> {
   return new Set(rows.map((r) => r.n));
 }
 
-/** Libvirt checkpoints of this repository's checkpoints left 'running' by a killed backup. */
-function runningLibvirtCheckpoints(repo: Repository): string[] {
+/**
+ * Libvirt checkpoints this repository is creating: `meta` rows `pending-libvirt-checkpoint:<name>`
+ * written before `backup-begin` and removed once the checkpoint is committed or deleted. A killed
+ * bkfs leaves the row, so the next run knows the orphan is this repository's (its name, after a
+ * fresh uid, says nothing of the repository).
+ */
+const PENDING_KEY = 'pending-libvirt-checkpoint:';
+
+function pendingLibvirtCheckpoints(repo: Repository): Set<string> {
   const rows = repo.db
-    .prepare(
-      "SELECT libvirt_checkpoint AS n FROM checkpoints WHERE libvirt_checkpoint IS NOT NULL AND state = 'running'",
-    )
-    .all() as { n: string }[];
-  return rows.map((r) => r.n);
+    .prepare('SELECT key FROM meta WHERE key >= ? AND key < ?')
+    .all(PENDING_KEY, `${PENDING_KEY}\uffff`) as { key: string }[];
+  return new Set(rows.map((r) => r.key.slice(PENDING_KEY.length)));
+}
+
+function markPending(repo: Repository, name: string, domain: string): void {
+  repo.db
+    .prepare('INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)')
+    .run(
+      `${PENDING_KEY}${name}`,
+      JSON.stringify({ domain, pid: process.pid, time: new Date().toISOString() }),
+    );
+}
+
+function clearPending(repo: Repository, name: string): void {
+  repo.db.prepare('DELETE FROM meta WHERE key = ?').run(`${PENDING_KEY}${name}`);
 }
 
 async function liveBackup(
@@ -439,12 +457,15 @@ async function liveBackup(
   // copies of this one included, are never touched: their chains need them.
   const known = knownLibvirtCheckpoints(repo);
   const existing = await checkpointNames(v, o.domain);
+  const pending = pendingLibvirtCheckpoints(repo);
+  for (const n of pending) if (known.has(n) || !existing.includes(n)) clearPending(repo, n);
   const orphans = new Set([
     ...ownCheckpointsToDelete(existing, prefix, known),
-    ...runningLibvirtCheckpoints(repo).filter((n) => existing.includes(n)),
+    ...[...pending].filter((n) => existing.includes(n) && !known.has(n)),
   ]);
   for (const n of orphans) {
     await deleteCheckpoint(v, o.domain, n, notice);
+    clearPending(repo, n);
     notice(
       `deleted libvirt checkpoint '${n}' of domain '${o.domain}': no checkpoint of the repository uses it`,
     );
@@ -505,6 +526,7 @@ async function liveBackup(
     try {
       checkAborted(o.signal);
       begun = true;
+      if (lvName !== null) markPending(repo, lvName, o.domain);
       await v.out(args);
     } finally {
       if (fz.thaw && (await thaw(v, o.domain, notice))) guard.tell('thawed');
@@ -551,6 +573,7 @@ async function liveBackup(
     });
     committed = true;
     begun = false;
+    if (lvName !== null) clearPending(repo, lvName);
     // The checkpoint is committed: a job that will not end is worth a note, not a failure.
     await endJob(v, o.domain, socket).catch((e: unknown) =>
       notice(`could not end the backup job: ${(e as Error).message} (run 'virsh domjobabort ${o.domain}')`),
@@ -584,9 +607,11 @@ async function liveBackup(
         notice(`could not end the backup job: ${(e as Error).message} (run 'virsh domjobabort ${o.domain}')`),
       );
       if (!committed && lvName !== null) {
-        await deleteCheckpoint(v, o.domain, lvName, notice).catch((e: unknown) =>
-          notice(`could not delete libvirt checkpoint '${lvName}': ${(e as Error).message}`),
-        );
+        await deleteCheckpoint(v, o.domain, lvName, notice)
+          .then(() => clearPending(repo, lvName))
+          .catch((e: unknown) =>
+            notice(`could not delete libvirt checkpoint '${lvName}': ${(e as Error).message}`),
+          );
       }
     }
     fs.rmSync(jobDir, { recursive: true, force: true });
