@@ -853,7 +853,9 @@ describe('damaged chunks and verify --source', () => {
     assert.match(text.stdout, /bytes 20070001-20075000/);
 
     fs.renameSync(img, `${img}.moved`);
-    const skipped = await bkfsOk(['-r', repoDir, 'verify', 'vm', '--source']);
-    assert.match(skipped.stdout, /skipped, the source image no longer exists/);
+    // Asked to compare with a source that is gone: a distinct failure, not a success (issue 17.4).
+    const gone = await bkfs(['-r', repoDir, 'verify', 'vm', '--source']);
+    assert.equal(gone.code, EXIT_CODES.SOURCE_GONE, gone.stderr);
+    assert.match(gone.stdout, /GONE, the source image no longer exists/);
   });
 });

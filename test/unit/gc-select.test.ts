@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
 import { choosePacks, packsWrittenFor, SMALL_PACK, DEFAULT_MAX_UNUSED } from '../../src/repo/gc';
-import { parseMaxUnused } from '../../src/cli/commands/lifecycle';
+import { DEFAULT_MAX_UNUSED_OPTION, parseMaxUnused } from '../../src/cli/commands/lifecycle';
 import { PACK_HEADER_LEN, PACK_TARGET } from '../../src/store/packs';
 import { isBkfsError } from '../../src/errors';
 
@@ -52,7 +52,8 @@ test('packsWrittenFor: how many new packs and bytes the rewrite makes', () => {
   });
 });
 
-test('--max-unused values', () => {
+test('--max-unused values; the CLI default is DEFAULT_MAX_UNUSED', () => {
+  assert.equal(parseMaxUnused(DEFAULT_MAX_UNUSED_OPTION), DEFAULT_MAX_UNUSED);
   assert.equal(parseMaxUnused('20%'), 0.2);
   assert.equal(parseMaxUnused('5'), 0.05);
   assert.equal(parseMaxUnused('2.5%'), 0.025);

@@ -1,11 +1,10 @@
 import type { Command } from 'commander';
 import { BkfsError } from '../../errors';
-import { getCheckpoint, getVm, listVms, parseCheckpointRef } from '../../index/catalog';
-import { compareWithSources, selectCheckpoints, verifyRepository, type SourceDiff } from '../../repo/verify';
+import type { SourceDiff } from '../../repo/verify';
 import { bytes } from '../../util/format';
 import { ProgressBar } from '../progress';
 import { out, repoPath, withRepo } from '../context';
-import { canWriteRepository } from '../../repo/repository';
+import { printJson } from '../json';
 
 export function registerVerify(program: Command): void {
   program
@@ -24,7 +23,13 @@ export function registerVerify(program: Command): void {
 Damaged chunks are reported with every checkpoint and disk range that uses them, and marked in the
 index: 'bkfs list' shows those checkpoints as DAMAGED, and the next backup that reads the same data
 stores it again and heals them. Exit code 16 when anything is damaged or differs from its source;
-with --source, exit code 24 when a source image no longer exists (and nothing is damaged).`,
+with --source, exit code 24 when a source image no longer exists (and nothing is damaged).
+
+Examples:
+  bkfs verify
+  bkfs verify web --sample 10
+  bkfs verify web@check3 --source
+  bkfs verify --json`,
     )
     .action(
       async (
@@ -32,6 +37,9 @@ with --source, exit code 24 when a source image no longer exists (and nothing is
         opts: { sample?: string; source?: boolean; json?: boolean },
         cmd: Command,
       ) => {
+        const { getCheckpoint, getVm, listVms, parseCheckpointRef } = await import('../../index/catalog');
+        const { compareWithSources, selectCheckpoints, verifyRepository } = await import('../../repo/verify');
+        const { canWriteRepository } = await import('../../repo/repository');
         const sel: { vm?: string; checkpoint?: string } = ref ? parseCheckpointRef(ref) : {};
         const sample = opts.sample === undefined ? undefined : Number(opts.sample);
         if (sample !== undefined && !(sample > 0 && sample <= 100)) {
@@ -76,7 +84,7 @@ with --source, exit code 24 when a source image no longer exists (and nothing is
         bar.done();
         const differing = (sources ?? []).filter((s) => s.status === 'differs');
         if (opts.json) {
-          out(JSON.stringify(sources ? { ...rep, sources } : rep, null, 2));
+          printJson(sources ? { ...rep, sources } : rep);
         } else {
           out(
             `checked ${rep.checkpoints} checkpoint(s), ${rep.chunksChecked} chunks, ${bytes(rep.bytesChecked)} stored`,
