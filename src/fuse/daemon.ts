@@ -104,7 +104,7 @@ export async function prepareMountpoint(mountpoint: string, log: (l: string) => 
 export async function serveMount(opts: ServeOptions): Promise<void> {
   const { mountpoint, log } = opts;
   await prepareMountpoint(mountpoint, log);
-  const repo = Repository.open(opts.repoDir);
+  const repo = Repository.open(opts.repoDir, { readOnly: true });
   let vfs: CheckpointVfs | undefined;
   let mountId: number | undefined;
   try {

@@ -21,6 +21,7 @@
  * Memory: the set of chunk ids in use.
  */
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import type { Repository } from './repository';
 import { decodeChunk } from '../store/codec';
 import { packPath } from '../store/packs';
@@ -86,7 +87,8 @@ export function selectCheckpoints(
  * `markDamaged: false` it only reads and takes no lock.
  */
 export async function verifyRepository(repo: Repository, o: VerifyOptions = {}): Promise<VerifyReport> {
-  if (o.markDamaged === false) return verifyUnlocked(repo, o);
+  // A reader that may not write the repository cannot record damage: it only reads.
+  if (o.markDamaged === false || !repo.writable) return verifyUnlocked(repo, o);
   repo.lockWriter('verify');
   try {
     return await verifyUnlocked(repo, o);
@@ -264,6 +266,8 @@ async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<Verif
  */
 function recordDamage(repo: Repository, damagedIds: number[], fineIds: number[]): number {
   if (damagedIds.length === 0 && fineIds.length === 0) return 0;
+  // A reader without write access reports what it found and records nothing.
+  if (!repo.writable || repo.db.readonly) return 0;
   const db = repo.db;
   let unmarked = 0;
   db.transaction(() => {
@@ -305,8 +309,8 @@ export interface SourceDiff {
   checkpoint: string;
   disk: string;
   source: string | null;
-  /** 'same', 'differs', or 'skipped' (no source recorded, or it is gone). */
-  status: 'same' | 'differs' | 'skipped';
+  /** 'same', 'differs', 'gone' (the source image no longer exists) or 'skipped' (none recorded, unreachable). */
+  status: 'same' | 'differs' | 'gone' | 'skipped';
   reason?: string;
   bytesCompared: number;
   bytesDiffering: number;
@@ -383,7 +387,12 @@ export async function compareWithSources(
         }
       } else {
         if (!fs.existsSync(src)) {
-          Object.assign(r, { status: 'skipped', reason: 'the source image no longer exists' });
+          Object.assign(r, {
+            status: 'gone',
+            reason: path.isAbsolute(src)
+              ? 'the source image no longer exists'
+              : `the source image no longer exists here (an older bkfs recorded the relative path '${src}')`,
+          });
           continue;
         }
         // The format recorded at backup time (declared or safely probed); never a new probe.

@@ -3,7 +3,7 @@ import { BkfsError } from '../../errors';
 import type { FileFormat, RestoreResult } from '../../restore/engine';
 import type { ExportResult } from '../../restore/export';
 import { bytes, duration, rate } from '../../util/format';
-import { out, parseIntOption, withLongJob, withRepo } from '../context';
+import { out, parseIntOption, withLongJob, withReader } from '../context';
 import { printJson } from '../json';
 
 interface RestoreCliOptions {
@@ -106,7 +106,7 @@ Examples:
       const mode = opts.mode !== undefined ? parseInt(opts.mode, 8) : undefined;
       const { runRestore } = await import('../../restore/engine');
       const res = await withLongJob(`restore ${ref}`, (job) =>
-        withRepo(cmd, (repo) =>
+        withReader(cmd, (repo) =>
           runRestore(repo, {
             ref,
             to: opts.to,
@@ -150,7 +150,7 @@ Examples:
       }
       const { runExport } = await import('../../restore/export');
       const res = await withLongJob(`export ${ref}`, (job) =>
-        withRepo(cmd, (repo) =>
+        withReader(cmd, (repo) =>
           runExport(repo, {
             ref,
             to: opts.to,
