@@ -29,6 +29,7 @@ import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
 import { processAlive } from '../util/proc';
 import { finishForgetJournals, removeManifest } from './manifest';
+import { migrateToV2 } from '../index/migrate';
 
 export const REPO_MAGIC = 'bkfs-repository';
 export const CONFIG_FILE = 'bkfs-repo.json';
@@ -166,6 +167,7 @@ export class Repository {
   lockWriter(command: string): void {
     acquireWriterLock(this.dir, command);
     this.lockHeld = true;
+    migrateToV2(this); // format 1 -> 2 (block-map digests), see src/index/migrate.ts
     this.recover();
   }
 
@@ -218,6 +220,7 @@ export function deleteCheckpointRows(db: Database.Database, checkpointId: number
       if (!otherRefs.get(row.page_id, d.id)) delExtents.run(row.page_id);
     }
     db.prepare('DELETE FROM disk_pages WHERE disk_id = ?').run(d.id);
+    db.prepare('DELETE FROM disk_maps WHERE disk_id = ?').run(d.id);
   }
   db.prepare('DELETE FROM disks WHERE checkpoint_id = ?').run(checkpointId);
   db.prepare('DELETE FROM configs WHERE checkpoint_id = ?').run(checkpointId);

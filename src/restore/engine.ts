@@ -264,7 +264,10 @@ export function diffDisks(
   const span = repo.config.pageSpan;
   const ta = pageTable(repo, a.id);
   const tb = pageTable(repo, b.id);
-  const pages = [...new Set([...ta.keys(), ...tb.keys()])].sort((x, y) => x - y);
+  // Page tables and (format 2) digest lists: a page whose table row was lost is compared (and fails).
+  const pages = [...new Set([...ta.keys(), ...tb.keys(), ...ra.pageNos(a), ...rb.pageNos(b)])].sort(
+    (x, y) => x - y,
+  );
   const extents: Ext<ChunkLocation>[] = [];
   const samePages: number[] = [];
   let pagesCompared = 0;
@@ -276,8 +279,8 @@ export function diffDisks(
       continue;
     }
     pagesCompared++;
-    const ea: PageExtent[] = ia === undefined ? [] : ra.page(a, p);
-    const eb: PageExtent[] = ib === undefined ? [] : rb.page(b, p);
+    const ea: PageExtent[] = ra.page(a, p);
+    const eb: PageExtent[] = rb.page(b, p);
     const end = Math.min((p + 1) * span, b.virtual_size);
     for (const e of diffExtents(ea, eb, p * span, end)) extents.push(e);
   }
