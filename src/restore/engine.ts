@@ -47,6 +47,7 @@ import {
 } from './targets';
 import { rewriteDomainXml, type DiskRewrite } from './domain-xml';
 import { defineDomain, domainUuid } from './libvirt';
+import { checkMarker, diskMapDigest, removeMarker, writeMarker, type MarkerSubject } from './marker';
 
 export type FileFormat = 'raw' | 'qcow2';
 
@@ -76,6 +77,11 @@ export interface RestoreOptions extends CopyTuning {
   format?: FileFormat;
   /** VM@CHECKPOINT that the target already holds: write only the difference. */
   since?: string;
+  /**
+   * With `since`: prove that the target holds it by comparing it in full with the repository,
+   * instead of by its restore marker (`marker.ts`). The only way for an NBD target.
+   */
+  verifyTarget?: boolean;
   force?: boolean;
   /** Define the restored VM in libvirt under this name. */
   define?: string;
@@ -316,6 +322,37 @@ async function checkSince(
   }
 }
 
+function subject(repo: Repository, vm: string, cp: CheckpointRow, disk: DiskRow): MarkerSubject {
+  return { repo: repo.config.id, vm, uid: cp.uid, name: cp.name, disk, mapDigest: diskMapDigest(repo, disk) };
+}
+
+/**
+ * `--verify-target`: the target must hold exactly `sinceRef`'s disk (read in full, 4 MiB at a
+ * time, compared with the repository); TARGET_MISMATCH at the first difference.
+ */
+async function compareTarget(
+  reader: CheckpointReader,
+  disk: DiskRow,
+  target: RestoreTarget,
+  sinceRef: string,
+  signal: AbortSignal | undefined,
+): Promise<void> {
+  const step = 4 << 20;
+  for (let off = 0; off < disk.virtual_size; off += step) {
+    if (signal?.aborted) throw interrupted();
+    const n = Math.min(step, disk.virtual_size - off);
+    const [want, got] = await Promise.all([reader.readAt(disk.name, off, n), target.read(off, n)]);
+    if (!got.equals(want)) {
+      let i = 0;
+      while (i < n && got[i] === want[i]) i++;
+      throw new BkfsError(
+        'TARGET_MISMATCH',
+        `${target.description} does not hold ${sinceRef} (first difference at byte ${off + i}): restore without --since`,
+      );
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Restore of a checkpoint
 
@@ -483,6 +520,16 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
         );
       }
       sinceDisks.set(j.disk.name, sd);
+      // Proof that the target holds `since` (marker.ts), or a full compare below.
+      if (!o.verifyTarget) {
+        if (j.kind === 'nbd') {
+          throw new BkfsError(
+            'TARGET_MISMATCH',
+            `${j.to} is an NBD export and carries no bkfs restore marker: add --verify-target to compare it with ${sinceRef} in full, or restore without --since`,
+          );
+        }
+        if (fs.existsSync(j.to)) checkMarker(j.to, subject(repo, since.reader.vm.name, since.cp, sd));
+      }
     }
     if (j.kind === 'nbd') continue;
     if (dir !== null && !update) {
@@ -548,6 +595,8 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
       if (o.signal?.aborted) throw interrupted();
       const t1 = Date.now();
       const size = j.disk.virtual_size;
+      // No marker may claim a content while the file is being written (a crash leaves none).
+      if (j.kind !== 'nbd' && !update) removeMarker(j.to);
       const target = await openTarget(j, size, update);
       let ok = false;
       try {
@@ -556,7 +605,9 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
         if (since) {
           const sd = sinceDisks.get(j.disk.name)!;
           diffInfo = diffDisks(repo, since.reader, sd, reader, j.disk);
-          await checkSince(reader, j.disk, diffInfo.samePages, target, sinceRef!);
+          if (o.verifyTarget) await compareTarget(since.reader, sd, target, sinceRef!, o.signal);
+          else await checkSince(reader, j.disk, diffInfo.samePages, target, sinceRef!);
+          if (j.kind !== 'nbd') removeMarker(j.to);
           progress.total += diffInfo.extents.reduce((n, e) => n + (e.loc ? e.length : 0), 0);
           runs = planRuns(diffInfo.extents, {
             size,
@@ -590,6 +641,7 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
         );
         await target.finish();
         ok = true;
+        if (j.kind !== 'nbd') writeMarker(j.to, subject(repo, reader.vm.name, reader.checkpoint, j.disk));
         if (j.kind === 'nbd' && target.size > size) {
           o.onNotice?.(
             `${target.description} is larger than the disk (${target.size} > ${size} bytes); bytes past ${size} were left as they were`,

@@ -311,3 +311,73 @@ describe('format 1 repositories', () => {
     await assertReads(copy, 'check2', ref2, [4]);
   });
 });
+
+describe('restore --since needs proof that the target holds the older checkpoint', () => {
+  const since = (file: string, to: string, from: string, ...extra: string[]) =>
+    bkfs([
+      '-r',
+      repo,
+      'restore',
+      `web@${to}`,
+      '--disk',
+      'vda',
+      '--to',
+      file,
+      '--since',
+      `web@${from}`,
+      ...extra,
+    ]);
+  const mismatch = (r: { code: number; stderr: string }, re: RegExp) => {
+    assert.equal(r.code, EXIT_CODES.TARGET_MISMATCH, r.stderr);
+    assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+    assert.match(r.stderr, re);
+  };
+
+  it('accepts its own unmodified restore (marker), refuses a modified, foreign or unmarked file', async () => {
+    const file = path.join(work, 'since-vda.raw');
+    await bkfsOk(['-r', repo, 'restore', 'web@check1', '--disk', 'vda', '--to', file]);
+    const marker = `${file}.bkfs-restore.json`;
+    assert.equal(fs.statSync(marker).mode & 0o777, 0o600);
+    assert.equal(JSON.parse(fs.readFileSync(marker, 'utf8')).checkpoint.name, 'check1');
+
+    // The marker proves check1: only the difference is written, and the result is check2.
+    const ok = await since(file, 'check2', 'check1', '--json');
+    assert.equal(ok.code, 0, ok.stderr);
+    assert.ok(fs.readFileSync(file).equals(ref2));
+    assert.equal(JSON.parse(fs.readFileSync(marker, 'utf8')).checkpoint.name, 'check2');
+
+    // The marker names check2 now: --since check1 is refused.
+    mismatch(await since(file, 'check1', 'check1'), /holds web@check2 disk vda, not web@check1/);
+
+    // A VM that ran from the restored disk wrote to it (a real write through QEMU's block layer).
+    const before = fs.readFileSync(file);
+    await qemuIo(file, 'raw', 'write -P 0x42 0 4096');
+    const r = await since(file, 'check1', 'check2');
+    mismatch(r, /was modified after bkfs restored web@check2 into it .*(mtime|ctime)/);
+    assert.ok(fs.readFileSync(file).subarray(4096).equals(before.subarray(4096)), 'nothing written');
+    // Even a write that changes nothing but the times is caught.
+    fs.writeFileSync(file, before);
+    mismatch(await since(file, 'check1', 'check2'), /was modified/);
+
+    // --verify-target compares in full instead: it refuses a target that differs ...
+    await qemuIo(file, 'raw', `write -P 0x42 ${20 * MiB} 4096`);
+    mismatch(await since(file, 'check1', 'check2', '--verify-target'), /first difference at byte 20971520/);
+    // ... and accepts one that holds the checkpoint, marker or not.
+    await qemuIo(file, 'raw', `write -P 0x00 ${20 * MiB} 4096`);
+    fs.writeFileSync(file, ref2);
+    fs.rmSync(marker);
+    mismatch(await since(file, 'check1', 'check2'), /has no bkfs restore marker/);
+    const v = await since(file, 'check1', 'check2', '--verify-target');
+    assert.equal(v.code, 0, v.stderr);
+    assert.ok(fs.readFileSync(file).equals(ref1));
+    assert.equal(JSON.parse(fs.readFileSync(marker, 'utf8')).checkpoint.name, 'check1');
+
+    // A copy of a restored file carries no marker of its own.
+    const copy = path.join(work, 'since-copy.raw');
+    fs.copyFileSync(file, copy);
+    mismatch(await since(copy, 'check2', 'check1'), /has no bkfs restore marker/);
+    // Someone else's marker next to it does not help either (other inode).
+    fs.copyFileSync(marker, `${copy}.bkfs-restore.json`);
+    mismatch(await since(copy, 'check2', 'check1'), /inode/);
+  });
+});
