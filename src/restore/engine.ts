@@ -295,8 +295,8 @@ export function diffDisks(
 
 /**
  * Check that the target holds the repository's bytes in a few ranges that an incremental restore
- * will not write (the same in both checkpoints): a cheap guard against `--since` with the wrong
- * file. Throws TARGET_INVALID on a difference.
+ * will not write (the same in both checkpoints): a cheap second guard after the restore marker.
+ * Throws TARGET_MISMATCH on a difference.
  */
 async function checkSince(
   reader: CheckpointReader,
@@ -315,7 +315,7 @@ async function checkSince(
     const got = await target.read(e.offset, n);
     if (!got.equals(want)) {
       throw new BkfsError(
-        'TARGET_INVALID',
+        'TARGET_MISMATCH',
         `${target.description} does not hold ${sinceRef} (bytes at offset ${e.offset} differ): restore without --since`,
       );
     }

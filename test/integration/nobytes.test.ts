@@ -381,3 +381,67 @@ describe('restore --since needs proof that the target holds the older checkpoint
     mismatch(await since(copy, 'check2', 'check1'), /inode/);
   });
 });
+
+describe('the mount daemon survives failures under it', () => {
+  it('read-ahead into a damaged page, a pack truncated under the mount: EIO there, the right bytes elsewhere, the daemon lives', async () => {
+    let cut = 0;
+    let cachedOk: number[] = [];
+    const copy = await damagedCopy((db) => {
+      const d = someExtent(db, 'check1', 2);
+      db.prepare('UPDATE extents SET length = length - 4096 WHERE page_id = ? AND offset = ?').run(
+        d.pid,
+        d.offset,
+      );
+    });
+    const db = new Database(path.join(copy, 'index.db'), { readonly: true });
+    const chunksOf = (p: number) =>
+      db
+        .prepare(
+          `SELECT pk.name AS pack, c.offset AS off, c.stored_len AS len FROM disk_pages dp JOIN extents e ON e.page_id = dp.page_id
+             JOIN chunks c ON c.id = e.chunk_id JOIN packs pk ON pk.id = c.pack_id WHERE dp.disk_id = ? AND dp.page_no = ?`,
+        )
+        .all(diskId(db, 'check1'), p) as { pack: string; off: number; len: number }[];
+    const p4 = chunksOf(4);
+    const pack = p4[0]!.pack;
+    assert.ok(p4.every((c) => c.pack === pack));
+    cut = Math.min(...p4.map((c) => c.off)) - 48; // before page 4's first record
+    // Pages whose chunks all lie before the cut still read from the pack; page 1 is read (and
+    // cached) before the cut.
+    cachedOk = [0, 3].filter((p) => chunksOf(p).every((c) => c.pack === pack && c.off + c.len <= cut));
+    db.close();
+    const mp = path.join(work, 'mnt-survive');
+    fs.mkdirSync(mp);
+    await bkfsOk(['-r', copy, 'mount', 'web@check1', mp]);
+    try {
+      const { readState } = await import('../../src/fuse/state');
+      const pid = readState(mp)!.pid;
+      const fd = fs.openSync(path.join(mp, 'vda.raw'), 'r');
+      try {
+        // Sequential 128 KiB reads to the end of page 1: read-ahead runs into page 2 (damaged).
+        const b = Buffer.alloc(128 * 1024);
+        for (let off = SPAN; off < 2 * SPAN; off += b.length) {
+          assert.equal(fs.readSync(fd, b, 0, b.length, off), b.length);
+          assert.ok(b.equals(ref1.subarray(off, off + b.length)), `page 1 at ${off}`);
+        }
+        await new Promise((r) => setTimeout(r, 300));
+        assert.throws(() => fs.readSync(fd, b, 0, b.length, 2 * SPAN), { code: 'EIO' });
+        // The pack loses its tail under the mount (a real on-disk truncation).
+        fs.truncateSync(path.join(copy, 'packs', pack.slice(0, 2), `${pack}.pack`), cut);
+        const m = Buffer.alloc(MiB);
+        assert.throws(() => fs.readSync(fd, m, 0, m.length, 4 * SPAN), { code: 'EIO' }, 'page 4 is gone');
+        for (const p of [1, ...cachedOk]) {
+          assert.equal(fs.readSync(fd, m, 0, m.length, p * SPAN), m.length);
+          assert.ok(m.equals(ref1.subarray(p * SPAN, p * SPAN + MiB)), `page ${p} still reads right`);
+        }
+        assert.equal(fs.statSync(path.join(mp, 'vda.raw')).size, SIZE, 'the mount answers');
+        process.kill(pid, 0); // the daemon is alive
+      } finally {
+        fs.closeSync(fd);
+      }
+      const log = fs.readFileSync(logPath(mp), 'utf8');
+      assert.doesNotMatch(log, /unexpected failure/, log);
+    } finally {
+      await bkfsOk(['umount', mp]);
+    }
+  });
+});
