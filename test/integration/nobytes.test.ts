@@ -445,3 +445,23 @@ describe('the mount daemon survives failures under it', () => {
     }
   });
 });
+
+describe('digests survive gc pack rewrites and an index rebuild', () => {
+  it('forget + gc (pack rewrite) and repair --rebuild-index keep every block map matching its digests', async () => {
+    const copy = path.join(work, 'lifecycle');
+    await run('cp', ['-a', repo, copy]);
+    await bkfsOk(['-r', copy, 'forget', 'web@check1']);
+    await bkfsOk(['-r', copy, 'gc']);
+    await assertReads(copy, 'check2', ref2, []);
+    await bkfsOk(['-r', copy, 'verify']);
+    const before = new Database(path.join(copy, 'index.db'), { readonly: true });
+    const sums = before.prepare('SELECT disk_id, digest FROM disk_maps ORDER BY disk_id').all();
+    before.close();
+    await bkfsOk(['-r', copy, 'repair', '--rebuild-index']);
+    const after = new Database(path.join(copy, 'index.db'), { readonly: true });
+    assert.deepEqual(after.prepare('SELECT disk_id, digest FROM disk_maps ORDER BY disk_id').all(), sums);
+    after.close();
+    await assertReads(copy, 'check2', ref2, []);
+    await bkfsOk(['-r', copy, 'verify']);
+  });
+});
