@@ -42,15 +42,21 @@ export interface PageSum {
 const PAGE_TAG = Buffer.from('bkfs-page-v2\n');
 const DISK_TAG = Buffer.from('bkfs-disk-v2\n');
 
+/** A non-negative safe integer as u64 big-endian (no BigInt: this runs for every extent loaded). */
+function writeU64(buf: Buffer, v: number, at: number): void {
+  buf.writeUInt32BE(Math.floor(v / 0x100000000), at);
+  buf.writeUInt32BE(v % 0x100000000, at + 4);
+}
+
 /** Digest of one page's extents (offset order). */
 export function pageDigest(exts: readonly SumExtent[]): Buffer {
   const buf = Buffer.alloc(PAGE_TAG.length + exts.length * (25 + 32));
   PAGE_TAG.copy(buf, 0);
   let o = PAGE_TAG.length;
   for (const e of exts) {
-    buf.writeBigUInt64BE(BigInt(e.offset), o);
-    buf.writeBigUInt64BE(BigInt(e.length), o + 8);
-    buf.writeBigUInt64BE(BigInt(e.chunkOff), o + 16);
+    writeU64(buf, e.offset, o);
+    writeU64(buf, e.length, o + 8);
+    writeU64(buf, e.chunkOff, o + 16);
     o += 24;
     if (e.hash === null) {
       buf[o++] = 0;
