@@ -268,7 +268,7 @@ describe('format 1 repositories', () => {
 
     await assertReads(copy, 'check1', ref1, []);
     await assertReads(copy, 'check2', ref2, []);
-    await bkfsOk(['-r', copy, 'verify']);
+    await bkfsOk(['-r', copy, 'verify', '--read-only']); // takes no lock: does not migrate
 
     // Lost extent row in format 1: the index alone cannot tell, the manifest can.
     const bad = path.join(work, 'v1-bad');
@@ -277,7 +277,8 @@ describe('format 1 repositories', () => {
     const e = someExtent(bdb, 'check1', 4);
     bdb.prepare('DELETE FROM extents WHERE page_id = ? AND offset = ?').run(e.pid, e.offset);
     bdb.close();
-    const v = await bkfs(['-r', bad, 'verify']);
+    const v = await bkfs(['-r', bad, 'verify', '--read-only']);
+    assert.equal(JSON.parse(fs.readFileSync(path.join(bad, 'bkfs-repo.json'), 'utf8')).format, 1);
     assert.equal(v.code, EXIT_CODES.VERIFY_FAILED, v.stdout + v.stderr);
     assert.match(
       v.stdout + v.stderr,
