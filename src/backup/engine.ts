@@ -555,7 +555,14 @@ async function backupDisk(job: DiskJob): Promise<{ read: number; zero: number }>
               if (isZero(piece)) return job.recordZeros ? zeroExtent(p) : null;
               const enc = await job.pool.process(piece);
               const id = await job.chunks.put(enc.hash, enc.codec, enc.stored, p.length);
-              return { offset: p.offset, length: p.length, chunkId: id, chunkOff: 0, origin: job.diskId };
+              return {
+                offset: p.offset,
+                length: p.length,
+                chunkId: id,
+                chunkOff: 0,
+                origin: job.diskId,
+                hash: Buffer.from(enc.hash),
+              };
             }),
           );
           job.onBytes(g.length);

@@ -107,6 +107,17 @@ export async function serveMount(opts: ServeOptions): Promise<void> {
   const repo = Repository.open(opts.repoDir, { readOnly: true });
   let vfs: CheckpointVfs | undefined;
   let mountId: number | undefined;
+  // Backstop: an exception that escapes a handler's own guard or a background task (read-ahead)
+  // is logged and the mount keeps serving; a dead daemon would leave a stale mount (ENOTCONN).
+  const onStray = (e: unknown): void => {
+    try {
+      log(`error: unexpected failure outside a request (the mount keeps serving): ${errorMessage(e)}`);
+    } catch {
+      // nothing more to do
+    }
+  };
+  process.on('uncaughtException', onStray);
+  process.on('unhandledRejection', onStray);
   try {
     vfs = CheckpointVfs.open(repo, {
       ...(opts.ref !== undefined ? { ref: opts.ref } : {}),
@@ -159,7 +170,10 @@ export async function serveMount(opts: ServeOptions): Promise<void> {
       }
     }
     vfs?.close();
+    await repo.packs.drain();
     repo.close();
+    process.off('uncaughtException', onStray);
+    process.off('unhandledRejection', onStray);
     if (readState(mountpoint)?.pid === process.pid) removeState(mountpoint, process.pid);
     if (mountId !== undefined) log(`unmounted ${mountpoint}`);
   }

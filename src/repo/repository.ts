@@ -207,6 +207,10 @@ export class Repository {
     if (this.lock?.held) throw new Error(`writer lock already held (${this.lock.info.command})`);
     this.lock = acquireWriterLock(this.dir, command, o);
     try {
+      // Format 1 -> 2 (block-map digests), see src/index/migrate.ts; loaded here for start-up time.
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      const { migrateToV2 } = require('../index/migrate') as typeof import('../index/migrate');
+      migrateToV2(this);
       this.recover();
     } catch (e) {
       this.unlockWriter();
@@ -402,6 +406,7 @@ export function deleteCheckpointRows(db: Database.Database, checkpointId: number
       if (!otherRefs.get(row.page_id, d.id)) delExtents.run(row.page_id);
     }
     db.prepare('DELETE FROM disk_pages WHERE disk_id = ?').run(d.id);
+    db.prepare('DELETE FROM disk_maps WHERE disk_id = ?').run(d.id);
   }
   db.prepare('DELETE FROM disks WHERE checkpoint_id = ?').run(checkpointId);
   db.prepare('DELETE FROM configs WHERE checkpoint_id = ?').run(checkpointId);

@@ -14,6 +14,8 @@
  *    that now reads back correctly (a transient I/O error) is unmarked.
  * 3. Optionally (`compareWithSources`), the disks of a checkpoint are compared byte for byte with
  *    their source images through qemu-nbd (read-only) and the differing ranges reported.
+ * 4. Block maps (`verify-map.ts`): each checkpoint-disk's map against its digests (format 2) and
+ *    its manifest, and SQLite's `integrity_check`; each disagreement names the checkpoints it affects.
  * Locking: it writes damage flags and heals (one transaction at the end), so it takes the writer
  * lock for its run; with `markDamaged: false` (`--read-only`) it writes nothing, takes no lock and
  * works while a backup or gc runs: a chunk that gc moved meanwhile is looked up again before it is
@@ -32,6 +34,7 @@ import { NbdClient } from '../nbd/client';
 import { QemuNbd, imageInfo } from '../backup/qemu';
 import { manifestPath } from './manifest';
 import { healDamagedChunks, refreshCheckpointDamage } from './gc';
+import { blockMapProblems, integrityProblems } from './verify-map';
 
 export interface VerifyOptions {
   vm?: string;
@@ -160,6 +163,9 @@ async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<Verif
       }
     }
   }
+
+  // Block maps against their digests and manifests, and SQLite's own check (verify-map.ts).
+  problems.push(...integrityProblems(repo), ...blockMapProblems(repo, sel));
 
   let ids = [...used];
   if (o.samplePercent !== undefined && o.samplePercent < 100) {
