@@ -150,7 +150,9 @@ export async function serveCheckpoint(opts: ServeOptions): Promise<void> {
     try {
       pin = pinCheckpoints(repo, [checkpoint.id]);
     } catch (e) {
-      log(`cannot pin ${vm.name}@${checkpoint.name} (forget/gc will not know it is served): ${errorMessage(e)}`);
+      log(
+        `cannot pin ${vm.name}@${checkpoint.name} (forget/gc will not know it is served): ${errorMessage(e)}`,
+      );
     }
     const loader = new ChunkLoader(repo.db, repo.packs, opts.cacheBytes);
     const reader = new CheckpointReader(repo, vm, checkpoint, { loader });
@@ -207,7 +209,9 @@ export async function serveCheckpoint(opts: ServeOptions): Promise<void> {
       const t = setInterval(() => undefined, 1 << 30);
       opts.stop.addEventListener('abort', () => clearInterval(t), { once: true });
     });
-    log(`stopping: ${server.stats.connections} connections, ${bytes(server.stats.bytesRead)} read, ${bytes(server.stats.bytesWritten)} written`);
+    log(
+      `stopping: ${server.stats.connections} connections, ${bytes(server.stats.bytesRead)} read, ${bytes(server.stats.bytesWritten)} written`,
+    );
   } finally {
     await server?.close();
     for (const ov of overlays) {

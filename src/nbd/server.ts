@@ -181,8 +181,7 @@ function isWritable(e: NbdExport): boolean {
 }
 
 function transmissionFlags(e: NbdExport): number {
-  let f =
-    P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH | P.NBD_FLAG_CAN_MULTI_CONN | P.NBD_FLAG_SEND_CACHE;
+  let f = P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH | P.NBD_FLAG_CAN_MULTI_CONN | P.NBD_FLAG_SEND_CACHE;
   if (isWritable(e)) f |= P.NBD_FLAG_SEND_FUA | P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES;
   else f |= P.NBD_FLAG_READ_ONLY;
   return f;
@@ -355,9 +354,7 @@ export class NbdServer {
       }
       if (opt === P.NBD_OPT_STARTTLS) {
         if (tlsDone) {
-          sock.write(
-            optionReply(opt, this.secureContext ? P.NBD_REP_ERR_INVALID : P.NBD_REP_ERR_POLICY),
-          );
+          sock.write(optionReply(opt, this.secureContext ? P.NBD_REP_ERR_INVALID : P.NBD_REP_ERR_POLICY));
           continue;
         }
         if (len !== 0 || q.buffered !== 0) throw new Error('data after STARTTLS');
@@ -504,11 +501,7 @@ export class NbdServer {
     };
     const fail = (handle: Buffer, errno: number, message: string) =>
       send(structured ? structuredError(handle, errno, message) : simpleReply(handle, errno));
-    const track = (
-      handle: Buffer,
-      what: string,
-      job: () => Promise<Buffer | Buffer[] | undefined>,
-    ): void => {
+    const track = (handle: Buffer, what: string, job: () => Promise<Buffer | Buffer[] | undefined>): void => {
       const p = job().then(
         (reply) => send(reply ?? simpleReply(handle, 0)),
         (e: unknown) => {
@@ -596,7 +589,8 @@ export class NbdServer {
             const body =
               data.length === length ? data : Buffer.concat([data, Buffer.alloc(length - data.length)]);
             if (!structured) return [simpleReply(handle, 0), body];
-            if (length === 0) return structuredHeader(handle, P.NBD_REPLY_TYPE_NONE, P.NBD_REPLY_FLAG_DONE, 0);
+            if (length === 0)
+              return structuredHeader(handle, P.NBD_REPLY_TYPE_NONE, P.NBD_REPLY_FLAG_DONE, 0);
             const h = structuredHeader(
               handle,
               P.NBD_REPLY_TYPE_OFFSET_DATA,
@@ -641,12 +635,7 @@ export class NbdServer {
   }
 
   /** Extents from `offset`, clipped to `length`, merged when flags agree, at most `max`. */
-  private async extents(
-    exp: NbdExport,
-    offset: number,
-    length: number,
-    max: number,
-  ): Promise<BlockExtent[]> {
+  private async extents(exp: NbdExport, offset: number, length: number, max: number): Promise<BlockExtent[]> {
     if (!exp.blockStatus) return [{ length, flags: 0 }];
     const out: BlockExtent[] = [];
     let pos = offset;

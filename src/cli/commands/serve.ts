@@ -60,8 +60,14 @@ export function registerServe(program: Command): void {
     .argument('[ref]', 'VM or VM@CHECKPOINT to serve (latest checkpoint without @)')
     .option('--listen <addr>', 'unix:PATH or tcp:HOST:PORT')
     .option('--disk <name>', 'serve only this disk')
-    .option('--tls-creds <dir>', 'require TLS: x509 credentials dir (ca-cert.pem, server-cert.pem, server-key.pem)')
-    .option('--writable', 'accept writes, into copy-on-write overlays in --overlay-dir (never into the backup)')
+    .option(
+      '--tls-creds <dir>',
+      'require TLS: x509 credentials dir (ca-cert.pem, server-cert.pem, server-key.pem)',
+    )
+    .option(
+      '--writable',
+      'accept writes, into copy-on-write overlays in --overlay-dir (never into the backup)',
+    )
     .option('--overlay-dir <dir>', 'with --writable: where the overlays live (reused when serving again)')
     .option('--foreground', 'serve in this process until Ctrl-C or SIGTERM (default: return once listening)')
     .option('--cache-size <size>', 'decoded chunk cache, e.g. 256M, 1G', DEFAULT_CACHE_SIZE)
@@ -98,7 +104,8 @@ Examples:
         for (const s of all) describe(s);
         return;
       }
-      if (opts.listen === undefined) throw new BkfsError('USAGE', 'serve needs --listen unix:PATH or tcp:HOST:PORT');
+      if (opts.listen === undefined)
+        throw new BkfsError('USAGE', 'serve needs --listen unix:PATH or tcp:HOST:PORT');
       const addr = parseListen(opts.listen);
       if (!addr) {
         throw new BkfsError('USAGE', `--listen takes unix:PATH or tcp:HOST:PORT, got '${opts.listen}'`);
@@ -123,12 +130,14 @@ Examples:
       const repoDir = path.resolve(repoPath(cmd));
       if (opts.readyFd !== undefined || opts.foreground) {
         const fd = opts.readyFd === undefined ? undefined : Number(opts.readyFd);
-        if (fd !== undefined && !Number.isInteger(fd)) throw new BkfsError('USAGE', '--ready-fd takes a number');
+        if (fd !== undefined && !Number.isInteger(fd))
+          throw new BkfsError('USAGE', '--ready-fd takes a number');
         const { serveCheckpoint } = await import('../../nbd/serve');
         const { sendReady } = await import('../../fuse/daemon');
         const daemon = fd !== undefined;
         const log = daemon
-          ? (line: string) => process.stderr.write(`${new Date().toISOString()} bkfs[${process.pid}]: ${line}\n`)
+          ? (line: string) =>
+              process.stderr.write(`${new Date().toISOString()} bkfs[${process.pid}]: ${line}\n`)
           : (line: string) => note(line);
         const ac = new AbortController();
         const onSignal = (sig: NodeJS.Signals) => {
@@ -158,7 +167,9 @@ Examples:
               else if (opts.json) printJson(state);
               else {
                 describe(state);
-                out(`serving in the foreground: Ctrl-C or 'bkfs serve --stop --listen ${state.listen}' stops`);
+                out(
+                  `serving in the foreground: Ctrl-C or 'bkfs serve --stop --listen ${state.listen}' stops`,
+                );
               }
             },
           });
