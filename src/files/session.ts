@@ -13,7 +13,7 @@
  * `onNotice`) as soon as it cannot. Only the bytes the guest filesystem code actually reads are
  * loaded from the repository (`stats`).
  *
- * Pins: every checkpoint of the session is pinned while it is open (forget/gc keep them). Locking:
+ * Pins: every checkpoint of the session is pinned, then re-checked, while it is open. Locking:
  * none; the repository is only read. Nothing is written to the repository or to any disk image.
  * Memory: a 64 MiB decoded-chunk cache shared by all checkpoints, each reader's page cache, and
  * the listings `find`/`diff` hold.
@@ -27,7 +27,7 @@ import type { Writable } from 'node:stream';
 import { BkfsError, errorMessage, isBkfsError } from '../errors';
 import { CheckpointReader } from '../chain/reader';
 import type { CheckpointRow, VmRow } from '../index/catalog';
-import { pinCheckpoints, type Pin } from '../repo/pins';
+import { assertStillComplete, pinCheckpoints, type Pin } from '../repo/pins';
 import type { Repository } from '../repo/repository';
 import { ChunkLoader } from '../store/chunk-cache';
 import { run } from '../util/proc';
@@ -44,7 +44,15 @@ import {
   type GuestStat,
   type KernelSupport,
 } from './engine';
-import { chooseRoot, locate, mountsBelow, noLayoutError, type Layout, type MountPoint } from './fstab';
+import {
+  chooseRoot,
+  locate,
+  MAX_FSTAB_BYTES,
+  mountsBelow,
+  noLayoutError,
+  type Layout,
+  type MountPoint,
+} from './fstab';
 import { guestfishAvailable } from './guestfish';
 import { GuestfsEngine } from './guestfs-engine';
 import { KernelEngine } from './kernel';
@@ -169,6 +177,13 @@ export class FilesSession {
       opts.onNotice?.(
         `cannot pin the checkpoints (forget/gc will not know they are in use): ${errorMessage(e)}`,
       );
+    }
+    try {
+      // Looked up before the pin: a forget may have run in between (FORMAT.md, "Pins").
+      for (const cp of checkpoints) assertStillComplete(repo, cp, vm.name, 'the file session');
+    } catch (e) {
+      pin?.release();
+      throw e;
     }
     const work = await fsp.mkdtemp(path.join(os.tmpdir(), 'bkfs-files-'));
     try {
@@ -337,6 +352,14 @@ export class FilesSession {
       }
       const r = await resolveInRoot('/etc/fstab', this.resolveOps(engine), true);
       if (!r.ok || r.kind !== 'file') return null;
+      // The guest wrote this file: refuse an absurd one before reading it into memory.
+      const st = await engine.lstat(r.path);
+      if (st && st.size > MAX_FSTAB_BYTES) {
+        throw new BkfsError(
+          'FS_UNSUPPORTED',
+          `${this.where(checkpoint)}: ${v.id}: /etc/fstab is ${st.size} bytes, more than the ${MAX_FSTAB_BYTES} bkfs reads: not a usable fstab; name a volume explicitly (VM@CP:VOLUME:/path)`,
+        );
+      }
       return (await engine.readFile(r.path)).toString('utf8');
     });
     c.layout = layout ?? null;
@@ -536,7 +559,10 @@ export class FilesSession {
         return null;
       }
     });
-    const tmp = tempSibling(plan.final, randomBytes(4).toString('hex'));
+    // The copy is made inside a private (0700) directory beside the target and renamed into
+    // place: until its mode is the guest's, nobody else can open what is being written.
+    const box = await fsp.mkdtemp(tempSibling(plan.final, randomBytes(4).toString('hex')));
+    const tmp = path.join(box, 'copy');
     try {
       if (r.kind === 'symlink') {
         await fsp.symlink(await r.engine.readlink(r.path), tmp);
@@ -552,7 +578,7 @@ export class FilesSession {
         await fsp.rename(tmp, plan.final);
       }
     } finally {
-      await fsp.rm(tmp, { recursive: true, force: true });
+      await fsp.rm(box, { recursive: true, force: true });
     }
     return { ...plan, kind: r.kind, source: r.path };
   }

@@ -34,6 +34,7 @@ import {
   type MountState,
 } from './state';
 import { CheckpointVfs } from './vfs';
+import { mkdirPrivateSync, openPrivateSync } from '../util/private-fs';
 
 export interface ServeOptions {
   repoDir: string;
@@ -219,8 +220,8 @@ export interface StartOptions {
  */
 /** (Also used by `bkfs serve`, whose daemon reports its own info type `T`.) */
 export function startDaemon<T = MountedInfo>(o: StartOptions): Promise<T> {
-  fs.mkdirSync(path.dirname(o.logFile), { recursive: true, mode: 0o700 });
-  const logFd = fs.openSync(o.logFile, 'a', 0o600);
+  mkdirPrivateSync(path.dirname(o.logFile), { recursive: true });
+  const logFd = openPrivateSync(o.logFile, 'a');
   let child;
   try {
     child = spawn(o.command, o.args, {

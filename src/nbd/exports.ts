@@ -21,6 +21,7 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { BkfsError } from '../errors';
+import { mkdirPrivate } from '../util/private-fs';
 import type { CheckpointReader } from '../chain/reader';
 import * as P from './protocol';
 import type { BlockExtent, NbdExport } from './server';
@@ -105,7 +106,7 @@ export class CowOverlay implements NbdExport {
 
   /** Open (or create) the overlay of `id` in `dir` over `base`. */
   static async open(dir: string, id: OverlayIdentity, base: NbdExport): Promise<CowOverlay> {
-    await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
+    await mkdirPrivate(dir, { recursive: true });
     const stem = path.join(dir, safeName(id.disk));
     const metaFile = `${stem}.json`;
     const mapFile = `${stem}.map`;
@@ -139,9 +140,11 @@ export class CowOverlay implements NbdExport {
     } else {
       const tmp = `${metaFile}.tmp`;
       fs.writeFileSync(tmp, JSON.stringify(meta) + '\n', { mode: 0o600 });
+      fs.chmodSync(tmp, 0o600); // whatever the umask
       fs.renameSync(tmp, metaFile);
     }
     const fh = await fsp.open(cowFile, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+    await fh.chmod(0o600);
     await fh.truncate(id.size);
     return new CowOverlay(base, fh, bitmap, mapFile, cowFile);
   }
@@ -271,6 +274,7 @@ export class CowOverlay implements NbdExport {
     const tmp = `${this.mapFile}.tmp`;
     const h = await fsp.open(tmp, 'w', 0o600);
     try {
+      await h.chmod(0o600);
       await h.writeFile(this.bitmap);
       await h.sync();
     } finally {

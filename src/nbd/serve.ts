@@ -20,6 +20,7 @@ import { pinCheckpoints, type Pin } from '../repo/pins';
 import { daemonAlive, processStartTime, runDir, stopDaemon } from '../fuse/state';
 import { ChunkLoader } from '../store/chunk-cache';
 import { bytes } from '../util/format';
+import { mkdirPrivateSync } from '../util/private-fs';
 import { checkpointExport, CowOverlay } from './exports';
 import { formatListen, NbdServer, type ListenAddress, type NbdExport, type TlsCreds } from './server';
 
@@ -123,9 +124,10 @@ export async function stopServe(listen: string): Promise<ServeState | undefined>
 
 function writeServeState(s: ServeState): void {
   const file = serveStatePath(s.listen);
-  fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
+  mkdirPrivateSync(path.dirname(file), { recursive: true });
   const tmp = `${file}.${process.pid}.tmp`;
   fs.writeFileSync(tmp, JSON.stringify(s, null, 2) + '\n', { mode: 0o600 });
+  fs.chmodSync(tmp, 0o600);
   fs.renameSync(tmp, file);
 }
 

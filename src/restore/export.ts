@@ -19,7 +19,6 @@
  * are pinned while the export runs. Memory as for restore (engine.ts). Never prints.
  */
 import * as fs from 'node:fs';
-import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { BkfsError } from '../errors';
 import type { Repository } from '../repo/repository';
@@ -45,6 +44,7 @@ import {
   type RestoreProgress,
 } from './engine';
 import type { DiskRewrite } from './domain-xml';
+import { mkdirPrivate } from '../util/private-fs';
 
 export interface ExportOptions extends CopyTuning {
   ref: string;
@@ -151,7 +151,7 @@ export async function runExport(repo: Repository, o: ExportOptions): Promise<Exp
     }
   }
   try {
-    for (const name of plans.keys()) await fsp.mkdir(path.join(o.to, name), { recursive: true });
+    for (const name of plans.keys()) await mkdirPrivate(path.join(o.to, name), { recursive: true });
   } catch (e) {
     throw new BkfsError('TARGET_INVALID', `cannot create ${o.to}: ${(e as Error).message}`);
   }
