@@ -28,7 +28,7 @@ import { BkfsError } from '../errors';
 import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
 import { acquireWriterLock, type LockOptions, type WriterLock } from './lock';
-import { mkdirPrivateSync, precreateDbFile, repoModes, writeFilePrivateSync } from '../util/private-fs';
+import { mkdirPrivateSync, openPrivateSync, precreateDbFile, repoModes } from '../util/private-fs';
 
 export const REPO_MAGIC = 'bkfs-repository';
 export const CONFIG_FILE = 'bkfs-repo.json';
@@ -113,7 +113,7 @@ export class Repository {
     }
     // A new root is 0700; an existing (empty) one keeps its mode, and what is created inside
     // follows it (private unless the root is deliberately group-readable, see private-fs.ts).
-    mkdirPrivateSync(dir, { recursive: true });
+    const created = mkdirPrivateSync(dir, { recursive: true });
     const modes = repoModes(dir);
     for (const sub of ['packs', 'tmp', 'manifests'])
       mkdirPrivateSync(path.join(dir, sub), { mode: modes.dir });
@@ -130,14 +130,20 @@ export class Repository {
     precreateDbFile(path.join(dir, DB_FILE), modes.file);
     const db = new Database(path.join(dir, DB_FILE));
     db.pragma('journal_mode = WAL');
+    db.pragma('synchronous = FULL');
     db.exec(SCHEMA);
     db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('format', String(FORMAT_VERSION));
     db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('repo_id', config.id);
     db.close();
-    // The config file is written last: a directory without it is not a repository.
-    const tmp = path.join(dir, `${CONFIG_FILE}.tmp`);
-    writeFilePrivateSync(tmp, JSON.stringify(config, null, 2) + '\n', { mode: modes.file });
-    fs.renameSync(tmp, path.join(dir, CONFIG_FILE));
+    // The config file is written last, durably: a directory without it is not a repository, and
+    // one with it has its index and directories on disk (see "Durability" in FORMAT.md).
+    fsyncDirSync(dir); // packs/, tmp/, manifests/, index.db
+    if (created !== undefined) fsyncDirSync(path.dirname(created));
+    writeFileDurable(
+      path.join(dir, CONFIG_FILE),
+      Buffer.from(JSON.stringify(config, null, 2) + '\n'),
+      modes.file,
+    );
     return Repository.open(dir);
   }
 
@@ -148,6 +154,7 @@ export class Repository {
       // An index rebuild was interrupted right after moving the old index aside: finish it.
       try {
         fs.renameSync(path.join(dir, DB_NEW_FILE), dbPath);
+        fsyncDirSync(dir);
       } catch {
         // another process finished it first
       }
@@ -161,7 +168,11 @@ export class Repository {
     const db = new Database(dbPath, { fileMustExist: true });
     db.pragma('busy_timeout = 10000');
     db.pragma('journal_mode = WAL');
-    db.pragma('synchronous = NORMAL');
+    // FULL: a transaction that returned is durable (the WAL is fsynced at each commit). Every
+    // writer deletes or overwrites files only after the index state that no longer needs them has
+    // committed, so this is what makes gc's pack deletion and forget's manifest deletion safe
+    // against power loss (FORMAT.md, "Durability"; the cost is measured in bench/durable.ts).
+    db.pragma('synchronous = FULL');
     const ver = db.prepare("SELECT value FROM meta WHERE key = 'format'").get() as
       { value: string } | undefined;
     if (!ver || Number(ver.value) > FORMAT_VERSION) {
@@ -252,6 +263,31 @@ export function deleteCheckpointRows(db: Database.Database, checkpointId: number
   db.prepare('DELETE FROM disks WHERE checkpoint_id = ?').run(checkpointId);
   db.prepare('DELETE FROM configs WHERE checkpoint_id = ?').run(checkpointId);
   db.prepare('DELETE FROM checkpoints WHERE id = ?').run(checkpointId);
+}
+
+/** fsync a directory (its entries: creates, renames, unlinks). */
+function fsyncDirSync(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Write a small file atomically and durably: temp file, fsync, rename, fsync the directory. */
+function writeFileDurable(file: string, data: Buffer, mode: number): void {
+  const tmp = `${file}.${process.pid}.tmp`;
+  const fd = openPrivateSync(tmp, 'w', mode);
+  try {
+    let off = 0;
+    while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+  fsyncDirSync(path.dirname(file));
 }
 
 /** Read and check `bkfs-repo.json` (without opening the index). */
