@@ -206,11 +206,11 @@ function waitForEnd(
 // ---------------------------------------------------------------------------------------------
 // Background start
 
-export type ReadyMessage =
-  { ok: true; info: MountedInfo } | { ok: false; code: ErrorCode | 'INTERNAL'; message: string };
+export type ReadyMessage<T = MountedInfo> =
+  { ok: true; info: T } | { ok: false; code: ErrorCode | 'INTERNAL'; message: string };
 
 /** Child side: send the readiness message on `fd` and close it. */
-export function sendReady(fd: number, msg: ReadyMessage): void {
+export function sendReady<T = MountedInfo>(fd: number, msg: ReadyMessage<T>): void {
   try {
     fs.writeSync(fd, JSON.stringify(msg) + '\n');
     fs.closeSync(fd);
@@ -232,7 +232,8 @@ export interface StartOptions {
  * Start a detached daemon and wait for its readiness message. Resolves with what it mounted;
  * rejects with the daemon's own error (same code) or MOUNT_FAILED if it died without a word.
  */
-export function startDaemon(o: StartOptions): Promise<MountedInfo> {
+/** (Also used by `bkfs serve`, whose daemon reports its own info type `T`.) */
+export function startDaemon<T = MountedInfo>(o: StartOptions): Promise<T> {
   mkdirPrivateSync(path.dirname(o.logFile), { recursive: true });
   const logFd = openPrivateSync(o.logFile, 'a');
   let child;
@@ -246,10 +247,10 @@ export function startDaemon(o: StartOptions): Promise<MountedInfo> {
     fs.closeSync(logFd);
   }
   const pipe = child.stdio[3] as NodeJS.ReadableStream | null;
-  return new Promise<MountedInfo>((resolve, reject) => {
+  return new Promise<T>((resolve, reject) => {
     let text = '';
     let settled = false;
-    const finish = (err: Error | null, info?: MountedInfo) => {
+    const finish = (err: Error | null, info?: T) => {
       if (settled) return;
       settled = true;
       clearTimeout(timer);
@@ -278,9 +279,9 @@ export function startDaemon(o: StartOptions): Promise<MountedInfo> {
       text += d.toString('utf8');
       const nl = text.indexOf('\n');
       if (nl < 0) return;
-      let msg: ReadyMessage;
+      let msg: ReadyMessage<T>;
       try {
-        msg = JSON.parse(text.slice(0, nl)) as ReadyMessage;
+        msg = JSON.parse(text.slice(0, nl)) as ReadyMessage<T>;
       } catch (e) {
         finish(new BkfsError('MOUNT_FAILED', `bad message from the mount daemon: ${errorMessage(e)}`));
         return;
