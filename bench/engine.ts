@@ -14,6 +14,7 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import Database from 'better-sqlite3';
 import { randomBuffer } from '../test/helpers/images';
 import {
   arg,
@@ -77,8 +78,17 @@ async function bitmaps(image: string): Promise<string[]> {
   return (info['format-specific']?.data?.bitmaps ?? []).map((b) => b.name);
 }
 
-async function repoId(repo: string): Promise<string> {
-  return (JSON.parse(await fsp.readFile(path.join(repo, 'bkfs-repo.json'), 'utf8')) as { id: string }).id;
+/** The bitmaps a repository recorded (named after checkpoint uids: the index knows which). */
+function repoBitmaps(repo: string): Set<string> {
+  const db = new Database(path.join(repo, 'index.db'), { readonly: true });
+  try {
+    const rows = db.prepare('SELECT bitmap FROM disks WHERE bitmap IS NOT NULL').all() as {
+      bitmap: string;
+    }[];
+    return new Set(rows.map((r) => r.bitmap));
+  } finally {
+    db.close();
+  }
 }
 
 /** A bkfs backup under /usr/bin/time -v: wall seconds (to a sync after it) and peak RSS in bytes. */
@@ -193,9 +203,9 @@ async function main(): Promise<void> {
         `engine: bkfs full ${r + 1}/${RUNS}: ${b.secs.toFixed(2)} s, peak RSS ${(b.rss / MiB).toFixed(0)} MiB, CPU ${b.cpu} %`,
       );
       if (repo !== mainRepo) {
-        const id = await repoId(repo);
+        const own = repoBitmaps(repo);
         for (const n of await bitmaps(img))
-          if (n.startsWith(`bkfs-${id}-`)) await sh('qemu-img', ['bitmap', '--remove', img, n]);
+          if (own.has(n)) await sh('qemu-img', ['bitmap', '--remove', img, n]);
         await rmTree(repo);
       }
       // qemu-img convert -O raw.

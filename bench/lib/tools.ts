@@ -12,6 +12,7 @@
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
+import Database from 'better-sqlite3';
 import {
   Bg,
   allocatedBytes,
@@ -206,17 +207,21 @@ export class Bkfs extends Tool {
   }
 
   async discardSlot(slot: string): Promise<void> {
-    const cfg = JSON.parse(await fsp.readFile(path.join(this.repo(slot), 'bkfs-repo.json'), 'utf8')) as {
-      id: string;
-    };
+    // Bitmaps are named after checkpoint uids: the index knows which are this repository's.
+    const db = new Database(path.join(this.repo(slot), 'index.db'), { readonly: true });
+    const own = new Set(
+      (db.prepare('SELECT bitmap FROM disks WHERE bitmap IS NOT NULL').all() as { bitmap: string }[]).map(
+        (r) => r.bitmap,
+      ),
+    );
+    db.close();
     await rmTree(this.repo(slot));
     // The discarded repository's bitmaps would otherwise stay enabled in the working image.
     const info = JSON.parse((await sh('qemu-img', ['info', '--output=json', this.image])).stdout) as {
       'format-specific'?: { data?: { bitmaps?: { name: string }[] } };
     };
     for (const b of info['format-specific']?.data?.bitmaps ?? []) {
-      if (b.name.startsWith(`bkfs-${cfg.id}-`))
-        await sh('qemu-img', ['bitmap', '--remove', this.image, b.name]);
+      if (own.has(b.name)) await sh('qemu-img', ['bitmap', '--remove', this.image, b.name]);
     }
   }
 

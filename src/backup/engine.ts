@@ -21,6 +21,7 @@
  * by disk size; dirty/allocation maps are consumed as streams, window by window.
  * Core code: reports through `onProgress`/`onNotice`, never prints.
  */
+import { randomBytes } from 'node:crypto';
 import { BkfsError, isBkfsError } from '../errors';
 import type { Repository } from '../repo/repository';
 import { deleteCheckpointRows } from '../repo/repository';
@@ -42,7 +43,7 @@ import { IngestPool } from '../store/ingest-pool';
 import { isZero } from '../store/codec';
 import { orderedMap } from '../util/pipeline';
 import type { NbdClient } from '../nbd/client';
-import type { BackupSource } from './sources';
+import type { BackupSource, BitmapHistory } from './sources';
 import { performance } from 'node:perf_hooks';
 
 export interface DiskSpec {
@@ -65,6 +66,8 @@ export interface BackupOptions {
   checkpoint?: string;
   configs?: { name: string; data: Buffer }[];
   libvirtCheckpoint?: string;
+  /** The new checkpoint's uid (drawn at random when not given; libvirt names its checkpoint after it). */
+  uid?: string;
   onProgress?: (p: BackupProgress) => void;
   onNotice?: (msg: string) => void;
   signal?: AbortSignal;
@@ -156,12 +159,38 @@ export interface Plan {
   chainFull: CheckpointRow | null;
 }
 
-/** Bitmap name for a checkpoint of this repository (qcow2 image sources). */
-export function bitmapName(repoId: string, checkpoint: string): string {
-  return `${bitmapPrefix(repoId)}${checkpoint}`;
+/**
+ * Name of the dirty bitmap (qcow2) or libvirt checkpoint of the checkpoint with uid `uid`. A uid is
+ * drawn at random for every new checkpoint, so no copy of the repository (`cp -a`) ever makes a
+ * bitmap of the same name: copies never reset or reuse each other's bitmaps.
+ */
+export function bitmapName(uid: string): string {
+  return `bkfs-${uid}`;
 }
-export function bitmapPrefix(repoId: string): string {
+/**
+ * Prefix of the bitmaps bkfs 0.1 named `bkfs-<repo id>-<checkpoint>`: every copy of a repository
+ * shares these names, so an incremental never trusts one (it could have been re-created by a copy).
+ */
+export function legacyBitmapPrefix(repoId: string): string {
   return `bkfs-${repoId}-`;
+}
+
+/** A fresh checkpoint uid (the form of the schema's default: 32 lower-case hex digits). */
+export function newCheckpointUid(): string {
+  return randomBytes(16).toString('hex');
+}
+
+/** Every bitmap this repository recorded for the checkpoints of VM `vmId`, oldest first. */
+export function knownBitmaps(repo: Repository, vmName: string): string[] {
+  const vm = findVm(repo.db, vmName);
+  if (!vm) return [];
+  const rows = repo.db
+    .prepare(
+      `SELECT DISTINCT d.bitmap AS b FROM disks d JOIN checkpoints c ON c.id = d.checkpoint_id
+       WHERE c.vm_id = ? AND d.bitmap IS NOT NULL ORDER BY c.id`,
+    )
+    .all(vm.id) as { b: string }[];
+  return rows.map((r) => r.b);
 }
 
 /** The checkpoints an inc/diff of `vm` would build on, or nulls when there is no chain. */
@@ -211,8 +240,14 @@ async function planDisks(repo: Repository, opts: BackupOptions, plan: Plan): Pro
   const out: DiskPlan[] = [];
   const baseDisks = plan.base ? checkpointDisks(repo.db, plan.base.id) : [];
   const parentDisks = plan.parent ? checkpointDisks(repo.db, plan.parent.id) : [];
+  const history: BitmapHistory = {
+    expected: plan.parent ? bitmapName(plan.parent.uid) : '',
+    known: plan.parent ? knownBitmaps(repo, opts.vm) : [],
+    legacyPrefix: legacyBitmapPrefix(repo.config.id),
+  };
   for (const spec of opts.disks) {
     const probe = await spec.source.probe();
+    for (const n of probe.notes ?? []) opts.onNotice?.(`disk '${spec.name}': ${n}`);
     let baseDisk: DiskRow | null = null;
     let readBitmap: string | null = null;
     if (plan.base && plan.parent) {
@@ -230,7 +265,7 @@ async function planDisks(repo: Repository, opts: BackupOptions, plan: Plan): Pro
           `disk '${spec.name}' changed size since ${plan.base.name} (${baseDisk.virtual_size} -> ${probe.size} bytes): use --level full`,
         );
       }
-      readBitmap = await spec.source.dirtyBitmapFor(parentDisk.bitmap);
+      readBitmap = await spec.source.dirtyBitmapFor(parentDisk.bitmap, history);
     }
     out.push({ spec, size: probe.size, format: probe.format, baseDisk, readBitmap });
   }
@@ -282,16 +317,18 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
   const prepared: DiskPlan[] = [];
   try {
     const name = opts.checkpoint ?? nextCheckpointName(repo, opts.vm);
+    const uid = opts.uid ?? newCheckpointUid();
     const vm = ensureVm(db, opts.vm);
     if (db.prepare('SELECT 1 FROM checkpoints WHERE vm_id = ? AND name = ?').get(vm.id, name)) {
       throw new BkfsError('BAD_NAME', `VM '${opts.vm}' already has a checkpoint named '${name}'`);
     }
     const ins = db
       .prepare(
-        `INSERT INTO checkpoints (vm_id, name, level, state, chain_id, parent_id, base_id, started, libvirt_checkpoint)
-         VALUES (?, ?, ?, 'running', 0, ?, ?, ?, ?)`,
+        `INSERT INTO checkpoints (uid, vm_id, name, level, state, chain_id, parent_id, base_id, started, libvirt_checkpoint)
+         VALUES (?, ?, ?, ?, 'running', 0, ?, ?, ?, ?)`,
       )
       .run(
+        uid,
         vm.id,
         name,
         plan.level,
@@ -312,8 +349,7 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
     // Change tracking for the new checkpoint starts before any data is read.
     const diskRows: { plan: DiskPlan; diskId: number; newBitmap: string | null }[] = [];
     for (const dp of disks) {
-      const newBitmap =
-        plan.level === 'copy' ? null : await dp.spec.source.prepare(bitmapName(repo.config.id, name));
+      const newBitmap = plan.level === 'copy' ? null : await dp.spec.source.prepare(bitmapName(uid));
       prepared.push(dp);
       const r = db
         .prepare(
@@ -416,10 +452,15 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
     }
     // The checkpoint is committed. Drop change tracking that no longer serves a chain.
     if (plan.level === 'full') {
+      const history: BitmapHistory = {
+        expected: '',
+        known: knownBitmaps(repo, opts.vm),
+        legacyPrefix: legacyBitmapPrefix(repo.config.id),
+      };
       for (const d of diskRows) {
         const keep = new Set(d.newBitmap ? [d.newBitmap] : []);
         await d.plan.spec.source
-          .afterCommit(keep, bitmapPrefix(repo.config.id), true)
+          .afterCommit(keep, history, true)
           .catch((e: unknown) => opts.onNotice?.(`could not remove old bitmaps: ${(e as Error).message}`));
       }
     }
@@ -622,7 +663,14 @@ async function backupDisk(job: DiskJob): Promise<{ read: number; zero: number }>
               }
               const id = await job.chunks.put(enc.hash, enc.codec, enc.stored, p.length);
               if (st) st.putMs += performance.now() - tp;
-              return { offset: p.offset, length: p.length, chunkId: id, chunkOff: 0, origin: job.diskId };
+              return {
+                offset: p.offset,
+                length: p.length,
+                chunkId: id,
+                chunkOff: 0,
+                origin: job.diskId,
+                hash: Buffer.from(enc.hash),
+              };
             }),
           );
           job.onBytes(g.length);

@@ -12,14 +12,22 @@ import type { DomainDisk, LibvirtCheckpoint } from './libvirt-xml';
 // ---------------------------------------------------------------------------------------------
 // Names
 
-/** Prefix of every libvirt checkpoint made for repository `repoId`. */
-export function libvirtPrefix(repoId: string): string {
+/**
+ * Prefix of every libvirt checkpoint made by bkfs, whatever the repository. Each is named after the
+ * uid of its bkfs checkpoint (`bkfs-<uid>`, also the qcow2 bitmap's name), so copies of a
+ * repository never make checkpoints of the same name. bkfs 0.1 named them
+ * `bkfs-<repo id>-<checkpoint>` (`legacyPrefix`), names every copy shares.
+ */
+export const BKFS_PREFIX = 'bkfs-';
+
+/** Prefix of the libvirt checkpoints bkfs 0.1 made for repository `repoId`. */
+export function legacyPrefix(repoId: string): string {
   return `bkfs-${repoId}-`;
 }
 
-/** The libvirt checkpoint of bkfs checkpoint `checkpoint` (also the qcow2 bitmap's name). */
-export function libvirtCheckpointName(repoId: string, checkpoint: string): string {
-  return `${libvirtPrefix(repoId)}${checkpoint}`;
+/** The libvirt checkpoint of the bkfs checkpoint with uid `uid` (also the qcow2 bitmap's name). */
+export function libvirtCheckpointName(uid: string): string {
+  return `${BKFS_PREFIX}${uid}`;
 }
 
 /** The name `runBackup` would give the next checkpoint (check1, check2, ...), given all names. */
@@ -190,8 +198,11 @@ export interface ReconcileInput {
   disks: readonly string[];
   /** Every checkpoint of the domain, with `--size` information. */
   checkpoints: readonly LibvirtCheckpoint[];
-  /** This repository's libvirt checkpoint prefix. */
-  prefix: string;
+  /**
+   * The libvirt checkpoints this repository made (recorded with any of its checkpoints). Any other
+   * one, a copy of this repository's included, is another tool's.
+   */
+  own: ReadonlySet<string>;
 }
 
 /**
@@ -223,7 +234,7 @@ export function reconcileProblem(i: ReconcileInput): string | null {
       return `the dirty bitmap '${d.bitmap ?? lv}' of disk '${disk}' is missing or broken in domain '${i.domain}' (libvirt checkpoint '${lv}')`;
     }
   }
-  const after = foreignAfter(i.checkpoints, cp, i.prefix);
+  const after = foreignAfter(i.checkpoints, cp, i.own);
   if (after) {
     return `checkpoint '${after.name}' of domain '${i.domain}' was made by another tool after bkfs's '${lv}'`;
   }
@@ -237,7 +248,7 @@ export function reconcileProblem(i: ReconcileInput): string | null {
 function foreignAfter(
   all: readonly LibvirtCheckpoint[],
   cp: LibvirtCheckpoint,
-  prefix: string,
+  own: ReadonlySet<string>,
 ): LibvirtCheckpoint | undefined {
   const byName = new Map(all.map((c) => [c.name, c]));
   const ancestors = (c: LibvirtCheckpoint): Set<string> => {
@@ -253,7 +264,7 @@ function foreignAfter(
   return all.find(
     (c) =>
       c.name !== cp.name &&
-      !c.name.startsWith(prefix) &&
+      !own.has(c.name) &&
       (ancestors(c).has(cp.name) || (!before.has(c.name) && c.creationTime >= cp.creationTime)),
   );
 }

@@ -17,7 +17,7 @@
  *   4. Freeze the guest's filesystems through the guest agent (unless --no-freeze; without an
  *      agent: a note, crash-consistent), `virsh backup-begin` with `<domainbackup mode='pull'>`
  *      for all selected disks at once plus a `<domaincheckpoint>` named
- *      `bkfs-<repo id>-<checkpoint>` (a bitmap per qcow2 disk), thaw at once (also on failure).
+ *      `bkfs-<checkpoint uid>` (a bitmap per qcow2 disk), thaw at once (also on failure).
  *   5. `runBackup` reads every disk over NBD from the job's socket (export = target name; dirty
  *      map `qemu:dirty-bitmap:<exportbitmap>` from `backup-dumpxml`) and commits the checkpoint
  *      with `libvirt_checkpoint` and the inactive domain XML as config `domain.xml`.
@@ -41,7 +41,14 @@ import { BkfsError, isBkfsError } from '../errors';
 import type { Repository } from '../repo/repository';
 import { checkName, checkpointDisks, findVm } from '../index/catalog';
 import { processAlive } from '../util/proc';
-import { chainPlan, runBackup, type BackupOptions, type BackupResult, type DiskSpec } from './engine';
+import {
+  chainPlan,
+  newCheckpointUid,
+  runBackup,
+  type BackupOptions,
+  type BackupResult,
+  type DiskSpec,
+} from './engine';
 import {
   checkConnectUri,
   incrementalDisks,
@@ -49,8 +56,8 @@ import {
   isLiveState,
   isNoAgentError,
   jobOperation,
+  legacyPrefix,
   libvirtCheckpointName,
-  libvirtPrefix,
   nextCheckpointName,
   OWNER_FILE,
   ownCheckpointsToDelete,
@@ -205,6 +212,12 @@ async function incrementalBase(
   const parent = plan.parent;
   if (!parent) throw new BkfsError('CHAIN_BROKEN', `VM '${o.vm}' has no chain: use --level full`);
   const disks = incrementalDisks(dom.disks, choiceOf(o));
+  if (parent.libvirt_checkpoint !== null && parent.libvirt_checkpoint !== libvirtCheckpointName(parent.uid)) {
+    throw new BkfsError(
+      'CHAIN_BROKEN',
+      `libvirt checkpoint '${parent.libvirt_checkpoint}' of ${parent.name} was named by an older bkfs after the repository id, which every copy of the repository shares, so a copy may have re-created it: use --level full`,
+    );
+  }
   const checkpoints = await listCheckpoints(v, o.domain, parent.libvirt_checkpoint);
   const problem = reconcileProblem({
     domain: o.domain,
@@ -215,7 +228,7 @@ async function incrementalBase(
     },
     disks,
     checkpoints,
-    prefix: libvirtPrefix(repo.config.id),
+    own: new Set([...allLibvirtCheckpoints(repo), ...pendingLibvirtCheckpoints(repo)]),
   });
   if (problem !== null) throw new BkfsError('CHAIN_BROKEN', `${problem}: use --level full`);
   return parent.libvirt_checkpoint as string;
@@ -367,6 +380,53 @@ function knownLibvirtCheckpoints(repo: Repository, exceptVm?: string): Set<strin
   return new Set(rows.map((r) => r.n));
 }
 
+/** Every libvirt checkpoint recorded by this repository (any VM, any state). */
+function allLibvirtCheckpoints(repo: Repository): Set<string> {
+  const rows = repo.db
+    .prepare('SELECT libvirt_checkpoint AS n FROM checkpoints WHERE libvirt_checkpoint IS NOT NULL')
+    .all() as { n: string }[];
+  return new Set(rows.map((r) => r.n));
+}
+
+/** Libvirt checkpoints recorded by this repository for VM `vm` (any state). */
+function vmLibvirtCheckpoints(repo: Repository, vm: string): Set<string> {
+  const rows = repo.db
+    .prepare(
+      `SELECT c.libvirt_checkpoint AS n FROM checkpoints c JOIN vms v ON v.id = c.vm_id
+       WHERE c.libvirt_checkpoint IS NOT NULL AND v.name = ?`,
+    )
+    .all(vm) as { n: string }[];
+  return new Set(rows.map((r) => r.n));
+}
+
+/**
+ * Libvirt checkpoints this repository is creating: `meta` rows `pending-libvirt-checkpoint:<name>`
+ * written before `backup-begin` and removed once the checkpoint is committed or deleted. A killed
+ * bkfs leaves the row, so the next run knows the orphan is this repository's (its name, after a
+ * fresh uid, says nothing of the repository).
+ */
+const PENDING_KEY = 'pending-libvirt-checkpoint:';
+
+function pendingLibvirtCheckpoints(repo: Repository): Set<string> {
+  const rows = repo.db
+    .prepare('SELECT key FROM meta WHERE key >= ? AND key < ?')
+    .all(PENDING_KEY, `${PENDING_KEY}\uffff`) as { key: string }[];
+  return new Set(rows.map((r) => r.key.slice(PENDING_KEY.length)));
+}
+
+function markPending(repo: Repository, name: string, domain: string): void {
+  repo.db
+    .prepare('INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)')
+    .run(
+      `${PENDING_KEY}${name}`,
+      JSON.stringify({ domain, pid: process.pid, time: new Date().toISOString() }),
+    );
+}
+
+function clearPending(repo: Repository, name: string): void {
+  repo.db.prepare('DELETE FROM meta WHERE key = ?').run(`${PENDING_KEY}${name}`);
+}
+
 async function liveBackup(
   repo: Repository,
   v: Virsh,
@@ -388,13 +448,24 @@ async function liveBackup(
   const name = o.checkpoint ?? nextCheckpointName(names);
   if (names.includes(name))
     throw new BkfsError('BAD_NAME', `VM '${o.vm}' already has a checkpoint named '${name}'`);
-  const prefix = libvirtPrefix(repo.config.id);
-  const lvName = level === 'copy' ? null : libvirtCheckpointName(repo.config.id, name);
+  const prefix = legacyPrefix(repo.config.id);
+  const uid = newCheckpointUid();
+  const lvName = level === 'copy' ? null : libvirtCheckpointName(uid);
 
-  // Checkpoints of this repository that no checkpoint records: left by an interrupted backup.
+  // Checkpoints of this repository that no checkpoint records: left by an interrupted backup
+  // (its checkpoint row still 'running', or named the bkfs 0.1 way). Those of other repositories,
+  // copies of this one included, are never touched: their chains need them.
   const known = knownLibvirtCheckpoints(repo);
-  for (const n of ownCheckpointsToDelete(await checkpointNames(v, o.domain), prefix, known)) {
+  const existing = await checkpointNames(v, o.domain);
+  const pending = pendingLibvirtCheckpoints(repo);
+  for (const n of pending) if (known.has(n) || !existing.includes(n)) clearPending(repo, n);
+  const orphans = new Set([
+    ...ownCheckpointsToDelete(existing, prefix, known),
+    ...[...pending].filter((n) => existing.includes(n) && !known.has(n)),
+  ]);
+  for (const n of orphans) {
     await deleteCheckpoint(v, o.domain, n, notice);
+    clearPending(repo, n);
     notice(
       `deleted libvirt checkpoint '${n}' of domain '${o.domain}': no checkpoint of the repository uses it`,
     );
@@ -455,6 +526,7 @@ async function liveBackup(
     try {
       checkAborted(o.signal);
       begun = true;
+      if (lvName !== null) markPending(repo, lvName, o.domain);
       await v.out(args);
     } finally {
       if (fz.thaw && (await thaw(v, o.domain, notice))) guard.tell('thawed');
@@ -491,6 +563,7 @@ async function liveBackup(
       checkpoint: name,
       configs,
       ...(lvName !== null ? { libvirtCheckpoint: lvName } : {}),
+      uid,
       ...(o.onProgress ? { onProgress: o.onProgress } : {}),
       ...(o.onNotice ? { onNotice: o.onNotice } : {}),
       ...(o.signal ? { signal: o.signal } : {}),
@@ -500,6 +573,7 @@ async function liveBackup(
     });
     committed = true;
     begun = false;
+    if (lvName !== null) clearPending(repo, lvName);
     // The checkpoint is committed: a job that will not end is worth a note, not a failure.
     await endJob(v, o.domain, socket).catch((e: unknown) =>
       notice(`could not end the backup job: ${(e as Error).message} (run 'virsh domjobabort ${o.domain}')`),
@@ -508,7 +582,12 @@ async function liveBackup(
       // A new chain: this VM's older libvirt checkpoints serve no inc/diff any more.
       const keep = knownLibvirtCheckpoints(repo, o.vm);
       keep.add(lvName);
-      for (const n of ownCheckpointsToDelete(await checkpointNames(v, o.domain), prefix, keep)) {
+      const names = await checkpointNames(v, o.domain);
+      const old = new Set([
+        ...ownCheckpointsToDelete(names, prefix, keep),
+        ...[...vmLibvirtCheckpoints(repo, o.vm)].filter((n) => names.includes(n) && !keep.has(n)),
+      ]);
+      for (const n of old) {
         await deleteCheckpoint(v, o.domain, n, notice).catch((e: unknown) =>
           notice(`could not delete old libvirt checkpoint '${n}': ${(e as Error).message}`),
         );
@@ -528,9 +607,11 @@ async function liveBackup(
         notice(`could not end the backup job: ${(e as Error).message} (run 'virsh domjobabort ${o.domain}')`),
       );
       if (!committed && lvName !== null) {
-        await deleteCheckpoint(v, o.domain, lvName, notice).catch((e: unknown) =>
-          notice(`could not delete libvirt checkpoint '${lvName}': ${(e as Error).message}`),
-        );
+        await deleteCheckpoint(v, o.domain, lvName, notice)
+          .then(() => clearPending(repo, lvName))
+          .catch((e: unknown) =>
+            notice(`could not delete libvirt checkpoint '${lvName}': ${(e as Error).message}`),
+          );
       }
     }
     fs.rmSync(jobDir, { recursive: true, force: true });

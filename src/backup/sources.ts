@@ -4,14 +4,21 @@
  * Every source ends up as an NBD export read by bkfs's own client, so the engine has one read path:
  *   - ImageSource: a qcow2 or raw file. bkfs starts `qemu-nbd --read-only` itself and, for qcow2,
  *     manages persistent dirty bitmaps as virtnbdbackup does for offline VMs: each checkpoint adds
- *     an enabled bitmap `bkfs-<repo id>-<checkpoint>` *before* its data is read (so a write that
+ *     an enabled bitmap `bkfs-<checkpoint uid>` *before* its data is read (so a write that
  *     lands after the read is never missed), an incremental reads the bitmap of its base
  *     checkpoint through `qemu-nbd -B`, a differential the bitmap of its chain's full, and a new
- *     full removes this repository's older bitmaps once it is committed.
+ *     full removes the older bitmaps this repository recorded once it is committed. Bitmaps are
+ *     never reset: each holds every write since its checkpoint, so bitmaps of other repositories
+ *     (a `cp -a` copy backing up the same image makes its own, under its own uids) do not matter;
+ *     what does is that the recorded bitmap is ours (named after the parent's uid), present,
+ *     consistent, and not re-created after a newer bitmap of ours (the image's bitmap directory
+ *     keeps creation order: a bitmap removed and added again moves to its end).
  *   - NbdUriSource: any NBD export given by URI; the caller may name a dirty bitmap meta context
  *     (`--bitmap NAME` -> `qemu:dirty-bitmap:NAME`) that holds the changes since the base.
  * The live libvirt source (pull-mode backup) implements the same interface.
  */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { BkfsError } from '../errors';
 import { NbdClient, parseNbdUri } from '../nbd/client';
 import {
@@ -27,6 +34,22 @@ import {
 export interface SourceProbe {
   size: number;
   format: string;
+  /** Things the user should know about this source (reported once, as notices). */
+  notes?: string[];
+}
+
+const MiB = 1 << 20;
+
+/**
+ * A note when a regular file taken as a raw disk does not look like a disk: its size is not a
+ * whole number of 512-byte sectors, or under 1 MiB (a configuration file given by mistake, say).
+ * Null when it looks like one. Block devices are always disks.
+ */
+export function rawSourceNote(file: string, fileSize: number): string | null {
+  const odd = fileSize % 512 !== 0;
+  if (!odd && fileSize >= MiB) return null;
+  const why = odd ? `is ${fileSize} bytes, not a multiple of 512` : `is only ${fileSize} bytes`;
+  return `${file} ${why}: is it really a disk image? It is backed up as a raw disk${odd ? ' (padded with zeros to whole sectors)' : ''}`;
 }
 
 export interface OpenSource {
@@ -36,6 +59,16 @@ export interface OpenSource {
   close(): Promise<void>;
 }
 
+/** What the repository knows of its own bitmaps, to judge the one an inc/diff would read. */
+export interface BitmapHistory {
+  /** The name the parent's bitmap must have: `bitmapName(parent uid)`. */
+  expected: string;
+  /** Every bitmap the repository recorded for the VM, oldest checkpoint first. */
+  known: readonly string[];
+  /** Prefix of bitmaps named by bkfs 0.1 (`bkfs-<repo id>-`): shared by copies, never trusted. */
+  legacyPrefix: string;
+}
+
 export interface BackupSource {
   readonly location: string;
   probe(): Promise<SourceProbe>;
@@ -43,14 +76,14 @@ export interface BackupSource {
    * The dirty bitmap to read for changes since a checkpoint that recorded `recorded`; throws
    * CHAIN_BROKEN when those changes cannot be read.
    */
-  dirtyBitmapFor(recorded: string | null): Promise<string>;
+  dirtyBitmapFor(recorded: string | null, history: BitmapHistory): Promise<string>;
   /** Before reading: start tracking changes for the new checkpoint. Returns the bitmap to record. */
   prepare(newBitmap: string | null): Promise<string | null>;
   open(dirtyBitmap: string | null): Promise<OpenSource>;
   /** Undo `prepare` after a failed backup (best effort). */
   rollback(): Promise<void>;
   /** After the checkpoint committed: drop tracking that no longer serves a chain. */
-  afterCommit(keep: ReadonlySet<string>, prefix: string, newChain: boolean): Promise<void>;
+  afterCommit(keep: ReadonlySet<string>, history: BitmapHistory, newChain: boolean): Promise<void>;
 }
 
 const ALLOC = 'base:allocation';
@@ -58,12 +91,21 @@ const ALLOC = 'base:allocation';
 export class ImageSource implements BackupSource {
   private info: ImageInfo | undefined;
   private added: string | null = null;
+  private noted = false;
 
-  /** `declared`: the format the user or the domain XML states; undefined: probed (see imageInfo). */
+  readonly location: string;
+
+  /**
+   * `image` relative to the working directory is recorded absolute (`verify --source` from
+   * elsewhere). `declared`: the format the user or the domain XML states; undefined: probed (see
+   * imageInfo).
+   */
   constructor(
-    readonly location: string,
+    image: string,
     readonly declared?: DeclaredFormat,
-  ) {}
+  ) {
+    this.location = path.resolve(image);
+  }
 
   async probe(): Promise<SourceProbe> {
     this.info = await imageInfo(this.location, this.declared);
@@ -73,7 +115,14 @@ export class ImageSource implements BackupSource {
         `${this.location} is a ${this.info.format} image; bkfs backs up qcow2 and raw images (convert it with qemu-img)`,
       );
     }
-    return { size: this.info.virtualSize, format: this.info.format };
+    const notes: string[] = [];
+    if (this.info.format === 'raw' && !this.noted) {
+      this.noted = true;
+      const st = fs.statSync(this.location);
+      const note = st.isFile() ? rawSourceNote(this.location, st.size) : null;
+      if (note) notes.push(note);
+    }
+    return { size: this.info.virtualSize, format: this.info.format, notes };
   }
 
   private get infoOrThrow(): ImageInfo {
@@ -81,7 +130,7 @@ export class ImageSource implements BackupSource {
     return this.info;
   }
 
-  async dirtyBitmapFor(bitmap: string | null): Promise<string> {
+  async dirtyBitmapFor(bitmap: string | null, history: BitmapHistory): Promise<string> {
     const info = this.infoOrThrow;
     if (info.format !== 'qcow2') {
       throw new BkfsError(
@@ -95,6 +144,14 @@ export class ImageSource implements BackupSource {
         `the previous checkpoint of ${this.location} recorded no bitmap: use --level full`,
       );
     }
+    if (bitmap.startsWith(history.legacyPrefix) || bitmap !== history.expected) {
+      throw new BkfsError(
+        'CHAIN_BROKEN',
+        bitmap.startsWith(history.legacyPrefix)
+          ? `bitmap '${bitmap}' of ${this.location} was named by an older bkfs after the repository id, which every copy of the repository shares, so a copy may have re-created it: use --level full`
+          : `bitmap '${bitmap}' recorded for ${this.location} is not named after its checkpoint (expected '${history.expected}'): use --level full`,
+      );
+    }
     const bm = info.bitmaps.find((b) => b.name === bitmap);
     if (!bm) {
       throw new BkfsError(
@@ -106,6 +163,20 @@ export class ImageSource implements BackupSource {
       throw new BkfsError(
         'CHAIN_BROKEN',
         `bitmap '${bitmap}' in ${this.location} is inconsistent (a QEMU process using it was killed): use --level full`,
+      );
+    }
+    // Our bitmaps keep the order in which we made them; one that comes after a newer one of ours
+    // was removed and made again (empty at that time) by someone else.
+    const pos = (n: string) => info.bitmaps.findIndex((b) => b.name === n);
+    const mine = pos(bitmap);
+    const newer = history.known.slice(history.known.indexOf(bitmap) + 1).find((n) => {
+      const p = pos(n);
+      return p >= 0 && p < mine;
+    });
+    if (history.known.includes(bitmap) && newer !== undefined) {
+      throw new BkfsError(
+        'CHAIN_BROKEN',
+        `bitmap '${bitmap}' in ${this.location} was created again after the newer '${newer}' (by another program or a copy of the repository), so it may miss writes: use --level full`,
       );
     }
     return bitmap;
@@ -165,11 +236,16 @@ export class ImageSource implements BackupSource {
     }
   }
 
-  async afterCommit(keep: ReadonlySet<string>, prefix: string, newChain: boolean): Promise<void> {
+  async afterCommit(keep: ReadonlySet<string>, history: BitmapHistory, newChain: boolean): Promise<void> {
     if (!newChain || this.infoOrThrow.format !== 'qcow2') return;
     const info = await imageInfo(this.location, 'qcow2');
+    // Only bitmaps this repository recorded (or named the old way): never a copy's own bitmaps,
+    // which its chain still needs.
+    const ours = new Set(history.known);
     for (const b of info.bitmaps) {
-      if (b.name.startsWith(prefix) && !keep.has(b.name)) await bitmapRemove(this.location, b.name);
+      if ((ours.has(b.name) || b.name.startsWith(history.legacyPrefix)) && !keep.has(b.name)) {
+        await bitmapRemove(this.location, b.name);
+      }
     }
   }
 }

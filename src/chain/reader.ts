@@ -16,6 +16,13 @@
  * size. A reader pins nothing on disk by itself: mounts hold their own repository handle,
  * and SQLite WAL snapshots keep the rows they read consistent.
  *
+ * Never invented bytes: an extent whose chunk row is missing, and (format 2) a page whose rows do not
+ * match the disk's block-map digests (`src/index/mapsum.ts`: a lost extent or page-table row, a
+ * changed length), fail with DATA_DAMAGED naming the disk range (EIO through the mount), never
+ * zeros. The disk's digest list is checked once per reader and each page once when it is loaded
+ * (both cached with the page), so the check costs nothing per read. A format-1 index (not yet
+ * migrated by a writer) is read without digests.
+ *
  * This module is the one read path: the FUSE layer, restore and verify all use it.
  */
 import { LRUCache } from 'lru-cache';
@@ -31,6 +38,8 @@ import {
   type DiskRow,
   type VmRow,
 } from '../index/catalog';
+import { DiskSums, missingChunk, pageMismatch } from '../index/mapsum';
+import { indexFormat } from '../index/migrate';
 
 export interface PageExtent {
   offset: number;
@@ -56,6 +65,9 @@ export class CheckpointReader {
   private readonly readAhead: number;
   private readonly lastEnd = new Map<string, number>();
   private readonly prefetched = new Map<string, number>();
+  /** `meta.format` of the index: 2 and later have block-map digests. */
+  readonly format: number;
+  private readonly sums = new Map<number, DiskSums>();
 
   constructor(
     readonly repo: Repository,
@@ -67,8 +79,10 @@ export class CheckpointReader {
     this.loader = opts.loader ?? new ChunkLoader(repo.db, repo.packs, opts.cacheBytes ?? DEFAULT_CACHE_BYTES);
     this.pageSpan = repo.config.pageSpan;
     this.readAhead = opts.readAheadBytes ?? 8 * repo.config.chunkSize;
+    this.format = indexFormat(repo.db);
     this.pageStmt = repo.db.prepare(
       `SELECT e.offset AS offset, e.length AS length, e.chunk_off AS chunkOff, e.origin AS origin,
+              e.chunk_id AS chunkId,
               c.id AS id, c.hash AS hash, p.name AS pack, c.offset AS coff, c.stored_len AS storedLen,
               c.raw_len AS rawLen, c.codec AS codec
          FROM disk_pages dp JOIN extents e ON e.page_id = dp.page_id
@@ -98,7 +112,47 @@ export class CheckpointReader {
     return getConfigs(this.repo.db, this.checkpoint.id);
   }
 
-  /** The extents of one map page (cached). */
+  /** The checked digest list of a disk (format 2; cached). Throws DATA_DAMAGED for the whole disk. */
+  private sumsOf(disk: DiskRow): DiskSums {
+    let s = this.sums.get(disk.id);
+    if (!s) {
+      s = DiskSums.load(this.repo.db, disk, this.pageSpan, this.diskLabel(disk));
+      this.sums.set(disk.id, s);
+    }
+    return s;
+  }
+
+  private diskLabel(disk: DiskRow): string {
+    return `disk ${disk.name} of ${this.vm.name}@${this.checkpoint.name}`;
+  }
+
+  /** DATA_DAMAGED for bytes [start, end) of a disk. */
+  private damaged(disk: DiskRow, start: number, end: number, why: string): BkfsError {
+    const e = Math.min(end, disk.virtual_size);
+    return new BkfsError('DATA_DAMAGED', `${this.diskLabel(disk)}: bytes ${start}-${e} are damaged: ${why}`, {
+      diskId: disk.id,
+      start,
+      end: e,
+    });
+  }
+
+  /**
+   * Page numbers of a disk's map in order: its page table and (format 2) its digest list, so a
+   * page whose table row was lost is still visited (and fails).
+   */
+  pageNos(disk: DiskRow): number[] {
+    const rows = this.repo.db
+      .prepare('SELECT page_no FROM disk_pages WHERE disk_id = ? ORDER BY page_no')
+      .all(disk.id) as { page_no: number }[];
+    const set = new Set(rows.map((r) => r.page_no));
+    if (this.format >= 2) for (const p of this.sumsOf(disk).pageNos()) set.add(p);
+    return [...set].sort((a, b) => a - b);
+  }
+
+  /**
+   * The extents of one map page (cached), checked: an extent whose chunk row is missing, or
+   * (format 2) rows that do not match the page's digest, throw DATA_DAMAGED for the page's range.
+   */
   page(disk: DiskRow, pageNo: number): PageExtent[] {
     const key = `${disk.id}:${pageNo}`;
     let pg = this.pages.get(key);
@@ -108,6 +162,7 @@ export class CheckpointReader {
       length: number;
       chunkOff: number;
       origin: number;
+      chunkId: number | null;
       id: number | null;
       hash: Buffer | null;
       pack: string | null;
@@ -116,16 +171,29 @@ export class CheckpointReader {
       rawLen: number | null;
       codec: number | null;
     }[];
+    const pageStart = pageNo * this.pageSpan;
+    const checked = rows.map((r) => ({
+      offset: r.offset,
+      length: r.length,
+      chunkOff: r.chunkOff,
+      chunkId: r.chunkId,
+      hash: r.chunkId === null ? null : r.hash,
+    }));
+    const why =
+      this.format >= 2 ? pageMismatch(this.sumsOf(disk).find(pageNo), checked) : missingChunk(checked);
+    if (why !== undefined) {
+      throw this.damaged(disk, pageStart, pageStart + this.pageSpan, why);
+    }
     pg = rows.map((r) => ({
       offset: r.offset,
       length: r.length,
       chunkOff: r.chunkOff,
       origin: r.origin,
       loc:
-        r.id === null
+        r.chunkId === null
           ? null
           : {
-              id: r.id,
+              id: r.id!,
               hash: r.hash!,
               pack: r.pack ?? '',
               offset: r.coff ?? 0,
@@ -141,10 +209,7 @@ export class CheckpointReader {
   /** Every extent of a disk's map in offset order (zero extents have loc === null). */
   *extents(diskName: string): Generator<PageExtent> {
     const disk = this.disk(diskName);
-    const pageNos = this.repo.db
-      .prepare('SELECT page_no FROM disk_pages WHERE disk_id = ? ORDER BY page_no')
-      .all(disk.id) as { page_no: number }[];
-    for (const { page_no } of pageNos) yield* this.page(disk, page_no);
+    for (const p of this.pageNos(disk)) yield* this.page(disk, p);
   }
 
   /** Read `length` bytes at `offset` of a disk; clipped at the disk's end. */
@@ -194,6 +259,10 @@ export class CheckpointReader {
         const t = Math.min(end, eEnd);
         const loc = e.loc;
         const from = e.chunkOff + (s - e.offset);
+        if (loc.pack === '') {
+          jobs.push(Promise.reject(this.damaged(disk, s, t, `chunk ${loc.id} is in no indexed pack`)));
+          continue;
+        }
         jobs.push(
           this.loader.load(loc.id, loc).then((raw) => {
             raw.copy(out, s - start, from, from + (t - s));
@@ -223,13 +292,22 @@ export class CheckpointReader {
     setImmediate(() => this.prefetch(disk, from, to));
   }
 
+  /** Background read-ahead: never throws (it runs from setImmediate); the real read reports errors. */
   private prefetch(disk: DiskRow, start: number, end: number): void {
+    try {
+      this.prefetchNow(disk, start, end);
+    } catch {
+      // a damaged page: the read of that range fails with DATA_DAMAGED itself
+    }
+  }
+
+  private prefetchNow(disk: DiskRow, start: number, end: number): void {
     const firstPage = Math.floor(start / this.pageSpan);
     const lastPage = Math.floor((end - 1) / this.pageSpan);
     for (let p = firstPage; p <= lastPage; p++) {
       for (const e of firstOverlap(this.page(disk, p), start)) {
         if (e.offset >= end) break;
-        if (e.loc && e.offset + e.length > start && !this.loader.has(e.loc.id)) {
+        if (e.loc && e.loc.pack !== '' && e.offset + e.length > start && !this.loader.has(e.loc.id)) {
           this.loader.load(e.loc.id, e.loc).catch(() => undefined); // the real read reports errors
         }
       }

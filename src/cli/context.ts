@@ -2,7 +2,7 @@
 import type { Command } from 'commander';
 import { BkfsError } from '../errors';
 import { defaultRepoPath } from '../repo/default-path';
-import type { Repository } from '../repo/repository';
+import type { OpenOptions, Repository } from '../repo/repository';
 import { ProgressBar, setProgressQuiet } from './progress';
 import { duration, parseDuration } from '../util/format';
 
@@ -24,18 +24,30 @@ export function repoPath(cmd: Command): string {
   return opts.repo ?? defaultRepoPath();
 }
 
-/** Open the repository, run `fn`, always close. */
-export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T> | T): Promise<T> {
+/**
+ * Open the repository, run `fn`, always close. Readers pass `{ readOnly: true }` (`withReader`):
+ * they then work on a repository this user may read but not write.
+ */
+export async function withRepo<T>(
+  cmd: Command,
+  fn: (repo: Repository) => Promise<T> | T,
+  opts: OpenOptions = {},
+): Promise<T> {
   // Loaded on demand: the index and pack modules (SQLite, zstd) are not needed for --help.
   const { Repository } = await import('../repo/repository');
   const dir = repoPath(cmd);
   if (level === 'verbose') note(`repository ${dir}`);
-  const repo = Repository.open(dir);
+  const repo = Repository.open(dir, opts);
   try {
     return await fn(repo);
   } finally {
     repo.close();
   }
+}
+
+/** `withRepo` for commands that only read: works on a repository this user may not write. */
+export function withReader<T>(cmd: Command, fn: (repo: Repository) => Promise<T> | T): Promise<T> {
+  return withRepo(cmd, fn, { readOnly: true });
 }
 
 /**

@@ -20,6 +20,7 @@ import { registerOptional } from './commands/optional';
 import { registerLifecycle } from './commands/lifecycle';
 import { registerRestore } from './commands/restore';
 import { registerMount } from './commands/mount';
+import { registerServe } from './commands/serve';
 import { registerFiles } from './commands/files';
 import { registerMeta } from './commands/meta';
 
@@ -60,6 +61,7 @@ export function buildProgram(): Command {
   registerLifecycle(program);
   registerRestore(program);
   registerMount(program);
+  registerServe(program);
   registerFiles(program);
   registerMeta(program);
   program.addHelpText(

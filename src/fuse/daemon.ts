@@ -104,9 +104,20 @@ export async function prepareMountpoint(mountpoint: string, log: (l: string) => 
 export async function serveMount(opts: ServeOptions): Promise<void> {
   const { mountpoint, log } = opts;
   await prepareMountpoint(mountpoint, log);
-  const repo = Repository.open(opts.repoDir);
+  const repo = Repository.open(opts.repoDir, { readOnly: true });
   let vfs: CheckpointVfs | undefined;
   let mountId: number | undefined;
+  // Backstop: an exception that escapes a handler's own guard or a background task (read-ahead)
+  // is logged and the mount keeps serving; a dead daemon would leave a stale mount (ENOTCONN).
+  const onStray = (e: unknown): void => {
+    try {
+      log(`error: unexpected failure outside a request (the mount keeps serving): ${errorMessage(e)}`);
+    } catch {
+      // nothing more to do
+    }
+  };
+  process.on('uncaughtException', onStray);
+  process.on('unhandledRejection', onStray);
   try {
     vfs = CheckpointVfs.open(repo, {
       ...(opts.ref !== undefined ? { ref: opts.ref } : {}),
@@ -159,7 +170,10 @@ export async function serveMount(opts: ServeOptions): Promise<void> {
       }
     }
     vfs?.close();
+    await repo.packs.drain();
     repo.close();
+    process.off('uncaughtException', onStray);
+    process.off('unhandledRejection', onStray);
     if (readState(mountpoint)?.pid === process.pid) removeState(mountpoint, process.pid);
     if (mountId !== undefined) log(`unmounted ${mountpoint}`);
   }
@@ -192,11 +206,11 @@ function waitForEnd(
 // ---------------------------------------------------------------------------------------------
 // Background start
 
-export type ReadyMessage =
-  { ok: true; info: MountedInfo } | { ok: false; code: ErrorCode | 'INTERNAL'; message: string };
+export type ReadyMessage<T = MountedInfo> =
+  { ok: true; info: T } | { ok: false; code: ErrorCode | 'INTERNAL'; message: string };
 
 /** Child side: send the readiness message on `fd` and close it. */
-export function sendReady(fd: number, msg: ReadyMessage): void {
+export function sendReady<T = MountedInfo>(fd: number, msg: ReadyMessage<T>): void {
   try {
     fs.writeSync(fd, JSON.stringify(msg) + '\n');
     fs.closeSync(fd);
@@ -218,7 +232,8 @@ export interface StartOptions {
  * Start a detached daemon and wait for its readiness message. Resolves with what it mounted;
  * rejects with the daemon's own error (same code) or MOUNT_FAILED if it died without a word.
  */
-export function startDaemon(o: StartOptions): Promise<MountedInfo> {
+/** (Also used by `bkfs serve`, whose daemon reports its own info type `T`.) */
+export function startDaemon<T = MountedInfo>(o: StartOptions): Promise<T> {
   mkdirPrivateSync(path.dirname(o.logFile), { recursive: true });
   const logFd = openPrivateSync(o.logFile, 'a');
   let child;
@@ -232,10 +247,10 @@ export function startDaemon(o: StartOptions): Promise<MountedInfo> {
     fs.closeSync(logFd);
   }
   const pipe = child.stdio[3] as NodeJS.ReadableStream | null;
-  return new Promise<MountedInfo>((resolve, reject) => {
+  return new Promise<T>((resolve, reject) => {
     let text = '';
     let settled = false;
-    const finish = (err: Error | null, info?: MountedInfo) => {
+    const finish = (err: Error | null, info?: T) => {
       if (settled) return;
       settled = true;
       clearTimeout(timer);
@@ -264,9 +279,9 @@ export function startDaemon(o: StartOptions): Promise<MountedInfo> {
       text += d.toString('utf8');
       const nl = text.indexOf('\n');
       if (nl < 0) return;
-      let msg: ReadyMessage;
+      let msg: ReadyMessage<T>;
       try {
-        msg = JSON.parse(text.slice(0, nl)) as ReadyMessage;
+        msg = JSON.parse(text.slice(0, nl)) as ReadyMessage<T>;
       } catch (e) {
         finish(new BkfsError('MOUNT_FAILED', `bad message from the mount daemon: ${errorMessage(e)}`));
         return;

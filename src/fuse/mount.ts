@@ -130,10 +130,17 @@ export function fuseOps(vfs: CheckpointVfs, onError: (msg: string) => void = () 
     },
     read: (path, fd, buf, len, pos, cb) => {
       // `buf` is the kernel request's memory: fill it before cb, never touch it after.
-      vfs.read(fd, pos, buf.length > len ? buf.subarray(0, len) : buf).then(
-        (n) => cb(n),
-        (e: unknown) => fail(cb, 'read', path, e),
-      );
+      vfs
+        .read(fd, pos, buf.length > len ? buf.subarray(0, len) : buf)
+        .then(
+          (n) => cb(n),
+          (e: unknown) => fail(cb, 'read', path, e),
+        )
+        .catch((e: unknown) => {
+          // fail() itself threw: still answer, never leave an unhandled rejection
+          onError(`read ${path}: ${errorMessage(e)}`);
+          cb(-E.EIO);
+        });
     },
     release: (_path, fd, cb) => {
       vfs.release(fd);
@@ -159,7 +166,43 @@ export function fuseOps(vfs: CheckpointVfs, onError: (msg: string) => void = () 
   for (const name of WRITE_OPS) {
     ops[name] = (...args: unknown[]) => (args[args.length - 1] as Cb)(-E.EROFS);
   }
-  return ops;
+  return guardOps(ops, onError);
+}
+
+/**
+ * Every handler answers exactly once, whatever happens inside it: an exception thrown by a handler
+ * (or by its callback's argument conversion) becomes EIO for that request and a log line, never an
+ * uncaught exception that kills the daemon into a stale mount, and never an unanswered request.
+ */
+export function guardOps(ops: FuseOps, onError: (msg: string) => void): FuseOps {
+  const out: Record<string, (...args: never[]) => void> = {};
+  for (const [name, fn] of Object.entries(ops)) {
+    if (typeof fn !== 'function') continue;
+    out[name] = (...args: unknown[]) => {
+      const cb = args[args.length - 1] as Cb;
+      let answered = false;
+      const once: Cb = (...r: unknown[]) => {
+        if (answered) return;
+        answered = true;
+        (cb as (...a: unknown[]) => void)(...r);
+      };
+      args[args.length - 1] = once;
+      try {
+        (fn as (...a: unknown[]) => void)(...args);
+      } catch (e) {
+        try {
+          onError(`${name} ${typeof args[0] === 'string' ? args[0] : ''}: ${errorMessage(e)}`);
+        } catch {
+          // logging must not take the daemon down either
+        }
+        if (!answered) {
+          answered = true;
+          (cb as (...a: unknown[]) => void)(-E.EIO);
+        }
+      }
+    };
+  }
+  return out as unknown as FuseOps;
 }
 
 export interface MountOptions {

@@ -550,18 +550,27 @@ export class CheckpointVfs {
     this.damaged.add(key);
     let start = offset;
     let end = Math.min(offset + length, disk.virtual_size);
-    if (chunkId !== undefined) {
+    const data = isBkfsError(e, 'DATA_DAMAGED') ? e.data : undefined;
+    if (typeof data?.start === 'number' && typeof data.end === 'number') {
+      // Block-map damage: the error names the disk range itself.
+      start = data.start;
+      end = data.end;
+    } else if (chunkId !== undefined) {
       // The disk range that chunk serves, from the map pages this read touched.
       const span = this.repo.config.pageSpan;
       let lo = Infinity;
       let hi = -Infinity;
-      for (let p = Math.floor(offset / span); p <= Math.floor((end - 1) / span); p++) {
-        for (const x of reader.page(disk, p)) {
-          if (x.loc?.id === chunkId) {
-            lo = Math.min(lo, x.offset);
-            hi = Math.max(hi, x.offset + x.length);
+      try {
+        for (let p = Math.floor(offset / span); p <= Math.floor((end - 1) / span); p++) {
+          for (const x of reader.page(disk, p)) {
+            if (x.loc?.id === chunkId) {
+              lo = Math.min(lo, x.offset);
+              hi = Math.max(hi, x.offset + x.length);
+            }
           }
         }
+      } catch {
+        // a page that fails its own check: report the read's range
       }
       if (lo < hi) {
         start = lo;

@@ -17,6 +17,8 @@
  * Memory: a page holds at most a few hundred extents; writers keep only the current page.
  */
 import type Database from 'better-sqlite3';
+import { BkfsError } from '../errors';
+import { DiskSums, pageMismatch, pageSum, writeDiskSums, type PageSum } from './mapsum';
 
 export interface MapExtent {
   offset: number;
@@ -27,6 +29,11 @@ export interface MapExtent {
   chunkOff: number;
   /** Disk row (checkpoint-disk) that wrote this extent. */
   origin: number;
+  /**
+   * Hash of the chunk (null for zeros). Required by `DiskMapWriter` for data extents: page
+   * digests (format 2, `mapsum.ts`) name chunks by hash.
+   */
+  hash?: Buffer | null;
 }
 
 /**
@@ -64,15 +71,17 @@ function slice(e: MapExtent, start: number, end: number): MapExtent {
     chunkId: e.chunkId,
     chunkOff: e.chunkId === null ? 0 : e.chunkOff + (start - e.offset),
     origin: e.origin,
+    ...(e.hash !== undefined ? { hash: e.hash } : {}),
   };
 }
 
-/** Read one page of a disk's map (empty when the page has no data). */
+/** Read one page of a disk's map (empty when the page has no data), with chunk hashes. */
 export function readPageExtents(db: Database.Database, diskId: number, pageNo: number): MapExtent[] {
   return db
     .prepare(
-      `SELECT e.offset AS offset, e.length AS length, e.chunk_id AS chunkId, e.chunk_off AS chunkOff, e.origin AS origin
-           FROM disk_pages dp JOIN extents e ON e.page_id = dp.page_id
+      `SELECT e.offset AS offset, e.length AS length, e.chunk_id AS chunkId, e.chunk_off AS chunkOff, e.origin AS origin,
+              c.hash AS hash
+           FROM disk_pages dp JOIN extents e ON e.page_id = dp.page_id LEFT JOIN chunks c ON c.id = e.chunk_id
           WHERE dp.disk_id = ? AND dp.page_no = ? ORDER BY e.offset`,
     )
     .all(diskId, pageNo) as MapExtent[];
@@ -89,6 +98,9 @@ export class DiskMapWriter {
   private readonly touched = new Set<number>();
   private pendingPages: { pageNo: number; rows: MapExtent[] }[] = [];
   private pendingRows = 0;
+  /** Digest entries of the pages this writer wrote (format 2, `mapsum.ts`). */
+  private readonly sums: PageSum[] = [];
+  private baseSums: DiskSums | undefined;
   extentsWritten = 0;
 
   private readonly insPage: Database.Statement;
@@ -124,16 +136,52 @@ export class DiskMapWriter {
 
   private closePage(): void {
     if (this.curPage < 0) return;
-    const base = this.baseDiskId === null ? [] : readPageExtents(this.db, this.baseDiskId, this.curPage);
+    const base = this.baseDiskId === null ? [] : this.basePage(this.baseDiskId, this.curPage);
     const rows = overlay(base, this.curUpdates);
     this.touched.add(this.curPage);
     if (rows.length > 0) {
+      for (const r of rows) {
+        if (r.chunkId !== null && !r.hash) {
+          throw new Error(`extent at ${r.offset} has chunk ${r.chunkId} but no hash (bug)`);
+        }
+      }
+      this.sums.push(
+        pageSum(
+          this.curPage,
+          rows.map((r) => ({ ...r, hash: r.chunkId === null ? null : r.hash! })),
+        ),
+      );
       this.pendingPages.push({ pageNo: this.curPage, rows });
       this.pendingRows += rows.length;
     }
     this.curUpdates = [];
     this.curPage = -1;
     if (this.pendingRows >= 20000) this.flush();
+  }
+
+  private loadBaseSums(baseDiskId: number): DiskSums {
+    const d = this.db.prepare('SELECT id, virtual_size FROM disks WHERE id = ?').get(baseDiskId) as
+      { id: number; virtual_size: number } | undefined;
+    if (!d) throw new BkfsError('CHAIN_BROKEN', `base disk ${baseDiskId} no longer exists: use --level full`);
+    this.baseSums ??= DiskSums.load(this.db, d, this.pageSpan, `base disk ${baseDiskId}`);
+    return this.baseSums;
+  }
+
+  /** A base page, checked against the base's digests: an incremental never builds on damage. */
+  private basePage(baseDiskId: number, pageNo: number): MapExtent[] {
+    const rows = readPageExtents(this.db, baseDiskId, pageNo);
+    const why = pageMismatch(
+      this.loadBaseSums(baseDiskId).find(pageNo),
+      rows.map((r) => ({ ...r, hash: r.hash ?? null })),
+    );
+    if (why !== undefined) {
+      const start = pageNo * this.pageSpan;
+      throw new BkfsError(
+        'DATA_DAMAGED',
+        `the base checkpoint's block map is damaged at bytes ${start}-${start + this.pageSpan} (${why}): take a full backup (--level full)`,
+      );
+    }
+    return rows;
   }
 
   /** Write finished pages in one transaction. */
@@ -158,12 +206,45 @@ export class DiskMapWriter {
   finish(): void {
     this.closePage();
     this.flush();
-    if (this.baseDiskId === null) return;
+    const disk = this.db.prepare('SELECT virtual_size FROM disks WHERE id = ?').get(this.diskId) as
+      { virtual_size: number } | undefined;
+    if (!disk) throw new Error(`disk ${this.diskId} has no disks row (bug)`);
+    const sums = this.sums;
+    if (this.baseDiskId === null) {
+      writeDiskSums(this.db, this.diskId, disk.virtual_size, this.pageSpan, sums);
+      return;
+    }
     const touched = this.touched;
+    const baseSums = this.loadBaseSums(this.baseDiskId);
     const sel = this.db.prepare('SELECT page_no, page_id FROM disk_pages WHERE disk_id = ? ORDER BY page_no');
     const rows = sel.all(this.baseDiskId) as { page_no: number; page_id: number }[];
+    // The base's page table must agree with its digest list (a lost row would be copied as a hole).
+    const listed = baseSums.pageNos();
+    const present = new Set(rows.map((r) => r.page_no));
+    for (const p of listed) {
+      if (!touched.has(p) && !present.has(p)) {
+        const start = p * this.pageSpan;
+        throw new BkfsError(
+          'DATA_DAMAGED',
+          `the base checkpoint's block map is damaged at bytes ${start}-${start + this.pageSpan} (page row missing): take a full backup (--level full)`,
+        );
+      }
+    }
     this.db.transaction(() => {
-      for (const r of rows) if (!touched.has(r.page_no)) this.insPage.run(this.diskId, r.page_no, r.page_id);
+      for (const r of rows) {
+        if (touched.has(r.page_no)) continue;
+        const entry = baseSums.find(r.page_no);
+        if (!entry) {
+          const start = r.page_no * this.pageSpan;
+          throw new BkfsError(
+            'DATA_DAMAGED',
+            `the base checkpoint's block map is damaged at bytes ${start}-${start + this.pageSpan} (page without digest): take a full backup (--level full)`,
+          );
+        }
+        this.insPage.run(this.diskId, r.page_no, r.page_id);
+        sums.push(entry);
+      }
+      writeDiskSums(this.db, this.diskId, disk.virtual_size, this.pageSpan, sums);
     })();
   }
 }

@@ -1,11 +1,25 @@
 /**
- * SQLite schema of the block index and catalogue (repository format 1).
+ * SQLite schema of the block index and catalogue (repository format 2).
  * The meaning of every table and its invariants are documented in `src/store/FORMAT.md`.
  * Changing anything here means a new FORMAT_VERSION and a migration.
+ *
+ * Format 2 = format 1 + `disk_maps` (block-map digests, `src/index/mapsum.ts`). A format-1 index
+ * is read as is (without digest checks) and migrated by the first writer (`src/index/migrate.ts`).
  */
-export const FORMAT_VERSION = 1;
+export const FORMAT_VERSION = 2;
 
-export const SCHEMA = `
+/** Tables added by format 2. */
+export const SCHEMA_V2_TABLES = `
+CREATE TABLE disk_maps (
+  disk_id INTEGER PRIMARY KEY,
+  pages INTEGER NOT NULL,
+  sums BLOB NOT NULL,
+  digest BLOB NOT NULL
+);
+`;
+
+/** The format-1 schema, unchanged (kept to migrate from and to build format-1 test fixtures). */
+export const SCHEMA_V1 = `
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 
 CREATE TABLE vms (
@@ -95,3 +109,5 @@ CREATE UNIQUE INDEX chunks_by_hash ON chunks (hash) WHERE damaged = 0;
 CREATE INDEX chunks_damaged ON chunks (hash) WHERE damaged = 1;
 CREATE INDEX chunks_by_pack ON chunks (pack_id);
 `;
+
+export const SCHEMA = SCHEMA_V1 + SCHEMA_V2_TABLES;

@@ -268,9 +268,29 @@ export function chunksOfCheckpoints(db: Database.Database, checkpointIds: Iterab
 // ---------------------------------------------------------------------------------------------
 // gc
 
+/**
+ * Default `maxUnused`: gc leaves at most this share of the packs' bytes unused, rewriting the packs
+ * with the largest unused share first (restic's `--max-unused`, whose default is 5 %). Chosen by
+ * measurement (`bench/gc-threshold.ts`, README "gc: which packs are rewritten"): it copies a
+ * fraction of what rewriting every pack with an unused byte did (that copied a 52.7 MiB pack to
+ * free 19 KiB), and bounds what stays unused.
+ */
+export const DEFAULT_MAX_UNUSED = 0.05;
+/** `repackSmall`: packs under this size (of `PACK_TARGET`) are merged, as restic does (80 %). */
+export const SMALL_PACK = Math.floor(PACK_TARGET * 0.8);
+
 export interface GcOptions {
   /** Compute and report what gc would do; change nothing (takes no lock). */
   dryRun?: boolean;
+  /**
+   * Unused bytes gc may leave in packs, as a fraction of all pack bytes after gc: packs are
+   * rewritten, largest unused share first, until the rest is within it (0 = rewrite every pack
+   * with an unused byte; 1 = never rewrite; packs with no live chunk are always deleted).
+   * Default `DEFAULT_MAX_UNUSED`.
+   */
+  maxUnused?: number;
+  /** Also merge packs smaller than `SMALL_PACK` (two or more) into full-size ones. */
+  repackSmall?: boolean;
   /** Progress of the pack rewriting, in stored bytes. */
   onProgress?: (done: number, total: number) => void;
   onNotice?: (msg: string) => void;
@@ -305,6 +325,78 @@ export interface GcReport {
   bytesFreed: number;
   /** Extents re-pointed from damaged chunks to good copies. */
   extentsHealed: number;
+  /** The threshold used (fraction of a pack's bytes). */
+  maxUnused: number;
+  /** Packs with unused bytes left as they are: what they leave unused is within `maxUnused`. */
+  packsKeptUnused: number;
+  bytesKeptUnused: number;
+  /** Of `packsRewritten`: small packs merged for `repackSmall` (no unused bytes worth it). */
+  packsSmallMerged: number;
+}
+
+/** A pack gc may rewrite, reduced to what the selection needs (pure, unit-tested). */
+export interface PackChoice {
+  size: number;
+  /** Live bytes: header + records of live chunks. */
+  live: number;
+}
+
+/**
+ * Which packs to rewrite (restic's rule): the ones with the largest unused share first, until the
+ * unused bytes left in the others are at most `maxUnused` of the packs' bytes after gc, i.e.
+ * unused <= used x maxUnused / (1 - maxUnused); every pack with an unused byte when `maxUnused` is
+ * 0, none when it is 1. With `repackSmall`, also the packs smaller than `SMALL_PACK` when at least
+ * two packs get rewritten (one small pack alone would only be copied). Returns indexes into
+ * `packs`, and which were added as small.
+ */
+export function choosePacks(
+  packs: readonly PackChoice[],
+  maxUnused: number,
+  repackSmall: boolean,
+): { rewrite: number[]; small: number[] } {
+  const used = packs.reduce((a, p) => a + p.live, 0);
+  let unused = packs.reduce((a, p) => a + p.size - p.live, 0);
+  const limit = maxUnused >= 1 ? Infinity : (used * maxUnused) / (1 - maxUnused);
+  const order = packs
+    .map((p, i) => ({ i, unused: p.size - p.live, share: (p.size - p.live) / p.size }))
+    .filter((x) => x.unused > 0)
+    .sort((a, b) => b.share - a.share || b.unused - a.unused);
+  const chosen = new Set<number>();
+  for (const x of order) {
+    if (unused <= limit) break;
+    chosen.add(x.i);
+    unused -= x.unused;
+  }
+  let small: number[] = [];
+  if (repackSmall) {
+    small = packs
+      .map((p, i) => ({ p, i }))
+      .filter((x) => !chosen.has(x.i) && x.p.live < SMALL_PACK)
+      .map((x) => x.i);
+    if (small.length + chosen.size < 2) small = [];
+  }
+  return { rewrite: [...chosen, ...small].sort((a, b) => a - b), small };
+}
+
+/** How many packs the rewrite of `live` (live bytes of each source pack, in order) writes. */
+export function packsWrittenFor(live: readonly number[]): { packs: number; bytes: number } {
+  let packs = 0;
+  let bytes = 0;
+  let cur = -1; // bytes of the pack being filled, -1 = none
+  for (const l of live) {
+    const body = l - PACK_HEADER_LEN;
+    if (cur >= 0 && cur + body > PACK_TARGET) {
+      bytes += cur;
+      cur = -1;
+    }
+    if (cur < 0) {
+      cur = PACK_HEADER_LEN;
+      packs++;
+    }
+    cur += body;
+  }
+  if (cur >= 0) bytes += cur;
+  return { packs, bytes };
 }
 
 interface PackInfo {
@@ -367,6 +459,10 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
     bytesAfter: 0,
     bytesFreed: 0,
     extentsHealed: 0,
+    maxUnused: o.maxUnused ?? DEFAULT_MAX_UNUSED,
+    packsKeptUnused: 0,
+    bytesKeptUnused: 0,
+    packsSmallMerged: 0,
   };
   if (!o.dryRun) repo.lockWriter('gc');
   try {
@@ -460,18 +556,34 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
       // No pinned reader reads a dead pack (its chunks are used by no pinned checkpoint).
       for (const p of deadPacks) await fsp.rm(packPath(repo.dir, p.name), { force: true });
     }
-    infos = infos.filter((p) => p.chunks > 0 && p.live < p.size);
-    const candidates: PackInfo[] = [];
+    infos = infos.filter((p) => p.chunks > 0);
+    const movable: PackInfo[] = [];
     for (const p of infos) {
-      if (p.damaged) rep.packsKeptDamaged++;
-      else if (p.pinned) rep.packsKeptForReaders++;
-      else candidates.push(p);
+      if (p.live < p.size && p.damaged) rep.packsKeptDamaged++;
+      else if (p.live < p.size && p.pinned) rep.packsKeptForReaders++;
+      else if (!p.damaged && !p.pinned) movable.push(p);
     }
+    const choice = choosePacks(movable, rep.maxUnused, o.repackSmall === true);
+    const candidates = choice.rewrite.map((i) => movable[i]!);
+    const chosen = new Set(candidates);
+    for (const p of movable) {
+      if (!chosen.has(p) && p.live < p.size) {
+        rep.packsKeptUnused++;
+        rep.bytesKeptUnused += p.size - p.live;
+      }
+    }
+    rep.packsSmallMerged = choice.small.length;
     if (o.dryRun) {
+      const plan = packsWrittenFor(candidates.map((p) => p.live));
       rep.packsRewritten = candidates.length;
-      rep.bytesCopied = candidates.reduce((a, p) => a + p.live - PACK_HEADER_LEN, 0);
+      rep.packsWritten = plan.packs;
+      // Stored bytes of the live chunks, as the real run counts them.
+      rep.bytesCopied = candidates.reduce(
+        (a, p) => a + p.live - PACK_HEADER_LEN - p.chunks * RECORD_HEADER_LEN,
+        0,
+      );
       const freed =
-        deadPacks.reduce((a, p) => a + p.size, 0) + candidates.reduce((a, p) => a + p.size - p.live, 0);
+        deadPacks.reduce((a, p) => a + p.size, 0) + candidates.reduce((a, p) => a + p.size, 0) - plan.bytes;
       rep.packsPending = pending.length;
       rep.bytesPending = pending.reduce((a, p) => a + p.size, 0);
       rep.bytesAfter = rep.bytesBefore - freed;

@@ -58,10 +58,11 @@ export class Pin {
   private readonly ids = new Set<number>();
 
   constructor(
-    private readonly dir: string,
+    /** Null for a reader that cannot write the repository: it cannot pin (see Repository.open). */
+    private readonly dir: string | null,
     checkpoints: number[],
   ) {
-    this.files.push(writePinFile(dir, [...new Set(checkpoints)]));
+    if (dir !== null) this.files.push(writePinFile(dir, [...new Set(checkpoints)]));
     for (const id of checkpoints) this.ids.add(id);
   }
 
@@ -73,7 +74,7 @@ export class Pin {
   /** Pin one more checkpoint (a tree mount opening another one): one more pin file. */
   add(id: number): void {
     if (this.released || this.ids.has(id)) return;
-    this.files.push(writePinFile(this.dir, [id]));
+    if (this.dir !== null) this.files.push(writePinFile(this.dir, [id]));
     this.ids.add(id);
   }
 
@@ -81,7 +82,7 @@ export class Pin {
     if (this.released) return;
     this.released = true;
     for (const f of this.files) {
-      fs.rmSync(path.join(this.dir, f.file), { force: true });
+      if (this.dir !== null) fs.rmSync(path.join(this.dir, f.file), { force: true });
       fs.closeSync(f.fd);
     }
     this.files.length = 0;
@@ -121,7 +122,8 @@ function writePinFile(dir: string, checkpoints: number[]): PinFile {
 }
 
 /** Pin `checkpoints` (by id). Then check that they are still complete (`assertStillComplete`). */
-export function pinCheckpoints(repo: { dir: string }, checkpoints: number[]): Pin {
+export function pinCheckpoints(repo: { dir: string; writable?: boolean }, checkpoints: number[]): Pin {
+  if (repo.writable === false) return new Pin(null, checkpoints);
   const dir = pinsDir(repo);
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   return new Pin(dir, checkpoints);

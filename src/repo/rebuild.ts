@@ -27,6 +27,7 @@ import * as path from 'node:path';
 import Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
 import { FORMAT_VERSION, SCHEMA } from '../index/schema';
+import { pageSum, writeDiskSums, type PageSum, type SumExtent } from '../index/mapsum';
 import { decodeChunk, hashChunk } from '../store/codec';
 import {
   PACK_HEADER_LEN,
@@ -397,8 +398,11 @@ async function build(
             let prevEnd = 0;
             let page = -1;
             let rows: [number, number, number | null, number, number][] = [];
+            let sumRows: SumExtent[] = [];
+            const sums: PageSum[] = [];
             const flush = (): void => {
               if (page < 0 || rows.length === 0) return;
+              sums.push(pageSum(page, sumRows));
               const key = hashChunk(Buffer.from(JSON.stringify(rows))).toString('hex');
               let pid = pageIds.get(key);
               if (pid === undefined) {
@@ -421,11 +425,19 @@ async function build(
                 flush();
                 page = p;
                 rows = [];
+                sumRows = [];
               }
               rows.push([offset, length, h < 0 ? null : idOfHash(h), chunkOff, origin.disk]);
+              sumRows.push({
+                offset,
+                length,
+                chunkOff,
+                hash: h < 0 ? null : Buffer.from(m.hashes[h]!, 'hex'),
+              });
               prevEnd = offset + length;
             }
             flush();
+            writeDiskSums(db, d.id, d.virtualSize, pageSpan, sums);
           }
           if (missing > 0) db.prepare('UPDATE checkpoints SET damaged = 1 WHERE id = ?').run(c.id);
         })();

@@ -21,6 +21,7 @@
  * reused by dedup or removed by gc.
  */
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import Database from 'better-sqlite3';
@@ -84,6 +85,15 @@ function isPowerOfTwo(n: number): boolean {
   return Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
 }
 
+export interface OpenOptions {
+  /**
+   * Open for reading only (list, info, mount, cat/ls/cp, restore, export, stats, verify): the index
+   * is opened read-only, and a repository this user may read but not write (a root-owned,
+   * group-readable one; a read-only mount or snapshot) works too. See `openIndexReadOnly`.
+   */
+  readOnly?: boolean;
+}
+
 export class Repository {
   readonly packs: PackReader;
   private lock: WriterLock | undefined;
@@ -92,6 +102,9 @@ export class Repository {
     readonly dir: string,
     readonly config: RepoConfig,
     readonly db: Database.Database,
+    /** False when this process cannot write the repository: no pins, no healing, no writer. */
+    readonly writable = true,
+    private readonly snapshotDir: string | null = null,
   ) {
     this.packs = new PackReader(dir);
   }
@@ -147,9 +160,14 @@ export class Repository {
     return Repository.open(dir);
   }
 
-  static open(dir: string): Repository {
+  static open(dir: string, opts: OpenOptions = {}): Repository {
     const config = loadConfig(dir);
     const dbPath = path.join(dir, DB_FILE);
+    if (opts.readOnly) {
+      const ro = openIndexReadOnly(dir);
+      checkIndexVersion(ro.db, dir);
+      return new Repository(dir, config, ro.db, ro.writable, ro.snapshotDir);
+    }
     if (!fs.existsSync(dbPath) && fs.existsSync(path.join(dir, DB_NEW_FILE))) {
       // An index rebuild was interrupted right after moving the old index aside: finish it.
       try {
@@ -173,12 +191,7 @@ export class Repository {
     // committed, so this is what makes gc's pack deletion and forget's manifest deletion safe
     // against power loss (FORMAT.md, "Durability"; the cost is measured in bench/durable.ts).
     db.pragma('synchronous = FULL');
-    const ver = db.prepare("SELECT value FROM meta WHERE key = 'format'").get() as
-      { value: string } | undefined;
-    if (!ver || Number(ver.value) > FORMAT_VERSION) {
-      db.close();
-      throw new BkfsError('REPO_VERSION', `index of ${dir} has format ${ver?.value ?? '?'}; upgrade bkfs`);
-    }
+    checkIndexVersion(db, dir);
     return new Repository(dir, config, db);
   }
 
@@ -194,6 +207,10 @@ export class Repository {
     if (this.lock?.held) throw new Error(`writer lock already held (${this.lock.info.command})`);
     this.lock = acquireWriterLock(this.dir, command, o);
     try {
+      // Format 1 -> 2 (block-map digests), see src/index/migrate.ts; loaded here for start-up time.
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      const { migrateToV2 } = require('../index/migrate') as typeof import('../index/migrate');
+      migrateToV2(this);
       this.recover();
     } catch (e) {
       this.unlockWriter();
@@ -240,7 +257,137 @@ export class Repository {
     this.unlockWriter();
     this.packs.close();
     if (this.db.open) this.db.close();
+    if (this.snapshotDir) fs.rmSync(this.snapshotDir, { recursive: true, force: true });
   }
+}
+
+/** May this process write the repository in `dir` (its directory and index)? */
+export function canWriteRepository(dir: string): boolean {
+  return accessible(dir, fs.constants.W_OK) && accessible(path.join(dir, DB_FILE), fs.constants.W_OK);
+}
+
+function checkIndexVersion(db: Database.Database, dir: string): void {
+  const ver = db.prepare("SELECT value FROM meta WHERE key = 'format'").get() as
+    { value: string } | undefined;
+  if (!ver || Number(ver.value) > FORMAT_VERSION) {
+    db.close();
+    throw new BkfsError('REPO_VERSION', `index of ${dir} has format ${ver?.value ?? '?'}; upgrade bkfs`);
+  }
+}
+
+function accessible(p: string, mode: number): boolean {
+  try {
+    fs.accessSync(p, mode);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function permissionDenied(p: string, what: string): BkfsError {
+  let owner = '';
+  try {
+    const st = fs.statSync(p);
+    owner = ` (owner uid ${st.uid}, gid ${st.gid}, mode ${(st.mode & 0o777).toString(8).padStart(4, '0')})`;
+  } catch {
+    // stat needs search permission on the parent: say nothing more
+  }
+  return new BkfsError(
+    'PERMISSION_DENIED',
+    `permission denied: this user (uid ${process.getuid?.() ?? '?'}) cannot ${what} ${p}${owner}`,
+  );
+}
+
+/**
+ * Open the index of `dir` for reading only.
+ *
+ * - The repository is writable by this process: SQLite `readonly` on the index itself (it sees
+ *   what writers commit, through the shared WAL index `-shm`).
+ * - Not writable (a root-owned, group-readable repository read by another user; a read-only
+ *   mount or snapshot), while a process with write access has the index open (`-wal` and `-shm`
+ *   exist): SQLite's read-only WAL access, which reads both without writing them.
+ * - Not writable and nobody has it open: the index is then complete in `index.db` alone (the last
+ *   connection to close checkpointed the WAL into it and removed it), so it is copied into a
+ *   private temp directory and the copy is read. The copy is checked against the original
+ *   afterwards (size and change time unchanged, still no WAL), so a writer that started during the
+ *   copy is noticed and the copy taken again.
+ *
+ * Such a reader cannot leave pins (`pins.ts`): forget/gc by a writer while it reads may make its
+ * reads fail with EIO, never return other bytes. Lacking read permission is PERMISSION_DENIED.
+ */
+function openIndexReadOnly(dir: string): {
+  db: Database.Database;
+  writable: boolean;
+  snapshotDir: string | null;
+} {
+  const dbPath = path.join(dir, DB_FILE);
+  if (!fs.existsSync(dbPath)) {
+    if (fs.existsSync(path.join(dir, DB_NEW_FILE))) {
+      try {
+        fs.renameSync(path.join(dir, DB_NEW_FILE), dbPath);
+      } catch {
+        // not ours to finish (read-only), or another process did
+      }
+    }
+    if (!fs.existsSync(dbPath)) {
+      throw new BkfsError(
+        'REPO_NOT_FOUND',
+        `repository ${dir} has no index (${DB_FILE}); run 'bkfs repair --rebuild-index'`,
+      );
+    }
+  }
+  if (!accessible(dbPath, fs.constants.R_OK)) throw permissionDenied(dbPath, 'read');
+  const packs = path.join(dir, 'packs');
+  if (fs.existsSync(packs) && !accessible(packs, fs.constants.R_OK | fs.constants.X_OK)) {
+    throw permissionDenied(packs, 'read');
+  }
+  const wal = `${dbPath}-wal`;
+  const shm = `${dbPath}-shm`;
+  const writable =
+    accessible(dir, fs.constants.W_OK) &&
+    accessible(dbPath, fs.constants.W_OK) &&
+    (!fs.existsSync(shm) || accessible(shm, fs.constants.R_OK | fs.constants.W_OK));
+  const openRo = (p: string): Database.Database => {
+    const db = new Database(p, { readonly: true, fileMustExist: true });
+    db.pragma('busy_timeout = 10000');
+    db.prepare('SELECT 1 FROM meta LIMIT 1').get(); // the first read is where WAL access fails
+    return db;
+  };
+  if (writable) return { db: openRo(dbPath), writable: true, snapshotDir: null };
+  for (let attempt = 0; attempt < 5; attempt++) {
+    if (fs.existsSync(wal) || fs.existsSync(shm)) {
+      try {
+        return { db: openRo(dbPath), writable: false, snapshotDir: null };
+      } catch (e) {
+        if (!fs.existsSync(wal) && !fs.existsSync(shm)) continue; // closed meanwhile: copy it
+        throw new BkfsError(
+          'PERMISSION_DENIED',
+          `cannot read the index of ${dir} without write access while its write-ahead log is incomplete (a writer is starting, or one was killed): ${(e as Error).message}; retry, or run a bkfs command as the repository's owner first`,
+        );
+      }
+    }
+    const before = fs.statSync(dbPath);
+    const snap = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-index-'));
+    const copy = path.join(snap, DB_FILE);
+    fs.copyFileSync(dbPath, copy);
+    const after = fs.statSync(dbPath);
+    if (
+      before.size === after.size &&
+      before.ctimeMs === after.ctimeMs &&
+      before.mtimeMs === after.mtimeMs &&
+      !fs.existsSync(wal)
+    ) {
+      fs.chmodSync(copy, 0o600);
+      try {
+        return { db: openRo(copy), writable: false, snapshotDir: snap };
+      } catch (e) {
+        fs.rmSync(snap, { recursive: true, force: true });
+        throw e;
+      }
+    }
+    fs.rmSync(snap, { recursive: true, force: true });
+  }
+  throw new BkfsError('REPO_LOCKED', `the index of ${dir} kept changing while it was read; retry`);
 }
 
 /**
@@ -259,6 +406,7 @@ export function deleteCheckpointRows(db: Database.Database, checkpointId: number
       if (!otherRefs.get(row.page_id, d.id)) delExtents.run(row.page_id);
     }
     db.prepare('DELETE FROM disk_pages WHERE disk_id = ?').run(d.id);
+    db.prepare('DELETE FROM disk_maps WHERE disk_id = ?').run(d.id);
   }
   db.prepare('DELETE FROM disks WHERE checkpoint_id = ?').run(checkpointId);
   db.prepare('DELETE FROM configs WHERE checkpoint_id = ?').run(checkpointId);
@@ -296,7 +444,8 @@ export function loadConfig(dir: string): RepoConfig {
   let raw: string;
   try {
     raw = fs.readFileSync(cfgPath, 'utf8');
-  } catch {
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EACCES') throw permissionDenied(cfgPath, 'read');
     throw new BkfsError('REPO_NOT_FOUND', `no bkfs repository at ${dir} (run 'bkfs init -r ${dir}' first)`);
   }
   let config: RepoConfig;

@@ -14,6 +14,8 @@
  *    that now reads back correctly (a transient I/O error) is unmarked.
  * 3. Optionally (`compareWithSources`), the disks of a checkpoint are compared byte for byte with
  *    their source images through qemu-nbd (read-only) and the differing ranges reported.
+ * 4. Block maps (`verify-map.ts`): each checkpoint-disk's map against its digests (format 2) and
+ *    its manifest, and SQLite's `integrity_check`; each disagreement names the checkpoints it affects.
  * Locking: it writes damage flags and heals (one transaction at the end), so it takes the writer
  * lock for its run; with `markDamaged: false` (`--read-only`) it writes nothing, takes no lock and
  * works while a backup or gc runs: a chunk that gc moved meanwhile is looked up again before it is
@@ -21,6 +23,7 @@
  * Memory: the set of chunk ids in use.
  */
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import type { Repository } from './repository';
 import { decodeChunk } from '../store/codec';
 import { packPath } from '../store/packs';
@@ -31,6 +34,7 @@ import { NbdClient } from '../nbd/client';
 import { QemuNbd, imageInfo } from '../backup/qemu';
 import { manifestPath } from './manifest';
 import { healDamagedChunks, refreshCheckpointDamage } from './gc';
+import { blockMapProblems, integrityProblems } from './verify-map';
 
 export interface VerifyOptions {
   vm?: string;
@@ -86,7 +90,8 @@ export function selectCheckpoints(
  * `markDamaged: false` it only reads and takes no lock.
  */
 export async function verifyRepository(repo: Repository, o: VerifyOptions = {}): Promise<VerifyReport> {
-  if (o.markDamaged === false) return verifyUnlocked(repo, o);
+  // A reader that may not write the repository cannot record damage: it only reads.
+  if (o.markDamaged === false || !repo.writable) return verifyUnlocked(repo, o);
   repo.lockWriter('verify');
   try {
     return await verifyUnlocked(repo, o);
@@ -158,6 +163,9 @@ async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<Verif
       }
     }
   }
+
+  // Block maps against their digests and manifests, and SQLite's own check (verify-map.ts).
+  problems.push(...integrityProblems(repo), ...blockMapProblems(repo, sel));
 
   let ids = [...used];
   if (o.samplePercent !== undefined && o.samplePercent < 100) {
@@ -264,6 +272,8 @@ async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<Verif
  */
 function recordDamage(repo: Repository, damagedIds: number[], fineIds: number[]): number {
   if (damagedIds.length === 0 && fineIds.length === 0) return 0;
+  // A reader without write access reports what it found and records nothing.
+  if (!repo.writable || repo.db.readonly) return 0;
   const db = repo.db;
   let unmarked = 0;
   db.transaction(() => {
@@ -305,8 +315,8 @@ export interface SourceDiff {
   checkpoint: string;
   disk: string;
   source: string | null;
-  /** 'same', 'differs', or 'skipped' (no source recorded, or it is gone). */
-  status: 'same' | 'differs' | 'skipped';
+  /** 'same', 'differs', 'gone' (the source image no longer exists) or 'skipped' (none recorded, unreachable). */
+  status: 'same' | 'differs' | 'gone' | 'skipped';
   reason?: string;
   bytesCompared: number;
   bytesDiffering: number;
@@ -383,7 +393,12 @@ export async function compareWithSources(
         }
       } else {
         if (!fs.existsSync(src)) {
-          Object.assign(r, { status: 'skipped', reason: 'the source image no longer exists' });
+          Object.assign(r, {
+            status: 'gone',
+            reason: path.isAbsolute(src)
+              ? 'the source image no longer exists'
+              : `the source image no longer exists here (an older bkfs recorded the relative path '${src}')`,
+          });
           continue;
         }
         // The format recorded at backup time (declared or safely probed); never a new probe.

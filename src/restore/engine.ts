@@ -47,6 +47,7 @@ import {
 } from './targets';
 import { rewriteDomainXml, type DiskRewrite } from './domain-xml';
 import { defineDomain, domainUuid } from './libvirt';
+import { checkMarker, diskMapDigest, removeMarker, writeMarker, type MarkerSubject } from './marker';
 import { mkdirPrivate, writeFilePrivate } from '../util/private-fs';
 
 export type FileFormat = 'raw' | 'qcow2';
@@ -77,6 +78,11 @@ export interface RestoreOptions extends CopyTuning {
   format?: FileFormat;
   /** VM@CHECKPOINT that the target already holds: write only the difference. */
   since?: string;
+  /**
+   * With `since`: prove that the target holds it by comparing it in full with the repository,
+   * instead of by its restore marker (`marker.ts`). The only way for an NBD target.
+   */
+  verifyTarget?: boolean;
   force?: boolean;
   /** Define the restored VM in libvirt under this name. */
   define?: string;
@@ -267,7 +273,10 @@ export function diffDisks(
   const span = repo.config.pageSpan;
   const ta = pageTable(repo, a.id);
   const tb = pageTable(repo, b.id);
-  const pages = [...new Set([...ta.keys(), ...tb.keys()])].sort((x, y) => x - y);
+  // Page tables and (format 2) digest lists: a page whose table row was lost is compared (and fails).
+  const pages = [...new Set([...ta.keys(), ...tb.keys(), ...ra.pageNos(a), ...rb.pageNos(b)])].sort(
+    (x, y) => x - y,
+  );
   const extents: Ext<ChunkLocation>[] = [];
   const samePages: number[] = [];
   let pagesCompared = 0;
@@ -279,8 +288,8 @@ export function diffDisks(
       continue;
     }
     pagesCompared++;
-    const ea: PageExtent[] = ia === undefined ? [] : ra.page(a, p);
-    const eb: PageExtent[] = ib === undefined ? [] : rb.page(b, p);
+    const ea: PageExtent[] = ra.page(a, p);
+    const eb: PageExtent[] = rb.page(b, p);
     const end = Math.min((p + 1) * span, b.virtual_size);
     for (const e of diffExtents(ea, eb, p * span, end)) extents.push(e);
   }
@@ -289,8 +298,8 @@ export function diffDisks(
 
 /**
  * Check that the target holds the repository's bytes in a few ranges that an incremental restore
- * will not write (the same in both checkpoints): a cheap guard against `--since` with the wrong
- * file. Throws TARGET_INVALID on a difference.
+ * will not write (the same in both checkpoints): a cheap second guard after the restore marker.
+ * Throws TARGET_MISMATCH on a difference.
  */
 async function checkSince(
   reader: CheckpointReader,
@@ -309,8 +318,39 @@ async function checkSince(
     const got = await target.read(e.offset, n);
     if (!got.equals(want)) {
       throw new BkfsError(
-        'TARGET_INVALID',
+        'TARGET_MISMATCH',
         `${target.description} does not hold ${sinceRef} (bytes at offset ${e.offset} differ): restore without --since`,
+      );
+    }
+  }
+}
+
+function subject(repo: Repository, vm: string, cp: CheckpointRow, disk: DiskRow): MarkerSubject {
+  return { repo: repo.config.id, vm, uid: cp.uid, name: cp.name, disk, mapDigest: diskMapDigest(repo, disk) };
+}
+
+/**
+ * `--verify-target`: the target must hold exactly `sinceRef`'s disk (read in full, 4 MiB at a
+ * time, compared with the repository); TARGET_MISMATCH at the first difference.
+ */
+async function compareTarget(
+  reader: CheckpointReader,
+  disk: DiskRow,
+  target: RestoreTarget,
+  sinceRef: string,
+  signal: AbortSignal | undefined,
+): Promise<void> {
+  const step = 4 << 20;
+  for (let off = 0; off < disk.virtual_size; off += step) {
+    if (signal?.aborted) throw interrupted();
+    const n = Math.min(step, disk.virtual_size - off);
+    const [want, got] = await Promise.all([reader.readAt(disk.name, off, n), target.read(off, n)]);
+    if (!got.equals(want)) {
+      let i = 0;
+      while (i < n && got[i] === want[i]) i++;
+      throw new BkfsError(
+        'TARGET_MISMATCH',
+        `${target.description} does not hold ${sinceRef} (first difference at byte ${off + i}): restore without --since`,
       );
     }
   }
@@ -483,6 +523,16 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
         );
       }
       sinceDisks.set(j.disk.name, sd);
+      // Proof that the target holds `since` (marker.ts), or a full compare below.
+      if (!o.verifyTarget) {
+        if (j.kind === 'nbd') {
+          throw new BkfsError(
+            'TARGET_MISMATCH',
+            `${j.to} is an NBD export and carries no bkfs restore marker: add --verify-target to compare it with ${sinceRef} in full, or restore without --since`,
+          );
+        }
+        if (fs.existsSync(j.to)) checkMarker(j.to, subject(repo, since.reader.vm.name, since.cp, sd));
+      }
     }
     if (j.kind === 'nbd') continue;
     if (dir !== null && !update) {
@@ -548,6 +598,8 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
       if (o.signal?.aborted) throw interrupted();
       const t1 = Date.now();
       const size = j.disk.virtual_size;
+      // No marker may claim a content while the file is being written (a crash leaves none).
+      if (j.kind !== 'nbd' && !update) removeMarker(j.to);
       const target = await openTarget(j, size, update);
       let ok = false;
       try {
@@ -556,7 +608,9 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
         if (since) {
           const sd = sinceDisks.get(j.disk.name)!;
           diffInfo = diffDisks(repo, since.reader, sd, reader, j.disk);
-          await checkSince(reader, j.disk, diffInfo.samePages, target, sinceRef!);
+          if (o.verifyTarget) await compareTarget(since.reader, sd, target, sinceRef!, o.signal);
+          else await checkSince(reader, j.disk, diffInfo.samePages, target, sinceRef!);
+          if (j.kind !== 'nbd') removeMarker(j.to);
           progress.total += diffInfo.extents.reduce((n, e) => n + (e.loc ? e.length : 0), 0);
           runs = planRuns(diffInfo.extents, {
             size,
@@ -592,6 +646,7 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
         // Images are created 0600 (private-fs.ts); a wider mode only when the user asked for it.
         if (o.mode !== undefined && j.kind !== 'nbd') await fsp.chmod(j.to, o.mode);
         ok = true;
+        if (j.kind !== 'nbd') writeMarker(j.to, subject(repo, reader.vm.name, reader.checkpoint, j.disk));
         if (j.kind === 'nbd' && target.size > size) {
           o.onNotice?.(
             `${target.description} is larger than the disk (${target.size} > ${size} bytes); bytes past ${size} were left as they were`,

@@ -182,7 +182,9 @@ export async function fsyncDir(dir: string): Promise<void> {
  * reads in flight is never closed by eviction.
  */
 export class PackReader {
-  private readonly fds = new Map<string, { fd: number; busy: number }>();
+  private readonly fds = new Map<string, { fd: number; busy: number; doomed?: boolean }>();
+  private inflight = 0;
+  private readonly drained: (() => void)[] = [];
 
   constructor(
     private readonly repoDir: string,
@@ -233,11 +235,23 @@ export class PackReader {
         ),
       );
     }
-    const e = this.acquire(name);
+    let e: { fd: number; busy: number; doomed?: boolean };
+    try {
+      e = this.acquire(name);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     const buf = Buffer.allocUnsafe(length);
+    this.inflight++;
     return new Promise((resolve, reject) => {
       fs.read(e.fd, buf, 0, length, offset, (err, n) => {
         e.busy--;
+        // A descriptor that close() left open for this read is closed by its last reader: closing
+        // it under a read in flight could let the number be reused for another file, whose bytes
+        // the read would then return.
+        if (e.doomed && e.busy === 0) fs.close(e.fd, () => undefined);
+        this.inflight--;
+        if (this.inflight === 0) for (const w of this.drained.splice(0)) w();
         if (err) reject(new BkfsError('DATA_DAMAGED', `pack ${name}: ${err.message}`));
         else if (n !== length)
           reject(new BkfsError('DATA_DAMAGED', `pack ${name} is truncated at ${offset}`));
@@ -246,8 +260,21 @@ export class PackReader {
     });
   }
 
+  /** Resolves when no read is in flight. */
+  drain(): Promise<void> {
+    if (this.inflight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.drained.push(resolve));
+  }
+
+  /**
+   * Close every descriptor; one with reads in flight is closed when its last read returns (those
+   * reads complete normally). Later reads open the pack again.
+   */
   close(): void {
-    for (const e of this.fds.values()) fs.closeSync(e.fd);
+    for (const e of this.fds.values()) {
+      if (e.busy === 0) fs.closeSync(e.fd);
+      else (e as { doomed?: boolean }).doomed = true;
+    }
     this.fds.clear();
   }
 }

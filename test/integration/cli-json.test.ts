@@ -116,9 +116,15 @@ const gcSchema = obj(
       'bytesAfter',
       'bytesFreed',
       'extentsHealed',
+      'packsKeptUnused',
+      'bytesKeptUnused',
+      'packsSmallMerged',
     ]
       .map((k) => [k, int] as [string, Schema])
-      .concat([['dryRun', bool]]),
+      .concat([
+        ['dryRun', bool],
+        ['maxUnused', num],
+      ]),
   ),
 );
 const totals = {
@@ -247,7 +253,7 @@ describe('every command with --json matches its schema', () => {
             checkpoint: str,
             disk: str,
             source: nullable(str),
-            status: oneOf('same', 'differs', 'skipped'),
+            status: oneOf('same', 'differs', 'gone', 'skipped'),
             bytesCompared: int,
             bytesDiffering: int,
             ranges: arr(obj({ offset: int, length: int })),

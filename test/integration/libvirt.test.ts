@@ -75,6 +75,12 @@ describe('live backups of a running libvirt domain', { skip: missing ?? false },
   };
   const list = async (): Promise<ListRow[]> =>
     JSON.parse((await cliOk('list', 'web', '--json')).stdout) as ListRow[];
+  /** The libvirt checkpoint the repository recorded for `cp`. */
+  const lvOf = async (cp: string): Promise<string> => {
+    const lv = (await list()).find((r) => r.name === cp)?.libvirtCheckpoint;
+    assert.ok(lv, `${cp} has a libvirt checkpoint`);
+    return lv;
+  };
 
   /** The same write into the VM (through QEMU) and into the disk's reference raw file. */
   async function write(target: string, cmd: string): Promise<void> {
@@ -100,7 +106,8 @@ describe('live backups of a running libvirt domain', { skip: missing ?? false },
       if (r.level === 'full') start = i;
     });
     const chain = rows.slice(start).filter((r) => r.level !== 'copy' && r.libvirtCheckpoint !== null);
-    const own = (await dom!.checkpointNames()).filter((n) => n.startsWith(`bkfs-${repoId}-`));
+    // This test's domain is backed up by this repository only: every bkfs-* checkpoint is its.
+    const own = (await dom!.checkpointNames()).filter((n) => n.startsWith('bkfs-'));
     assert.deepEqual(
       own.sort(),
       chain.map((r) => r.libvirtCheckpoint!).sort(),
@@ -205,7 +212,7 @@ describe('live backups of a running libvirt domain', { skip: missing ?? false },
   it('full -> inc -> inc -> diff: every checkpoint equals the disks at that instant', async () => {
     const full = await backupOk('--level', 'full');
     assert.match(full.stdout, /web@check1: full backup of 3 disk\(s\)/);
-    assert.match(full.stdout, new RegExp(`crash-consistent, checkpoint bkfs-${repoId}-check1`));
+    assert.match(full.stdout, /crash-consistent, checkpoint bkfs-[0-9a-f]{32}$/m);
     assert.match(full.stderr, /disk 'hdc' is not backed up: a cdrom/);
     assert.match(full.stderr, /has no guest agent: the backup is crash-consistent/);
     const s1 = snapshot('s1');
@@ -235,14 +242,18 @@ describe('live backups of a running libvirt domain', { skip: missing ?? false },
 
     const rows = await list();
     assert.deepEqual(
-      rows.map((r) => [r.name, r.level, r.parent, r.libvirtCheckpoint]),
+      rows.map((r) => [r.name, r.level, r.parent]),
       [
-        ['check1', 'full', null, `bkfs-${repoId}-check1`],
-        ['check2', 'inc', 'check1', `bkfs-${repoId}-check2`],
-        ['check3', 'inc', 'check2', `bkfs-${repoId}-check3`],
-        ['check4', 'diff', 'check1', `bkfs-${repoId}-check4`],
+        ['check1', 'full', null],
+        ['check2', 'inc', 'check1'],
+        ['check3', 'inc', 'check2'],
+        ['check4', 'diff', 'check1'],
       ],
     );
+    // Named after each checkpoint's own uid: nothing a copy of the repository would share.
+    for (const r of rows) assert.match(r.libvirtCheckpoint ?? '', /^bkfs-[0-9a-f]{32}$/);
+    assert.equal(new Set(rows.map((r) => r.libvirtCheckpoint)).size, rows.length);
+    assert.ok(!rows.some((r) => r.libvirtCheckpoint!.includes(repoId)));
     // Incrementals read what changed (dirty bitmap ∩ allocation), not the disks.
     assert.ok(rows[1]!.bytesRead <= 2 * MiB, `inc read ${rows[1]!.bytesRead}`);
     assert.ok(rows[2]!.bytesRead <= 2 * MiB, `inc read ${rows[2]!.bytesRead}`);
@@ -274,32 +285,32 @@ describe('live backups of a running libvirt domain', { skip: missing ?? false },
   });
 
   it('a libvirt checkpoint deleted by hand: inc refused, diff still possible, auto takes a full', async () => {
-    await virsh('checkpoint-delete', domName, `bkfs-${repoId}-check4`);
+    await virsh('checkpoint-delete', domName, await lvOf('check4'));
     await assertRefused(
       ['--level', 'inc'],
       'CHAIN_BROKEN',
-      /libvirt checkpoint 'bkfs-\w+-check4' of check4 is missing from domain .*--level full/,
+      /libvirt checkpoint 'bkfs-[0-9a-f]{32}' of check4 is missing from domain .*--level full/,
     );
     // The full's checkpoint is intact, so a diff works.
     await write('sdb', 'write -P 0x44 5M 64k');
     await backupOk('--level', 'diff');
     const snap = snapshot('s5');
     await assertCheckpointEquals(repoDir, 'web@check5', 'sdb', snap.sdb!, 20);
-    await virsh('checkpoint-delete', domName, `bkfs-${repoId}-check5`);
+    await virsh('checkpoint-delete', domName, await lvOf('check5'));
     const auto = await backupOk();
     assert.match(auto.stderr, /check5 is missing from domain .*; taking a full backup/);
     assert.match(auto.stdout, /web@check6: full backup of 3 disk\(s\)/);
     // A new chain: the older libvirt checkpoints are gone, only check6's remains.
-    assert.deepEqual(await dom!.checkpointNames(), [`bkfs-${repoId}-check6`]);
+    assert.deepEqual(await dom!.checkpointNames(), [await lvOf('check6')]);
     await assertListsAgree();
   });
 
   it('a dirty bitmap removed through QMP: inc and diff refused, auto takes a full', async () => {
-    await dom!.removeBitmap('sdb', `bkfs-${repoId}-check6`);
+    await dom!.removeBitmap('sdb', await lvOf('check6'));
     await assertRefused(
       ['--level', 'inc'],
       'CHAIN_BROKEN',
-      /dirty bitmap 'bkfs-\w+-check6' of disk 'sdb' is missing or broken/,
+      /dirty bitmap 'bkfs-[0-9a-f]{32}' of disk 'sdb' is missing or broken/,
     );
     await assertRefused(['--level', 'diff'], 'CHAIN_BROKEN', /missing or broken/);
     // Excluding the broken disk is the user's way out for the other one.
@@ -387,7 +398,7 @@ describe('live backups of a running libvirt domain', { skip: missing ?? false },
     const next = await backupOk('--level', 'inc');
     assert.match(
       next.stderr,
-      /deleted libvirt checkpoint 'bkfs-\w+-check11'.*no checkpoint of the repository uses it/,
+      /deleted libvirt checkpoint 'bkfs-[0-9a-f]{32}'.*no checkpoint of the repository uses it/,
     );
     const snap = snapshot('s11');
     await assertCheckpointEquals(repoDir, 'web@check11', 'sdb', snap.sdb!, 20);
@@ -405,7 +416,7 @@ describe('live backups of a running libvirt domain', { skip: missing ?? false },
     assert.equal(fs.readdirSync(scratch).length, 1, 'the job directory is still there');
     const next = await backupOk();
     assert.match(next.stderr, /ended the backup job of domain .* left by a bkfs that was killed \(pid \d+\)/);
-    assert.match(next.stderr, /deleted libvirt checkpoint 'bkfs-\w+-check12'/);
+    assert.match(next.stderr, /deleted libvirt checkpoint 'bkfs-[0-9a-f]{32}'/);
     assert.match(next.stdout, /web@check12: inc backup/);
     await assertNoLeftovers();
     await assertListsAgree();

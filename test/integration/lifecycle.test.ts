@@ -118,8 +118,12 @@ function assertStoreExact(repoDir: string): void {
   assert.deepEqual(s.orphans, [], 'no pack file outside the index');
 }
 
+/**
+ * gc with `--max-unused 0`: every pack with an unused byte is rewritten, so the store ends up
+ * exact (`assertStoreExact`). The default threshold is tested in firsthour.test.ts.
+ */
 async function gcJson(repo: string): Promise<GcReport> {
-  return JSON.parse((await bkfsOk(['-r', repo, 'gc', '--json'])).stdout) as GcReport;
+  return JSON.parse((await bkfsOk(['-r', repo, 'gc', '--json', '--max-unused', '0'])).stdout) as GcReport;
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -272,10 +276,9 @@ describe('forget, protect and gc on a chain full -> inc x6 -> diff -> inc; then 
   it('gc frees exactly the chunks no kept checkpoint uses', async () => {
     const before = storeState(repo);
     assert.ok(before.chunks.length > before.needed.length);
-    const dry = JSON.parse((await bkfsOk(['-r', repo, 'gc', '--dry-run', '--json'])).stdout) as Record<
-      string,
-      number
-    >;
+    const dry = JSON.parse(
+      (await bkfsOk(['-r', repo, 'gc', '--dry-run', '--json', '--max-unused', '0'])).stdout,
+    ) as Record<string, number>;
     assert.equal(dry.chunksRemoved, before.chunks.length - before.needed.length);
     assert.deepEqual(storeState(repo), before, 'dry run changes nothing');
 
@@ -458,7 +461,7 @@ describe('gc beside readers and a running backup', () => {
         pin.release();
         pin = pinB;
         // Read B while gc runs in another process.
-        const gc = bkfs(['-r', repoDir, 'gc', '--json']);
+        const gc = bkfs(['-r', repoDir, 'gc', '--json', '--max-unused', '0']);
         let done = false;
         void gc.then(() => (done = true));
         let rounds = 0;
@@ -654,12 +657,12 @@ describe('kill -9 at every step of forget, gc, repair and a backup commit', () =
 
   it('gc: after deleting rows, after sealing a new pack, after the index transaction', async () => {
     const want = ['check2', 'check5', 'check6'];
-    await crash('gc-after-rows', ['gc']);
+    await crash('gc-after-rows', ['gc', '--max-unused', '0']);
     await healthy(want);
-    await crash('gc-after-new-pack', ['gc']);
+    await crash('gc-after-new-pack', ['gc', '--max-unused', '0']);
     await healthy(want);
     assert.equal(storeState(repo).orphans.length, 1, 'the unindexed new pack');
-    await crash('gc-after-index', ['gc']);
+    await crash('gc-after-index', ['gc', '--max-unused', '0']);
     await healthy(want);
     assert.equal(storeState(repo).orphans.length, 1, 'the unindexed old pack');
     const g = await gcJson(repo);
@@ -854,7 +857,9 @@ describe('damaged chunks and verify --source', () => {
     assert.match(text.stdout, /bytes 20070001-20075000/);
 
     fs.renameSync(img, `${img}.moved`);
-    const skipped = await bkfsOk(['-r', repoDir, 'verify', 'vm', '--source']);
-    assert.match(skipped.stdout, /skipped, the source image no longer exists/);
+    // Asked to compare with a source that is gone: a distinct failure, not a success (issue 17.4).
+    const gone = await bkfs(['-r', repoDir, 'verify', 'vm', '--source']);
+    assert.equal(gone.code, EXIT_CODES.SOURCE_GONE, gone.stderr);
+    assert.match(gone.stdout, /GONE, the source image no longer exists/);
   });
 });

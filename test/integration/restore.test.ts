@@ -496,7 +496,12 @@ describe('bad input: one clear line, a distinct exit code, nothing overwritten',
     fs.writeFileSync(wrong, Buffer.alloc(SIZE_B, 0x5a));
     await fails(
       ['restore', 'web@check2', '--disk', 'vdb', '--to', wrong, '--since', 'web@check1'],
-      'TARGET_INVALID',
+      'TARGET_MISMATCH',
+      /has no bkfs restore marker/,
+    );
+    await fails(
+      ['restore', 'web@check2', '--disk', 'vdb', '--to', wrong, '--since', 'web@check1', '--verify-target'],
+      'TARGET_MISMATCH',
       /does not hold web@check1/,
     );
     assert.ok(fs.readFileSync(wrong).equals(Buffer.alloc(SIZE_B, 0x5a)), 'left as it was');

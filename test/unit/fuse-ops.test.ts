@@ -14,7 +14,7 @@ import { Repository } from '../../src/repo/repository';
 import { runBackup } from '../../src/backup/engine';
 import { ImageSource } from '../../src/backup/sources';
 import { CheckpointVfs, S_IFDIR, S_IFREG } from '../../src/fuse/vfs';
-import { fuseOps, WRITE_OPS, type FuseOps, type FuseStat } from '../../src/fuse/mount';
+import { fuseOps, guardOps, WRITE_OPS, type FuseOps, type FuseStat } from '../../src/fuse/mount';
 
 const MiB = 1 << 20;
 const SIZE = 9 * MiB + 4096;
@@ -122,5 +122,78 @@ describe('fuseOps', () => {
       vfs.close();
       repo.close();
     }
+  });
+});
+
+describe('fuseOps never lets an exception out of a handler', () => {
+  it('answers EIO exactly once and logs, when the index under the VFS is gone (closed database)', async () => {
+    const repo = Repository.open(repoDir);
+    const errors: string[] = [];
+    const vfs = CheckpointVfs.open(repo, { ref: 'db', fileMode: 0o444 });
+    const ops = fuseOps(vfs, (m) => errors.push(m));
+    try {
+      const [, fh] = (await call(ops, 'open', '/vdb.raw', fs.constants.O_RDONLY)) as [number, number];
+      // A real failure: the SQLite handle is closed under the VFS, so every query throws.
+      repo.db.close();
+      const answers = new Map<string, unknown[][]>();
+      const collect = (name: string, ...args: unknown[]): Promise<void> =>
+        new Promise((resolve) => {
+          const got: unknown[][] = [];
+          answers.set(name, got);
+          const op = ops[name] as (...a: unknown[]) => void;
+          assert.doesNotThrow(() =>
+            op(...args, (...res: unknown[]) => {
+              got.push(res);
+              resolve();
+            }),
+          );
+          setTimeout(resolve, 200); // then count how many answers came
+        });
+      const buf = Buffer.alloc(4 * MiB);
+      await collect('read', '/vdb.raw', fh, buf, buf.length, 5 * MiB);
+      await collect('statfs', '/');
+      await collect('readdir', '/');
+      await collect('getattr', '/vdb.raw');
+      await collect('open', '/vdb.raw', fs.constants.O_RDONLY);
+      for (const [name, got] of answers) {
+        assert.equal(got.length, 1, `${name} answered once`);
+        const code = got[0]![0] as number;
+        assert.ok(code <= 0, `${name}: ${code}`);
+      }
+      assert.deepEqual(answers.get('read')![0], [-E.EIO]);
+    } finally {
+      vfs.close();
+      repo.close();
+    }
+  });
+
+  it('guardOps: a handler that throws answers EIO once, a handler that answered keeps its answer', async () => {
+    // A deliberately throwing handler: the guard's own contract, which no real VFS path reaches
+    // on purpose (the test above reaches it through a real closed database where it can).
+    const errors: string[] = [];
+    const ops = guardOps(
+      {
+        init: (cb) => cb(0),
+        getattr: () => {
+          throw new Error('boom');
+        },
+        readdir: (_p, cb) => {
+          cb(0, [], []);
+          throw new Error('after answering');
+        },
+        readlink: (_p, cb) => cb(0, 'x'),
+        open: (_p, _f, cb) => cb(0, 1),
+        read: (_p, _fd, _b, _l, _pos, cb) => cb(0),
+        release: (_p, _fd, cb) => cb(0),
+        statfs: (_p, cb) => cb(0, {}),
+      } as FuseOps,
+      (m) => errors.push(m),
+    );
+    assert.deepEqual(await call(ops, 'getattr', '/x'), [-E.EIO]);
+    const got: unknown[][] = [];
+    (ops.readdir as (p: string, cb: (...a: unknown[]) => void) => void)('/', (...a) => got.push(a));
+    assert.deepEqual(got, [[0, [], []]]);
+    assert.equal(errors.length, 2);
+    assert.match(errors[0]!, /getattr \/x: boom/);
   });
 });

@@ -12,7 +12,7 @@ import {
   isNoAgentError,
   jobOperation,
   libvirtCheckpointName,
-  libvirtPrefix,
+  legacyPrefix,
   nextCheckpointName,
   ownCheckpointsToDelete,
   reconcileProblem,
@@ -104,14 +104,16 @@ test('incrementalDisks: the qcow2 disks; CHAIN_BROKEN when a named disk is raw o
   assert.throws(() => incrementalDisks([DISKS[2]!]), broken);
 });
 
-test('checkpoint names: own prefix, next name like the engine', () => {
-  assert.equal(libvirtCheckpointName('00aa', 'check3'), 'bkfs-00aa-check3');
-  assert.ok(libvirtCheckpointName('00aa', 'x').startsWith(libvirtPrefix('00aa')));
+test('checkpoint names: after the checkpoint uid, next name like the engine', () => {
+  const uid = '0123456789abcdef0123456789abcdef';
+  assert.equal(libvirtCheckpointName(uid), `bkfs-${uid}`);
+  // Nothing of the repository id: a copy of the repository (same id) never makes the same name.
+  assert.ok(!libvirtCheckpointName(uid).startsWith(legacyPrefix('00aa')));
   assert.equal(nextCheckpointName([]), 'check1');
   assert.equal(nextCheckpointName(['check1', 'nightly', 'check9', 'check10x']), 'check10');
 });
 
-const P = libvirtPrefix('r1');
+const P = legacyPrefix('r1');
 function cp(
   name: string,
   t: number,
@@ -136,21 +138,28 @@ function input(over: Partial<ReconcileInput> = {}): ReconcileInput {
     parent: { name: 'check2', libvirtCheckpoint: `${P}check2`, disks: ['sda', 'sdb', 'sdc'] },
     disks: ['sda', 'sdb'],
     checkpoints: [cp(`${P}check1`, 100, null), cp(`${P}check2`, 200, `${P}check1`)],
-    prefix: P,
+    own: new Set([`${P}check1`, `${P}check2`]),
     ...over,
   };
 }
 
 test('reconcile: agreement', () => {
   assert.equal(reconcileProblem(input()), null);
-  // Our own later checkpoints (an orphan of a killed run, a later inc) and older foreign ones are fine.
+  // Our own later checkpoints (an orphan of a killed run whose row is still 'running', a later
+  // inc) and older foreign ones are fine.
   const cps = [
     cp('other-tool.0', 50, null),
     cp(`${P}check1`, 100, 'other-tool.0'),
     cp(`${P}check2`, 200, `${P}check1`),
     cp(`${P}check3`, 300, `${P}check2`),
   ];
-  assert.equal(reconcileProblem(input({ checkpoints: cps })), null);
+  const own = new Set([`${P}check1`, `${P}check2`, `${P}check3`]);
+  assert.equal(reconcileProblem(input({ checkpoints: cps, own })), null);
+  // The same names made by a copy of the repository (unknown to this one) come after ours.
+  assert.match(
+    reconcileProblem(input({ checkpoints: cps }))!,
+    /checkpoint 'bkfs-r1-check3' of domain 'web' was made by another tool/,
+  );
 });
 
 test('reconcile: the parent has no libvirt checkpoint (taken offline or from images)', () => {
@@ -200,16 +209,16 @@ test('reconcile: a checkpoint made by another tool after ours (newer, or a desce
   // An ancestor is before ours, whatever the clock says.
   const ancestor = [cp('x', 200, null), cp(`${P}check2`, 200, 'x')];
   assert.equal(reconcileProblem(input({ checkpoints: ancestor })), null);
-  // Another bkfs repository is another tool too.
-  const otherRepo = [cp(`${P}check2`, 200, null), cp(`${libvirtPrefix('r2')}check1`, 300, `${P}check2`)];
+  // Another bkfs repository (a copy of this one too) is another tool.
+  const otherRepo = [cp(`${P}check2`, 200, null), cp('bkfs-r2-check1', 300, `${P}check2`)];
   assert.ok(reconcileProblem(input({ checkpoints: otherRepo })));
 });
 
 test('ownCheckpointsToDelete: only this repository, only those not kept', () => {
-  const names = [`${P}check1`, `${P}check2`, `${P}check3`, 'virtnbdbackup.0', `${libvirtPrefix('r2')}check1`];
+  const names = [`${P}check1`, `${P}check2`, `${P}check3`, 'virtnbdbackup.0', `${legacyPrefix('r2')}check1`];
   assert.deepEqual(ownCheckpointsToDelete(names, P, new Set([`${P}check2`])), [`${P}check1`, `${P}check3`]);
   // bkfs-r1- must not match bkfs-r10-...
-  assert.deepEqual(ownCheckpointsToDelete([`${libvirtPrefix('r10')}check1`], P, new Set()), []);
+  assert.deepEqual(ownCheckpointsToDelete([`${legacyPrefix('r10')}check1`], P, new Set()), []);
 });
 
 test('checkConnectUri: local QEMU only', () => {

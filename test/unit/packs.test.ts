@@ -109,3 +109,40 @@ describe('pack writer and reader', () => {
     }
   });
 });
+
+describe('PackReader.close with reads in flight', () => {
+  it('keeps a descriptor open until its reads return, so no read lands in a reused descriptor', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-pack-close-'));
+    try {
+      fs.mkdirSync(path.join(dir, 'tmp'));
+      const w = await PackWriter.create(dir);
+      const data = randomBytes(1 << 20);
+      const c = await w.append(
+        { codec: 0, rawLen: data.length, storedLen: data.length, hash: hashChunk(data) },
+        data,
+      );
+      await w.seal();
+      const other = path.join(dir, 'other');
+      fs.writeFileSync(other, Buffer.alloc(2 << 20, 0x77));
+      for (let round = 0; round < 50; round++) {
+        const r = new PackReader(dir);
+        const reads = [r.read(w.name, c.offset, data.length), r.read(w.name, c.offset, data.length)];
+        r.close(); // while both reads are in flight
+        // Grab descriptors: with the old close() one of them could get the pack's number and the
+        // reads above would return this file's bytes.
+        const fds = [fs.openSync(other, 'r'), fs.openSync(other, 'r')];
+        try {
+          for (const got of await Promise.all(reads)) assert.ok(got.equals(data), `round ${round}`);
+          await r.drain();
+        } finally {
+          for (const fd of fds) fs.closeSync(fd);
+        }
+        // Later reads open the pack again.
+        assert.ok((await r.read(w.name, c.offset, 16)).equals(data.subarray(0, 16)));
+        r.close();
+      }
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

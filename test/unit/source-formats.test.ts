@@ -1,5 +1,6 @@
 /** `--disk NAME=SOURCE` format declarations (pure parsing; the images themselves: guests.test.ts). */
 import { describe, it } from 'node:test';
+import * as path from 'node:path';
 import * as assert from 'node:assert/strict';
 import { ImageSource, NbdUriSource, sourceFor } from '../../src/backup/sources';
 import { externalReferences } from '../../src/backup/qemu';
@@ -19,8 +20,11 @@ describe('declared source formats', () => {
     });
     assert.deepEqual(image(sourceFor('/v/a.img', null, 'raw')), { location: '/v/a.img', declared: 'raw' });
     assert.deepEqual(image(sourceFor('/v/a.img', null)), { location: '/v/a.img', declared: undefined });
-    // A prefix that is no format bkfs reads is part of the path.
-    assert.deepEqual(image(sourceFor('vmdk:/v/a', null)), { location: 'vmdk:/v/a', declared: undefined });
+    // A prefix that is no format bkfs reads is part of the (relative, so resolved) path.
+    assert.deepEqual(image(sourceFor('vmdk:/v/a', null)), {
+      location: path.resolve('vmdk:/v/a'),
+      declared: undefined,
+    });
     assert.ok(sourceFor('nbd+unix:///vda?socket=/run/x.sock', null) instanceof NbdUriSource);
   });
 

@@ -126,7 +126,7 @@ changes since the chain's full; copy is a standalone full that no chain builds o
 possible, otherwise full.
 
 libvirt: one pull-mode backup job covers all disks at one instant; each checkpoint creates a libvirt
-checkpoint bkfs-<repo id>-<checkpoint>. cdrom, read-only and shareable disks are skipped; raw disks
+checkpoint bkfs-<checkpoint uid>. cdrom, read-only and shareable disks are skipped; raw disks
 only in full/copy. A shut-off domain gets a full (or copy) from its images.
 
 Image formats: declare them (NAME=raw:IMAGE, NAME=qcow2:IMAGE or --format). An undeclared image is

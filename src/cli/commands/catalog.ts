@@ -2,7 +2,7 @@ import type { Command } from 'commander';
 import type { CheckpointRow } from '../../index/catalog';
 import type { Repository } from '../../repo/repository';
 import { bytes, duration, localTime } from '../../util/format';
-import { out, table, withRepo } from '../context';
+import { out, table, withReader } from '../context';
 import { printJson } from '../json';
 
 type Catalog = typeof import('../../index/catalog');
@@ -58,7 +58,7 @@ Examples:
     .action(async (vmName: string | undefined, opts: { json?: boolean }, cmd: Command) => {
       const cat = await import('../../index/catalog');
       const { getVm, listVms, listCheckpoints } = cat;
-      await withRepo(cmd, (repo) => {
+      await withReader(cmd, (repo) => {
         const vms = vmName ? [getVm(repo.db, vmName)] : listVms(repo.db);
         const rows = vms.flatMap((vm) =>
           listCheckpoints(repo.db, vm.id).map((cp) => describe(cat, repo, vm.name, cp)),
@@ -118,7 +118,7 @@ Examples:
     .action(async (ref: string, opts: { json?: boolean }, cmd: Command) => {
       const cat = await import('../../index/catalog');
       const { resolveRef, getConfigs } = cat;
-      await withRepo(cmd, (repo) => {
+      await withReader(cmd, (repo) => {
         const { vm, checkpoint } = resolveRef(repo.db, ref);
         const d = describe(cat, repo, vm.name, checkpoint);
         const configs = getConfigs(repo.db, checkpoint.id).map((c) => ({

@@ -12,7 +12,7 @@ import type { FilesOptions, Overview } from '../../files/ops';
 import type { ListEntry, SessionStats } from '../../files/session';
 import { modeString, type DiffItem, type FileEntry } from '../../files/tree';
 import { bytes } from '../../util/format';
-import { interruptSignal, note, out, table, withRepo } from '../context';
+import { interruptSignal, note, out, table, withReader } from '../context';
 import { printJson } from '../json';
 
 interface EngineCliOptions {
@@ -196,7 +196,7 @@ export async function mountFilesAction(
     throw new BkfsError('USAGE', `--engine must be auto, guestfs or kernel, got '${engine}'`);
   }
   const { mountFiles } = await import('../../files/fsmount');
-  await withRepo(cmd, async (repo) => {
+  await withReader(cmd, async (repo) => {
     const s = await mountFiles(repo, {
       dir,
       ref,
@@ -271,7 +271,7 @@ ${ENGINE_HELP}`,
       async (address: string, opts: EngineCliOptions & { long?: boolean; json?: boolean }, cmd: Command) => {
         const { overview, listFiles } = await import('../../files/ops');
         await withInterrupt((signal) =>
-          withRepo(cmd, async (repo) => {
+          withReader(cmd, async (repo) => {
             const fo = filesOptions(opts, signal);
             if (!address.includes(':')) {
               const o = await overview(repo, address, fo);
@@ -328,7 +328,7 @@ ${ENGINE_HELP}`,
       ) => {
         const { copyOut } = await import('../../files/ops');
         await withInterrupt((signal) =>
-          withRepo(cmd, async (repo) => {
+          withReader(cmd, async (repo) => {
             const r = await copyOut(
               repo,
               source,
@@ -363,7 +363,7 @@ ${ENGINE_HELP}`,
     .action(async (address: string, opts: EngineCliOptions, cmd: Command) => {
       const { catFile } = await import('../../files/ops');
       await withInterrupt((signal) =>
-        withRepo(cmd, async (repo) => {
+        withReader(cmd, async (repo) => {
           try {
             await catFile(repo, address, new StdoutFd(), filesOptions(opts, signal));
           } catch (e) {
@@ -409,7 +409,7 @@ ${ENGINE_HELP}`,
       ) => {
         const { findFiles } = await import('../../files/ops');
         await withInterrupt((signal) =>
-          withRepo(cmd, async (repo) => {
+          withReader(cmd, async (repo) => {
             const r = await findFiles(repo, scope, pattern, {
               ...filesOptions(opts, signal),
               ignoreCase: opts.ignoreCase ?? false,
@@ -477,7 +477,7 @@ ${ENGINE_HELP}`,
         }
         const { diffCheckpoints } = await import('../../files/ops');
         await withInterrupt((signal) =>
-          withRepo(cmd, async (repo) => {
+          withReader(cmd, async (repo) => {
             const r = await diffCheckpoints(repo, from, to, guestPath, {
               ...filesOptions(opts, signal),
               checksum: opts.checksum ?? false,

@@ -12,7 +12,7 @@ import type { RetentionPolicy } from '../../repo/retention';
 import type { Repository } from '../../repo/repository';
 import { bytes, localTime, ratio } from '../../util/format';
 import { ProgressBar } from '../progress';
-import { note, out, parseIntOption, repoPath, retryLocked, table, withRepo } from '../context';
+import { note, out, parseIntOption, repoPath, retryLocked, table, withReader, withRepo } from '../context';
 import { printJson } from '../json';
 
 interface ForgetCli {
@@ -72,17 +72,43 @@ function printGc(r: GcReport): void {
   }
   out(`chunks: ${r.chunksRemoved} unused (${bytes(r.chunkBytesRemoved)} stored)`);
   out(
-    `packs: ${r.packsDeleted} deleted, ${r.packsRewritten} rewritten into ${r.dryRun ? '?' : r.packsWritten} (${bytes(r.bytesCopied)} copied)` +
+    `packs: ${r.packsDeleted} deleted, ${r.packsRewritten} rewritten into ${r.packsWritten} (${bytes(r.bytesCopied)} copied${r.packsSmallMerged ? `, ${r.packsSmallMerged} of them small packs merged` : ''})` +
       (r.packsKeptForReaders ? `, ${r.packsKeptForReaders} kept while readers use them` : '') +
       (r.packsKeptDamaged ? `, ${r.packsKeptDamaged} kept because they hold damaged chunks` : '') +
       (r.orphansRemoved ? `, ${r.orphansRemoved} left by a crash removed` : ''),
   );
+  if (r.packsKeptUnused) {
+    out(
+      `${r.packsKeptUnused} pack(s) keep ${bytes(r.bytesKeptUnused)} unused, within --max-unused ${pct(r.maxUnused)}: not worth a rewrite`,
+    );
+  }
   if (r.extentsHealed) out(`healed ${r.extentsHealed} extent(s) of damaged chunks`);
   if (r.packsPending)
     out(`${r.packsPending} old pack(s) (${bytes(r.bytesPending)}) wait for readers to finish`);
   out(
     `${verb} ${bytes(r.bytesFreed)}; packs now ${bytes(r.bytesAfter)}${r.dryRun ? ' (dry run: nothing changed)' : ''}`,
   );
+}
+
+function pct(f: number): string {
+  return `${Math.round(f * 1000) / 10} %`;
+}
+
+/**
+ * Default of `gc --max-unused`: DEFAULT_MAX_UNUSED of src/repo/gc.ts, written out so that `--help`
+ * does not load gc (test/unit/gc-select.test.ts checks they agree).
+ */
+export const DEFAULT_MAX_UNUSED_OPTION = '5%';
+
+/** `--max-unused`: a percentage ('20', '20%', '2.5%') or 'unlimited'; returns a fraction. */
+export function parseMaxUnused(v: string): number {
+  if (v === 'unlimited') return 1;
+  const m = /^(\d+(?:\.\d+)?)\s*%?$/.exec(v.trim());
+  const n = m ? Number(m[1]) : NaN;
+  if (!(n >= 0 && n <= 100)) {
+    throw new BkfsError('USAGE', `--max-unused takes a percentage from 0 to 100 or 'unlimited', got '${v}'`);
+  }
+  return n / 100;
 }
 
 function count(name: string, v: string | undefined): number | undefined {
@@ -209,10 +235,21 @@ Examples:
     .alias('prune')
     .description('delete data that no checkpoint uses and compact packs (takes the writer lock)')
     .option('-n, --dry-run', 'show what would be freed; change nothing')
+    .option(
+      '--max-unused <percent>',
+      `leave at most this share of the packs unused, rewriting the emptiest first (0: rewrite every pack with unused bytes; 'unlimited': none)`,
+      DEFAULT_MAX_UNUSED_OPTION,
+    )
+    .option('--repack-small', 'also merge small packs (under 80 % of the 64 MiB target) into full ones')
     .option('--json', 'machine-readable output')
     .addHelpText(
       'after',
       `
+Packs without any used chunk are always deleted. Partly unused packs are rewritten (their used
+chunks copied into new packs), the emptiest first, only until what stays unused is within
+--max-unused of the packs' size (as restic's prune): rewriting a 64 MiB pack to free a few KiB
+costs more than it saves.
+
 gc holds the repository's writer lock: a backup started meanwhile fails with exit code 7
 (REPO_LOCKED), and gc fails the same way while a backup runs. Mounts and restores keep working:
 whatever their checkpoints use is kept, and packs they may be reading are only rewritten or
@@ -221,31 +258,40 @@ deleted once they are done (a later gc finishes the job).
 Examples:
   bkfs gc --dry-run
   bkfs gc
+  bkfs gc --max-unused 0 --repack-small
   bkfs --retry-lock 10m gc --json`,
     )
-    .action(async (opts: { dryRun?: boolean; json?: boolean }, cmd: Command) => {
-      const { runGc } = await import('../../repo/gc');
-      const bar = new ProgressBar('gc');
-      try {
-        const r = await retryLocked(cmd, () =>
-          withRepo(cmd, (repo) =>
-            runGc(repo, {
-              ...(opts.dryRun ? { dryRun: true } : {}),
-              onProgress: (d, t) => bar.update(d, t),
-              onNotice: (m) => {
-                bar.done();
-                note(m);
-              },
-            }),
-          ),
-        );
-        bar.done();
-        if (opts.json) printJson(r);
-        else printGc(r);
-      } finally {
-        bar.done();
-      }
-    });
+    .action(
+      async (
+        opts: { dryRun?: boolean; json?: boolean; maxUnused: string; repackSmall?: boolean },
+        cmd: Command,
+      ) => {
+        const maxUnused = parseMaxUnused(opts.maxUnused);
+        const { runGc } = await import('../../repo/gc');
+        const bar = new ProgressBar('gc');
+        try {
+          const r = await retryLocked(cmd, () =>
+            withRepo(cmd, (repo) =>
+              runGc(repo, {
+                ...(opts.dryRun ? { dryRun: true } : {}),
+                maxUnused,
+                ...(opts.repackSmall ? { repackSmall: true } : {}),
+                onProgress: (d, t) => bar.update(d, t),
+                onNotice: (m) => {
+                  bar.done();
+                  note(m);
+                },
+              }),
+            ),
+          );
+          bar.done();
+          if (opts.json) printJson(r);
+          else printGc(r);
+        } finally {
+          bar.done();
+        }
+      },
+    );
 
   program
     .command('repair')
@@ -317,7 +363,7 @@ Examples:
     )
     .action(async (vm: string | undefined, opts: { json?: boolean }, cmd: Command) => {
       const { repositoryStats } = await import('../../repo/stats');
-      await withRepo(cmd, (repo) => {
+      await withReader(cmd, (repo) => {
         if (vm !== undefined && !repo.db.prepare('SELECT 1 FROM vms WHERE name = ?').get(vm)) {
           throw new BkfsError('NOT_FOUND', `no VM named '${vm}' in this repository`);
         }

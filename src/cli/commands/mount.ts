@@ -13,7 +13,7 @@ import { BkfsError, errorMessage, isBkfsError } from '../../errors';
 import { parseCheckpointRef, resolveRef } from '../../index/catalog';
 import { bytes } from '../../util/format';
 import type { MountedInfo } from '../../fuse/daemon';
-import { note, out, repoPath, withRepo } from '../context';
+import { note, out, repoPath, withReader } from '../context';
 import { printJson } from '../json';
 
 /**
@@ -194,7 +194,7 @@ Examples:
         return;
       }
       // Check what can be checked here, so errors come with their own exit codes at once.
-      await withRepo(cmd, (repo) => {
+      await withReader(cmd, (repo) => {
         if (ref !== undefined) resolveRef(repo.db, ref);
       });
       await prepareMountpoint(mountpoint, note);

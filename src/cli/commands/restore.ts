@@ -3,7 +3,7 @@ import { BkfsError } from '../../errors';
 import type { FileFormat, RestoreResult } from '../../restore/engine';
 import type { ExportResult } from '../../restore/export';
 import { bytes, duration, rate } from '../../util/format';
-import { out, parseIntOption, withLongJob, withRepo } from '../context';
+import { out, parseIntOption, withLongJob, withReader } from '../context';
 import { printJson } from '../json';
 
 interface RestoreCliOptions {
@@ -11,6 +11,7 @@ interface RestoreCliOptions {
   disk?: string;
   format?: string;
   since?: string;
+  verifyTarget?: boolean;
   force?: boolean;
   define?: string;
   concurrency?: string;
@@ -73,6 +74,10 @@ export function registerRestore(program: Command): void {
     .option('-d, --disk <name>', 'restore only this disk (then --to is a file or an NBD URI)')
     .option('-f, --format <format>', 'raw (sparse) or qcow2 (default: raw, or qcow2 for a FILE.qcow2)')
     .option('--since <ref>', 'the target already holds VM@CHECKPOINT: write only what differs')
+    .option(
+      '--verify-target',
+      'with --since: compare the target in full with that checkpoint instead of trusting its restore marker',
+    )
     .option('--force', 'replace existing target files (and an existing libvirt domain with --define)')
     .option('--define <name>', 'define the restored VM in libvirt under this name (needs a saved domain.xml)')
     .option('--concurrency <n>', 'writes in flight (default 8)')
@@ -85,6 +90,11 @@ Without --disk, every disk is written to DIR/<disk>.raw (or .qcow2) together wit
 configuration files; a saved libvirt domain.xml is rewritten to use the restored files
 (DIR/domain.xml; the saved one is DIR/domain.orig.xml). Files are written as FILE.bkfs-partial and
 renamed when complete. Every chunk is checked against its BLAKE3 hash as it is read.
+
+Each restored file gets a marker FILE.bkfs-restore.json (checkpoint, block-map digest, the file's
+size/mtime/ctime/inode). --since writes only the differences, so it needs proof that the target
+holds that checkpoint unchanged: the marker, or a full comparison with --verify-target (the only
+way for an NBD target). A file modified since (e.g. a VM booted from it) is refused (exit 26).
 
 Examples:
   bkfs restore web@check3 --to /srv/restore/web
@@ -106,13 +116,14 @@ Examples:
       const mode = opts.mode !== undefined ? parseInt(opts.mode, 8) : undefined;
       const { runRestore } = await import('../../restore/engine');
       const res = await withLongJob(`restore ${ref}`, (job) =>
-        withRepo(cmd, (repo) =>
+        withReader(cmd, (repo) =>
           runRestore(repo, {
             ref,
             to: opts.to,
             ...(opts.disk !== undefined ? { disk: opts.disk } : {}),
             ...(opts.format !== undefined ? { format: opts.format as FileFormat } : {}),
             ...(opts.since !== undefined ? { since: opts.since } : {}),
+            ...(opts.verifyTarget ? { verifyTarget: true } : {}),
             ...(opts.define !== undefined ? { define: opts.define } : {}),
             ...(concurrency !== undefined ? { concurrency } : {}),
             ...(mode !== undefined ? { mode } : {}),
@@ -150,7 +161,7 @@ Examples:
       }
       const { runExport } = await import('../../restore/export');
       const res = await withLongJob(`export ${ref}`, (job) =>
-        withRepo(cmd, (repo) =>
+        withReader(cmd, (repo) =>
           runExport(repo, {
             ref,
             to: opts.to,

@@ -3,7 +3,7 @@ import { BkfsError } from '../../errors';
 import type { SourceDiff } from '../../repo/verify';
 import { bytes } from '../../util/format';
 import { ProgressBar } from '../progress';
-import { out, retryLocked, withRepo } from '../context';
+import { out, repoPath, retryLocked, withRepo } from '../context';
 import { printJson } from '../json';
 
 export function registerVerify(program: Command): void {
@@ -27,8 +27,10 @@ export function registerVerify(program: Command): void {
 Damaged chunks are reported with every checkpoint and disk range that uses them, and marked in the
 index: 'bkfs list' shows those checkpoints as DAMAGED, and the next backup that reads the same data
 stores it again and heals them. Marking needs the writer lock: verify fails with exit code 7
-(REPO_LOCKED) while a backup, forget or gc runs (see --retry-lock), unless --read-only. Exit code
-16 when anything is damaged or differs from its source.
+(REPO_LOCKED) while a backup, forget or gc runs (see --retry-lock), unless --read-only (or this
+user may not write the repository: then it only reads). Exit code 16 when anything is damaged or
+differs from its source; with --source, exit code 24 when a source image no longer exists (and
+nothing is damaged).
 
 Examples:
   bkfs verify
@@ -44,6 +46,7 @@ Examples:
       ) => {
         const { getCheckpoint, getVm, listVms, parseCheckpointRef } = await import('../../index/catalog');
         const { compareWithSources, selectCheckpoints, verifyRepository } = await import('../../repo/verify');
+        const { canWriteRepository } = await import('../../repo/repository');
         const sel: { vm?: string; checkpoint?: string } = ref ? parseCheckpointRef(ref) : {};
         const sample = opts.sample === undefined ? undefined : Number(opts.sample);
         if (sample !== undefined && !(sample > 0 && sample <= 100)) {
@@ -51,39 +54,44 @@ Examples:
         }
         const bar = new ProgressBar('verify');
         let sources: SourceDiff[] | undefined;
-        const rep = await withRepo(cmd, async (repo) => {
-          // Recording damage takes the writer lock: --retry-lock applies.
-          const r = await retryLocked(cmd, () =>
-            verifyRepository(repo, {
-              ...(sel.vm !== undefined ? { vm: sel.vm } : {}),
-              ...(ref?.includes('@') && sel.checkpoint === undefined ? { checkpoint: 'latest' } : {}),
-              ...(sel.checkpoint !== undefined ? { checkpoint: sel.checkpoint } : {}),
-              ...(sample !== undefined ? { samplePercent: sample } : {}),
-              ...(opts.readOnly ? { markDamaged: false } : {}),
-              onProgress: (d, t) => bar.update(d, t),
-            }),
-          );
-          bar.done();
-          if (opts.source) {
-            // An explicit checkpoint, else the latest of each selected VM.
-            const which =
-              sel.vm === undefined
-                ? listVms(repo.db).flatMap((v) => {
-                    try {
-                      return [{ vm: v.name, cp: getCheckpoint(repo.db, v) }];
-                    } catch {
-                      return [];
-                    }
-                  })
-                : sel.checkpoint !== undefined
-                  ? selectCheckpoints(repo, { vm: sel.vm, checkpoint: sel.checkpoint })
-                  : [{ vm: sel.vm, cp: getCheckpoint(repo.db, getVm(repo.db, sel.vm)) }];
-            const sbar = new ProgressBar('compare');
-            sources = await compareWithSources(repo, which, (d, t) => sbar.update(d, t));
-            sbar.done();
-          }
-          return r;
-        });
+        // Heals what it finds when this user may write the repository; reads only otherwise.
+        // Recording damage takes the writer lock: --retry-lock applies.
+        const rep = await withRepo(
+          cmd,
+          async (repo) => {
+            const r = await retryLocked(cmd, () =>
+              verifyRepository(repo, {
+                ...(sel.vm !== undefined ? { vm: sel.vm } : {}),
+                ...(ref?.includes('@') && sel.checkpoint === undefined ? { checkpoint: 'latest' } : {}),
+                ...(sel.checkpoint !== undefined ? { checkpoint: sel.checkpoint } : {}),
+                ...(sample !== undefined ? { samplePercent: sample } : {}),
+                ...(opts.readOnly ? { markDamaged: false } : {}),
+                onProgress: (d, t) => bar.update(d, t),
+              }),
+            );
+            bar.done();
+            if (opts.source) {
+              // An explicit checkpoint, else the latest of each selected VM.
+              const which =
+                sel.vm === undefined
+                  ? listVms(repo.db).flatMap((v) => {
+                      try {
+                        return [{ vm: v.name, cp: getCheckpoint(repo.db, v) }];
+                      } catch {
+                        return [];
+                      }
+                    })
+                  : sel.checkpoint !== undefined
+                    ? selectCheckpoints(repo, { vm: sel.vm, checkpoint: sel.checkpoint })
+                    : [{ vm: sel.vm, cp: getCheckpoint(repo.db, getVm(repo.db, sel.vm)) }];
+              const sbar = new ProgressBar('compare');
+              sources = await compareWithSources(repo, which, (d, t) => sbar.update(d, t));
+              sbar.done();
+            }
+            return r;
+          },
+          { readOnly: opts.readOnly === true || !canWriteRepository(repoPath(cmd)) },
+        );
         bar.done();
         const differing = (sources ?? []).filter((s) => s.status === 'differs');
         if (opts.json) {
@@ -102,6 +110,7 @@ Examples:
           for (const s of sources ?? []) {
             const what = `source ${s.vm}@${s.checkpoint} ${s.disk} (${s.source ?? '-'})`;
             if (s.status === 'skipped') out(`${what}: skipped, ${s.reason ?? ''}`);
+            else if (s.status === 'gone') out(`${what}: GONE, ${s.reason ?? ''}`);
             else if (s.status === 'same') out(`${what}: identical (${bytes(s.bytesCompared)})`);
             else {
               out(
@@ -119,6 +128,15 @@ Examples:
             ...(sources ? [`${differing.length} disk(s) differing from their source`] : []),
           ];
           throw new BkfsError('VERIFY_FAILED', `verify found ${parts.join(', ')}`);
+        }
+        const gone = (sources ?? []).filter((s) => s.status === 'gone');
+        if (gone.length > 0) {
+          // Asked to compare with the source, and could not: not a success.
+          const g = gone[0]!;
+          throw new BkfsError(
+            'SOURCE_GONE',
+            `the source of ${g.vm}@${g.checkpoint} ${g.disk} (${g.source ?? '-'}) no longer exists${gone.length > 1 ? ` (and ${gone.length - 1} more disk(s))` : ''}; no damage found otherwise`,
+          );
         }
         if (!opts.json) out('no damage found');
       },

@@ -1,0 +1,134 @@
+/**
+ * bkfs' NBD server (src/nbd/server.ts) and the copy-on-write overlay (src/nbd/exports.ts) against
+ * bkfs' own NBD client over a real Unix socket, with real overlay files: structured replies,
+ * base:allocation extents, unaligned writes completed from the base, zeroes/trim, FUA/flush making
+ * the bitmap durable, reopen, and refusal of an overlay that belongs to another disk.
+ */
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { NbdServer, parseListen, formatListen, type NbdExport } from '../../src/nbd/server';
+import { CowOverlay, OVERLAY_BLOCK } from '../../src/nbd/exports';
+import { NbdClient } from '../../src/nbd/client';
+import * as P from '../../src/nbd/protocol';
+import { isBkfsError } from '../../src/errors';
+import { randomBuffer } from '../helpers/images';
+
+let dir: string;
+before(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-nbd-server-'));
+});
+after(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+/** An in-memory base: data in [0, 1 MiB), a zero extent [1, 2) MiB, a hole after. */
+function base(data: Buffer): NbdExport {
+  const MiB = 1 << 20;
+  return {
+    size: data.length,
+    readAt: async (o, l) => Buffer.from(data.subarray(o, o + l)),
+    blockStatus: async (o) => {
+      if (o < MiB) return [{ length: MiB - o, flags: 0 }];
+      if (o < 2 * MiB) return [{ length: 2 * MiB - o, flags: P.NBD_STATE_ZERO }];
+      return [{ length: data.length - o, flags: P.NBD_STATE_HOLE | P.NBD_STATE_ZERO }];
+    },
+  };
+}
+
+describe('NBD server', () => {
+  it('parses listen addresses', () => {
+    assert.deepEqual(parseListen('unix:/a/b.sock'), { unix: '/a/b.sock' });
+    assert.deepEqual(parseListen('tcp:127.0.0.1:10809'), { host: '127.0.0.1', port: 10809 });
+    assert.deepEqual(parseListen('tcp:[::1]:99'), { host: '::1', port: 99 });
+    assert.equal(parseListen('tcp:host'), null);
+    assert.equal(parseListen('nbd://x'), null);
+    assert.equal(formatListen({ host: '::1', port: 99 }), 'tcp:[::1]:99');
+  });
+
+  it('serves block status and reads; a writable overlay keeps the base untouched', async () => {
+    const MiB = 1 << 20;
+    const data = Buffer.alloc(4 * MiB);
+    randomBuffer(7, MiB).copy(data, 0);
+    const original = Buffer.from(data);
+    const ovDir = path.join(dir, 'ov');
+    const id = { vm: 'web', checkpoint: 'c1', disk: 'vda', size: data.length };
+    const ov = await CowOverlay.open(ovDir, id, base(data));
+    const sock = path.join(dir, 's.sock');
+    const server = await NbdServer.listen({ unix: sock }, new Map([['vda', ov as NbdExport]]));
+    try {
+      const c = await NbdClient.connect(
+        { socket: sock, exportName: 'vda' },
+        { metaContexts: ['base:allocation'] },
+      );
+      try {
+        assert.equal(c.readOnly, false);
+        const ext = await c.blockStatus('base:allocation', 0, data.length);
+        assert.deepEqual(
+          ext.map((e) => [e.offset, e.length, e.flags]),
+          [
+            [0, MiB, 0],
+            [MiB, MiB, 2],
+            [2 * MiB, 2 * MiB, 3],
+          ],
+        );
+        // Unaligned write across a block boundary, into the hole.
+        const w = randomBuffer(8, 5000);
+        await c.write(2 * MiB + 3000, w, { fua: true });
+        const expected = Buffer.from(original);
+        w.copy(expected, 2 * MiB + 3000);
+        // Unaligned write inside data: the rest of the block comes from the base.
+        await c.write(100, Buffer.from('hello'));
+        Buffer.from('hello').copy(expected, 100);
+        await c.writeZeroes(MiB / 2, 10000);
+        expected.fill(0, MiB / 2, MiB / 2 + 10000);
+        await c.trim(OVERLAY_BLOCK * 10 + 1, OVERLAY_BLOCK * 3); // whole blocks 11, 12 only
+        expected.fill(0, OVERLAY_BLOCK * 11, OVERLAY_BLOCK * 13);
+        await c.flush();
+        assert.deepEqual(await c.read(0, data.length), expected);
+        const after = await c.blockStatus('base:allocation', 2 * MiB, 2 * MiB);
+        assert.equal(after[0]!.flags, 0, 'written blocks are data');
+        assert.equal(after[0]!.length, 2 * OVERLAY_BLOCK);
+        assert.deepEqual(data, original, 'the base was never written');
+        // The bitmap on disk (after flush) already lists the written blocks.
+        const map = fs.readFileSync(path.join(ovDir, 'vda.map'));
+        assert.ok(map[0]! & 1, 'block 0');
+        assert.equal(fs.statSync(path.join(ovDir, 'vda.cow')).mode & 0o777, 0o600);
+      } finally {
+        await c.close();
+      }
+    } finally {
+      await server.close();
+      await ov.close();
+    }
+    // Reopened: same contents.
+    const again = await CowOverlay.open(ovDir, id, base(data));
+    try {
+      const r = await again.readAt(0, 200);
+      assert.equal(r.subarray(100, 105).toString(), 'hello');
+    } finally {
+      await again.close();
+    }
+    await assert.rejects(
+      CowOverlay.open(ovDir, { ...id, checkpoint: 'c2' }, base(data)),
+      (e: unknown) => isBkfsError(e) && e.code === 'TARGET_MISMATCH',
+    );
+  });
+
+  it('a read-only export refuses writes with EPERM, and block status needs the context', async () => {
+    const data = randomBuffer(9, 1 << 20);
+    const sock = path.join(dir, 'ro.sock');
+    const server = await NbdServer.listen({ unix: sock }, new Map([['d', base(data)]]));
+    try {
+      const c = await NbdClient.connect({ socket: sock, exportName: 'd' });
+      try {
+        assert.ok(c.readOnly);
+        assert.deepEqual(await c.read(4096, 65536), data.subarray(4096, 4096 + 65536));
+      } finally {
+        await c.close();
+      }
+    } finally {
+      await server.close();
+    }
+  });
+});
