@@ -28,6 +28,7 @@ import { BkfsError } from '../errors';
 import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
 import { processAlive } from '../util/proc';
+import { makeDirs, onUserPath } from '../util/userpath';
 import { finishForgetJournals, removeManifest } from './manifest';
 
 export const REPO_MAGIC = 'bkfs-repository';
@@ -99,12 +100,14 @@ export class Repository {
     if (fs.existsSync(path.join(dir, CONFIG_FILE))) {
       throw new BkfsError('REPO_EXISTS', `a bkfs repository already exists at ${dir}`);
     }
-    if (fs.existsSync(dir) && fs.readdirSync(dir).length > 0) {
+    // One level at a time (makeDirs): Node's recursive mkdir loops forever under /proc.
+    makeDirs(dir, 'repository');
+    if (onUserPath('repository', dir, () => fs.readdirSync(dir)).length > 0) {
       throw new BkfsError('REPO_EXISTS', `${dir} is not empty; choose an empty or new directory`);
     }
-    fs.mkdirSync(path.join(dir, 'packs'), { recursive: true });
-    fs.mkdirSync(path.join(dir, 'tmp'), { recursive: true });
-    fs.mkdirSync(path.join(dir, 'manifests'), { recursive: true });
+    onUserPath('repository', dir, () => {
+      for (const sub of ['packs', 'tmp', 'manifests']) fs.mkdirSync(path.join(dir, sub), { mode: 0o700 });
+    });
     const config: RepoConfig = {
       magic: REPO_MAGIC,
       format: FORMAT_VERSION,
