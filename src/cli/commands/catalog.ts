@@ -6,9 +6,11 @@ import {
   getVm,
   listCheckpoints,
   listVms,
+  parseCheckpointRef,
   resolveRef,
   type CheckpointRow,
 } from '../../index/catalog';
+import { BkfsError } from '../../errors';
 import type { Repository } from '../../repo/repository';
 import { bytes, duration } from '../../util/format';
 import { out, table, withRepo } from '../context';
@@ -50,6 +52,9 @@ export function registerCatalog(program: Command): void {
     .option('--json', 'machine-readable output')
     .action(async (vmName: string | undefined, opts: { json?: boolean }, cmd: Command) => {
       await withRepo(cmd, (repo) => {
+        if (vmName !== undefined && (parseCheckpointRef(vmName), vmName.includes('@'))) {
+          throw new BkfsError('USAGE', `list takes a VM name, got '${vmName}' (see one checkpoint with 'bkfs info')`);
+        }
         const vms = vmName ? [getVm(repo.db, vmName)] : listVms(repo.db);
         const rows = vms.flatMap((vm) =>
           listCheckpoints(repo.db, vm.id).map((cp) => describe(repo, vm.name, cp)),
