@@ -8,6 +8,7 @@ import * as path from 'node:path';
 import { Command, CommanderError } from 'commander';
 import { BkfsError, errorMessage } from '../errors';
 import { EXIT_CODES, EXIT_INTERNAL } from './exit-codes';
+import { codedFsError } from '../util/userpath';
 import { registerBackup } from './commands/backup';
 import { registerCatalog } from './commands/catalog';
 import { registerInit } from './commands/init';
@@ -64,7 +65,8 @@ export async function main(argv: string[]): Promise<void> {
   const program = buildProgram();
   try {
     await program.parseAsync(argv);
-  } catch (e) {
+  } catch (raw) {
+    const e = codedFsError(raw); // a raw EACCES/ENOTDIR/... on a user's path: coded, not exit 1
     process.exitCode = exitCodeFor(e);
     if (e instanceof CommanderError) return; // commander already printed
     process.stderr.write(`bkfs: ${errorMessage(e)}\n`);

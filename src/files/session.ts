@@ -51,6 +51,7 @@ import { KernelEngine } from './kernel';
 import { NbdExportServer, type NbdExport } from './nbd-server';
 import { resolveInRoot, type EntryKind, type ResolveOps } from './resolve';
 import type { FileEntry } from './tree';
+import { userPathError } from '../util/userpath';
 import {
   discoverVolumes,
   findVolume,
@@ -551,6 +552,9 @@ export class FilesSession {
         await r.engine.copyTree(r.path, tmp);
         await fsp.rename(tmp, plan.final);
       }
+    } catch (e) {
+      // Name the user's destination, not the temporary sibling (`.name.bkfs-…`).
+      throw userPathError(e, 'cannot write', plan.final);
     } finally {
       await fsp.rm(tmp, { recursive: true, force: true });
     }

@@ -29,6 +29,7 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { BkfsError, isBkfsError } from '../errors';
+import { makeDirs } from '../util/userpath';
 import type { Repository } from '../repo/repository';
 import { pinCheckpoints } from '../repo/pins';
 import { CheckpointReader, type PageExtent } from '../chain/reader';
@@ -529,11 +530,8 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
     }
   }
   if (dir !== null) {
-    try {
-      await fsp.mkdir(dir, { recursive: true });
-    } catch (e) {
-      throw new BkfsError('TARGET_INVALID', `cannot create directory ${dir}: ${(e as Error).message}`);
-    }
+    // One level at a time (makeDirs): Node's recursive mkdir loops forever under /proc.
+    makeDirs(dir, 'restore target');
   }
 
   const pin = pinCheckpoints(repo, [reader.checkpoint.id, ...(since ? [since.cp.id] : [])]);

@@ -22,6 +22,7 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { BkfsError } from '../errors';
+import { makeDirs } from '../util/userpath';
 import type { Repository } from '../repo/repository';
 import { pinCheckpoints } from '../repo/pins';
 import { CheckpointReader } from '../chain/reader';
@@ -150,11 +151,8 @@ export async function runExport(repo: Repository, o: ExportOptions): Promise<Exp
       if (fs.existsSync(f)) throw new BkfsError('TARGET_EXISTS', `${f} exists (use --force to replace it)`);
     }
   }
-  try {
-    for (const name of plans.keys()) await fsp.mkdir(path.join(o.to, name), { recursive: true });
-  } catch (e) {
-    throw new BkfsError('TARGET_INVALID', `cannot create ${o.to}: ${(e as Error).message}`);
-  }
+  // One level at a time (makeDirs): Node's recursive mkdir loops forever under /proc.
+  for (const name of plans.keys()) makeDirs(path.join(o.to, name), 'export target');
 
   const pin = pinCheckpoints(
     repo,

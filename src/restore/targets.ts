@@ -23,6 +23,7 @@ import { BkfsError, errorMessage, isBkfsError } from '../errors';
 import { NbdClient, describeNbdTarget, parseNbdUri } from '../nbd/client';
 import { QemuNbd } from '../backup/qemu';
 import { run } from '../util/proc';
+import { errnoCode, userPathError } from '../util/userpath';
 
 export const PARTIAL_SUFFIX = '.bkfs-partial';
 
@@ -63,18 +64,14 @@ export async function detectImageFormat(file: string): Promise<'qcow2' | 'raw'> 
 }
 
 function targetError(file: string, e: unknown): BkfsError {
-  const code = (e as NodeJS.ErrnoException).code;
-  const why =
-    code === 'ENOENT'
-      ? 'its directory does not exist'
-      : code === 'EACCES' || code === 'EPERM'
-        ? 'permission denied'
-        : code === 'EROFS'
-          ? 'read-only filesystem'
-          : code === 'EISDIR'
-            ? 'it is a directory'
-            : errorMessage(e);
-  return new BkfsError('TARGET_INVALID', `cannot write ${file}: ${why}`);
+  if (e instanceof BkfsError) return e;
+  if (errnoCode(e) === 'ENOENT') {
+    return new BkfsError('TARGET_INVALID', `cannot write ${file}: its directory does not exist`);
+  }
+  // Permission (EACCES/EPERM/EROFS) -> PERMISSION_DENIED; not a directory, no space... -> TARGET_INVALID.
+  const mapped = userPathError(e, 'cannot write', file);
+  if (mapped instanceof BkfsError) return mapped;
+  return new BkfsError('TARGET_INVALID', `cannot write ${file}: ${errorMessage(e)}`);
 }
 
 /**

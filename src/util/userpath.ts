@@ -162,3 +162,23 @@ export function makeDirs(dir: string, what: string, mode = 0o700): string[] {
 export function makeDirsAsync(dir: string, what: string, mode = 0o700): Promise<string[]> {
   return Promise.resolve().then(() => makeDirs(dir, what, mode));
 }
+
+/**
+ * The CLI's last resort: an expected filesystem error that no boundary wrapped (a raw
+ * `EACCES: permission denied, open '...'`) becomes a coded one-line error naming its path, so exit
+ * code 1 stays reserved for bugs. Other values are returned unchanged.
+ */
+export function codedFsError(e: unknown): unknown {
+  if (e instanceof BkfsError || !isUserPathErrno(e)) return e;
+  const err = e as NodeJS.ErrnoException & { dest?: unknown };
+  const what = err.syscall ? `cannot ${err.syscall}` : 'cannot use';
+  if (typeof err.path === 'string') {
+    const dest = typeof err.dest === 'string' ? ` -> ${err.dest}` : '';
+    return userPathError(e, what, `${err.path}${dest}`);
+  }
+  const mapped = userPathError(e, 'filesystem error:', '');
+  if (mapped instanceof BkfsError) {
+    return new BkfsError(mapped.code, mapped.message.replace('filesystem error: : ', 'filesystem error: '));
+  }
+  return e;
+}

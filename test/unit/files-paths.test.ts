@@ -188,6 +188,18 @@ describe('cp destinations', () => {
     });
   });
 
+  it('takes a trailing slash to mean an existing directory (issue 17.6: cp x out/nosuchdir/)', async () => {
+    const st = host({ '/out': 'dir', '/out/': 'dir', '/': 'dir' });
+    assert.deepEqual(await planCopy('hosts', 'file', '/out/', { recursive: false, force: false }, st), {
+      final: '/out/hosts',
+      action: 'create',
+    });
+    await assert.rejects(
+      planCopy('hosts', 'file', '/out/nosuchdir/', { recursive: false, force: false }, st),
+      (e: unknown) => isBkfsError(e, 'TARGET_INVALID') && /out\/nosuchdir\/: no such directory/.test(e.message),
+    );
+  });
+
   it('refuses an existing destination unless forced, and nonsense always', async () => {
     const st = host({ '/out': 'dir', '/out/hosts': 'file', '/out/etc': 'dir', '/': 'dir' });
     const fail = async (p: Promise<unknown>) => {

@@ -52,8 +52,10 @@ export function registerCatalog(program: Command): void {
     .option('--json', 'machine-readable output')
     .action(async (vmName: string | undefined, opts: { json?: boolean }, cmd: Command) => {
       await withRepo(cmd, (repo) => {
-        if (vmName !== undefined && (parseCheckpointRef(vmName), vmName.includes('@'))) {
-          throw new BkfsError('USAGE', `list takes a VM name, got '${vmName}' (see one checkpoint with 'bkfs info')`);
+        if (vmName !== undefined) {
+          parseCheckpointRef(vmName); // 'web@' is a usage error like everywhere
+          if (vmName.includes('@'))
+            throw new BkfsError('USAGE', `list takes a VM name, got '${vmName}' (see one checkpoint with 'bkfs info')`);
         }
         const vms = vmName ? [getVm(repo.db, vmName)] : listVms(repo.db);
         const rows = vms.flatMap((vm) =>
