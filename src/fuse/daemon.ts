@@ -21,6 +21,7 @@ import * as path from 'node:path';
 import { BkfsError, errorMessage, type ErrorCode } from '../errors';
 import { Repository } from '../repo/repository';
 import { bytes } from '../util/format';
+import { onUserPath } from '../util/userpath';
 import { mountFuse } from './mount';
 import {
   cleanStale,
@@ -78,6 +79,10 @@ export async function prepareMountpoint(mountpoint: string, log: (l: string) => 
   }
   switch (st.status) {
     case 'free':
+      // fusermount (non-root) mounts only where the user may write; say so instead of "fuse failed".
+      if (process.getuid?.() !== 0) {
+        onUserPath('mount point', mountpoint, () => fs.accessSync(mountpoint, fs.constants.W_OK));
+      }
       return;
     case 'missing':
       throw new BkfsError(

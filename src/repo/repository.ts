@@ -233,7 +233,14 @@ export function loadConfig(dir: string): RepoConfig {
   let raw: string;
   try {
     raw = fs.readFileSync(cfgPath, 'utf8');
-  } catch {
+  } catch (e) {
+    const c = (e as NodeJS.ErrnoException).code;
+    if (c === 'EACCES' || c === 'EPERM') {
+      throw new BkfsError(
+        'PERMISSION_DENIED',
+        `repository ${dir}: permission denied (uid ${process.getuid?.() ?? '?'} may not read ${cfgPath})`,
+      );
+    }
     throw new BkfsError('REPO_NOT_FOUND', `no bkfs repository at ${dir} (run 'bkfs init -r ${dir}' first)`);
   }
   let config: RepoConfig;

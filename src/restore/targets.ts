@@ -108,9 +108,13 @@ export function checkFileTarget(file: string, mode: 'fresh' | 'update', force: b
     if (!force) throw new BkfsError('TARGET_EXISTS', `${file} exists (use --force to replace it)`);
   }
   const dir = path.dirname(path.resolve(file));
-  if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) {
-    throw new BkfsError('TARGET_INVALID', `cannot write ${file}: its directory does not exist`);
+  let dst: fs.Stats;
+  try {
+    dst = fs.statSync(dir);
+  } catch (e) {
+    throw targetError(file, e);
   }
+  if (!dst.isDirectory()) throw new BkfsError('TARGET_INVALID', `cannot write ${file}: ${dir} is not a directory`);
   try {
     fs.accessSync(dir, fs.constants.W_OK);
   } catch (e) {
