@@ -106,7 +106,17 @@ export async function prepareMountpoint(mountpoint: string, log: (l: string) => 
 
 /** Mount and serve until `opts.stop` aborts or the mount goes away. */
 export async function serveMount(opts: ServeOptions): Promise<void> {
-  const { mountpoint, log } = opts;
+  const { mountpoint } = opts;
+  // The log is removed with a mount that ends cleanly; one that met damage, an error or a failure
+  // (or a log kept from an earlier failed mount at this path) stays for the administrator.
+  let keepLog =
+    opts.logFile !== undefined && (fs.statSync(opts.logFile, { throwIfNoEntry: false })?.size ?? 0) > 0;
+  const log = opts.log;
+  const trouble = (line: string): void => {
+    keepLog = true;
+    log(line);
+  };
+  let cleanEnd = false;
   await prepareMountpoint(mountpoint, log);
   const repo = Repository.open(opts.repoDir);
   let vfs: CheckpointVfs | undefined;
@@ -117,14 +127,14 @@ export async function serveMount(opts: ServeOptions): Promise<void> {
       cacheBytes: opts.cacheBytes,
       fileMode: opts.fileMode,
       onDamage: (d) =>
-        log(
+        trouble(
           `damaged data: ${d.vm}@${d.checkpoint} ${d.disk} bytes ${d.offset}-${d.offset + d.length - 1} ` +
             `(${bytes(d.length)}) read as EIO: ${d.message}`,
         ),
       onNotice: log,
     });
     const cp = vfs.checkpoint;
-    await mountFuse(vfs, mountpoint, { allowOther: opts.allowOther, onError: (m) => log(`error: ${m}`) });
+    await mountFuse(vfs, mountpoint, { allowOther: opts.allowOther, onError: (m) => trouble(`error: ${m}`) });
     const mine = mountsAt(mountpoint);
     mountId = mine[mine.length - 1]?.mountId;
     const state: MountState = {
@@ -154,6 +164,7 @@ export async function serveMount(opts: ServeOptions): Promise<void> {
     });
     const why = await waitForEnd(opts.stop, () => isOurs(mountpoint, mountId), opts.watchMs ?? 1000);
     log(why === 'gone' ? `${mountpoint} was unmounted` : `stopping: unmounting ${mountpoint}`);
+    cleanEnd = true;
   } finally {
     if (mountId !== undefined && isOurs(mountpoint, mountId)) {
       const r = await fusermount(mountpoint, false);
@@ -166,6 +177,15 @@ export async function serveMount(opts: ServeOptions): Promise<void> {
     repo.close();
     if (readState(mountpoint)?.pid === process.pid) removeState(mountpoint, process.pid);
     if (mountId !== undefined) log(`unmounted ${mountpoint}`);
+    if (
+      opts.logFile !== undefined &&
+      cleanEnd &&
+      !keepLog &&
+      mountId !== undefined &&
+      !isOurs(mountpoint, mountId)
+    ) {
+      fs.rmSync(opts.logFile, { force: true });
+    }
   }
 }
 
