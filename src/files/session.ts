@@ -519,6 +519,16 @@ export class FilesSession {
     await r.engine.catTo(r.path, out);
   }
 
+  /** sha256 (hex) of one regular file. */
+  async checksum(t: Target): Promise<{ path: string; sha256: string; size: number }> {
+    const r = await this.resolve(t, { followLast: true, recursive: false });
+    if (r.kind === 'dir') throw new BkfsError('USAGE', `${t.path} is a directory`);
+    if (r.kind !== 'file') throw new BkfsError('USAGE', `${t.path} is not a regular file`);
+    const sums = await r.engine.checksums([r.path]);
+    const st = await r.engine.lstat(r.path);
+    return { path: r.path, sha256: sums.get(r.path) ?? '', size: st?.size ?? 0 };
+  }
+
   /** `cp`: a file (or with `recursive` a tree) to `dest`, keeping mode, times and (as root) owners. */
   async copy(
     t: Target,
