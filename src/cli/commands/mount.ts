@@ -168,7 +168,9 @@ async function runForeground(
 export function registerMount(program: Command): void {
   program
     .command('mount')
-    .description('show a checkpoint (or the whole repository) as read-only raw disk files over FUSE')
+    .description(
+      'show a checkpoint (or, with --all, the whole repository) as read-only raw disk files over FUSE',
+    )
     .argument('[ref]', 'VM or VM@CHECKPOINT to mount (with --all: the mount point)')
     .argument('[dir]', 'mount point (an existing empty directory)')
     .option('--all', 'mount the whole repository: DIR/<vm>/<checkpoint>/<disk>.raw')
