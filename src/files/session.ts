@@ -547,6 +547,13 @@ export class FilesSession {
         return null;
       }
     });
+    // A read-only or foreign destination directory fails here, naming the user's path, before an
+    // external copy tool meets it under the temporary name.
+    try {
+      await fsp.access(path.dirname(path.resolve(plan.final)), fs.constants.W_OK);
+    } catch (e) {
+      throw userPathError(e, 'cannot write', plan.final);
+    }
     const tmp = tempSibling(plan.final, randomBytes(4).toString('hex'));
     try {
       if (r.kind === 'symlink') {
