@@ -22,7 +22,7 @@ import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { BkfsError, errorMessage } from '../errors';
+import { BkfsError } from '../errors';
 import { run, lastLine } from '../util/proc';
 import { userPathError } from '../util/userpath';
 

@@ -148,7 +148,10 @@ export function parseCheckpointRef(ref: string): { vm: string; checkpoint?: stri
   if (at < 0) return { vm: checkName('VM', ref) };
   const cp = ref.slice(at + 1);
   if (at === 0) {
-    throw new BkfsError('USAGE', `'${ref}' names no VM: write VM@CHECKPOINT (an unset variable in a script?)`);
+    throw new BkfsError(
+      'USAGE',
+      `'${ref}' names no VM: write VM@CHECKPOINT (an unset variable in a script?)`,
+    );
   }
   if (cp === '') {
     throw new BkfsError(

@@ -19,7 +19,6 @@
  * are pinned while the export runs. Memory as for restore (engine.ts). Never prints.
  */
 import * as fs from 'node:fs';
-import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { BkfsError } from '../errors';
 import { makeDirs } from '../util/userpath';

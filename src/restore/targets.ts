@@ -114,7 +114,8 @@ export function checkFileTarget(file: string, mode: 'fresh' | 'update', force: b
   } catch (e) {
     throw targetError(file, e);
   }
-  if (!dst.isDirectory()) throw new BkfsError('TARGET_INVALID', `cannot write ${file}: ${dir} is not a directory`);
+  if (!dst.isDirectory())
+    throw new BkfsError('TARGET_INVALID', `cannot write ${file}: ${dir} is not a directory`);
   try {
     fs.accessSync(dir, fs.constants.W_OK);
   } catch (e) {

@@ -604,7 +604,11 @@ describe('bkfs mount and umount on bad input', () => {
       ],
       [['-r', repo, 'mount', 'web', mp, '--cache-size', 'lots'], EXIT_CODES.USAGE, /--cache-size/],
       // Issue 17.7: one argument is never guessed to be a ref or a mount point.
-      [['-r', repo, 'mount', 'web@check2'], EXIT_CODES.USAGE, /understood 'web@check2' as the checkpoint.*no mount point/],
+      [
+        ['-r', repo, 'mount', 'web@check2'],
+        EXIT_CODES.USAGE,
+        /understood 'web@check2' as the checkpoint.*no mount point/,
+      ],
       [['-r', repo, 'mount', mp], EXIT_CODES.USAGE, /no mount point.*bkfs mount --all/],
       [['-r', repo, 'mount', '--all'], EXIT_CODES.USAGE, /--all needs a mount point/],
       [['-r', repo, 'mount', '--all', 'web', mp], EXIT_CODES.USAGE, /takes only the mount point/],

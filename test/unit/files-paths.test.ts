@@ -214,7 +214,8 @@ describe('cp destinations', () => {
     });
     await assert.rejects(
       planCopy('hosts', 'file', '/out/nosuchdir/', { recursive: false, force: false }, st),
-      (e: unknown) => isBkfsError(e, 'TARGET_INVALID') && /out\/nosuchdir\/: no such directory/.test(e.message),
+      (e: unknown) =>
+        isBkfsError(e, 'TARGET_INVALID') && /out\/nosuchdir\/: no such directory/.test(e.message),
     );
   });
 

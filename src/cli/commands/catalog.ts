@@ -55,7 +55,10 @@ export function registerCatalog(program: Command): void {
         if (vmName !== undefined) {
           parseCheckpointRef(vmName); // 'web@' is a usage error like everywhere
           if (vmName.includes('@'))
-            throw new BkfsError('USAGE', `list takes a VM name, got '${vmName}' (see one checkpoint with 'bkfs info')`);
+            throw new BkfsError(
+              'USAGE',
+              `list takes a VM name, got '${vmName}' (see one checkpoint with 'bkfs info')`,
+            );
         }
         const vms = vmName ? [getVm(repo.db, vmName)] : listVms(repo.db);
         const rows = vms.flatMap((vm) =>
