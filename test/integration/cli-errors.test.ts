@@ -206,12 +206,13 @@ describe('VM@ with an empty checkpoint name (issue 17.3)', () => {
       ['protect', 'web@'],
       ['unprotect', 'web@'],
       ['info', '@check1'],
+      ['backup', 'web@', '-d', `vda=${path.join(work, 'web.qcow2')}`],
     ];
     for (const c of cmds) {
       const args = ['-r', repo, ...c];
       const r = await bkfs(args);
       assertCoded(r, args, EXIT_CODES.USAGE);
-      assert.match(r.stderr, /names no (checkpoint|VM)/, c.join(' '));
+      assert.match(r.stderr, /names no (checkpoint|VM)|takes a VM name/, c.join(' '));
     }
     assert.equal(fs.existsSync(out), false, 'nothing restored');
     assert.deepEqual(snapshot(repo), before);
@@ -302,6 +303,29 @@ describe('filesystem mistakes on user paths (issue 17.6)', () => {
 });
 
 describe('first-hour conveniences (issue 17.12)', () => {
+  it("keeps a non-root user's mount state in $XDG_RUNTIME_DIR when set, else /tmp/bkfs-UID", () => {
+    const runDirAs = (env: NodeJS.ProcessEnv): string => {
+      const state = path.resolve(__dirname, '../../src/fuse/state.js');
+      const r = spawnSync(
+        'setpriv',
+        [
+          `--reuid=${NOBODY}`,
+          `--regid=${NOBODY}`,
+          '--clear-groups',
+          process.execPath,
+          '-e',
+          `process.stdout.write(require(${JSON.stringify(state)}).runDir())`,
+        ],
+        { env: { PATH: process.env.PATH, ...env }, encoding: 'utf8' },
+      );
+      assert.equal(r.status, 0, r.stderr);
+      return r.stdout;
+    };
+    assert.equal(runDirAs({ XDG_RUNTIME_DIR: '/run/user/65534' }), '/run/user/65534/bkfs/mounts');
+    assert.equal(runDirAs({ TMPDIR: '/tmp' }), `/tmp/bkfs-${NOBODY}/bkfs/mounts`);
+    assert.equal(runDirAs({ BKFS_RUN_DIR: '/srv/run', XDG_RUNTIME_DIR: '/run/user/65534' }), '/srv/run');
+  });
+
   it('accepts a guest path without its leading /', async () => {
     for (const a of ['web@check2:etc/hostname', 'web@check2:vda:1:etc/hostname']) {
       assert.equal((await bkfsOk(['-r', repo, 'cat', a])).stdout, HOSTNAME, a);
