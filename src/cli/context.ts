@@ -1,8 +1,23 @@
 /** Shared helpers of CLI commands: repository opening, signals, output. */
 import type { Command } from 'commander';
 import { BkfsError } from '../errors';
-import { defaultRepoPath, Repository } from '../repo/repository';
-import { ProgressBar } from './progress';
+import { defaultRepoPath } from '../repo/default-path';
+import type { Repository } from '../repo/repository';
+import { ProgressBar, setProgressQuiet } from './progress';
+import { duration, parseDuration } from '../util/format';
+
+export type Verbosity = 'quiet' | 'normal' | 'verbose';
+let level: Verbosity = 'normal';
+
+/** Set by the global -q / -v before every action. */
+export function setVerbosity(v: Verbosity): void {
+  level = v;
+  setProgressQuiet(v === 'quiet');
+}
+
+export function verbosity(): Verbosity {
+  return level;
+}
 
 export function repoPath(cmd: Command): string {
   const opts = cmd.optsWithGlobals<{ repo?: string }>();
@@ -11,7 +26,11 @@ export function repoPath(cmd: Command): string {
 
 /** Open the repository, run `fn`, always close. */
 export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T> | T): Promise<T> {
-  const repo = Repository.open(repoPath(cmd));
+  // Loaded on demand: the index and pack modules (SQLite, zstd) are not needed for --help.
+  const { Repository } = await import('../repo/repository');
+  const dir = repoPath(cmd);
+  if (level === 'verbose') note(`repository ${dir}`);
+  const repo = Repository.open(dir);
   try {
     return await fn(repo);
   } finally {
@@ -45,8 +64,43 @@ export function out(line = ''): void {
   process.stdout.write(`${line}\n`);
 }
 
+/** A note for people on stderr (silenced by -q). */
 export function note(line: string): void {
+  if (level === 'quiet') return;
   process.stderr.write(`bkfs: ${line}\n`);
+}
+
+/** A detail printed only with -v. */
+export function detail(line: string): void {
+  if (level === 'verbose') process.stderr.write(`bkfs: ${line}\n`);
+}
+
+/**
+ * Run `fn`, which takes the repository's writer lock; with the global `--retry-lock DURATION`, a
+ * REPO_LOCKED failure is retried (the whole call: lock holders take the lock before changing
+ * anything) until DURATION has passed, then the last REPO_LOCKED is thrown. Works on the error code
+ * only, so it does not depend on how the lock is implemented.
+ */
+export async function retryLocked<T>(cmd: Command, fn: () => Promise<T> | T): Promise<T> {
+  const spec = cmd.optsWithGlobals<{ retryLock?: string }>().retryLock;
+  const waitMs = spec === undefined ? 0 : parseDuration(spec);
+  if (waitMs === undefined) {
+    throw new BkfsError('USAGE', `--retry-lock takes a duration such as 30s, 5m or 1h, got '${spec}'`);
+  }
+  const deadline = Date.now() + waitMs;
+  let delay = 250;
+  let told = false;
+  for (;;) {
+    try {
+      return await fn();
+    } catch (e) {
+      if (!(e instanceof BkfsError) || e.code !== 'REPO_LOCKED' || Date.now() >= deadline) throw e;
+      if (!told) note(`${e.message}; waiting up to ${duration(deadline - Date.now())} (--retry-lock)`);
+      told = true;
+      await new Promise((r) => setTimeout(r, Math.min(delay, Math.max(0, deadline - Date.now()))));
+      delay = Math.min(delay * 2, 5000);
+    }
+  }
 }
 
 export function parseIntOption(name: string, v: string): number {

@@ -29,7 +29,6 @@ import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
 import { processAlive } from '../util/proc';
 import { makeDirs, onUserPath } from '../util/userpath';
-import { finishForgetJournals, removeManifest } from './manifest';
 
 export const REPO_MAGIC = 'bkfs-repository';
 export const CONFIG_FILE = 'bkfs-repo.json';
@@ -65,12 +64,7 @@ export interface InitOptions {
   compressionLevel?: number;
 }
 
-export function defaultRepoPath(env: NodeJS.ProcessEnv = process.env): string {
-  if (env.BKFS_REPO) return env.BKFS_REPO;
-  if (process.getuid?.() === 0) return '/var/lib/bkfs';
-  const data = env.XDG_DATA_HOME || path.join(os.homedir(), '.local', 'share');
-  return path.join(data, 'bkfs');
-}
+export { defaultRepoPath } from './default-path';
 
 function isPowerOfTwo(n: number): boolean {
   return Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
@@ -180,6 +174,10 @@ export class Repository {
 
   /** Remove what an interrupted writer left: running checkpoints, their maps, temp packs. */
   private recover(): void {
+    // Loaded here, not at the top: readers (`bkfs list`) never recover, and manifest.ts pulls in
+    // zstd and gc (start-up time).
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const { finishForgetJournals, removeManifest } = require('./manifest') as typeof import('./manifest');
     const running = this.db.prepare("SELECT id, uid FROM checkpoints WHERE state = 'running'").all() as {
       id: number;
       uid: string;

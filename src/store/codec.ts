@@ -19,7 +19,7 @@ export const CODEC_RAW = 0;
 export const CODEC_ZSTD = 1;
 export type Codec = typeof CODEC_RAW | typeof CODEC_ZSTD;
 
-export const HASH_LEN = 32;
+export { HASH_LEN } from './hash-len';
 
 export function hashChunk(data: Uint8Array): Buffer {
   return blake3(Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength));

@@ -21,7 +21,7 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BkfsError } from '../errors';
-import { HASH_LEN } from './codec';
+import { HASH_LEN } from './hash-len';
 
 export const PACK_MAGIC = Buffer.from('BKFSPACK', 'ascii');
 export const PACK_VERSION = 1;

@@ -1,7 +1,14 @@
 /** Retention rules (restic semantics) on synthetic timestamps, in UTC. */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
-import { applyRetention, hasRules, isoWeekKey, type RetentionItem } from '../../src/repo/retention';
+import {
+  applyRetention,
+  hasRules,
+  isoWeekKey,
+  parseKeepWithin,
+  withinThreshold,
+  type RetentionItem,
+} from '../../src/repo/retention';
 
 const H = 3600_000;
 const D = 24 * H;
@@ -99,4 +106,64 @@ test('equal times: the higher id counts as newer', () => {
   ];
   assert.deepEqual(kept(items, { keepLast: 1 }), [2]);
   assert.deepEqual(kept(items, { keepDaily: 1 }), [2]);
+});
+
+test('keep-hourly keeps the newest of each of the last n hours that have checkpoints', () => {
+  const t0 = t('2024-03-10T10:00:00Z');
+  // Every 20 minutes for 4 hours: 10:00 .. 13:40, ids 1..12.
+  const items = Array.from({ length: 12 }, (_, i) => ({ id: i + 1, time: t0 + i * 20 * 60_000 }));
+  assert.deepEqual(kept(items, { keepHourly: 2 }), [9, 12]);
+  assert.deepEqual(kept(items, { keepHourly: 10 }), [3, 6, 9, 12]);
+  assert.deepEqual(applyRetention(items, { keepHourly: 1, keepDaily: 1 }, { utc: true })[0]!.reasons, [
+    'hourly',
+    'daily',
+  ]);
+});
+
+test('keep-yearly keeps the newest of each of the last n years', () => {
+  const items: RetentionItem[] = [
+    { id: 1, time: t('2021-06-01T00:00:00Z') },
+    { id: 2, time: t('2021-12-31T23:59:59Z') },
+    { id: 3, time: t('2022-01-01T00:00:00Z') },
+    { id: 4, time: t('2024-02-15T00:00:00Z') },
+    { id: 5, time: t('2024-04-01T00:00:00Z') },
+  ];
+  assert.deepEqual(kept(items, { keepYearly: 2 }), [3, 5]);
+  assert.deepEqual(kept(items, { keepYearly: 9 }), [2, 3, 5]);
+});
+
+test('keep-within keeps everything not older than the span before the newest checkpoint', () => {
+  const items = twiceDaily(10); // 2024-01-01 06:00 .. 2024-01-10 18:00
+  // 2 days before the newest (01-10 18:00) is 01-08 18:00: ids 16 (01-08 18:00) .. 20.
+  assert.deepEqual(kept(items, { keepWithin: parseKeepWithin('2d') }), [16, 17, 18, 19, 20]);
+  // 36 h before is 01-09 06:00, the time of id 17: a checkpoint exactly at the limit is kept.
+  assert.deepEqual(kept(items, { keepWithin: parseKeepWithin('36h') }), [17, 18, 19, 20]);
+  assert.deepEqual(kept(items, { keepWithin: parseKeepWithin('1d11h') }), [18, 19, 20]);
+  // Relative to the newest checkpoint, not to now: old backups are not all dropped.
+  assert.ok(kept(items, { keepWithin: parseKeepWithin('1y') }).length === 20);
+  // Months are calendar months: 1 month before 03-31 is 02-31 = 03-02.
+  const m: RetentionItem[] = [
+    { id: 1, time: t('2024-03-01T12:00:00Z') },
+    { id: 2, time: t('2024-03-02T12:00:00Z') },
+    { id: 3, time: t('2024-03-31T12:00:00Z') },
+  ];
+  assert.deepEqual(kept(m, { keepWithin: parseKeepWithin('1m') }), [2, 3]);
+  assert.deepEqual(
+    applyRetention(items, { keepLast: 1, keepWithin: parseKeepWithin('1d') }, { utc: true })[0]!.reasons,
+    ['last', 'within'],
+  );
+  assert.equal(hasRules({ keepWithin: parseKeepWithin('1h') }), true);
+  assert.equal(hasRules({ keepHourly: 1 }), true);
+  assert.equal(hasRules({ keepYearly: 1 }), true);
+});
+
+test('keep-within spans: restic units, anything else refused', () => {
+  assert.deepEqual(parseKeepWithin('1y5m7d2h'), { years: 1, months: 5, days: 7, hours: 2 });
+  assert.deepEqual(parseKeepWithin('14d'), { years: 0, months: 0, days: 14, hours: 0 });
+  for (const bad of ['', '7', 'd', '1w', '2d3', '0d', '1d1d', ' 1d', '-1d', '1.5d'])
+    assert.throws(() => parseKeepWithin(bad), RangeError, bad);
+  assert.equal(
+    withinThreshold(t('2024-03-31T12:00:00Z'), parseKeepWithin('1y'), true),
+    t('2023-03-31T12:00:00Z'),
+  );
 });

@@ -7,12 +7,11 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { Command } from 'commander';
 import { BkfsError } from '../../errors';
-import { runBackup, type BackupResult, type DiskSpec } from '../../backup/engine';
-import { backupLibvirt } from '../../backup/libvirt';
-import { sourceFor } from '../../backup/sources';
+import type { BackupResult, DiskSpec } from '../../backup/engine';
 import type { Level } from '../../index/catalog';
 import { bytes, duration, rate, ratio } from '../../util/format';
-import { out, withLongJob, withRepo } from '../context';
+import { out, retryLocked, withLongJob, withRepo } from '../context';
+import { printJson } from '../json';
 
 const LEVELS = ['full', 'inc', 'diff', 'copy', 'auto'];
 
@@ -20,7 +19,8 @@ function collect(v: string, prev: string[]): string[] {
   return [...prev, v];
 }
 
-export function parseDiskSpecs(specs: string[], bitmap: string | null): DiskSpec[] {
+export async function parseDiskSpecs(specs: string[], bitmap: string | null): Promise<DiskSpec[]> {
+  const { sourceFor } = await import('../../backup/sources');
   return specs.map((s) => {
     const eq = s.indexOf('=');
     if (eq <= 0 || eq === s.length - 1) {
@@ -42,6 +42,7 @@ interface BackupCliOptions {
   exclude: string[];
   freeze: boolean;
   scratchDir?: string;
+  json?: boolean;
 }
 
 /** Options that only make sense with --libvirt, and the reverse. */
@@ -104,6 +105,7 @@ export function registerBackup(program: Command): void {
       '--scratch-dir <dir>',
       'with --libvirt: where the backup job keeps scratch files (default /var/tmp)',
     )
+    .option('--json', 'machine-readable summary')
     .addHelpText(
       'after',
       `
@@ -136,7 +138,7 @@ Examples:
       if (opts.libvirt === undefined && opts.disk.length === 0) {
         throw new BkfsError('USAGE', 'no disks to back up (give --disk NAME=SOURCE or --libvirt DOMAIN)');
       }
-      const disks = opts.libvirt === undefined ? parseDiskSpecs(opts.disk, opts.bitmap ?? null) : [];
+      const disks = opts.libvirt === undefined ? await parseDiskSpecs(opts.disk, opts.bitmap ?? null) : [];
       const configs = opts.config.map((c) => {
         const eq = c.indexOf('=');
         const name = eq > 0 ? c.slice(0, eq) : path.basename(c);
@@ -144,7 +146,9 @@ Examples:
         if (!fs.existsSync(file)) throw new BkfsError('USAGE', `configuration file ${file} does not exist`);
         return { name, data: fs.readFileSync(file) };
       });
-      const { res, diskCount, extra } = await withLongJob(`backup ${vm}`, async (job) => {
+      const { runBackup } = await import('../../backup/engine');
+      const { backupLibvirt } = await import('../../backup/libvirt');
+      const { res, diskCount, extra, libvirt } = await withLongJob(`backup ${vm}`, async (job) => {
         const common = {
           vm,
           level: opts.level as Level | 'auto',
@@ -153,26 +157,54 @@ Examples:
           ...job,
         };
         if (opts.libvirt === undefined) {
-          const r: BackupResult = await withRepo(cmd, (repo) => runBackup(repo, { ...common, disks }));
-          return { res: r, diskCount: disks.length, extra: [] as string[] };
+          const r: BackupResult = await retryLocked(cmd, () =>
+            withRepo(cmd, (repo) => runBackup(repo, { ...common, disks })),
+          );
+          return { res: r, diskCount: disks.length, extra: [] as string[], libvirt: undefined };
         }
         const domain = opts.libvirt;
-        const lv = await withRepo(cmd, (repo) =>
-          backupLibvirt(repo, {
-            ...common,
-            domain,
-            ...(opts.connect !== undefined ? { connect: opts.connect } : {}),
-            ...(opts.disks.length > 0 ? { disks: opts.disks } : {}),
-            ...(opts.exclude.length > 0 ? { exclude: opts.exclude } : {}),
-            freeze: opts.freeze,
-            ...(opts.scratchDir !== undefined ? { scratchDir: opts.scratchDir } : {}),
-          }),
+        const lv = await retryLocked(cmd, () =>
+          withRepo(cmd, (repo) =>
+            backupLibvirt(repo, {
+              ...common,
+              domain,
+              ...(opts.connect !== undefined ? { connect: opts.connect } : {}),
+              ...(opts.disks.length > 0 ? { disks: opts.disks } : {}),
+              ...(opts.exclude.length > 0 ? { exclude: opts.exclude } : {}),
+              freeze: opts.freeze,
+              ...(opts.scratchDir !== undefined ? { scratchDir: opts.scratchDir } : {}),
+            }),
+          ),
         );
         const line =
           `  libvirt   domain ${lv.domain}, disks ${lv.disks.join(', ')}, ${lv.consistency}` +
           (lv.libvirtCheckpoint ? `, checkpoint ${lv.libvirtCheckpoint}` : ', no libvirt checkpoint');
-        return { res: lv, diskCount: lv.disks.length, extra: [line] };
+        return { res: lv, diskCount: lv.disks.length, extra: [line], libvirt: lv };
       });
+      if (opts.json) {
+        const cp = res.checkpoint;
+        printJson({
+          vm,
+          checkpoint: cp.name,
+          level: res.level,
+          time: cp.started,
+          durationMs: res.durationMs,
+          disks: diskCount,
+          virtualSize: res.virtualSize,
+          bytesRead: res.bytesRead,
+          bytesZero: res.bytesZero,
+          chunks: res.chunks,
+          libvirt: libvirt
+            ? {
+                domain: libvirt.domain,
+                disks: libvirt.disks,
+                consistency: libvirt.consistency,
+                checkpoint: libvirt.libvirtCheckpoint ?? null,
+              }
+            : null,
+        });
+        return;
+      }
       const secs = res.durationMs / 1000;
       const st = res.chunks;
       out(

@@ -1,21 +1,15 @@
 import type { Command } from 'commander';
-import {
-  checkpointById,
-  checkpointDisks,
-  getConfigs,
-  getVm,
-  listCheckpoints,
-  listVms,
-  parseCheckpointRef,
-  resolveRef,
-  type CheckpointRow,
-} from '../../index/catalog';
 import { BkfsError } from '../../errors';
+import type { CheckpointRow } from '../../index/catalog';
 import type { Repository } from '../../repo/repository';
-import { bytes, duration } from '../../util/format';
+import { bytes, duration, localTime } from '../../util/format';
 import { out, table, withRepo } from '../context';
+import { printJson } from '../json';
 
-function describe(repo: Repository, vm: string, cp: CheckpointRow) {
+type Catalog = typeof import('../../index/catalog');
+
+function describe(cat: Catalog, repo: Repository, vm: string, cp: CheckpointRow) {
+  const { checkpointDisks, checkpointById } = cat;
   const disks = checkpointDisks(repo.db, cp.id);
   const parent = cp.parent_id !== null ? checkpointById(repo.db, cp.parent_id) : undefined;
   return {
@@ -47,10 +41,24 @@ function describe(repo: Repository, vm: string, cp: CheckpointRow) {
 export function registerCatalog(program: Command): void {
   program
     .command('list')
-    .description('list checkpoints (of one VM, or of all)')
+    .alias('snapshots')
+    .description('list checkpoints (of one VM, or of all), oldest first')
     .argument('[vm]', 'VM name')
     .option('--json', 'machine-readable output')
+    .addHelpText(
+      'after',
+      `
+Times are local (TZ is honoured) with their UTC offset; --json gives ISO 8601 UTC times.
+
+Examples:
+  bkfs list
+  bkfs list web
+  TZ=UTC bkfs snapshots web
+  bkfs list web --json | jq -r '.[].name'`,
+    )
     .action(async (vmName: string | undefined, opts: { json?: boolean }, cmd: Command) => {
+      const cat = await import('../../index/catalog');
+      const { getVm, listVms, listCheckpoints, parseCheckpointRef } = cat;
       await withRepo(cmd, (repo) => {
         if (vmName !== undefined) {
           parseCheckpointRef(vmName); // 'web@' is a usage error like everywhere
@@ -62,10 +70,10 @@ export function registerCatalog(program: Command): void {
         }
         const vms = vmName ? [getVm(repo.db, vmName)] : listVms(repo.db);
         const rows = vms.flatMap((vm) =>
-          listCheckpoints(repo.db, vm.id).map((cp) => describe(repo, vm.name, cp)),
+          listCheckpoints(repo.db, vm.id).map((cp) => describe(cat, repo, vm.name, cp)),
         );
         if (opts.json) {
-          out(JSON.stringify(rows, null, 2));
+          printJson(rows);
           return;
         }
         if (rows.length === 0) {
@@ -90,7 +98,7 @@ export function registerCatalog(program: Command): void {
               `${r.vm}@${r.name}`,
               r.level,
               r.parent ?? '-',
-              r.time.replace('T', ' ').slice(0, 19),
+              localTime(Date.parse(r.time)),
               r.disks.map((d) => d.name).join(','),
               bytes(r.virtualSize),
               bytes(r.bytesRead),
@@ -108,21 +116,31 @@ export function registerCatalog(program: Command): void {
     .description('show one checkpoint in detail')
     .argument('<ref>', 'VM or VM@CHECKPOINT')
     .option('--json', 'machine-readable output')
+    .addHelpText(
+      'after',
+      `
+Examples:
+  bkfs info web
+  bkfs info web@check3
+  bkfs info web@check3 --json`,
+    )
     .action(async (ref: string, opts: { json?: boolean }, cmd: Command) => {
+      const cat = await import('../../index/catalog');
+      const { resolveRef, getConfigs } = cat;
       await withRepo(cmd, (repo) => {
         const { vm, checkpoint } = resolveRef(repo.db, ref);
-        const d = describe(repo, vm.name, checkpoint);
+        const d = describe(cat, repo, vm.name, checkpoint);
         const configs = getConfigs(repo.db, checkpoint.id).map((c) => ({
           name: c.name,
           size: c.data.length,
         }));
         if (opts.json) {
-          out(JSON.stringify({ ...d, configs }, null, 2));
+          printJson({ ...d, configs });
           return;
         }
         out(`checkpoint  ${d.vm}@${d.name}`);
         out(`level       ${d.level}${d.parent ? ` (parent ${d.parent})` : ''}`);
-        out(`time        ${d.time} (took ${duration(d.durationMs)})`);
+        out(`time        ${localTime(Date.parse(d.time))} (took ${duration(d.durationMs)})`);
         out(
           `read        ${bytes(d.bytesRead)}; new data ${bytes(d.bytesNewRaw)} stored as ${bytes(d.bytesNewStored)} (${d.chunksNew} chunks)`,
         );

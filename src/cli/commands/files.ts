@@ -8,22 +8,12 @@ import { Writable } from 'node:stream';
 import { Command, Option } from 'commander';
 import { BkfsError, errorMessage } from '../../errors';
 import type { EngineChoice } from '../../files/engine';
-import { mountFiles, readFilesState, unmountFiles } from '../../files/fsmount';
-import {
-  catFile,
-  checksumFile,
-  copyOut,
-  diffCheckpoints,
-  findFiles,
-  listFiles,
-  overview,
-  type FilesOptions,
-  type Overview,
-} from '../../files/ops';
+import type { FilesOptions, Overview } from '../../files/ops';
 import type { ListEntry, SessionStats } from '../../files/session';
 import { modeString, type DiffItem, type FileEntry } from '../../files/tree';
 import { bytes } from '../../util/format';
 import { interruptSignal, note, out, table, withRepo } from '../context';
+import { printJson } from '../json';
 
 interface EngineCliOptions {
   engine: string;
@@ -204,12 +194,13 @@ export async function mountFilesAction(
   cmd: Command,
   ref: string,
   dir: string,
-  opts: { engine?: string; guestfsTcg?: boolean },
+  opts: { engine?: string; guestfsTcg?: boolean; json?: boolean },
 ): Promise<void> {
   const engine = (opts.engine ?? 'auto') as EngineChoice;
   if (!['auto', 'guestfs', 'kernel'].includes(engine)) {
     throw new BkfsError('USAGE', `--engine must be auto, guestfs or kernel, got '${engine}'`);
   }
+  const { mountFiles } = await import('../../files/fsmount');
   await withRepo(cmd, async (repo) => {
     const s = await mountFiles(repo, {
       dir,
@@ -219,6 +210,22 @@ export async function mountFilesAction(
       bkfsBin: path.resolve(__dirname, '../../../../bin/bkfs'),
       onNotice: (m) => note(m),
     });
+    if (opts.json) {
+      printJson({
+        ref: s.ref,
+        mountpoint: s.dir,
+        engine: s.engine,
+        disks: path.join(s.dir, 'disks'),
+        volumes: s.volumes.map((v) => ({
+          name: v.name,
+          path: path.join(s.dir, 'fs', v.name),
+          type: v.type,
+          mounted: v.mounted,
+          note: v.note ?? null,
+        })),
+      });
+      return;
+    }
     out(`mounted ${s.ref} on ${s.dir} (filesystems read with ${s.engine})`);
     out(`  ${path.join(s.dir, 'disks')}/   raw disks`);
     for (const v of s.volumes) {
@@ -231,9 +238,14 @@ export async function mountFilesAction(
 }
 
 /** `bkfs umount DIR` of a --files mount; returns false when DIR is not one. */
-export async function umountFilesAction(dir: string, lazy: boolean): Promise<boolean> {
+export async function umountFilesAction(dir: string, lazy: boolean, json = false): Promise<boolean> {
+  const { readFilesState, unmountFiles } = await import('../../files/fsmount');
   if (!readFilesState(dir)) return false;
   const s = await unmountFiles(dir, { lazy });
+  if (json) {
+    printJson({ mountpoint: s.dir, outcome: 'unmounted', ref: s.ref });
+    return true;
+  }
   out(`unmounted ${s.dir} (filesystems and disks of ${s.ref})`);
   return true;
 }
@@ -262,18 +274,19 @@ ${ENGINE_HELP}`,
     )
     .action(
       async (address: string, opts: EngineCliOptions & { long?: boolean; json?: boolean }, cmd: Command) => {
+        const { overview, listFiles } = await import('../../files/ops');
         await withInterrupt((signal) =>
           withRepo(cmd, async (repo) => {
             const fo = filesOptions(opts, signal);
             if (!address.includes(':')) {
               const o = await overview(repo, address, fo);
-              if (opts.json) out(JSON.stringify(o, null, 2));
+              if (opts.json) printJson(o);
               else printOverview(o);
               return;
             }
             const r = await listFiles(repo, address, fo);
             if (opts.json) {
-              out(JSON.stringify(r, null, 2));
+              printJson(r);
               return;
             }
             const name = (e: ListEntry): string => (r.dir ? e.name : e.path) + (e.kind === 'dir' ? '/' : '');
@@ -322,6 +335,7 @@ ${ENGINE_HELP}`,
       ) => {
         if (opts.verify && opts.recursive)
           throw new BkfsError('USAGE', '--verify checks one copied file; not with -R');
+        const { copyOut } = await import('../../files/ops');
         await withInterrupt((signal) =>
           withRepo(cmd, async (repo) => {
             const r = await copyOut(
@@ -335,7 +349,7 @@ ${ENGINE_HELP}`,
               },
               filesOptions(opts, signal),
             );
-            if (opts.json) out(JSON.stringify(r, null, 2));
+            if (opts.json) printJson(r);
             else {
               out(
                 `${r.vm}@${r.checkpoint}:${r.source} -> ${r.dest} (${r.kind}${r.action !== 'create' ? `, ${r.action}d` : ''})`,
@@ -356,8 +370,16 @@ ${ENGINE_HELP}`,
       .description('write a file of a checkpoint to standard output')
       .argument('<address>', 'VM[@CP]:/path or VM[@CP]:DISK:PART:/path'),
   )
-    .addHelpText('after', ENGINE_HELP)
+    .addHelpText(
+      'after',
+      `
+Examples:
+  bkfs cat web@check2:/etc/hostname
+  bkfs cat web:/var/log/syslog | grep -i error
+${ENGINE_HELP}`,
+    )
     .action(async (address: string, opts: EngineCliOptions, cmd: Command) => {
+      const { catFile } = await import('../../files/ops');
       await withInterrupt((signal) =>
         withRepo(cmd, async (repo) => {
           try {
@@ -389,6 +411,7 @@ Examples:
 ${ENGINE_HELP}`,
     )
     .action(async (addresses: string[], opts: EngineCliOptions & { json?: boolean }, cmd: Command) => {
+      const { checksumFile } = await import('../../files/ops');
       await withInterrupt((signal) =>
         withRepo(cmd, async (repo) => {
           const rows = [];
@@ -397,7 +420,7 @@ ${ENGINE_HELP}`,
             rows.push(r);
             if (!opts.json) out(`${r.sha256}  ${r.vm}@${r.checkpoint}:${r.path}`);
           }
-          if (opts.json) out(JSON.stringify(rows, null, 2));
+          if (opts.json) printJson(rows);
         }),
       );
     });
@@ -435,6 +458,7 @@ ${ENGINE_HELP}`,
         opts: EngineCliOptions & { ignoreCase?: boolean; json?: boolean },
         cmd: Command,
       ) => {
+        const { findFiles } = await import('../../files/ops');
         await withInterrupt((signal) =>
           withRepo(cmd, async (repo) => {
             const r = await findFiles(repo, scope, pattern, {
@@ -442,7 +466,7 @@ ${ENGINE_HELP}`,
               ignoreCase: opts.ignoreCase ?? false,
             });
             if (opts.json) {
-              out(JSON.stringify(r, null, 2));
+              printJson(r);
               return;
             }
             if (r.missing.length > 0)
@@ -486,9 +510,10 @@ ${ENGINE_HELP}`,
       `
 Files compare by type, size, mtime, mode, owner and symlink target; directories by type, mode and
 owner only (their size and mtime follow their contents).
-Example:
+Examples:
   bkfs diff web@check1 web@check3 /etc
   bkfs diff web@check1 check3 /etc        # the same: CP alone is a checkpoint of web
+  bkfs diff web@check1 web@check3 --checksum --json
 ${ENGINE_HELP}`,
     )
     .action(
@@ -501,6 +526,7 @@ ${ENGINE_HELP}`,
       ) => {
         // A path without its leading '/' is taken as absolute (as in addresses).
         if (guestPath !== undefined && !guestPath.startsWith('/')) guestPath = `/${guestPath}`;
+        const { diffCheckpoints } = await import('../../files/ops');
         await withInterrupt((signal) =>
           withRepo(cmd, async (repo) => {
             const r = await diffCheckpoints(repo, from, to, guestPath, {
@@ -508,7 +534,7 @@ ${ENGINE_HELP}`,
               checksum: opts.checksum ?? false,
             });
             if (opts.json) {
-              out(JSON.stringify(r, null, 2));
+              printJson(r);
               return;
             }
             const sign = { added: '+', removed: '-', changed: 'M' } as const;

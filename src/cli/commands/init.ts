@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
-import { Repository } from '../../repo/repository';
+import * as path from 'node:path';
 import { out, parseIntOption, repoPath } from '../context';
+import { printJson } from '../json';
 
 export function registerInit(program: Command): void {
   program
@@ -8,13 +9,37 @@ export function registerInit(program: Command): void {
     .description('create a new, empty repository')
     .option('--chunk-size <bytes>', 'chunk grid in bytes (power of two, 4 KiB to 16 MiB)', '262144')
     .option('--compression-level <n>', 'zstd level for new chunks', '1')
-    .action((opts: { chunkSize: string; compressionLevel: string }, cmd: Command) => {
+    .option('--json', 'machine-readable output')
+    .addHelpText(
+      'after',
+      `
+Examples:
+  bkfs -r /srv/bkfs init
+  BKFS_REPO=/srv/bkfs bkfs init --chunk-size 1048576
+  bkfs -r /srv/bkfs init --json`,
+    )
+    .action(async (opts: { chunkSize: string; compressionLevel: string; json?: boolean }, cmd: Command) => {
       const dir = repoPath(cmd);
+      const { Repository } = await import('../../repo/repository');
       const repo = Repository.init(dir, {
         chunkSize: parseIntOption('--chunk-size', opts.chunkSize),
         compressionLevel: Number(opts.compressionLevel),
       });
-      out(`created bkfs repository ${repo.config.id} at ${dir}`);
+      const c = repo.config;
       repo.close();
+      if (opts.json) {
+        printJson({
+          id: c.id,
+          path: path.resolve(dir),
+          format: c.format,
+          chunkSize: c.chunkSize,
+          pageSpan: c.pageSpan,
+          hash: c.hash,
+          compression: c.compression,
+          created: c.created,
+        });
+        return;
+      }
+      out(`created bkfs repository ${c.id} at ${dir}`);
     });
 }

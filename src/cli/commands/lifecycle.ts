@@ -5,46 +5,59 @@
 import type { Command } from 'commander';
 import * as fs from 'node:fs';
 import { BkfsError } from '../../errors';
-import { forgetByName, forgetByPolicy, setProtected, type ForgetResult } from '../../repo/forget';
-import { runGc, type GcReport } from '../../repo/gc';
-import { rebuildIndex } from '../../repo/rebuild';
-import { manifestPath, rewriteManifest } from '../../repo/manifest';
-import { repositoryStats, type Totals } from '../../repo/stats';
+import type { ForgetResult } from '../../repo/forget';
+import type { GcReport } from '../../repo/gc';
+import type { Totals } from '../../repo/stats';
 import type { RetentionPolicy } from '../../repo/retention';
 import type { Repository } from '../../repo/repository';
-import { bytes, ratio } from '../../util/format';
+import { bytes, localTime, ratio } from '../../util/format';
 import { ProgressBar } from '../progress';
-import { note, out, parseIntOption, repoPath, table, withRepo } from '../context';
+import { note, out, parseIntOption, repoPath, retryLocked, table, withRepo } from '../context';
+import { printJson } from '../json';
 
 interface ForgetCli {
   keepLast?: string;
+  keepHourly?: string;
   keepDaily?: string;
   keepWeekly?: string;
   keepMonthly?: string;
+  keepYearly?: string;
+  keepWithin?: string;
   dryRun?: boolean;
   prune?: boolean;
   json?: boolean;
 }
 
-function time(ms: number): string {
-  return new Date(ms).toISOString().replace('T', ' ').slice(0, 19);
-}
-
 function printForget(r: ForgetResult): void {
-  const rows: string[][] = [];
+  const rows: { vm: string; t: number; cells: string[] }[] = [];
   for (const k of r.kept)
-    rows.push(['keep', `${k.vm}@${k.name}`, k.level, time(k.time), k.reasons.join(',')]);
+    rows.push({
+      vm: k.vm,
+      t: k.time,
+      cells: ['keep', `${k.vm}@${k.name}`, k.level, localTime(k.time), k.reasons.join(',')],
+    });
   for (const k of r.removed) {
-    rows.push([
-      r.dryRun ? 'would remove' : 'removed',
-      `${k.vm}@${k.name}`,
-      k.level,
-      time(k.time),
-      k.pinned ? 'in use by a reader: hidden now, deleted by gc once released' : '',
-    ]);
+    rows.push({
+      vm: k.vm,
+      t: k.time,
+      cells: [
+        r.dryRun ? 'would remove' : 'removed',
+        `${k.vm}@${k.name}`,
+        k.level,
+        localTime(k.time),
+        k.pinned ? 'in use by a reader: hidden now, deleted by gc once released' : '',
+      ],
+    });
   }
-  rows.sort((a, b) => (a[1]! < b[1]! ? -1 : a[1]! > b[1]! ? 1 : 0));
-  if (rows.length > 0) out(table(['ACTION', 'CHECKPOINT', 'LEVEL', 'TIME', 'WHY'], rows));
+  // By VM, then oldest first (as `list`), not by name: check10 comes after check9.
+  rows.sort((a, b) => (a.vm < b.vm ? -1 : a.vm > b.vm ? 1 : a.t - b.t));
+  if (rows.length > 0)
+    out(
+      table(
+        ['ACTION', 'CHECKPOINT', 'LEVEL', 'TIME', 'WHY'],
+        rows.map((x) => x.cells),
+      ),
+    );
   const n = r.removed.length;
   if (r.dryRun) out(`dry run: ${n} checkpoint(s) would be forgotten, ${r.kept.length} kept; nothing changed`);
   else out(`forgot ${n} checkpoint(s)${r.kept.length ? `, kept ${r.kept.length}` : ''}`);
@@ -82,9 +95,15 @@ export function registerLifecycle(program: Command): void {
     .description('remove checkpoints from the catalogue, by name or by a retention policy (then run gc)')
     .argument('[refs...]', 'VM@CHECKPOINT to forget; with --keep-*: an optional VM (default: every VM)')
     .option('--keep-last <n>', 'keep the n newest checkpoints')
+    .option('--keep-hourly <n>', 'keep the newest checkpoint of each of the last n hours that have one')
     .option('--keep-daily <n>', 'keep the newest checkpoint of each of the last n days that have one')
     .option('--keep-weekly <n>', 'same per ISO week')
     .option('--keep-monthly <n>', 'same per month')
+    .option('--keep-yearly <n>', 'same per year')
+    .option(
+      '--keep-within <span>',
+      "keep every checkpoint not older than span before the VM's newest, e.g. 14d, 36h, 1y6m (y m d h)",
+    )
     .option('-n, --dry-run', 'show what would be forgotten; change nothing')
     .option('--prune', 'run gc afterwards')
     .option('--json', 'machine-readable output')
@@ -98,18 +117,31 @@ disappears from the catalogue at once; its data goes at the first gc after the r
 Examples:
   bkfs forget web@check3 web@check4
   bkfs forget web --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run
+  bkfs forget web --keep-hourly 24 --keep-within 30d --keep-yearly 5
   bkfs forget --keep-daily 14 --prune        # every VM, then free the space`,
     )
     .action(async (refs: string[], opts: ForgetCli, cmd: Command) => {
       const policy: RetentionPolicy = {};
-      const kl = count('--keep-last', opts.keepLast);
-      const kd = count('--keep-daily', opts.keepDaily);
-      const kw = count('--keep-weekly', opts.keepWeekly);
-      const km = count('--keep-monthly', opts.keepMonthly);
-      if (kl !== undefined) policy.keepLast = kl;
-      if (kd !== undefined) policy.keepDaily = kd;
-      if (kw !== undefined) policy.keepWeekly = kw;
-      if (km !== undefined) policy.keepMonthly = km;
+      const counts = [
+        ['keepLast', '--keep-last'],
+        ['keepHourly', '--keep-hourly'],
+        ['keepDaily', '--keep-daily'],
+        ['keepWeekly', '--keep-weekly'],
+        ['keepMonthly', '--keep-monthly'],
+        ['keepYearly', '--keep-yearly'],
+      ] as const;
+      for (const [key, flag] of counts) {
+        const n = count(flag, opts[key]);
+        if (n !== undefined) policy[key] = n;
+      }
+      if (opts.keepWithin !== undefined) {
+        const { parseKeepWithin } = await import('../../repo/retention');
+        try {
+          policy.keepWithin = parseKeepWithin(opts.keepWithin);
+        } catch (e) {
+          throw new BkfsError('USAGE', `--${(e as Error).message}`);
+        }
+      }
       const byPolicy = Object.keys(policy).length > 0;
       if (byPolicy && (refs.length > 1 || refs.some((r) => r.includes('@')))) {
         throw new BkfsError('USAGE', 'with --keep-* give at most one VM name, not checkpoints');
@@ -120,13 +152,17 @@ Examples:
           'give checkpoints (VM@CHECKPOINT) or a policy (--keep-last, --keep-daily, ...)',
         );
       }
+      const { forgetByName, forgetByPolicy } = await import('../../repo/forget');
+      const { runGc } = await import('../../repo/gc');
       await withRepo(cmd, async (repo) => {
         const dry = opts.dryRun === true ? { dryRun: true } : {};
-        const r = byPolicy ? forgetByPolicy(repo, refs[0], policy, dry) : forgetByName(repo, refs, dry);
+        const r = await retryLocked(cmd, () =>
+          byPolicy ? forgetByPolicy(repo, refs[0], policy, dry) : forgetByName(repo, refs, dry),
+        );
         let gc: GcReport | undefined;
-        if (opts.prune && !opts.dryRun) gc = await runGc(repo);
+        if (opts.prune && !opts.dryRun) gc = await retryLocked(cmd, () => runGc(repo));
         if (opts.json) {
-          out(JSON.stringify(gc ? { ...r, gc } : r, null, 2));
+          printJson(gc ? { ...r, gc } : r);
           return;
         }
         printForget(r);
@@ -145,10 +181,23 @@ Examples:
           : 'remove the protection of checkpoints',
       )
       .argument('<refs...>', 'VM@CHECKPOINT')
-      .action(async (refs: string[], _opts: unknown, cmd: Command) => {
-        await withRepo(cmd, (repo) => {
-          const changed = setProtected(repo, refs, value);
+      .option('--json', 'machine-readable output')
+      .addHelpText(
+        'after',
+        `
+Examples:
+  bkfs ${name} web@check1
+  bkfs ${name} web@check1 db@check7 --json`,
+      )
+      .action(async (refs: string[], opts: { json?: boolean }, cmd: Command) => {
+        const { setProtected } = await import('../../repo/forget');
+        await withRepo(cmd, async (repo) => {
+          const changed = await retryLocked(cmd, () => setProtected(repo, refs, value));
           const names = changed.map((c) => `${c.vm}@${c.name}`);
+          if (opts.json) {
+            printJson({ protected: value, changed: changed.map((c) => ({ vm: c.vm, name: c.name })) });
+            return;
+          }
           if (names.length === 0) out(`nothing to do: already ${value ? 'protected' : 'unprotected'}`);
           else out(`${value ? 'protected' : 'unprotected'} ${names.join(', ')}`);
         });
@@ -167,23 +216,31 @@ Examples:
 gc holds the repository's writer lock: a backup started meanwhile fails with exit code 7
 (REPO_LOCKED), and gc fails the same way while a backup runs. Mounts and restores keep working:
 whatever their checkpoints use is kept, and packs they may be reading are only rewritten or
-deleted once they are done (a later gc finishes the job).`,
+deleted once they are done (a later gc finishes the job).
+
+Examples:
+  bkfs gc --dry-run
+  bkfs gc
+  bkfs --retry-lock 10m gc --json`,
     )
     .action(async (opts: { dryRun?: boolean; json?: boolean }, cmd: Command) => {
+      const { runGc } = await import('../../repo/gc');
       const bar = new ProgressBar('gc');
       try {
-        const r = await withRepo(cmd, (repo) =>
-          runGc(repo, {
-            ...(opts.dryRun ? { dryRun: true } : {}),
-            onProgress: (d, t) => bar.update(d, t),
-            onNotice: (m) => {
-              bar.done();
-              note(m);
-            },
-          }),
+        const r = await retryLocked(cmd, () =>
+          withRepo(cmd, (repo) =>
+            runGc(repo, {
+              ...(opts.dryRun ? { dryRun: true } : {}),
+              onProgress: (d, t) => bar.update(d, t),
+              onNotice: (m) => {
+                bar.done();
+                note(m);
+              },
+            }),
+          ),
         );
         bar.done();
-        if (opts.json) out(JSON.stringify(r, null, 2));
+        if (opts.json) printJson(r);
         else printGc(r);
       } finally {
         bar.done();
@@ -196,17 +253,29 @@ deleted once they are done (a later gc finishes the job).`,
     .option('--rebuild-index', 'recreate index.db from the manifests and packs (the old one is kept aside)')
     .option('--manifests', 'write the manifest of every checkpoint that lacks one')
     .option('--json', 'machine-readable output')
+    .addHelpText(
+      'after',
+      `
+Examples:
+  bkfs repair --manifests
+  bkfs repair --rebuild-index`,
+    )
     .action(async (opts: { rebuildIndex?: boolean; manifests?: boolean; json?: boolean }, cmd: Command) => {
       if (!opts.rebuildIndex && !opts.manifests) {
         throw new BkfsError('USAGE', 'say what to repair: --rebuild-index or --manifests');
       }
       const dir = repoPath(cmd);
+      let rebuilt: object | undefined;
       if (opts.rebuildIndex) {
+        const { rebuildIndex } = await import('../../repo/rebuild');
         const bar = new ProgressBar('rebuild');
-        const r = await rebuildIndex(dir, { onProgress: (_p, d, t) => bar.update(d, t) });
+        const r = await retryLocked(cmd, () =>
+          rebuildIndex(dir, { onProgress: (_p, d, t) => bar.update(d, t) }),
+        );
         bar.done();
         if (opts.json) {
-          out(JSON.stringify(r, null, 2));
+          if (opts.manifests) rebuilt = r;
+          else printJson(r);
         } else {
           out(
             `rebuilt the index: ${r.checkpoints} checkpoint(s) of ${r.vms} VM(s) from ${r.manifests} manifest(s), ${r.chunks} chunks in ${r.packs} pack(s)`,
@@ -221,12 +290,15 @@ deleted once they are done (a later gc finishes the job).`,
         }
       }
       if (opts.manifests) {
-        const written = await withRepo(cmd, (repo) => writeMissingManifests(repo));
+        const manifest = await import('../../repo/manifest');
+        const written = await retryLocked(cmd, () =>
+          withRepo(cmd, (repo) => writeMissingManifests(repo, manifest)),
+        );
         if (!opts.json)
           out(
             `wrote ${written.length} missing manifest(s)${written.length ? `: ${written.join(', ')}` : ''}`,
           );
-        else if (!opts.rebuildIndex) out(JSON.stringify({ written }, null, 2));
+        else printJson({ ...rebuilt, written });
       }
     });
 
@@ -235,14 +307,23 @@ deleted once they are done (a later gc finishes the job).`,
     .description('logical and stored size, dedup and compression, per VM and per checkpoint')
     .argument('[vm]', 'only this VM')
     .option('--json', 'machine-readable output')
+    .addHelpText(
+      'after',
+      `
+Examples:
+  bkfs stats
+  bkfs stats web
+  bkfs stats --json | jq .repository.storedBytes`,
+    )
     .action(async (vm: string | undefined, opts: { json?: boolean }, cmd: Command) => {
+      const { repositoryStats } = await import('../../repo/stats');
       await withRepo(cmd, (repo) => {
         if (vm !== undefined && !repo.db.prepare('SELECT 1 FROM vms WHERE name = ?').get(vm)) {
           throw new BkfsError('NOT_FOUND', `no VM named '${vm}' in this repository`);
         }
         const s = repositoryStats(repo, vm);
         if (opts.json) {
-          out(JSON.stringify(s, null, 2));
+          printJson(s);
           return;
         }
         const line = (label: string, t: Totals) =>
@@ -263,7 +344,7 @@ deleted once they are done (a later gc finishes the job).`,
               s.checkpoints.map((c) => [
                 `${c.vm}@${c.name}`,
                 c.level,
-                time(c.time),
+                localTime(c.time),
                 bytes(c.virtualSize),
                 bytes(c.logicalBytes),
                 bytes(c.uniqueStoredBytes),
@@ -277,7 +358,10 @@ deleted once they are done (a later gc finishes the job).`,
 }
 
 /** `repair --manifests`: write the manifest of each complete checkpoint that has none. */
-function writeMissingManifests(repo: Repository): string[] {
+function writeMissingManifests(
+  repo: Repository,
+  { manifestPath, rewriteManifest }: typeof import('../../repo/manifest'),
+): string[] {
   repo.lockWriter('repair --manifests');
   try {
     const rows = repo.db

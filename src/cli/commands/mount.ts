@@ -11,14 +11,19 @@ import * as path from 'node:path';
 import { Option, type Command } from 'commander';
 import { BkfsError, errorMessage, isBkfsError } from '../../errors';
 import { parseCheckpointRef, resolveRef } from '../../index/catalog';
-import { DEFAULT_CACHE_BYTES } from '../../store/chunk-cache';
 import { bytes } from '../../util/format';
-import { prepareMountpoint, sendReady, serveMount, startDaemon, type MountedInfo } from '../../fuse/daemon';
-import { canonicalMountpoint, logPath, unmountPath } from '../../fuse/state';
+import type { MountedInfo } from '../../fuse/daemon';
 import { note, out, repoPath, withRepo } from '../context';
-import { mountFilesAction, umountFilesAction } from './files';
+import { printJson } from '../json';
+
+/**
+ * The default of --cache-size: DEFAULT_CACHE_BYTES of src/store/chunk-cache.ts, written out so that
+ * `--help` does not load the chunk cache (test/unit/cli-startup.test.ts checks they agree).
+ */
+export const DEFAULT_CACHE_SIZE = '256M';
 
 interface MountCliOptions {
+  json?: boolean;
   foreground?: boolean;
   cacheSize: string;
   mode: string;
@@ -127,6 +132,8 @@ async function runForeground(
   if (daemon) process.on('SIGHUP', () => undefined);
   else process.on('SIGHUP', onSignal);
   let ready = false;
+  const { sendReady, serveMount } = await import('../../fuse/daemon');
+  const { logPath } = await import('../../fuse/state');
   try {
     await serveMount({
       repoDir,
@@ -178,7 +185,7 @@ export function registerMount(program: Command): void {
     .option(
       '--cache-size <size>',
       'decoded chunk cache shared by all files, e.g. 256M, 1G',
-      `${DEFAULT_CACHE_BYTES >> 20}M`,
+      DEFAULT_CACHE_SIZE,
     )
     .option('--mode <octal>', 'permission bits of the files: 0400 owner only, 0444 every local user', '0400')
     .addOption(new Option('--ready-fd <fd>', 'internal: report readiness on this fd (daemon)').hideHelp())
@@ -188,6 +195,7 @@ export function registerMount(program: Command): void {
     )
     .option('--engine <engine>', 'with --files: auto, guestfs or kernel')
     .option('--guestfs-tcg', 'with --files: libguestfs without KVM (force_tcg)')
+    .option('--json', 'machine-readable summary of what was mounted')
     .addHelpText(
       'after',
       `
@@ -205,11 +213,14 @@ Examples:
       async (first: string | undefined, second: string | undefined, opts: MountCliOptions, cmd: Command) => {
         const form = mountForm(first, second, opts.all ?? false);
         const ref = form.ref;
+        const { canonicalMountpoint, logPath } = await import('../../fuse/state');
+        const { prepareMountpoint, startDaemon } = await import('../../fuse/daemon');
         const mountpoint = canonicalMountpoint(form.dir);
         if (ref !== undefined) parseCheckpointRef(ref); // BAD_NAME before anything else
         if (opts.files) {
           if (ref === undefined)
             throw new BkfsError('USAGE', '--files needs VM[@CP] and a directory, not --all');
+          const { mountFilesAction } = await import('./files');
           return mountFilesAction(cmd, ref, mountpoint, opts);
         }
         const cacheBytes = parseSize('--cache-size', opts.cacheSize);
@@ -246,6 +257,10 @@ Examples:
           ],
           logFile: logPath(mountpoint),
         });
+        if (opts.json) {
+          printJson({ ...info, repository: repoDir });
+          return;
+        }
         describeMount(info, repoDir);
         out(`log: ${info.log ?? '-'}; unmount with: bkfs umount ${mountpoint}`);
       },
@@ -257,10 +272,24 @@ Examples:
     .description('unmount a bkfs mount and stop its daemon (also cleans a mount whose daemon died)')
     .argument('<dir>', 'mount point')
     .option('-z, --lazy', 'detach now even if files are open (they fail once the daemon stops)')
-    .action(async (dir: string, opts: { lazy?: boolean }) => {
+    .addHelpText(
+      'after',
+      `
+Examples:
+  bkfs umount /mnt/web
+  bkfs umount --lazy /mnt/web`,
+    )
+    .option('--json', 'machine-readable result')
+    .action(async (dir: string, opts: { lazy?: boolean; json?: boolean }) => {
+      const { canonicalMountpoint, unmountPath } = await import('../../fuse/state');
+      const { umountFilesAction } = await import('./files');
       const mountpoint = canonicalMountpoint(dir);
-      if (await umountFilesAction(mountpoint, opts.lazy ?? false)) return;
+      if (await umountFilesAction(mountpoint, opts.lazy ?? false, opts.json ?? false)) return;
       const r = await unmountPath(mountpoint, { lazy: opts.lazy ?? false });
+      if (opts.json) {
+        printJson({ mountpoint, outcome: r.outcome, pid: r.pid ?? null });
+        return;
+      }
       if (r.outcome === 'stale') {
         out(`removed the stale mount at ${mountpoint} (its daemon${r.pid ? ` pid ${r.pid}` : ''} had died)`);
       } else {

@@ -1,9 +1,10 @@
 import type { Command } from 'commander';
 import { BkfsError } from '../../errors';
-import { runRestore, type FileFormat, type RestoreResult } from '../../restore/engine';
-import { runExport, type ExportResult } from '../../restore/export';
+import type { FileFormat, RestoreResult } from '../../restore/engine';
+import type { ExportResult } from '../../restore/export';
 import { bytes, duration, rate } from '../../util/format';
 import { out, parseIntOption, withLongJob, withRepo } from '../context';
+import { printJson } from '../json';
 
 interface RestoreCliOptions {
   to: string;
@@ -97,6 +98,7 @@ Examples:
       const concurrency =
         opts.concurrency !== undefined ? parseIntOption('--concurrency', opts.concurrency) : undefined;
       if (concurrency === 0) throw new BkfsError('USAGE', '--concurrency must be at least 1');
+      const { runRestore } = await import('../../restore/engine');
       const res = await withLongJob(`restore ${ref}`, (job) =>
         withRepo(cmd, (repo) =>
           runRestore(repo, {
@@ -112,7 +114,7 @@ Examples:
           }),
         ),
       );
-      if (opts.json) out(JSON.stringify(res, null, 2));
+      if (opts.json) printJson(res);
       else printRestore(res);
     });
 
@@ -132,13 +134,14 @@ Each layer holds only its own checkpoint's changes and names the layer below by 
 (qemu-img create -b <previous>.qcow2 -F qcow2), so the directory can be moved. qemu-img convert
 DIR/<disk>/<checkpoint>.qcow2 reads the disk as of that checkpoint.
 
-Example:
+Examples:
   bkfs export web@check4 --format qcow2-chain --to /srv/export/web`,
     )
     .action(async (ref: string, opts: ExportCliOptions, cmd: Command) => {
       if (opts.format !== 'qcow2-chain') {
         throw new BkfsError('USAGE', `--format must be qcow2-chain, got '${opts.format}'`);
       }
+      const { runExport } = await import('../../restore/export');
       const res = await withLongJob(`export ${ref}`, (job) =>
         withRepo(cmd, (repo) =>
           runExport(repo, {
@@ -151,7 +154,7 @@ Example:
           }),
         ),
       );
-      if (opts.json) out(JSON.stringify(res, null, 2));
+      if (opts.json) printJson(res);
       else printExport(res);
     });
 }

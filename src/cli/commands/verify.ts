@@ -1,10 +1,10 @@
 import type { Command } from 'commander';
 import { BkfsError } from '../../errors';
-import { getCheckpoint, getVm, listVms, parseCheckpointRef } from '../../index/catalog';
-import { compareWithSources, selectCheckpoints, verifyRepository, type SourceDiff } from '../../repo/verify';
+import type { SourceDiff } from '../../repo/verify';
 import { bytes } from '../../util/format';
 import { ProgressBar } from '../progress';
 import { out, withRepo } from '../context';
+import { printJson } from '../json';
 
 export function registerVerify(program: Command): void {
   program
@@ -22,7 +22,13 @@ export function registerVerify(program: Command): void {
       `
 Damaged chunks are reported with every checkpoint and disk range that uses them, and marked in the
 index: 'bkfs list' shows those checkpoints as DAMAGED, and the next backup that reads the same data
-stores it again and heals them. Exit code 16 when anything is damaged or differs from its source.`,
+stores it again and heals them. Exit code 16 when anything is damaged or differs from its source.
+
+Examples:
+  bkfs verify
+  bkfs verify web --sample 10
+  bkfs verify web@check3 --source
+  bkfs verify --json`,
     )
     .action(
       async (
@@ -30,6 +36,8 @@ stores it again and heals them. Exit code 16 when anything is damaged or differs
         opts: { sample?: string; source?: boolean; json?: boolean },
         cmd: Command,
       ) => {
+        const { getCheckpoint, getVm, listVms, parseCheckpointRef } = await import('../../index/catalog');
+        const { compareWithSources, selectCheckpoints, verifyRepository } = await import('../../repo/verify');
         const sel: { vm?: string; checkpoint?: string } = ref ? parseCheckpointRef(ref) : {};
         const sample = opts.sample === undefined ? undefined : Number(opts.sample);
         if (sample !== undefined && !(sample > 0 && sample <= 100)) {
@@ -69,7 +77,7 @@ stores it again and heals them. Exit code 16 when anything is damaged or differs
         bar.done();
         const differing = (sources ?? []).filter((s) => s.status === 'differs');
         if (opts.json) {
-          out(JSON.stringify(sources ? { ...rep, sources } : rep, null, 2));
+          printJson(sources ? { ...rep, sources } : rep);
         } else {
           out(
             `checked ${rep.checkpoints} checkpoint(s), ${rep.chunksChecked} chunks, ${bytes(rep.bytesChecked)} stored`,
