@@ -13,7 +13,7 @@
  * `onNotice`) as soon as it cannot. Only the bytes the guest filesystem code actually reads are
  * loaded from the repository (`stats`).
  *
- * Pins: every checkpoint of the session is pinned while it is open (forget/gc keep them). Locking:
+ * Pins: every checkpoint of the session is pinned, then re-checked, while it is open. Locking:
  * none; the repository is only read. Nothing is written to the repository or to any disk image.
  * Memory: a 64 MiB decoded-chunk cache shared by all checkpoints, each reader's page cache, and
  * the listings `find`/`diff` hold.
@@ -27,7 +27,7 @@ import type { Writable } from 'node:stream';
 import { BkfsError, errorMessage, isBkfsError } from '../errors';
 import { CheckpointReader } from '../chain/reader';
 import type { CheckpointRow, VmRow } from '../index/catalog';
-import { pinCheckpoints, type Pin } from '../repo/pins';
+import { assertStillComplete, pinCheckpoints, type Pin } from '../repo/pins';
 import type { Repository } from '../repo/repository';
 import { ChunkLoader } from '../store/chunk-cache';
 import { run } from '../util/proc';
@@ -170,6 +170,13 @@ export class FilesSession {
       opts.onNotice?.(
         `cannot pin the checkpoints (forget/gc will not know they are in use): ${errorMessage(e)}`,
       );
+    }
+    try {
+      // Looked up before the pin: a forget may have run in between (FORMAT.md, "Pins").
+      for (const cp of checkpoints) assertStillComplete(repo, cp, vm.name, 'the file session');
+    } catch (e) {
+      pin?.release();
+      throw e;
     }
     const work = await fsp.mkdtemp(path.join(os.tmpdir(), 'bkfs-files-'));
     try {

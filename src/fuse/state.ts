@@ -22,6 +22,7 @@ import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { removeStalePins } from '../repo/pins';
 import { BkfsError } from '../errors';
 import { run, lastLine } from '../util/proc';
 import { userPathError } from '../util/userpath';
@@ -302,19 +303,12 @@ export async function cleanStale(mountpoint: string, state?: MountState): Promis
 }
 
 /**
- * Pin files (`<repo>/pins/<pid>-*.json`, see src/repo/pins.ts) of a daemon that is gone: forget/gc
- * would ignore them as stale anyway; removing them keeps the directory tidy.
+ * Pin files of a daemon that is gone (`src/repo/pins.ts`): forget/gc would drop them as stale
+ * anyway (nobody holds their flock); removing them keeps the directory tidy. Decided by the pins'
+ * flocks, never by PID (a PID in another namespace may equal the dead daemon's).
  */
 function removeDeadPins(state: MountState): void {
-  if (processAlive(state.pid)) return; // that PID may now belong to another pinning process
-  const dir = path.join(state.repo, 'pins');
-  try {
-    for (const n of fs.readdirSync(dir)) {
-      if (n.startsWith(`${state.pid}-`) && n.endsWith('.json')) fs.rmSync(path.join(dir, n), { force: true });
-    }
-  } catch {
-    // no pins directory: nothing to tidy
-  }
+  removeStalePins({ dir: state.repo });
 }
 
 export interface UnmountResult {

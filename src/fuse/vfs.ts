@@ -151,6 +151,8 @@ export class CheckpointVfs {
   private readonly handles = new Map<number, Handle>();
   private readonly damaged = new Set<string>();
   private readonly pinned = new Set<number>();
+  /** Pinned, but found gone by the re-check: never served. */
+  private readonly refused = new Set<number>();
   private pin: Pin | undefined;
   private nextFh = 1;
   private closed = false;
@@ -172,10 +174,8 @@ export class CheckpointVfs {
     this.mode = opts.ref === undefined ? 'tree' : 'checkpoint';
     if (opts.ref !== undefined) {
       const { vm, checkpoint } = resolveRef(repo.db, opts.ref);
-      this.pinCheckpoint(checkpoint.id);
-      // Re-read after pinning: a forget that ran in between must not leave us serving a ghost.
-      const still = checkpointById(repo.db, checkpoint.id);
-      if (!still || still.state !== 'complete') {
+      // Pin, then re-read: a forget that ran in between must not leave us serving a ghost.
+      if (!this.pinCheckpoint(checkpoint.id)) {
         this.close();
         throw new BkfsError('NOT_FOUND', `checkpoint ${vm.name}@${checkpoint.name} was just removed`);
       }
@@ -232,7 +232,7 @@ export class CheckpointVfs {
         return out;
       }
       case 'cpdir':
-        this.pinCheckpoint(node.view.checkpoint.id);
+        this.pinOrGone(node.view, path);
         return this.checkpointEntries(node.view);
       default:
         throw new FsError('ENOTDIR', `${path} is not a directory`);
@@ -263,7 +263,7 @@ export class CheckpointVfs {
       if (node.kind === 'latest') throw new FsError('EINVAL', `${path} is a symbolic link`);
       throw new FsError('EISDIR', `${path} is a directory`);
     }
-    this.pinCheckpoint(node.view.checkpoint.id);
+    this.pinOrGone(node.view, path);
     const h: Handle = { node };
     if (node.kind === 'disk') h.reader = this.readerFor(node.view);
     const fh = this.allocFh();
@@ -342,7 +342,7 @@ export class CheckpointVfs {
     if (parts.length === 2) return { kind: 'cpdir', view };
     if (parts.length > 3) return this.throwBelow(this.fileNodeOrNull(view, parts[2]!), path);
     const file = this.fileNode(view, parts[2]!, path);
-    this.pinCheckpoint(cp.id); // its files are being looked up: keep it while mounted
+    this.pinOrGone(view, path); // its files are being looked up: keep it while mounted
     return file;
   }
 
@@ -437,18 +437,47 @@ export class CheckpointVfs {
     return r;
   }
 
-  private pinCheckpoint(id: number): void {
-    if (this.pinned.has(id)) return;
+  /**
+   * Pin a checkpoint (once), then check that it is still complete: a forget commits `forgotten`
+   * before it reads the pins, so either it saw this pin and keeps the rows while we are mounted,
+   * or this check sees the checkpoint gone (FORMAT.md, "Pins"). False: gone, do not serve it.
+   */
+  private pinCheckpoint(id: number): boolean {
+    if (this.refused.has(id)) return false;
+    if (this.pinned.has(id)) return true;
     this.pinned.add(id);
     try {
       if (this.pin) this.pin.add(id);
       else this.pin = pinCheckpoints(this.repo, [id]);
     } catch (e) {
-      // A repository on read-only media cannot take pins; serving it is still right.
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code !== 'EROFS' && code !== 'EACCES' && code !== 'EPERM') {
+        // Unpinned, a forget could delete its rows while we serve it: refuse instead.
+        this.pinned.delete(id);
+        this.opts.onNotice?.(`cannot pin checkpoint ${id}, not serving it: ${errorMessage(e)}`);
+        return false;
+      }
+      // A repository we may not write (read-only media, another user's) cannot take pins.
       this.opts.onNotice?.(
         `cannot pin checkpoint ${id} (forget/gc will not see this mount): ${errorMessage(e)}`,
       );
     }
+    if (checkpointById(this.repo.db, id)?.state !== 'complete') {
+      this.refused.add(id);
+      return false;
+    }
+    return true;
+  }
+
+  /** Tree mode: pin the checkpoint of `view` before serving anything of it; ENOENT if it went. */
+  private pinOrGone(view: CheckpointView, path: string): void {
+    if (this.pinCheckpoint(view.checkpoint.id)) return;
+    this.views.delete(view.checkpoint.id);
+    this.readers.delete(view.checkpoint.id);
+    throw new FsError(
+      'ENOENT',
+      `${path}: checkpoint ${view.vm.name}@${view.checkpoint.name} was just removed`,
+    );
   }
 
   private dirAttr(mtime: number): NodeAttr {

@@ -14,9 +14,10 @@
  * removed by a policy, and forget by name refuses them (PROTECTED).
  *
  * Order (crash-safe, see manifest.ts): journal naming the checkpoints (durable) -> one index
- * transaction -> manifests deleted -> journal deleted. Locking: the writer lock for the whole
- * forget, so it never runs beside a backup or gc; `protect` needs no lock (one UPDATE, which
- * forget's transaction sees).
+ * transaction hides them (state `forgotten`) -> pins are read -> one transaction deletes the rows
+ * of those nobody pins -> manifests deleted -> journal deleted. Reading the pins only after the
+ * hide committed is what makes pins race-free (FORMAT.md, "Pins"). Locking: the writer lock for
+ * the whole forget, so it never runs beside a backup or gc; `protect`/`unprotect` take it too.
  * Memory: the catalogue rows of the VMs involved.
  */
 import { BkfsError } from '../errors';
@@ -164,14 +165,16 @@ export function forgetByPolicy(
 function forgetRows(repo: Repository, sel: { vm: string; cp: Row }[], strict: boolean): ForgetEntry[] {
   if (sel.length === 0) return [];
   const db = repo.db;
-  const pinned = pinnedCheckpointIds(repo);
+  // Fail on a broken pin file before changing anything (the decision uses the scan below).
+  pinnedCheckpointIds(repo);
   const journal = writeForgetJournal(
     repo.dir,
     sel.map((x) => ({ id: x.cp.id, uid: x.cp.uid })),
   );
   crashPoint('forget-after-journal');
-  const done: ForgetEntry[] = [];
+  const hidden: ForgetEntry[] = [];
   try {
+    // 1. Hide: from this commit on, a reader that pins one of them and re-checks sees it gone.
     db.transaction(() => {
       const cur = db.prepare('SELECT state, protected FROM checkpoints WHERE id = ?');
       const hide = db.prepare("UPDATE checkpoints SET state = 'forgotten' WHERE id = ?");
@@ -184,17 +187,29 @@ function forgetRows(repo: Repository, sel: { vm: string; cp: Row }[], strict: bo
             throw new BkfsError('PROTECTED', `${where} is protected (run 'bkfs unprotect' first)`);
           throw new BkfsError('NOT_FOUND', `${where} was removed meanwhile`);
         }
-        const isPinned = pinned.has(x.cp.id);
-        if (isPinned) hide.run(x.cp.id);
-        else deleteCheckpointRows(db, x.cp.id);
-        done.push({ ...entry(x.vm, x.cp), ...(isPinned ? { pinned: true } : {}) });
+        hide.run(x.cp.id);
+        hidden.push(entry(x.vm, x.cp));
       }
-    })();
+    }).immediate();
   } catch (e) {
     // Nothing was forgotten: the journal must not make a rebuild drop these checkpoints.
     closeForgetJournal(repo.dir, journal);
     throw e;
   }
+  crashPoint('forget-after-hide');
+  // 2. Pins, read AFTER the hide committed (FORMAT.md, "Pins"): a reader pinned before this scan
+  // is seen here and keeps the rows; one pinned after it re-checks and finds the checkpoint gone.
+  // A crash or a broken pin from here on leaves them hidden with their rows: gc deletes those.
+  const pinned = pinnedCheckpointIds(repo);
+  const done: ForgetEntry[] = hidden.map((h) => (pinned.has(h.id) ? { ...h, pinned: true } : h));
+  db.transaction(() => {
+    const cur = db.prepare('SELECT state FROM checkpoints WHERE id = ?');
+    for (const d of done) {
+      if (d.pinned) continue;
+      if ((cur.get(d.id) as { state: string } | undefined)?.state === 'forgotten')
+        deleteCheckpointRows(db, d.id);
+    }
+  }).immediate();
   crashPoint('forget-after-index');
   for (const x of sel) {
     if (done.some((d) => d.id === x.cp.id)) removeManifest(repo.dir, x.cp.uid);
@@ -215,19 +230,27 @@ export function setProtected(repo: Repository, refs: string[], value: boolean): 
     sel.push({ vm: vm.name, cp: getCheckpoint(repo.db, vm, r.checkpoint) });
   }
   const changed: ForgetEntry[] = [];
-  repo.db.transaction(() => {
-    const upd = repo.db.prepare(
-      "UPDATE checkpoints SET protected = ? WHERE id = ? AND state = 'complete' AND protected != ?",
-    );
-    const exists = repo.db.prepare("SELECT 1 FROM checkpoints WHERE id = ? AND state = 'complete'");
-    for (const x of sel) {
-      if (!exists.get(x.cp.id))
-        throw new BkfsError('NOT_FOUND', `${x.vm}@${x.cp.name} was forgotten meanwhile`);
-      const v = value ? 1 : 0;
-      if (upd.run(v, x.cp.id, v).changes > 0) changed.push(entry(x.vm, x.cp));
-    }
-  })();
-  // The manifest carries the flag, so an index rebuild keeps it.
-  for (const c of changed) rewriteManifest(repo, c.id);
+  // The flag is in the index and in the manifest: a writer's change, under the writer lock.
+  repo.lockWriter(value ? 'protect' : 'unprotect');
+  try {
+    repo.db
+      .transaction(() => {
+        const upd = repo.db.prepare(
+          "UPDATE checkpoints SET protected = ? WHERE id = ? AND state = 'complete' AND protected != ?",
+        );
+        const exists = repo.db.prepare("SELECT 1 FROM checkpoints WHERE id = ? AND state = 'complete'");
+        for (const x of sel) {
+          if (!exists.get(x.cp.id))
+            throw new BkfsError('NOT_FOUND', `${x.vm}@${x.cp.name} was forgotten meanwhile`);
+          const v = value ? 1 : 0;
+          if (upd.run(v, x.cp.id, v).changes > 0) changed.push(entry(x.vm, x.cp));
+        }
+      })
+      .immediate();
+    // The manifest carries the flag, so an index rebuild keeps it.
+    for (const c of changed) rewriteManifest(repo, c.id);
+  } finally {
+    repo.unlockWriter();
+  }
   return changed;
 }

@@ -40,7 +40,8 @@ import * as path from 'node:path';
 import type Database from 'better-sqlite3';
 import type { Repository } from './repository';
 import { crashPoint, deleteCheckpointRows } from './repository';
-import { pinnedCheckpointIds } from './pins';
+import { activePins } from './pins';
+import { BkfsError } from '../errors';
 import { decodeChunk } from '../store/codec';
 import {
   PACK_HEADER_LEN,
@@ -108,14 +109,11 @@ interface PinState {
 }
 
 function pinState(repo: Repository): PinState {
-  const ids = pinnedCheckpointIds(repo); // also drops pin files of dead processes
-  let files: string[] = [];
-  try {
-    files = fs.readdirSync(path.join(repo.dir, 'pins')).filter((n) => n.endsWith('.json'));
-  } catch {
-    // no pins directory
-  }
-  return { ids, files };
+  const pins = activePins(repo); // also drops pin files of dead readers; REPO_CORRUPT if broken
+  return {
+    ids: new Set(pins.flatMap((p) => p.checkpoints)),
+    files: pins.map((p) => p.file!),
+  };
 }
 
 interface PendingPack {
@@ -125,15 +123,60 @@ interface PendingPack {
   pins: string[];
 }
 
+/** `gc-pending.json` lists a few names per pack; larger is not ours and is not read whole. */
+export const MAX_PENDING_BYTES = 16 << 20;
+
+function pendingCorrupt(file: string, why: string): BkfsError {
+  return new BkfsError(
+    'REPO_CORRUPT',
+    `${file} is unreadable (${why}); it lists pack files kept for readers: if no bkfs mount or restore runs, remove it (gc then treats those packs as unindexed files)`,
+  );
+}
+
+/**
+ * The packs gc keeps for readers. A missing file is an empty list; an unreadable, oversized or
+ * malformed one is REPO_CORRUPT (never taken for an empty list: its packs would be lost track of).
+ */
 function readPending(repoDir: string): PendingPack[] {
+  const file = path.join(repoDir, PENDING_FILE);
+  let fd: number;
   try {
-    const j = JSON.parse(fs.readFileSync(path.join(repoDir, PENDING_FILE), 'utf8')) as {
-      packs: PendingPack[];
-    };
-    return Array.isArray(j.packs) ? j.packs : [];
-  } catch {
-    return [];
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw pendingCorrupt(file, (e as NodeJS.ErrnoException).code ?? String(e));
   }
+  let text: string;
+  try {
+    const st = fs.fstatSync(fd);
+    if (!st.isFile()) throw pendingCorrupt(file, 'not a regular file');
+    if (st.size > MAX_PENDING_BYTES) throw pendingCorrupt(file, `${st.size} bytes`);
+    const buf = Buffer.alloc(st.size);
+    text = buf.subarray(0, st.size > 0 ? fs.readSync(fd, buf, 0, st.size, 0) : 0).toString('utf8');
+  } finally {
+    fs.closeSync(fd);
+  }
+  let j: unknown;
+  try {
+    j = JSON.parse(text);
+  } catch {
+    throw pendingCorrupt(file, 'not JSON');
+  }
+  const packs = (j as { packs?: unknown } | null)?.packs;
+  const ok =
+    Array.isArray(packs) &&
+    packs.every(
+      (p: Partial<PendingPack> | null) =>
+        typeof p === 'object' &&
+        p !== null &&
+        typeof p.name === 'string' &&
+        /^[0-9a-zA-Z_-]{1,128}$/.test(p.name) &&
+        Number.isSafeInteger(p.size) &&
+        Array.isArray(p.pins) &&
+        p.pins.every((f) => typeof f === 'string'),
+    );
+  if (!ok) throw pendingCorrupt(file, 'not a list of packs');
+  return packs as PendingPack[];
 }
 
 async function writePending(repoDir: string, packs: PendingPack[]): Promise<void> {

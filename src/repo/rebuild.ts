@@ -36,15 +36,7 @@ import {
   decodeRecordHeader,
   packPath,
 } from '../store/packs';
-import {
-  DB_FILE,
-  DB_NEW_FILE,
-  Repository,
-  acquireWriterLock,
-  crashPoint,
-  loadConfig,
-  releaseWriterLock,
-} from './repository';
+import { DB_FILE, DB_NEW_FILE, Repository, acquireWriterLock, crashPoint, loadConfig } from './repository';
 import { activePins } from './pins';
 import {
   decodeManifest,
@@ -180,10 +172,10 @@ function chunkIsGood(repoDir: string, c: ScannedChunk): boolean {
 
 export async function rebuildIndex(dir: string, o: RebuildOptions = {}): Promise<RebuildReport> {
   const config = loadConfig(dir);
-  acquireWriterLock(dir, 'repair --rebuild-index');
+  const lock = acquireWriterLock(dir, 'repair --rebuild-index');
   try {
     // The pins module only needs the directory.
-    const readers = activePins({ dir } as Repository);
+    const readers = activePins({ dir });
     if (readers.length > 0) {
       throw new BkfsError(
         'REPO_LOCKED',
@@ -192,7 +184,7 @@ export async function rebuildIndex(dir: string, o: RebuildOptions = {}): Promise
     }
     return await build(dir, config.id, config.chunkSize, config.pageSpan, o);
   } finally {
-    releaseWriterLock(dir);
+    lock.release();
   }
 }
 

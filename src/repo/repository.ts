@@ -7,12 +7,13 @@
  *   tmp/             packs being written
  *   manifests/       one manifest per checkpoint, to rebuild the index (`manifest.ts`)
  *   pins/            checkpoints in use by readers (`pins.ts`)
- *   lock             writer lock (JSON: pid, host, command, time)
+ *   lock             writer lock: flock(2) held by the writer (`lock.ts`); JSON info of the holder
  *
- * Locking: one writer at a time holds `lock` (created with O_EXCL; a lock whose process is gone on
- * this host is stale and taken over). Readers (list, mount, restore, verify) take no lock: SQLite's
- * WAL lets them read committed state while a backup writes, and a checkpoint becomes visible only
- * when its final transaction flips it to `complete`.
+ * Locking: one writer at a time holds the flock on `lock` (`lock.ts`: the kernel releases it when
+ * the holder dies, so there is no stale lock to take over). Every command that writes the index
+ * takes it. Readers (list, mount, restore, `verify --read-only`) take no lock: SQLite's WAL lets
+ * them read committed state while a backup writes, a checkpoint becomes visible only when its
+ * final transaction flips it to `complete`, and long-lived readers pin what they read (`pins.ts`).
  *
  * Recovery: whoever takes the writer lock first removes what a crashed writer left behind:
  * checkpoints still marked `running` (with their disks, page maps and manifests), temp packs, and
@@ -20,15 +21,14 @@
  * reused by dedup or removed by gc.
  */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
 import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
-import { processAlive } from '../util/proc';
 import { makeDirs, onUserPath } from '../util/userpath';
+import { acquireWriterLock, type LockOptions, type WriterLock } from './lock';
 
 export const REPO_MAGIC = 'bkfs-repository';
 export const CONFIG_FILE = 'bkfs-repo.json';
@@ -43,6 +43,20 @@ export const DB_NEW_FILE = 'index.db.new';
  */
 export function crashPoint(step: string): void {
   if (process.env.BKFS_TEST_CRASH_AT === step) process.kill(process.pid, 'SIGKILL');
+  if (process.env.BKFS_TEST_PAUSE_AT === step) pauseHere(process.env.BKFS_TEST_PAUSE_FILE);
+}
+
+/**
+ * Test-only pause (`BKFS_TEST_PAUSE_AT=step`, `BKFS_TEST_PAUSE_FILE=F`): create `F.paused`, then
+ * wait until `F.resume` exists (at most a minute). Lets race tests start a real second process at
+ * an exact point of a real first one (e.g. a mount between forget's two transactions).
+ */
+function pauseHere(file: string | undefined): void {
+  if (!file) return;
+  fs.writeFileSync(`${file}.paused`, String(process.pid));
+  const end = Date.now() + 60_000;
+  const cell = new Int32Array(new SharedArrayBuffer(4));
+  while (!fs.existsSync(`${file}.resume`) && Date.now() < end) Atomics.wait(cell, 0, 0, 20);
 }
 
 export interface RepoConfig {
@@ -72,7 +86,7 @@ function isPowerOfTwo(n: number): boolean {
 
 export class Repository {
   readonly packs: PackReader;
-  private lockHeld = false;
+  private lock: WriterLock | undefined;
 
   private constructor(
     readonly dir: string,
@@ -159,17 +173,30 @@ export class Repository {
     return path.join(this.dir, 'lock');
   }
 
-  /** Take the writer lock, then clean up after any writer that crashed. */
-  lockWriter(command: string): void {
-    acquireWriterLock(this.dir, command);
-    this.lockHeld = true;
-    this.recover();
+  /**
+   * Take the writer lock (REPO_LOCKED when another process holds it after `o.waitMs`), then clean
+   * up after any writer that crashed. Not reentrant: a second call while held is a bug.
+   */
+  lockWriter(command: string, o: LockOptions = {}): void {
+    if (this.lock?.held) throw new Error(`writer lock already held (${this.lock.info.command})`);
+    this.lock = acquireWriterLock(this.dir, command, o);
+    try {
+      this.recover();
+    } catch (e) {
+      this.unlockWriter();
+      throw e;
+    }
+  }
+
+  /** True while this handle holds the writer lock. */
+  get writerLocked(): boolean {
+    return this.lock?.held === true;
   }
 
   unlockWriter(): void {
-    if (!this.lockHeld) return;
-    this.lockHeld = false;
-    releaseWriterLock(this.dir);
+    const l = this.lock;
+    this.lock = undefined;
+    l?.release();
   }
 
   /** Remove what an interrupted writer left: running checkpoints, their maps, temp packs. */
@@ -259,57 +286,12 @@ export function loadConfig(dir: string): RepoConfig {
   return config;
 }
 
-/**
- * Take the writer lock of the repository in `dir` (O_EXCL create of `lock`; a lock left by a dead
- * process of this host is taken over). Throws REPO_LOCKED when a live process holds it. Used by
- * `Repository.lockWriter` and by the index rebuild, which runs without an index.
- */
-export function acquireWriterLock(dir: string, command: string): void {
-  const lockPath = path.join(dir, 'lock');
-  const info = JSON.stringify({
-    pid: process.pid,
-    host: os.hostname(),
-    command,
-    time: new Date().toISOString(),
-  });
-  for (let attempt = 0; attempt < 2; attempt++) {
-    try {
-      fs.writeFileSync(lockPath, info, { flag: 'wx' });
-      return;
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-    }
-    const holder = readLock(lockPath);
-    if (holder && holder.host === os.hostname() && !processAlive(holder.pid)) {
-      fs.rmSync(lockPath, { force: true });
-      continue;
-    }
-    const who = holder
-      ? `pid ${holder.pid} on ${holder.host} (${holder.command}, since ${holder.time})`
-      : 'another process';
-    throw new BkfsError('REPO_LOCKED', `repository ${dir} is locked by ${who}`);
-  }
-  throw new BkfsError('REPO_LOCKED', `repository ${dir} is locked`);
-}
-
-/** Release the writer lock if this process holds it. */
-export function releaseWriterLock(dir: string): void {
-  const lockPath = path.join(dir, 'lock');
-  const holder = readLock(lockPath);
-  if (holder && holder.pid === process.pid) fs.rmSync(lockPath, { force: true });
-}
-
-interface LockInfo {
-  pid: number;
-  host: string;
-  command: string;
-  time: string;
-}
-
-function readLock(p: string): LockInfo | undefined {
-  try {
-    return JSON.parse(fs.readFileSync(p, 'utf8')) as LockInfo;
-  } catch {
-    return undefined;
-  }
-}
+export {
+  acquireWriterLock,
+  setDefaultLockWait,
+  readLockInfo,
+  writerLockHolder,
+  WriterLock,
+  type LockInfo,
+  type LockOptions,
+} from './lock';

@@ -14,8 +14,10 @@
  *    that now reads back correctly (a transient I/O error) is unmarked.
  * 3. Optionally (`compareWithSources`), the disks of a checkpoint are compared byte for byte with
  *    their source images through qemu-nbd (read-only) and the differing ranges reported.
- * Takes no lock and works while a backup or gc runs: a chunk that gc moved while verify ran is
- * looked up again before it is called damaged. It writes only damage flags (short transactions).
+ * Locking: it writes damage flags and heals (one transaction at the end), so it takes the writer
+ * lock for its run; with `markDamaged: false` (`--read-only`) it writes nothing, takes no lock and
+ * works while a backup or gc runs: a chunk that gc moved meanwhile is looked up again before it is
+ * called damaged.
  * Memory: the set of chunk ids in use.
  */
 import * as fs from 'node:fs';
@@ -77,7 +79,23 @@ export function selectCheckpoints(
   return listVms(repo.db).flatMap((vm) => listCheckpoints(repo.db, vm.id).map((cp) => ({ vm: vm.name, cp })));
 }
 
+/**
+ * Verify the selection. With `markDamaged` (the default) verify writes damage flags and heals, so
+ * it holds the writer lock for the whole run (REPO_LOCKED beside a backup, forget or gc: the flags
+ * it would write are computed from what it read, which a writer could change meanwhile). With
+ * `markDamaged: false` it only reads and takes no lock.
+ */
 export async function verifyRepository(repo: Repository, o: VerifyOptions = {}): Promise<VerifyReport> {
+  if (o.markDamaged === false) return verifyUnlocked(repo, o);
+  repo.lockWriter('verify');
+  try {
+    return await verifyUnlocked(repo, o);
+  } finally {
+    repo.unlockWriter();
+  }
+}
+
+async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<VerifyReport> {
   const db = repo.db;
   const sel = selectCheckpoints(repo, o);
   const problems: string[] = [];

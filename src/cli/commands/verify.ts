@@ -3,7 +3,7 @@ import { BkfsError } from '../../errors';
 import type { SourceDiff } from '../../repo/verify';
 import { bytes } from '../../util/format';
 import { ProgressBar } from '../progress';
-import { out, withRepo } from '../context';
+import { out, retryLocked, withRepo } from '../context';
 import { printJson } from '../json';
 
 export function registerVerify(program: Command): void {
@@ -17,23 +17,29 @@ export function registerVerify(program: Command): void {
       "also compare the checkpoint (default: each selected VM's latest) with its source images as they are now",
     )
     .option('--json', 'machine-readable report')
+    .option(
+      '--read-only',
+      'report only: record no damage in the index and take no lock (runs beside a backup or gc)',
+    )
     .addHelpText(
       'after',
       `
 Damaged chunks are reported with every checkpoint and disk range that uses them, and marked in the
 index: 'bkfs list' shows those checkpoints as DAMAGED, and the next backup that reads the same data
-stores it again and heals them. Exit code 16 when anything is damaged or differs from its source.
+stores it again and heals them. Marking needs the writer lock: verify fails with exit code 7
+(REPO_LOCKED) while a backup, forget or gc runs (see --retry-lock), unless --read-only. Exit code
+16 when anything is damaged or differs from its source.
 
 Examples:
   bkfs verify
   bkfs verify web --sample 10
   bkfs verify web@check3 --source
-  bkfs verify --json`,
+  bkfs verify --read-only --json`,
     )
     .action(
       async (
         ref: string | undefined,
-        opts: { sample?: string; source?: boolean; json?: boolean },
+        opts: { sample?: string; source?: boolean; json?: boolean; readOnly?: boolean },
         cmd: Command,
       ) => {
         const { getCheckpoint, getVm, listVms, parseCheckpointRef } = await import('../../index/catalog');
@@ -46,13 +52,17 @@ Examples:
         const bar = new ProgressBar('verify');
         let sources: SourceDiff[] | undefined;
         const rep = await withRepo(cmd, async (repo) => {
-          const r = await verifyRepository(repo, {
-            ...(sel.vm !== undefined ? { vm: sel.vm } : {}),
-            ...(ref?.includes('@') && sel.checkpoint === undefined ? { checkpoint: 'latest' } : {}),
-            ...(sel.checkpoint !== undefined ? { checkpoint: sel.checkpoint } : {}),
-            ...(sample !== undefined ? { samplePercent: sample } : {}),
-            onProgress: (d, t) => bar.update(d, t),
-          });
+          // Recording damage takes the writer lock: --retry-lock applies.
+          const r = await retryLocked(cmd, () =>
+            verifyRepository(repo, {
+              ...(sel.vm !== undefined ? { vm: sel.vm } : {}),
+              ...(ref?.includes('@') && sel.checkpoint === undefined ? { checkpoint: 'latest' } : {}),
+              ...(sel.checkpoint !== undefined ? { checkpoint: sel.checkpoint } : {}),
+              ...(sample !== undefined ? { samplePercent: sample } : {}),
+              ...(opts.readOnly ? { markDamaged: false } : {}),
+              onProgress: (d, t) => bar.update(d, t),
+            }),
+          );
           bar.done();
           if (opts.source) {
             // An explicit checkpoint, else the latest of each selected VM.
