@@ -47,6 +47,7 @@ import { guestfishAvailable, guestfsEnv, commandLine } from './guestfish';
 import { unmount } from './kernel';
 import { FilesSession } from './session';
 import { discoverVolumes, isFilesystem, type Volume } from './volumes';
+import { mkdirPrivateSync, openPrivateSync, writeFilePrivateSync } from '../util/private-fs';
 
 export interface FilesMountOptions {
   /** Canonical absolute mount directory (must exist and be empty). */
@@ -85,8 +86,8 @@ export function readFilesState(dir: string): FilesMountState | undefined {
 
 function writeFilesState(s: FilesMountState): void {
   const file = filesStatePath(s.dir);
-  fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
-  fs.writeFileSync(`${file}.tmp`, JSON.stringify(s, null, 2) + '\n');
+  mkdirPrivateSync(path.dirname(file), { recursive: true });
+  writeFilePrivateSync(`${file}.tmp`, JSON.stringify(s, null, 2) + '\n');
   fs.renameSync(`${file}.tmp`, file);
 }
 
@@ -297,8 +298,8 @@ async function startGuestfish(
   const base = filesStatePath(state.dir).replace(/\.json$/, '');
   const scriptFile = `${base}.guestfish`;
   const log = `${base}.log`;
-  fs.writeFileSync(scriptFile, script, { mode: 0o600 });
-  const logFd = fs.openSync(log, 'a', 0o600);
+  writeFilePrivateSync(scriptFile, script);
+  const logFd = openPrivateSync(log, 'a');
   let child;
   try {
     child = spawn('guestfish', ['--ro', '--no-progress-bars', '-f', scriptFile], {

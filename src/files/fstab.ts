@@ -56,7 +56,22 @@ function unescapeField(s: string): string {
   return s.replace(/\\([0-7]{3})/g, (_m, o: string) => String.fromCharCode(parseInt(o, 8)));
 }
 
+/** Largest /etc/fstab bkfs reads: real ones are a few KB. */
+export const MAX_FSTAB_BYTES = 1024 * 1024;
+/** Most fstab entries bkfs accepts. */
+export const MAX_FSTAB_ENTRIES = 4096;
+
+/**
+ * Parse fstab(5) text. Throws FS_UNSUPPORTED for a text that cannot be a real fstab (larger than
+ * MAX_FSTAB_BYTES or with more than MAX_FSTAB_ENTRIES entries): a guest controls this file.
+ */
 export function parseFstab(text: string): FstabEntry[] {
+  if (text.length > MAX_FSTAB_BYTES) {
+    throw new BkfsError(
+      'FS_UNSUPPORTED',
+      `/etc/fstab is ${text.length} bytes, more than the ${MAX_FSTAB_BYTES} bkfs reads: not a usable fstab`,
+    );
+  }
   const out: FstabEntry[] = [];
   text.split('\n').forEach((raw, i) => {
     const line = raw.trim();
@@ -71,7 +86,25 @@ export function parseFstab(text: string): FstabEntry[] {
       line: i + 1,
     });
   });
+  if (out.length > MAX_FSTAB_ENTRIES) {
+    throw new BkfsError(
+      'FS_UNSUPPORTED',
+      `/etc/fstab has ${out.length} entries, more than the ${MAX_FSTAB_ENTRIES} bkfs accepts: not a usable fstab`,
+    );
+  }
   return out;
+}
+
+/**
+ * Why a mount point from the guest's fstab is not used, or null: it must be a plain absolute path
+ * without '.' or '..' components, control characters (an escaped \000...) or absurd length.
+ */
+export function unsafeMountpoint(mp: string): string | null {
+  if (mp.length > 4096) return 'mount point longer than 4096 characters';
+  // eslint-disable-next-line no-control-regex
+  if (/[\x00-\x1f\x7f]/.test(mp)) return 'mount point with control characters';
+  if (mp.split('/').some((c) => c === '.' || c === '..')) return "mount point with '.' or '..' components";
+  return null;
 }
 
 const SKIP_TYPES = new Set([
@@ -245,6 +278,11 @@ export function buildLayout(
       if (mp !== 'none') skip('not an absolute mount point');
       continue;
     }
+    const unsafe = unsafeMountpoint(mp);
+    if (unsafe) {
+      skip(unsafe);
+      continue;
+    }
     if (e.options.includes('bind') || e.options.includes('rbind')) {
       skip('bind mount');
       continue;
@@ -302,7 +340,13 @@ export async function chooseRoot(
   for (const v of candidates) {
     const text = await readFstab(v);
     if (text === null) continue;
-    const entries = parseFstab(text);
+    let entries: FstabEntry[];
+    try {
+      entries = parseFstab(text);
+    } catch (e) {
+      if (!(e instanceof BkfsError)) throw e;
+      throw new BkfsError(e.code, `${v.id}: ${e.message}; name a volume explicitly (VM@CP:VOLUME:/path)`);
+    }
     const rootEntry = entries.find((e) => normaliseMountpoint(e.file) === '/');
     const target = rootEntry ? resolveSpec(rootEntry.spec, set) : undefined;
     if (target === v) return { ...buildLayout(v, entries, set), fstabFrom: v.id };

@@ -44,7 +44,15 @@ import {
   type GuestStat,
   type KernelSupport,
 } from './engine';
-import { chooseRoot, locate, mountsBelow, noLayoutError, type Layout, type MountPoint } from './fstab';
+import {
+  chooseRoot,
+  locate,
+  MAX_FSTAB_BYTES,
+  mountsBelow,
+  noLayoutError,
+  type Layout,
+  type MountPoint,
+} from './fstab';
 import { guestfishAvailable } from './guestfish';
 import { GuestfsEngine } from './guestfs-engine';
 import { KernelEngine } from './kernel';
@@ -345,6 +353,14 @@ export class FilesSession {
       }
       const r = await resolveInRoot('/etc/fstab', this.resolveOps(engine), true);
       if (!r.ok || r.kind !== 'file') return null;
+      // The guest wrote this file: refuse an absurd one before reading it into memory.
+      const st = await engine.lstat(r.path);
+      if (st && st.size > MAX_FSTAB_BYTES) {
+        throw new BkfsError(
+          'FS_UNSUPPORTED',
+          `${this.where(checkpoint)}: ${v.id}: /etc/fstab is ${st.size} bytes, more than the ${MAX_FSTAB_BYTES} bkfs reads: not a usable fstab; name a volume explicitly (VM@CP:VOLUME:/path)`,
+        );
+      }
       return (await engine.readFile(r.path)).toString('utf8');
     });
     c.layout = layout ?? null;
@@ -561,7 +577,10 @@ export class FilesSession {
     } catch (e) {
       throw userPathError(e, 'cannot write', plan.final);
     }
-    const tmp = tempSibling(plan.final, randomBytes(4).toString('hex'));
+    // The copy is made inside a private (0700) directory beside the target and renamed into
+    // place: until its mode is the guest's, nobody else can open what is being written.
+    const box = await fsp.mkdtemp(tempSibling(plan.final, randomBytes(4).toString('hex')));
+    const tmp = path.join(box, 'copy');
     try {
       if (r.kind === 'symlink') {
         await fsp.symlink(await r.engine.readlink(r.path), tmp);
@@ -580,7 +599,7 @@ export class FilesSession {
       // Name the user's destination, not the temporary sibling (`.name.bkfs-…`).
       throw userPathError(e, 'cannot write', plan.final);
     } finally {
-      await fsp.rm(tmp, { recursive: true, force: true });
+      await fsp.rm(box, { recursive: true, force: true });
     }
     return { ...plan, kind: r.kind, source: r.path };
   }

@@ -35,6 +35,7 @@ import {
   type MountState,
 } from './state';
 import { CheckpointVfs } from './vfs';
+import { mkdirPrivateSync, openPrivateSync } from '../util/private-fs';
 
 export interface ServeOptions {
   repoDir: string;
@@ -243,8 +244,8 @@ export interface StartOptions {
  * rejects with the daemon's own error (same code) or MOUNT_FAILED if it died without a word.
  */
 export function startDaemon(o: StartOptions): Promise<MountedInfo> {
-  fs.mkdirSync(path.dirname(o.logFile), { recursive: true, mode: 0o700 });
-  const logFd = fs.openSync(o.logFile, 'a', 0o600);
+  mkdirPrivateSync(path.dirname(o.logFile), { recursive: true });
+  const logFd = openPrivateSync(o.logFile, 'a');
   let child;
   try {
     child = spawn(o.command, o.args, {

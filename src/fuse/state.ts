@@ -25,6 +25,7 @@ import * as path from 'node:path';
 import { removeStalePins } from '../repo/pins';
 import { BkfsError } from '../errors';
 import { run, lastLine } from '../util/proc';
+import { mkdirPrivateSync, writeFilePrivateSync } from '../util/private-fs';
 import { userPathError } from '../util/userpath';
 
 export const FUSE_SUBTYPE = 'bkfs';
@@ -71,9 +72,9 @@ export function readState(mountpoint: string): MountState | undefined {
 
 export function writeState(s: MountState): void {
   const file = statePath(s.mountpoint);
-  fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
+  mkdirPrivateSync(path.dirname(file), { recursive: true });
   const tmp = `${file}.${process.pid}.tmp`;
-  fs.writeFileSync(tmp, JSON.stringify(s, null, 2) + '\n');
+  writeFilePrivateSync(tmp, JSON.stringify(s, null, 2) + '\n');
   fs.renameSync(tmp, file);
 }
 

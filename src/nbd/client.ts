@@ -64,10 +64,16 @@ export interface NbdConnectOptions {
   maxInFlight?: number;
   /** Limit for connecting plus the whole handshake (default 20 s). */
   connectTimeoutMs?: number;
+  /**
+   * While requests are in flight, fail the connection with NBD_PROTOCOL when the server sends
+   * nothing for this long (default 120 s; 0 = wait forever). A stalled server cannot hang bkfs.
+   */
+  replyTimeoutMs?: number;
 }
 
 const DEFAULT_MAX_IN_FLIGHT = 16;
 const DEFAULT_CONNECT_TIMEOUT_MS = 20_000;
+const DEFAULT_REPLY_TIMEOUT_MS = 120_000;
 /** Largest payload we ever put in one READ/WRITE, whatever the server advertises. */
 const MAX_PAYLOAD = 32 * 1024 * 1024;
 /** Largest range in one BLOCK_STATUS request. */
@@ -78,8 +84,17 @@ const MAX_NO_PAYLOAD = 2 ** 30;
 const READ_BUFFER_SIZE = 256 * 1024;
 /** Payload remainders at least this big are received directly into the caller's buffer. */
 const DIRECT_READ_MIN = 64 * 1024;
-/** Sanity limit for small reply payloads (block status, errors, option replies). */
-const MAX_SMALL_PAYLOAD = 64 * 1024 * 1024;
+/** Limit for option replies in the handshake (names and descriptions are at most 4 KiB each). */
+const MAX_SMALL_PAYLOAD = 1024 * 1024;
+/**
+ * Limit for one BLOCK_STATUS chunk: 4 + 8 bytes per extent. qemu-nbd sends at most 2^17 extents
+ * (1 MiB) per reply; a longer one is refused instead of being buffered.
+ */
+const MAX_BLOCK_STATUS_PAYLOAD = 4 + 8 * 262144;
+/** Limit for an error chunk: errno, message length, a message of at most 4096 bytes, an offset. */
+const MAX_ERROR_PAYLOAD = 4 + 2 + 4096 + 8;
+/** Data chunks a read may arrive in beyond one per 512 bytes (holes and data interleaved). */
+const READ_CHUNKS_SLACK = 16;
 const ZERO_BUFFER_SIZE = 4 * 1024 * 1024;
 
 // ------------------------------------------------------------------------------------------------
@@ -91,6 +106,10 @@ class Req {
   handle = 0;
   /** READ: bytes delivered so far. */
   covered = 0;
+  /** READ: ranges delivered so far, relative to `offset`, as sorted disjoint [start, end) pairs. */
+  spans: number[] = [];
+  /** READ: structured chunks received. */
+  chunks = 0;
   /** BLOCK_STATUS: the context id we want, and its extents once received. */
   contextId = -1;
   extents: NbdExtent[] | null = null;
@@ -107,6 +126,39 @@ class Req {
     readonly targetPos: number,
     readonly settle: Settle,
   ) {}
+
+  /**
+   * Record that [s, e) (relative to the request) was delivered; false if it overlaps a range
+   * delivered before (a server that sends a range twice could otherwise leave another one unset
+   * while the byte count still adds up). Adjacent ranges are merged, so in-order replies keep one.
+   */
+  addSpan(s: number, e: number): boolean {
+    const a = this.spans;
+    // First pair whose end is > s.
+    let lo = 0;
+    let hi = a.length / 2;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (a[2 * mid + 1]! > s) hi = mid;
+      else lo = mid + 1;
+    }
+    const i = lo;
+    if (i < a.length / 2 && a[2 * i]! < e) return false; // overlaps pair i
+    const joinPrev = i > 0 && a[2 * i - 1] === s;
+    const joinNext = i < a.length / 2 && a[2 * i] === e;
+    if (joinPrev && joinNext) {
+      a[2 * i - 1] = a[2 * i + 1]!;
+      a.splice(2 * i, 2);
+    } else if (joinPrev) {
+      a[2 * i - 1] = e;
+    } else if (joinNext) {
+      a[2 * i] = s;
+    } else {
+      a.splice(2 * i, 0, s, e);
+    }
+    this.covered += e - s;
+    return true;
+  }
 }
 
 /** FIFO of requests waiting for an in-flight slot (singly linked, O(1) both ends). */
@@ -460,6 +512,7 @@ export class NbdClient {
   private direct: Buffer | null = null;
   private readonly contexts: Map<string, number>;
   private readonly maxInFlight: number;
+  private readonly replyTimeoutMs: number;
 
   private readonly pending = new Map<number, Req>();
   private readonly queue = new ReqQueue();
@@ -507,6 +560,16 @@ export class NbdClient {
     this.contexts = n.contexts;
     this.handshakeMode = n.mode;
     this.maxInFlight = opts.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT;
+    this.replyTimeoutMs = opts.replyTimeoutMs ?? DEFAULT_REPLY_TIMEOUT_MS;
+    this.socket.on('timeout', () => {
+      if (this.inflight > 0 && !this.failure) {
+        this.fail(
+          protoError(
+            `NBD server ${describeNbdTarget(this.target)} sent nothing for ${this.replyTimeoutMs} ms while ${this.inflight} request(s) waited for a reply`,
+          ),
+        );
+      }
+    });
 
     this.readBuf = wire.readBuf;
     wire.nextBuffer = () => this.nextReadBuffer();
@@ -879,6 +942,7 @@ export class NbdClient {
       if (req.data) sock.write(req.data);
     }
     sock.uncork();
+    if (this.inflight > 0 && this.replyTimeoutMs > 0) sock.setTimeout(this.replyTimeoutMs);
   }
 
   private finish(req: Req): void {
@@ -898,6 +962,7 @@ export class NbdClient {
       this.pumpScheduled = true;
       queueMicrotask(() => this.pump());
     }
+    if (this.inflight === 0) this.socket.setTimeout(0);
     if (this.inflight === 0 && this.queue.size === 0) this.wakeIdle();
   }
 
@@ -1079,20 +1144,25 @@ export class NbdClient {
     this.curLen = len;
     switch (type) {
       case P.NBD_REPLY_TYPE_OFFSET_DATA:
-        if (req.cmd !== P.NBD_CMD_READ || len < 9) return this.protocolError('unexpected OFFSET_DATA chunk');
+        if (req.cmd !== P.NBD_CMD_READ || len < 9 || len - 8 > req.length)
+          return this.protocolError(`unexpected OFFSET_DATA chunk of ${len} bytes`);
+        if (++req.chunks > READ_CHUNKS_SLACK + req.length / 512)
+          return this.protocolError(`too many chunks for a read of ${req.length} bytes`);
         return this.startSmall(8);
       case P.NBD_REPLY_TYPE_OFFSET_HOLE:
         if (req.cmd !== P.NBD_CMD_READ || len !== 12)
           return this.protocolError('unexpected OFFSET_HOLE chunk');
+        if (++req.chunks > READ_CHUNKS_SLACK + req.length / 512)
+          return this.protocolError(`too many chunks for a read of ${req.length} bytes`);
         return this.startSmall(12);
       case P.NBD_REPLY_TYPE_BLOCK_STATUS:
         if (
           req.cmd !== P.NBD_CMD_BLOCK_STATUS ||
           len < 12 ||
           (len - 4) % 8 !== 0 ||
-          len > MAX_SMALL_PAYLOAD
+          len > MAX_BLOCK_STATUS_PAYLOAD
         ) {
-          return this.protocolError('bad BLOCK_STATUS chunk');
+          return this.protocolError(`bad BLOCK_STATUS chunk of ${len} bytes`);
         }
         return this.startSmall(len);
       case P.NBD_REPLY_TYPE_NONE:
@@ -1100,7 +1170,7 @@ export class NbdClient {
         return this.chunkDone();
       default:
         if (type & P.NBD_REPLY_TYPE_ERROR_BIT) {
-          if (len < 6 || len > MAX_SMALL_PAYLOAD) return this.protocolError('bad error chunk length');
+          if (len < 6 || len > MAX_ERROR_PAYLOAD) return this.protocolError(`bad error chunk length ${len}`);
           return this.startSmall(len);
         }
         return this.protocolError(`unknown structured reply type ${type}`);
@@ -1131,7 +1201,6 @@ export class NbdClient {
       this.finish(req);
       return;
     }
-    req.covered += this.curLen - 8;
     this.chunkDone();
   }
 
@@ -1146,6 +1215,7 @@ export class NbdClient {
         const rel = off - req.offset;
         if (off < 0 || rel < 0 || rel + n > req.length)
           return this.protocolError('OFFSET_DATA outside the request');
+        if (!req.addSpan(rel, rel + n)) return this.protocolError('OFFSET_DATA overlaps data already sent');
         return this.startData(req.target as Buffer, req.targetPos + rel, n);
       }
       case P.NBD_REPLY_TYPE_OFFSET_HOLE: {
@@ -1155,22 +1225,29 @@ export class NbdClient {
         if (off < 0 || rel < 0 || n === 0 || rel + n > req.length) {
           return this.protocolError('OFFSET_HOLE outside the request');
         }
+        if (!req.addSpan(rel, rel + n)) return this.protocolError('OFFSET_HOLE overlaps data already sent');
         const start = req.targetPos + rel;
         (req.target as Buffer).fill(0, start, start + n);
-        req.covered += n;
         return this.chunkDone();
       }
       case P.NBD_REPLY_TYPE_BLOCK_STATUS: {
         if (b.readUInt32BE(0) === req.contextId) {
           if (req.extents) return this.protocolError('duplicate BLOCK_STATUS chunk for one context');
           const count = (this.payNeed - 4) / 8;
-          const ext: NbdExtent[] = new Array<NbdExtent>(count);
+          // Only extents up to the end of the request are kept; the rest are only checked.
+          const ext: NbdExtent[] = [];
+          const reqEnd = req.offset + req.length;
           let pos = req.offset;
           for (let i = 0, q = 4; i < count; i++, q += 8) {
             const len = b.readUInt32BE(q);
             if (len === 0) return this.protocolError('zero-length block status extent');
-            ext[i] = { offset: pos, length: len, flags: b.readUInt32BE(q + 4) };
+            if (pos < reqEnd) ext.push({ offset: pos, length: len, flags: b.readUInt32BE(q + 4) });
             pos += len;
+            if (pos > this.size) {
+              return this.protocolError(
+                `block status extent ends at ${pos}, beyond the end of the export (${this.size} bytes)`,
+              );
+            }
           }
           req.extents = ext;
         }

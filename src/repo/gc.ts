@@ -50,7 +50,9 @@ import {
   RECORD_HEADER_LEN,
   fsyncDir,
   packPath,
+  checkRecordLengths,
 } from '../store/packs';
+import { openPrivate, repoModes } from '../util/private-fs';
 
 export const PENDING_FILE = 'gc-pending.json';
 
@@ -186,7 +188,7 @@ async function writePending(repoDir: string, packs: PendingPack[]): Promise<void
     return;
   }
   const tmp = `${file}.tmp`;
-  const fh = await fsp.open(tmp, 'w');
+  const fh = await openPrivate(tmp, 'w', repoModes(repoDir).file);
   try {
     await fh.writeFile(JSON.stringify({ packs }, null, 1));
     await fh.sync();
@@ -546,11 +548,12 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
         } else {
           try {
             for (const r of rows) {
-              const buf = Buffer.allocUnsafe(r.storedLen);
-              const { bytesRead } = await fh.read(buf, 0, r.storedLen, r.offset);
               try {
+                checkRecordLengths(r, repo.config.chunkSize);
+                const buf = Buffer.allocUnsafe(r.storedLen);
+                const { bytesRead } = await fh.read(buf, 0, r.storedLen, r.offset);
                 if (bytesRead !== r.storedLen) throw new Error('truncated');
-                decodeChunk(buf, r.codec, r.rawLen, r.hash);
+                decodeChunk(buf, r.codec, r.rawLen, r.hash, repo.config.chunkSize);
                 data.push(buf);
               } catch {
                 bad.push(r.id);

@@ -25,16 +25,19 @@
  * Locking: written under the writer lock, except `rewriteManifest` (protect/unprotect), which only
  * ever replaces a file atomically with the same map.
  */
+import { constants as bufferConstants } from 'node:buffer';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type Database from 'better-sqlite3';
-import { compress, decompress } from 'zstd-napi';
+import { compress } from 'zstd-napi';
+import * as zstd from 'zstd-napi/binding';
 import { BkfsError } from '../errors';
 import type { CheckpointRow } from '../index/catalog';
 import type { Repository } from './repository';
 import { crashPoint } from './repository';
 import { healDamagedChunks } from './gc';
+import { mkdirPrivateSync, openPrivateSync, repoModes } from '../util/private-fs';
 
 export const MANIFEST_DIR = 'manifests';
 export const MANIFEST_MAGIC = 'bkfs-manifest';
@@ -138,7 +141,7 @@ export function fsyncDirSync(dir: string): void {
 /** Write `data` to `file` atomically and durably (temp file, fsync, rename, fsync directory). */
 export function writeFileDurable(file: string, data: Buffer): void {
   const tmp = `${file}.${process.pid}.tmp`;
-  const fd = fs.openSync(tmp, 'w');
+  const fd = openPrivateSync(tmp, 'w', repoModes(path.dirname(path.dirname(file))).file);
   try {
     let off = 0;
     while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
@@ -295,34 +298,212 @@ export function encodeManifest(m: Manifest): Buffer {
   return compress(Buffer.from(JSON.stringify(m)), { compressionLevel: 3 });
 }
 
-export function decodeManifest(data: Buffer, where: string): Manifest {
-  let m: Manifest;
+/**
+ * Largest manifest bkfs reads, decompressed: V8's longest string (a larger one could not be
+ * parsed anyway). A manifest whose zstd header declares more is refused before any allocation; one
+ * without a declared size is decompressed in steps and refused once it passes this.
+ */
+export const MAX_MANIFEST_BYTES = Math.min(bufferConstants.MAX_STRING_LENGTH, 512 << 20);
+/** Largest manifest file read from disk (compressed); a manifest is a few MB for 100 GiB. */
+export const MAX_MANIFEST_FILE = 256 << 20;
+
+function corrupt(where: string, what: string): BkfsError {
+  return new BkfsError('REPO_CORRUPT', `manifest ${where} is damaged: ${what}`);
+}
+
+/**
+ * zstd-decompress `data`, which must hold at most `limit` bytes, allocating only the real output:
+ * a frame that declares its size is decoded into a buffer of exactly that size; one that does not
+ * is first decoded into a small reused buffer to count its size (a "zstd bomb" is refused there,
+ * having cost time but no memory), then decoded again into a buffer of that size.
+ */
+function decompressLimited(data: Buffer, limit: number, where: string): Buffer {
+  let declared: number | null;
   try {
-    m = JSON.parse(decompress(data).toString('utf8')) as Manifest;
+    declared = zstd.getFrameContentSize(data);
   } catch (e) {
-    throw new BkfsError('DATA_DAMAGED', `manifest ${where} cannot be read: ${(e as Error).message}`);
+    throw corrupt(where, (e as Error).message);
   }
-  if (m?.magic !== MANIFEST_MAGIC || typeof m.checkpoint?.uid !== 'string' || !Array.isArray(m.disks)) {
-    throw new BkfsError('DATA_DAMAGED', `${where} is not a bkfs manifest`);
+  if (declared !== null && declared > limit) {
+    throw corrupt(where, `it declares ${declared} bytes, more than the ${limit} bkfs reads`);
   }
-  if (m.version > MANIFEST_VERSION) {
-    throw new BkfsError('REPO_VERSION', `manifest ${where} has version ${m.version}; upgrade bkfs`);
+  const dctx = new zstd.DCtx();
+  // bkfs writes manifests at level 3 (window <= 2 MiB): a frame asking for a larger window is
+  // refused instead of making zstd allocate up to 128 MiB for it.
+  dctx.setParameter(zstd.DParameter.windowLogMax, 22);
+  try {
+    let size = declared;
+    if (size === null) {
+      const scratch = Buffer.allocUnsafe(1 << 20);
+      let input = data;
+      size = 0;
+      for (;;) {
+        const [left, produced, consumed] = dctx.decompressStream(scratch, input);
+        input = input.subarray(consumed);
+        size += produced;
+        if (size > limit) throw corrupt(where, `it decompresses to more than ${limit} bytes`);
+        if (input.length === 0 && left === 0) break;
+        if (produced === 0 && consumed === 0) throw corrupt(where, 'its zstd data is truncated');
+      }
+      dctx.reset(zstd.ResetDirective.sessionOnly);
+    }
+    const out = Buffer.allocUnsafe(size);
+    const n = dctx.decompress(out, data);
+    if (n !== size) throw corrupt(where, `it decompresses to ${n} bytes, expected ${size}`);
+    return out;
+  } catch (e) {
+    if (e instanceof BkfsError) throw e;
+    throw corrupt(where, (e as Error).message);
+  }
+}
+
+export function decodeManifest(data: Buffer, where: string): Manifest {
+  let parsed: unknown;
+  const text = decompressLimited(data, MAX_MANIFEST_BYTES, where);
+  try {
+    parsed = JSON.parse(text.toString('utf8'));
+  } catch (e) {
+    throw corrupt(where, (e as Error).message);
+  }
+  const m = parsed as Manifest;
+  if ((m as { magic?: unknown } | null)?.magic !== MANIFEST_MAGIC) {
+    throw new BkfsError('REPO_CORRUPT', `${where} is not a bkfs manifest`);
+  }
+  if (typeof m.version !== 'number' || m.version > MANIFEST_VERSION) {
+    throw new BkfsError('REPO_VERSION', `manifest ${where} has version ${String(m.version)}; upgrade bkfs`);
+  }
+  const problem = manifestProblem(m);
+  if (problem !== null) throw corrupt(where, problem);
+  return m;
+}
+
+type Check = (v: unknown) => boolean;
+const isObj = (v: unknown): v is Record<string, unknown> =>
+  typeof v === 'object' && v !== null && !Array.isArray(v);
+const str: Check = (v) => typeof v === 'string';
+const strOrNull: Check = (v) => v === null || typeof v === 'string';
+const count: Check = (v) => Number.isSafeInteger(v) && (v as number) >= 0;
+const countOrNull: Check = (v) => v === null || count(v);
+const id: Check = (v) => Number.isSafeInteger(v) && (v as number) > 0;
+const ref: Check = (v) => isObj(v) && id(v.id) && strOrNull(v.uid) && strOrNull(v.name);
+const refOrNull: Check = (v) => v === null || ref(v);
+
+function fieldsProblem(o: unknown, what: string, fields: Record<string, Check>): string | null {
+  if (!isObj(o)) return `${what} is missing`;
+  for (const [k, check] of Object.entries(fields)) {
+    if (!check(o[k])) return `${what}.${k} is missing or invalid`;
+  }
+  return null;
+}
+
+/**
+ * What is wrong with a parsed manifest, or null: every field a rebuild uses has its type, every
+ * extent its five integers with a positive length, a hash and an origin that exist, inside its
+ * disk. A garbage manifest is refused here rather than crashing (or misleading) the rebuild.
+ */
+export function manifestProblem(m: Manifest): string | null {
+  const top = fieldsProblem(m, 'manifest', {
+    repo: str,
+    vm: isObj,
+    checkpoint: isObj,
+    configs: Array.isArray,
+    hashes: Array.isArray,
+    origins: Array.isArray,
+    disks: Array.isArray,
+  });
+  if (top) return top;
+  const p =
+    fieldsProblem(m.vm, 'vm', { name: str, created: count }) ??
+    fieldsProblem(m.checkpoint, 'checkpoint', {
+      id,
+      uid: (v) => typeof v === 'string' && /^[0-9a-f]{32}$/.test(v),
+      name: str,
+      level: str,
+      started: count,
+      finished: countOrNull,
+      bytesRead: count,
+      bytesNewRaw: count,
+      bytesNewStored: count,
+      chunksNew: count,
+      libvirtCheckpoint: strOrNull,
+      protected: (v) => typeof v === 'boolean',
+      parent: refOrNull,
+      base: refOrNull,
+      chain: (v) => isObj(v) && id(v.id),
+    });
+  if (p) return p;
+  for (const c of m.configs) {
+    const e = fieldsProblem(c, 'configs[]', { name: str, data: str });
+    if (e) return e;
+  }
+  for (const h of m.hashes as unknown[]) {
+    if (typeof h !== 'string' || !/^[0-9a-f]{64}$/.test(h)) return 'a chunk hash is not 64 hex digits';
+  }
+  for (const o of m.origins) {
+    const e = fieldsProblem(o, 'origins[]', {
+      disk: id,
+      checkpoint: strOrNull,
+      checkpointName: strOrNull,
+      diskName: strOrNull,
+    });
+    if (e) return e;
   }
   for (const d of m.disks) {
-    if (!Array.isArray(d.extents) || d.extents.length % 5 !== 0) {
-      throw new BkfsError('DATA_DAMAGED', `manifest ${where}: disk ${d.name} has a malformed block map`);
+    const e = fieldsProblem(d, 'disks[]', {
+      id,
+      name: str,
+      virtualSize: count,
+      source: strOrNull,
+      format: strOrNull,
+      bitmap: strOrNull,
+      bytesRead: count,
+      bytesZero: count,
+      extents: Array.isArray,
+    });
+    if (e) return e;
+    const x = d.extents as unknown[];
+    if (x.length % 5 !== 0) return `disk ${d.name} has a malformed block map`;
+    let end = 0;
+    for (let k = 0; k < x.length; k += 5) {
+      const [gap, len, h, off, origin] = x.slice(k, k + 5) as number[];
+      if (
+        !count(gap) ||
+        !id(len) ||
+        !Number.isSafeInteger(h) ||
+        h! < -1 ||
+        h! >= m.hashes.length ||
+        !count(off) ||
+        !count(origin) ||
+        origin! >= m.origins.length
+      ) {
+        return `disk ${d.name}: extent ${k / 5} is malformed`;
+      }
+      end += gap! + len!;
+      if (end > d.virtualSize) return `disk ${d.name}: extent ${k / 5} ends beyond the disk`;
     }
   }
-  return m;
+  return null;
 }
 
 export function readManifest(repoDir: string, uid: string): Manifest {
   const p = manifestPath(repoDir, uid);
-  return decodeManifest(fs.readFileSync(p), p);
+  return decodeManifest(readManifestFile(p), p);
+}
+
+/** A manifest file's bytes, refusing one larger than MAX_MANIFEST_FILE (REPO_CORRUPT). */
+export function readManifestFile(p: string): Buffer {
+  const size = fs.statSync(p).size;
+  if (size > MAX_MANIFEST_FILE) {
+    throw new BkfsError(
+      'REPO_CORRUPT',
+      `manifest ${p} is damaged: ${size} bytes is more than a manifest can be`,
+    );
+  }
+  return fs.readFileSync(p);
 }
 
 export function writeManifest(repoDir: string, m: Manifest): void {
-  fs.mkdirSync(manifestDir(repoDir), { recursive: true });
+  mkdirPrivateSync(manifestDir(repoDir), { recursive: true, mode: repoModes(repoDir).dir });
   writeFileDurable(manifestPath(repoDir, m.checkpoint.uid), encodeManifest(m));
 }
 
@@ -406,7 +587,7 @@ function journalFiles(repoDir: string): string[] {
 
 /** Durably record that these checkpoints are being forgotten; returns the journal's path. */
 export function writeForgetJournal(repoDir: string, checkpoints: { id: number; uid: string }[]): string {
-  fs.mkdirSync(manifestDir(repoDir), { recursive: true });
+  mkdirPrivateSync(manifestDir(repoDir), { recursive: true, mode: repoModes(repoDir).dir });
   const file = path.join(manifestDir(repoDir), `${JOURNAL_PREFIX}${randomBytes(8).toString('hex')}.json`);
   const j: ForgetJournal = { time: new Date().toISOString(), checkpoints };
   writeFileDurable(file, Buffer.from(JSON.stringify(j)));

@@ -40,6 +40,7 @@ import { DB_FILE, DB_NEW_FILE, Repository, acquireWriterLock, crashPoint, loadCo
 import { activePins } from './pins';
 import {
   decodeManifest,
+  readManifestFile,
   finishForgetJournals,
   forgottenInJournals,
   fsyncDirSync,
@@ -48,6 +49,7 @@ import {
   type Manifest,
 } from './manifest';
 import { PENDING_FILE, packFilesOnDisk, refreshCheckpointDamage } from './gc';
+import { mkdirPrivateSync, precreateDbFile, repoModes } from '../util/private-fs';
 
 const BUILD_FILE = 'index.db.rebuild';
 
@@ -97,7 +99,13 @@ function rmDbFiles(base: string): void {
 }
 
 /** Read every record header of a pack; returns the chunks up to the first problem. */
-function scanPack(file: string, name: string, packId: number, problems: string[]): ScannedChunk[] {
+function scanPack(
+  file: string,
+  name: string,
+  packId: number,
+  problems: string[],
+  chunkSize: number,
+): ScannedChunk[] {
   const out: ScannedChunk[] = [];
   let fd: number;
   try {
@@ -127,9 +135,11 @@ function scanPack(file: string, name: string, packId: number, problems: string[]
       }
       let h;
       try {
-        h = decodeRecordHeader(rh);
-      } catch {
-        problems.push(`pack ${name} has a damaged record header at ${pos}; the rest of the pack is skipped`);
+        h = decodeRecordHeader(rh, chunkSize);
+      } catch (e) {
+        problems.push(
+          `pack ${name} has a damaged record header at ${pos} (${(e as Error).message}); the rest of the pack is skipped`,
+        );
         break;
       }
       const start = pos + RECORD_HEADER_LEN;
@@ -154,13 +164,13 @@ function scanPack(file: string, name: string, packId: number, problems: string[]
   return out;
 }
 
-function chunkIsGood(repoDir: string, c: ScannedChunk): boolean {
+function chunkIsGood(repoDir: string, c: ScannedChunk, chunkSize: number): boolean {
   try {
     const fd = fs.openSync(packPath(repoDir, c.packName), 'r');
     try {
       const buf = Buffer.alloc(c.storedLen);
       if (fs.readSync(fd, buf, 0, c.storedLen, c.offset) !== c.storedLen) return false;
-      decodeChunk(buf, c.codec, c.rawLen, c.hash);
+      decodeChunk(buf, c.codec, c.rawLen, c.hash, chunkSize);
       return true;
     } finally {
       fs.closeSync(fd);
@@ -209,12 +219,13 @@ async function build(
     oldIndex: null,
   };
   const tmpDir = path.join(dir, 'tmp');
-  fs.mkdirSync(tmpDir, { recursive: true });
+  mkdirPrivateSync(tmpDir, { recursive: true, mode: repoModes(dir).dir });
   for (const f of fs.readdirSync(tmpDir)) fs.rmSync(path.join(tmpDir, f), { force: true, recursive: true });
   const buildPath = path.join(dir, BUILD_FILE);
   rmDbFiles(buildPath);
   rmDbFiles(path.join(dir, DB_NEW_FILE));
 
+  precreateDbFile(buildPath, repoModes(dir).file);
   const db = new Database(buildPath);
   try {
     db.pragma('journal_mode = MEMORY');
@@ -237,7 +248,7 @@ async function build(
       const mtime = fs.statSync(p).mtimeMs;
       const packId = Number(insPack.run(f.name, f.size, Math.round(mtime)).lastInsertRowid);
       rep.packs++;
-      const scanned = scanPack(p, f.name, packId, rep.problems);
+      const scanned = scanPack(p, f.name, packId, rep.problems, chunkSize);
       db.transaction(() => {
         for (const c of scanned) {
           const hex = c.hash.toString('hex');
@@ -264,7 +275,7 @@ async function build(
     );
     for (const [hex, cs] of copies) {
       if (cs.length < 2) continue;
-      const good = cs.find((c) => chunkIsGood(dir, c));
+      const good = cs.find((c) => chunkIsGood(dir, c, chunkSize));
       const c = good ?? cs[0]!;
       repoint.run(c.pack, c.offset, c.storedLen, c.rawLen, c.codec, good ? 0 : 1, chunkIds.get(hex)!);
     }
@@ -279,7 +290,7 @@ async function build(
         continue;
       }
       try {
-        const m = decodeManifest(fs.readFileSync(manifestPath(dir, uid)), `${uid}.json.zst`);
+        const m = decodeManifest(readManifestFile(manifestPath(dir, uid)), `${uid}.json.zst`);
         if (m.repo !== repoId) {
           rep.problems.push(`manifest ${uid} belongs to repository ${m.repo}; skipped`);
           continue;

@@ -29,6 +29,7 @@ import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
 import { makeDirs, onUserPath } from '../util/userpath';
 import { acquireWriterLock, type LockOptions, type WriterLock } from './lock';
+import { mkdirPrivateSync, precreateDbFile, repoModes, writeFilePrivateSync } from '../util/private-fs';
 
 export const REPO_MAGIC = 'bkfs-repository';
 export const CONFIG_FILE = 'bkfs-repo.json';
@@ -113,8 +114,12 @@ export class Repository {
     if (onUserPath('repository', dir, () => fs.readdirSync(dir)).length > 0) {
       throw new BkfsError('REPO_EXISTS', `${dir} is not empty; choose an empty or new directory`);
     }
+    // A new root is 0700 (makeDirs); an existing (empty) one keeps its mode, and what is created
+    // inside follows it (private unless the root is deliberately group-readable, see private-fs.ts).
+    const modes = repoModes(dir);
     onUserPath('repository', dir, () => {
-      for (const sub of ['packs', 'tmp', 'manifests']) fs.mkdirSync(path.join(dir, sub), { mode: 0o700 });
+      for (const sub of ['packs', 'tmp', 'manifests'])
+        mkdirPrivateSync(path.join(dir, sub), { mode: modes.dir });
     });
     const config: RepoConfig = {
       magic: REPO_MAGIC,
@@ -126,6 +131,7 @@ export class Repository {
       compression: { codec: 'zstd', level: opts.compressionLevel ?? 1 },
       created: new Date().toISOString(),
     };
+    precreateDbFile(path.join(dir, DB_FILE), modes.file);
     const db = new Database(path.join(dir, DB_FILE));
     db.pragma('journal_mode = WAL');
     db.exec(SCHEMA);
@@ -134,7 +140,7 @@ export class Repository {
     db.close();
     // The config file is written last: a directory without it is not a repository.
     const tmp = path.join(dir, `${CONFIG_FILE}.tmp`);
-    fs.writeFileSync(tmp, JSON.stringify(config, null, 2) + '\n');
+    writeFilePrivateSync(tmp, JSON.stringify(config, null, 2) + '\n', { mode: modes.file });
     fs.renameSync(tmp, path.join(dir, CONFIG_FILE));
     return Repository.open(dir);
   }
@@ -219,7 +225,7 @@ export class Repository {
     }
     finishForgetJournals(this);
     const tmp = path.join(this.dir, 'tmp');
-    fs.mkdirSync(tmp, { recursive: true });
+    mkdirPrivateSync(tmp, { recursive: true, mode: repoModes(this.dir).dir });
     for (const f of fs.readdirSync(tmp)) fs.rmSync(path.join(tmp, f), { force: true, recursive: true });
   }
 

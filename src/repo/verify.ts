@@ -205,7 +205,7 @@ async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<Verif
     if (loc.offset + loc.storedLen > size) return `pack ${loc.pack} is truncated`;
     try {
       const stored = await repo.packs.read(loc.pack, loc.offset, loc.storedLen);
-      decodeChunk(stored, loc.codec, loc.rawLen, loc.hash);
+      decodeChunk(stored, loc.codec, loc.rawLen, loc.hash, repo.config.chunkSize);
       bytesChecked += loc.storedLen;
       return undefined;
     } catch (e) {

@@ -48,6 +48,7 @@ import {
 } from './targets';
 import { rewriteDomainXml, type DiskRewrite } from './domain-xml';
 import { defineDomain, domainUuid } from './libvirt';
+import { writeFilePrivate } from '../util/private-fs';
 
 export type FileFormat = 'raw' | 'qcow2';
 
@@ -80,6 +81,8 @@ export interface RestoreOptions extends CopyTuning {
   force?: boolean;
   /** Define the restored VM in libvirt under this name. */
   define?: string;
+  /** Permission bits of restored image files (default 0600: owner only). */
+  mode?: number;
   onProgress?: (p: RestoreProgress) => void;
   onNotice?: (msg: string) => void;
   signal?: AbortSignal;
@@ -381,7 +384,7 @@ export function planConfigs(
 export async function writeConfigFiles(files: Map<string, Buffer>): Promise<void> {
   for (const [p, data] of files) {
     const tmp = `${p}.bkfs-partial`;
-    await fsp.writeFile(tmp, data);
+    await writeFilePrivate(tmp, data);
     await fsp.rename(tmp, p);
   }
 }
@@ -530,7 +533,7 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
     }
   }
   if (dir !== null) {
-    // One level at a time (makeDirs): Node's recursive mkdir loops forever under /proc.
+    // One level at a time, coded errors naming the user's path (makeDirs; 0700 like mkdirPrivate).
     makeDirs(dir, 'restore target');
   }
 
@@ -584,6 +587,8 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
           runs,
         );
         await target.finish();
+        // Images are created 0600 (private-fs.ts); a wider mode only when the user asked for it.
+        if (o.mode !== undefined && j.kind !== 'nbd') await fsp.chmod(j.to, o.mode);
         ok = true;
         if (j.kind === 'nbd' && target.size > size) {
           o.onNotice?.(

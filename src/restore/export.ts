@@ -150,7 +150,7 @@ export async function runExport(repo: Repository, o: ExportOptions): Promise<Exp
       if (fs.existsSync(f)) throw new BkfsError('TARGET_EXISTS', `${f} exists (use --force to replace it)`);
     }
   }
-  // One level at a time (makeDirs): Node's recursive mkdir loops forever under /proc.
+  // One level at a time, coded errors naming the user's path (makeDirs; 0700 like mkdirPrivate).
   for (const name of plans.keys()) makeDirs(path.join(o.to, name), 'export target');
 
   const pin = pinCheckpoints(

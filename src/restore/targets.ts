@@ -23,6 +23,7 @@ import { BkfsError, errorMessage, isBkfsError } from '../errors';
 import { NbdClient, describeNbdTarget, parseNbdUri } from '../nbd/client';
 import { QemuNbd } from '../backup/qemu';
 import { run } from '../util/proc';
+import { openPrivate } from '../util/private-fs';
 import { errnoCode, userPathError } from '../util/userpath';
 
 export const PARTIAL_SUFFIX = '.bkfs-partial';
@@ -163,7 +164,7 @@ export class RawFileTarget implements RestoreTarget {
     try {
       // A leftover partial file (an interrupted run) is replaced; never written through a link.
       await fsp.rm(partial, { force: true });
-      fh = await fsp.open(partial, 'wx');
+      fh = await openPrivate(partial, 'wx');
     } catch (e) {
       throw targetError(file, e);
     }
@@ -405,6 +406,8 @@ export interface Qcow2Options {
 export async function createQcow2(file: string, size: number, o: Qcow2Options = {}): Promise<NbdTarget> {
   const partial = file + PARTIAL_SUFFIX;
   await fsp.rm(partial, { force: true });
+  // Created 0600 first: qemu-img then writes into the existing file, which keeps its mode.
+  await (await openPrivate(partial, 'wx')).close();
   const args = ['create', '-q', '-f', 'qcow2'];
   if (o.backing !== undefined) args.push('-b', o.backing, '-F', 'qcow2');
   args.push(partial, String(size));

@@ -12,11 +12,12 @@
  * pool (backup ingest). Each thread keeps its own zstd contexts (they are not thread-safe).
  */
 import { blake3 } from '@napi-rs/blake-hash';
-import { Compressor, Decompressor } from 'zstd-napi';
+import { Compressor } from 'zstd-napi';
+import * as zstd from 'zstd-napi/binding';
 import { BkfsError } from '../errors';
 
-export const CODEC_RAW = 0;
-export const CODEC_ZSTD = 1;
+import { CODEC_RAW, CODEC_ZSTD, MAX_CHUNK_LEN } from './hash-len';
+export { CODEC_RAW, CODEC_ZSTD, MAX_CHUNK_LEN };
 export type Codec = typeof CODEC_RAW | typeof CODEC_ZSTD;
 
 export { HASH_LEN } from './hash-len';
@@ -27,7 +28,7 @@ export function hashChunk(data: Uint8Array): Buffer {
 
 let compressor: Compressor | undefined;
 let compressorLevel = -100;
-let decompressor: Decompressor | undefined;
+let dctx: zstd.DCtx | undefined;
 
 export interface Encoded {
   codec: Codec;
@@ -49,18 +50,27 @@ export function encodeChunk(raw: Buffer, level: number): Encoded {
 /**
  * Decode a stored chunk and check it against its expected hash and length. Throws
  * BkfsError('DATA_DAMAGED') on any mismatch: callers turn that into EIO, never into wrong bytes.
+ *
+ * Memory and time are bounded whatever the stored bytes say: `rawLen` (from the index or a pack
+ * record) must be at most `maxRawLen` (the repository's chunk size, or MAX_CHUNK_LEN); a zstd frame
+ * must declare exactly `rawLen` bytes in its header and is decompressed into a buffer of that size,
+ * so a frame that would decompress past it fails instead of growing (no zstd "bomb").
  */
-export function decodeChunk(stored: Buffer, codec: number, rawLen: number, expectedHash?: Buffer): Buffer {
+export function decodeChunk(
+  stored: Buffer,
+  codec: number,
+  rawLen: number,
+  expectedHash?: Buffer,
+  maxRawLen = MAX_CHUNK_LEN,
+): Buffer {
+  if (!Number.isSafeInteger(rawLen) || rawLen < 0 || rawLen > Math.min(maxRawLen, MAX_CHUNK_LEN)) {
+    throw new BkfsError('DATA_DAMAGED', `chunk claims ${rawLen} bytes, more than a chunk can hold`);
+  }
   let raw: Buffer;
   if (codec === CODEC_RAW) {
     raw = stored;
   } else if (codec === CODEC_ZSTD) {
-    try {
-      decompressor ??= new Decompressor();
-      raw = decompressor.decompress(stored);
-    } catch (e) {
-      throw new BkfsError('DATA_DAMAGED', `chunk cannot be decompressed: ${(e as Error).message}`);
-    }
+    raw = decompressBounded(stored, rawLen);
   } else {
     throw new BkfsError('DATA_DAMAGED', `chunk has unknown codec ${codec}`);
   }
@@ -71,6 +81,32 @@ export function decodeChunk(stored: Buffer, codec: number, rawLen: number, expec
     throw new BkfsError('DATA_DAMAGED', 'chunk hash mismatch');
   }
   return raw;
+}
+
+/** Decompress zstd data that must hold exactly `rawLen` bytes, never allocating more. */
+function decompressBounded(stored: Buffer, rawLen: number): Buffer {
+  let declared: number | null;
+  try {
+    declared = zstd.getFrameContentSize(stored);
+  } catch (e) {
+    throw new BkfsError('DATA_DAMAGED', `chunk cannot be decompressed: ${(e as Error).message}`);
+  }
+  if (declared !== null && declared !== rawLen) {
+    throw new BkfsError('DATA_DAMAGED', `chunk's zstd frame declares ${declared} bytes, expected ${rawLen}`);
+  }
+  const out = Buffer.allocUnsafe(rawLen);
+  let n: number;
+  try {
+    dctx ??= new zstd.DCtx();
+    n = dctx.decompress(out, stored);
+  } catch (e) {
+    dctx = undefined; // a context that failed mid-frame is not reused
+    throw new BkfsError('DATA_DAMAGED', `chunk cannot be decompressed: ${(e as Error).message}`);
+  }
+  if (n !== rawLen) {
+    throw new BkfsError('DATA_DAMAGED', `chunk decodes to ${n} bytes, expected ${rawLen}`);
+  }
+  return out;
 }
 
 const ZERO = Buffer.alloc(4 << 20);

@@ -1,5 +1,15 @@
 /**
- * Length of a chunk hash (BLAKE3, bytes). A module of its own so that reading the catalogue
- * (packs.ts) does not load the hash and compression libraries of codec.ts.
+ * Length of a chunk hash (BLAKE3, bytes), and the codec numbers and chunk size limit of pack
+ * records. A module of its own so that reading the catalogue (packs.ts) does not load the hash and
+ * compression libraries of codec.ts.
  */
 export const HASH_LEN = 32;
+
+export const CODEC_RAW = 0;
+export const CODEC_ZSTD = 1;
+
+/**
+ * Largest chunk any repository can have (`init` allows chunk sizes up to 16 MiB): a stored or raw
+ * length above it is damage (or a hostile file), refused before anything is allocated.
+ */
+export const MAX_CHUNK_LEN = 16 << 20;

@@ -21,7 +21,8 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BkfsError } from '../errors';
-import { HASH_LEN } from './hash-len';
+import { CODEC_RAW, CODEC_ZSTD, HASH_LEN, MAX_CHUNK_LEN } from './hash-len';
+import { mkdirPrivate, openPrivate, repoModes } from '../util/private-fs';
 
 export const PACK_MAGIC = Buffer.from('BKFSPACK', 'ascii');
 export const PACK_VERSION = 1;
@@ -59,16 +60,43 @@ export function encodeRecordHeader(r: RecordHeader): Buffer {
   return h;
 }
 
-export function decodeRecordHeader(h: Buffer): RecordHeader {
+/**
+ * Decode a record header and check that its lengths are possible for a repository whose chunks
+ * are at most `chunkSize` bytes: 0 < raw_len <= chunkSize, a raw record stores exactly raw_len
+ * bytes, a zstd record fewer. A header that lies (a stored_len of 4 GiB) is refused here, before
+ * anything is allocated or read for it.
+ */
+export function decodeRecordHeader(h: Buffer, chunkSize = MAX_CHUNK_LEN): RecordHeader {
   if (h.length < RECORD_HEADER_LEN || !h.subarray(0, 4).equals(RECORD_MAGIC)) {
     throw new BkfsError('DATA_DAMAGED', 'pack record header has a bad magic');
   }
-  return {
+  const r: RecordHeader = {
     codec: h.readUInt8(4),
     rawLen: h.readUInt32BE(8),
     storedLen: h.readUInt32BE(12),
     hash: Buffer.from(h.subarray(16, 16 + HASH_LEN)),
   };
+  checkRecordLengths(r, chunkSize);
+  return r;
+}
+
+/** Throws DATA_DAMAGED unless the record's codec and lengths are possible (see decodeRecordHeader). */
+export function checkRecordLengths(r: Omit<RecordHeader, 'hash'>, chunkSize = MAX_CHUNK_LEN): void {
+  const max = Math.min(chunkSize, MAX_CHUNK_LEN);
+  const ok =
+    (r.codec === CODEC_RAW || r.codec === CODEC_ZSTD) &&
+    Number.isSafeInteger(r.rawLen) &&
+    Number.isSafeInteger(r.storedLen) &&
+    r.rawLen > 0 &&
+    r.rawLen <= max &&
+    r.storedLen > 0 &&
+    (r.codec === CODEC_RAW ? r.storedLen === r.rawLen : r.storedLen < r.rawLen);
+  if (!ok) {
+    throw new BkfsError(
+      'DATA_DAMAGED',
+      `pack record has impossible lengths (codec ${r.codec}, raw ${r.rawLen}, stored ${r.storedLen}, chunk size ${max})`,
+    );
+  }
 }
 
 /** A chunk placed in a pack: where its stored bytes start and how long they are. */
@@ -93,7 +121,7 @@ export class PackWriter {
 
   static async create(repoDir: string): Promise<PackWriter> {
     const w = new PackWriter(repoDir, randomBytes(16).toString('hex'));
-    w.fh = await fsp.open(w.tmpPath, 'wx');
+    w.fh = await openPrivate(w.tmpPath, 'wx', repoModes(repoDir).file);
     const h = encodePackHeader();
     await w.fh.write(h, 0, h.length, 0);
     w.pos = h.length;
@@ -121,7 +149,7 @@ export class PackWriter {
     await this.fh.close();
     this.fh = undefined;
     const final = packPath(this.repoDir, this.name);
-    await fsp.mkdir(path.dirname(final), { recursive: true });
+    await mkdirPrivate(path.dirname(final), { recursive: true, mode: repoModes(this.repoDir).dir });
     await fsp.rename(this.tmpPath, final);
     await fsyncDir(path.dirname(final));
   }
@@ -186,6 +214,21 @@ export class PackReader {
   }
 
   read(name: string, offset: number, length: number): Promise<Buffer> {
+    if (
+      !Number.isSafeInteger(offset) ||
+      offset < 0 ||
+      !Number.isSafeInteger(length) ||
+      length < 0 ||
+      length > MAX_CHUNK_LEN
+    ) {
+      // Lengths come from the index: a damaged or hostile row must not make us allocate 4 GiB.
+      return Promise.reject(
+        new BkfsError(
+          'DATA_DAMAGED',
+          `pack ${name}: impossible chunk location (offset ${offset}, length ${length})`,
+        ),
+      );
+    }
     const e = this.acquire(name);
     const buf = Buffer.allocUnsafe(length);
     return new Promise((resolve, reject) => {

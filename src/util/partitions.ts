@@ -386,7 +386,7 @@ export async function readPartitionTable(readAt: ReadAt, diskSize: number): Prom
         scheme: 'gpt',
         sectorSize: SECTOR_SIZE,
         diskGuid: gpt.diskGuid,
-        partitions: gpt.partitions,
+        partitions: sanePartitions(gpt.partitions, diskSize, gpt.warnings),
       };
       if (!protective) gpt.warnings.unshift('GPT found without a protective MBR');
       if (gpt.warnings.length > 0) t.warnings = gpt.warnings;
@@ -403,13 +403,10 @@ export async function readPartitionTable(readAt: ReadAt, diskSize: number): Prom
   if (used.length === 0 && looksLikeBootSector(sec0)) return none();
 
   const diskIdNum = sec0.readUInt32LE(440);
-  const { partitions, warnings } = await readMbr(readAt, diskSize, sec0, diskIdNum);
-  partitions.sort((a, b) => a.index - b.index);
-  for (const p of partitions) {
-    if (p.start + p.size > diskSize) {
-      warnings.push(`partition ${p.index} ends at byte ${p.start + p.size}, past the end of the disk`);
-    }
-  }
+  const mbr = await readMbr(readAt, diskSize, sec0, diskIdNum);
+  const warnings = mbr.warnings;
+  mbr.partitions.sort((a, b) => a.index - b.index);
+  const partitions = sanePartitions(mbr.partitions, diskSize, warnings);
   const t: PartitionTable = {
     scheme: 'mbr',
     sectorSize: SECTOR_SIZE,
@@ -418,6 +415,57 @@ export async function readPartitionTable(readAt: ReadAt, diskSize: number): Prom
   };
   if (warnings.length > 0) t.warnings = warnings;
   return t;
+}
+
+/**
+ * What a hostile table may not do to its readers: a partition that starts beyond the end of the
+ * disk is dropped, one that runs past it is cut at the end (as Linux does), both with a warning,
+ * so every partition returned lies inside the disk. Overlapping partitions are kept (Linux keeps
+ * them too) but reported: primaries (and the extended container) among themselves, logical
+ * partitions among themselves and against their container, GPT entries among themselves.
+ */
+function sanePartitions(parts: Partition[], diskSize: number, warnings: string[]): Partition[] {
+  const out: Partition[] = [];
+  for (const p of parts) {
+    if (p.start >= diskSize) {
+      warnings.push(
+        `partition ${p.index} starts at byte ${p.start}, beyond the end of the disk (${diskSize}); ignored`,
+      );
+      continue;
+    }
+    if (p.start + p.size > diskSize) {
+      warnings.push(
+        `partition ${p.index} ends at byte ${p.start + p.size}, past the end of the disk (${diskSize}); cut at the end of the disk`,
+      );
+      out.push({ ...p, size: diskSize - p.start });
+      continue;
+    }
+    out.push(p);
+  }
+  const overlaps = (group: Partition[]): void => {
+    const sorted = [...group].sort((a, b) => a.start - b.start || a.index - b.index);
+    let reach: Partition | undefined;
+    for (const p of sorted) {
+      if (reach && p.start < reach.start + reach.size) {
+        warnings.push(`partitions ${reach.index} and ${p.index} overlap`);
+      }
+      if (!reach || p.start + p.size > reach.start + reach.size) reach = p;
+    }
+  };
+  if (out.some((p) => p.scheme === 'mbr')) {
+    overlaps(out.filter((p) => p.index <= 4));
+    const logical = out.filter((p) => p.index > 4);
+    overlaps(logical);
+    const ext = out.find((p) => p.extended);
+    for (const l of logical) {
+      if (ext && (l.start < ext.start || l.start + l.size > ext.start + ext.size)) {
+        warnings.push(`logical partition ${l.index} lies outside its extended partition ${ext.index}`);
+      }
+    }
+  } else {
+    overlaps(out);
+  }
+  return out;
 }
 
 const GPT_TYPES: Record<string, string> = {

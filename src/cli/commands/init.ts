@@ -1,6 +1,8 @@
+import * as fs from 'node:fs';
 import type { Command } from 'commander';
 import * as path from 'node:path';
-import { out, parseIntOption, repoPath } from '../context';
+import { othersCanRead } from '../../util/private-fs';
+import { note, out, parseIntOption, repoPath } from '../context';
 import { printJson } from '../json';
 
 export function registerInit(program: Command): void {
@@ -20,6 +22,11 @@ Examples:
     )
     .action(async (opts: { chunkSize: string; compressionLevel: string; json?: boolean }, cmd: Command) => {
       const dir = repoPath(cmd);
+      if (othersCanRead(dir)) {
+        note(
+          `warning: ${dir} can be read by other local users (mode ${modeOf(dir)}); bkfs creates its files 0600, but others can list them: run 'chmod 700 ${dir}' so that only you can reach the repository`,
+        );
+      }
       const { Repository } = await import('../../repo/repository');
       const repo = Repository.init(dir, {
         chunkSize: parseIntOption('--chunk-size', opts.chunkSize),
@@ -42,4 +49,8 @@ Examples:
       }
       out(`created bkfs repository ${c.id} at ${dir}`);
     });
+}
+
+function modeOf(dir: string): string {
+  return (fs.statSync(dir).mode & 0o7777).toString(8).padStart(4, '0');
 }

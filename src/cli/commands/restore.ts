@@ -14,6 +14,7 @@ interface RestoreCliOptions {
   force?: boolean;
   define?: string;
   concurrency?: string;
+  mode?: string;
   json?: boolean;
 }
 
@@ -75,6 +76,7 @@ export function registerRestore(program: Command): void {
     .option('--force', 'replace existing target files (and an existing libvirt domain with --define)')
     .option('--define <name>', 'define the restored VM in libvirt under this name (needs a saved domain.xml)')
     .option('--concurrency <n>', 'writes in flight (default 8)')
+    .option('--mode <octal>', 'permission bits of restored image files (default 0600: owner only)')
     .option('--json', 'machine-readable summary')
     .addHelpText(
       'after',
@@ -98,6 +100,10 @@ Examples:
       const concurrency =
         opts.concurrency !== undefined ? parseIntOption('--concurrency', opts.concurrency) : undefined;
       if (concurrency === 0) throw new BkfsError('USAGE', '--concurrency must be at least 1');
+      if (opts.mode !== undefined && !/^0?[0-7]{3}$/.test(opts.mode)) {
+        throw new BkfsError('USAGE', `--mode must be octal permission bits like 0640, got '${opts.mode}'`);
+      }
+      const mode = opts.mode !== undefined ? parseInt(opts.mode, 8) : undefined;
       const { runRestore } = await import('../../restore/engine');
       const res = await withLongJob(`restore ${ref}`, (job) =>
         withRepo(cmd, (repo) =>
@@ -109,6 +115,7 @@ Examples:
             ...(opts.since !== undefined ? { since: opts.since } : {}),
             ...(opts.define !== undefined ? { define: opts.define } : {}),
             ...(concurrency !== undefined ? { concurrency } : {}),
+            ...(mode !== undefined ? { mode } : {}),
             force: opts.force ?? false,
             ...job,
           }),
