@@ -3,7 +3,7 @@ SHELL := /bin/bash
 TESTS_UNIT := dist/test/unit/*.test.js
 TESTS_INTEGRATION := dist/test/integration/*.test.js
 
-.PHONY: setup build demo test test-unit lint format check bench bench-small clean
+.PHONY: setup build demo test test-unit test-faults lint format check bench bench-small clean
 
 setup:
 	bash scripts/setup.sh
@@ -27,6 +27,11 @@ test: setup lint
 
 test-unit: setup
 	node --test $(TESTS_UNIT)
+
+# Power loss in full: cut the power (powerfs, a FUSE layer that keeps only what was fsynced) at every
+# fsync boundary of init+full, inc, forget, gc, rebuild, verify and restore, plus seeded random points.
+test-faults: setup
+	BKFS_POWERLOSS=full node --test --test-concurrency=1 dist/test/unit/powerfs.test.js dist/test/integration/powerloss.test.js
 
 bench: setup
 	bash bench/run

@@ -9,7 +9,7 @@
  *   atomically by `backup-begin` (the libvirt checkpoint), so `prepare` only reports its name;
  *   the job, the checkpoint and their cleanup belong to the orchestrator in `libvirt.ts`.
  * - OfflineImageSource: a disk image of a shut-off domain, read through `ImageSource` (read-only
- *   `qemu-nbd`) but without bkfs's own qcow2 bitmaps: those would be invisible to libvirt, which
+ *   `qemu-nbd`, with the format the domain XML declares) but without bkfs's own qcow2 bitmaps: those would be invisible to libvirt, which
  *   owns change tracking for its domains. So an offline backup is a full or copy only.
  *
  * Memory: one NBD connection per open disk (the engine opens disks one at a time). No locking:
@@ -18,7 +18,7 @@
  */
 import { BkfsError } from '../errors';
 import { NbdClient } from '../nbd/client';
-import { ImageSource, type BackupSource, type OpenSource, type SourceProbe } from './sources';
+import { declaredFormat, ImageSource, type BackupSource, type OpenSource, type SourceProbe } from './sources';
 
 const ALLOC = 'base:allocation';
 
@@ -92,11 +92,17 @@ export class PullSource implements BackupSource {
 export class OfflineImageSource implements BackupSource {
   private readonly image: ImageSource;
 
+  /**
+   * `format`: the disk's driver type in the domain XML. libvirt does not probe formats (a disk
+   * without a driver type is raw), and neither does bkfs: a guest of a raw disk can write a qcow2
+   * header naming a host file as backing file into it.
+   */
   constructor(
     readonly location: string,
     private readonly domain: string,
+    format: string | null,
   ) {
-    this.image = new ImageSource(location);
+    this.image = new ImageSource(location, declaredFormat(format ?? 'raw'));
   }
 
   probe(): Promise<SourceProbe> {

@@ -637,7 +637,7 @@ async function offlineBackup(
     vm: o.vm,
     disks: sel.selected.map((d) => ({
       name: d.target,
-      source: new OfflineImageSource(d.source as string, o.domain),
+      source: new OfflineImageSource(d.source as string, o.domain, d.format),
     })),
     level,
     ...(o.checkpoint !== undefined ? { checkpoint: o.checkpoint } : {}),

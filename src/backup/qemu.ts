@@ -39,20 +39,88 @@ function classifyQemuError(image: string, stderr: string): BkfsError {
   return new BkfsError('SOURCE_FORMAT', `cannot open ${image}: ${line}`);
 }
 
-/** `qemu-img info`, taking the image's shared lock: fails with SOURCE_IN_USE when a VM writes it. */
-export async function imageInfo(image: string): Promise<ImageInfo> {
+/** Image formats bkfs reads; a declared format is one of these. */
+export type DeclaredFormat = 'raw' | 'qcow2';
+export const DECLARABLE_FORMATS: readonly DeclaredFormat[] = ['raw', 'qcow2'];
+
+export interface QemuImgInfoJson {
+  format: string;
+  filename?: string;
+  'virtual-size': number;
+  'backing-filename'?: string;
+  'full-backing-filename'?: string;
+  'backing-filename-format'?: string;
+  'format-specific'?: { type?: string; data?: { bitmaps?: QcowBitmap[]; 'data-file'?: string } };
+}
+
+/** The files an image's header names (backing file, external data file), for messages. */
+export function externalReferences(j: QemuImgInfoJson): string[] {
+  const refs: string[] = [];
+  const backing = j['full-backing-filename'] ?? j['backing-filename'];
+  if (backing !== undefined) refs.push(`backing file ${backing}`);
+  const data = j['format-specific']?.data?.['data-file'];
+  if (data !== undefined) refs.push(`data file ${data}`);
+  return refs;
+}
+
+function unsafe(image: string, probed: string, refs: string[]): BkfsError {
+  return new BkfsError(
+    'SOURCE_UNSAFE',
+    `${image} looks like a ${probed} image that refers to ${refs.join(' and ')}; bkfs does not follow what an undeclared image refers to (a guest can write such a header into a raw disk): declare the format, e.g. --disk NAME=raw:${image} for a raw disk, or --disk NAME=${probed}:${image} if you created this image`,
+  );
+}
+
+async function qemuImgInfo(image: string, args: string[]): Promise<unknown> {
   if (!fs.existsSync(image)) throw new BkfsError('SOURCE_NOT_FOUND', `image ${image} does not exist`);
   const st = fs.statSync(image);
   if (!st.isFile() && !st.isBlockDevice()) {
     throw new BkfsError('SOURCE_FORMAT', `${image} is not an image file or block device`);
   }
-  const r = await run('qemu-img', ['info', '--output=json', image], { allowFail: true });
+  const r = await run('qemu-img', ['info', '--output=json', ...args, image], { allowFail: true });
   if (r.code !== 0) throw classifyQemuError(image, r.stderr);
-  const j = JSON.parse(r.stdout) as {
-    format: string;
-    'virtual-size': number;
-    'format-specific'?: { data?: { bitmaps?: QcowBitmap[] } };
-  };
+  return JSON.parse(r.stdout) as unknown;
+}
+
+/**
+ * `qemu-img info`, taking the image's shared lock: fails with SOURCE_IN_USE when a VM writes it.
+ *
+ * Guests are untrusted: a guest can write any header into the start of its raw disk, so what
+ * qemu-img probes is only trusted when it cannot make qemu open another file.
+ *   - `declared` (the domain XML's driver type, or `--disk NAME=FORMAT:PATH`): opened with `-f`.
+ *     A declared qcow2 may have a backing chain (the host made it), but every link must record
+ *     its backing file's format: an unrecorded one would be probed from guest-written bytes.
+ *   - undeclared: probed (qemu-img info opens no backing file); raw is taken as raw; a probed
+ *     qcow2 without backing or data file is taken as qcow2; one with them is refused with
+ *     SOURCE_UNSAFE naming what it refers to; other formats are refused (SOURCE_FORMAT).
+ * The returned `format` is then always passed with `-f`/`--format` to qemu-img and qemu-nbd.
+ */
+export async function imageInfo(image: string, declared?: DeclaredFormat): Promise<ImageInfo> {
+  let j: QemuImgInfoJson;
+  if (declared !== undefined) {
+    const chain = (await qemuImgInfo(image, ['-f', declared, '--backing-chain'])) as QemuImgInfoJson[];
+    j = chain[0] as QemuImgInfoJson;
+    for (const link of chain) {
+      const backing = link['full-backing-filename'] ?? link['backing-filename'];
+      if (backing !== undefined && link['backing-filename-format'] === undefined) {
+        throw new BkfsError(
+          'SOURCE_UNSAFE',
+          `${link.filename ?? image} names backing file ${backing} without its format, so qemu would guess it from bytes a guest may have written: record it with qemu-img rebase -u -F raw|qcow2 -b ${backing} ${link.filename ?? image}`,
+        );
+      }
+    }
+  } else {
+    j = (await qemuImgInfo(image, [])) as QemuImgInfoJson;
+    if (j.format !== 'raw') {
+      const refs = externalReferences(j);
+      if (refs.length > 0) throw unsafe(image, j.format, refs);
+    }
+    if (j.format !== 'raw' && j.format !== 'qcow2') {
+      throw new BkfsError(
+        'SOURCE_FORMAT',
+        `${image} probes as a ${j.format} image; bkfs backs up qcow2 and raw images (convert it with qemu-img; if it is a raw disk whose guest wrote that header, declare it: --disk NAME=raw:${image})`,
+      );
+    }
+  }
   return {
     path: image,
     format: j.format,

@@ -14,7 +14,15 @@
  */
 import { BkfsError } from '../errors';
 import { NbdClient, parseNbdUri } from '../nbd/client';
-import { bitmapAdd, bitmapRemove, imageInfo, QemuNbd, type ImageInfo } from './qemu';
+import {
+  bitmapAdd,
+  bitmapRemove,
+  DECLARABLE_FORMATS,
+  imageInfo,
+  QemuNbd,
+  type DeclaredFormat,
+  type ImageInfo,
+} from './qemu';
 
 export interface SourceProbe {
   size: number;
@@ -51,10 +59,14 @@ export class ImageSource implements BackupSource {
   private info: ImageInfo | undefined;
   private added: string | null = null;
 
-  constructor(readonly location: string) {}
+  /** `declared`: the format the user or the domain XML states; undefined: probed (see imageInfo). */
+  constructor(
+    readonly location: string,
+    readonly declared?: DeclaredFormat,
+  ) {}
 
   async probe(): Promise<SourceProbe> {
-    this.info = await imageInfo(this.location);
+    this.info = await imageInfo(this.location, this.declared);
     if (this.info.format !== 'qcow2' && this.info.format !== 'raw') {
       throw new BkfsError(
         'SOURCE_FORMAT',
@@ -155,7 +167,7 @@ export class ImageSource implements BackupSource {
 
   async afterCommit(keep: ReadonlySet<string>, prefix: string, newChain: boolean): Promise<void> {
     if (!newChain || this.infoOrThrow.format !== 'qcow2') return;
-    const info = await imageInfo(this.location);
+    const info = await imageInfo(this.location, 'qcow2');
     for (const b of info.bitmaps) {
       if (b.name.startsWith(prefix) && !keep.has(b.name)) await bitmapRemove(this.location, b.name);
     }
@@ -217,8 +229,32 @@ export class NbdUriSource implements BackupSource {
   async afterCommit(): Promise<void> {}
 }
 
-/** `SOURCE` of `--disk NAME=SOURCE`: an NBD URI or an image path. */
-export function sourceFor(spec: string, bitmap: string | null): BackupSource {
-  if (/^nbds?(\+unix)?:\/\//.test(spec)) return new NbdUriSource(spec, bitmap);
+/**
+ * `SOURCE` of `--disk NAME=SOURCE`: an NBD URI, or an image path with an optional declared format
+ * (`raw:PATH`, `qcow2:PATH`); `format` (`--format`) declares it for paths without a prefix.
+ */
+export function sourceFor(spec: string, bitmap: string | null, format?: string): BackupSource {
+  if (/^nbds?(\+unix)?:\/\//.test(spec)) {
+    if (format !== undefined) {
+      throw new BkfsError('USAGE', `--format applies to image files, not to NBD URI ${spec}`);
+    }
+    return new NbdUriSource(spec, bitmap);
+  }
+  const m = /^([a-z0-9]+):(.+)$/.exec(spec);
+  if (m && (DECLARABLE_FORMATS as readonly string[]).includes(m[1] as string)) {
+    return new ImageSource(m[2] as string, m[1] as DeclaredFormat);
+  }
+  if (format !== undefined) return new ImageSource(spec, declaredFormat(format));
   return new ImageSource(spec);
+}
+
+/** Check a format named by the user or a domain XML. */
+export function declaredFormat(format: string): DeclaredFormat {
+  if (!(DECLARABLE_FORMATS as readonly string[]).includes(format)) {
+    throw new BkfsError(
+      'SOURCE_FORMAT',
+      `format '${format}' is not one bkfs reads (${DECLARABLE_FORMATS.join(', ')}): convert the image with qemu-img`,
+    );
+  }
+  return format as DeclaredFormat;
 }

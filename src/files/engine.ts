@@ -7,7 +7,8 @@
  *  - `guestfs` (guestfs-engine.ts): one libguestfs appliance for the whole command; the guest's
  *    filesystems never touch the host kernel; handles every filesystem and LVM; no root needed.
  *  - `kernel` (kernel.ts): read-only loop devices at each partition's offset and read-only mounts
- *    without journal replay; fast, for trusted guests; needs root and the filesystem drivers.
+ *    without journal replay; fast, for trusted guests only (a crafted filesystem image is parsed
+ *    by the host kernel); needs root and the filesystem drivers; never chosen unless asked for.
  * The pure functions below decide which one a command may use and say why the kernel cannot.
  */
 import * as fs from 'node:fs';
@@ -180,9 +181,11 @@ export function kernelMountOptions(type: string, extra: readonly string[]): stri
 }
 
 /**
- * The engine for a command: `choice` as given, or (auto) the kernel when it can run here and can
- * mount every volume in `volumes`, else libguestfs. Throws when the chosen engine cannot serve.
- * Returns a note when auto passed over the kernel (the CLI shows it).
+ * The engine for a command. Guests are untrusted: `auto` is libguestfs, whose appliance keeps
+ * guest filesystem code out of the host kernel and out of host-root processes. The kernel engine
+ * (a crafted filesystem reaches the host kernel) runs only when asked for by name (`--engine
+ * kernel`, or BKFS_FILES_ENGINE=kernel, which the CLI turns into that choice). Throws when the
+ * chosen engine cannot serve.
  */
 export function pickEngine(
   choice: EngineChoice,
@@ -190,26 +193,31 @@ export function pickEngine(
   guestfsInstalled: boolean,
   volumes: readonly Volume[],
 ): { engine: EngineName; note?: string } {
-  const unusable = kernelUnusable(s);
-  const cannot = volumes
-    .map((v) => kernelDriver(v, s))
-    .filter((r): r is { reason: string } => 'reason' in r)
-    .map((r) => r.reason);
-  if (choice === 'guestfs') {
-    if (!guestfsInstalled) throw new BkfsError('EXTERNAL_TOOL', GUESTFS_MISSING);
-    return { engine: 'guestfs' };
-  }
   if (choice === 'kernel') {
+    const unusable = kernelUnusable(s);
     if (unusable) throw new BkfsError('FS_UNSUPPORTED', `${unusable}; use --engine guestfs`);
+    const cannot = volumes
+      .map((v) => kernelDriver(v, s))
+      .filter((r): r is { reason: string } => 'reason' in r)
+      .map((r) => r.reason);
     if (cannot.length > 0)
       throw new BkfsError('FS_UNSUPPORTED', `${cannot.join('; ')}; use --engine guestfs`);
     return { engine: 'kernel' };
   }
-  const why = unusable ?? (cannot.length > 0 ? cannot.join('; ') : undefined);
-  if (why === undefined) return { engine: 'kernel' };
-  if (guestfsInstalled) return { engine: 'guestfs', note: `${why}; using libguestfs` };
-  if (unusable) throw new BkfsError('EXTERNAL_TOOL', `${GUESTFS_MISSING} (and ${unusable})`);
-  throw new BkfsError('FS_UNSUPPORTED', `${why}, and ${GUESTFS_MISSING}`);
+  if (!guestfsInstalled) {
+    throw new BkfsError(
+      'EXTERNAL_TOOL',
+      `${GUESTFS_MISSING}${choice === 'auto' ? ' (or, for trusted guests only, --engine kernel)' : ''}`,
+    );
+  }
+  return { engine: 'guestfs' };
+}
+
+/** The engine choice a host setting (BKFS_FILES_ENGINE) asks for, when no --engine was given. */
+export function engineFromEnv(value: string | undefined): EngineChoice {
+  if (value === undefined || value === '') return 'auto';
+  if (value === 'auto' || value === 'guestfs' || value === 'kernel') return value;
+  throw new BkfsError('USAGE', `BKFS_FILES_ENGINE must be auto, guestfs or kernel, got '${value}'`);
 }
 
 /** Write one chunk and wait until it is handed on (rejects on EPIPE etc. instead of hanging). */

@@ -12,6 +12,9 @@
  *    read-only, creates one appliance mount point per filesystem (`mkmountpoint`), mounts them and
  *    serves the lot on `DIR/fs` with `mount-local` + `mount-local-run`; unmounting `DIR/fs` ends
  *    it. Its output goes to a log next to the state file.
+ * Who can read: only the mounting user. DIR/disks and DIR/fs are made 0700; the kernel engine's
+ * mounts sit below DIR/fs; the guestfs FUSE mount on DIR/fs has no allow_other (the kernel then
+ * refuses every other user, root's `bkfs mount` of DIR/disks keeps default_permissions + 0400).
  * State: `<runDir>/<key>.files.json` (runDir/key as in src/fuse/state.ts) lists what was mounted,
  * the guestfish PID and start time (a PID is only signalled if its start time matches).
  * `unmountFiles` takes everything down in reverse order: DIR/fs mounts, guestfish, DIR/disks, then
@@ -101,7 +104,6 @@ export function guestfishMountScript(
   disks: readonly { file: string }[],
   mounts: readonly { name: string; device: string; options: string }[],
   fsDir: string,
-  allowOther: boolean,
 ): string {
   const lines: string[] = [];
   for (const d of disks)
@@ -110,13 +112,9 @@ export function guestfishMountScript(
   for (const m of mounts) lines.push(commandLine('mkmountpoint', [`/${m.name}`]));
   // A filesystem that fails to mount leaves its directory empty rather than failing the rest.
   for (const m of mounts) lines.push(`-${commandLine('mount-options', [m.options, m.device, `/${m.name}`])}`);
-  lines.push(
-    commandLine('mount-local', [
-      fsDir,
-      { opt: 'readonly:true' },
-      ...(allowOther ? [{ opt: 'options:allow_other' }] : []),
-    ]),
-  );
+  // No allow_other: only the mounting user reaches guest files (libguestfs' FUSE layer checks no
+  // permissions of its own, so allow_other would let every local user read the whole guest).
+  lines.push(commandLine('mount-local', [fsDir, { opt: 'readonly:true' }]));
   lines.push('mount-local-run');
   return lines.join('\n') + '\n';
 }
@@ -195,8 +193,12 @@ export async function mountFiles(repo: Repository, o: FilesMountOptions): Promis
 
   const disksDir = path.join(dir, 'disks');
   const fsDir = path.join(dir, 'fs');
-  await fsp.mkdir(disksDir);
-  await fsp.mkdir(fsDir);
+  // 0700 whatever the umask: the kernel engine's guest filesystems (guest modes and owners, which
+  // may match host users) are mounted below fs/, so only the mounting user can reach them.
+  await fsp.mkdir(disksDir, { mode: 0o700 });
+  await fsp.mkdir(fsDir, { mode: 0o700 });
+  await fsp.chmod(disksDir, 0o700);
+  await fsp.chmod(fsDir, 0o700);
   const state: FilesMountState = {
     dir,
     ref,
@@ -293,7 +295,6 @@ async function startGuestfish(
     diskNames.map((d) => ({ file: path.join(state.disksDir, `${d}.raw`) })),
     mounts,
     state.fsDir,
-    process.getuid?.() === 0,
   );
   const base = filesStatePath(state.dir).replace(/\.json$/, '');
   const scriptFile = `${base}.guestfish`;

@@ -8,9 +8,8 @@
  *
  * Volumes are probed from the stored bytes (`volumes.ts`); the guest's mount layout comes from its
  * own fstab (`fstab.ts`), read through the engine; guest paths are resolved inside the guest root
- * (`resolve.ts`). The engine is chosen lazily: with `auto`, the kernel engine is used while it can
- * mount every volume the command needs, and the session switches to libguestfs (saying why, via
- * `onNotice`) as soon as it cannot. Only the bytes the guest filesystem code actually reads are
+ * (`resolve.ts`). The engine is chosen lazily (`pickEngine`): libguestfs unless the kernel engine
+ * was asked for by name (trusted guests only). Only the bytes the guest filesystem code actually reads are
  * loaded from the repository (`stats`).
  *
  * Pins: every checkpoint of the session is pinned, then re-checked, while it is open. Locking:
@@ -265,7 +264,7 @@ export class FilesSession {
 
   /**
    * An engine able to mount `volumes` (LVM physical volumes among them mean: logical volumes are
-   * needed). Starts one, or replaces a kernel engine that cannot by libguestfs (auto only).
+   * needed). Starts one; an explicitly chosen kernel engine that cannot mount them fails.
    */
   private async engineFor(volumes: readonly Volume[]): Promise<FilesEngine> {
     const e = this.engine;
@@ -403,7 +402,7 @@ export class FilesSession {
       return { engine, mounts };
     }
     const layout = await this.layout(t.checkpoint);
-    if (!layout) throw noLayoutError(where, await this.volumes(t.checkpoint));
+    if (!layout) return this.prepare({ ...t, volume: await this.findVolumeOf(t) }, recursive);
     const holding = locate(layout, t.path).mount;
     let below = recursive ? mountsBelow(layout, t.path) : [];
     if (this.choice === 'kernel') {
@@ -434,6 +433,60 @@ export class FilesSession {
       );
     }
     return { engine, mounts: layout.mounts, layout };
+  }
+
+  private readonly foundOn = new Map<string, VolumeSpec>();
+
+  /**
+   * A checkpoint with several filesystems and no /etc/fstab to place them (data disks, Windows,
+   * appliances): the one filesystem on which `t.path` exists. Exactly one: used, and said (via
+   * `onNotice`); several: USAGE listing them; none: NOT_FOUND. Each filesystem is mounted alone
+   * as `/` and the path resolved inside it (a final symlink is not followed).
+   */
+  private async findVolumeOf(t: Target): Promise<VolumeSpec> {
+    const key = `${t.checkpoint}\0${t.path}`;
+    const known = this.foundOn.get(key);
+    if (known) return known;
+    const where = this.where(t.checkpoint);
+    const set = await this.volumes(t.checkpoint);
+    const filesystems = set.volumes.filter((v) => isFilesystem(v) && notAFilesystem(v) === undefined);
+    if (filesystems.length < 2) throw noLayoutError(where, set);
+    const hits: Volume[] = [];
+    const unreadable: string[] = [];
+    for (const v of filesystems) {
+      try {
+        const engine = await this.engineFor([v]);
+        await this.mountTree(t.checkpoint, [{ mountpoint: '/', volume: v, options: [] }], `vol:${v.id}`);
+        const r = await resolveInRoot(t.path, this.resolveOps(engine), false);
+        if (r.ok) hits.push(v);
+      } catch (e) {
+        if (!isBkfsError(e, 'FS_UNSUPPORTED')) throw e;
+        unreadable.push(`${volumeName(v)}: ${e.message}`);
+      }
+    }
+    const names = filesystems.map(describeVolume).join(', ');
+    const skipped = unreadable.length > 0 ? `; not searched: ${unreadable.join('; ')}` : '';
+    const only = hits[0];
+    if (hits.length === 1 && only) {
+      const spec = volumeSpecOf(only);
+      this.opts.onNotice?.(
+        `${where} has no /etc/fstab: ${t.path} exists only on ${describeVolume(only)}, using it (${formatAddress(this.vm.name, t.checkpoint, t.path, spec)})`,
+      );
+      this.foundOn.set(key, spec);
+      return spec;
+    }
+    if (hits.length === 0) {
+      throw new BkfsError(
+        'NOT_FOUND',
+        `${formatAddress(this.vm.name, t.checkpoint, t.path)} exists on none of the filesystems of ${where}, which has no /etc/fstab (filesystems: ${names}${skipped})`,
+        { missing: true },
+      );
+    }
+    const first = volumeSpecOf(hits[0] as Volume);
+    throw new BkfsError(
+      'USAGE',
+      `${where} has no /etc/fstab and ${t.path} exists on several filesystems: ${hits.map(describeVolume).join(', ')}; name one, e.g. ${formatAddress(this.vm.name, t.checkpoint, t.path, first)}${skipped}`,
+    );
   }
 
   /** Mounts of the current tree that could not be mounted (skipped, with reasons). */
@@ -692,4 +745,21 @@ function mountedBelow(dir: string): boolean {
     );
     return mp === real || mp.startsWith(real + '/');
   });
+}
+
+/** A volume in address syntax: vda:1, vdb, vg/lv. */
+function volumeSpecOf(v: Volume): VolumeSpec {
+  if (v.lv) return { kind: 'lv', vg: v.lv.vg, lv: v.lv.lv };
+  if (v.disk !== undefined && v.partition) return { kind: 'partition', disk: v.disk, partition: v.partition };
+  if (v.disk !== undefined) return { kind: 'disk', disk: v.disk };
+  return { kind: 'label', value: v.probe?.label ?? v.id };
+}
+
+function volumeName(v: Volume): string {
+  return formatVolumeSpec(volumeSpecOf(v));
+}
+
+/** `vdb:1 (ext4 'data')` for messages. */
+function describeVolume(v: Volume): string {
+  return `${volumeName(v)} (${v.probe?.type ?? '?'}${v.probe?.label ? ` '${v.probe.label}'` : ''})`;
 }

@@ -29,7 +29,7 @@ import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
 import { makeDirs, onUserPath } from '../util/userpath';
 import { acquireWriterLock, type LockOptions, type WriterLock } from './lock';
-import { mkdirPrivateSync, precreateDbFile, repoModes, writeFilePrivateSync } from '../util/private-fs';
+import { mkdirPrivateSync, openPrivateSync, precreateDbFile, repoModes } from '../util/private-fs';
 
 export const REPO_MAGIC = 'bkfs-repository';
 export const CONFIG_FILE = 'bkfs-repo.json';
@@ -110,7 +110,8 @@ export class Repository {
       throw new BkfsError('REPO_EXISTS', `a bkfs repository already exists at ${dir}`);
     }
     // One level at a time (makeDirs): Node's recursive mkdir loops forever under /proc.
-    makeDirs(dir, 'repository');
+    // `created`: the first directory made, whose parent is fsynced below (as mkdirPrivateSync).
+    const created = makeDirs(dir, 'repository')[0];
     if (onUserPath('repository', dir, () => fs.readdirSync(dir)).length > 0) {
       throw new BkfsError('REPO_EXISTS', `${dir} is not empty; choose an empty or new directory`);
     }
@@ -134,14 +135,20 @@ export class Repository {
     precreateDbFile(path.join(dir, DB_FILE), modes.file);
     const db = new Database(path.join(dir, DB_FILE));
     db.pragma('journal_mode = WAL');
+    db.pragma('synchronous = FULL');
     db.exec(SCHEMA);
     db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('format', String(FORMAT_VERSION));
     db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('repo_id', config.id);
     db.close();
-    // The config file is written last: a directory without it is not a repository.
-    const tmp = path.join(dir, `${CONFIG_FILE}.tmp`);
-    writeFilePrivateSync(tmp, JSON.stringify(config, null, 2) + '\n', { mode: modes.file });
-    fs.renameSync(tmp, path.join(dir, CONFIG_FILE));
+    // The config file is written last, durably: a directory without it is not a repository, and
+    // one with it has its index and directories on disk (see "Durability" in FORMAT.md).
+    fsyncDirSync(dir); // packs/, tmp/, manifests/, index.db
+    if (created !== undefined) fsyncDirSync(path.dirname(created));
+    writeFileDurable(
+      path.join(dir, CONFIG_FILE),
+      Buffer.from(JSON.stringify(config, null, 2) + '\n'),
+      modes.file,
+    );
     return Repository.open(dir);
   }
 
@@ -152,6 +159,7 @@ export class Repository {
       // An index rebuild was interrupted right after moving the old index aside: finish it.
       try {
         fs.renameSync(path.join(dir, DB_NEW_FILE), dbPath);
+        fsyncDirSync(dir);
       } catch {
         // another process finished it first
       }
@@ -165,7 +173,11 @@ export class Repository {
     const db = new Database(dbPath, { fileMustExist: true });
     db.pragma('busy_timeout = 10000');
     db.pragma('journal_mode = WAL');
-    db.pragma('synchronous = NORMAL');
+    // FULL: a transaction that returned is durable (the WAL is fsynced at each commit). Every
+    // writer deletes or overwrites files only after the index state that no longer needs them has
+    // committed, so this is what makes gc's pack deletion and forget's manifest deletion safe
+    // against power loss (FORMAT.md, "Durability"; the cost is measured in bench/durable.ts).
+    db.pragma('synchronous = FULL');
     const ver = db.prepare("SELECT value FROM meta WHERE key = 'format'").get() as
       { value: string } | undefined;
     if (!ver || Number(ver.value) > FORMAT_VERSION) {
@@ -256,6 +268,31 @@ export function deleteCheckpointRows(db: Database.Database, checkpointId: number
   db.prepare('DELETE FROM disks WHERE checkpoint_id = ?').run(checkpointId);
   db.prepare('DELETE FROM configs WHERE checkpoint_id = ?').run(checkpointId);
   db.prepare('DELETE FROM checkpoints WHERE id = ?').run(checkpointId);
+}
+
+/** fsync a directory (its entries: creates, renames, unlinks). */
+function fsyncDirSync(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Write a small file atomically and durably: temp file, fsync, rename, fsync the directory. */
+function writeFileDurable(file: string, data: Buffer, mode: number): void {
+  const tmp = `${file}.${process.pid}.tmp`;
+  const fd = openPrivateSync(tmp, 'w', mode);
+  try {
+    let off = 0;
+    while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+  fsyncDirSync(path.dirname(file));
 }
 
 /** Read and check `bkfs-repo.json` (without opening the index). */

@@ -386,7 +386,9 @@ export async function compareWithSources(
           Object.assign(r, { status: 'skipped', reason: 'the source image no longer exists' });
           continue;
         }
-        const info = await imageInfo(src);
+        // The format recorded at backup time (declared or safely probed); never a new probe.
+        const declared = d.format === 'raw' || d.format === 'qcow2' ? d.format : undefined;
+        const info = await imageInfo(src, declared);
         srv = await QemuNbd.start({ image: src, format: info.format, readOnly: true });
         try {
           client = await NbdClient.connect({ socket: srv.socket });

@@ -263,7 +263,10 @@ export class RawFileTarget implements RestoreTarget {
       await this.fh.close();
     }
     await fsp.rename(this.partialPath, this.finalPath);
-    await fsyncDir(path.dirname(path.resolve(this.finalPath))).catch(() => undefined);
+    // The rename is durable only once the directory is: a failure here is a failed restore.
+    await fsyncDir(path.dirname(path.resolve(this.finalPath))).catch((e: unknown) => {
+      throw targetError(this.finalPath, e);
+    });
   }
 
   async abort(): Promise<void> {
@@ -431,7 +434,9 @@ export async function createQcow2(file: string, size: number, o: Qcow2Options = 
     async () => {
       await srv.stop();
       await fsp.rename(partial, file);
-      await fsyncDir(path.dirname(path.resolve(file))).catch(() => undefined);
+      await fsyncDir(path.dirname(path.resolve(file))).catch((e: unknown) => {
+        throw targetError(file, e);
+      });
     },
     async (wrote) => {
       await srv.stop();

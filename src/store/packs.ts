@@ -149,7 +149,11 @@ export class PackWriter {
     await this.fh.close();
     this.fh = undefined;
     const final = packPath(this.repoDir, this.name);
-    await mkdirPrivate(path.dirname(final), { recursive: true, mode: repoModes(this.repoDir).dir });
+    // A new packs/NN/ must be durable in packs/ too, or a power cut loses the pack with it.
+    const mode = repoModes(this.repoDir).dir;
+    if ((await mkdirPrivate(path.dirname(final), { recursive: true, mode })) !== undefined) {
+      await fsyncDir(path.dirname(path.dirname(final)));
+    }
     await fsp.rename(this.tmpPath, final);
     await fsyncDir(path.dirname(final));
   }

@@ -49,9 +49,14 @@ export function repoModes(root: string): Modes {
 
 /**
  * Create `dir` (and, with `recursive`, its missing parents) with `mode` (0700 by default). Only
- * directories this call creates are chmod'ed; existing ones keep their mode.
+ * directories this call creates are chmod'ed; existing ones keep their mode. Returns the first
+ * directory it created (as `fs.mkdirSync` with `recursive` does), or undefined when `dir` existed:
+ * the caller fsyncs that directory's parent to make the new entry durable.
  */
-export function mkdirPrivateSync(dir: string, opts: { recursive?: boolean; mode?: number } = {}): void {
+export function mkdirPrivateSync(
+  dir: string,
+  opts: { recursive?: boolean; mode?: number } = {},
+): string | undefined {
   const mode = opts.mode ?? PRIVATE_DIR_MODE;
   const missing: string[] = [];
   if (opts.recursive) {
@@ -59,26 +64,31 @@ export function mkdirPrivateSync(dir: string, opts: { recursive?: boolean; mode?
       missing.unshift(d);
       if (path.dirname(d) === d) break;
     }
-    for (const d of missing) mkdirOne(d, mode);
-    return;
+    let first: string | undefined;
+    for (const d of missing) if (mkdirOne(d, mode)) first ??= d;
+    return first;
   }
-  mkdirOne(dir, mode);
+  return mkdirOne(dir, mode) ? path.resolve(dir) : undefined;
 }
 
-function mkdirOne(d: string, mode: number): void {
+/** Create one directory; false when it already existed. */
+function mkdirOne(d: string, mode: number): boolean {
   try {
     fs.mkdirSync(d, { mode: mode & PRIVATE_DIR_MODE });
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'EEXIST' && fs.statSync(d).isDirectory()) return;
+    if ((e as NodeJS.ErrnoException).code === 'EEXIST' && fs.statSync(d).isDirectory()) return false;
     throw e;
   }
   fs.chmodSync(d, mode);
+  return true;
 }
 
-export function mkdirPrivate(dir: string, opts: { recursive?: boolean; mode?: number } = {}): Promise<void> {
+export function mkdirPrivate(
+  dir: string,
+  opts: { recursive?: boolean; mode?: number } = {},
+): Promise<string | undefined> {
   try {
-    mkdirPrivateSync(dir, opts);
-    return Promise.resolve();
+    return Promise.resolve(mkdirPrivateSync(dir, opts));
   } catch (e) {
     return Promise.reject(e as Error);
   }

@@ -7,8 +7,8 @@
  *
  * Appliance launches are the cost here (15-50 s each under TCG), so libguestfs checks are batched:
  * one launch builds the LVM disks, one in-process session checks every checkpoint of the GPT disk,
- * one the LVM disk, one CLI `find` in auto mode, one `mount --files`. Everything else uses the kernel
- * engine. Needs root, libguestfs-tools, nbdfuse, qemu-utils, mtools, cryptsetup.
+ * one the LVM disk, one CLI `find` with the default engine (libguestfs), one `mount --files`.
+ * Everything else asks for the kernel engine by name. Needs root, libguestfs-tools, nbdfuse, qemu-utils, mtools, cryptsetup.
  *
  * Changes reach the qcow2 images through QEMU (modifyDisk: qemu-nbd + loop; vfat: mtools on an
  * nbdfuse view of qemu-nbd; LVM: guestfish), so incremental backups see them in dirty bitmaps.
@@ -782,9 +782,12 @@ describe('libguestfs engine', () => {
     }
   });
 
-  it('auto mode falls back to libguestfs for vfat and says why (CLI find)', async () => {
-    const f = await bkfsOk(['-r', repo, 'find', 'web', '*.efi', '-i', '--json']);
-    assert.match(f.stderr, /cannot mount vfat \(vda3\).*using libguestfs/);
+  it('the default engine is libguestfs, even where the kernel could mount (CLI find)', async () => {
+    const f = await bkfsOk(['-r', repo, 'find', 'web', '*.efi', '-i', '--json', '--stats'], {
+      BKFS_FILES_ENGINE: '',
+    });
+    assert.match(f.stderr, /engine guestfs:/);
+    assert.doesNotMatch(f.stderr, /using libguestfs/);
     const res = JSON.parse(f.stdout) as {
       matches: { path: string; history: { checkpoint: string; state: string }[] }[];
     };
@@ -804,8 +807,11 @@ describe('libguestfs engine', () => {
 describe('mount --files', () => {
   for (const engine of ['kernel', 'guestfs'] as const) {
     it(`${engine}: filesystems browsable next to the raw disks, copied with cp -a, torn down in order`, async () => {
-      const dir = path.join(work, `mnt-${engine}`);
-      fs.mkdirSync(dir);
+      // In a directory every local user can reach (work is 0700), to see what they can read.
+      const pub = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-files-pub-'));
+      fs.chmodSync(pub, 0o755);
+      const dir = path.join(pub, `mnt-${engine}`);
+      fs.mkdirSync(dir, { mode: 0o755 });
       const cp = engine === 'kernel' ? 2 : 3;
       try {
         const m = await bkfsOk(['-r', repo, 'mount', '--files', `web@check${cp}`, dir, '--engine', engine]);
@@ -828,6 +834,32 @@ describe('mount --files', () => {
           assert.deepEqual(sorted(got), sorted(expectedSums(t, pick)), `${engine} ${vol}`);
         }
         assert.equal(fs.statSync(path.join(dir, 'fs/vda1/home/u/sp ace.txt')).uid, 1000);
+        // Only the mounting user reaches guest files: not another local user, not even one whose
+        // uid owns the file in the guest (1000), nor for a world-readable guest file.
+        assert.equal(fs.statSync(path.join(dir, 'fs/vda1/etc/hostname')).mode & 0o004, 0o004);
+        for (const uid of ['1000', '65534']) {
+          const top = await run('setpriv', ['--reuid', uid, '--regid', uid, '--clear-groups', 'ls', dir], {
+            allowFail: true,
+          });
+          assert.equal(top.code, 0, `uid ${uid} reaches the mount directory itself: ${top.stderr}`);
+          for (const p of ['fs/vda1/etc/hostname', 'fs/vda1/home/u/sp ace.txt', 'disks/vda.raw', 'fs']) {
+            const as = await run(
+              'setpriv',
+              ['--reuid', uid, '--regid', uid, '--clear-groups', 'head', '-c', '1', path.join(dir, p)],
+              { allowFail: true },
+            );
+            assert.notEqual(as.code, 0, `uid ${uid} read ${p}`);
+            assert.match(as.stderr, /Permission denied|Is a directory/, `uid ${uid} ${p}: ${as.stderr}`);
+          }
+          const ls = await run(
+            'setpriv',
+            ['--reuid', uid, '--regid', uid, '--clear-groups', 'ls', path.join(dir, 'fs')],
+            {
+              allowFail: true,
+            },
+          );
+          assert.notEqual(ls.code, 0, `uid ${uid} listed fs/: ${ls.stdout}`);
+        }
       } finally {
         const u = await bkfs(['-r', repo, 'umount', dir]);
         assert.equal(u.code, 0, u.stderr);
@@ -835,6 +867,7 @@ describe('mount --files', () => {
       assert.deepEqual(mountsBelow(dir), []);
       assert.deepEqual(fs.readdirSync(dir), []);
       assert.equal(await loopsOn(dir), '');
+      fs.rmSync(pub, { recursive: true, force: true });
       const left = (await run('pgrep', ['-f', process.env.BKFS_RUN_DIR as string], { allowFail: true }))
         .stdout;
       assert.equal(left.trim(), '');

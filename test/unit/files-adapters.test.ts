@@ -177,7 +177,7 @@ describe('guestfish adapter', () => {
     assert.equal(statFromStruct(list[1] as Record<string, string>), null);
   });
 
-  it('writes the mount --files script', () => {
+  it('writes the mount --files script, without allow_other', () => {
     const s = guestfishMountScript(
       [{ file: '/m/disks/vda.raw' }],
       [
@@ -185,7 +185,6 @@ describe('guestfish adapter', () => {
         { name: 'vg0-root', device: '/dev/vg0/root', options: 'ro,nouuid' },
       ],
       '/m/fs',
-      true,
     );
     assert.equal(
       s,
@@ -196,7 +195,7 @@ describe('guestfish adapter', () => {
         'mkmountpoint "/vg0-root"',
         '-mount-options "ro" "/dev/sda1" "/vda1"',
         '-mount-options "ro,nouuid" "/dev/vg0/root" "/vg0-root"',
-        'mount-local "/m/fs" readonly:true options:allow_other',
+        'mount-local "/m/fs" readonly:true', // never allow_other: only the mounting user
         'mount-local-run',
         '',
       ].join('\n'),

@@ -10,7 +10,13 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { run } from '../../src/util/proc';
 import { probeVolume, PROBE_BYTES } from '../../src/files/probe';
-import { kernelDriver, kernelMountOptions, pickEngine, type KernelSupport } from '../../src/files/engine';
+import {
+  engineFromEnv,
+  kernelDriver,
+  kernelMountOptions,
+  pickEngine,
+  type KernelSupport,
+} from '../../src/files/engine';
 import type { Volume } from '../../src/files/volumes';
 import { isBkfsError } from '../../src/errors';
 
@@ -162,16 +168,15 @@ describe('engine choice', () => {
     ...extra,
   });
 
-  it('auto takes the kernel when it can mount everything, else libguestfs with a reason', () => {
+  it('auto is libguestfs even where the kernel could mount everything (guests are untrusted)', () => {
     assert.deepEqual(pickEngine('auto', host(), true, [v('vda1', 'ext4'), v('vda2', 'xfs')]), {
-      engine: 'kernel',
+      engine: 'guestfs',
     });
-    const fat = pickEngine('auto', host(), true, [v('vda1', 'ext4'), v('vda3', 'vfat')]);
-    assert.equal(fat.engine, 'guestfs');
-    assert.match(fat.note ?? '', /cannot mount vfat \(vda3\).*\/proc\/filesystems; using libguestfs/);
-    const lvm = pickEngine('auto', host(), true, [v('vda2', 'LVM2_member')]);
-    assert.match(lvm.note ?? '', /LVM physical volume.*no device-mapper/);
-    assert.match(pickEngine('auto', host({ root: false }), true, []).note ?? '', /needs root/);
+    assert.deepEqual(pickEngine('auto', host(), true, []), { engine: 'guestfs' });
+    assert.deepEqual(pickEngine('kernel', host(), true, [v('vda1', 'ext4')]), { engine: 'kernel' });
+    assert.equal(engineFromEnv(undefined), 'auto');
+    assert.equal(engineFromEnv('kernel'), 'kernel');
+    assert.throws(() => engineFromEnv('loop'), /BKFS_FILES_ENGINE must be auto, guestfs or kernel/);
   });
 
   it('an explicit engine fails clearly when it cannot serve', () => {
@@ -197,11 +202,7 @@ describe('engine choice', () => {
     );
     assert.match(
       code(() => pickEngine('auto', host({ root: false }), false, [])),
-      /^EXTERNAL_TOOL: .*libguestfs-tools/,
-    );
-    assert.match(
-      code(() => pickEngine('auto', host(), false, [v('e', 'vfat')])),
-      /^FS_UNSUPPORTED: .*vfat.*libguestfs-tools/,
+      /^EXTERNAL_TOOL: .*libguestfs-tools.*trusted guests only, --engine kernel/,
     );
   });
 

@@ -19,14 +19,18 @@ function collect(v: string, prev: string[]): string[] {
   return [...prev, v];
 }
 
-export async function parseDiskSpecs(specs: string[], bitmap: string | null): Promise<DiskSpec[]> {
+export async function parseDiskSpecs(
+  specs: string[],
+  bitmap: string | null,
+  format?: string,
+): Promise<DiskSpec[]> {
   const { sourceFor } = await import('../../backup/sources');
   return specs.map((s) => {
     const eq = s.indexOf('=');
     if (eq <= 0 || eq === s.length - 1) {
       throw new BkfsError('USAGE', `--disk takes NAME=SOURCE (an image path or an NBD URI), got '${s}'`);
     }
-    return { name: s.slice(0, eq), source: sourceFor(s.slice(eq + 1), bitmap) };
+    return { name: s.slice(0, eq), source: sourceFor(s.slice(eq + 1), bitmap, format) };
   });
 }
 
@@ -35,6 +39,7 @@ interface BackupCliOptions {
   level: string;
   checkpoint?: string;
   bitmap?: string;
+  format?: string;
   config: string[];
   libvirt?: string;
   connect?: string;
@@ -60,6 +65,12 @@ function checkModeOptions(opts: BackupCliOptions): void {
         '--bitmap is for NBD URI sources; with --libvirt, libvirt provides the bitmaps',
       );
     }
+    if (opts.format !== undefined) {
+      throw new BkfsError(
+        'USAGE',
+        '--format is for --disk images; with --libvirt, the domain XML declares it',
+      );
+    }
     return;
   }
   const only: [string, boolean][] = [
@@ -80,7 +91,7 @@ export function registerBackup(program: Command): void {
     .argument('<vm>', 'VM name in the repository')
     .option(
       '-d, --disk <name=source>',
-      'disk to back up: NAME=IMAGE (qcow2/raw) or NAME=NBD-URI (repeatable)',
+      'disk to back up: NAME=IMAGE, NAME=raw:IMAGE, NAME=qcow2:IMAGE or NAME=NBD-URI (repeatable)',
       collect,
       [],
     )
@@ -98,6 +109,7 @@ export function registerBackup(program: Command): void {
     )
     .option('--libvirt <domain>', 'back up a libvirt domain (running: live pull-mode backup)')
     .option('--connect <uri>', 'with --libvirt: libvirt URI of the local host (default: virsh default)')
+    .option('--format <format>', 'declare the format (raw or qcow2) of every --disk image without a prefix')
     .option('--disks <list>', 'with --libvirt: back up only these disks (targets, e.g. vda,vdb)', collect, [])
     .option('--exclude <list>', 'with --libvirt: leave these disks out (e.g. vdb)', collect, [])
     .option('--no-freeze', 'with --libvirt: do not freeze guest filesystems through the guest agent')
@@ -117,8 +129,13 @@ libvirt: one pull-mode backup job covers all disks at one instant; each checkpoi
 checkpoint bkfs-<repo id>-<checkpoint>. cdrom, read-only and shareable disks are skipped; raw disks
 only in full/copy. A shut-off domain gets a full (or copy) from its images.
 
+Image formats: declare them (NAME=raw:IMAGE, NAME=qcow2:IMAGE or --format). An undeclared image is
+probed; one that probes as an image referring to other files (backing file, data file) is refused
+(exit 25): a guest can write such a header into its raw disk to make bkfs read a host file.
+
 Examples:
   bkfs backup web --disk vda=/var/lib/libvirt/images/web.qcow2 --level full
+  bkfs backup web --disk vda=raw:/var/lib/libvirt/images/data.img --level full
   bkfs backup web --disk vda=/var/lib/libvirt/images/web.qcow2          # auto: incremental
   bkfs backup db --disk vda=nbd+unix:///vda?socket=/run/x.sock --level full
   bkfs backup web --libvirt web --level full
@@ -138,7 +155,8 @@ Examples:
       if (opts.libvirt === undefined && opts.disk.length === 0) {
         throw new BkfsError('USAGE', 'no disks to back up (give --disk NAME=SOURCE or --libvirt DOMAIN)');
       }
-      const disks = opts.libvirt === undefined ? await parseDiskSpecs(opts.disk, opts.bitmap ?? null) : [];
+      const disks =
+        opts.libvirt === undefined ? await parseDiskSpecs(opts.disk, opts.bitmap ?? null, opts.format) : [];
       const configs = opts.config.map((c) => {
         const eq = c.indexOf('=');
         const name = eq > 0 ? c.slice(0, eq) : path.basename(c);

@@ -7,7 +7,7 @@ import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import { Command, Option } from 'commander';
 import { BkfsError, errorMessage } from '../../errors';
-import type { EngineChoice } from '../../files/engine';
+import { engineFromEnv, type EngineChoice } from '../../files/engine';
 import type { FilesOptions, Overview } from '../../files/ops';
 import type { ListEntry, SessionStats } from '../../files/session';
 import { modeString, type DiffItem, type FileEntry } from '../../files/tree';
@@ -16,26 +16,28 @@ import { interruptSignal, note, out, table, withRepo } from '../context';
 import { printJson } from '../json';
 
 interface EngineCliOptions {
-  engine: string;
+  engine?: string;
   guestfsTcg?: boolean;
   stats?: boolean;
 }
 
 const ENGINE_HELP = `
-Engines: 'guestfs' runs libguestfs (guestfish) in a small appliance VM, so guest filesystems never
-reach the host kernel; it reads ext2/3/4, xfs, btrfs, vfat, NTFS and LVM and needs no root.
-'kernel' (root only, for trusted guests) mounts partitions read-only through loop devices, without
-journal replay; it is much faster but limited to what this kernel can mount (no LVM). 'auto' uses
-the kernel engine when it can mount everything the command needs, else libguestfs.
+Engines: 'guestfs' (the default; 'auto' is the same) runs libguestfs (guestfish) in a small
+appliance VM, so guest filesystem metadata is parsed neither by the host kernel nor by a host root
+process; it reads ext2/3/4, xfs, btrfs, vfat, NTFS and LVM and needs no root. 'kernel' (root only,
+TRUSTED GUESTS ONLY: a crafted filesystem reaches the host kernel) mounts partitions read-only
+through loop devices, without journal replay; much faster, limited to what this kernel can mount
+(no LVM); only used when asked for: --engine kernel, or BKFS_FILES_ENGINE=kernel on the host.
 libguestfs: LIBGUESTFS_BACKEND defaults to 'direct'; where KVM is unusable or nested KVM hangs, set
 LIBGUESTFS_BACKEND_SETTINGS=force_tcg (or pass --guestfs-tcg).`;
 
 function engineOptions(cmd: Command): Command {
   return cmd
     .addOption(
-      new Option('--engine <engine>', 'how guest filesystems are read')
-        .choices(['auto', 'guestfs', 'kernel'])
-        .default('auto'),
+      new Option(
+        '--engine <engine>',
+        'how guest filesystems are read (default: BKFS_FILES_ENGINE, else auto = guestfs)',
+      ).choices(['auto', 'guestfs', 'kernel']),
     )
     .option('--guestfs-tcg', 'libguestfs: emulate the CPU (force_tcg), for hosts without usable KVM')
     .option('--stats', 'report the bytes read from the repository (on stderr)');
@@ -43,7 +45,7 @@ function engineOptions(cmd: Command): Command {
 
 function filesOptions(o: EngineCliOptions, signal: AbortSignal): FilesOptions {
   return {
-    engine: o.engine as EngineChoice,
+    engine: (o.engine as EngineChoice | undefined) ?? engineFromEnv(process.env.BKFS_FILES_ENGINE),
     ...(o.guestfsTcg ? { guestfsTcg: true } : {}),
     onNotice: (m) => note(m),
     signal,
@@ -196,7 +198,7 @@ export async function mountFilesAction(
   dir: string,
   opts: { engine?: string; guestfsTcg?: boolean; json?: boolean },
 ): Promise<void> {
-  const engine = (opts.engine ?? 'auto') as EngineChoice;
+  const engine = (opts.engine ?? engineFromEnv(process.env.BKFS_FILES_ENGINE)) as EngineChoice;
   if (!['auto', 'guestfs', 'kernel'].includes(engine)) {
     throw new BkfsError('USAGE', `--engine must be auto, guestfs or kernel, got '${engine}'`);
   }
