@@ -86,6 +86,9 @@ function assertCoded(r: CliResult, args: string[], want: number): void {
 }
 
 before(async () => {
+  // File-level commands here read guest files with the kernel engine (root): one libguestfs
+  // appliance per command would make this walk take many minutes; the answers do not depend on it.
+  process.env.BKFS_FILES_ENGINE = 'kernel';
   if (process.getuid?.() !== 0) throw new Error('cli-errors tests need root (loop devices, mount, setpriv)');
   if (spawnSync('setpriv', ['--version']).status !== 0)
     throw new Error('setpriv missing: apt-get install util-linux');
