@@ -145,7 +145,7 @@ class Mounts {
     const mp = path.join(this.work, name);
     fs.mkdirSync(mp, { recursive: true });
     const t0 = process.hrtime.bigint();
-    await bkfsOk(['-r', repo, 'mount', ...(ref ? [ref] : []), mp]);
+    await bkfsOk(['-r', repo, 'mount', ...(ref ? [ref] : ['--all']), mp]);
     const took = ms(t0);
     this.live.add(mp);
     return { mp, ms: took };

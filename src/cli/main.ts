@@ -12,6 +12,7 @@ import { BkfsError, errorMessage } from '../errors';
 import { EXIT_CODES, EXIT_INTERNAL } from './exit-codes';
 import { note, setVerbosity, verbosity } from './context';
 import { parseDuration } from '../util/format';
+import { codedFsError } from '../util/userpath';
 import { registerBackup } from './commands/backup';
 import { registerCatalog } from './commands/catalog';
 import { registerInit } from './commands/init';
@@ -111,7 +112,8 @@ export async function main(argv: string[]): Promise<void> {
   const program = buildProgram();
   try {
     await program.parseAsync([...argv.slice(0, 2), ...rewriteVersionFlag(argv.slice(2))]);
-  } catch (e) {
+  } catch (raw) {
+    const e = codedFsError(raw); // a raw EACCES/ENOTDIR/... on a user's path: coded, not exit 1
     process.exitCode = exitCodeFor(e);
     if (e instanceof CommanderError) return; // commander already printed
     process.stderr.write(`bkfs: ${errorMessage(e)}\n`);

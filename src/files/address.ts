@@ -33,6 +33,12 @@ export interface FileAddress {
   volume?: VolumeSpec;
   /** Absolute, normalised guest path; undefined when only the checkpoint was named. */
   path?: string;
+  /**
+   * `VM@CP:etc/hostname`: a word after the colon that reads both as a volume (`VG/LV`, `DISK`) and as
+   * a guest path without its leading '/'. `volume` holds the first reading, this the second: it
+   * applies when the checkpoint has no such volume.
+   */
+  orPath?: string;
 }
 
 /** LVM VG and LV names: letters, digits and `+_.-`, not starting with `-`. */
@@ -95,19 +101,34 @@ export function parseFileAddress(s: string, opts: { needPath?: boolean } = {}): 
     // A volume: LABEL=x / UUID=x / VG/LV / DISK, then for a disk an optional partition number.
     const c1 = rest.indexOf(':');
     const first = c1 < 0 ? rest : rest.slice(0, c1);
+    if (c1 < 0) {
+      // One word: a volume's root, or a guest path written without its leading '/'.
+      let volume: VolumeSpec;
+      try {
+        volume = parseVolume(s, first);
+      } catch {
+        out.path = normaliseGuestPath(`/${rest}`);
+        return out;
+      }
+      out.volume = volume;
+      out.path = '/';
+      if (volume.kind === 'disk' || volume.kind === 'lv') out.orPath = normaliseGuestPath(`/${rest}`);
+      return out;
+    }
     let volume = parseVolume(s, first);
-    rest = c1 < 0 ? '' : rest.slice(c1 + 1);
+    rest = rest.slice(c1 + 1);
     if (volume.kind === 'disk' && rest !== '' && !rest.startsWith('/')) {
       const c2 = rest.indexOf(':');
       const part = c2 < 0 ? rest : rest.slice(0, c2);
-      if (!/^\d{1,4}$/.test(part)) throw usage(s, `bad partition number '${part}'`);
-      const n = Number(part);
-      if (n > 0) volume = { kind: 'partition', disk: volume.disk, partition: n };
-      rest = c2 < 0 ? '' : rest.slice(c2 + 1);
+      if (/^\d{1,4}$/.test(part)) {
+        const n = Number(part);
+        if (n > 0) volume = { kind: 'partition', disk: volume.disk, partition: n };
+        rest = c2 < 0 ? '' : rest.slice(c2 + 1);
+      } else if (c2 >= 0) throw usage(s, `bad partition number '${part}'`);
     }
-    if (rest !== '' && !rest.startsWith('/')) throw usage(s, `the guest path '${rest}' must start with /`);
     out.volume = volume;
-    out.path = rest === '' ? '/' : normaliseGuestPath(rest);
+    // A path without its leading '/' (vda:2:etc/hostname) is taken as absolute.
+    out.path = rest === '' ? '/' : normaliseGuestPath(rest.startsWith('/') ? rest : `/${rest}`);
     return out;
   }
   out.path = normaliseGuestPath(rest);

@@ -38,6 +38,10 @@ export async function planCopy(
     throw new BkfsError('USAGE', 'the source is not a regular file, directory or symlink');
   let final = dest;
   let there = await stat(dest);
+  if (!there && /\/\.?$/.test(dest)) {
+    // `cp x out/nosuchdir/`: a trailing slash names a directory, which must exist (as cp(1) does).
+    throw new BkfsError('TARGET_INVALID', `cannot copy into ${dest}: no such directory`);
+  }
   if (there?.kind === 'dir' && srcName !== '') {
     final = path.join(dest, srcName);
     there = await stat(final);

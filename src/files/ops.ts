@@ -6,9 +6,19 @@
  * Appliance launches: one per command (`find` over more checkpoints than fit in one appliance,
  * `MAX_DRIVES` disks, uses one per group). Memory: `diff` holds two listings, `find` the matches.
  */
+import { createHash } from 'node:crypto';
+import * as fs from 'node:fs';
 import type { Writable } from 'node:stream';
-import { BkfsError } from '../errors';
-import { getVm, listCheckpoints, resolveRef, type CheckpointRow, type VmRow } from '../index/catalog';
+import { BkfsError, isBkfsError } from '../errors';
+import {
+  findVm,
+  getVm,
+  listCheckpoints,
+  NAME_RE,
+  resolveRef,
+  type CheckpointRow,
+  type VmRow,
+} from '../index/catalog';
 import type { Repository } from '../repo/repository';
 import { parseFileAddress, type FileAddress } from './address';
 import type { EngineChoice } from './engine';
@@ -78,6 +88,20 @@ function target(repo: Repository, a: FileAddress): { vm: VmRow; cp: CheckpointRo
   return { vm, cp: checkpoint, t };
 }
 
+/**
+ * Run `fn` on the target; for `VM@CP:etc/hostname` (a word that reads as a volume or as a path
+ * without its leading '/'), on the path when the checkpoint has no such volume.
+ */
+async function orPath<T>(a: FileAddress, t: Target, fn: (t: Target) => Promise<T>): Promise<T> {
+  if (a.orPath === undefined) return fn(t);
+  try {
+    return await fn(t);
+  } catch (e) {
+    if (!isBkfsError(e, 'NOT_FOUND') || e.data?.noVolume !== true) throw e;
+    return fn({ checkpoint: t.checkpoint, path: a.orPath });
+  }
+}
+
 /** A single-path command: the target checkpoint plus its neighbours (for "it exists in ..."). */
 async function withTarget<T>(
   repo: Repository,
@@ -90,7 +114,7 @@ async function withTarget<T>(
   const all = listCheckpoints(repo.db, vm.id);
   const cps = neighbours(all, all.find((c) => c.id === cp.id) ?? cp, (c) => diskCount(repo, c), MAX_DRIVES);
   cps.sort((x, y) => x.id - y.id);
-  return withSession(repo, vm, cps, opts, (s) => fn(s, t));
+  return withSession(repo, vm, cps, opts, (s) => orPath(a, t, (tt) => fn(s, tt)));
 }
 
 export function listFiles(
@@ -109,6 +133,29 @@ export function catFile(repo: Repository, address: string, out: Writable, opts: 
   return withTarget(repo, address, opts, (s, t) => s.cat(t, out));
 }
 
+export interface ChecksumResult {
+  vm: string;
+  checkpoint: string;
+  path: string;
+  size: number;
+  sha256: string;
+}
+
+/** sha256 of a regular file of a checkpoint (`bkfs checksum`). */
+export function checksumFile(repo: Repository, address: string, opts: FilesOptions): Promise<ChecksumResult> {
+  return withTarget(repo, address, opts, async (s, t) => {
+    const c = await s.checksum(t);
+    return { vm: s.vm.name, checkpoint: t.checkpoint, path: t.path, size: c.size, sha256: c.sha256 };
+  });
+}
+
+/** sha256 (hex) of a host file. */
+export async function hostFileSha256(file: string): Promise<string> {
+  const h = createHash('sha256');
+  for await (const chunk of fs.createReadStream(file, { highWaterMark: 1 << 20 })) h.update(chunk as Buffer);
+  return h.digest('hex');
+}
+
 export interface CopyResult {
   vm: string;
   checkpoint: string;
@@ -117,18 +164,37 @@ export interface CopyResult {
   kind: string;
   action: string;
   engine: string | null;
+  /** With `verify`: the sha256 that both the checkpoint's file and the written copy have. */
+  verified?: { sha256: string };
 }
 
 export function copyOut(
   repo: Repository,
   address: string,
   dest: string,
-  copts: { recursive: boolean; force: boolean },
+  copts: { recursive: boolean; force: boolean; verify?: boolean },
   opts: FilesOptions,
 ): Promise<CopyResult> {
   return withTarget(repo, address, opts, async (s, t) => {
     const r = await s.copy(t, dest, copts);
+    let verified: { sha256: string } | undefined;
+    if (copts.verify) {
+      if (r.kind !== 'file') {
+        throw new BkfsError('USAGE', `--verify checks a copied regular file; ${r.source} is a ${r.kind}`);
+      }
+      // Re-read both: the file in the checkpoint and the copy as written on the host.
+      const want = (await s.checksum(t)).sha256;
+      const got = await hostFileSha256(r.final);
+      if (want !== got) {
+        throw new BkfsError(
+          'VERIFY_FAILED',
+          `${r.final} does not match ${s.vm.name}@${t.checkpoint}:${r.source} (sha256 ${got} vs ${want})`,
+        );
+      }
+      verified = { sha256: want };
+    }
     return {
+      ...(verified ? { verified } : {}),
       vm: s.vm.name,
       checkpoint: t.checkpoint,
       source: r.source,
@@ -265,7 +331,7 @@ export async function findFiles(
       for (const c of group) {
         const t: Target = { checkpoint: c.name, path: a.path ?? '/' };
         if (a.volume) t.volume = a.volume;
-        const entries = await s.walk(t, match);
+        const entries = await orPath(a, t, (tt) => s.walk(tt, match));
         if (entries === null) missing.push(c.name);
         per.push({ checkpoint: c.name, matches: new Map((entries ?? []).map((e) => [e.path, e])) });
       }
@@ -293,6 +359,23 @@ export interface DiffResult {
 }
 
 /**
+ * `diff web@check1 check2`: a second argument without '@' names a checkpoint of the first one's VM
+ * when that VM has a checkpoint of that name (or it is 'latest'); otherwise it is a VM.
+ */
+export function sameVmRef(repo: Repository, vmName: string, to: string): string {
+  const colon = to.indexOf(':');
+  const head = colon < 0 ? to : to.slice(0, colon);
+  if (head.includes('@') || !NAME_RE.test(head)) return to;
+  if (head === 'latest') return `${vmName}@${to}`;
+  const vm = findVm(repo.db, vmName);
+  if (!vm) return to;
+  const has = repo.db
+    .prepare("SELECT 1 FROM checkpoints WHERE vm_id = ? AND name = ? AND state = 'complete'")
+    .get(vm.id, head);
+  return has ? `${vmName}@${to}` : to;
+}
+
+/**
  * Files added, removed and changed between two checkpoints of one VM, below `path` (default '/').
  * `checksum`: also compare the contents of files whose size and mtime are equal.
  */
@@ -304,7 +387,7 @@ export async function diffCheckpoints(
   opts: FilesOptions & { checksum?: boolean },
 ): Promise<DiffResult> {
   const a = parseFileAddress(fromRef);
-  const b = parseFileAddress(toRef);
+  const b = parseFileAddress(sameVmRef(repo, a.vm, toRef));
   const ra = target(repo, a);
   const rb = target(repo, b);
   if (ra.vm.id !== rb.vm.id)

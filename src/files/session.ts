@@ -58,6 +58,7 @@ import { KernelEngine } from './kernel';
 import { NbdExportServer, type NbdExport } from './nbd-server';
 import { resolveInRoot, type EntryKind, type ResolveOps } from './resolve';
 import type { FileEntry } from './tree';
+import { userPathError } from '../util/userpath';
 import {
   discoverVolumes,
   findVolume,
@@ -594,6 +595,16 @@ export class FilesSession {
     await r.engine.catTo(r.path, out);
   }
 
+  /** sha256 (hex) of one regular file. */
+  async checksum(t: Target): Promise<{ path: string; sha256: string; size: number }> {
+    const r = await this.resolve(t, { followLast: true, recursive: false });
+    if (r.kind === 'dir') throw new BkfsError('USAGE', `${t.path} is a directory`);
+    if (r.kind !== 'file') throw new BkfsError('USAGE', `${t.path} is not a regular file`);
+    const sums = await r.engine.checksums([r.path]);
+    const st = await r.engine.lstat(r.path);
+    return { path: r.path, sha256: sums.get(r.path) ?? '', size: st?.size ?? 0 };
+  }
+
   /** `cp`: a file (or with `recursive` a tree) to `dest`, keeping mode, times and (as root) owners. */
   async copy(
     t: Target,
@@ -612,6 +623,13 @@ export class FilesSession {
         return null;
       }
     });
+    // A read-only or foreign destination directory fails here, naming the user's path, before an
+    // external copy tool meets it under the temporary name.
+    try {
+      await fsp.access(path.dirname(path.resolve(plan.final)), fs.constants.W_OK);
+    } catch (e) {
+      throw userPathError(e, 'cannot write', plan.final);
+    }
     // The copy is made inside a private (0700) directory beside the target and renamed into
     // place: until its mode is the guest's, nobody else can open what is being written.
     const box = await fsp.mkdtemp(tempSibling(plan.final, randomBytes(4).toString('hex')));
@@ -630,6 +648,9 @@ export class FilesSession {
         await r.engine.copyTree(r.path, tmp);
         await fsp.rename(tmp, plan.final);
       }
+    } catch (e) {
+      // Name the user's destination, not the temporary sibling (`.name.bkfs-…`).
+      throw userPathError(e, 'cannot write', plan.final);
     } finally {
       await fsp.rm(box, { recursive: true, force: true });
     }

@@ -106,6 +106,7 @@ export function findVolume(set: VolumeSet, spec: VolumeSpec, where: string): Vol
         throw new BkfsError(
           'NOT_FOUND',
           `${where} has no disk '${spec.disk}' (disks: ${set.disks.map((d) => d.name).join(', ')})`,
+          { noVolume: true },
         );
       }
       v = set.volumes.find((x) => x.disk === spec.disk && x.partition === spec.partition);
@@ -128,6 +129,7 @@ export function findVolume(set: VolumeSet, spec: VolumeSpec, where: string): Vol
         throw new BkfsError(
           'NOT_FOUND',
           `${where} has no disk '${spec.disk}' (disks: ${set.disks.map((d) => d.name).join(', ')})`,
+          { noVolume: true },
         );
       }
       v = set.volumes.find((x) => x.disk === spec.disk && x.partition === 0);
@@ -162,6 +164,7 @@ export function findVolume(set: VolumeSet, spec: VolumeSpec, where: string): Vol
     throw new BkfsError(
       'NOT_FOUND',
       `${where} has no volume ${formatVolumeSpec(spec)}${lvmHint} (volumes: ${describeList(set)})`,
+      { noVolume: true },
     );
   }
   return v;

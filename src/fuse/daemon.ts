@@ -21,6 +21,7 @@ import * as path from 'node:path';
 import { BkfsError, errorMessage, type ErrorCode } from '../errors';
 import { Repository } from '../repo/repository';
 import { bytes } from '../util/format';
+import { onUserPath } from '../util/userpath';
 import { mountFuse } from './mount';
 import {
   cleanStale,
@@ -79,6 +80,10 @@ export async function prepareMountpoint(mountpoint: string, log: (l: string) => 
   }
   switch (st.status) {
     case 'free':
+      // fusermount (non-root) mounts only where the user may write; say so instead of "fuse failed".
+      if (process.getuid?.() !== 0) {
+        onUserPath('mount point', mountpoint, () => fs.accessSync(mountpoint, fs.constants.W_OK));
+      }
       return;
     case 'missing':
       throw new BkfsError(
@@ -102,7 +107,17 @@ export async function prepareMountpoint(mountpoint: string, log: (l: string) => 
 
 /** Mount and serve until `opts.stop` aborts or the mount goes away. */
 export async function serveMount(opts: ServeOptions): Promise<void> {
-  const { mountpoint, log } = opts;
+  const { mountpoint } = opts;
+  // The log is removed with a mount that ends cleanly; one that met damage, an error or a failure
+  // (or a log kept from an earlier failed mount at this path) stays for the administrator.
+  let keepLog =
+    opts.logFile !== undefined && (fs.statSync(opts.logFile, { throwIfNoEntry: false })?.size ?? 0) > 0;
+  const log = opts.log;
+  const trouble = (line: string): void => {
+    keepLog = true;
+    log(line);
+  };
+  let cleanEnd = false;
   await prepareMountpoint(mountpoint, log);
   const repo = Repository.open(opts.repoDir, { readOnly: true });
   let vfs: CheckpointVfs | undefined;
@@ -124,14 +139,14 @@ export async function serveMount(opts: ServeOptions): Promise<void> {
       cacheBytes: opts.cacheBytes,
       fileMode: opts.fileMode,
       onDamage: (d) =>
-        log(
+        trouble(
           `damaged data: ${d.vm}@${d.checkpoint} ${d.disk} bytes ${d.offset}-${d.offset + d.length - 1} ` +
             `(${bytes(d.length)}) read as EIO: ${d.message}`,
         ),
       onNotice: log,
     });
     const cp = vfs.checkpoint;
-    await mountFuse(vfs, mountpoint, { allowOther: opts.allowOther, onError: (m) => log(`error: ${m}`) });
+    await mountFuse(vfs, mountpoint, { allowOther: opts.allowOther, onError: (m) => trouble(`error: ${m}`) });
     const mine = mountsAt(mountpoint);
     mountId = mine[mine.length - 1]?.mountId;
     const state: MountState = {
@@ -161,6 +176,7 @@ export async function serveMount(opts: ServeOptions): Promise<void> {
     });
     const why = await waitForEnd(opts.stop, () => isOurs(mountpoint, mountId), opts.watchMs ?? 1000);
     log(why === 'gone' ? `${mountpoint} was unmounted` : `stopping: unmounting ${mountpoint}`);
+    cleanEnd = true;
   } finally {
     if (mountId !== undefined && isOurs(mountpoint, mountId)) {
       const r = await fusermount(mountpoint, false);
@@ -176,6 +192,15 @@ export async function serveMount(opts: ServeOptions): Promise<void> {
     process.off('unhandledRejection', onStray);
     if (readState(mountpoint)?.pid === process.pid) removeState(mountpoint, process.pid);
     if (mountId !== undefined) log(`unmounted ${mountpoint}`);
+    if (
+      opts.logFile !== undefined &&
+      cleanEnd &&
+      !keepLog &&
+      mountId !== undefined &&
+      !isOurs(mountpoint, mountId)
+    ) {
+      fs.rmSync(opts.logFile, { force: true });
+    }
   }
 }
 

@@ -23,9 +23,10 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { removeStalePins } from '../repo/pins';
-import { BkfsError, errorMessage } from '../errors';
+import { BkfsError } from '../errors';
 import { run, lastLine } from '../util/proc';
 import { mkdirPrivateSync, writeFilePrivateSync } from '../util/private-fs';
+import { userPathError } from '../util/userpath';
 
 export const FUSE_SUBTYPE = 'bkfs';
 export const FUSE_FSTYPE = `fuse.${FUSE_SUBTYPE}`;
@@ -263,10 +264,16 @@ export async function inspectMountpoint(mountpoint: string): Promise<MountpointS
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'ENOENT' || code === 'ENOTDIR') return { status: 'missing' };
-    throw new BkfsError('TARGET_INVALID', `mount point ${mountpoint}: ${errorMessage(e)}`);
+    throw userPathError(e, 'mount point', mountpoint, 'TARGET_INVALID');
   }
   if (!st.isDirectory()) return { status: 'not-dir' };
-  if ((await fs.promises.readdir(mountpoint)).length > 0) return { status: 'not-empty' };
+  let names: string[];
+  try {
+    names = await fs.promises.readdir(mountpoint);
+  } catch (e) {
+    throw userPathError(e, 'mount point', mountpoint, 'TARGET_INVALID');
+  }
+  if (names.length > 0) return { status: 'not-empty' };
   return { status: 'free' };
 }
 

@@ -4,6 +4,7 @@
  */
 import type Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
+import { didYouMean } from '../util/suggest';
 
 export type Level = 'full' | 'inc' | 'diff' | 'copy';
 export type CheckpointState = 'running' | 'complete' | 'failed' | 'forgotten';
@@ -67,7 +68,13 @@ export function findVm(db: Database.Database, name: string): VmRow | undefined {
 
 export function getVm(db: Database.Database, name: string): VmRow {
   const vm = findVm(db, name);
-  if (!vm) throw new BkfsError('NOT_FOUND', `no VM named '${name}' in this repository`);
+  if (!vm) {
+    const names = listVms(db).map((v) => v.name);
+    const hint =
+      didYouMean(name, names) ||
+      (names.length === 0 ? ' (it has none yet)' : names.length <= 8 ? ` (VMs: ${names.join(', ')})` : '');
+    throw new BkfsError('NOT_FOUND', `no VM named '${name}' in this repository${hint}`);
+  }
   return vm;
 }
 
@@ -108,7 +115,9 @@ export function getCheckpoint(db: Database.Database, vm: VmRow, name?: string): 
   if (!cp) {
     const names = listCheckpoints(db, vm.id).map((c) => c.name);
     const hint = names.length ? ` (it has: ${names.slice(-8).join(', ')})` : '';
-    throw new BkfsError('NOT_FOUND', `VM '${vm.name}' has no checkpoint '${name}'${hint}`);
+    const dym = didYouMean(name, names);
+    const more = dym && hint ? `${dym.slice(0, -1)} ${hint.slice(2)}` : dym || hint;
+    throw new BkfsError('NOT_FOUND', `VM '${vm.name}' has no checkpoint '${name}'${more}`);
   }
   return cp;
 }
@@ -128,13 +137,30 @@ export function getConfigs(db: Database.Database, checkpointId: number): { name:
   }[];
 }
 
-/** Parse `VM`, `VM@CP`; returns the names (not validated against the repository). */
+/**
+ * Parse `VM`, `VM@CP`, `VM@latest`; returns the names (not validated against the repository).
+ * The one parser of checkpoint references: every command goes through it. An empty side (`VM@`,
+ * `@CP`, typically `web@$CP` with CP unset in a script) is a usage error, never "latest".
+ */
 export function parseCheckpointRef(ref: string): { vm: string; checkpoint?: string } {
   const at = ref.indexOf('@');
+  if (ref === '') throw new BkfsError('USAGE', 'empty VM name (give VM or VM@CHECKPOINT)');
   if (at < 0) return { vm: checkName('VM', ref) };
-  const vm = checkName('VM', ref.slice(0, at));
   const cp = ref.slice(at + 1);
-  if (cp === 'latest' || cp === '') return { vm };
+  if (at === 0) {
+    throw new BkfsError(
+      'USAGE',
+      `'${ref}' names no VM: write VM@CHECKPOINT (an unset variable in a script?)`,
+    );
+  }
+  if (cp === '') {
+    throw new BkfsError(
+      'USAGE',
+      `'${ref}' names no checkpoint: write VM@CHECKPOINT, VM@latest or VM (an unset variable in a script?)`,
+    );
+  }
+  const vm = checkName('VM', ref.slice(0, at));
+  if (cp === 'latest') return { vm };
   return { vm, checkpoint: checkName('checkpoint', cp) };
 }
 

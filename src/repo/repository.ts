@@ -28,6 +28,7 @@ import Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
 import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
+import { makeDirs, onUserPath } from '../util/userpath';
 import { acquireWriterLock, type LockOptions, type WriterLock } from './lock';
 import { mkdirPrivateSync, openPrivateSync, precreateDbFile, repoModes } from '../util/private-fs';
 
@@ -121,15 +122,19 @@ export class Repository {
     if (fs.existsSync(path.join(dir, CONFIG_FILE))) {
       throw new BkfsError('REPO_EXISTS', `a bkfs repository already exists at ${dir}`);
     }
-    if (fs.existsSync(dir) && fs.readdirSync(dir).length > 0) {
+    // One level at a time (makeDirs): Node's recursive mkdir loops forever under /proc.
+    // `created`: the first directory made, whose parent is fsynced below (as mkdirPrivateSync).
+    const created = makeDirs(dir, 'repository')[0];
+    if (onUserPath('repository', dir, () => fs.readdirSync(dir)).length > 0) {
       throw new BkfsError('REPO_EXISTS', `${dir} is not empty; choose an empty or new directory`);
     }
-    // A new root is 0700; an existing (empty) one keeps its mode, and what is created inside
-    // follows it (private unless the root is deliberately group-readable, see private-fs.ts).
-    const created = mkdirPrivateSync(dir, { recursive: true });
+    // A new root is 0700 (makeDirs); an existing (empty) one keeps its mode, and what is created
+    // inside follows it (private unless the root is deliberately group-readable, see private-fs.ts).
     const modes = repoModes(dir);
-    for (const sub of ['packs', 'tmp', 'manifests'])
-      mkdirPrivateSync(path.join(dir, sub), { mode: modes.dir });
+    onUserPath('repository', dir, () => {
+      for (const sub of ['packs', 'tmp', 'manifests'])
+        mkdirPrivateSync(path.join(dir, sub), { mode: modes.dir });
+    });
     const config: RepoConfig = {
       magic: REPO_MAGIC,
       format: FORMAT_VERSION,
@@ -445,7 +450,8 @@ export function loadConfig(dir: string): RepoConfig {
   try {
     raw = fs.readFileSync(cfgPath, 'utf8');
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'EACCES') throw permissionDenied(cfgPath, 'read');
+    const c = (e as NodeJS.ErrnoException).code;
+    if (c === 'EACCES' || c === 'EPERM') throw permissionDenied(cfgPath, 'read');
     throw new BkfsError('REPO_NOT_FOUND', `no bkfs repository at ${dir} (run 'bkfs init -r ${dir}' first)`);
   }
   let config: RepoConfig;

@@ -29,6 +29,7 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { BkfsError, isBkfsError } from '../errors';
+import { makeDirs } from '../util/userpath';
 import type { Repository } from '../repo/repository';
 import { pinCheckpoints } from '../repo/pins';
 import { CheckpointReader, type PageExtent } from '../chain/reader';
@@ -48,7 +49,7 @@ import {
 import { rewriteDomainXml, type DiskRewrite } from './domain-xml';
 import { defineDomain, domainUuid } from './libvirt';
 import { checkMarker, diskMapDigest, removeMarker, writeMarker, type MarkerSubject } from './marker';
-import { mkdirPrivate, writeFilePrivate } from '../util/private-fs';
+import { writeFilePrivate } from '../util/private-fs';
 
 export type FileFormat = 'raw' | 'qcow2';
 
@@ -582,11 +583,8 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
     }
   }
   if (dir !== null) {
-    try {
-      await mkdirPrivate(dir, { recursive: true });
-    } catch (e) {
-      throw new BkfsError('TARGET_INVALID', `cannot create directory ${dir}: ${(e as Error).message}`);
-    }
+    // One level at a time, coded errors naming the user's path (makeDirs; 0700 like mkdirPrivate).
+    makeDirs(dir, 'restore target');
   }
 
   const pin = pinCheckpoints(repo, [reader.checkpoint.id, ...(since ? [since.cp.id] : [])]);

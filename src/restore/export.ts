@@ -21,6 +21,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BkfsError } from '../errors';
+import { makeDirs } from '../util/userpath';
 import type { Repository } from '../repo/repository';
 import { pinCheckpoints } from '../repo/pins';
 import { CheckpointReader } from '../chain/reader';
@@ -44,7 +45,6 @@ import {
   type RestoreProgress,
 } from './engine';
 import type { DiskRewrite } from './domain-xml';
-import { mkdirPrivate } from '../util/private-fs';
 
 export interface ExportOptions extends CopyTuning {
   ref: string;
@@ -150,11 +150,8 @@ export async function runExport(repo: Repository, o: ExportOptions): Promise<Exp
       if (fs.existsSync(f)) throw new BkfsError('TARGET_EXISTS', `${f} exists (use --force to replace it)`);
     }
   }
-  try {
-    for (const name of plans.keys()) await mkdirPrivate(path.join(o.to, name), { recursive: true });
-  } catch (e) {
-    throw new BkfsError('TARGET_INVALID', `cannot create ${o.to}: ${(e as Error).message}`);
-  }
+  // One level at a time, coded errors naming the user's path (makeDirs; 0700 like mkdirPrivate).
+  for (const name of plans.keys()) makeDirs(path.join(o.to, name), 'export target');
 
   const pin = pinCheckpoints(
     repo,

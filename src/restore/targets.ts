@@ -24,6 +24,7 @@ import { NbdClient, describeNbdTarget, parseNbdUri } from '../nbd/client';
 import { QemuNbd } from '../backup/qemu';
 import { run } from '../util/proc';
 import { openPrivate } from '../util/private-fs';
+import { errnoCode, userPathError } from '../util/userpath';
 
 export const PARTIAL_SUFFIX = '.bkfs-partial';
 
@@ -64,18 +65,14 @@ export async function detectImageFormat(file: string): Promise<'qcow2' | 'raw'> 
 }
 
 function targetError(file: string, e: unknown): BkfsError {
-  const code = (e as NodeJS.ErrnoException).code;
-  const why =
-    code === 'ENOENT'
-      ? 'its directory does not exist'
-      : code === 'EACCES' || code === 'EPERM'
-        ? 'permission denied'
-        : code === 'EROFS'
-          ? 'read-only filesystem'
-          : code === 'EISDIR'
-            ? 'it is a directory'
-            : errorMessage(e);
-  return new BkfsError('TARGET_INVALID', `cannot write ${file}: ${why}`);
+  if (e instanceof BkfsError) return e;
+  if (errnoCode(e) === 'ENOENT') {
+    return new BkfsError('TARGET_INVALID', `cannot write ${file}: its directory does not exist`);
+  }
+  // Permission (EACCES/EPERM/EROFS) -> PERMISSION_DENIED; not a directory, no space... -> TARGET_INVALID.
+  const mapped = userPathError(e, 'cannot write', file);
+  if (mapped instanceof BkfsError) return mapped;
+  return new BkfsError('TARGET_INVALID', `cannot write ${file}: ${errorMessage(e)}`);
 }
 
 /**
@@ -112,9 +109,14 @@ export function checkFileTarget(file: string, mode: 'fresh' | 'update', force: b
     if (!force) throw new BkfsError('TARGET_EXISTS', `${file} exists (use --force to replace it)`);
   }
   const dir = path.dirname(path.resolve(file));
-  if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) {
-    throw new BkfsError('TARGET_INVALID', `cannot write ${file}: its directory does not exist`);
+  let dst: fs.Stats;
+  try {
+    dst = fs.statSync(dir);
+  } catch (e) {
+    throw targetError(file, e);
   }
+  if (!dst.isDirectory())
+    throw new BkfsError('TARGET_INVALID', `cannot write ${file}: ${dir} is not a directory`);
   try {
     fs.accessSync(dir, fs.constants.W_OK);
   } catch (e) {

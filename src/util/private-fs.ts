@@ -202,7 +202,8 @@ export function precreateDbFile(file: string, mode = PRIVATE_FILE_MODE): void {
  */
 export function othersCanRead(dir: string): boolean {
   try {
-    return (fs.statSync(dir).mode & 0o005) !== 0;
+    const st = fs.statSync(dir);
+    return st.isDirectory() && (st.mode & 0o005) !== 0;
   } catch {
     return false;
   }

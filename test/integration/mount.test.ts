@@ -295,7 +295,7 @@ describe('bkfs mount of one checkpoint', () => {
 
 describe('bkfs mount of the whole repository', () => {
   it("mounts the partitions of every checkpoint read-only on loop devices with that checkpoint's files", async () => {
-    await withMount([], async (mp) => {
+    await withMount(['--all'], async (mp) => {
       for (let i = 0; i < 4; i++) {
         const disk = path.join(mp, 'web', `check${i + 1}`, 'vda.raw');
         const table = await partitionTableOf(disk);
@@ -317,7 +317,7 @@ describe('bkfs mount of the whole repository', () => {
   });
 
   it('serves several concurrent reader processes and random unaligned reads of different checkpoints', async () => {
-    await withMount([], async (mp) => {
+    await withMount(['--all'], async (mp) => {
       const disk = (i: number) => path.join(mp, 'web', `check${i + 1}`, 'vda.raw');
       const randomReads = async (i: number, seed: number): Promise<void> => {
         const want = fs.readFileSync(refs[i]!);
@@ -353,7 +353,7 @@ describe('bkfs mount of the whole repository', () => {
   it('has a latest link, shows a checkpoint made while mounted, keeps open files reading, pins until unmount', async () => {
     const mp = freshDir();
     try {
-      await bkfsOk(['-r', repo, 'mount', mp]);
+      await bkfsOk(['-r', repo, 'mount', '--all', mp]);
       const pid = stateOf(mp).pid;
       assert.deepEqual(fs.readdirSync(mp), ['web']);
       assert.deepEqual(fs.readdirSync(path.join(mp, 'web')), [
@@ -418,13 +418,15 @@ describe('bkfs mount daemon lifecycle', () => {
       const s = stateOf(mp);
       assert.ok(daemonAlive(s));
       assert.ok(pinsOf(repo, s.pid).length === 1);
+      assert.match(fs.readFileSync(logPath(mp), 'utf8'), /mounted web@check1/);
       const u = await bkfsOk(['umount', mp]);
       assert.match(u.stdout, /unmounted/);
       assert.equal(mountAt(mp), undefined);
       assert.ok(!processAlive(s.pid), 'daemon stopped');
       assert.equal(readState(mp), undefined);
       assert.deepEqual(pinsOf(repo, s.pid), []);
-      assert.match(fs.readFileSync(logPath(mp), 'utf8'), /mounted web@check1[\s\S]*unmounted/);
+      // Issue 17.12: a mount that ended cleanly takes its log with it (logs no longer pile up).
+      assert.equal(fs.existsSync(logPath(mp)), false, 'the log of a clean mount is removed');
     } finally {
       await forceUnmount(mp);
     }
@@ -535,9 +537,11 @@ describe('bkfs mount of damaged data', () => {
     } finally {
       r.close();
     }
+    let damagedMp = '';
     await withMount(
       ['web@check1'],
       async (mp) => {
+        damagedMp = mp;
         const want = fs.readFileSync(refs[0]!);
         const fd = fs.openSync(path.join(mp, 'vda.raw'), 'r');
         try {
@@ -572,6 +576,9 @@ describe('bkfs mount of damaged data', () => {
       },
       copy,
     );
+    // A mount that met damage keeps its log after the unmount (clean ones remove theirs).
+    assert.match(fs.readFileSync(logPath(damagedMp), 'utf8'), /damaged data[\s\S]*unmounted/);
+    fs.rmSync(logPath(damagedMp), { force: true });
   });
 });
 
@@ -596,6 +603,17 @@ describe('bkfs mount and umount on bad input', () => {
         /no bkfs repository/,
       ],
       [['-r', repo, 'mount', 'web', mp, '--cache-size', 'lots'], EXIT_CODES.USAGE, /--cache-size/],
+      // Issue 17.7: one argument is never guessed to be a ref or a mount point.
+      [
+        ['-r', repo, 'mount', 'web@check2'],
+        EXIT_CODES.USAGE,
+        /understood 'web@check2' as the checkpoint.*no mount point/,
+      ],
+      [['-r', repo, 'mount', mp], EXIT_CODES.USAGE, /no mount point.*bkfs mount --all/],
+      [['-r', repo, 'mount', '--all'], EXIT_CODES.USAGE, /--all needs a mount point/],
+      [['-r', repo, 'mount', '--all', 'web', mp], EXIT_CODES.USAGE, /takes only the mount point/],
+      [['-r', repo, 'mount'], EXIT_CODES.USAGE, /needs VM\[@CP\] and a mount point/],
+      [['-r', repo, 'mount', 'web@', mp], EXIT_CODES.USAGE, /names no checkpoint/],
       [['umount', mp], EXIT_CODES.TARGET_INVALID, /nothing is mounted/],
       [['umount', work], EXIT_CODES.TARGET_INVALID, /nothing is mounted/],
     ];

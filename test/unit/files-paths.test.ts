@@ -50,6 +50,28 @@ describe('file addresses', () => {
     assert.equal(parseFileAddress('vm:vda:1').path, '/');
   });
 
+  it('takes a guest path without its leading slash as absolute (issue 17.12)', () => {
+    // Unambiguous: two slashes, or after a volume.
+    assert.deepEqual(parseFileAddress('web@check2:etc/nginx/nginx.conf'), {
+      ref: 'web@check2',
+      vm: 'web',
+      checkpoint: 'check2',
+      path: '/etc/nginx/nginx.conf',
+    });
+    assert.equal(parseFileAddress('vm:vda:1:p').path, '/p');
+    assert.equal(parseFileAddress('vm:vda:etc/x').path, '/etc/x');
+    assert.deepEqual(parseFileAddress('vm:vda:etc/x').volume, { kind: 'disk', disk: 'vda' });
+    // One word that also reads as a volume (VG/LV, DISK): the volume if the checkpoint has it, else
+    // the path (ops.ts decides with the checkpoint's volumes).
+    const a = parseFileAddress('web@check2:etc/hostname');
+    assert.deepEqual(a.volume, { kind: 'lv', vg: 'etc', lv: 'hostname' });
+    assert.equal(a.path, '/');
+    assert.equal(a.orPath, '/etc/hostname');
+    assert.equal(parseFileAddress('web:etc').orPath, '/etc');
+    assert.equal(parseFileAddress('web:vg0/root:/home').orPath, undefined);
+    assert.equal(parseFileAddress('web:/etc/hostname').orPath, undefined);
+  });
+
   it('rejects malformed addresses with USAGE or BAD_NAME', () => {
     assert.equal(
       code(() => parseFileAddress('vm:')),
@@ -57,10 +79,6 @@ describe('file addresses', () => {
     );
     assert.equal(
       code(() => parseFileAddress('vm:vda:x:/p')),
-      'USAGE',
-    );
-    assert.equal(
-      code(() => parseFileAddress('vm:vda:1:p')),
       'USAGE',
     );
     assert.equal(
@@ -186,6 +204,19 @@ describe('cp destinations', () => {
       final: '/new',
       action: 'create',
     });
+  });
+
+  it('takes a trailing slash to mean an existing directory (issue 17.6: cp x out/nosuchdir/)', async () => {
+    const st = host({ '/out': 'dir', '/out/': 'dir', '/': 'dir' });
+    assert.deepEqual(await planCopy('hosts', 'file', '/out/', { recursive: false, force: false }, st), {
+      final: '/out/hosts',
+      action: 'create',
+    });
+    await assert.rejects(
+      planCopy('hosts', 'file', '/out/nosuchdir/', { recursive: false, force: false }, st),
+      (e: unknown) =>
+        isBkfsError(e, 'TARGET_INVALID') && /out\/nosuchdir\/: no such directory/.test(e.message),
+    );
   });
 
   it('refuses an existing destination unless forced, and nonsense always', async () => {

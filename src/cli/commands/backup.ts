@@ -142,6 +142,12 @@ Examples:
   bkfs backup web --libvirt web --exclude vdb                             # auto: incremental`,
     )
     .action(async (vm: string, opts: BackupCliOptions, cmd: Command) => {
+      if (vm.includes('@')) {
+        throw new BkfsError(
+          'USAGE',
+          `backup takes a VM name, got '${vm}' (name the new checkpoint with --checkpoint NAME)`,
+        );
+      }
       if (!LEVELS.includes(opts.level)) {
         throw new BkfsError('USAGE', `--level must be one of ${LEVELS.join(', ')}, got '${opts.level}'`);
       }

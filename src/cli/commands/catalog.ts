@@ -1,4 +1,5 @@
 import type { Command } from 'commander';
+import { BkfsError } from '../../errors';
 import type { CheckpointRow } from '../../index/catalog';
 import type { Repository } from '../../repo/repository';
 import { bytes, duration, localTime } from '../../util/format';
@@ -57,8 +58,16 @@ Examples:
     )
     .action(async (vmName: string | undefined, opts: { json?: boolean }, cmd: Command) => {
       const cat = await import('../../index/catalog');
-      const { getVm, listVms, listCheckpoints } = cat;
+      const { getVm, listVms, listCheckpoints, parseCheckpointRef } = cat;
       await withReader(cmd, (repo) => {
+        if (vmName !== undefined) {
+          parseCheckpointRef(vmName); // 'web@' is a usage error like everywhere
+          if (vmName.includes('@'))
+            throw new BkfsError(
+              'USAGE',
+              `list takes a VM name, got '${vmName}' (see one checkpoint with 'bkfs info')`,
+            );
+        }
         const vms = vmName ? [getVm(repo.db, vmName)] : listVms(repo.db);
         const rows = vms.flatMap((vm) =>
           listCheckpoints(repo.db, vm.id).map((cp) => describe(cat, repo, vm.name, cp)),

@@ -138,18 +138,25 @@ function printOverview(o: Overview): void {
   out('');
   out(
     table(
-      ['VOLUME', 'TYPE', 'LABEL', 'UUID', 'SIZE', 'MOUNT', 'PARTITION TYPE'],
+      ['VOLUME', 'TYPE', 'LABEL', 'UUID', 'OFFSET', 'SIZE', 'MOUNT', 'PARTITION TYPE'],
       o.volumes.map((v) => [
         v.id,
         v.type ?? '-',
         v.label ?? '-',
         v.uuid ?? '-',
+        v.lv ? '-' : String(v.offset),
         bytes(v.size),
         v.mountpoint ?? (v.note ? `(${v.note})` : '-'),
         v.partType ?? (v.lv ? 'LVM logical volume' : '-'),
       ]),
     ),
   );
+  const part = o.volumes.find((v) => !v.lv && v.partition);
+  if (part) {
+    out(
+      `\nOFFSET is in bytes from the start of the disk: losetup -r -o ${part.offset} --sizelimit ${part.size} /dev/loopN DIR/${part.disk ?? 'vda'}.raw (on a bkfs mount)`,
+    );
+  }
   if (o.fstabFrom) out(`\nmount points from /etc/fstab on ${o.fstabFrom}`);
   else if (o.volumes.some((v) => v.mountpoint === '/')) out('\nno /etc/fstab: the only filesystem is /');
   else out('\nno /etc/fstab found: name a volume in paths (VM@CP:DISK:PART:/path)');
@@ -306,6 +313,7 @@ ${ENGINE_HELP}`,
       .argument('<dest>', 'host path: a new name, or an existing directory to copy into')
       .option('-R, --recursive', 'copy a directory tree (symlinks are copied as symlinks)')
       .option('-f, --force', 'overwrite an existing destination file (merge into an existing directory)')
+      .option('--verify', 're-read the copied file and check that its sha256 matches the checkpoint')
       .option('--json', 'machine-readable summary'),
   )
     .addHelpText(
@@ -317,15 +325,18 @@ Examples:
   bkfs cp web@check2:/etc/nginx/nginx.conf ./nginx.conf
   bkfs cp -R web@check2:/var/www /srv/restore/
   bkfs cp web@check2:vda:2:/var/log/syslog /tmp/
+  bkfs cp --verify web@check2:/etc/hosts ./hosts    # then: copy matches web@check2:/etc/hosts
 ${ENGINE_HELP}`,
     )
     .action(
       async (
         source: string,
         dest: string,
-        opts: EngineCliOptions & { recursive?: boolean; force?: boolean; json?: boolean },
+        opts: EngineCliOptions & { recursive?: boolean; force?: boolean; verify?: boolean; json?: boolean },
         cmd: Command,
       ) => {
+        if (opts.verify && opts.recursive)
+          throw new BkfsError('USAGE', '--verify checks one copied file; not with -R');
         const { copyOut } = await import('../../files/ops');
         await withInterrupt((signal) =>
           withReader(cmd, async (repo) => {
@@ -333,14 +344,23 @@ ${ENGINE_HELP}`,
               repo,
               source,
               dest,
-              { recursive: opts.recursive ?? false, force: opts.force ?? false },
+              {
+                recursive: opts.recursive ?? false,
+                force: opts.force ?? false,
+                ...(opts.verify ? { verify: true } : {}),
+              },
               filesOptions(opts, signal),
             );
             if (opts.json) printJson(r);
-            else
+            else {
               out(
                 `${r.vm}@${r.checkpoint}:${r.source} -> ${r.dest} (${r.kind}${r.action !== 'create' ? `, ${r.action}d` : ''})`,
               );
+              if (r.verified)
+                out(
+                  `verified: ${r.dest} matches ${r.vm}@${r.checkpoint}:${r.source} (sha256 ${r.verified.sha256})`,
+                );
+            }
           }),
         );
       },
@@ -370,6 +390,39 @@ ${ENGINE_HELP}`,
             if ((e as NodeJS.ErrnoException).code === 'EPIPE') return; // the reader has gone: done
             throw e;
           }
+        }),
+      );
+    });
+
+  engineOptions(
+    program
+      .command('checksum')
+      .description(
+        'print the sha256 of files of a checkpoint (like sha256sum), e.g. to check a restored copy',
+      )
+      .argument('<address...>', 'VM[@CP]:/path or VM[@CP]:DISK:PART:/path')
+      .option('--json', 'machine-readable output'),
+  )
+    .addHelpText(
+      'after',
+      `
+Examples:
+  bkfs checksum web@check2:/etc/nginx/nginx.conf
+  bkfs checksum web@check2:/etc/hosts web@check3:/etc/hosts
+  sha256sum ./nginx.conf                  # compare with a restored copy (or: bkfs cp --verify)
+${ENGINE_HELP}`,
+    )
+    .action(async (addresses: string[], opts: EngineCliOptions & { json?: boolean }, cmd: Command) => {
+      const { checksumFile } = await import('../../files/ops');
+      await withInterrupt((signal) =>
+        withReader(cmd, async (repo) => {
+          const rows = [];
+          for (const a of addresses) {
+            const r = await checksumFile(repo, a, filesOptions(opts, signal));
+            rows.push(r);
+            if (!opts.json) out(`${r.sha256}  ${r.vm}@${r.checkpoint}:${r.path}`);
+          }
+          if (opts.json) printJson(rows);
         }),
       );
     });
@@ -449,7 +502,7 @@ ${ENGINE_HELP}`,
       .command('diff')
       .description('list files added (+), removed (-) and changed (M) between two checkpoints')
       .argument('<from>', 'VM@CP (optionally :DISK:PART or :VG/LV to compare one volume)')
-      .argument('<to>', 'VM@CP')
+      .argument('<to>', 'VM@CP, or CP alone for a checkpoint of the same VM')
       .argument('[path]', 'compare below this guest path (default /)')
       .option('--checksum', 'also compare the contents of files whose size and mtime are equal (sha256)')
       .option('--json', 'machine-readable output'),
@@ -461,6 +514,7 @@ Files compare by type, size, mtime, mode, owner and symlink target; directories 
 owner only (their size and mtime follow their contents).
 Examples:
   bkfs diff web@check1 web@check3 /etc
+  bkfs diff web@check1 check3 /etc        # the same: CP alone is a checkpoint of web
   bkfs diff web@check1 web@check3 --checksum --json
 ${ENGINE_HELP}`,
     )
@@ -472,9 +526,8 @@ ${ENGINE_HELP}`,
         opts: EngineCliOptions & { checksum?: boolean; json?: boolean },
         cmd: Command,
       ) => {
-        if (guestPath !== undefined && !guestPath.startsWith('/')) {
-          throw new BkfsError('USAGE', `the path '${guestPath}' must start with /`);
-        }
+        // A path without its leading '/' is taken as absolute (as in addresses).
+        if (guestPath !== undefined && !guestPath.startsWith('/')) guestPath = `/${guestPath}`;
         const { diffCheckpoints } = await import('../../files/ops');
         await withInterrupt((signal) =>
           withReader(cmd, async (repo) => {

@@ -1,5 +1,5 @@
 /**
- * `bkfs mount [VM[@CP]] DIR` and `bkfs umount DIR`.
+ * `bkfs mount VM[@CP] DIR`, `bkfs mount --all DIR` and `bkfs umount DIR`.
  *
  * By default `mount` checks its arguments, starts a detached daemon (this same program with
  * `--foreground --ready-fd 3`), waits until the daemon reports the mount usable, prints what it
@@ -31,6 +31,43 @@ interface MountCliOptions {
   files?: boolean;
   engine?: string;
   guestfsTcg?: boolean;
+  all?: boolean;
+}
+
+/**
+ * The two forms of `mount`, never guessed from the argument count alone: `VM[@CP] DIR` (one
+ * checkpoint) and `--all DIR` (the whole repository). A missing or extra argument is a usage error
+ * that says which form was understood and what is missing.
+ */
+export function mountForm(
+  first: string | undefined,
+  second: string | undefined,
+  all: boolean,
+): { ref?: string; dir: string } {
+  if (all) {
+    if (first === undefined)
+      throw new BkfsError('USAGE', 'mount --all needs a mount point: bkfs mount --all DIR');
+    if (second !== undefined) {
+      throw new BkfsError(
+        'USAGE',
+        `mount --all mounts the whole repository and takes only the mount point, got '${first}' and '${second}' (to mount one checkpoint: bkfs mount ${first} ${second})`,
+      );
+    }
+    return { dir: first };
+  }
+  if (first === undefined) {
+    throw new BkfsError(
+      'USAGE',
+      'mount needs VM[@CP] and a mount point (or --all DIR for the whole repository)',
+    );
+  }
+  if (second === undefined) {
+    throw new BkfsError(
+      'USAGE',
+      `mount ${first}: understood '${first}' as the checkpoint to mount, but no mount point was given (bkfs mount ${first} DIR; to mount the whole repository on ${first}: bkfs mount --all ${first})`,
+    );
+  }
+  return { ref: first, dir: second };
 }
 
 const UNITS: Record<string, number> = { '': 1, K: 1 << 10, M: 1 << 20, G: 1 << 30, T: 2 ** 40 };
@@ -138,12 +175,12 @@ async function runForeground(
 export function registerMount(program: Command): void {
   program
     .command('mount')
-    .description('show a checkpoint (or the whole repository) as read-only raw disk files over FUSE')
-    .argument(
-      '<ref|dir>',
-      'VM or VM@CHECKPOINT to mount; or, alone, the mount point for the whole repository',
+    .description(
+      'show a checkpoint (or, with --all, the whole repository) as read-only raw disk files over FUSE',
     )
+    .argument('[ref]', 'VM or VM@CHECKPOINT to mount (with --all: the mount point)')
     .argument('[dir]', 'mount point (an existing empty directory)')
+    .option('--all', 'mount the whole repository: DIR/<vm>/<checkpoint>/<disk>.raw')
     .option('--foreground', 'serve in this process until Ctrl-C or SIGTERM (default: return once mounted)')
     .option(
       '--cache-size <size>',
@@ -163,67 +200,71 @@ export function registerMount(program: Command): void {
       'after',
       `
 Files: DIR/<disk>.raw for every disk of the checkpoint (its virtual size, its exact bytes) and the
-saved configurations (e.g. domain.xml). Without VM, DIR/<vm>/<checkpoint>/<disk>.raw for the whole
+saved configurations (e.g. domain.xml). With --all, DIR/<vm>/<checkpoint>/<disk>.raw for the whole
 repository, with DIR/<vm>/latest -> newest checkpoint; new checkpoints appear while mounted.
 Everything is read-only. Partitions: losetup -r -o OFFSET --sizelimit SIZE DIR/vda.raw.
 
 Examples:
   bkfs mount web@check3 /mnt/web && ls -l /mnt/web
-  bkfs mount /mnt/backups && ls /mnt/backups/web/latest/
+  bkfs mount --all /mnt/backups && ls /mnt/backups/web/latest/
   bkfs umount /mnt/web`,
     )
-    .action(async (first: string, second: string | undefined, opts: MountCliOptions, cmd: Command) => {
-      const { canonicalMountpoint, logPath } = await import('../../fuse/state');
-      const { prepareMountpoint, startDaemon } = await import('../../fuse/daemon');
-      const ref = second === undefined ? undefined : first;
-      const mountpoint = canonicalMountpoint(second ?? first);
-      if (ref !== undefined) parseCheckpointRef(ref); // BAD_NAME before anything else
-      if (opts.files) {
-        if (ref === undefined) throw new BkfsError('USAGE', '--files needs VM[@CP] and a directory');
-        const { mountFilesAction } = await import('./files');
-        return mountFilesAction(cmd, ref, mountpoint, opts);
-      }
-      const cacheBytes = parseSize('--cache-size', opts.cacheSize);
-      const fileMode = parseMode(opts.mode);
-      const repoDir = path.resolve(repoPath(cmd));
-      if (opts.readyFd !== undefined || opts.foreground) {
-        const fd = opts.readyFd === undefined ? undefined : Number(opts.readyFd);
-        if (fd !== undefined && !Number.isInteger(fd))
-          throw new BkfsError('USAGE', '--ready-fd takes a number');
-        await runForeground(repoDir, ref, mountpoint, cacheBytes, fileMode, fd);
-        return;
-      }
-      // Check what can be checked here, so errors come with their own exit codes at once.
-      await withReader(cmd, (repo) => {
-        if (ref !== undefined) resolveRef(repo.db, ref);
-      });
-      await prepareMountpoint(mountpoint, note);
-      const info = await startDaemon({
-        command: process.execPath,
-        args: [
-          bkfsBin(),
-          '-r',
-          repoDir,
-          'mount',
-          ...(ref !== undefined ? [ref] : []),
-          mountpoint,
-          '--foreground',
-          '--cache-size',
-          String(cacheBytes),
-          '--mode',
-          opts.mode,
-          '--ready-fd',
-          '3',
-        ],
-        logFile: logPath(mountpoint),
-      });
-      if (opts.json) {
-        printJson({ ...info, repository: repoDir });
-        return;
-      }
-      describeMount(info, repoDir);
-      out(`log: ${info.log ?? '-'}; unmount with: bkfs umount ${mountpoint}`);
-    });
+    .action(
+      async (first: string | undefined, second: string | undefined, opts: MountCliOptions, cmd: Command) => {
+        const form = mountForm(first, second, opts.all ?? false);
+        const ref = form.ref;
+        const { canonicalMountpoint, logPath } = await import('../../fuse/state');
+        const { prepareMountpoint, startDaemon } = await import('../../fuse/daemon');
+        const mountpoint = canonicalMountpoint(form.dir);
+        if (ref !== undefined) parseCheckpointRef(ref); // BAD_NAME before anything else
+        if (opts.files) {
+          if (ref === undefined)
+            throw new BkfsError('USAGE', '--files needs VM[@CP] and a directory, not --all');
+          const { mountFilesAction } = await import('./files');
+          return mountFilesAction(cmd, ref, mountpoint, opts);
+        }
+        const cacheBytes = parseSize('--cache-size', opts.cacheSize);
+        const fileMode = parseMode(opts.mode);
+        const repoDir = path.resolve(repoPath(cmd));
+        if (opts.readyFd !== undefined || opts.foreground) {
+          const fd = opts.readyFd === undefined ? undefined : Number(opts.readyFd);
+          if (fd !== undefined && !Number.isInteger(fd))
+            throw new BkfsError('USAGE', '--ready-fd takes a number');
+          await runForeground(repoDir, ref, mountpoint, cacheBytes, fileMode, fd);
+          return;
+        }
+        // Check what can be checked here, so errors come with their own exit codes at once.
+        await withReader(cmd, (repo) => {
+          if (ref !== undefined) resolveRef(repo.db, ref);
+        });
+        await prepareMountpoint(mountpoint, note);
+        const info = await startDaemon({
+          command: process.execPath,
+          args: [
+            bkfsBin(),
+            '-r',
+            repoDir,
+            'mount',
+            ...(ref !== undefined ? [ref] : ['--all']),
+            mountpoint,
+            '--foreground',
+            '--cache-size',
+            String(cacheBytes),
+            '--mode',
+            opts.mode,
+            '--ready-fd',
+            '3',
+          ],
+          logFile: logPath(mountpoint),
+        });
+        if (opts.json) {
+          printJson({ ...info, repository: repoDir });
+          return;
+        }
+        describeMount(info, repoDir);
+        out(`log: ${info.log ?? '-'}; unmount with: bkfs umount ${mountpoint}`);
+      },
+    );
 
   program
     .command('umount')
