@@ -66,7 +66,8 @@ async function withSession<T>(
     result = await fn(s);
   } catch (e) {
     await s.close().catch(() => undefined);
-    throw e;
+    // The engine reports a damaged range as an I/O error of its own; say what it really was.
+    throw s.damage.first ?? e;
   }
   opts.onStats?.(s.stats);
   await s.close();

@@ -186,6 +186,7 @@ export class FilesSession {
       throw e;
     }
     const work = await fsp.mkdtemp(path.join(os.tmpdir(), 'bkfs-files-'));
+    const damage: { first?: BkfsError } = {};
     try {
       const cps = new Map<string, CpState>();
       const exports = new Map<string, NbdExport>();
@@ -198,7 +199,13 @@ export class FilesSession {
           const exportName = `${row.name}/${disk.name}`;
           exports.set(exportName, {
             size: disk.virtual_size,
-            readAt: (o, l) => reader.readAt(disk.name, o, l),
+            readAt: (o, l) =>
+              reader.readAt(disk.name, o, l).catch((e: unknown) => {
+                // The engine only sees an NBD EIO: remember what it was, so that a command that
+                // fails on it reports DATA_DAMAGED with the disk range (see `damage`).
+                if (isBkfsError(e, 'DATA_DAMAGED')) damage.first ??= e;
+                throw e;
+              }),
           });
           d.disks.push({ name: disk.name, size: disk.virtual_size, exportName });
         }
@@ -207,13 +214,21 @@ export class FilesSession {
       const server = await NbdExportServer.listen(path.join(work, 'nbd.sock'), exports, (m) =>
         opts.onNotice?.(m),
       );
-      return new FilesSession(repo, vm, cps, loader, work, server, drives, pin, opts);
+      const session = new FilesSession(repo, vm, cps, loader, work, server, drives, pin, opts);
+      session.damage = damage;
+      return session;
     } catch (e) {
       pin?.release();
       await fsp.rm(work, { recursive: true, force: true });
       throw e;
     }
   }
+
+  /**
+   * The first stored-data failure (DATA_DAMAGED) a guest filesystem read met through the NBD
+   * export, if any: a command that fails after it failed because of it.
+   */
+  damage: { first?: BkfsError } = {};
 
   get stats(): SessionStats {
     return {
