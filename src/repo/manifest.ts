@@ -37,7 +37,7 @@ import type { CheckpointRow } from '../index/catalog';
 import type { Repository } from './repository';
 import { crashPoint } from './repository';
 import { healDamagedChunks } from './gc';
-import { mkdirPrivateSync, openPrivateSync, repoModes } from '../util/private-fs';
+import { fsyncDirSync, mkdirPrivateSync, repoModes, writeFileDurable } from '../util/private-fs';
 
 export const MANIFEST_DIR = 'manifests';
 export const MANIFEST_MAGIC = 'bkfs-manifest';
@@ -129,28 +129,11 @@ export function listManifestUids(repoDir: string): string[] {
 // ---------------------------------------------------------------------------------------------
 // Durable small-file helpers
 
-export function fsyncDirSync(dir: string): void {
-  const fd = fs.openSync(dir, 'r');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
+export { fsyncDirSync };
 
-/** Write `data` to `file` atomically and durably (temp file, fsync, rename, fsync directory). */
-export function writeFileDurable(file: string, data: Buffer): void {
-  const tmp = `${file}.${process.pid}.tmp`;
-  const fd = openPrivateSync(tmp, 'w', repoModes(path.dirname(path.dirname(file))).file);
-  try {
-    let off = 0;
-    while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fs.renameSync(tmp, file);
-  fsyncDirSync(path.dirname(file));
+/** Write a repository file under `manifests/` atomically and durably, with the repository's mode. */
+function writeManifestDurable(file: string, data: Buffer): void {
+  writeFileDurable(file, data, repoModes(path.dirname(path.dirname(file))).file);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -504,7 +487,7 @@ export function readManifestFile(p: string): Buffer {
 
 export function writeManifest(repoDir: string, m: Manifest): void {
   mkdirPrivateSync(manifestDir(repoDir), { recursive: true, mode: repoModes(repoDir).dir });
-  writeFileDurable(manifestPath(repoDir, m.checkpoint.uid), encodeManifest(m));
+  writeManifestDurable(manifestPath(repoDir, m.checkpoint.uid), encodeManifest(m));
 }
 
 export function removeManifest(repoDir: string, uid: string): void {
@@ -590,7 +573,7 @@ export function writeForgetJournal(repoDir: string, checkpoints: { id: number; u
   mkdirPrivateSync(manifestDir(repoDir), { recursive: true, mode: repoModes(repoDir).dir });
   const file = path.join(manifestDir(repoDir), `${JOURNAL_PREFIX}${randomBytes(8).toString('hex')}.json`);
   const j: ForgetJournal = { time: new Date().toISOString(), checkpoints };
-  writeFileDurable(file, Buffer.from(JSON.stringify(j)));
+  writeManifestDurable(file, Buffer.from(JSON.stringify(j)));
   return file;
 }
 

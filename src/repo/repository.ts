@@ -30,7 +30,13 @@ import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
 import { makeDirs, onUserPath } from '../util/userpath';
 import { acquireWriterLock, type LockOptions, type WriterLock } from './lock';
-import { mkdirPrivateSync, openPrivateSync, precreateDbFile, repoModes } from '../util/private-fs';
+import {
+  fsyncDirSync,
+  mkdirPrivateSync,
+  precreateDbFile,
+  repoModes,
+  writeFileDurable,
+} from '../util/private-fs';
 
 export const REPO_MAGIC = 'bkfs-repository';
 export const CONFIG_FILE = 'bkfs-repo.json';
@@ -416,31 +422,6 @@ export function deleteCheckpointRows(db: Database.Database, checkpointId: number
   db.prepare('DELETE FROM disks WHERE checkpoint_id = ?').run(checkpointId);
   db.prepare('DELETE FROM configs WHERE checkpoint_id = ?').run(checkpointId);
   db.prepare('DELETE FROM checkpoints WHERE id = ?').run(checkpointId);
-}
-
-/** fsync a directory (its entries: creates, renames, unlinks). */
-function fsyncDirSync(dir: string): void {
-  const fd = fs.openSync(dir, 'r');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** Write a small file atomically and durably: temp file, fsync, rename, fsync the directory. */
-function writeFileDurable(file: string, data: Buffer, mode: number): void {
-  const tmp = `${file}.${process.pid}.tmp`;
-  const fd = openPrivateSync(tmp, 'w', mode);
-  try {
-    let off = 0;
-    while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fs.renameSync(tmp, file);
-  fsyncDirSync(path.dirname(file));
 }
 
 /** Read and check `bkfs-repo.json` (without opening the index). */

@@ -208,3 +208,31 @@ export function othersCanRead(dir: string): boolean {
     return false;
   }
 }
+
+/** fsync a directory: makes its entries (creates, renames, unlinks) durable. */
+export function fsyncDirSync(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/**
+ * Write a small file atomically and durably, created with `mode`: temp file, fsync, rename, fsync
+ * the directory (FORMAT.md, "Durability", rule 2).
+ */
+export function writeFileDurable(file: string, data: Buffer, mode: number): void {
+  const tmp = `${file}.${process.pid}.tmp`;
+  const fd = openPrivateSync(tmp, 'w', mode);
+  try {
+    let off = 0;
+    while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+  fsyncDirSync(path.dirname(file));
+}
