@@ -13,6 +13,7 @@ import { BKFS, bkfs, bkfsOk, type CliResult } from '../helpers/cli';
 import { randomBuffer } from '../helpers/images';
 import { Repository } from '../../src/repo/repository';
 import { EXIT_CODES } from '../../src/cli/exit-codes';
+import { FORMAT_VERSION } from '../../src/index/schema';
 
 /** A bkfs run whose stderr can be watched while it runs. */
 function spawnBkfs(args: string[]): { saw: (re: RegExp) => Promise<void>; done: Promise<CliResult> } {
@@ -184,7 +185,11 @@ describe('global options and version', () => {
     const b = await bkfsOk(['--version']);
     assert.equal(a.stdout, b.stdout);
     assert.match(a.stdout, new RegExp(`^bkfs ${pkg.version.replace(/\./g, '\\.')}`));
-    assert.match(a.stdout, /^repository format 1 \(reads 1; writes 1\)$/m);
+    const all = Array.from({ length: FORMAT_VERSION }, (_, i) => i + 1).join(', ');
+    assert.match(
+      a.stdout,
+      new RegExp(`^repository format ${FORMAT_VERSION} \\(reads ${all}; writes ${FORMAT_VERSION}\\)$`, 'm'),
+    );
     assert.match(a.stdout, new RegExp(`^node ${process.versions.node} `, 'm'));
     assert.match(a.stdout, /^better-sqlite3 \d+\.\d+\.\d+, SQLite 3\.\d+/m);
     assert.match(a.stdout, /^zstd-napi \S+, zstd 1\.\d+\.\d+$/m);
