@@ -427,10 +427,15 @@ describe('bad input: one clear line, a distinct exit code, repository unchanged'
   });
 
   it('disk whose virtual size changed', async () => {
-    await bkfsOk(['-r', repoDir, 'backup', 'grow', '--disk', `vda=${img}`, '-l', 'full']);
-    await run('qemu-img', ['resize', '-q', img, '48M']);
+    // An image of its own: a full of VM 'grow' leaves the other VMs' bitmaps on the shared image
+    // alone (the in-use one of the case above would stop qemu-img resize).
+    const grow = path.join(dir, 'grow.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', grow, '32M']);
+    await qemuIo(grow, 'qcow2', 'write -P 0x62 0 1M');
+    await bkfsOk(['-r', repoDir, 'backup', 'grow', '--disk', `vda=${grow}`, '-l', 'full']);
+    await run('qemu-img', ['resize', '-q', grow, '48M']);
     const before = repoState(repoDir);
-    const r = await bkfs(['-r', repoDir, 'backup', 'grow', '--disk', `vda=${img}`, '-l', 'inc']);
+    const r = await bkfs(['-r', repoDir, 'backup', 'grow', '--disk', `vda=${grow}`, '-l', 'inc']);
     assert.equal(r.code, EXIT_CODES.SIZE_CHANGED, r.stderr);
     assert.match(r.stderr, /changed size/);
     assert.equal(repoState(repoDir), before);
