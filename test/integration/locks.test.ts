@@ -395,7 +395,7 @@ describe('forget racing a real FUSE mount of the same checkpoint', () => {
             }
           } else {
             // A tree mount looks the checkpoint up and pins it when its files are first used.
-            await bkfsOk(['-r', repoDir, 'mount', mp]);
+            await bkfsOk(['-r', repoDir, 'mount', '--all', mp]);
             const f = await startForget(
               repoDir,
               c === 'tree-before-hide' ? 'forget-after-journal' : 'forget-after-hide',
