@@ -17,6 +17,7 @@ import * as path from 'node:path';
 import type Database from 'better-sqlite3';
 import type { Repository } from '../repo/repository';
 import { SCHEMA_V2_TABLES } from './schema';
+import { repoModes, writeFileDurable } from '../util/private-fs';
 import { pageSum, writeDiskSums, type PageSum, type SumExtent } from './mapsum';
 
 /** `meta.format` of an open index. */
@@ -45,23 +46,9 @@ export function migrateToV2(repo: Repository): boolean {
   }
   if (repo.config.format < 2) {
     const cfgPath = path.join(repo.dir, 'bkfs-repo.json');
-    const tmp = `${cfgPath}.tmp`;
     const raw = JSON.parse(fs.readFileSync(cfgPath, 'utf8')) as Record<string, unknown>;
     raw.format = 2;
-    const fd = fs.openSync(tmp, 'w', 0o600);
-    try {
-      fs.writeSync(fd, JSON.stringify(raw, null, 2) + '\n');
-      fs.fsyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-    fs.renameSync(tmp, cfgPath);
-    const dfd = fs.openSync(repo.dir, 'r');
-    try {
-      fs.fsyncSync(dfd);
-    } finally {
-      fs.closeSync(dfd);
-    }
+    writeFileDurable(cfgPath, Buffer.from(JSON.stringify(raw, null, 2) + '\n'), repoModes(repo.dir).file);
     (repo.config as { format: number }).format = 2;
   }
   return migrated;

@@ -24,6 +24,7 @@ import type { Repository } from '../repo/repository';
 import type { DiskRow } from '../index/catalog';
 import { encodeSums, sumsDigest, sumsFromIndex } from '../index/mapsum';
 import { indexFormat } from '../index/migrate';
+import { fsyncDirSync, writeFileDurable } from '../util/private-fs';
 
 export const MARKER_SUFFIX = '.bkfs-restore.json';
 const MAGIC = 'bkfs-restore';
@@ -65,21 +66,12 @@ export function diskMapDigest(repo: Repository, disk: DiskRow): string {
   return sumsDigest(disk.virtual_size, repo.config.pageSpan, sums).toString('hex');
 }
 
-function fsyncDir(dir: string): void {
-  const fd = fs.openSync(dir, 'r');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 /** Remove a file's marker (durably) before anything writes to the file. */
 export function removeMarker(file: string): void {
   const p = markerPath(file);
   if (!fs.existsSync(p)) return;
   fs.rmSync(p, { force: true });
-  fsyncDir(path.dirname(path.resolve(p)));
+  fsyncDirSync(path.dirname(path.resolve(p)));
 }
 
 /** Record that `file` now holds `s` (call after the file is complete, durable and in place). */
@@ -102,17 +94,7 @@ export function writeMarker(file: string, s: MarkerSubject): void {
     },
     written: new Date().toISOString(),
   };
-  const p = markerPath(file);
-  const tmp = `${p}.tmp`;
-  const fd = fs.openSync(tmp, 'w', 0o600);
-  try {
-    fs.writeSync(fd, JSON.stringify(m, null, 2) + '\n');
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fs.renameSync(tmp, p);
-  fsyncDir(path.dirname(path.resolve(p)));
+  writeFileDurable(markerPath(file), Buffer.from(JSON.stringify(m, null, 2) + '\n'), 0o600);
 }
 
 /**
