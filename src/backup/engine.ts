@@ -6,7 +6,7 @@
  *      impossible), the base checkpoint (whose map an inc/diff overlays: the chain's latest) and
  *      the parent (inc: the base, diff: the chain's full), and which bitmap each disk must read;
  *   2. probe every source (exists, format, not in use, same virtual size as the base);
- *   3. take the writer lock;
+ *   3. take the writer lock (shared: other backups, forget and gc run beside it) and a session;
  *   4. insert the checkpoint as `running`; per disk: start change tracking for the new checkpoint,
  *      read the ranges to back up (full: allocated data from `base:allocation`; inc/diff: the dirty
  *      bitmap intersected with `base:allocation`, so dirty ranges that are now holes or zeros are
@@ -37,7 +37,9 @@ import {
   type DiskRow,
   type Level,
 } from '../index/catalog';
-import { DiskMapWriter, maxPageId, type MapExtent } from '../index/pagemap';
+import { DiskMapWriter, type MapExtent } from '../index/pagemap';
+import { IdBlock } from '../index/ids';
+import { sessionLive } from '../repo/sessions';
 import { ChunkWriter, type ChunkStats } from '../store/chunk-writer';
 import { IngestPool } from '../store/ingest-pool';
 import { isZero } from '../store/codec';
@@ -309,39 +311,59 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
   const { plan, disks } = await makePlan(repo, opts);
   checkAborted(opts.signal);
 
-  repo.lockWriter(`backup ${opts.vm}`);
+  // Shared with other backups and with forget/gc (FORMAT.md, "Concurrent writers").
+  repo.lockWriter(`backup ${opts.vm}`, { kind: 'backup' });
   const db = repo.db;
   let cpId: number | undefined;
   const pool = new IngestPool(repo.config.compression.level, opts.workers);
-  const chunks = new ChunkWriter(db, repo.dir);
+  const chunks = new ChunkWriter(db, repo.dir, undefined, repo.tmpSubdir);
   const prepared: DiskPlan[] = [];
   try {
-    const name = opts.checkpoint ?? nextCheckpointName(repo, opts.vm);
     const uid = opts.uid ?? newCheckpointUid();
-    const vm = ensureVm(db, opts.vm);
-    if (db.prepare('SELECT 1 FROM checkpoints WHERE vm_id = ? AND name = ?').get(vm.id, name)) {
-      throw new BkfsError('BAD_NAME', `VM '${opts.vm}' already has a checkpoint named '${name}'`);
-    }
-    const ins = db
-      .prepare(
-        `INSERT INTO checkpoints (uid, vm_id, name, level, state, chain_id, parent_id, base_id, started, libvirt_checkpoint)
-         VALUES (?, ?, ?, ?, 'running', 0, ?, ?, ?, ?)`,
-      )
-      .run(
-        uid,
-        vm.id,
-        name,
-        plan.level,
-        plan.parent?.id ?? null,
-        plan.base?.id ?? null,
-        t0,
-        opts.libvirtCheckpoint ?? null,
-      );
-    cpId = Number(ins.lastInsertRowid);
-    db.prepare('UPDATE checkpoints SET chain_id = ? WHERE id = ?').run(plan.base?.chain_id ?? cpId, cpId);
+    // One short write transaction: the name is chosen and the row inserted with no other writer
+    // in between; a VM that another live writer is backing up is refused (its bitmaps and chain
+    // would be shared by two backups at once).
+    cpId = db
+      .transaction((): number => {
+        const name = opts.checkpoint ?? nextCheckpointName(repo, opts.vm);
+        const vm = ensureVm(db, opts.vm);
+        const busy = db
+          .prepare("SELECT writer FROM checkpoints WHERE vm_id = ? AND state = 'running' AND writer IS NOT NULL")
+          .all(vm.id) as { writer: string }[];
+        const other = busy.find((b) => b.writer !== repo.session && sessionLive(repo.dir, b.writer));
+        if (other) {
+          throw new BkfsError(
+            'REPO_LOCKED',
+            `VM '${opts.vm}' is being backed up by another process (pid ${other.writer.split('-')[0]})`,
+          );
+        }
+        if (db.prepare('SELECT 1 FROM checkpoints WHERE vm_id = ? AND name = ?').get(vm.id, name)) {
+          throw new BkfsError('BAD_NAME', `VM '${opts.vm}' already has a checkpoint named '${name}'`);
+        }
+        const ins = db
+          .prepare(
+            `INSERT INTO checkpoints (uid, vm_id, name, level, state, chain_id, parent_id, base_id, started, libvirt_checkpoint, writer)
+             VALUES (?, ?, ?, ?, 'running', 0, ?, ?, ?, ?, ?)`,
+          )
+          .run(
+            uid,
+            vm.id,
+            name,
+            plan.level,
+            plan.parent?.id ?? null,
+            plan.base?.id ?? null,
+            t0,
+            opts.libvirtCheckpoint ?? null,
+            repo.session ?? null,
+          );
+        const id = Number(ins.lastInsertRowid);
+        db.prepare('UPDATE checkpoints SET chain_id = ? WHERE id = ?').run(plan.base?.chain_id ?? id, id);
+        return id;
+      })
+      .immediate();
 
-    let nextPage = maxPageId(db);
-    const allocPage = () => ++nextPage;
+    const pageIds = new IdBlock(db, 'page', 1024);
+    const allocPage = () => pageIds.take();
     const progress = { done: 0, total: 0 };
     let bytesRead = 0;
     let bytesZero = 0;
@@ -351,11 +373,16 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
     for (const dp of disks) {
       const newBitmap = plan.level === 'copy' ? null : await dp.spec.source.prepare(bitmapName(uid));
       prepared.push(dp);
+      const id = cpId;
       const r = db
-        .prepare(
-          'INSERT INTO disks (checkpoint_id, name, virtual_size, source, format, bitmap) VALUES (?, ?, ?, ?, ?, ?)',
+        .transaction(() =>
+          db
+            .prepare(
+              'INSERT INTO disks (checkpoint_id, name, virtual_size, source, format, bitmap) VALUES (?, ?, ?, ?, ?, ?)',
+            )
+            .run(id, dp.spec.name, dp.size, dp.spec.source.location, dp.format, newBitmap),
         )
-        .run(cpId, dp.spec.name, dp.size, dp.spec.source.location, dp.format, newBitmap);
+        .immediate();
       diskRows.push({ plan: dp, diskId: Number(r.lastInsertRowid), newBitmap });
       virtualSize += dp.size;
     }
@@ -414,11 +441,9 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
         writer.finish();
         bytesRead += r.read;
         bytesZero += r.zero;
-        db.prepare('UPDATE disks SET bytes_read = ?, bytes_zero = ? WHERE id = ?').run(
-          r.read,
-          r.zero,
-          d.diskId,
-        );
+        db.transaction(() =>
+          db.prepare('UPDATE disks SET bytes_read = ?, bytes_zero = ? WHERE id = ?').run(r.read, r.zero, d.diskId),
+        ).immediate();
         if (stats) {
           stats.ingestMs += performance.now() - tIngest;
           const u = performance.eventLoopUtilization(elu);
@@ -431,6 +456,8 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
     }
     const tCommit = performance.now();
     await chunks.finish();
+    // Chunks another backup indexed first: point this backup's extents at those rows.
+    chunks.applyRemap(diskRows.map((d) => d.diskId));
     checkAborted(opts.signal);
     // Manifest (durable), then one transaction: configs, statistics, state = 'complete'.
     commitCheckpoint(repo, cpId, {
@@ -478,7 +505,7 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
     for (const dp of prepared) await dp.spec.source.rollback();
     if (cpId !== undefined) {
       const id = cpId;
-      db.transaction(() => deleteCheckpointRows(db, id))();
+      db.transaction(() => deleteCheckpointRows(db, id)).immediate();
     }
     throw e;
   } finally {

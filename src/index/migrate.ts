@@ -16,7 +16,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type Database from 'better-sqlite3';
 import type { Repository } from '../repo/repository';
-import { SCHEMA_V2_TABLES } from './schema';
+import { SCHEMA_V2_TABLES, SCHEMA_V3_CHANGES } from './schema';
 import { repoModes, writeFileDurable } from '../util/private-fs';
 import { pageSum, writeDiskSums, type PageSum, type SumExtent } from './mapsum';
 
@@ -76,4 +76,39 @@ function lenientSums(db: Database.Database, diskId: number): PageSum[] {
   }
   if (page >= 0 && cur.length > 0) out.push(pageSum(page, cur));
   return out;
+}
+
+/**
+ * Bring the repository from format 2 to 3 (concurrent writers: `checkpoints.writer`,
+ * `chunks.candidate`, `gc_marks`, `counters`; see schema.ts). Caller holds the lock EXCLUSIVE:
+ * no other writer runs. One transaction changes the schema and sets `meta.format` = 3; then
+ * `bkfs-repo.json` is rewritten (as for 1 -> 2; a crash in between: the next writer only rewrites
+ * the config). Nothing else changes: no chunk is a candidate, no running checkpoint has a writer
+ * (so recovery treats it as a dead writer's, as format 2 did). Returns true if it migrated.
+ */
+export function migrateToV3(repo: Repository): boolean {
+  const db = repo.db;
+  let migrated = false;
+  if (indexFormat(db) < 3) {
+    db.transaction(() => {
+      db.exec(SCHEMA_V3_CHANGES);
+      db.prepare("UPDATE meta SET value = '3' WHERE key = 'format'").run();
+    }).immediate();
+    migrated = true;
+  }
+  const cfgPath = path.join(repo.dir, 'bkfs-repo.json');
+  const raw = JSON.parse(fs.readFileSync(cfgPath, 'utf8')) as Record<string, unknown>;
+  if (typeof raw.format !== 'number' || raw.format < 3) {
+    raw.format = 3;
+    writeFileDurable(cfgPath, Buffer.from(JSON.stringify(raw, null, 2) + '\n'), repoModes(repo.dir).file);
+  }
+  (repo.config as { format: number }).format = 3;
+  return migrated;
+}
+
+/** Does this repository need a migration (index or config older than this bkfs writes)? */
+export function needsMigration(repo: Repository): boolean {
+  if (indexFormat(repo.db) < 3) return true;
+  const raw = JSON.parse(fs.readFileSync(path.join(repo.dir, 'bkfs-repo.json'), 'utf8')) as { format?: unknown };
+  return typeof raw.format !== 'number' || raw.format < 3;
 }

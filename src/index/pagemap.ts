@@ -190,16 +190,19 @@ export class DiskMapWriter {
     const pages = this.pendingPages;
     this.pendingPages = [];
     this.pendingRows = 0;
+    // Ids first (they may need a transaction of their own, `ids.ts`), then one short write.
+    const ids = pages.map(() => this.allocPageId());
     this.db.transaction(() => {
-      for (const pg of pages) {
-        const pageId = this.allocPageId();
+      for (let i = 0; i < pages.length; i++) {
+        const pg = pages[i]!;
+        const pageId = ids[i]!;
         this.insPage.run(this.diskId, pg.pageNo, pageId);
         for (const r of pg.rows) {
           this.insExtent.run(pageId, r.offset, r.length, r.chunkId, r.chunkOff, r.origin);
         }
         this.extentsWritten += pg.rows.length;
       }
-    })();
+    }).immediate();
   }
 
   /** Close the last page, write everything, and share the base's untouched pages. */
@@ -211,7 +214,9 @@ export class DiskMapWriter {
     if (!disk) throw new Error(`disk ${this.diskId} has no disks row (bug)`);
     const sums = this.sums;
     if (this.baseDiskId === null) {
-      writeDiskSums(this.db, this.diskId, disk.virtual_size, this.pageSpan, sums);
+      this.db
+        .transaction(() => writeDiskSums(this.db, this.diskId, disk.virtual_size, this.pageSpan, sums))
+        .immediate();
       return;
     }
     const touched = this.touched;
@@ -245,11 +250,11 @@ export class DiskMapWriter {
         sums.push(entry);
       }
       writeDiskSums(this.db, this.diskId, disk.virtual_size, this.pageSpan, sums);
-    })();
+    }).immediate();
   }
 }
 
-/** Highest page id in use, so a writer can allocate new ones (the writer lock makes this safe). */
+/** Highest page id in use (format 3 writers allocate from `counters`, see `ids.ts`). */
 export function maxPageId(db: Database.Database): number {
   const a = db.prepare('SELECT max(page_id) AS m FROM disk_pages').get() as { m: number | null };
   const b = db.prepare('SELECT max(page_id) AS m FROM extents').get() as { m: number | null };

@@ -1,12 +1,12 @@
 /**
- * SQLite schema of the block index and catalogue (repository format 2).
+ * SQLite schema of the block index and catalogue (repository format 3).
  * The meaning of every table and its invariants are documented in `src/store/FORMAT.md`.
  * Changing anything here means a new FORMAT_VERSION and a migration.
  *
  * Format 2 = format 1 + `disk_maps` (block-map digests, `src/index/mapsum.ts`). A format-1 index
  * is read as is (without digest checks) and migrated by the first writer (`src/index/migrate.ts`).
  */
-export const FORMAT_VERSION = 2;
+export const FORMAT_VERSION = 3;
 
 /** Tables added by format 2. */
 export const SCHEMA_V2_TABLES = `
@@ -110,4 +110,30 @@ CREATE INDEX chunks_damaged ON chunks (hash) WHERE damaged = 1;
 CREATE INDEX chunks_by_pack ON chunks (pack_id);
 `;
 
-export const SCHEMA = SCHEMA_V1 + SCHEMA_V2_TABLES;
+/**
+ * Format 3 = format 2 + concurrent writers (FORMAT.md, "Concurrent writers"):
+ *   - `checkpoints.writer`: the session file (`writers/<name>.json`) of the process writing a
+ *     `running` checkpoint, so recovery deletes only rows of writers that are gone;
+ *   - `chunks.candidate`: the gc generation that marked the chunk as a deletion candidate (NULL =
+ *     not a candidate); dedup never uses a candidate, and `chunks_by_hash` is unique among
+ *     undamaged non-candidates only;
+ *   - `gc_marks`: one row per gc generation, with the writer sessions that were live when it was
+ *     marked (its candidates are deleted only after all of them ended);
+ *   - `counters`: the next chunk and page id to hand out, so concurrent writers never collide and
+ *     an id is never reused.
+ */
+export const SCHEMA_V3_CHANGES = `
+ALTER TABLE checkpoints ADD COLUMN writer TEXT;
+ALTER TABLE chunks ADD COLUMN candidate INTEGER;
+DROP INDEX chunks_by_hash;
+CREATE UNIQUE INDEX chunks_by_hash ON chunks (hash) WHERE damaged = 0 AND candidate IS NULL;
+CREATE INDEX chunks_candidates ON chunks (candidate) WHERE candidate IS NOT NULL;
+CREATE TABLE gc_marks (
+  gen INTEGER PRIMARY KEY,
+  time INTEGER NOT NULL,
+  sessions TEXT
+);
+CREATE TABLE counters (name TEXT PRIMARY KEY, next INTEGER NOT NULL) WITHOUT ROWID;
+`;
+
+export const SCHEMA = SCHEMA_V1 + SCHEMA_V2_TABLES + SCHEMA_V3_CHANGES;

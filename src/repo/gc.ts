@@ -41,6 +41,7 @@ import type Database from 'better-sqlite3';
 import type { Repository } from './repository';
 import { crashPoint, deleteCheckpointRows } from './repository';
 import { activePins } from './pins';
+import { liveSessions, sessionLive } from './sessions';
 import { BkfsError } from '../errors';
 import { decodeChunk } from '../store/codec';
 import {
@@ -79,7 +80,7 @@ export function markChunksDamaged(db: Database.Database, chunkIds: number[]): vo
     const st = db.prepare('UPDATE chunks SET damaged = 1 WHERE id = ?');
     for (const id of chunkIds) st.run(id);
     refreshCheckpointDamage(db);
-  })();
+  }).immediate();
 }
 
 /**
@@ -89,12 +90,13 @@ export function markChunksDamaged(db: Database.Database, chunkIds: number[]): vo
  * transaction or on its own (it is one statement plus a flag refresh).
  */
 export function healDamagedChunks(db: Database.Database): number {
-  const twin = `SELECT d.id FROM chunks d JOIN chunks g ON g.hash = d.hash AND g.damaged = 0 WHERE d.damaged = 1`;
+  // The good copy is never a deletion candidate (FORMAT.md, "Concurrent writers").
+  const twin = `SELECT d.id FROM chunks d JOIN chunks g ON g.hash = d.hash AND g.damaged = 0 AND g.candidate IS NULL WHERE d.damaged = 1`;
   if (!db.prepare(`${twin} LIMIT 1`).get()) return 0;
   const r = db
     .prepare(
       `UPDATE extents SET chunk_id = (SELECT g.id FROM chunks d JOIN chunks g ON g.hash = d.hash AND g.damaged = 0
-                                        WHERE d.id = extents.chunk_id)
+                                        AND g.candidate IS NULL WHERE d.id = extents.chunk_id)
         WHERE chunk_id IN (${twin})`,
     )
     .run();
@@ -123,6 +125,12 @@ interface PendingPack {
   size: number;
   /** Pin files that existed when the pack left the index; it is deleted once all are gone. */
   pins: string[];
+  /**
+   * Writer sessions (format 3) live when an unindexed file was found: it may be one of theirs,
+   * sealed and about to be indexed; it is deleted only once all of them ended and it is still
+   * not indexed. Absent in files of format 2.
+   */
+  writers?: string[];
 }
 
 /** `gc-pending.json` lists a few names per pack; larger is not ours and is not read whole. */
@@ -175,7 +183,8 @@ function readPending(repoDir: string): PendingPack[] {
         /^[0-9a-zA-Z_-]{1,128}$/.test(p.name) &&
         Number.isSafeInteger(p.size) &&
         Array.isArray(p.pins) &&
-        p.pins.every((f) => typeof f === 'string'),
+        p.pins.every((f) => typeof f === 'string') &&
+        (p.writers === undefined || (Array.isArray(p.writers) && p.writers.every((f) => typeof f === 'string'))),
     );
   if (!ok) throw pendingCorrupt(file, 'not a list of packs');
   return packs as PendingPack[];
@@ -266,6 +275,175 @@ export function chunksOfCheckpoints(db: Database.Database, checkpointIds: Iterab
 }
 
 // ---------------------------------------------------------------------------------------------
+// Deletion candidates (format 3, FORMAT.md "Concurrent writers")
+
+/** A gc generation: when it marked its candidates, and the writers live right after. */
+export interface GcMark {
+  gen: number;
+  time: number;
+  /** Session names; null = not recorded yet (gc died between marking and listing). */
+  sessions: string[] | null;
+}
+
+export function gcMarks(db: Database.Database): GcMark[] {
+  const rows = db.prepare('SELECT gen, time, sessions FROM gc_marks ORDER BY gen').all() as {
+    gen: number;
+    time: number;
+    sessions: string | null;
+  }[];
+  return rows.map((r) => ({ ...r, sessions: r.sessions === null ? null : (JSON.parse(r.sessions) as string[]) }));
+}
+
+/**
+ * May the candidates of `mark` be deleted? Only once every writer that was live when they were
+ * marked has ended (pure; `live` tells whether a session is live). A generation whose writers were
+ * never recorded is not deletable (the caller records the writers live now, which is a superset
+ * of those of the marking time that are still running, and decides next time).
+ */
+export function markDeletable(mark: GcMark, live: (session: string) => boolean, own?: string): boolean {
+  if (mark.sessions === null) return false;
+  return mark.sessions.every((s) => s === own || !live(s));
+}
+
+/**
+ * Inside a backup's commit transaction: rescue every deletion candidate the checkpoint's block
+ * map uses. A candidate with a non-candidate twin (same hash, undamaged; a writer that started
+ * after the marking stored it again) is replaced by the twin in the extents (same bytes, same
+ * digests); otherwise its mark is cleared. Returns how many candidates were rescued.
+ */
+export function rescueCandidates(db: Database.Database, cpId: number): number {
+  const rows = db
+    .prepare(
+      `SELECT e.page_id AS p, e.offset AS o, c.id AS c, c.hash AS h
+         FROM disks d CROSS JOIN disk_pages dp CROSS JOIN extents e CROSS JOIN chunks c
+        WHERE d.checkpoint_id = ? AND dp.disk_id = d.id AND e.page_id = dp.page_id
+          AND c.id = e.chunk_id AND c.candidate IS NOT NULL`,
+    )
+    .all(cpId) as { p: number; o: number; c: number; h: Buffer }[];
+  if (rows.length === 0) return 0;
+  const twin = db.prepare('SELECT id FROM chunks WHERE hash = ? AND damaged = 0 AND candidate IS NULL');
+  const clear = db.prepare('UPDATE chunks SET candidate = NULL WHERE id = ?');
+  const upd = db.prepare('UPDATE extents SET chunk_id = ? WHERE page_id = ? AND offset = ?');
+  const decided = new Map<number, number>();
+  for (const r of rows) {
+    let to = decided.get(r.c);
+    if (to === undefined) {
+      const t = twin.get(r.h) as { id: number } | undefined;
+      if (t) {
+        to = t.id;
+      } else {
+        clear.run(r.c);
+        to = r.c;
+      }
+      decided.set(r.c, to);
+    }
+    if (to !== r.c) upd.run(to, r.p, r.o);
+  }
+  return decided.size;
+}
+
+/**
+ * gc's index step (caller holds the maintenance lock and a session `own`): record the writers of
+ * generations that have none, then ONE transaction deletes the rows of forgotten/failed
+ * checkpoints nobody pins, computes the live chunks (used by complete, running or pinned
+ * checkpoints), deletes the candidates of generations whose writers have all ended (never a live
+ * one), and marks every other unused chunk as a candidate of a new generation. Then the writers
+ * live now are recorded for it; when there are none, its candidates are deleted at once (a gc
+ * with no backup beside it removes every unused chunk, as before format 3).
+ */
+function markAndSweep(
+  repo: Repository,
+  pins: PinState,
+  own: string | undefined,
+): Pick<GcReport, 'checkpointsRemoved' | 'checkpointsPinned' | 'chunksRemoved' | 'chunkBytesRemoved' | 'chunksWaiting'> {
+  const db = repo.db;
+  const others = (): string[] =>
+    liveSessions(repo.dir)
+      .map((x) => x.name!)
+      .filter((n) => n !== own);
+  const unrecorded = gcMarks(db).filter((m) => m.sessions === null);
+  if (unrecorded.length > 0) {
+    const now = JSON.stringify(others());
+    const st = db.prepare('UPDATE gc_marks SET sessions = ? WHERE gen = ? AND sessions IS NULL');
+    db.transaction(() => {
+      for (const m of unrecorded) st.run(now, m.gen);
+    }).immediate();
+  }
+  const live = (sname: string) => sessionLive(repo.dir, sname);
+  // Ended writers stay ended: deciding this before the transaction is safe.
+  const deletable = new Set(gcMarks(db).filter((m) => markDeletable(m, live, own)).map((m) => m.gen));
+  const out = { checkpointsRemoved: 0, checkpointsPinned: 0, chunksRemoved: 0, chunkBytesRemoved: 0, chunksWaiting: 0 };
+  const gen = db
+    .transaction((): number => {
+      const gone = (
+        db.prepare("SELECT id FROM checkpoints WHERE state IN ('forgotten', 'failed')").all() as { id: number }[]
+      ).map((r) => r.id);
+      const removable = gone.filter((id) => !pins.ids.has(id));
+      out.checkpointsRemoved = removable.length;
+      out.checkpointsPinned = gone.length - removable.length;
+      for (const id of removable) deleteCheckpointRows(db, id);
+      // Pages no page table uses (left by an interrupted forget of an older bkfs, or by hand).
+      // A writer inserts a page's extents and its page-table row in one transaction.
+      db.exec('DELETE FROM extents WHERE page_id NOT IN (SELECT page_id FROM disk_pages)');
+      const liveChunks = chunksOfPages(db, pagesOf(db, liveCheckpointIds(db, pins.ids)));
+      const del = db.prepare('DELETE FROM chunks WHERE id = ?');
+      const mark = db.prepare('UPDATE chunks SET candidate = ? WHERE id = ?');
+      const g = ((db.prepare('SELECT max(gen) AS m FROM gc_marks').get() as { m: number | null }).m ?? 0) + 1;
+      let marked = 0;
+      const rows = db.prepare('SELECT id, stored_len AS len, candidate AS cand FROM chunks').all() as {
+        id: number;
+        len: number;
+        cand: number | null;
+      }[];
+      for (const c of rows) {
+        if (liveChunks.has(c.id)) continue; // a live candidate: a running writer rescues it
+        if (c.cand === null) {
+          mark.run(g, c.id);
+          marked++;
+        } else if (deletable.has(c.cand)) {
+          del.run(c.id);
+          out.chunksRemoved++;
+          out.chunkBytesRemoved += c.len;
+        }
+      }
+      const delMark = db.prepare(
+        'DELETE FROM gc_marks WHERE gen = ? AND NOT EXISTS (SELECT 1 FROM chunks WHERE candidate = ?)',
+      );
+      for (const d of deletable) delMark.run(d, d);
+      if (marked === 0) return 0;
+      db.prepare('INSERT INTO gc_marks (gen, time, sessions) VALUES (?, ?, NULL)').run(g, Date.now());
+      return g;
+    })
+    .immediate();
+  if (gen === 0) {
+    out.chunksWaiting = countWaiting(db);
+    return out;
+  }
+  // Writers live AFTER the marking committed: every writer that may hold a candidate's id.
+  const writers = others();
+  db.transaction(() =>
+    db.prepare('UPDATE gc_marks SET sessions = ? WHERE gen = ?').run(JSON.stringify(writers), gen),
+  ).immediate();
+  if (writers.length === 0) {
+    db.transaction(() => {
+      const r = db
+        .prepare('SELECT count(*) AS n, coalesce(sum(stored_len), 0) AS b FROM chunks WHERE candidate = ?')
+        .get(gen) as { n: number; b: number };
+      db.prepare('DELETE FROM chunks WHERE candidate = ?').run(gen);
+      db.prepare('DELETE FROM gc_marks WHERE gen = ?').run(gen);
+      out.chunksRemoved += r.n;
+      out.chunkBytesRemoved += r.b;
+    }).immediate();
+  }
+  out.chunksWaiting = countWaiting(db);
+  return out;
+}
+
+function countWaiting(db: Database.Database): number {
+  return (db.prepare('SELECT count(*) AS n FROM chunks WHERE candidate IS NOT NULL').get() as { n: number }).n;
+}
+
+// ---------------------------------------------------------------------------------------------
 // gc
 
 /**
@@ -332,6 +510,11 @@ export interface GcReport {
   bytesKeptUnused: number;
   /** Of `packsRewritten`: small packs merged for `repackSmall` (no unused bytes worth it). */
   packsSmallMerged: number;
+  /**
+   * Unused chunks left as deletion candidates because backups were running when gc marked them
+   * (FORMAT.md, "Concurrent writers"): a later gc deletes them once those backups have ended.
+   */
+  chunksWaiting: number;
 }
 
 /** A pack gc may rewrite, reduced to what the selection needs (pure, unit-tested). */
@@ -407,6 +590,8 @@ interface PackInfo {
   live: number; // live bytes: header + records of indexed chunks
   damaged: boolean;
   pinned: boolean;
+  /** Holds a deletion candidate (format 3): left until a later gc deleted it. */
+  candidates: boolean;
   /** Chunks copied out of this pack by the rewrite in progress. */
   movedIds?: number[];
 }
@@ -419,20 +604,24 @@ function packInfos(db: Database.Database, pinnedChunks: Set<number>): PackInfo[]
   }[];
   const byId = new Map<number, PackInfo>();
   for (const p of packs) {
-    byId.set(p.id, { ...p, chunks: 0, live: PACK_HEADER_LEN, damaged: false, pinned: false });
+    byId.set(p.id, { ...p, chunks: 0, live: PACK_HEADER_LEN, damaged: false, pinned: false, candidates: false });
   }
-  const st = db.prepare('SELECT id, pack_id AS pack, stored_len AS len, damaged FROM chunks');
+  const st = db.prepare(
+    'SELECT id, pack_id AS pack, stored_len AS len, damaged, candidate IS NOT NULL AS cand FROM chunks',
+  );
   for (const c of st.iterate() as IterableIterator<{
     id: number;
     pack: number;
     len: number;
     damaged: number;
+    cand: number;
   }>) {
     const p = byId.get(c.pack);
     if (!p) continue;
     p.chunks++;
     p.live += RECORD_HEADER_LEN + c.len;
     if (c.damaged) p.damaged = true;
+    if (c.cand) p.candidates = true;
     if (pinnedChunks.has(c.id)) p.pinned = true;
   }
   return [...byId.values()];
@@ -463,65 +652,66 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
     packsKeptUnused: 0,
     bytesKeptUnused: 0,
     packsSmallMerged: 0,
+    chunksWaiting: 0,
   };
   if (!o.dryRun) repo.lockWriter('gc');
   try {
     const filesBefore = packFilesOnDisk(repo.dir);
     rep.bytesBefore = filesBefore.reduce((a, f) => a + f.size, 0);
-    let pins = pinState(repo);
+    const pins = pinState(repo);
+    const own = repo.session;
 
-    // 1-2. Heal, then rows of forgotten checkpoints nobody reads, then dead chunk rows.
-    const gone = (
-      db.prepare("SELECT id FROM checkpoints WHERE state IN ('forgotten', 'failed')").all() as {
+    let dead: { id: number; len: number }[] = [];
+    if (o.dryRun) {
+      // What a gc alone would remove now: every chunk no live checkpoint uses.
+      const gone = (
+        db.prepare("SELECT id FROM checkpoints WHERE state IN ('forgotten', 'failed')").all() as {
+          id: number;
+        }[]
+      ).map((r) => r.id);
+      rep.checkpointsRemoved = gone.filter((id) => !pins.ids.has(id)).length;
+      rep.checkpointsPinned = gone.length - rep.checkpointsRemoved;
+      const liveChunks = chunksOfPages(db, pagesOf(db, liveCheckpointIds(db, pins.ids)));
+      const allChunks = db.prepare('SELECT id, stored_len AS len FROM chunks').all() as {
         id: number;
-      }[]
-    ).map((r) => r.id);
-    const removable = gone.filter((id) => !pins.ids.has(id));
-    rep.checkpointsRemoved = removable.length;
-    rep.checkpointsPinned = gone.length - removable.length;
-    const liveCps = liveCheckpointIds(db, pins.ids);
-    const livePages = pagesOf(db, liveCps);
-    if (!o.dryRun) {
-      rep.extentsHealed = db.transaction(() => healDamagedChunks(db))();
-    }
-    const liveChunks = chunksOfPages(db, livePages);
-    const allChunks = db.prepare('SELECT id, stored_len AS len FROM chunks').all() as {
-      id: number;
-      len: number;
-    }[];
-    const dead = allChunks.filter((c) => !liveChunks.has(c.id));
-    rep.chunksRemoved = dead.length;
-    rep.chunkBytesRemoved = dead.reduce((a, c) => a + c.len, 0);
-    if (!o.dryRun) {
-      db.transaction(() => {
-        for (const id of removable) deleteCheckpointRows(db, id);
-        // Pages no page table uses (left by an interrupted forget of an older bkfs, or by hand).
-        db.exec('DELETE FROM extents WHERE page_id NOT IN (SELECT page_id FROM disk_pages)');
-        const del = db.prepare('DELETE FROM chunks WHERE id = ?');
-        for (const c of dead) del.run(c.id);
-      })();
+        len: number;
+      }[];
+      dead = allChunks.filter((c) => !liveChunks.has(c.id));
+      rep.chunksRemoved = dead.length;
+      rep.chunkBytesRemoved = dead.reduce((a, c) => a + c.len, 0);
+    } else {
+      // 1. Heal.
+      rep.extentsHealed = db.transaction(() => healDamagedChunks(db)).immediate();
+      // 2. Rows, sweep and mark (FORMAT.md, "Concurrent writers").
+      const m = markAndSweep(repo, pins, own);
+      Object.assign(rep, m);
       crashPoint('gc-after-rows');
     }
 
-    // 3. Pending packs whose readers are gone; pack files the index does not know.
-    const indexed = new Set(
-      (db.prepare('SELECT name FROM packs').all() as { name: string }[]).map((r) => r.name),
-    );
+    // 3. Pending packs whose readers and writers are gone; pack files the index does not know.
+    // Order matters: files listed (above), THEN live writers, THEN the index (per file): a file
+    // not indexed by then whose writer was already gone will never be indexed.
+    const writersNow = liveSessions(repo.dir)
+      .map((x) => x.name!)
+      .filter((n) => n !== own);
+    const isIndexed = db.prepare('SELECT 1 FROM packs WHERE name = ?');
     let pending = readPending(repo.dir);
     const pendingNames = new Set(pending.map((p) => p.name));
     const stillPending: PendingPack[] = [];
     for (const p of pending) {
-      if (indexed.has(p.name)) continue; // re-indexed by a rebuild: a normal pack again
-      if (p.pins.some((f) => pins.files.includes(f))) {
+      const waiting =
+        p.pins.some((f) => pins.files.includes(f)) || (p.writers ?? []).some((w) => sessionLive(repo.dir, w));
+      if (waiting) {
         stillPending.push(p);
-      } else if (!o.dryRun) {
-        await fsp.rm(packPath(repo.dir, p.name), { force: true });
+        continue;
       }
+      if (isIndexed.get(p.name)) continue; // indexed (by its writer, or a rebuild): a normal pack
+      if (!o.dryRun) await fsp.rm(packPath(repo.dir, p.name), { force: true });
     }
     for (const f of filesBefore) {
-      if (indexed.has(f.name) || pendingNames.has(f.name)) continue;
-      if (pins.files.length > 0) {
-        stillPending.push({ name: f.name, size: f.size, pins: pins.files });
+      if (pendingNames.has(f.name) || isIndexed.get(f.name)) continue;
+      if (pins.files.length > 0 || writersNow.length > 0) {
+        stillPending.push({ name: f.name, size: f.size, pins: pins.files, writers: writersNow });
       } else {
         rep.orphansRemoved++;
         if (!o.dryRun) await fsp.rm(packPath(repo.dir, f.name), { force: true });
@@ -550,9 +740,10 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
     rep.packsDeleted = deadPacks.length;
     if (!o.dryRun && deadPacks.length > 0) {
       db.transaction(() => {
-        const del = db.prepare('DELETE FROM packs WHERE id = ?');
-        for (const p of deadPacks) del.run(p.id);
-      })();
+        // Re-checked inside: a pack row never gains chunks (writers insert a pack with its chunks).
+        const del = db.prepare('DELETE FROM packs WHERE id = ? AND NOT EXISTS (SELECT 1 FROM chunks WHERE pack_id = ?)');
+        for (const p of deadPacks) del.run(p.id, p.id);
+      }).immediate();
       // No pinned reader reads a dead pack (its chunks are used by no pinned checkpoint).
       for (const p of deadPacks) await fsp.rm(packPath(repo.dir, p.name), { force: true });
     }
@@ -561,7 +752,7 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
     for (const p of infos) {
       if (p.live < p.size && p.damaged) rep.packsKeptDamaged++;
       else if (p.live < p.size && p.pinned) rep.packsKeptForReaders++;
-      else if (!p.damaged && !p.pinned) movable.push(p);
+      else if (!p.damaged && !p.pinned && !p.candidates) movable.push(p);
     }
     const choice = choosePacks(movable, rep.maxUnused, o.repackSmall === true);
     const candidates = choice.rewrite.map((i) => movable[i]!);
@@ -620,17 +811,17 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
           if ((left.get(p.id) as { n: number }).n !== 0) throw new Error(`pack ${p.name} still has chunks`);
           del.run(p.id);
         }
-      })();
+      }).immediate();
       rep.packsWritten++;
       rep.packsRewritten += g.length;
       crashPoint('gc-after-index');
       // A pin that appeared during gc may have cached locations in the old packs.
-      pins = pinState(repo);
-      const nowPinned = pins.ids.size > 0 ? chunksOfCheckpoints(db, pins.ids) : new Set<number>();
+      const pinsNow = pinState(repo);
+      const nowPinned = pinsNow.ids.size > 0 ? chunksOfCheckpoints(db, pinsNow.ids) : new Set<number>();
       for (const p of g) {
         const risky = (p.movedIds ?? []).some((id) => nowPinned.has(id));
         if (risky) {
-          pending.push({ name: p.name, size: p.size, pins: pins.files });
+          pending.push({ name: p.name, size: p.size, pins: pinsNow.files });
           await writePending(repo.dir, pending);
         } else {
           await fsp.rm(packPath(repo.dir, p.name), { force: true });
@@ -687,7 +878,7 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
         if (writer && group.length > 0 && writer.size + src.live - PACK_HEADER_LEN > PACK_TARGET) {
           await commitGroup();
         }
-        writer ??= await PackWriter.create(repo.dir);
+        writer ??= await PackWriter.create(repo.dir, repo.tmpSubdir);
         src.movedIds = [];
         for (let i = 0; i < rows.length; i++) {
           const r = rows[i]!;

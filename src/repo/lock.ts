@@ -49,6 +49,15 @@ export interface LockInfo {
 }
 
 export interface LockOptions {
+  /**
+   * 'exclusive' (default): alone (repair --rebuild-index, migrations, the maintenance lock).
+   * 'shared': beside other shared holders (backups, forget, gc, ...), never beside an exclusive
+   * one. A shared holder writes no holder info into the file (there are many; their sessions in
+   * `writers/` say who they are).
+   */
+  mode?: 'exclusive' | 'shared';
+  /** The lock file's name in the repository (default `lock`; `maint-lock` for maintenance). */
+  file?: string;
   /** Keep trying this long (ms) while another process holds the lock; default: `setDefaultLockWait`, else 0. */
   waitMs?: number;
   /** Poll interval while waiting (ms), default 100. */
@@ -75,8 +84,31 @@ export class WriterLock {
     readonly dir: string,
     fd: number,
     readonly info: LockInfo,
+    readonly mode: 'exclusive' | 'shared' = 'exclusive',
   ) {
     this.fd = fd;
+  }
+
+  /**
+   * Turn a shared lock into an exclusive one without waiting (REPO_LOCKED naming the other
+   * holders when it cannot), for a migration; `downgrade()` turns it back. flock(2) converts in
+   * place, but not atomically: between the two states another process may take the lock.
+   */
+  upgrade(command: string): void {
+    if (this.fd === undefined) throw new Error('lock not held');
+    try {
+      flockSync(this.fd, 'exnb');
+    } catch (e) {
+      if (!isWouldBlock(e)) throw e;
+      throw lockedError(this.dir, undefined, true);
+    }
+    writeInfo(this.fd, command);
+  }
+
+  downgrade(): void {
+    if (this.fd === undefined) throw new Error('lock not held');
+    fs.ftruncateSync(this.fd, 0);
+    flockSync(this.fd, 'sh');
   }
 
   get held(): boolean {
@@ -88,7 +120,9 @@ export class WriterLock {
     if (fd === undefined) return;
     this.fd = undefined;
     try {
-      fs.ftruncateSync(fd, 0); // the info describes a holder; there is none now
+      // The info describes the exclusive holder; there is none now. (A shared holder never wrote
+      // it, and must not erase an exclusive holder's that is waiting... it cannot exist meanwhile.)
+      if (this.mode === 'exclusive') fs.ftruncateSync(fd, 0);
     } finally {
       fs.closeSync(fd); // releases the flock
     }
@@ -120,9 +154,13 @@ function readInfoFd(fd: number): LockInfo | undefined {
 
 /** The holder info as the lock file shows it now (for messages), if any. */
 export function readLockInfo(dir: string): LockInfo | undefined {
+  return readInfoAt(path.join(dir, LOCK_FILE));
+}
+
+function readInfoAt(file: string): LockInfo | undefined {
   let fd: number;
   try {
-    fd = fs.openSync(path.join(dir, LOCK_FILE), fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
   } catch {
     return undefined;
   }
@@ -133,10 +171,39 @@ export function readLockInfo(dir: string): LockInfo | undefined {
   }
 }
 
-function lockedError(dir: string, holder: LockInfo | undefined): BkfsError {
+function writeInfo(fd: number, command: string): LockInfo {
+  const info: LockInfo = {
+    pid: process.pid,
+    host: os.hostname(),
+    command,
+    time: new Date().toISOString(),
+    lock: 'flock',
+  };
+  const buf = Buffer.from(JSON.stringify(info) + '\n');
+  fs.ftruncateSync(fd, 0);
+  fs.writeSync(fd, buf, 0, buf.length, 0);
+  return info;
+}
+
+/** Who the running writers are, from their sessions (`sessions.ts`), for REPO_LOCKED messages. */
+function sessionHolders(dir: string): string | undefined {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { liveSessions } = require('./sessions') as typeof import('./sessions');
+  let live: { pid: number; host: string; command: string; time: string }[] = [];
+  try {
+    live = liveSessions(dir).filter((s) => s.pid !== process.pid);
+  } catch {
+    return undefined;
+  }
+  if (live.length === 0) return undefined;
+  const shown = live.slice(0, 4).map((h) => `pid ${h.pid} on ${h.host} (${h.command}, since ${h.time})`);
+  return shown.join(', ') + (live.length > shown.length ? ` and ${live.length - shown.length} more` : '');
+}
+
+function lockedError(dir: string, holder: LockInfo | undefined, wantedExclusive = false): BkfsError {
   const who = holder
     ? `pid ${holder.pid} on ${holder.host} (${holder.command}, since ${holder.time})`
-    : 'another process';
+    : ((wantedExclusive ? sessionHolders(dir) : undefined) ?? 'another process');
   return new BkfsError('REPO_LOCKED', `repository ${dir} is locked by ${who}`, {
     ...(holder ? { holder } : {}),
   });
@@ -154,7 +221,8 @@ function legacyHolder(info: LockInfo | undefined): LockInfo | undefined {
  * Used by `Repository.lockWriter` and by the index rebuild, which runs without an index.
  */
 export function acquireWriterLock(dir: string, command: string, o: LockOptions = {}): WriterLock {
-  const lockPath = path.join(dir, LOCK_FILE);
+  const lockPath = path.join(dir, o.file ?? LOCK_FILE);
+  const mode = o.mode ?? 'exclusive';
   const deadline = Date.now() + Math.max(0, o.waitMs ?? defaultWaitMs);
   const poll = Math.max(1, o.pollMs ?? 100);
   for (;;) {
@@ -174,7 +242,7 @@ export function acquireWriterLock(dir: string, command: string, o: LockOptions =
     let holder: LockInfo | undefined;
     let locked = false;
     try {
-      flockSync(fd, 'exnb');
+      flockSync(fd, mode === 'shared' ? 'shnb' : 'exnb');
       locked = true;
       // The file we locked must still be the lock file: a process that locked a file just removed
       // from the directory holds nothing.
@@ -191,17 +259,17 @@ export function acquireWriterLock(dir: string, command: string, o: LockOptions =
       }
       holder = legacyHolder(readInfoFd(fd));
       if (!holder) {
-        const info: LockInfo = {
-          pid: process.pid,
-          host: os.hostname(),
-          command,
-          time: new Date().toISOString(),
-          lock: 'flock',
-        };
-        const buf = Buffer.from(JSON.stringify(info) + '\n');
-        fs.ftruncateSync(fd, 0);
-        fs.writeSync(fd, buf, 0, buf.length, 0);
-        return new WriterLock(dir, fd, info);
+        if (mode === 'shared') {
+          const info: LockInfo = {
+            pid: process.pid,
+            host: os.hostname(),
+            command,
+            time: new Date().toISOString(),
+            lock: 'flock',
+          };
+          return new WriterLock(dir, fd, info, 'shared');
+        }
+        return new WriterLock(dir, fd, writeInfo(fd, command));
       }
     } catch (e) {
       fs.closeSync(fd);
@@ -209,14 +277,19 @@ export function acquireWriterLock(dir: string, command: string, o: LockOptions =
     }
     // Held by another process (or an older bkfs).
     if (locked) fs.closeSync(fd);
-    if (Date.now() >= deadline) throw lockedError(dir, holder ?? readLockInfo(dir));
+    if (Date.now() >= deadline) {
+      const info = holder ?? readInfoAt(lockPath);
+      throw lockedError(dir, info, mode === 'exclusive' && info === undefined);
+    }
     sleepMs(Math.min(poll, Math.max(1, deadline - Date.now())));
   }
 }
 
 /**
- * Who holds the writer lock right now, without taking it: the holder's info, `{}` when it is held
- * but says nothing (being written), or undefined when it is free. For status displays and tests.
+ * Who holds the writer lock right now, without taking it: the exclusive holder's info, `{}` when
+ * it is held but says nothing (shared holders, or being written), or undefined when it is free.
+ * Shared holders (concurrent backups) are found by their sessions (`writers/`). For status
+ * displays and tests.
  */
 export function writerLockHolder(dir: string): LockInfo | Record<string, never> | undefined {
   let fd: number;
@@ -233,7 +306,11 @@ export function writerLockHolder(dir: string): LockInfo | Record<string, never> 
       if (isWouldBlock(e)) return info ?? {};
       throw e;
     }
-    return legacyHolder(info);
+    const legacy = legacyHolder(info);
+    if (legacy) return legacy;
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const { liveSessions } = require('./sessions') as typeof import('./sessions');
+    return liveSessions(dir).length > 0 ? {} : undefined;
   } finally {
     fs.closeSync(fd);
   }

@@ -36,7 +36,7 @@ import { BkfsError } from '../errors';
 import type { CheckpointRow } from '../index/catalog';
 import type { Repository } from './repository';
 import { crashPoint } from './repository';
-import { healDamagedChunks } from './gc';
+import { healDamagedChunks, rescueCandidates } from './gc';
 import { fsyncDirSync, mkdirPrivateSync, repoModes, writeFileDurable } from '../util/private-fs';
 
 export const MANIFEST_DIR = 'manifests';
@@ -540,8 +540,11 @@ export function commitCheckpoint(repo: Repository, cpId: number, info: CommitInf
         `UPDATE checkpoints SET state = 'complete', finished = ?, bytes_read = ?, bytes_new_raw = ?,
                 bytes_new_stored = ?, chunks_new = ? WHERE id = ?`,
       ).run(finished, info.bytesRead, info.bytesNewRaw, info.bytesNewStored, info.chunksNew, cpId);
+      // Deletion candidates this checkpoint uses (gc marked them while it ran): rescued in the
+      // same transaction that makes it complete (FORMAT.md, "Concurrent writers").
+      rescueCandidates(db, cpId);
       healDamagedChunks(db);
-    })();
+    }).immediate();
   } catch (e) {
     removeManifest(repo.dir, m.checkpoint.uid);
     throw e;

@@ -30,6 +30,7 @@ import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
 import { makeDirs, onUserPath } from '../util/userpath';
 import { acquireWriterLock, type LockOptions, type WriterLock } from './lock';
+import { cleanTmp, sessionLive, startSession, type Session } from './sessions';
 import {
   fsyncDirSync,
   mkdirPrivateSync,
@@ -43,6 +44,21 @@ export const CONFIG_FILE = 'bkfs-repo.json';
 export const DB_FILE = 'index.db';
 /** A rebuilt index that is complete and durable, waiting to replace `index.db` (see rebuild.ts). */
 export const DB_NEW_FILE = 'index.db.new';
+/** Maintenance lock (format 3): forget, gc, verify's damage marking, protect, repair --manifests. */
+export const MAINT_LOCK_FILE = 'maint-lock';
+
+/**
+ * What a writer does, which decides its locks (FORMAT.md, "Locking"):
+ *   - 'backup': `lock` shared and a session: any number run at once, beside maintenance too;
+ *   - 'maintenance' (forget, gc, protect, verify's damage marking, repair --manifests): `lock`
+ *     shared, a session, and `maint-lock` exclusive: one at a time, beside backups.
+ * `repair --rebuild-index` and format migrations take `lock` exclusive (alone).
+ */
+export type WriterKind = 'backup' | 'maintenance';
+
+export interface WriterOptions extends LockOptions {
+  kind?: WriterKind;
+}
 
 /**
  * Test-only crash injection: when `BKFS_TEST_CRASH_AT` names `step`, the process kills itself with
@@ -104,6 +120,8 @@ export interface OpenOptions {
 export class Repository {
   readonly packs: PackReader;
   private lock: WriterLock | undefined;
+  private maint: WriterLock | undefined;
+  private sessionHandle: Session | undefined;
 
   private constructor(
     readonly dir: string,
@@ -195,7 +213,10 @@ export class Repository {
       );
     }
     const db = new Database(dbPath, { fileMustExist: true });
-    db.pragma('busy_timeout = 10000');
+    // Concurrent writers (FORMAT.md, "Concurrent writers") keep every write transaction short
+    // (BEGIN IMMEDIATE, no transaction across NBD reads or pack writes); a minute covers gc's
+    // longest one (its row deletion) on a large index.
+    db.pragma('busy_timeout = 60000');
     db.pragma('journal_mode = WAL');
     // FULL: a transaction that returned is durable (the WAL is fsynced at each commit). Every
     // writer deletes or overwrites files only after the index state that no longer needs them has
@@ -211,18 +232,44 @@ export class Repository {
   }
 
   /**
-   * Take the writer lock (REPO_LOCKED when another process holds it after `o.waitMs`), then clean
-   * up after any writer that crashed. Not reentrant: a second call while held is a bug.
+   * Become a writer (FORMAT.md, "Locking" and "Concurrent writers"): migrate the format first if
+   * needed (with `lock` exclusive, waiting up to a minute for other writers), then take `lock`
+   * shared, for maintenance also `maint-lock` exclusive (REPO_LOCKED when another process holds
+   * what is needed after `o.waitMs`), start a writer session, then clean up after writers that
+   * died. Not reentrant: a second call while held is a bug.
    */
-  lockWriter(command: string, o: LockOptions = {}): void {
+  lockWriter(command: string, o: WriterOptions = {}): void {
     if (this.lock?.held) throw new Error(`writer lock already held (${this.lock.info.command})`);
-    this.lock = acquireWriterLock(this.dir, command, o);
+    const kind = o.kind ?? 'maintenance';
+    // Loaded here, not at the top, for start-up time of readers.
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const mig = require('../index/migrate') as typeof import('../index/migrate');
+    if (mig.needsMigration(this)) {
+      const ex = acquireWriterLock(this.dir, `${command} (format upgrade)`, {
+        ...o,
+        mode: 'exclusive',
+        waitMs: Math.max(o.waitMs ?? 0, 60_000),
+      });
+      try {
+        mig.migrateToV2(this);
+        mig.migrateToV3(this);
+      } finally {
+        ex.release();
+      }
+    }
+    const lockOpts: LockOptions = { ...(o.waitMs !== undefined ? { waitMs: o.waitMs } : {}) };
+    if (o.pollMs !== undefined) lockOpts.pollMs = o.pollMs;
+    this.lock = acquireWriterLock(this.dir, command, { ...lockOpts, mode: 'shared' });
     try {
-      // Format 1 -> 2 (block-map digests), see src/index/migrate.ts; loaded here for start-up time.
-      // eslint-disable-next-line @typescript-eslint/no-require-imports
-      const { migrateToV2 } = require('../index/migrate') as typeof import('../index/migrate');
-      migrateToV2(this);
-      this.recover();
+      if (kind === 'maintenance') {
+        this.maint = acquireWriterLock(this.dir, command, { ...lockOpts, file: MAINT_LOCK_FILE });
+      }
+      this.sessionHandle = startSession(this.dir, command);
+      mkdirPrivateSync(path.join(this.dir, 'tmp', this.sessionHandle.name), {
+        recursive: true,
+        mode: repoModes(this.dir).dir,
+      });
+      this.recover(kind === 'maintenance');
     } catch (e) {
       this.unlockWriter();
       throw e;
@@ -234,34 +281,64 @@ export class Repository {
     return this.lock?.held === true;
   }
 
-  unlockWriter(): void {
-    const l = this.lock;
-    this.lock = undefined;
-    l?.release();
+  /** This writer's session name (`writers/<name>.json`), while it holds the writer lock. */
+  get session(): string | undefined {
+    return this.sessionHandle?.live ? this.sessionHandle.name : undefined;
   }
 
-  /** Remove what an interrupted writer left: running checkpoints, their maps, temp packs. */
-  private recover(): void {
+  /** Where this writer's temp packs go: `tmp/<session>` (relative to the repository). */
+  get tmpSubdir(): string | undefined {
+    const s = this.session;
+    return s === undefined ? undefined : path.join('tmp', s);
+  }
+
+  unlockWriter(): void {
+    const s = this.sessionHandle;
+    const m = this.maint;
+    const l = this.lock;
+    this.sessionHandle = undefined;
+    this.maint = undefined;
+    this.lock = undefined;
+    try {
+      s?.end();
+    } finally {
+      m?.release();
+      l?.release();
+    }
+  }
+
+  /**
+   * Remove what writers that died left: their running checkpoints (a live writer's are left
+   * alone: its session is live), their temp packs; for maintenance, also half-done forgets
+   * (`finishForgetJournals`; only maintenance runs forgets, one at a time).
+   */
+  private recover(maintenance: boolean): void {
     // Loaded here, not at the top: readers (`bkfs list`) never recover, and manifest.ts pulls in
     // zstd and gc (start-up time).
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     const { finishForgetJournals, removeManifest } = require('./manifest') as typeof import('./manifest');
-    const running = this.db.prepare("SELECT id, uid FROM checkpoints WHERE state = 'running'").all() as {
-      id: number;
-      uid: string;
-    }[];
-    if (running.length > 0) {
+    const running = this.db
+      .prepare("SELECT id, uid, writer FROM checkpoints WHERE state = 'running'")
+      .all() as { id: number; uid: string; writer: string | null }[];
+    const dead = running.filter(
+      (r) => r.writer !== this.session && (r.writer === null || !sessionLive(this.dir, r.writer)),
+    );
+    if (dead.length > 0) {
       // Manifest first: a crash in between leaves a running row without a manifest, never a
       // manifest that an index rebuild would take for a committed checkpoint.
-      for (const r of running) removeManifest(this.dir, r.uid);
-      this.db.transaction(() => {
-        for (const { id } of running) deleteCheckpointRows(this.db, id);
-      })();
+      for (const r of dead) removeManifest(this.dir, r.uid);
+      this.db
+        .transaction(() => {
+          const st = this.db.prepare('SELECT state FROM checkpoints WHERE id = ?');
+          for (const { id } of dead) {
+            if ((st.get(id) as { state: string } | undefined)?.state === 'running')
+              deleteCheckpointRows(this.db, id);
+          }
+        })
+        .immediate();
     }
-    finishForgetJournals(this);
-    const tmp = path.join(this.dir, 'tmp');
-    mkdirPrivateSync(tmp, { recursive: true, mode: repoModes(this.dir).dir });
-    for (const f of fs.readdirSync(tmp)) fs.rmSync(path.join(tmp, f), { force: true, recursive: true });
+    if (maintenance) finishForgetJournals(this);
+    cleanTmp(this.dir);
   }
 
   close(): void {

@@ -291,7 +291,7 @@ function recordDamage(repo: Repository, damagedIds: number[], fineIds: number[])
     }
     healDamagedChunks(db);
     refreshCheckpointDamage(db);
-  })();
+  }).immediate();
   return unmarked;
 }
 

@@ -114,13 +114,19 @@ export class PackWriter {
   private constructor(
     private readonly repoDir: string,
     name: string,
+    tmpSubdir: string,
   ) {
     this.name = name;
-    this.tmpPath = path.join(repoDir, 'tmp', `${name}.pack.tmp`);
+    this.tmpPath = path.join(repoDir, tmpSubdir, `${name}.pack.tmp`);
   }
 
-  static async create(repoDir: string): Promise<PackWriter> {
-    const w = new PackWriter(repoDir, randomBytes(16).toString('hex'));
+  /**
+   * Start a pack. `tmpSubdir` (relative to the repository): the writer's own temp directory,
+   * `tmp/<session>` (format 3: another writer's cleanup never removes a live writer's temp packs);
+   * default `tmp`. Names are 128 random bits: concurrent writers never collide.
+   */
+  static async create(repoDir: string, tmpSubdir = 'tmp'): Promise<PackWriter> {
+    const w = new PackWriter(repoDir, randomBytes(16).toString('hex'), tmpSubdir);
     w.fh = await openPrivate(w.tmpPath, 'wx', repoModes(repoDir).file);
     const h = encodePackHeader();
     await w.fh.write(h, 0, h.length, 0);
@@ -156,6 +162,11 @@ export class PackWriter {
     }
     await fsp.rename(this.tmpPath, final);
     await fsyncDir(path.dirname(final));
+  }
+
+  /** Delete a sealed pack that nothing indexed (garbage: no fsync needed, FORMAT.md "Durability" 4). */
+  async removeSealed(): Promise<void> {
+    await fsp.rm(packPath(this.repoDir, this.name), { force: true });
   }
 
   /** Drop an unsealed pack (on failure). */
