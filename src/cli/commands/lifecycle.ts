@@ -71,6 +71,11 @@ function printGc(r: GcReport): void {
     );
   }
   out(`chunks: ${r.chunksRemoved} unused (${bytes(r.chunkBytesRemoved)} stored)`);
+  if (r.chunksWaiting) {
+    out(
+      `${r.chunksWaiting} more unused chunk(s) kept until the backups running when gc marked them end (a later gc deletes them)`,
+    );
+  }
   out(
     `packs: ${r.packsDeleted} deleted, ${r.packsRewritten} rewritten into ${r.packsWritten} (${bytes(r.bytesCopied)} copied${r.packsSmallMerged ? `, ${r.packsSmallMerged} of them small packs merged` : ''})` +
       (r.packsKeptForReaders ? `, ${r.packsKeptForReaders} kept while readers use them` : '') +
@@ -233,7 +238,7 @@ Examples:
   program
     .command('gc')
     .alias('prune')
-    .description('delete data that no checkpoint uses and compact packs (takes the writer lock)')
+    .description('delete data that no checkpoint uses and compact packs (runs beside backups)')
     .option('-n, --dry-run', 'show what would be freed; change nothing')
     .option(
       '--max-unused <percent>',
@@ -250,8 +255,10 @@ chunks copied into new packs), the emptiest first, only until what stays unused 
 --max-unused of the packs' size (as restic's prune): rewriting a 64 MiB pack to free a few KiB
 costs more than it saves.
 
-gc holds the repository's writer lock: a backup started meanwhile fails with exit code 7
-(REPO_LOCKED), and gc fails the same way while a backup runs. Mounts and restores keep working:
+gc runs beside backups: chunks no checkpoint uses while backups run become deletion candidates
+that a later gc deletes once those backups have ended (a backup that uses one keeps it). One
+maintenance command (gc, forget, protect, verify's damage marking) runs at a time: another fails
+with exit code 7 (REPO_LOCKED, see --retry-lock). Mounts and restores keep working:
 whatever their checkpoints use is kept, and packs they may be reading are only rewritten or
 deleted once they are done (a later gc finishes the job).
 

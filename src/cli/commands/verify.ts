@@ -26,8 +26,8 @@ export function registerVerify(program: Command): void {
       `
 Damaged chunks are reported with every checkpoint and disk range that uses them, and marked in the
 index: 'bkfs list' shows those checkpoints as DAMAGED, and the next backup that reads the same data
-stores it again and heals them. Marking needs the writer lock: verify fails with exit code 7
-(REPO_LOCKED) while a backup, forget or gc runs (see --retry-lock), unless --read-only (or this
+stores it again and heals them. Marking needs the maintenance lock: verify fails with exit code 7
+(REPO_LOCKED) while a forget or gc runs (see --retry-lock), unless --read-only (or this
 user may not write the repository: then it only reads). Exit code 16 when anything is damaged or
 differs from its source; with --source, exit code 24 when a source image no longer exists (and
 nothing is damaged).
