@@ -72,13 +72,13 @@ export function crashPoint(step: string): void {
 
 /**
  * Test-only pause (`BKFS_TEST_PAUSE_AT=step`, `BKFS_TEST_PAUSE_FILE=F`): create `F.paused`, then
- * wait until `F.resume` exists (at most a minute). Lets race tests start a real second process at
+ * wait until `F.resume` exists (at most a minute, or `BKFS_TEST_PAUSE_MS`). Lets race tests start a real second process at
  * an exact point of a real first one (e.g. a mount between forget's two transactions).
  */
 function pauseHere(file: string | undefined): void {
   if (!file) return;
   fs.writeFileSync(`${file}.paused`, String(process.pid));
-  const end = Date.now() + 60_000;
+  const end = Date.now() + Number(process.env.BKFS_TEST_PAUSE_MS ?? 60_000);
   const cell = new Int32Array(new SharedArrayBuffer(4));
   while (!fs.existsSync(`${file}.resume`) && Date.now() < end) Atomics.wait(cell, 0, 0, 20);
 }

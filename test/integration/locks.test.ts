@@ -4,7 +4,14 @@
  *     (left by a holder killed with SIGKILL, or an older bkfs's PID lock file of a dead process),
  *     many rounds: exactly one proceeds each time, and the killed holder's lock is free at once;
  *   - every command that writes the index (verify, protect, unprotect, forget, gc, backup, repair)
- *     refuses with REPO_LOCKED while another process holds the lock, and changes nothing;
+ *     refuses with REPO_LOCKED while another process holds the lock exclusively (as a rebuild or a
+ *     format migration does), and changes nothing;
+ *   - concurrent writers (format 3): while a real backup is stopped holding the lock shared (right
+ *     before its commit), another VM's backup, forget, gc, protect and verify all run (no more
+ *     exit 7); a second backup of the same VM and `repair --rebuild-index` refuse with REPO_LOCKED
+ *     naming the backup; the stopped backup then commits intact. Maintenance commands are one at
+ *     a time: while a process holds `maint-lock`, gc/forget/protect/verify/repair refuse and a
+ *     backup runs;
  *   - a corrupt `gc-pending.json` or pin file makes gc/forget fail with REPO_CORRUPT (exit 27),
  *     never read as "nothing pending" or "no pin";
  *   - a forget racing a real FUSE mount of the same checkpoint, many rounds (with forget stopped at
@@ -18,6 +25,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { bkfs, bkfsOk } from '../helpers/cli';
+import { assertCheckpointEquals } from '../helpers/compare';
 import { randomBuffer } from '../helpers/images';
 import { EXIT_CODES } from '../../src/cli/exit-codes';
 import { writerLockHolder } from '../../src/repo/lock';
@@ -62,13 +70,14 @@ function copyRepo(name: string): string {
 const CONTENDER = `
 const { acquireWriterLock } = require(${JSON.stringify(LOCK_JS)});
 const dir = process.argv[2];
+const file = process.argv[3]; // another lock file (maint-lock), default the writer lock
 let held;
 require('node:readline').createInterface({ input: process.stdin }).on('line', (line) => {
   const [cmd, at] = line.split(' ');
   if (cmd !== 'go') return;
   while (Date.now() < Number(at)) {} // every contender starts at the same instant
   try {
-    held = acquireWriterLock(dir, 'race ' + process.pid);
+    held = acquireWriterLock(dir, 'race ' + process.pid, file ? { file } : {});
     process.stdout.write('got\\n');
   } catch (e) {
     process.stdout.write('locked ' + (e.code || e.message) + '\\n');
@@ -83,8 +92,10 @@ class Contender {
   private waiting: ((line: string) => void)[] = [];
   private lines: string[] = [];
 
-  constructor(script: string, repoDir: string) {
-    this.child = spawn(process.execPath, [script, repoDir], { stdio: ['pipe', 'pipe', 'pipe'] });
+  constructor(script: string, repoDir: string, file?: string) {
+    this.child = spawn(process.execPath, [script, repoDir, ...(file ? [file] : [])], {
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
     this.child.stdout.on('data', (d: Buffer) => {
       this.buf += d.toString();
       let i: number;
@@ -126,8 +137,8 @@ class Contender {
   }
 }
 
-async function contender(script: string, repoDir: string): Promise<Contender> {
-  const c = new Contender(script, repoDir);
+async function contender(script: string, repoDir: string, file?: string): Promise<Contender> {
+  const c = new Contender(script, repoDir, file);
   assert.equal(await c.line(), 'ready');
   return c;
 }
@@ -213,6 +224,81 @@ describe('the writer lock', () => {
     } finally {
       await holder.kill9();
     }
+  });
+
+  it('concurrent writers: backups share the lock with backups, forget and gc; what must be alone still is', async () => {
+    const repoDir = copyRepo('shared');
+    const pause = path.join(work, 'shared-pause');
+    const img2 = path.join(work, 'disk2.raw');
+    fs.writeFileSync(img2, Buffer.concat([randomBuffer(11, 4 * MiB), randomBuffer(12, 4 * MiB)]));
+    // A real backup stopped right before its commit, holding the lock shared (and its session).
+    const first = spawn(
+      process.execPath,
+      [path.resolve(__dirname, '../../../bin/bkfs'), '-r', repoDir, 'backup', 'vm', '--disk', `vda=${img}`, '-c', 'two'],
+      {
+        env: { ...process.env, BKFS_TEST_PAUSE_AT: 'backup-after-manifest',
+          BKFS_TEST_PAUSE_FILE: pause,
+          BKFS_TEST_PAUSE_MS: '600000',
+        },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
+    );
+    let firstErr = '';
+    first.stderr.on('data', (d: Buffer) => (firstErr += d.toString()));
+    const firstDone = new Promise<number | null>((r) => first.on('close', (code) => r(code)));
+    try {
+      for (let i = 0; i < 600 && !fs.existsSync(`${pause}.paused`); i++) await sleep(100);
+      assert.ok(fs.existsSync(`${pause}.paused`), `the backup did not reach its commit: ${firstErr}`);
+      assert.deepEqual(writerLockHolder(repoDir), {}, 'held (shared): no single holder to name');
+      // Another VM's backup, and maintenance, run beside it (format 2 bkfs: exit 7 for all).
+      await bkfsOk(['-r', repoDir, 'backup', 'vm2', '--disk', `vda=${img2}`, '-l', 'full', '-c', 'one']);
+      await bkfsOk(['-r', repoDir, 'protect', 'vm@cp']);
+      await bkfsOk(['-r', repoDir, 'unprotect', 'vm@cp']);
+      await bkfsOk(['-r', repoDir, 'gc', '--max-unused', '0']);
+      await bkfsOk(['-r', repoDir, 'forget', 'vm2', '--keep-last', '1']);
+      await bkfsOk(['-r', repoDir, 'verify']);
+      // A second backup of the same VM, and a rebuild (needs the repository alone), refuse.
+      const same = await bkfs(['-r', repoDir, 'backup', 'vm', '--disk', `vda=${img}`, '-c', 'three']);
+      assert.equal(same.code, EXIT_CODES.REPO_LOCKED, same.stderr);
+      assert.match(same.stderr, new RegExp(`VM 'vm' is being backed up by another process \\(pid ${first.pid}\\)`));
+      const rebuild = await bkfs(['-r', repoDir, 'repair', '--rebuild-index']);
+      assert.equal(rebuild.code, EXIT_CODES.REPO_LOCKED, rebuild.stderr);
+      assert.match(rebuild.stderr, new RegExp(`locked by pid ${first.pid} on .*\\(backup vm, since`));
+      assert.equal(rebuild.stderr.trim().split('\n').length, 1, `one line: ${rebuild.stderr}`);
+    } finally {
+      fs.writeFileSync(`${pause}.resume`, '');
+    }
+    assert.equal(await firstDone, 0, firstErr);
+    const names = (JSON.parse((await bkfsOk(['-r', repoDir, 'list', '--json'])).stdout) as { vm: string; name: string }[])
+      .map((c) => `${c.vm}@${c.name}`)
+      .sort();
+    assert.deepEqual(names, ['vm2@one', 'vm@cp', 'vm@two']);
+    await bkfsOk(['-r', repoDir, 'gc', '--max-unused', '0']);
+    await bkfsOk(['-r', repoDir, 'verify']);
+    await assertCheckpointEquals(repoDir, 'vm@two', 'vda', img, 20);
+    await assertCheckpointEquals(repoDir, 'vm2@one', 'vda', img2, 20);
+    await bkfsOk(['-r', repoDir, 'repair', '--rebuild-index']); // alone now: runs
+  });
+
+  it('maintenance commands run one at a time; a backup runs beside one', async () => {
+    const repoDir = copyRepo('maint');
+    const script = path.join(work, 'contender.js');
+    fs.writeFileSync(script, CONTENDER);
+    const holder = await contender(script, repoDir, 'maint-lock');
+    try {
+      holder.go(0);
+      assert.equal(await holder.line(), 'got');
+      for (const args of [['verify'], ['protect', 'vm@cp'], ['forget', 'vm@cp'], ['gc'], ['repair', '--manifests']]) {
+        const r = await bkfs(['-r', repoDir, ...args]);
+        assert.equal(r.code, EXIT_CODES.REPO_LOCKED, `${args.join(' ')}: ${r.stderr}`);
+        assert.match(r.stderr, new RegExp(`locked by pid ${holder.pid} on .*\\(race ${holder.pid}, since`));
+      }
+      await bkfsOk(['-r', repoDir, 'backup', 'vm', '--disk', `vda=${img}`, '-c', 'beside']);
+    } finally {
+      await holder.kill9();
+    }
+    await bkfsOk(['-r', repoDir, 'verify']);
+    await assertCheckpointEquals(repoDir, 'vm@beside', 'vda', img, 10);
   });
 });
 
