@@ -328,7 +328,9 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
         const name = opts.checkpoint ?? nextCheckpointName(repo, opts.vm);
         const vm = ensureVm(db, opts.vm);
         const busy = db
-          .prepare("SELECT writer FROM checkpoints WHERE vm_id = ? AND state = 'running' AND writer IS NOT NULL")
+          .prepare(
+            "SELECT writer FROM checkpoints WHERE vm_id = ? AND state = 'running' AND writer IS NOT NULL",
+          )
           .all(vm.id) as { writer: string }[];
         const other = busy.find((b) => b.writer !== repo.session && sessionLive(repo.dir, b.writer));
         if (other) {
@@ -442,7 +444,9 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
         bytesRead += r.read;
         bytesZero += r.zero;
         db.transaction(() =>
-          db.prepare('UPDATE disks SET bytes_read = ?, bytes_zero = ? WHERE id = ?').run(r.read, r.zero, d.diskId),
+          db
+            .prepare('UPDATE disks SET bytes_read = ?, bytes_zero = ? WHERE id = ?')
+            .run(r.read, r.zero, d.diskId),
         ).immediate();
         if (stats) {
           stats.ingestMs += performance.now() - tIngest;

@@ -27,7 +27,8 @@ function maxExisting(db: Database.Database, kind: IdKind): number {
  * (`reserveIds` opens one).
  */
 export function reserveIdsInTx(db: Database.Database, kind: IdKind, n: number): number {
-  const row = db.prepare('SELECT next FROM counters WHERE name = ?').get(kind) as { next: number } | undefined;
+  const row = db.prepare('SELECT next FROM counters WHERE name = ?').get(kind) as
+    { next: number } | undefined;
   const start = Math.max(row?.next ?? 1, maxExisting(db, kind) + 1);
   db.prepare('INSERT OR REPLACE INTO counters (name, next) VALUES (?, ?)').run(kind, start + n);
   return start;

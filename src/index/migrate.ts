@@ -109,6 +109,8 @@ export function migrateToV3(repo: Repository): boolean {
 /** Does this repository need a migration (index or config older than this bkfs writes)? */
 export function needsMigration(repo: Repository): boolean {
   if (indexFormat(repo.db) < 3) return true;
-  const raw = JSON.parse(fs.readFileSync(path.join(repo.dir, 'bkfs-repo.json'), 'utf8')) as { format?: unknown };
+  const raw = JSON.parse(fs.readFileSync(path.join(repo.dir, 'bkfs-repo.json'), 'utf8')) as {
+    format?: unknown;
+  };
   return typeof raw.format !== 'number' || raw.format < 3;
 }

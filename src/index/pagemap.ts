@@ -192,17 +192,19 @@ export class DiskMapWriter {
     this.pendingRows = 0;
     // Ids first (they may need a transaction of their own, `ids.ts`), then one short write.
     const ids = pages.map(() => this.allocPageId());
-    this.db.transaction(() => {
-      for (let i = 0; i < pages.length; i++) {
-        const pg = pages[i]!;
-        const pageId = ids[i]!;
-        this.insPage.run(this.diskId, pg.pageNo, pageId);
-        for (const r of pg.rows) {
-          this.insExtent.run(pageId, r.offset, r.length, r.chunkId, r.chunkOff, r.origin);
+    this.db
+      .transaction(() => {
+        for (let i = 0; i < pages.length; i++) {
+          const pg = pages[i]!;
+          const pageId = ids[i]!;
+          this.insPage.run(this.diskId, pg.pageNo, pageId);
+          for (const r of pg.rows) {
+            this.insExtent.run(pageId, r.offset, r.length, r.chunkId, r.chunkOff, r.origin);
+          }
+          this.extentsWritten += pg.rows.length;
         }
-        this.extentsWritten += pg.rows.length;
-      }
-    }).immediate();
+      })
+      .immediate();
   }
 
   /** Close the last page, write everything, and share the base's untouched pages. */
@@ -235,22 +237,24 @@ export class DiskMapWriter {
         );
       }
     }
-    this.db.transaction(() => {
-      for (const r of rows) {
-        if (touched.has(r.page_no)) continue;
-        const entry = baseSums.find(r.page_no);
-        if (!entry) {
-          const start = r.page_no * this.pageSpan;
-          throw new BkfsError(
-            'DATA_DAMAGED',
-            `the base checkpoint's block map is damaged at bytes ${start}-${start + this.pageSpan} (page without digest): take a full backup (--level full)`,
-          );
+    this.db
+      .transaction(() => {
+        for (const r of rows) {
+          if (touched.has(r.page_no)) continue;
+          const entry = baseSums.find(r.page_no);
+          if (!entry) {
+            const start = r.page_no * this.pageSpan;
+            throw new BkfsError(
+              'DATA_DAMAGED',
+              `the base checkpoint's block map is damaged at bytes ${start}-${start + this.pageSpan} (page without digest): take a full backup (--level full)`,
+            );
+          }
+          this.insPage.run(this.diskId, r.page_no, r.page_id);
+          sums.push(entry);
         }
-        this.insPage.run(this.diskId, r.page_no, r.page_id);
-        sums.push(entry);
-      }
-      writeDiskSums(this.db, this.diskId, disk.virtual_size, this.pageSpan, sums);
-    }).immediate();
+        writeDiskSums(this.db, this.diskId, disk.virtual_size, this.pageSpan, sums);
+      })
+      .immediate();
   }
 }
 

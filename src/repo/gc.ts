@@ -184,7 +184,8 @@ function readPending(repoDir: string): PendingPack[] {
         Number.isSafeInteger(p.size) &&
         Array.isArray(p.pins) &&
         p.pins.every((f) => typeof f === 'string') &&
-        (p.writers === undefined || (Array.isArray(p.writers) && p.writers.every((f) => typeof f === 'string'))),
+        (p.writers === undefined ||
+          (Array.isArray(p.writers) && p.writers.every((f) => typeof f === 'string'))),
     );
   if (!ok) throw pendingCorrupt(file, 'not a list of packs');
   return packs as PendingPack[];
@@ -291,7 +292,10 @@ export function gcMarks(db: Database.Database): GcMark[] {
     time: number;
     sessions: string | null;
   }[];
-  return rows.map((r) => ({ ...r, sessions: r.sessions === null ? null : (JSON.parse(r.sessions) as string[]) }));
+  return rows.map((r) => ({
+    ...r,
+    sessions: r.sessions === null ? null : (JSON.parse(r.sessions) as string[]),
+  }));
 }
 
 /**
@@ -355,7 +359,10 @@ function markAndSweep(
   repo: Repository,
   pins: PinState,
   own: string | undefined,
-): Pick<GcReport, 'checkpointsRemoved' | 'checkpointsPinned' | 'chunksRemoved' | 'chunkBytesRemoved' | 'chunksWaiting'> {
+): Pick<
+  GcReport,
+  'checkpointsRemoved' | 'checkpointsPinned' | 'chunksRemoved' | 'chunkBytesRemoved' | 'chunksWaiting'
+> {
   const db = repo.db;
   const others = (): string[] =>
     liveSessions(repo.dir)
@@ -371,12 +378,24 @@ function markAndSweep(
   }
   const live = (sname: string) => sessionLive(repo.dir, sname);
   // Ended writers stay ended: deciding this before the transaction is safe.
-  const deletable = new Set(gcMarks(db).filter((m) => markDeletable(m, live, own)).map((m) => m.gen));
-  const out = { checkpointsRemoved: 0, checkpointsPinned: 0, chunksRemoved: 0, chunkBytesRemoved: 0, chunksWaiting: 0 };
+  const deletable = new Set(
+    gcMarks(db)
+      .filter((m) => markDeletable(m, live, own))
+      .map((m) => m.gen),
+  );
+  const out = {
+    checkpointsRemoved: 0,
+    checkpointsPinned: 0,
+    chunksRemoved: 0,
+    chunkBytesRemoved: 0,
+    chunksWaiting: 0,
+  };
   const gen = db
     .transaction((): number => {
       const gone = (
-        db.prepare("SELECT id FROM checkpoints WHERE state IN ('forgotten', 'failed')").all() as { id: number }[]
+        db.prepare("SELECT id FROM checkpoints WHERE state IN ('forgotten', 'failed')").all() as {
+          id: number;
+        }[]
       ).map((r) => r.id);
       const removable = gone.filter((id) => !pins.ids.has(id));
       out.checkpointsRemoved = removable.length;
@@ -440,7 +459,8 @@ function markAndSweep(
 }
 
 function countWaiting(db: Database.Database): number {
-  return (db.prepare('SELECT count(*) AS n FROM chunks WHERE candidate IS NOT NULL').get() as { n: number }).n;
+  return (db.prepare('SELECT count(*) AS n FROM chunks WHERE candidate IS NOT NULL').get() as { n: number })
+    .n;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -604,7 +624,14 @@ function packInfos(db: Database.Database, pinnedChunks: Set<number>): PackInfo[]
   }[];
   const byId = new Map<number, PackInfo>();
   for (const p of packs) {
-    byId.set(p.id, { ...p, chunks: 0, live: PACK_HEADER_LEN, damaged: false, pinned: false, candidates: false });
+    byId.set(p.id, {
+      ...p,
+      chunks: 0,
+      live: PACK_HEADER_LEN,
+      damaged: false,
+      pinned: false,
+      candidates: false,
+    });
   }
   const st = db.prepare(
     'SELECT id, pack_id AS pack, stored_len AS len, damaged, candidate IS NOT NULL AS cand FROM chunks',
@@ -741,7 +768,9 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
     if (!o.dryRun && deadPacks.length > 0) {
       db.transaction(() => {
         // Re-checked inside: a pack row never gains chunks (writers insert a pack with its chunks).
-        const del = db.prepare('DELETE FROM packs WHERE id = ? AND NOT EXISTS (SELECT 1 FROM chunks WHERE pack_id = ?)');
+        const del = db.prepare(
+          'DELETE FROM packs WHERE id = ? AND NOT EXISTS (SELECT 1 FROM chunks WHERE pack_id = ?)',
+        );
         for (const p of deadPacks) del.run(p.id, p.id);
       }).immediate();
       // No pinned reader reads a dead pack (its chunks are used by no pinned checkpoint).

@@ -234,9 +234,21 @@ describe('the writer lock', () => {
     // A real backup stopped right before its commit, holding the lock shared (and its session).
     const first = spawn(
       process.execPath,
-      [path.resolve(__dirname, '../../../bin/bkfs'), '-r', repoDir, 'backup', 'vm', '--disk', `vda=${img}`, '-c', 'two'],
+      [
+        path.resolve(__dirname, '../../../bin/bkfs'),
+        '-r',
+        repoDir,
+        'backup',
+        'vm',
+        '--disk',
+        `vda=${img}`,
+        '-c',
+        'two',
+      ],
       {
-        env: { ...process.env, BKFS_TEST_PAUSE_AT: 'backup-after-manifest',
+        env: {
+          ...process.env,
+          BKFS_TEST_PAUSE_AT: 'backup-after-manifest',
           BKFS_TEST_PAUSE_FILE: pause,
           BKFS_TEST_PAUSE_MS: '600000',
         },
@@ -260,7 +272,10 @@ describe('the writer lock', () => {
       // A second backup of the same VM, and a rebuild (needs the repository alone), refuse.
       const same = await bkfs(['-r', repoDir, 'backup', 'vm', '--disk', `vda=${img}`, '-c', 'three']);
       assert.equal(same.code, EXIT_CODES.REPO_LOCKED, same.stderr);
-      assert.match(same.stderr, new RegExp(`VM 'vm' is being backed up by another process \\(pid ${first.pid}\\)`));
+      assert.match(
+        same.stderr,
+        new RegExp(`VM 'vm' is being backed up by another process \\(pid ${first.pid}\\)`),
+      );
       const rebuild = await bkfs(['-r', repoDir, 'repair', '--rebuild-index']);
       assert.equal(rebuild.code, EXIT_CODES.REPO_LOCKED, rebuild.stderr);
       assert.match(rebuild.stderr, new RegExp(`locked by pid ${first.pid} on .*\\(backup vm, since`));
@@ -269,7 +284,9 @@ describe('the writer lock', () => {
       fs.writeFileSync(`${pause}.resume`, '');
     }
     assert.equal(await firstDone, 0, firstErr);
-    const names = (JSON.parse((await bkfsOk(['-r', repoDir, 'list', '--json'])).stdout) as { vm: string; name: string }[])
+    const names = (
+      JSON.parse((await bkfsOk(['-r', repoDir, 'list', '--json'])).stdout) as { vm: string; name: string }[]
+    )
       .map((c) => `${c.vm}@${c.name}`)
       .sort();
     assert.deepEqual(names, ['vm2@one', 'vm@cp', 'vm@two']);
@@ -288,7 +305,13 @@ describe('the writer lock', () => {
     try {
       holder.go(0);
       assert.equal(await holder.line(), 'got');
-      for (const args of [['verify'], ['protect', 'vm@cp'], ['forget', 'vm@cp'], ['gc'], ['repair', '--manifests']]) {
+      for (const args of [
+        ['verify'],
+        ['protect', 'vm@cp'],
+        ['forget', 'vm@cp'],
+        ['gc'],
+        ['repair', '--manifests'],
+      ]) {
         const r = await bkfs(['-r', repoDir, ...args]);
         assert.equal(r.code, EXIT_CODES.REPO_LOCKED, `${args.join(' ')}: ${r.stderr}`);
         assert.match(r.stderr, new RegExp(`locked by pid ${holder.pid} on .*\\(race ${holder.pid}, since`));

@@ -89,7 +89,11 @@ function backupOf(i: number, tag: string): Proc {
 }
 
 /** forget + gc over and over until `stop` resolves; returns how many gc runs completed. */
-async function maintenanceLoop(stop: Promise<unknown>, forget: boolean, onProc?: (p: Proc) => void): Promise<number> {
+async function maintenanceLoop(
+  stop: Promise<unknown>,
+  forget: boolean,
+  onProc?: (p: Proc) => void,
+): Promise<number> {
   let stopped = false;
   void stop.then(() => (stopped = true));
   let gcs = 0;
@@ -142,7 +146,9 @@ function assertExactDedup(): void {
       h: number;
     };
     assert.equal(c.n, c.h, 'a chunk hash has more than one row');
-    const cand = db.prepare('SELECT count(*) AS n FROM chunks WHERE candidate IS NOT NULL').get() as { n: number };
+    const cand = db.prepare('SELECT count(*) AS n FROM chunks WHERE candidate IS NOT NULL').get() as {
+      n: number;
+    };
     assert.equal(cand.n, 0, 'deletion candidates left after a gc alone');
     const used = db
       .prepare(

@@ -62,7 +62,12 @@ async function storeChunk(r: Repository, data: Buffer): Promise<{ id: number; cw
 }
 
 /** A running checkpoint of `vm` whose one disk holds `data` in chunk `chunkId`; returns its id. */
-function runningCheckpoint(r: Repository, vm: string, chunkId: number, data: Buffer): { cp: number; disk: number } {
+function runningCheckpoint(
+  r: Repository,
+  vm: string,
+  chunkId: number,
+  data: Buffer,
+): { cp: number; disk: number } {
   const db = r.db;
   return db
     .transaction(() => {
@@ -78,7 +83,9 @@ function runningCheckpoint(r: Repository, vm: string, chunkId: number, data: Buf
       db.prepare('UPDATE checkpoints SET chain_id = ? WHERE id = ?').run(cp, cp);
       const disk = Number(
         db
-          .prepare("INSERT INTO disks (checkpoint_id, name, virtual_size, format) VALUES (?, 'vda', ?, 'raw')")
+          .prepare(
+            "INSERT INTO disks (checkpoint_id, name, virtual_size, format) VALUES (?, 'vda', ?, 'raw')",
+          )
           .run(cp, data.length).lastInsertRowid,
       );
       return { cp, disk };
@@ -100,7 +107,10 @@ function commit(r: Repository, cp: number): void {
 function chunkRows(dir: string): { id: number; candidate: number | null }[] {
   const r = Repository.open(dir, { readOnly: true });
   try {
-    return r.db.prepare('SELECT id, candidate FROM chunks ORDER BY id').all() as { id: number; candidate: number | null }[];
+    return r.db.prepare('SELECT id, candidate FROM chunks ORDER BY id').all() as {
+      id: number;
+      candidate: number | null;
+    }[];
   } finally {
     r.close();
   }
@@ -109,7 +119,9 @@ function chunkRows(dir: string): { id: number; candidate: number | null }[] {
 function extentChunks(dir: string): number[] {
   const r = Repository.open(dir, { readOnly: true });
   try {
-    return (r.db.prepare('SELECT chunk_id AS c FROM extents ORDER BY page_id').all() as { c: number }[]).map((x) => x.c);
+    return (r.db.prepare('SELECT chunk_id AS c FROM extents ORDER BY page_id').all() as { c: number }[]).map(
+      (x) => x.c,
+    );
   } finally {
     r.close();
   }
