@@ -4,13 +4,43 @@
  *   bench/results/<date>-<mode>.md, .json, .svg   and   bench/results/latest-<mode>.md, .svg
  *
  *   node dist/bench/report.js --mode small|full --compare FILE --engine FILE --results DIR
- *                             [--started EPOCH_SECONDS]
+ *                             [--parallel FILE] [--started EPOCH_SECONDS]
+ * `--parallel`: bench/parallel.ts's JSON (many backups into one repository), a table of its own.
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { arg, errMsg, sh } from './lib/common';
 import { renderMarkdown, renderSvg, type CompareResult, type EngineResult, type Report } from './lib/report';
+
+interface ParallelResult {
+  vms: number;
+  sizeMiB: number;
+  shared: number;
+  runs: number;
+  loadAvg: number;
+  backups: { parallel: number; medianSecs: number; speedup: number }[];
+  gc: { aloneMedianSecs: number; besideBackupsMedianSecs: number };
+}
+
+/** The row group of bench/parallel.ts: total time of N backups by processes at once; gc. */
+function renderParallel(p: ParallelResult): string {
+  const rows = p.backups.map(
+    (b) =>
+      `| ${b.parallel === 1 ? '1 (one after another)' : b.parallel} | ${b.medianSecs.toFixed(1)} | ${b.speedup.toFixed(2)} |`,
+  );
+  return [
+    '',
+    `## Many backups into one repository (${p.vms} VMs x ${p.sizeMiB} MiB, ${Math.round(p.shared * 100)} % shared data; median of ${p.runs}; load ${p.loadAvg.toFixed(1)})`,
+    '',
+    '| backups at once | total s | speed-up |',
+    '| --- | --- | --- |',
+    ...rows,
+    '',
+    `gc (\`--max-unused 0\`): alone ${p.gc.aloneMedianSecs.toFixed(1)} s, beside 4 running backups ${p.gc.besideBackupsMedianSecs.toFixed(1)} s.`,
+    '',
+  ].join('\n');
+}
 
 function readJson<T>(file: string): T | null {
   try {
@@ -37,6 +67,7 @@ async function main(): Promise<void> {
   const resultsDir = path.resolve(arg('results', path.join(__dirname, '../../bench/results')));
   const compare = readJson<CompareResult>(arg('compare', ''));
   const engine = readJson<EngineResult>(arg('engine', ''));
+  const parallel = readJson<ParallelResult>(arg('parallel', ''));
   const started = Number(arg('started', '0'));
   const cpuinfo = fs.readFileSync('/proc/cpuinfo', 'utf8');
   const osRelease = fs.existsSync('/etc/os-release') ? fs.readFileSync('/etc/os-release', 'utf8') : '';
@@ -85,14 +116,15 @@ async function main(): Promise<void> {
     fs.writeFileSync(f, text);
     files.push(f);
   };
-  write(`${stem}.json`, JSON.stringify(report, null, 2) + '\n');
+  write(`${stem}.json`, JSON.stringify(parallel ? { ...report, parallel } : report, null, 2) + '\n');
   if (compare) {
     const svg = renderSvg(compare, title);
     write(`${stem}.svg`, svg);
     write(`latest-${mode}.svg`, svg);
   }
-  write(`${stem}.md`, renderMarkdown(report, compare ? `${stem}.svg` : null));
-  write(`latest-${mode}.md`, renderMarkdown(report, compare ? `latest-${mode}.svg` : null));
+  const par = parallel ? renderParallel(parallel) : '';
+  write(`${stem}.md`, renderMarkdown(report, compare ? `${stem}.svg` : null) + par);
+  write(`latest-${mode}.md`, renderMarkdown(report, compare ? `latest-${mode}.svg` : null) + par);
   for (const f of files) process.stdout.write(`${f}\n`);
 }
 
