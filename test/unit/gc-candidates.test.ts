@@ -14,7 +14,9 @@
  *   - two writers storing the same new chunk at once: one chunk row, the second writer's extents
  *     re-pointed to it (`applyRemap`), nothing dangling;
  *   - recovery deletes a `running` checkpoint only once its writer's session is gone;
- *   - `markDeletable` (pure).
+ *   - `markDeletable` (pure);
+ *   - a format-2 repository (the format-3 additions dropped again) is read as it is and migrated
+ *     to format 3 by the first writer.
  */
 import { describe, it, before, after } from 'node:test';
 import * as assert from 'node:assert/strict';
@@ -32,6 +34,8 @@ import { commitCheckpoint } from '../../src/repo/manifest';
 import { markDeletable, runGc } from '../../src/repo/gc';
 import { CheckpointReader } from '../../src/chain/reader';
 import { randomBuffer } from '../helpers/images';
+import Database from 'better-sqlite3';
+import { indexFormat } from '../../src/index/migrate';
 
 const CHUNK = 65536;
 let work: string;
@@ -262,5 +266,35 @@ describe('gc deletion candidates beside running writers', () => {
     assert.equal(markDeletable({ gen: 1, time: 0, sessions: ['3-c', '1-a'] }, isLive), false);
     assert.equal(markDeletable({ gen: 1, time: 0, sessions: ['1-a'] }, isLive, '1-a'), true, 'not its own');
     assert.equal(markDeletable({ gen: 1, time: 0, sessions: null }, isLive), false, 'writers never recorded');
+  });
+
+  it('a format-2 repository is read as it is and migrated to format 3 by the first writer', async () => {
+    const dir = newRepo();
+    const data = randomBuffer(5, CHUNK);
+    const w = writer(dir, 'a');
+    const { id } = await storeChunk(w, data);
+    const { cp, disk } = runningCheckpoint(w, 'a', id, data);
+    writeMap(w, disk, id, data);
+    commit(w, cp);
+    w.close();
+    // Back to format 2: what format 3 added, removed.
+    const db = new Database(path.join(dir, 'index.db'));
+    db.exec(`DROP INDEX chunks_candidates; DROP INDEX chunks_by_hash; ALTER TABLE chunks DROP COLUMN candidate;
+             CREATE UNIQUE INDEX chunks_by_hash ON chunks (hash) WHERE damaged = 0;
+             ALTER TABLE checkpoints DROP COLUMN writer; DROP TABLE gc_marks; DROP TABLE counters;
+             UPDATE meta SET value = '2' WHERE key = 'format';`);
+    db.close();
+    const cfgPath = path.join(dir, 'bkfs-repo.json');
+    const cfg = JSON.parse(fs.readFileSync(cfgPath, 'utf8')) as { format: number };
+    fs.writeFileSync(cfgPath, JSON.stringify({ ...cfg, format: 2 }));
+    assert.ok((await readBack(dir, 'a@c1', CHUNK)).equals(data), 'read as format 2');
+    const r = Repository.open(dir);
+    assert.equal(indexFormat(r.db), 2, 'a reader does not migrate');
+    r.lockWriter('gc');
+    assert.equal(indexFormat(r.db), 3);
+    r.close();
+    assert.equal((JSON.parse(fs.readFileSync(cfgPath, 'utf8')) as { format: number }).format, 3);
+    assert.equal((await gc(dir)).chunksRemoved, 0);
+    assert.ok((await readBack(dir, 'a@c1', CHUNK)).equals(data), 'read as format 3');
   });
 });
