@@ -34,5 +34,7 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   SOURCE_UNSAFE: 25,
   TARGET_MISMATCH: 26,
   REPO_CORRUPT: 27,
+  JOB_INVALID: 29,
+  JOB_PARTIAL: 30,
   INTERRUPTED: 130,
 };
