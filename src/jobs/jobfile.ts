@@ -185,6 +185,11 @@ export function keyLine(text: string, p: readonly PropertyKey[]): number | undef
   const key = rest[0];
   if (typeof key !== 'string') return undefined;
   for (let i = start; i < end; i++) if (keyRe(key).test(lines[i]!)) return i + 1;
+  if (p.length === 1) {
+    // A table's own problem: the line of its header.
+    const i = lines.findIndex((l) => headerRe.exec(l)?.[1] === key);
+    if (i >= 0) return i + 1;
+  }
   return undefined;
 }
 
@@ -208,7 +213,7 @@ export function parseJobFile(text: string, file: string): JobSpec {
     }
     throw e;
   }
-  const r = schema.safeParse(doc);
+  const r = schema.safeParse(doc, { reportInput: true });
   if (!r.success) {
     const issue = r.error.issues[0]!;
     if (issue.code === 'unrecognized_keys') {

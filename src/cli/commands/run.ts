@@ -33,17 +33,17 @@ export interface RunningLine {
 }
 
 export function renderRunning(rows: readonly RunningLine[], now: number, columns: number): string[] {
-  return rows.map((r) =>
-    r.total > 0
-      ? renderProgress({
-          label: `${r.vm} (${r.host}, ${r.level})`,
-          done: r.done,
-          total: r.total,
-          elapsedMs: now - r.startedMs,
-          columns,
-        })
-      : `${r.vm} (${r.host}, ${r.level}) starting, ${duration(now - r.startedMs)}`.slice(0, Math.max(1, columns - 1)),
-  );
+  const width = Math.max(1, columns - 1);
+  return rows.map((r) => {
+    // The VM's name always shows (shortened to half the line at most); the bar fits the rest.
+    let label = `${r.vm} (${r.host}, ${r.level})`;
+    if (label.length > width / 2) label = r.vm.slice(0, Math.max(1, Math.floor(width / 2)));
+    const rest =
+      r.total > 0
+        ? renderProgress({ label: '', done: r.done, total: r.total, elapsedMs: now - r.startedMs, columns: columns - label.length - 1 })
+        : `starting, ${duration(now - r.startedMs)}`;
+    return `${label} ${rest}`.slice(0, width);
+  });
 }
 
 /** The multi-line progress display on stderr (a terminal only, not with -q or CI). */
