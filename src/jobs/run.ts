@@ -62,7 +62,8 @@ export interface VmResult {
   checkpoint: string | null;
   started: number | null;
   finished: number | null;
-  durationMs: number | null;
+  /** 0 when no backup ran. */
+  durationMs: number;
   virtualSize: number | null;
   bytesRead: number | null;
   /** New data stored by this backup (compressed). */
@@ -295,7 +296,7 @@ function emptyResult(t: VmTask, result: VmOutcome): VmResult {
     checkpoint: null,
     started: null,
     finished: null,
-    durationMs: null,
+    durationMs: 0,
     virtualSize: null,
     bytesRead: null,
     storedBytes: null,

@@ -141,7 +141,7 @@ export function summaryTable(r: RunResult): string {
       v.vm ?? v.domain,
       v.level ?? (v.plannedLevel !== null ? (r.dryRun ? v.plannedLevel : `(${v.plannedLevel})`) : '-'),
       v.result,
-      cell(v.durationMs, duration),
+      v.started === null ? '-' : duration(v.durationMs),
       cell(v.bytesRead, bytes),
       cell(v.storedBytes, bytes),
       v.error ? `${v.error.code}: ${v.error.message}` : r.dryRun && v.levelReason ? v.levelReason : '',
@@ -173,7 +173,7 @@ function printSummary(r: RunResult, job: JobSpec, logPath: string | null): void 
 
 function endMessage(v: VmResult): string {
   return v.result === 'ok'
-    ? `${v.vm}: ${v.level} backup done in ${duration(v.durationMs ?? 0)}, ${bytes(v.storedBytes ?? 0)} new`
+    ? `${v.vm}: ${v.level} backup done in ${duration(v.durationMs)}, ${bytes(v.storedBytes ?? 0)} new`
     : `${v.vm ?? v.domain}: ${v.result}: ${v.error?.message ?? ''}`;
 }
 
