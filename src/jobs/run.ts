@@ -62,8 +62,10 @@ export interface VmResult {
   checkpoint: string | null;
   started: number | null;
   finished: number | null;
-  /** 0 when no backup ran. */
+  /** Wall time of the VM's child process (waiting for the lock included); 0 when none ran. */
   durationMs: number;
+  /** The backup's own time (the child's report), null when it did not succeed. */
+  backupMs: number | null;
   virtualSize: number | null;
   bytesRead: number | null;
   /** New data stored by this backup (compressed). */
@@ -297,6 +299,7 @@ function emptyResult(t: VmTask, result: VmOutcome): VmResult {
     started: null,
     finished: null,
     durationMs: 0,
+    backupMs: null,
     virtualSize: null,
     bytesRead: null,
     storedBytes: null,
@@ -343,7 +346,7 @@ async function backupOne(job: JobSpec, t: VmTask, o: RunOptions): Promise<VmResu
       res.virtualSize = j.virtualSize;
       res.bytesRead = j.bytesRead;
       res.storedBytes = j.chunks.newStoredBytes;
-      res.durationMs = j.durationMs;
+      res.backupMs = j.durationMs;
     } catch (e) {
       res.error = { code: 'CHILD_FAILED', exitCode: 0, message: `unreadable report of bkfs backup: ${errorMessage(e)}` };
     }

@@ -40,6 +40,7 @@ const vmSchema = obj({
   started: nullable(time),
   finished: nullable(time),
   durationMs: int,
+  backupMs: nullable(int),
   virtualSize: nullable(int),
   bytesRead: nullable(int),
   storedBytes: nullable(int),

@@ -315,6 +315,7 @@ describe('run display and summary', () => {
       storedBytes: 1 << 20,
       bytesRead: 4 << 20,
       durationMs: 1500,
+      backupMs: 1200,
       checkpoint: 'check2',
     };
     const r: RunResult = {
@@ -337,6 +338,7 @@ describe('run display and summary', () => {
           storedBytes: null,
           started: null,
           durationMs: 0,
+          backupMs: null,
           error: { code: 'SOURCE_NOT_FOUND', exitCode: null, message: "host kvm1 has no domain 'db9'" },
         },
       ],
@@ -350,5 +352,17 @@ describe('run display and summary', () => {
     assert.match(t[0]!, /^HOST\s+VM\s+LEVEL\s+RESULT\s+TIME\s+READ\s+STORED\s+ERROR$/);
     assert.match(t[1]!, /^kvm1\s+web-1\s+inc\s+ok\s+1\.5 s\s+4\.00 MiB\s+1\.00 MiB$/);
     assert.match(t[2]!, /^kvm1\s+db9\s+\(inc\)\s+failed\s+-\s+-\s+-\s+SOURCE_NOT_FOUND: host kvm1 has no domain 'db9'$/);
+  });
+});
+
+describe('shipped examples', () => {
+  it('examples/estate.toml is a valid job file', async () => {
+    const fs = await import('node:fs');
+    const path = await import('node:path');
+    const file = path.resolve(__dirname, '../../../examples/estate.toml');
+    const j = parseJobFile(fs.readFileSync(file, 'utf8'), file);
+    assert.equal(j.hosts.length, 2);
+    assert.equal(j.level.fullEveryDays, 30);
+    assert.equal(j.gc.enabled, true);
   });
 });
