@@ -227,17 +227,19 @@ export function parseJobFile(text: string, file: string): JobSpec {
     }
     const p = issue.path;
     const at = p.length > 0 ? `${pathText(p)}: ` : '';
-    const msg =
-      issue.code === 'invalid_type' && issue.input === undefined ? 'missing' : issueMessage(issue);
+    const msg = issue.code === 'invalid_type' && issue.input === undefined ? 'missing' : issueMessage(issue);
     throw invalid(file, keyLine(text, p), `${at}${msg}`);
   }
   return normalize(r.data, file, text);
 }
 
 function issueMessage(issue: z.core.$ZodIssue): string {
-  if (issue.code === 'invalid_value') return `must be one of ${issue.values.map((v) => JSON.stringify(v)).join(', ')}`;
-  if (issue.code === 'too_small' && issue.origin === 'number') return `must be at least ${String(issue.minimum)}`;
-  if (issue.code === 'too_big' && issue.origin === 'number') return `must be at most ${String(issue.maximum)}`;
+  if (issue.code === 'invalid_value')
+    return `must be one of ${issue.values.map((v) => JSON.stringify(v)).join(', ')}`;
+  if (issue.code === 'too_small' && issue.origin === 'number')
+    return `must be at least ${String(issue.minimum)}`;
+  if (issue.code === 'too_big' && issue.origin === 'number')
+    return `must be at most ${String(issue.maximum)}`;
   if (issue.code === 'invalid_type') {
     const got = issue.input === null ? 'null' : Array.isArray(issue.input) ? 'an array' : typeof issue.input;
     const want = issue.expected === 'int' ? 'a whole number' : `a ${issue.expected}`;
@@ -302,7 +304,8 @@ function normalize(raw: Raw, file: string, text: string): JobSpec {
       ['keep-yearly', 'keepYearly'],
     ] as const;
     for (const [k, key] of map) if (r[k] !== undefined) retention[key] = r[k];
-    if (r['keep-within'] !== undefined) retention.keepWithin = parseKeepWithin(r['keep-within']) as KeepWithin;
+    if (r['keep-within'] !== undefined)
+      retention.keepWithin = parseKeepWithin(r['keep-within']) as KeepWithin;
     if (Object.keys(retention).length === 0) {
       throw invalid(file, keyLine(text, ['retention']), 'retention: give at least one keep-* rule');
     }

@@ -137,7 +137,13 @@ export async function resolveTasks(job: JobSpec, log: (l: string) => void = () =
     job.hosts.map(async (h) => {
       try {
         const out = await new Virsh(h.uri).out(['list', '--all', '--name'], 60_000);
-        return { h, names: out.split('\n').map((l) => l.trim()).filter((l) => l !== '') };
+        return {
+          h,
+          names: out
+            .split('\n')
+            .map((l) => l.trim())
+            .filter((l) => l !== ''),
+        };
       } catch (e) {
         return { h, error: errorMessage(e) };
       }
@@ -153,13 +159,19 @@ export async function resolveTasks(job: JobSpec, log: (l: string) => void = () =
           ...base,
           domain: p,
           vm: null,
-          error: { code: 'HOST_UNREACHABLE', exitCode: null, message: `host ${h.name} unreachable: ${l.error}` },
+          error: {
+            code: 'HOST_UNREACHABLE',
+            exitCode: null,
+            message: `host ${h.name} unreachable: ${l.error}`,
+          },
         });
       }
       continue;
     }
     const sel = selectDomains(l.names, h.domains, h.exclude);
-    log(`host ${h.name} (${h.uri}): ${l.names.length} domain(s), selected ${sel.domains.join(', ') || 'none'}`);
+    log(
+      `host ${h.name} (${h.uri}): ${l.names.length} domain(s), selected ${sel.domains.join(', ') || 'none'}`,
+    );
     for (const d of sel.domains) {
       const vm = `${h.vmPrefix}${d}`;
       const t: VmTask = { ...base, domain: d, vm, error: null };
@@ -348,7 +360,11 @@ async function backupOne(job: JobSpec, t: VmTask, o: RunOptions): Promise<VmResu
       res.storedBytes = j.chunks.newStoredBytes;
       res.backupMs = j.durationMs;
     } catch (e) {
-      res.error = { code: 'CHILD_FAILED', exitCode: 0, message: `unreadable report of bkfs backup: ${errorMessage(e)}` };
+      res.error = {
+        code: 'CHILD_FAILED',
+        exitCode: 0,
+        message: `unreadable report of bkfs backup: ${errorMessage(e)}`,
+      };
     }
   } else {
     res.result = o.signal?.aborted ? 'interrupted' : 'failed';
@@ -391,8 +407,10 @@ export async function runJob(job: JobSpec, o: RunOptions = {}): Promise<RunResul
       results.push(emptyResult(t, 'planned'));
     }
   } else {
-    const sched = new Scheduler(runnable, job.concurrency, (h) =>
-      job.hosts.find((x) => x.name === h)!.concurrency,
+    const sched = new Scheduler(
+      runnable,
+      job.concurrency,
+      (h) => job.hosts.find((x) => x.name === h)!.concurrency,
     );
     await new Promise<void>((resolve) => {
       const pump = () => {
@@ -401,7 +419,11 @@ export async function runJob(job: JobSpec, o: RunOptions = {}): Promise<RunResul
           for (let t = sched.next(); t; t = sched.next()) {
             sched.finish(t);
             const r = emptyResult(t, 'interrupted');
-            r.error = { code: 'INTERRUPTED', exitCode: null, message: 'not started: the run was interrupted' };
+            r.error = {
+              code: 'INTERRUPTED',
+              exitCode: null,
+              message: 'not started: the run was interrupted',
+            };
             results.push(r);
             hooks.onEnd?.(r);
           }

@@ -98,9 +98,12 @@ describe('bkfs run: a job file for an estate', { skip: missing ?? false }, () =>
 
   const runJob = (...args: string[]) => bkfs(['run', jobFile, ...args]);
   const checkpoints = async (vm: string) =>
-    (JSON.parse((await bkfsOk(['-r', repo, 'list', vm, '--json'])).stdout) as { name: string; level: string }[]).map(
-      (c) => `${c.name}:${c.level}`,
-    );
+    (
+      JSON.parse((await bkfsOk(['-r', repo, 'list', vm, '--json'])).stdout) as {
+        name: string;
+        level: string;
+      }[]
+    ).map((c) => `${c.name}:${c.level}`);
   const row = (j: RunJson, domain: string) => {
     const r = j.vms.find((v) => v.domain === domain);
     assert.ok(r, `a row for ${domain}: ${JSON.stringify(j.vms)}`);
@@ -117,7 +120,12 @@ describe('bkfs run: a job file for an estate', { skip: missing ?? false }, () =>
     for (const [key, name] of Object.entries(names)) {
       const img = path.join(work, `${key}.qcow2`);
       await run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '16M']);
-      await qemuIo(img, 'qcow2', `write -P 0x${(0x10 + seed).toString(16)} 1M 2M`, `write -P 0x7${seed} 9M 300k`);
+      await qemuIo(
+        img,
+        'qcow2',
+        `write -P 0x${(0x10 + seed).toString(16)} 1M 2M`,
+        `write -P 0x7${seed} 9M 300k`,
+      );
       refs[key] = path.join(work, `${key}.ref.raw`);
       images[key] = img;
       await run('qemu-img', ['convert', '-O', 'raw', '-f', 'qcow2', img, refs[key]]);
@@ -189,9 +197,18 @@ domains = ["web*"]
       assert.match(r.stdout, new RegExp(`^local\\s+${n}\\s+full\\s+planned\\s.*no full yet$`, 'm'));
     }
     assert.match(r.stdout, new RegExp(`^second\\s+${names.db1}\\s+full\\s+planned\\s`, 'm'));
-    assert.match(r.stdout, new RegExp(`^second\\s+${prefix}-missing\\s+.*failed.*SOURCE_NOT_FOUND: host second has no domain`, 'm'));
+    assert.match(
+      r.stdout,
+      new RegExp(
+        `^second\\s+${prefix}-missing\\s+.*failed.*SOURCE_NOT_FOUND: host second has no domain`,
+        'm',
+      ),
+    );
     assert.match(r.stdout, /^gone\s+web\*\s+-\s+failed\s.*HOST_UNREACHABLE: host gone unreachable: /m);
-    assert.match(r.stdout, /dry run: 3 backup\(s\) would run, 2 cannot, then retention, then gc; nothing started/);
+    assert.match(
+      r.stdout,
+      /dry run: 3 backup\(s\) would run, 2 cannot, then retention, then gc; nothing started/,
+    );
     assert.match(r.stderr, /^bkfs: 2 of 5 VM backup\(s\) failed$/m);
     const list = JSON.parse((await bkfsOk(['-r', repo, 'list', '--json'])).stdout) as unknown[];
     assert.deepEqual(list, [], 'no checkpoint');
@@ -243,7 +260,10 @@ domains = ["web*"]
     assert.equal(fs.statSync(j.log!).mode & 0o777, 0o600);
     const text = fs.readFileSync(j.log!, 'utf8');
     for (const n of Object.values(names)) {
-      assert.match(text, new RegExp(`\\[${n}\\] start: bkfs -r \\S+ --retry-lock 5m backup ${n} --libvirt ${n} --connect `));
+      assert.match(
+        text,
+        new RegExp(`\\[${n}\\] start: bkfs -r \\S+ --retry-lock 5m backup ${n} --libvirt ${n} --connect `),
+      );
       assert.match(text, new RegExp(`\\[${n}\\] ok ${n}@check1 \\(full\\)`));
     }
     assert.match(text, /host gone unreachable/);
@@ -265,7 +285,10 @@ domains = ["web*"]
     assert.match(r2.stdout, /^log: \S+\.log$/m);
     await assertCheckpointEquals(repo, `${names.web1}@check2`, 'sda', refs.web1!);
     const web1 = (await bkfsOk(['-r', repo, 'list', names.web1, '--json'])).stdout;
-    assert.ok((JSON.parse(web1) as { bytesRead: number }[])[1]!.bytesRead <= 1 << 20, 'the inc read what changed');
+    assert.ok(
+      (JSON.parse(web1) as { bytesRead: number }[])[1]!.bytesRead <= 1 << 20,
+      'the inc read what changed',
+    );
 
     await doms[1]!.qemuIo('sda', 'write -P 0xb2 7M 128k');
     await qemuIo(refs.web2!, 'raw', 'write -P 0xb2 7M 128k');
@@ -279,7 +302,8 @@ domains = ["web*"]
     // keep-last 2: check1 of each VM forgotten; gc freed its data.
     assert.deepEqual(j3.retention, { ok: true, error: null, vms: j3.retention!.vms, removed: 3, kept: 6 });
     assert.equal(j3.gc?.ok, true);
-    for (const n of Object.values(names)) assert.deepEqual(await checkpoints(n), ['check2:inc', 'check3:full']);
+    for (const n of Object.values(names))
+      assert.deepEqual(await checkpoints(n), ['check2:inc', 'check3:full']);
     await assertCheckpointEquals(repo, `${names.web2}@check3`, 'sda', refs.web2!);
     await assertCheckpointEquals(repo, `${names.web1}@check2`, 'sda', refs.web1!);
     assert.equal(fs.readdirSync(logDir).length, 3, 'a log per run');
@@ -288,10 +312,16 @@ domains = ["web*"]
 
   it('a bad job file: one line with file:line, exit 29, nothing run', async () => {
     const bad = path.join(work, 'bad.toml');
-    fs.writeFileSync(bad, fs.readFileSync(jobFile, 'utf8').replace('keep-last = 2', 'keep-last = 2\nkeep-forever = true'));
+    fs.writeFileSync(
+      bad,
+      fs.readFileSync(jobFile, 'utf8').replace('keep-last = 2', 'keep-last = 2\nkeep-forever = true'),
+    );
     const r = await bkfs(['run', bad]);
     assert.equal(r.code, EXIT_CODES.JOB_INVALID);
-    assert.equal(r.stderr, `bkfs: ${bad}:14: retention.keep-forever: unknown key (known here: keep-last, keep-hourly, keep-daily, keep-weekly, keep-monthly, keep-yearly, keep-within)\n`);
+    assert.equal(
+      r.stderr,
+      `bkfs: ${bad}:14: retention.keep-forever: unknown key (known here: keep-last, keep-hourly, keep-daily, keep-weekly, keep-monthly, keep-yearly, keep-within)\n`,
+    );
     assert.equal(r.stdout, '');
     assert.equal(fs.readdirSync(logDir).length, 3, 'no log');
   });

@@ -74,7 +74,14 @@ describe('job file', () => {
       keepWeekly: 4,
       keepWithin: { years: 0, months: 0, days: 14, hours: 0 },
     });
-    assert.deepEqual(retentionArgs(j.retention!), ['--keep-daily', '7', '--keep-weekly', '4', '--keep-within', '14d']);
+    assert.deepEqual(retentionArgs(j.retention!), [
+      '--keep-daily',
+      '7',
+      '--keep-weekly',
+      '4',
+      '--keep-within',
+      '14d',
+    ]);
     assert.deepEqual(j.gc, { enabled: true, maxUnused: '10%' });
     assert.equal(j.hosts.length, 2);
     assert.deepEqual(j.hosts[0], {
@@ -99,33 +106,78 @@ describe('job file', () => {
   });
 
   it('an unknown key: its line, its path and the keys allowed there', () => {
-    invalid(GOOD.replace('vm-prefix = "kvm2-"', 'vm-prefix = "kvm2-"\nexclude_ = ["x"]'), /^estate\.toml:32: host\[1\]\.exclude_: unknown key \(known here: name, uri, domains/);
-    invalid(GOOD.replace('[gc]', 'compress = true\n[gc]'), /^estate\.toml:17: retention\.compress: unknown key/);
+    invalid(
+      GOOD.replace('vm-prefix = "kvm2-"', 'vm-prefix = "kvm2-"\nexclude_ = ["x"]'),
+      /^estate\.toml:32: host\[1\]\.exclude_: unknown key \(known here: name, uri, domains/,
+    );
+    invalid(
+      GOOD.replace('[gc]', 'compress = true\n[gc]'),
+      /^estate\.toml:17: retention\.compress: unknown key/,
+    );
     invalid(`repo = "x"\n${GOOD}`, /^estate\.toml:1: repo: unknown key \(known here: repository,/);
   });
 
   it('a bad level', () => {
-    invalid(GOOD.replace('mode = "auto"', 'mode = "weekly"'), /^estate\.toml:8: level\.mode: must be one of "auto", "full", "inc", "diff", "copy"$/);
-    invalid(GOOD.replace('mode = "auto"', 'mode = "full"'), /^estate\.toml:9: level\.full-every-days: only with mode = "auto"$/);
-    invalid(GOOD.replace('full-every-days = 30', 'full-every-days = 0'), /^estate\.toml:9: level\.full-every-days: must be at least 1$/);
+    invalid(
+      GOOD.replace('mode = "auto"', 'mode = "weekly"'),
+      /^estate\.toml:8: level\.mode: must be one of "auto", "full", "inc", "diff", "copy"$/,
+    );
+    invalid(
+      GOOD.replace('mode = "auto"', 'mode = "full"'),
+      /^estate\.toml:9: level\.full-every-days: only with mode = "auto"$/,
+    );
+    invalid(
+      GOOD.replace('full-every-days = 30', 'full-every-days = 0'),
+      /^estate\.toml:9: level\.full-every-days: must be at least 1$/,
+    );
   });
 
   it('bad keep values and numbers', () => {
-    invalid(GOOD.replace('keep-daily = 7', 'keep-daily = -1'), /^estate\.toml:13: retention\.keep-daily: must be at least 0$/);
-    invalid(GOOD.replace('keep-daily = 7', 'keep-daily = 2.5'), /^estate\.toml:13: retention\.keep-daily: must be a whole number, got 2\.5$/);
-    invalid(GOOD.replace('keep-daily = 7', 'keep-daily = "7"'), /^estate\.toml:13: retention\.keep-daily: must be a number, got string$/);
-    invalid(GOOD.replace('keep-within = "14d"', 'keep-within = "2 weeks"'), /^estate\.toml:15: retention\.keep-within: must be a span such as 14d/);
-    invalid(GOOD.replace('concurrency = 4', 'concurrency = 0'), /^estate\.toml:3: concurrency: must be at least 1$/);
-    invalid(GOOD.replace('retry-lock = "1h"', 'retry-lock = "soon"'), /^estate\.toml:5: retry-lock: must be a duration/);
-    invalid(GOOD.replace('max-unused = "10%"', 'max-unused = "lots"'), /^estate\.toml:19: gc\.max-unused: must be a percentage/);
-    invalid('repository = "r"\n[retention]\n[[host]]\ndomains = ["a"]\n', /^estate\.toml:2: retention: give at least one keep-\* rule$/);
+    invalid(
+      GOOD.replace('keep-daily = 7', 'keep-daily = -1'),
+      /^estate\.toml:13: retention\.keep-daily: must be at least 0$/,
+    );
+    invalid(
+      GOOD.replace('keep-daily = 7', 'keep-daily = 2.5'),
+      /^estate\.toml:13: retention\.keep-daily: must be a whole number, got 2\.5$/,
+    );
+    invalid(
+      GOOD.replace('keep-daily = 7', 'keep-daily = "7"'),
+      /^estate\.toml:13: retention\.keep-daily: must be a number, got string$/,
+    );
+    invalid(
+      GOOD.replace('keep-within = "14d"', 'keep-within = "2 weeks"'),
+      /^estate\.toml:15: retention\.keep-within: must be a span such as 14d/,
+    );
+    invalid(
+      GOOD.replace('concurrency = 4', 'concurrency = 0'),
+      /^estate\.toml:3: concurrency: must be at least 1$/,
+    );
+    invalid(
+      GOOD.replace('retry-lock = "1h"', 'retry-lock = "soon"'),
+      /^estate\.toml:5: retry-lock: must be a duration/,
+    );
+    invalid(
+      GOOD.replace('max-unused = "10%"', 'max-unused = "lots"'),
+      /^estate\.toml:19: gc\.max-unused: must be a percentage/,
+    );
+    invalid(
+      'repository = "r"\n[retention]\n[[host]]\ndomains = ["a"]\n',
+      /^estate\.toml:2: retention: give at least one keep-\* rule$/,
+    );
   });
 
   it('missing repository, missing hosts, empty domains, duplicate host names', () => {
     invalid(GOOD.replace('repository = "/srv/bkfs"\n', ''), /^estate\.toml: repository: missing$/);
     invalid('repository = "r"\n', /^estate\.toml: host: missing$/);
-    invalid(GOOD.replace('domains = ["all"]', 'domains = []'), /^estate\.toml:29: host\[1\]\.domains: must name at least one domain/);
-    invalid(GOOD.replace('name = "kvm2"', 'name = "kvm1"'), /^estate\.toml:\d+: host\[1\]: host name 'kvm1' is used by host\[0\] too/);
+    invalid(
+      GOOD.replace('domains = ["all"]', 'domains = []'),
+      /^estate\.toml:29: host\[1\]\.domains: must name at least one domain/,
+    );
+    invalid(
+      GOOD.replace('name = "kvm2"', 'name = "kvm1"'),
+      /^estate\.toml:\d+: host\[1\]: host name 'kvm1' is used by host\[0\] too/,
+    );
   });
 
   it('TOML syntax errors carry their line', () => {
@@ -160,12 +212,20 @@ describe('domain selection', () => {
   });
 
   it('a plain name the host lacks is missing; a glob matching nothing is not', () => {
-    assert.deepEqual(selectDomains(host, ['web-9', 'ftp-*', 'db1'], []), { domains: ['db1'], missing: ['web-9'] });
+    assert.deepEqual(selectDomains(host, ['web-9', 'ftp-*', 'db1'], []), {
+      domains: ['db1'],
+      missing: ['web-9'],
+    });
     assert.deepEqual(selectDomains(host, ['web-9'], ['web-9']), { domains: [], missing: [] });
   });
 
   it('each domain once, in the host order, whatever matches it twice', () => {
-    assert.deepEqual(selectDomains(host, ['mail', 'm*', 'all'], ['d*']).domains, ['web-1', 'web-2', 'web-test', 'mail']);
+    assert.deepEqual(selectDomains(host, ['mail', 'm*', 'all'], ['d*']).domains, [
+      'web-1',
+      'web-2',
+      'web-test',
+      'mail',
+    ]);
   });
 
   it('glob characters in a domain name only match as globs (a name with dots is literal)', () => {
@@ -186,7 +246,11 @@ describe('level policy', () => {
   it('auto without rotation: inc (passed as --level auto) forever after the first full', () => {
     const h: HistoryItem[] = [{ level: 'full', time: t0 }];
     for (let i = 1; i < 50; i++) h.push({ level: 'inc', time: t0 + i * day });
-    assert.deepEqual(decideLevel(h, auto, t0 + 60 * day, true), { level: 'auto', expect: 'inc', reason: 'since the last backup' });
+    assert.deepEqual(decideLevel(h, auto, t0 + 60 * day, true), {
+      level: 'auto',
+      expect: 'inc',
+      reason: 'since the last backup',
+    });
   });
 
   it('a full every N calendar days, whatever the time of day of the runs', () => {
@@ -194,7 +258,11 @@ describe('level policy', () => {
     const h: HistoryItem[] = [{ level: 'full', time: t0 + 5 * 60_000 }]; // 01:05 on day 0
     assert.equal(decideLevel(h, p, t0 + 6 * day + 22 * 3600_000, true).level, 'auto'); // day 6, 23:00
     // day 7 at 01:00, 5 minutes short of 7 x 24 h: still day 7, a full
-    assert.deepEqual(decideLevel(h, p, t0 + 7 * day, true), { level: 'full', expect: 'full', reason: 'last full 7 day(s) ago' });
+    assert.deepEqual(decideLevel(h, p, t0 + 7 * day, true), {
+      level: 'full',
+      expect: 'full',
+      reason: 'last full 7 day(s) ago',
+    });
     assert.equal(calendarDays(Date.UTC(2026, 0, 31, 23), Date.UTC(2026, 1, 1, 0), true), 1);
   });
 
@@ -212,7 +280,10 @@ describe('level policy', () => {
   });
 
   it('between = diff gives diffs; fixed modes are passed through', () => {
-    const h: HistoryItem[] = [{ level: 'full', time: t0 }, { level: 'diff', time: t0 + day }];
+    const h: HistoryItem[] = [
+      { level: 'full', time: t0 },
+      { level: 'diff', time: t0 + day },
+    ];
     assert.equal(decideLevel(h, { ...auto, between: 'diff' }, t0 + 2 * day, true).level, 'diff');
     for (const m of ['full', 'inc', 'diff', 'copy'] as const) {
       assert.equal(decideLevel(h, { mode: m, between: 'inc' }, t0, true).level, m);
@@ -221,7 +292,10 @@ describe('level policy', () => {
 
   it('whichever rule comes first makes the full', () => {
     const p = { ...auto, fullEveryDays: 30, fullEveryBackups: 3 };
-    const h: HistoryItem[] = [{ level: 'full', time: t0 }, { level: 'inc', time: t0 + day }];
+    const h: HistoryItem[] = [
+      { level: 'full', time: t0 },
+      { level: 'inc', time: t0 + day },
+    ];
     assert.equal(decideLevel(h, p, t0 + 2 * day, true).level, 'auto');
     h.push({ level: 'inc', time: t0 + 2 * day });
     assert.equal(decideLevel(h, p, t0 + 3 * day, true).level, 'full');
@@ -260,11 +334,17 @@ describe('scheduler', () => {
             const [t] = running.splice((picks[step++ % Math.max(1, picks.length)] ?? 0) % running.length, 1);
             s.finish(t!);
           }
-          assert.deepEqual([...ran].sort((a, b) => a - b), tasks.map((t) => t.id));
+          assert.deepEqual(
+            [...ran].sort((a, b) => a - b),
+            tasks.map((t) => t.id),
+          );
           // within one host, the job's order
           for (const h of ['h0', 'h1', 'h2', 'h3']) {
             const order = ran.filter((id) => tasks[id]!.host === h);
-            assert.deepEqual(order, [...order].sort((a, b) => a - b));
+            assert.deepEqual(
+              order,
+              [...order].sort((a, b) => a - b),
+            );
           }
         },
       ),
@@ -351,7 +431,10 @@ describe('run display and summary', () => {
     const t = summaryTable(r).split('\n');
     assert.match(t[0]!, /^HOST\s+VM\s+LEVEL\s+RESULT\s+TIME\s+READ\s+STORED\s+ERROR$/);
     assert.match(t[1]!, /^kvm1\s+web-1\s+inc\s+ok\s+1\.5 s\s+4\.00 MiB\s+1\.00 MiB$/);
-    assert.match(t[2]!, /^kvm1\s+db9\s+\(inc\)\s+failed\s+-\s+-\s+-\s+SOURCE_NOT_FOUND: host kvm1 has no domain 'db9'$/);
+    assert.match(
+      t[2]!,
+      /^kvm1\s+db9\s+\(inc\)\s+failed\s+-\s+-\s+-\s+SOURCE_NOT_FOUND: host kvm1 has no domain 'db9'$/,
+    );
   });
 });
 

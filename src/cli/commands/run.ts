@@ -40,7 +40,13 @@ export function renderRunning(rows: readonly RunningLine[], now: number, columns
     if (label.length > width / 2) label = r.vm.slice(0, Math.max(1, Math.floor(width / 2)));
     const rest =
       r.total > 0
-        ? renderProgress({ label: '', done: r.done, total: r.total, elapsedMs: now - r.startedMs, columns: columns - label.length - 1 })
+        ? renderProgress({
+            label: '',
+            done: r.done,
+            total: r.total,
+            elapsedMs: now - r.startedMs,
+            columns: columns - label.length - 1,
+          })
         : `starting, ${duration(now - r.startedMs)}`;
     return `${label} ${rest}`.slice(0, width);
   });
@@ -110,10 +116,20 @@ class RunLog {
 
   constructor(dir: string, job: string, t: number) {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-    const stamp = new Date(t).toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
-    const base = path.basename(job).replace(/\.toml$/i, '').replace(/[^A-Za-z0-9_.+-]/g, '_');
+    const stamp = new Date(t)
+      .toISOString()
+      .replace(/[-:]/g, '')
+      .replace(/\.\d+Z$/, 'Z');
+    const base = path
+      .basename(job)
+      .replace(/\.toml$/i, '')
+      .replace(/[^A-Za-z0-9_.+-]/g, '_');
     this.path = path.join(dir, `run-${base}-${stamp}-${process.pid}.log`);
-    this.fd = fs.openSync(this.path, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+    this.fd = fs.openSync(
+      this.path,
+      fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL,
+      0o600,
+    );
   }
 
   line(l: string): void {
@@ -183,7 +199,10 @@ export function registerRun(program: Command): void {
     .description('back up an estate: every VM a job file selects, then retention and gc')
     .argument('<jobfile>', 'job file (TOML; see README "Backing up an estate" and examples/estate.toml)')
     .option('-n, --dry-run', 'resolve the domains and show the plan (levels); start nothing')
-    .option('--log-dir <dir>', 'directory of the run logs (default: log-dir of the job file, else /var/log/bkfs as root)')
+    .option(
+      '--log-dir <dir>',
+      'directory of the run logs (default: log-dir of the job file, else /var/log/bkfs as root)',
+    )
     .option('--json', 'machine-readable summary')
     .addHelpText(
       'after',
@@ -199,70 +218,74 @@ Examples:
   bkfs run /etc/bkfs/estate.toml
   bkfs run /etc/bkfs/estate.toml --json > /var/lib/bkfs-last-run.json`,
     )
-    .action(async (file: string, opts: { dryRun?: boolean; json?: boolean; logDir?: string }, cmd: Command) => {
-      const g = cmd.optsWithGlobals<{ repo?: string; retryLock?: string }>();
-      if (g.repo !== undefined) {
-        throw new BkfsError('USAGE', 'bkfs run takes the repository from the job file, not from -r');
-      }
-      const { parseJobFile } = await import('../../jobs/jobfile');
-      let text: string;
-      try {
-        text = fs.readFileSync(file, 'utf8');
-      } catch (e) {
-        throw new BkfsError('JOB_INVALID', `${file}: cannot read the job file: ${(e as Error).message}`);
-      }
-      const job = parseJobFile(text, file);
-      const base = path.dirname(path.resolve(file));
-      job.repository = path.resolve(base, job.repository);
-      if (g.retryLock !== undefined) job.retryLock = g.retryLock;
-      for (const h of job.hosts) if (h.scratchDir !== undefined) h.scratchDir = path.resolve(base, h.scratchDir);
-      const logDir = opts.logDir ?? (job.logDir !== undefined ? path.resolve(base, job.logDir) : defaultLogDir());
-      const started = Date.now();
-      const log = opts.dryRun ? null : new RunLog(logDir, file, started);
-      const display = new RunDisplay();
-      const intr = interruptSignal();
-      const key = (t: { host: string; domain: string }) => `${t.host}\0${t.domain}`;
-      const { runJob, runFailure } = await import('../../jobs/run');
-      let r: RunResult;
-      try {
-        r = await runJob(job, {
-          ...(opts.dryRun ? { dryRun: true } : {}),
-          signal: intr.signal,
-          hooks: {
-            log: (l) => log?.line(l),
-            onStart: (t: VmTask) =>
-              display.start(key(t), {
-                vm: t.vm!,
-                host: t.host,
-                level: t.decision!.expect,
-                startedMs: Date.now(),
-                done: 0,
-                total: 0,
-              }),
-            onProgress: (t, d, n) => display.progress(key(t), d, n),
-            onEnd: (v) => display.end(key(v), endMessage(v)),
-            onStep: (s) => {
-              if (display.enabled) note(`${s}...`);
-            },
-          },
-        });
-        const failure = runFailure(r);
-        if (log) {
-          for (const l of summaryTable(r).split('\n')) log.line(l);
-          log.line(failure ? `finished: ${failure.message}` : 'finished: all succeeded');
+    .action(
+      async (file: string, opts: { dryRun?: boolean; json?: boolean; logDir?: string }, cmd: Command) => {
+        const g = cmd.optsWithGlobals<{ repo?: string; retryLock?: string }>();
+        if (g.repo !== undefined) {
+          throw new BkfsError('USAGE', 'bkfs run takes the repository from the job file, not from -r');
         }
-        display.close();
-        if (opts.json) printJson({ ...r, log: log?.path ?? null });
-        else printSummary(r, job, log?.path ?? null);
-        if (failure) throw failure;
-      } catch (e) {
-        if (log && !(e instanceof BkfsError && (e.code === 'JOB_PARTIAL' || e.code === 'INTERRUPTED')))
-          log.line(`failed: ${(e as Error).message}`);
-        throw e;
-      } finally {
-        display.close();
-        intr.dispose();
-        log?.close();
-      }
-    });
+        const { parseJobFile } = await import('../../jobs/jobfile');
+        let text: string;
+        try {
+          text = fs.readFileSync(file, 'utf8');
+        } catch (e) {
+          throw new BkfsError('JOB_INVALID', `${file}: cannot read the job file: ${(e as Error).message}`);
+        }
+        const job = parseJobFile(text, file);
+        const base = path.dirname(path.resolve(file));
+        job.repository = path.resolve(base, job.repository);
+        if (g.retryLock !== undefined) job.retryLock = g.retryLock;
+        for (const h of job.hosts)
+          if (h.scratchDir !== undefined) h.scratchDir = path.resolve(base, h.scratchDir);
+        const logDir =
+          opts.logDir ?? (job.logDir !== undefined ? path.resolve(base, job.logDir) : defaultLogDir());
+        const started = Date.now();
+        const log = opts.dryRun ? null : new RunLog(logDir, file, started);
+        const display = new RunDisplay();
+        const intr = interruptSignal();
+        const key = (t: { host: string; domain: string }) => `${t.host}\0${t.domain}`;
+        const { runJob, runFailure } = await import('../../jobs/run');
+        let r: RunResult;
+        try {
+          r = await runJob(job, {
+            ...(opts.dryRun ? { dryRun: true } : {}),
+            signal: intr.signal,
+            hooks: {
+              log: (l) => log?.line(l),
+              onStart: (t: VmTask) =>
+                display.start(key(t), {
+                  vm: t.vm!,
+                  host: t.host,
+                  level: t.decision!.expect,
+                  startedMs: Date.now(),
+                  done: 0,
+                  total: 0,
+                }),
+              onProgress: (t, d, n) => display.progress(key(t), d, n),
+              onEnd: (v) => display.end(key(v), endMessage(v)),
+              onStep: (s) => {
+                if (display.enabled) note(`${s}...`);
+              },
+            },
+          });
+          const failure = runFailure(r);
+          if (log) {
+            for (const l of summaryTable(r).split('\n')) log.line(l);
+            log.line(failure ? `finished: ${failure.message}` : 'finished: all succeeded');
+          }
+          display.close();
+          if (opts.json) printJson({ ...r, log: log?.path ?? null });
+          else printSummary(r, job, log?.path ?? null);
+          if (failure) throw failure;
+        } catch (e) {
+          if (log && !(e instanceof BkfsError && (e.code === 'JOB_PARTIAL' || e.code === 'INTERRUPTED')))
+            log.line(`failed: ${(e as Error).message}`);
+          throw e;
+        } finally {
+          display.close();
+          intr.dispose();
+          log?.close();
+        }
+      },
+    );
 }
