@@ -64,8 +64,8 @@ export interface VmResult {
   finished: number | null;
   /** Wall time of the VM's child process (waiting for the lock included); 0 when none ran. */
   durationMs: number;
-  /** The backup's own time (the child's report), null when it did not succeed. */
-  backupMs: number | null;
+  /** The backup's own time (the child's report); 0 when it did not succeed. */
+  backupMs: number;
   virtualSize: number | null;
   bytesRead: number | null;
   /** New data stored by this backup (compressed). */
@@ -311,7 +311,7 @@ function emptyResult(t: VmTask, result: VmOutcome): VmResult {
     started: null,
     finished: null,
     durationMs: 0,
-    backupMs: null,
+    backupMs: 0,
     virtualSize: null,
     bytesRead: null,
     storedBytes: null,

@@ -40,7 +40,7 @@ const vmSchema = obj({
   started: nullable(time),
   finished: nullable(time),
   durationMs: int,
-  backupMs: nullable(int),
+  backupMs: int,
   virtualSize: nullable(int),
   bytesRead: nullable(int),
   storedBytes: nullable(int),
@@ -324,5 +324,8 @@ domains = ["web*"]
     );
     assert.equal(r.stdout, '');
     assert.equal(fs.readdirSync(logDir).length, 3, 'no log');
+    const withRepo = await bkfs(['-r', repo, 'run', jobFile]);
+    assert.equal(withRepo.code, EXIT_CODES.USAGE);
+    assert.equal(withRepo.stderr, 'bkfs: bkfs run takes the repository from the job file, not from -r\n');
   });
 });

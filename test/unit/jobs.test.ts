@@ -418,7 +418,7 @@ describe('run display and summary', () => {
           storedBytes: null,
           started: null,
           durationMs: 0,
-          backupMs: null,
+          backupMs: 0,
           error: { code: 'SOURCE_NOT_FOUND', exitCode: null, message: "host kvm1 has no domain 'db9'" },
         },
       ],
