@@ -64,6 +64,10 @@ export type ErrorCode =
   | 'JOB_INVALID'
   /** `bkfs run`: some VMs (or the retention/gc step) failed; the others were backed up. */
   | 'JOB_PARTIAL'
+  /** The object store refused the credentials or denied access (bad key, secret, or policy). */
+  | 'STORE_ACCESS'
+  /** The object store cannot be reached or keeps failing (network, timeouts, HTTP 5xx after retries). */
+  | 'STORE_UNAVAILABLE'
   /** The work was interrupted by a signal. */
   | 'INTERRUPTED';
 

@@ -36,5 +36,7 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   REPO_CORRUPT: 27,
   JOB_INVALID: 29,
   JOB_PARTIAL: 30,
+  STORE_ACCESS: 33,
+  STORE_UNAVAILABLE: 34,
   INTERRUPTED: 130,
 };
