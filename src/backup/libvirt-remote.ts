@@ -23,9 +23,11 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { BkfsError } from '../errors';
 import { processAlive, run, waitExit } from '../util/proc';
 import { OWNER_FILE, parseLibvirtUri, SOCKET_DIR_PREFIX, SOCKET_NAME, type SshTarget } from './libvirt-plan';
+import { NbdClient } from '../nbd/client';
 import { GUARD_SCRIPT, JobGuard, type Virsh } from './libvirt-virsh';
 
 /** Longest unix socket path (sun_path is 108 bytes with its NUL). */
@@ -267,6 +269,7 @@ class SshGuard implements Guard {
 
 export class SshJobSite implements JobSite {
   private fwdDir: string | undefined;
+  private readonly images: RemoteImageSource[] = [];
   private child: ChildProcess | undefined;
   private stderr = '';
   private disarmed = false;
@@ -380,7 +383,18 @@ export class SshJobSite implements JobSite {
     await sshRun(this.remote, 'rm -rf -- "$1"', [jobDir]);
   }
 
+  /** A shut-off domain's image on the hypervisor, read through qemu-nbd there. */
+  imageSource(image: string, domain: string, format: string, scratch: string): RemoteImageSource {
+    const src = new RemoteImageSource(image, this.remote, domain, format, scratch);
+    this.images.push(src);
+    return src;
+  }
+
   dropped(): string | null {
+    for (const i of this.images) {
+      const d = i.dropped();
+      if (d !== null) return d;
+    }
     const c = this.child;
     if (!c || this.disarmed) return null;
     if (c.exitCode === null && c.signalCode === null) return null;
@@ -393,6 +407,7 @@ export class SshJobSite implements JobSite {
   }
 
   async close(): Promise<void> {
+    for (const i of this.images) await i.close();
     const c = this.child;
     if (c && c.exitCode === null && c.signalCode === null) {
       c.kill('SIGTERM');
@@ -405,4 +420,164 @@ export class SshJobSite implements JobSite {
 export function jobSiteFor(uri: string | undefined): JobSite {
   const t = parseLibvirtUri(uri);
   return t === null ? new LocalJobSite() : new SshJobSite(t);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shut-off remote domains
+
+/**
+ * On the hypervisor: a private directory, a read-only `qemu-nbd` of the image (declared format) on
+ * a socket in it, serving until the ssh channel closes (bkfs done, killed, or the connection
+ * dropped); then qemu-nbd is stopped and the directory removed.
+ */
+const SERVE_IMAGE = `
+dir=$1; img=$2; fmt=$3
+umask 077
+mkdir -- "$dir" || exit 4
+trap '' INT TERM HUP
+qemu-nbd --read-only --persistent --shared=16 --cache=none --aio=threads "--format=$fmt" "--socket=$dir/${SOCKET_NAME}" -- "$img" 2>"$dir/err" &
+pid=$!
+i=0
+while [ ! -S "$dir/${SOCKET_NAME}" ] && kill -0 $pid 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+if [ -S "$dir/${SOCKET_NAME}" ]; then printf 'ready %s\\n' "$dir"; else printf 'failed %s\\n' "$(tr '\\n' ' ' < "$dir/err")"; fi
+cat > /dev/null
+kill $pid 2>/dev/null; wait $pid 2>/dev/null
+rm -rf -- "$dir"
+`;
+
+/**
+ * A disk image of a shut-off domain on a remote hypervisor, read through a read-only `qemu-nbd`
+ * there (format as the domain XML declares it, like `OfflineImageSource`), over one ssh process
+ * that forwards a local socket to it. Full/copy only (no bitmaps: libvirt owns change tracking).
+ */
+export class RemoteImageSource {
+  private child: ChildProcess | undefined;
+  private localDir: string | undefined;
+  private socket: string | undefined;
+  private stderr = '';
+
+  constructor(
+    readonly location: string,
+    private readonly remote: SshTarget,
+    private readonly domain: string,
+    private readonly format: string,
+    private readonly scratch: string,
+  ) {}
+
+  private async start(): Promise<string> {
+    if (this.socket !== undefined && this.child?.exitCode === null) return this.socket;
+    const base = os.tmpdir();
+    removeStaleForwardDirs(base);
+    this.localDir = fs.mkdtempSync(path.join(base, `${FWD_PREFIX}${process.pid}-`));
+    fs.chmodSync(this.localDir, 0o700);
+    // A fresh random directory name (mkdir fails on an existing one), so the forward can be
+    // set up by the same ssh process that starts qemu-nbd.
+    const remoteDir = path.join(this.scratch, `${SOCKET_DIR_PREFIX}${randomBytes(8).toString('hex')}`);
+    const local = path.join(this.localDir, SOCKET_NAME);
+    const child = spawn(
+      'ssh',
+      [
+        '-o',
+        'ExitOnForwardFailure=yes',
+        '-o',
+        'StreamLocalBindUnlink=yes',
+        '-o',
+        'StreamLocalBindMask=0177',
+        '-L',
+        `${local}:${path.join(remoteDir, SOCKET_NAME)}`,
+        ...sshArgs(this.remote),
+        remoteCommand(SERVE_IMAGE, [remoteDir, this.location, this.format]),
+      ],
+      { stdio: ['pipe', 'pipe', 'pipe'], detached: true },
+    );
+    this.child = child;
+    child.stdin?.on('error', () => undefined);
+    child.on('error', () => undefined);
+    child.stderr?.on('data', (d: Buffer) => {
+      if (this.stderr.length < 4096) this.stderr += d.toString();
+    });
+    const line = await new Promise<string>((resolve) => {
+      let buf = '';
+      const onData = (d: Buffer) => {
+        buf += d.toString();
+        const nl = buf.indexOf('\n');
+        if (nl >= 0) {
+          child.stdout?.off('data', onData);
+          resolve(buf.slice(0, nl));
+        }
+      };
+      child.stdout?.on('data', onData);
+      child.once('exit', () => resolve(buf));
+    });
+    if (!line.startsWith('ready ')) {
+      await this.close();
+      if (line.startsWith('failed ')) {
+        throw new BkfsError(
+          'EXTERNAL_TOOL',
+          `qemu-nbd on ${sshName(this.remote)} cannot serve ${this.location}: ${line.slice(7).trim()}`,
+        );
+      }
+      throw sshFailure(this.remote, this.stderr);
+    }
+    for (let i = 0; !fs.existsSync(local); i++) {
+      if (child.exitCode !== null || i > 600) {
+        await this.close();
+        throw sshFailure(this.remote, this.stderr);
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    this.socket = local;
+    return local;
+  }
+
+  async probe(): Promise<{ size: number; format: string }> {
+    const c = await NbdClient.connect({ socket: await this.start(), exportName: '' });
+    try {
+      return { size: c.size, format: this.format };
+    } finally {
+      await c.close();
+    }
+  }
+
+  async dirtyBitmapFor(): Promise<string> {
+    throw new BkfsError(
+      'CHAIN_BROKEN',
+      `domain '${this.domain}' is shut off: an incremental needs the running domain; start it`,
+    );
+  }
+
+  async prepare(): Promise<string | null> {
+    return null;
+  }
+
+  async open(): Promise<{ client: NbdClient; dirtyContext: null; close: () => Promise<void> }> {
+    const client = await NbdClient.connect(
+      { socket: await this.start(), exportName: '' },
+      { metaContexts: ['base:allocation'] },
+    );
+    return { client, dirtyContext: null, close: () => client.close() };
+  }
+
+  async rollback(): Promise<void> {}
+  async afterCommit(): Promise<void> {}
+
+  /** Why the data path failed, or null. */
+  dropped(): string | null {
+    const c = this.child;
+    if (!c || this.socket === undefined || (c.exitCode === null && c.signalCode === null)) return null;
+    return `the ssh connection to ${sshName(this.remote)} carrying the backup data dropped`;
+  }
+
+  async close(): Promise<void> {
+    const c = this.child;
+    this.socket = undefined;
+    if (c && c.exitCode === null && c.signalCode === null) {
+      c.stdin?.end();
+      const t = setTimeout(() => c.kill('SIGTERM'), 30_000);
+      await waitExit(c);
+      clearTimeout(t);
+    }
+    if (this.localDir !== undefined) fs.rmSync(this.localDir, { recursive: true, force: true });
+    this.localDir = undefined;
+  }
 }

@@ -69,7 +69,7 @@ import {
 } from './libvirt-plan';
 import { OfflineImageSource, PullSource } from './libvirt-source';
 import { Virsh } from './libvirt-virsh';
-import { jobSiteFor, MAX_SOCKET_PATH, type Guard, type JobSite } from './libvirt-remote';
+import { jobSiteFor, MAX_SOCKET_PATH, SshJobSite, type Guard, type JobSite } from './libvirt-remote';
 import {
   backupXml,
   checkpointXml,
@@ -186,15 +186,7 @@ async function backupAt(
   const inactiveXml = await v.out(['dumpxml', '--inactive', o.domain]);
   const configs = [...(o.configs ?? []), { name: 'domain.xml', data: Buffer.from(inactiveXml, 'utf8') }];
   checkAborted(o.signal);
-  if (!isLiveState(state)) {
-    if (site.remote) {
-      throw new BkfsError(
-        'USAGE',
-        `domain '${o.domain}' on ${site.remote.host} is shut off: bkfs backs up remote domains while they run (start it)`,
-      );
-    }
-    return offlineBackup(repo, o, parseDomain(inactiveXml), configs);
-  }
+  if (!isLiveState(state)) return offlineBackup(repo, o, parseDomain(inactiveXml), configs, site);
 
   const dom = parseDomain(await v.out(['dumpxml', o.domain]));
   await endLeftoverJob(v, o, site);
@@ -695,6 +687,7 @@ async function offlineBackup(
   o: LibvirtBackupOptions,
   dom: DomainInfo,
   configs: { name: string; data: Buffer }[],
+  site: JobSite,
 ): Promise<LibvirtBackupResult> {
   if (o.level === 'inc' || o.level === 'diff') {
     throw new BkfsError(
@@ -714,7 +707,10 @@ async function offlineBackup(
     vm: o.vm,
     disks: sel.selected.map((d) => ({
       name: d.target,
-      source: new OfflineImageSource(d.source as string, o.domain, d.format),
+      source:
+        site instanceof SshJobSite
+          ? site.imageSource(d.source as string, o.domain, d.format ?? 'raw', scratchBase(o))
+          : new OfflineImageSource(d.source as string, o.domain, d.format),
     })),
     level,
     ...(o.checkpoint !== undefined ? { checkpoint: o.checkpoint } : {}),
