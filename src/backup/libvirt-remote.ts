@@ -38,9 +38,13 @@ export function sshName(t: SshTarget): string {
   return `${t.user ? `${t.user}@` : ''}${t.host}${t.port ? `:${t.port}` : ''}`;
 }
 
-/** ssh options and destination for `t` (no command). */
-export function sshArgs(t: SshTarget): string[] {
-  const a = ['-T', '-o', 'BatchMode=yes', '-o', 'ServerAliveInterval=5', '-o', 'ServerAliveCountMax=3'];
+/**
+ * ssh options and destination for `t` (no command). `control`: the control socket of a master
+ * connection to reuse (one TCP connection and one authentication for everything bkfs does).
+ */
+export function sshArgs(t: SshTarget, control?: string): string[] {
+  const a = control ? ['-S', control, '-o', 'ControlMaster=no'] : [];
+  a.push('-T', '-o', 'BatchMode=yes', '-o', 'ServerAliveInterval=5', '-o', 'ServerAliveCountMax=3');
   if (t.port !== null) a.push('-p', String(t.port));
   if (t.user !== null) a.push('-l', t.user);
   if (t.keyfile !== null) a.push('-i', t.keyfile, '-o', 'IdentitiesOnly=yes');
@@ -79,8 +83,9 @@ export async function sshRun(
   t: SshTarget,
   script: string,
   args: readonly string[] = [],
+  control?: string,
 ): Promise<{ code: number; stdout: string; stderr: string }> {
-  const r = await run('ssh', [...sshArgs(t), remoteCommand(script, args)], {
+  const r = await run('ssh', [...sshArgs(t, control), remoteCommand(script, args)], {
     allowFail: true,
     timeoutMs: 120_000,
   });
@@ -104,6 +109,8 @@ export interface JobOwner {
 
 export interface JobSite {
   readonly remote: SshTarget | null;
+  /** Connect (remote: the ssh master connection); returns the URI virsh is to use. */
+  open(uri: string | undefined): Promise<string | undefined>;
   /** Is `dir` a directory where the job may put its files (on the hypervisor)? */
   scratchIsDir(dir: string): Promise<boolean>;
   /**
@@ -156,6 +163,10 @@ function qemuOwner(domain: string, image: string | null): { uid: number; gid: nu
 
 export class LocalJobSite implements JobSite {
   readonly remote = null;
+
+  async open(uri: string | undefined): Promise<string | undefined> {
+    return uri;
+  }
 
   async scratchIsDir(dir: string): Promise<boolean> {
     return fs.statSync(dir, { throwIfNoEntry: false })?.isDirectory() ?? false;
@@ -270,19 +281,65 @@ class SshGuard implements Guard {
 export class SshJobSite implements JobSite {
   private fwdDir: string | undefined;
   private readonly images: RemoteImageSource[] = [];
+  private master: ChildProcess | undefined;
+  private masterErr = '';
+  private control: string | undefined;
   private child: ChildProcess | undefined;
   private stderr = '';
   private disarmed = false;
 
   constructor(readonly remote: SshTarget) {}
 
+  /**
+   * The master connection: `ssh -M` whose own session waits for EOF on its stdin (a pipe from
+   * bkfs, so it ends when bkfs ends, kill -9 included). virsh reuses it through a two-line `ssh`
+   * wrapper given as the URI's `command` parameter; bkfs's own ssh commands through `-S`.
+   */
+  async open(uri: string | undefined): Promise<string | undefined> {
+    const dir = this.localDir();
+    const control = path.join(dir, 'ctl');
+    const master = spawn(
+      'ssh',
+      ['-M', '-S', control, '-o', 'ControlPersist=no', ...sshArgs(this.remote), 'cat >/dev/null'],
+      { stdio: ['pipe', 'ignore', 'pipe'], detached: true },
+    );
+    this.master = master;
+    master.stdin?.on('error', () => undefined);
+    master.on('error', () => undefined);
+    master.stderr?.on('data', (d: Buffer) => {
+      if (this.masterErr.length < 4096) this.masterErr += d.toString();
+    });
+    for (let i = 0; !fs.existsSync(control); i++) {
+      if (master.exitCode !== null || master.signalCode !== null)
+        throw sshFailure(this.remote, this.masterErr);
+      if (i > 2400) {
+        master.kill('SIGTERM');
+        throw new BkfsError('REMOTE_FAILED', `ssh to ${sshName(this.remote)} did not connect within 120 s`);
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    this.control = control;
+    const wrapper = path.join(dir, 'ssh');
+    fs.writeFileSync(wrapper, `#!/bin/sh\nexec ssh -S ${shq(control)} -o ControlMaster=no "$@"\n`, {
+      mode: 0o700,
+    });
+    const u = uri ?? this.remote.uri;
+    if (/[?&]command=/.test(u)) return u; // the user's own ssh command: leave it alone
+    return `${u}${u.includes('?') ? '&' : '?'}command=${encodeURIComponent(wrapper)}`;
+  }
+
   async scratchIsDir(dir: string): Promise<boolean> {
-    const r = await sshRun(this.remote, '[ -d "$1" ]', [dir]);
+    const r = await sshRun(this.remote, '[ -d "$1" ]', [dir], this.control);
     return r.code === 0;
   }
 
   async makeJobDir(scratch: string, domain: string, image: string | null, owner: JobOwner): Promise<string> {
-    const r = await sshRun(this.remote, MAKE_JOB_DIR, [scratch, domain, image ?? '', JSON.stringify(owner)]);
+    const r = await sshRun(
+      this.remote,
+      MAKE_JOB_DIR,
+      [scratch, domain, image ?? '', JSON.stringify(owner)],
+      this.control,
+    );
     const dir = r.stdout.trim();
     if (r.code !== 0 || !path.isAbsolute(dir) || !isJobDir(dir)) {
       throw new BkfsError(
@@ -328,7 +385,7 @@ export class SshJobSite implements JobSite {
       'StreamLocalBindMask=0177',
       '-L',
       `${local}:${socket}`,
-      ...sshArgs(this.remote),
+      ...sshArgs(this.remote, this.control),
       remoteCommand(GUARD_SCRIPT, [domain, socket, jobDir, '-c', this.remote.localUri]),
     ];
     // Its own process group: a terminal's Ctrl-C leaves the cleanup to bkfs, as the local guard does.
@@ -369,7 +426,7 @@ export class SshJobSite implements JobSite {
   }
 
   async readOwner(jobDir: string): Promise<JobOwner | undefined> {
-    const r = await sshRun(this.remote, 'cat -- "$1/$2"', [jobDir, OWNER_FILE]);
+    const r = await sshRun(this.remote, 'cat -- "$1/$2"', [jobDir, OWNER_FILE], this.control);
     if (r.code !== 0) return undefined;
     try {
       return JSON.parse(r.stdout) as JobOwner;
@@ -380,12 +437,12 @@ export class SshJobSite implements JobSite {
 
   async removeJobDir(jobDir: string): Promise<void> {
     if (!isJobDir(jobDir)) return;
-    await sshRun(this.remote, 'rm -rf -- "$1"', [jobDir]);
+    await sshRun(this.remote, 'rm -rf -- "$1"', [jobDir], this.control);
   }
 
   /** A shut-off domain's image on the hypervisor, read through qemu-nbd there. */
   imageSource(image: string, domain: string, format: string, scratch: string): RemoteImageSource {
-    const src = new RemoteImageSource(image, this.remote, domain, format, scratch);
+    const src = new RemoteImageSource(image, this.remote, domain, format, scratch, this.control);
     this.images.push(src);
     return src;
   }
@@ -394,6 +451,15 @@ export class SshJobSite implements JobSite {
     for (const i of this.images) {
       const d = i.dropped();
       if (d !== null) return d;
+    }
+    const m = this.master;
+    if (m && !this.disarmed && (m.exitCode !== null || m.signalCode !== null)) {
+      const why = this.masterErr
+        .trim()
+        .split('\n')
+        .filter((l) => l !== '')
+        .pop();
+      return `the ssh connection to ${sshName(this.remote)} carrying the backup data dropped${why ? ` (${why})` : ''}`;
     }
     const c = this.child;
     if (!c || this.disarmed) return null;
@@ -412,6 +478,13 @@ export class SshJobSite implements JobSite {
     if (c && c.exitCode === null && c.signalCode === null) {
       c.kill('SIGTERM');
       await waitExit(c);
+    }
+    const m = this.master;
+    if (m && m.exitCode === null && m.signalCode === null) {
+      m.stdin?.end();
+      const t = setTimeout(() => m.kill('SIGTERM'), 30_000);
+      await waitExit(m);
+      clearTimeout(t);
     }
     if (this.fwdDir !== undefined) fs.rmSync(this.fwdDir, { recursive: true, force: true });
   }
@@ -462,6 +535,7 @@ export class RemoteImageSource {
     private readonly domain: string,
     private readonly format: string,
     private readonly scratch: string,
+    private readonly control?: string,
   ) {}
 
   private async start(): Promise<string> {
@@ -485,7 +559,7 @@ export class RemoteImageSource {
         'StreamLocalBindMask=0177',
         '-L',
         `${local}:${path.join(remoteDir, SOCKET_NAME)}`,
-        ...sshArgs(this.remote),
+        ...sshArgs(this.remote, this.control),
         remoteCommand(SERVE_IMAGE, [remoteDir, this.location, this.format]),
       ],
       { stdio: ['pipe', 'pipe', 'pipe'], detached: true },

@@ -21,7 +21,11 @@ import { run, waitExit, type RunResult } from '../util/proc';
 import { virshError } from './libvirt-plan';
 
 export class Virsh {
-  constructor(readonly uri: string | undefined) {}
+  /** `shownUri`: the URI for messages, when `uri` carries bkfs's own additions. */
+  constructor(
+    readonly uri: string | undefined,
+    private readonly shownUri: string | undefined = uri,
+  ) {}
 
   /** Arguments that select the connection (`-c URI`), for virsh and the guard. */
   get connectArgs(): string[] {
@@ -53,11 +57,11 @@ export class Virsh {
       )
     ) {
       if (this.uri !== undefined && /^[a-z0-9]+\+ssh:/i.test(this.uri)) {
-        return new BkfsError('REMOTE_FAILED', `cannot reach libvirt at ${this.uri}: ${msg}`);
+        return new BkfsError('REMOTE_FAILED', `cannot reach libvirt at ${this.shownUri}: ${msg}`);
       }
       return new BkfsError(
         'EXTERNAL_TOOL',
-        `cannot connect to libvirt (${this.uri ?? 'default URI'}): ${msg} (is libvirtd running?)`,
+        `cannot connect to libvirt (${this.shownUri ?? 'default URI'}): ${msg} (is libvirtd running?)`,
       );
     }
     if (/failed to get domain|Domain not found|no domain with matching/i.test(msg)) {

@@ -173,7 +173,7 @@ async function backupAt(
   site: JobSite,
 ): Promise<LibvirtBackupResult> {
   const scratchRoot = scratchBase(o);
-  const v = new Virsh(o.connect);
+  const v = new Virsh(await site.open(o.connect), o.connect);
   // For a remote host, virsh first: it says whether the host is reachable at all.
   const state0 = site.remote ? await v.out(['domstate', o.domain]) : null;
   if (!(await site.scratchIsDir(scratchRoot))) {

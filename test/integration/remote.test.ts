@@ -303,8 +303,12 @@ describe('backups of a domain on a remote hypervisor (qemu+ssh)', () => {
   it('the ssh data path drops mid-backup: exit 28, nothing committed, the job ends on the remote host', async () => {
     const before = repoState();
     const b = await stoppedBackup('drop', ['--level', 'full']);
-    process.kill(b.ssh, 'SIGKILL');
-    await eventually('ssh gone', () => procState(b.ssh) === null);
+    // The master connection (every ssh of bkfs rides on it) dies.
+    const master = childrenMatching(b.child.pid!, 'ControlPersist=no');
+    assert.equal(master.length, 1, 'one ssh master connection');
+    process.kill(master[0]!, 'SIGKILL');
+    const gone = (pid: number) => [null, 'Z'].includes(procState(pid)); // a zombie: bkfs is stopped
+    await eventually('ssh gone', () => gone(master[0]!) && gone(b.ssh));
     b.child.kill('SIGCONT');
     const code = await b.exited;
     assert.equal(code, EXIT_CODES.REMOTE_FAILED, b.stderr());
