@@ -35,5 +35,7 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   TARGET_MISMATCH: 26,
   REPO_CORRUPT: 27,
   REMOTE_FAILED: 28,
+  STORE_ACCESS: 33,
+  STORE_UNAVAILABLE: 34,
   INTERRUPTED: 130,
 };
