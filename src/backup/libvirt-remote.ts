@@ -282,6 +282,7 @@ export class SshJobSite implements JobSite {
   private fwdDir: string | undefined;
   private readonly images: RemoteImageSource[] = [];
   private master: ChildProcess | undefined;
+  private droppedEarlier: string | null | undefined;
   private masterErr = '';
   private control: string | undefined;
   private child: ChildProcess | undefined;
@@ -417,6 +418,9 @@ export class SshJobSite implements JobSite {
       guard: {
         tell: (w) => guard.tell(w),
         disarm: async () => {
+          // A drop seen now is still reported after the cleanup (the error reaches the caller
+          // after this `finally` work).
+          this.droppedEarlier ??= this.dropped();
           this.disarmed = true;
           await guard.disarm();
         },
@@ -448,12 +452,13 @@ export class SshJobSite implements JobSite {
   }
 
   dropped(): string | null {
+    if (this.droppedEarlier) return this.droppedEarlier;
     for (const i of this.images) {
       const d = i.dropped();
       if (d !== null) return d;
     }
     const m = this.master;
-    if (m && !this.disarmed && (m.exitCode !== null || m.signalCode !== null)) {
+    if (m && this.control && !this.disarmed && (m.exitCode !== null || m.signalCode !== null)) {
       const why = this.masterErr
         .trim()
         .split('\n')
