@@ -165,6 +165,10 @@ async function main(): Promise<void> {
         await deleteAllCheckpoints(dom);
         console.error(`bench: ${t.tool}, run ${i + 1}`);
         try {
+          if (t.tool.startsWith('bkfs')) {
+            const kind = t.tool.includes('remote') ? 'ssh' : 'local';
+            await run(process.execPath, [BKFS, '-r', path.join(work, `repo-${kind}-${i}`), 'init']);
+          }
           row.secs.push(await t.once(i));
         } catch (e) {
           row.error = (e as Error).message
