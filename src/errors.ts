@@ -58,6 +58,8 @@ export type ErrorCode =
   | 'SOURCE_UNSAFE'
   /** `restore --since`: the target does not provably hold the older checkpoint. */
   | 'TARGET_MISMATCH'
+  /** A remote hypervisor cannot be reached or authenticated, or the forwarded data path dropped. */
+  | 'REMOTE_FAILED'
   /** A repository file (manifest, pin, gc state, pack header) is unreadable or inconsistent. */
   | 'REPO_CORRUPT'
   /** `bkfs run`: the job file is not valid (syntax, unknown key, bad value). */

@@ -47,28 +47,69 @@ export function isBkfsSocket(socket: string | null): boolean {
 // ---------------------------------------------------------------------------------------------
 // Connection URIs
 
+/** An ssh destination taken from a `qemu+ssh://[user@]host[:port]/system?...` URI. */
+export interface SshTarget {
+  /** The URI itself (for messages). */
+  uri: string;
+  user: string | null;
+  host: string;
+  port: number | null;
+  keyfile: string | null;
+  knownHosts: string | null;
+  noVerify: boolean;
+  /** The URI libvirt uses on the hypervisor itself (`qemu:///system`). */
+  localUri: string;
+}
+
 /**
- * Refuse libvirt connections to another host: a pull-mode backup exports the disks on a unix
- * socket on the VM's host, which bkfs could not reach. `uri` undefined = virsh's default
- * (`LIBVIRT_DEFAULT_URI`, else the local hypervisor).
+ * The ssh target of a libvirt URI, or null for a local URI (qemu:///system, qemu+unix://...).
+ * USAGE for what bkfs does not back up from (other drivers, tls/tcp transports for now).
  */
-export function checkConnectUri(uri: string | undefined, env: NodeJS.ProcessEnv = process.env): void {
+export function parseLibvirtUri(
+  uri: string | undefined,
+  env: NodeJS.ProcessEnv = process.env,
+): SshTarget | null {
   const u = uri ?? env.LIBVIRT_DEFAULT_URI;
-  if (u === undefined || u === '') return;
-  const m = /^([a-z0-9+]+):\/\/([^/?#]*)/i.exec(u);
+  if (u === undefined || u === '') return null;
+  const m = /^([a-z0-9+]+):\/\/([^/?#]*)(\/[^?#]*)?(?:\?([^#]*))?/i.exec(u);
   if (!m) throw new BkfsError('USAGE', `--connect: '${u}' is not a libvirt URI (e.g. qemu:///system)`);
   const scheme = (m[1] ?? '').toLowerCase();
-  const host = m[2] ?? '';
+  const authority = m[2] ?? '';
   const [driver, transport] = scheme.split('+');
   if (driver !== 'qemu') {
     throw new BkfsError('USAGE', `--connect ${u}: bkfs backs up QEMU domains only (qemu:///system)`);
   }
-  if (host !== '' || (transport !== undefined && transport !== 'unix')) {
+  if (transport === undefined || transport === 'unix') {
+    if (authority !== '') {
+      throw new BkfsError('USAGE', `--connect ${u}: a remote host needs qemu+ssh://[USER@]HOST/system`);
+    }
+    return null;
+  }
+  if (transport !== 'ssh') {
     throw new BkfsError(
       'USAGE',
-      `--connect ${u}: remote libvirt hosts are not supported (the pull-mode NBD export is a unix socket on the VM's host); run bkfs on that host`,
+      `--connect ${u}: bkfs reaches remote hypervisors through ssh only (qemu+ssh://[USER@]HOST/system); '${transport}' is not supported`,
     );
   }
+  const am = /^(?:([^@]+)@)?(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(authority);
+  if (!am) throw new BkfsError('USAGE', `--connect ${u}: no host in the URI`);
+  const params = new URLSearchParams(m[4] ?? '');
+  const pathPart = m[3] && m[3] !== '/' ? m[3] : '/system';
+  return {
+    uri: u,
+    user: am[1] ? decodeURIComponent(am[1]) : null,
+    host: (am[2] ?? '').replace(/^\[|\]$/g, ''),
+    port: am[3] ? Number(am[3]) : null,
+    keyfile: params.get('keyfile'),
+    knownHosts: params.get('known_hosts'),
+    noVerify: params.get('no_verify') === '1',
+    localUri: `qemu://${pathPart}`,
+  };
+}
+
+/** Check a --connect URI (see `parseLibvirtUri`). */
+export function checkConnectUri(uri: string | undefined, env: NodeJS.ProcessEnv = process.env): void {
+  parseLibvirtUri(uri, env);
 }
 
 // ---------------------------------------------------------------------------------------------

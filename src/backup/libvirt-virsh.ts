@@ -21,7 +21,11 @@ import { run, waitExit, type RunResult } from '../util/proc';
 import { virshError } from './libvirt-plan';
 
 export class Virsh {
-  constructor(readonly uri: string | undefined) {}
+  /** `shownUri`: the URI for messages, when `uri` carries bkfs's own additions. */
+  constructor(
+    readonly uri: string | undefined,
+    private readonly shownUri: string | undefined = uri,
+  ) {}
 
   /** Arguments that select the connection (`-c URI`), for virsh and the guard. */
   get connectArgs(): string[] {
@@ -47,10 +51,17 @@ export class Virsh {
   error(args: string[], r: RunResult): BkfsError {
     const msg = virshError(r.stderr || r.stdout);
     const cmd = args[0] ?? '';
-    if (/failed to connect to the hypervisor|Failed to connect socket/i.test(msg)) {
+    if (
+      /failed to connect to the hypervisor|Failed to connect socket|End of file while reading data|Cannot recv data/i.test(
+        msg,
+      )
+    ) {
+      if (this.uri !== undefined && /^[a-z0-9]+\+ssh:/i.test(this.uri)) {
+        return new BkfsError('REMOTE_FAILED', `cannot reach libvirt at ${this.shownUri}: ${msg}`);
+      }
       return new BkfsError(
         'EXTERNAL_TOOL',
-        `cannot connect to libvirt (${this.uri ?? 'default URI'}): ${msg} (is libvirtd running?)`,
+        `cannot connect to libvirt (${this.shownUri ?? 'default URI'}): ${msg} (is libvirtd running?)`,
       );
     }
     if (/failed to get domain|Domain not found|no domain with matching/i.test(msg)) {
@@ -70,7 +81,8 @@ export interface GuardOptions {
   dir: string;
 }
 
-const GUARD_SCRIPT = `
+/** The guard's shell script (also run on a remote hypervisor by `libvirt-remote.ts`). */
+export const GUARD_SCRIPT = `
 trap '' INT TERM HUP
 dom=$1; sock=$2; dir=$3; shift 3
 frozen=0

@@ -50,7 +50,6 @@ import {
   type DiskSpec,
 } from './engine';
 import {
-  checkConnectUri,
   incrementalDisks,
   isBkfsSocket,
   isLiveState,
@@ -59,18 +58,18 @@ import {
   legacyPrefix,
   libvirtCheckpointName,
   nextCheckpointName,
-  OWNER_FILE,
   ownCheckpointsToDelete,
+  parseLibvirtUri,
   reconcileProblem,
   selectDisks,
-  SOCKET_DIR_PREFIX,
   SOCKET_NAME,
   virshError,
   type DiskSelection,
   type ResolvedLevel,
 } from './libvirt-plan';
 import { OfflineImageSource, PullSource } from './libvirt-source';
-import { JobGuard, Virsh } from './libvirt-virsh';
+import { Virsh } from './libvirt-virsh';
+import { jobSiteFor, MAX_SOCKET_PATH, SshJobSite, type Guard, type JobSite } from './libvirt-remote';
 import {
   backupXml,
   checkpointXml,
@@ -96,7 +95,7 @@ export interface LibvirtBackupOptions extends Pick<
 > {
   /** libvirt domain name (or UUID). */
   domain: string;
-  /** libvirt URI; local QEMU only. Default: virsh's default. */
+  /** libvirt URI: local QEMU, or qemu+ssh:// to a remote hypervisor. Default: virsh's default. */
   connect?: string;
   /** Back up only these disk targets (comma-separated lists allowed). */
   disks?: string[];
@@ -124,8 +123,6 @@ export interface LibvirtBackupResult extends BackupResult {
 const DEFAULT_SCRATCH_DIR = '/var/tmp';
 /** How long a job may take to end after domjobabort before bkfs gives up (not a speed limit). */
 const JOB_END_WAIT_MS = 120_000;
-/** Longest unix socket path (sun_path is 108 bytes with its NUL). */
-const MAX_SOCKET_PATH = 107;
 
 function checkAborted(signal?: AbortSignal): void {
   if (signal?.aborted) throw new BkfsError('INTERRUPTED', 'backup interrupted');
@@ -150,26 +147,49 @@ export async function backupLibvirt(repo: Repository, o: LibvirtBackupOptions): 
 async function backupDomain(repo: Repository, o: LibvirtBackupOptions): Promise<LibvirtBackupResult> {
   checkName('VM', o.vm);
   if (o.checkpoint !== undefined) checkName('checkpoint', o.checkpoint);
-  checkConnectUri(o.connect);
+  parseLibvirtUri(o.connect);
   if (o.configs?.some((c) => c.name === 'domain.xml')) {
     throw new BkfsError(
       'USAGE',
       'domain.xml is saved automatically with a libvirt backup; name the file differently',
     );
   }
-  const scratchRoot = scratchBase(o);
-  if (!fs.statSync(scratchRoot, { throwIfNoEntry: false })?.isDirectory()) {
-    throw new BkfsError('USAGE', `--scratch-dir ${scratchRoot} is not a directory`);
+  const site = jobSiteFor(o.connect);
+  try {
+    return await backupAt(repo, o, site);
+  } catch (e) {
+    // A broken data path shows as NBD or I/O errors: report the dropped connection itself.
+    const dropped = site.dropped();
+    if (dropped !== null && !isBkfsError(e, 'INTERRUPTED')) throw new BkfsError('REMOTE_FAILED', dropped);
+    throw e;
+  } finally {
+    await site.close();
   }
-  const v = new Virsh(o.connect);
-  const state = (await v.out(['domstate', o.domain])).trim();
+}
+
+async function backupAt(
+  repo: Repository,
+  o: LibvirtBackupOptions,
+  site: JobSite,
+): Promise<LibvirtBackupResult> {
+  const scratchRoot = scratchBase(o);
+  const v = new Virsh(await site.open(o.connect), o.connect);
+  // For a remote host, virsh first: it says whether the host is reachable at all.
+  const state0 = site.remote ? await v.out(['domstate', o.domain]) : null;
+  if (!(await site.scratchIsDir(scratchRoot))) {
+    throw new BkfsError(
+      'USAGE',
+      `--scratch-dir ${scratchRoot} is not a directory${site.remote ? ` on ${site.remote.host}` : ''}`,
+    );
+  }
+  const state = (state0 ?? (await v.out(['domstate', o.domain]))).trim();
   const inactiveXml = await v.out(['dumpxml', '--inactive', o.domain]);
   const configs = [...(o.configs ?? []), { name: 'domain.xml', data: Buffer.from(inactiveXml, 'utf8') }];
   checkAborted(o.signal);
-  if (!isLiveState(state)) return offlineBackup(repo, o, parseDomain(inactiveXml), configs);
+  if (!isLiveState(state)) return offlineBackup(repo, o, parseDomain(inactiveXml), configs, site);
 
   const dom = parseDomain(await v.out(['dumpxml', o.domain]));
-  await endLeftoverJob(v, o);
+  await endLeftoverJob(v, o, site);
   checkAborted(o.signal);
 
   const want = o.level;
@@ -185,7 +205,7 @@ async function backupDomain(repo: Repository, o: LibvirtBackupOptions): Promise<
     }
   }
   try {
-    return await liveBackup(repo, v, o, dom, level, incremental, configs);
+    return await liveBackup(repo, v, site, o, dom, level, incremental, configs);
   } catch (e) {
     // The engine's own checks (a disk's size changed, ...) for an auto run: a full instead.
     if (
@@ -194,7 +214,7 @@ async function backupDomain(repo: Repository, o: LibvirtBackupOptions): Promise<
       (isBkfsError(e, 'CHAIN_BROKEN') || isBkfsError(e, 'SIZE_CHANGED'))
     ) {
       o.onNotice?.(`${withoutAdvice(e.message)}; taking a full backup`);
-      return liveBackup(repo, v, o, dom, 'full', null, configs);
+      return liveBackup(repo, v, site, o, dom, 'full', null, configs);
     }
     throw e;
   }
@@ -288,34 +308,14 @@ async function deleteCheckpoint(
   throw v.error(['checkpoint-delete', domain, name], m);
 }
 
-interface Owner {
-  pid: number;
-  host: string;
-}
-
-function readOwner(dir: string): Owner | undefined {
-  try {
-    return JSON.parse(fs.readFileSync(path.join(dir, OWNER_FILE), 'utf8')) as Owner;
-  } catch {
-    return undefined;
-  }
-}
-
 async function backupJobOf(v: Virsh, domain: string): Promise<BackupJob | null> {
   const r = await v.tryRun(['backup-dumpxml', domain]);
   if (r.code !== 0) return null;
   return parseBackupJob(r.stdout);
 }
 
-/** Remove the job directory of a bkfs job (socket, scratch files, owner file). */
-function removeJobDir(job: BackupJob): void {
-  const dir = job.socket ? path.dirname(job.socket) : null;
-  if (dir && path.basename(dir).startsWith(SOCKET_DIR_PREFIX))
-    fs.rmSync(dir, { recursive: true, force: true });
-}
-
 /** End a pull-mode job that a killed bkfs left running; refuse any other running job. */
-async function endLeftoverJob(v: Virsh, o: LibvirtBackupOptions): Promise<void> {
+async function endLeftoverJob(v: Virsh, o: LibvirtBackupOptions, site: JobSite): Promise<void> {
   const op = jobOperation(await v.out(['domjobinfo', o.domain]));
   if (op === null) return;
   const job = op === 'Backup' ? await backupJobOf(v, o.domain) : null;
@@ -331,7 +331,7 @@ async function endLeftoverJob(v: Virsh, o: LibvirtBackupOptions): Promise<void> 
       `domain '${o.domain}' already has a backup job that bkfs did not start; if it is stale, end it with 'virsh domjobabort ${o.domain}'`,
     );
   }
-  const owner = readOwner(path.dirname(job.socket as string));
+  const owner = await site.readOwner(path.dirname(job.socket as string));
   if (owner && owner.host === os.hostname() && owner.pid !== process.pid && processAlive(owner.pid)) {
     throw new BkfsError(
       'SOURCE_IN_USE',
@@ -339,31 +339,10 @@ async function endLeftoverJob(v: Virsh, o: LibvirtBackupOptions): Promise<void> 
     );
   }
   await abortJob(v, o.domain, job.socket);
-  removeJobDir(job);
+  await site.removeJobDir(path.dirname(job.socket as string));
   o.onNotice?.(
     `ended the backup job of domain '${o.domain}' left by a bkfs that was killed${owner ? ` (pid ${owner.pid})` : ''}`,
   );
-}
-
-/** uid/gid of the domain's QEMU process (system libvirt), else of its first image; null: leave as is. */
-function qemuOwner(domain: string, image: string | null): { uid: number; gid: number } | null {
-  if (process.getuid?.() !== 0) return null;
-  for (const dir of ['/run/libvirt/qemu', '/var/run/libvirt/qemu']) {
-    try {
-      const pid = fs.readFileSync(path.join(dir, `${domain}.pid`), 'utf8').trim();
-      if (/^\d+$/.test(pid)) {
-        const st = fs.statSync(`/proc/${pid}`);
-        return { uid: st.uid, gid: st.gid };
-      }
-    } catch {
-      // not this place
-    }
-  }
-  if (image) {
-    const st = fs.statSync(image, { throwIfNoEntry: false });
-    if (st) return { uid: st.uid, gid: st.gid };
-  }
-  return null;
 }
 
 function noteSkipped(o: LibvirtBackupOptions, sel: DiskSelection): void {
@@ -430,6 +409,7 @@ function clearPending(repo: Repository, name: string): void {
 async function liveBackup(
   repo: Repository,
   v: Virsh,
+  site: JobSite,
   o: LibvirtBackupOptions,
   dom: DomainInfo,
   level: ResolvedLevel,
@@ -478,23 +458,27 @@ async function liveBackup(
   }
   checkAborted(o.signal);
 
-  // One private directory holds the job's socket, scratch files and XML; QEMU owns it.
-  const jobDir = fs.mkdtempSync(path.join(scratchBase(o), SOCKET_DIR_PREFIX));
+  // One private directory holds the job's socket, scratch files and XML; QEMU owns it. On a
+  // remote hypervisor it is made there, and the XML files virsh reads go to a local one.
+  const jobDir = await site.makeJobDir(
+    scratchBase(o),
+    dom.name || o.domain,
+    sel.selected[0]?.source ?? null,
+    {
+      pid: process.pid,
+      host: os.hostname(),
+      repo: repo.dir,
+    },
+  );
   const socket = path.join(jobDir, SOCKET_NAME);
-  let guard: JobGuard | undefined;
+  const xmlDir = site.xmlDir(jobDir);
+  let guard: Guard | undefined;
   let begun = false;
   let committed = false;
   try {
     if (socket.length > MAX_SOCKET_PATH) {
       throw new BkfsError('USAGE', `socket path ${socket} is too long: choose a shorter --scratch-dir`);
     }
-    fs.writeFileSync(
-      path.join(jobDir, OWNER_FILE),
-      JSON.stringify({ pid: process.pid, host: os.hostname(), repo: repo.dir }),
-    );
-    const owner = qemuOwner(dom.name || o.domain, sel.selected[0]?.source ?? null);
-    fs.chmodSync(jobDir, 0o700);
-    if (owner) fs.chownSync(jobDir, owner.uid, owner.gid);
     const selected = new Set(sel.selected.map((d) => d.target));
     const bxml = backupXml(
       socket,
@@ -505,11 +489,11 @@ async function liveBackup(
           : { name: d.target },
       ),
     );
-    const bxmlPath = path.join(jobDir, 'backup.xml');
+    const bxmlPath = path.join(xmlDir, 'backup.xml');
     fs.writeFileSync(bxmlPath, bxml);
     const args = ['backup-begin', o.domain, bxmlPath];
     if (lvName !== null) {
-      const cxmlPath = path.join(jobDir, 'checkpoint.xml');
+      const cxmlPath = path.join(xmlDir, 'checkpoint.xml');
       fs.writeFileSync(
         cxmlPath,
         checkpointXml(
@@ -520,7 +504,9 @@ async function liveBackup(
       );
       args.push(cxmlPath);
     }
-    guard = JobGuard.start({ virsh: v, domain: o.domain, socket, dir: jobDir });
+    const started = await site.startGuard(v, o.domain, socket, jobDir);
+    guard = started.guard;
+    const nbdSocket = started.socket;
 
     const fz = o.freeze === false ? { frozen: false, thaw: false } : await freeze(v, o.domain, guard, notice);
     try {
@@ -545,7 +531,7 @@ async function liveBackup(
       return {
         name: d.target,
         source: new PullSource({
-          socket,
+          socket: nbdSocket,
           target: d.target,
           exportName: jd?.exportName ?? d.target,
           exportBitmap: jd?.exportBitmap ?? null,
@@ -614,7 +600,9 @@ async function liveBackup(
           );
       }
     }
-    fs.rmSync(jobDir, { recursive: true, force: true });
+    await site
+      .removeJobDir(jobDir)
+      .catch((e: unknown) => notice(`could not remove the job directory ${jobDir}: ${(e as Error).message}`));
     await guard?.disarm();
   }
 }
@@ -662,7 +650,7 @@ async function abortJob(v: Virsh, domain: string, socket: string | null): Promis
 async function freeze(
   v: Virsh,
   domain: string,
-  guard: JobGuard,
+  guard: Guard,
   notice: (m: string) => void,
 ): Promise<{ frozen: boolean; thaw: boolean }> {
   guard.tell('frozen'); // first: virsh may freeze the guest and still fail (a timeout)
@@ -699,6 +687,7 @@ async function offlineBackup(
   o: LibvirtBackupOptions,
   dom: DomainInfo,
   configs: { name: string; data: Buffer }[],
+  site: JobSite,
 ): Promise<LibvirtBackupResult> {
   if (o.level === 'inc' || o.level === 'diff') {
     throw new BkfsError(
@@ -718,7 +707,10 @@ async function offlineBackup(
     vm: o.vm,
     disks: sel.selected.map((d) => ({
       name: d.target,
-      source: new OfflineImageSource(d.source as string, o.domain, d.format),
+      source:
+        site instanceof SshJobSite
+          ? site.imageSource(d.source as string, o.domain, d.format ?? 'raw', scratchBase(o))
+          : new OfflineImageSource(d.source as string, o.domain, d.format),
     })),
     level,
     ...(o.checkpoint !== undefined ? { checkpoint: o.checkpoint } : {}),

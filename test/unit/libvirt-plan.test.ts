@@ -1,11 +1,13 @@
 /**
  * Decisions of a libvirt backup: disk selection, checkpoint names, the reconciliation of libvirt's
- * checkpoints with the repository (every desync case), remote-URI refusal, virsh output.
+ * checkpoints with the repository (every desync case), libvirt URIs (local, ssh, refused ones),
+ * the quoting of remote commands, virsh output.
  */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
 import {
   checkConnectUri,
+  parseLibvirtUri,
   incrementalDisks,
   isBkfsSocket,
   isLiveState,
@@ -22,6 +24,8 @@ import {
 } from '../../src/backup/libvirt-plan';
 import type { DomainDisk, LibvirtCheckpoint } from '../../src/backup/libvirt-xml';
 import { isBkfsError } from '../../src/errors';
+import { remoteCommand, shq, sshArgs } from '../../src/backup/libvirt-remote';
+import { run } from '../../src/util/proc';
 
 function disk(target: string, o: Partial<DomainDisk> = {}): DomainDisk {
   return {
@@ -221,7 +225,7 @@ test('ownCheckpointsToDelete: only this repository, only those not kept', () => 
   assert.deepEqual(ownCheckpointsToDelete([`${legacyPrefix('r10')}check1`], P, new Set()), []);
 });
 
-test('checkConnectUri: local QEMU only', () => {
+test('parseLibvirtUri: local QEMU, or a remote host through ssh', () => {
   for (const ok of [
     undefined,
     'qemu:///system',
@@ -229,22 +233,43 @@ test('checkConnectUri: local QEMU only', () => {
     'qemu+unix:///system',
     'QEMU:///system',
   ]) {
+    assert.equal(parseLibvirtUri(ok, {}), null);
     assert.doesNotThrow(() => checkConnectUri(ok, {}));
   }
-  const usage = (re: RegExp) => (e: unknown) => isBkfsError(e, 'USAGE') && re.test((e as Error).message);
-  assert.throws(
-    () => checkConnectUri('qemu+ssh://host/system', {}),
-    usage(/remote libvirt hosts are not supported/),
+  assert.deepEqual(
+    parseLibvirtUri('qemu+ssh://backup@kvm1:2222/system?keyfile=/k/id&no_verify=1&no_tty=1', {}),
+    {
+      uri: 'qemu+ssh://backup@kvm1:2222/system?keyfile=/k/id&no_verify=1&no_tty=1',
+      user: 'backup',
+      host: 'kvm1',
+      port: 2222,
+      keyfile: '/k/id',
+      knownHosts: null,
+      noVerify: true,
+      localUri: 'qemu:///system',
+    },
   );
-  assert.throws(() => checkConnectUri('qemu+tcp://host/system', {}), usage(/remote/));
-  assert.throws(() => checkConnectUri('qemu://host/system', {}), usage(/remote/));
+  const t = parseLibvirtUri('qemu+ssh://[fd00::2]/session?known_hosts=/kh', {})!;
+  assert.equal(t.host, 'fd00::2');
+  assert.equal(t.user, null);
+  assert.equal(t.localUri, 'qemu:///session');
+  assert.deepEqual(sshArgs(t).slice(-4), ['-o', 'UserKnownHostsFile=/kh', '--', 'fd00::2']);
+  // The environment's default counts when --connect is not given.
+  assert.equal(parseLibvirtUri(undefined, { LIBVIRT_DEFAULT_URI: 'qemu+ssh://h/system' })?.host, 'h');
+  const usage = (re: RegExp) => (e: unknown) => isBkfsError(e, 'USAGE') && re.test((e as Error).message);
+  assert.throws(() => checkConnectUri('qemu+tcp://host/system', {}), usage(/through ssh only/));
+  assert.throws(() => checkConnectUri('qemu+tls://host/system', {}), usage(/through ssh only/));
+  assert.throws(() => checkConnectUri('qemu://host/system', {}), usage(/qemu\+ssh/));
   assert.throws(() => checkConnectUri('xen:///system', {}), usage(/QEMU domains only/));
   assert.throws(() => checkConnectUri('system', {}), usage(/not a libvirt URI/));
-  // The environment's default counts when --connect is not given.
-  assert.throws(
-    () => checkConnectUri(undefined, { LIBVIRT_DEFAULT_URI: 'qemu+ssh://h/system' }),
-    usage(/remote/),
-  );
+  assert.throws(() => checkConnectUri('qemu+ssh:///system', {}), usage(/no host/));
+});
+
+test('remote commands: every argument is one shell word', async () => {
+  const args = ["it's", 'a b', '$(touch /x)', '`y`', '"q"', '\\', ''];
+  const r = await run('sh', ['-c', `${remoteCommand('printf "%s\\n" "$@"', args)}`]);
+  assert.deepEqual(r.stdout.split('\n').slice(0, -1), args);
+  assert.equal(shq("a'b"), `'a'\\''b'`);
 });
 
 test('virsh output: job info, domain state, agent errors, error lines, bkfs sockets', () => {

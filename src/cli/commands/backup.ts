@@ -88,7 +88,7 @@ export function registerBackup(program: Command): void {
   program
     .command('backup')
     .description('back up the disks of a VM into a new checkpoint')
-    .argument('<vm>', 'VM name in the repository')
+    .argument('[vm]', 'VM name in the repository (default with --libvirt: the domain name)')
     .option(
       '-d, --disk <name=source>',
       'disk to back up: NAME=IMAGE, NAME=raw:IMAGE, NAME=qcow2:IMAGE or NAME=NBD-URI (repeatable)',
@@ -108,7 +108,10 @@ export function registerBackup(program: Command): void {
       [],
     )
     .option('--libvirt <domain>', 'back up a libvirt domain (running: live pull-mode backup)')
-    .option('--connect <uri>', 'with --libvirt: libvirt URI of the local host (default: virsh default)')
+    .option(
+      '--connect <uri>',
+      'with --libvirt: libvirt URI, local or qemu+ssh://[USER@]HOST/system (default: virsh default)',
+    )
     .option('--format <format>', 'declare the format (raw or qcow2) of every --disk image without a prefix')
     .option('--disks <list>', 'with --libvirt: back up only these disks (targets, e.g. vda,vdb)', collect, [])
     .option('--exclude <list>', 'with --libvirt: leave these disks out (e.g. vdb)', collect, [])
@@ -139,9 +142,18 @@ Examples:
   bkfs backup web --disk vda=/var/lib/libvirt/images/web.qcow2          # auto: incremental
   bkfs backup db --disk vda=nbd+unix:///vda?socket=/run/x.sock --level full
   bkfs backup web --libvirt web --level full
+  bkfs backup --libvirt web                                               # VM name = domain name
+  bkfs backup --libvirt web --connect 'qemu+ssh://root@kvm1/system?keyfile=/root/.ssh/bkfs'
   bkfs backup web --libvirt web --exclude vdb                             # auto: incremental`,
     )
-    .action(async (vm: string, opts: BackupCliOptions, cmd: Command) => {
+    .action(async (vmArg: string | undefined, opts: BackupCliOptions, cmd: Command) => {
+      if (vmArg === undefined && opts.libvirt === undefined) {
+        throw new BkfsError(
+          'USAGE',
+          'backup needs a VM name (or --libvirt DOMAIN, whose name it then takes)',
+        );
+      }
+      const vm = vmArg ?? (opts.libvirt as string);
       if (vm.includes('@')) {
         throw new BkfsError(
           'USAGE',
