@@ -11,12 +11,15 @@
  * The digests record the block map as the migration finds it: damage from before cannot be told
  * from intent by the index alone; `verify` compares every block map with its manifest for that.
  * An extent whose chunk row is already missing keeps failing (the reader checks chunk rows first).
+ *
+ * Format 2 -> 4 (frames chunks, codec 2): nothing to convert; `meta.format` and `bkfs-repo.json` are
+ * set to 4 in the same way, before the writer writes any codec-2 chunk. Old chunks keep their codec.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type Database from 'better-sqlite3';
 import type { Repository } from '../repo/repository';
-import { SCHEMA_V2_TABLES } from './schema';
+import { FORMAT_VERSION, SCHEMA_V2_TABLES } from './schema';
 import { repoModes, writeFileDurable } from '../util/private-fs';
 import { pageSum, writeDiskSums, type PageSum, type SumExtent } from './mapsum';
 
@@ -26,7 +29,10 @@ export function indexFormat(db: Database.Database): number {
   return Number(r?.value ?? 0);
 }
 
-/** Bring the repository to format 2 (caller holds the writer lock). Returns true if it migrated. */
+/**
+ * Bring the repository to the current format (2, then 4; caller holds the writer lock). Returns
+ * true if the index changed.
+ */
 export function migrateToV2(repo: Repository): boolean {
   const db = repo.db;
   let migrated = false;
@@ -40,16 +46,19 @@ export function migrateToV2(repo: Repository): boolean {
       for (const d of disks) {
         writeDiskSums(db, d.id, d.virtual_size, repo.config.pageSpan, lenientSums(db, d.id));
       }
-      db.prepare("UPDATE meta SET value = '2' WHERE key = 'format'").run();
+      db.prepare("UPDATE meta SET value = ? WHERE key = 'format'").run(String(FORMAT_VERSION));
     })();
     migrated = true;
+  } else if (indexFormat(db) < FORMAT_VERSION) {
+    db.prepare("UPDATE meta SET value = ? WHERE key = 'format'").run(String(FORMAT_VERSION));
+    migrated = true;
   }
-  if (repo.config.format < 2) {
+  if (repo.config.format < FORMAT_VERSION) {
     const cfgPath = path.join(repo.dir, 'bkfs-repo.json');
     const raw = JSON.parse(fs.readFileSync(cfgPath, 'utf8')) as Record<string, unknown>;
-    raw.format = 2;
+    raw.format = FORMAT_VERSION;
     writeFileDurable(cfgPath, Buffer.from(JSON.stringify(raw, null, 2) + '\n'), repoModes(repo.dir).file);
-    (repo.config as { format: number }).format = 2;
+    (repo.config as { format: number }).format = FORMAT_VERSION;
   }
   return migrated;
 }
