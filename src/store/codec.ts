@@ -40,8 +40,19 @@ export interface Encoded {
   data: Buffer;
 }
 
-/** Raw bytes per frame of a codec-2 chunk written by this bkfs (chosen by measurement, bench/README.md). */
-export const DEFAULT_FRAME_SIZE = 32 * 1024;
+/**
+ * Raw bytes per frame of a codec-2 chunk written by this bkfs: 32 KiB (chosen by measurement,
+ * bench/README.md). `BKFS_FRAME_SIZE` (bytes, a power of two from 4096 to 1 MiB, or 0 = one zstd
+ * frame per chunk as formats 1-2 wrote) overrides it: a knob for bench/ A/B runs and tests only.
+ */
+export const DEFAULT_FRAME_SIZE = frameSizeFromEnv(process.env.BKFS_FRAME_SIZE);
+
+function frameSizeFromEnv(v: string | undefined): number {
+  const n = Number(v);
+  if (v === undefined || v === '' || !Number.isInteger(n)) return 32 * 1024;
+  if (n === 0 || (n >= 4096 && n <= 1 << 20 && (n & (n - 1)) === 0)) return n;
+  return 32 * 1024;
+}
 
 /** Largest compressed size worth storing for `n` raw bytes: zstd must save at least 1/32. */
 function keepLimit(n: number): number {
