@@ -255,7 +255,7 @@ export async function runRandomRead(o: RandomReadOptions = {}): Promise<RandomRe
             'qemu-nbd',
             ['-r', '-t', '-f', 'qcow2', '-k', sock, '-x', 'vda', '-e', '4', top],
             sock,
-            () => fio({ uri: `nbd+unix:///vda?socket=${sock}` }, secs, qd),
+            (pid) => fioCpu(pid, { uri: `nbd+unix:///vda?socket=${sock}` }, secs, qd),
           );
         },
       ],
@@ -267,7 +267,7 @@ export async function runRandomRead(o: RandomReadOptions = {}): Promise<RandomRe
             bin,
             ['-r', repos.frames!, 'serve', 'vm', '--listen', `unix:${sock}`, '--foreground'],
             sock,
-            () => fio({ uri: `nbd+unix:///vda?socket=${sock}` }, secs, qd),
+            (pid) => fioCpu(pid, { uri: `nbd+unix:///vda?socket=${sock}` }, secs, qd),
           );
         },
       ],
@@ -357,6 +357,49 @@ export async function runRandomRead(o: RandomReadOptions = {}): Promise<RandomRe
     else process.env.BKFS_RUN_DIR = savedRunDir;
     if (!o.keep && o.workDir === undefined) fs.rmSync(work, { recursive: true, force: true });
   }
+}
+
+/** The markdown section bench/report.ts appends. */
+export function renderRandomRead(r: RandomReadResult): string {
+  const qc = r.random4k.qcow2;
+  const x = (a: number, b: number | undefined): string => (b ? `${(a / b).toFixed(2)}x` : 'n/a');
+  const lines = [
+    `## Random 4 KiB reads (fio randread, cold page cache, ${r.sizeMiB} MiB disk, median of ${r.runs})`,
+    '',
+    'Routes: `raw` = the flat raw file (O_DIRECT); `qcow2` = the qcow2 chain of ' +
+      `${r.chainDepth + 1} images through \`qemu-nbd -r\` (fio's nbd engine); \`serve\` = \`bkfs serve\` (nbd engine); ` +
+      '`mount` = `bkfs mount`, /mnt/vda.raw (O_DIRECT); `mount-v2` = the same with single-frame chunks (formats 1-2). ' +
+      'QD16: libaio iodepth 16, or the nbd engine with 16 requests in flight on one connection. ' +
+      'CPU: user+sys of the serving process per read (median of all runs).',
+    '',
+    '| route | QD1 IOPS | QD1 p99 µs | QD1 vs qcow2 | QD16 IOPS | QD16 p99 µs | QD16 vs qcow2 | CPU µs/read |',
+    '| ----- | -------: | ---------: | -----------: | --------: | ----------: | ------------: | ----------: |',
+  ];
+  for (const [k, v] of Object.entries(r.random4k)) {
+    lines.push(
+      `| ${k} | ${v.qd1.iops} | ${v.qd1.p99Us} | ${x(v.qd1.iops, qc?.qd1.iops)} | ${v.qd16.iops} | ${v.qd16.p99Us} | ${x(v.qd16.iops, qc?.qd16.iops)} | ${v.cpuUsPerRead ?? 'n/a'} |`,
+    );
+  }
+  if (Object.keys(r.sequential).length) {
+    lines.push(
+      '',
+      `Sequential \`dd bs=1M\` of the mount, cold: fuse-native in-memory ceiling ${r.fuseCeilingMBps} MB/s.`,
+      '',
+    );
+    lines.push(
+      '| route | cold MB/s | vs ceiling | warm MB/s |',
+      '| ----- | --------: | ---------: | --------: |',
+    );
+    for (const [k, v] of Object.entries(r.sequential)) {
+      lines.push(`| ${k} | ${v.coldMBps} | ${x(v.coldMBps, r.fuseCeilingMBps)} | ${v.warmMBps} |`);
+    }
+  }
+  lines.push(
+    '',
+    `Load average during the run: ${r.machine.load.map((l) => l.toFixed(1)).join(' ')} on ${r.machine.cpus} CPUs.`,
+    '',
+  );
+  return lines.join('\n');
 }
 
 function arg(name: string): string | undefined {

@@ -45,6 +45,8 @@ export class ChunkLoader {
   private readonly stored: LRUCache<number, { data: Buffer; table?: FrameTable }>;
   private readonly storedInflight = new Map<number, Promise<Buffer>>();
   framesDecoded = 0;
+  /** Read small ranges of frames chunks frame by frame (false: always whole chunks; for A/B in bench/). */
+  frameReads = true;
   private readonly locStmt: Database.Statement;
   /** Bytes read from pack files (compressed), for statistics. */
   bytesFromStore = 0;
@@ -107,7 +109,12 @@ export class ChunkLoader {
     outOff: number,
   ): Promise<void> {
     const whole = this.cache.get(id) ?? this.inflight.get(id);
-    if (whole !== undefined || loc.codec !== CODEC_FRAMES || (to - from) * 2 > loc.rawLen) {
+    if (
+      whole !== undefined ||
+      loc.codec !== CODEC_FRAMES ||
+      !this.frameReads ||
+      (to - from) * 2 > loc.rawLen
+    ) {
       const raw = await (whole ?? this.load(id, loc));
       raw.copy(out, outOff, from, to);
       return;
