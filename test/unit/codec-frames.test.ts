@@ -27,6 +27,8 @@ import {
 import { ChunkLoader, type ChunkLocation } from '../../src/store/chunk-cache';
 import { PackReader, PackWriter, checkRecordLengths, packPath } from '../../src/store/packs';
 import { randomBuffer, textFile } from '../helpers/images';
+import { Repository } from '../../src/repo/repository';
+import { FORMAT_VERSION } from '../../src/index/schema';
 
 const KiB = 1024;
 
@@ -306,5 +308,50 @@ describe('ChunkLoader.copyRange over a real pack', () => {
       damaged,
     );
     await assert.rejects(loader.load(c.loc.id, c.loc), damaged);
+  });
+});
+
+describe('format 2 -> 4', () => {
+  it('the first writer renumbers a format-2 repository (index and config) before writing frames chunks', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-format4-readpath-'));
+    try {
+      const repoDir = path.join(dir, 'repo');
+      Repository.init(repoDir).close();
+      const fmt = (): [string, number] => {
+        const d = new Database(path.join(repoDir, 'index.db'), { readonly: true });
+        try {
+          const v = (d.prepare("SELECT value FROM meta WHERE key = 'format'").get() as { value: string })
+            .value;
+          return [
+            v,
+            (JSON.parse(fs.readFileSync(path.join(repoDir, 'bkfs-repo.json'), 'utf8')) as { format: number })
+              .format,
+          ];
+        } finally {
+          d.close();
+        }
+      };
+      assert.equal(FORMAT_VERSION, 4);
+      assert.deepEqual(fmt(), ['4', 4], 'init writes format 4');
+      const d = new Database(path.join(repoDir, 'index.db'));
+      d.prepare("UPDATE meta SET value = '2' WHERE key = 'format'").run();
+      d.close();
+      const cfg = path.join(repoDir, 'bkfs-repo.json');
+      fs.writeFileSync(cfg, JSON.stringify({ ...JSON.parse(fs.readFileSync(cfg, 'utf8')), format: 2 }));
+      const ro = Repository.open(repoDir);
+      ro.close();
+      assert.deepEqual(fmt(), ['2', 2], 'readers do not migrate');
+      const w = Repository.open(repoDir);
+      try {
+        w.lockWriter('test');
+        assert.equal(w.config.format, 4);
+        w.unlockWriter();
+      } finally {
+        w.close();
+      }
+      assert.deepEqual(fmt(), ['4', 4]);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
