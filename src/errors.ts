@@ -60,6 +60,10 @@ export type ErrorCode =
   | 'TARGET_MISMATCH'
   /** A repository file (manifest, pin, gc state, pack header) is unreadable or inconsistent. */
   | 'REPO_CORRUPT'
+  /** `bkfs run`: the job file is not valid (syntax, unknown key, bad value). */
+  | 'JOB_INVALID'
+  /** `bkfs run`: some VMs (or the retention/gc step) failed; the others were backed up. */
+  | 'JOB_PARTIAL'
   /** The object store refused the credentials or denied access (bad key, secret, or policy). */
   | 'STORE_ACCESS'
   /** The object store cannot be reached or keeps failing (network, timeouts, HTTP 5xx after retries). */

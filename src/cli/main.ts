@@ -24,6 +24,7 @@ import { registerMount } from './commands/mount';
 import { registerServe } from './commands/serve';
 import { registerFiles } from './commands/files';
 import { registerMeta } from './commands/meta';
+import { registerRun } from './commands/run';
 
 export function buildProgram(): Command {
   const program = new Command('bkfs');
@@ -65,6 +66,7 @@ export function buildProgram(): Command {
   registerServe(program);
   registerFiles(program);
   registerMeta(program);
+  registerRun(program);
   program.addHelpText(
     'after',
     `
