@@ -123,7 +123,7 @@ function fio(file: string, seconds: number, jobs: number, sizeBytes?: number): F
 }
 
 /** A raw file of `mib` MiB whose 4 KiB pages are half random, half zeros (unique, ~2x zstd). */
-function writeHalfRandom(file: string, mib: number, seed: number): void {
+export function writeHalfRandom(file: string, mib: number, seed: number): void {
   const fd = fs.openSync(file, 'w');
   try {
     for (let i = 0; i < mib; i += 16) {

@@ -4,14 +4,17 @@
  *   bench/results/<date>-<mode>.md, .json, .svg   and   bench/results/latest-<mode>.md, .svg
  *
  *   node dist/bench/report.js --mode small|full --compare FILE --engine FILE --results DIR
- *                             [--parallel FILE] [--started EPOCH_SECONDS]
+ *                             [--parallel FILE] [--random-read FILE] [--started EPOCH_SECONDS]
  * `--parallel`: bench/parallel.ts's JSON (many backups into one repository), a table of its own.
+ * `--random-read`: bench/random-read.ts's JSON (fio 4 KiB randread through the mount, the NBD
+ * export, the qcow2 chain and the raw file); appended as its own section.
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { arg, errMsg, sh } from './lib/common';
 import { renderMarkdown, renderSvg, type CompareResult, type EngineResult, type Report } from './lib/report';
+import { renderRandomRead, type RandomReadResult } from './random-read';
 
 interface ParallelResult {
   vms: number;
@@ -68,6 +71,7 @@ async function main(): Promise<void> {
   const compare = readJson<CompareResult>(arg('compare', ''));
   const engine = readJson<EngineResult>(arg('engine', ''));
   const parallel = readJson<ParallelResult>(arg('parallel', ''));
+  const randomRead = readJson<RandomReadResult>(arg('random-read', ''));
   const started = Number(arg('started', '0'));
   const cpuinfo = fs.readFileSync('/proc/cpuinfo', 'utf8');
   const osRelease = fs.existsSync('/etc/os-release') ? fs.readFileSync('/etc/os-release', 'utf8') : '';
@@ -116,15 +120,16 @@ async function main(): Promise<void> {
     fs.writeFileSync(f, text);
     files.push(f);
   };
-  write(`${stem}.json`, JSON.stringify(parallel ? { ...report, parallel } : report, null, 2) + '\n');
+  write(`${stem}.json`, JSON.stringify({ ...report, parallel, randomRead }, null, 2) + '\n');
+  const rr = randomRead ? `\n${renderRandomRead(randomRead)}` : '';
   if (compare) {
     const svg = renderSvg(compare, title);
     write(`${stem}.svg`, svg);
     write(`latest-${mode}.svg`, svg);
   }
   const par = parallel ? renderParallel(parallel) : '';
-  write(`${stem}.md`, renderMarkdown(report, compare ? `${stem}.svg` : null) + par);
-  write(`latest-${mode}.md`, renderMarkdown(report, compare ? `latest-${mode}.svg` : null) + par);
+  write(`${stem}.md`, renderMarkdown(report, compare ? `${stem}.svg` : null) + par + rr);
+  write(`latest-${mode}.md`, renderMarkdown(report, compare ? `latest-${mode}.svg` : null) + par + rr);
   for (const f of files) process.stdout.write(`${f}\n`);
 }
 

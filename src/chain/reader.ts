@@ -6,7 +6,8 @@
  * (cached, hash-checked, concurrent) and copies the pieces into a zero-filled buffer: holes, zero
  * extents and unallocated ranges read as zeros. Reads past the end of the disk are clipped.
  *
- * Sequential access (a read starting where the previous one ended) triggers read-ahead: the next
+ * Sequential access (a read starting where the previous one of the same *stream* ended; a stream is
+ * an open file of the mount, given by the caller, or else the disk) triggers read-ahead: the next
  * `readAheadBytes` of chunks are loaded in the background, so `dd`/`cp`-style readers find them
  * decoded. Access is noted when a read starts, not when it ends, so overlapping in-order requests
  * (the kernel may keep more than one 128 KiB FUSE read in flight) still count as sequential.
@@ -63,8 +64,9 @@ export class CheckpointReader {
   private readonly pageStmt: Database.Statement;
   private readonly pageSpan: number;
   private readonly readAhead: number;
-  private readonly lastEnd = new Map<string, number>();
-  private readonly prefetched = new Map<string, number>();
+  /** Per stream (an open file's token, or the disk name): where its last read ended / read-ahead reached. */
+  private readonly lastEnd = new Map<unknown, number>();
+  private readonly prefetched = new Map<unknown, number>();
   /** `meta.format` of the index: 2 and later have block-map digests. */
   readonly format: number;
   private readonly sums = new Map<number, DiskSums>();
@@ -213,35 +215,42 @@ export class CheckpointReader {
   }
 
   /** Read `length` bytes at `offset` of a disk; clipped at the disk's end. */
-  async readAt(diskName: string, offset: number, length: number): Promise<Buffer> {
+  async readAt(diskName: string, offset: number, length: number, stream?: object): Promise<Buffer> {
     const disk = this.disk(diskName);
     checkRange(offset, length);
     const end = Math.min(offset + length, disk.virtual_size);
     if (end <= offset) return Buffer.alloc(0);
     const out = Buffer.alloc(end - offset);
-    await this.readRange(disk, offset, end, out);
+    await this.readRange(disk, offset, end, out, stream);
     return out;
+  }
+
+  /** Forget a stream's read-ahead state (its file was closed). */
+  endStream(stream: object): void {
+    this.lastEnd.delete(stream);
+    this.prefetched.delete(stream);
   }
 
   /**
    * Read up to `target.length` bytes at `offset` of a disk into `target`; returns how many bytes
-   * were filled (clipped at the disk's end; 0 at or past it). Holes are zero-filled.
+   * were filled (clipped at the disk's end; 0 at or past it). Holes are zero-filled. `stream`
+   * (e.g. the open file's handle object) keys read-ahead; without it, the disk does.
    */
-  async readInto(diskName: string, offset: number, target: Buffer): Promise<number> {
+  async readInto(diskName: string, offset: number, target: Buffer, stream?: object): Promise<number> {
     const disk = this.disk(diskName);
     checkRange(offset, target.length);
     const end = Math.min(offset + target.length, disk.virtual_size);
     if (end <= offset) return 0;
     const out = target.subarray(0, end - offset);
     out.fill(0);
-    await this.readRange(disk, offset, end, out);
+    await this.readRange(disk, offset, end, out, stream);
     return end - offset;
   }
 
   /** Fill the zeroed `out` with bytes [start, end) of `disk`, noting the access for read-ahead. */
-  private readRange(disk: DiskRow, start: number, end: number, out: Buffer): Promise<void> {
+  private readRange(disk: DiskRow, start: number, end: number, out: Buffer, stream?: object): Promise<void> {
     const done = this.fill(disk, start, end, out); // starts every load synchronously
-    this.noteAccess(disk, start, end);
+    this.noteAccess(disk, start, end, stream ?? disk.name);
     return done;
   }
 
@@ -263,11 +272,7 @@ export class CheckpointReader {
           jobs.push(Promise.reject(this.damaged(disk, s, t, `chunk ${loc.id} is in no indexed pack`)));
           continue;
         }
-        jobs.push(
-          this.loader.load(loc.id, loc).then((raw) => {
-            raw.copy(out, s - start, from, from + (t - s));
-          }),
-        );
+        jobs.push(this.loader.copyRange(loc.id, loc, from, from + (t - s), out, s - start));
       }
     }
     if (jobs.length === 1) {
@@ -279,9 +284,8 @@ export class CheckpointReader {
     }
   }
 
-  private noteAccess(disk: DiskRow, start: number, end: number): void {
+  private noteAccess(disk: DiskRow, start: number, end: number, key: unknown): void {
     if (this.readAhead <= 0) return;
-    const key = disk.name;
     const sequential = this.lastEnd.get(key) === start;
     this.lastEnd.set(key, end);
     if (!sequential) return;

@@ -286,7 +286,7 @@ export class CheckpointVfs {
     }
     const reader = h.reader!;
     try {
-      return await reader.readInto(node.disk.name, offset, target);
+      return await reader.readInto(node.disk.name, offset, target, h); // read-ahead per open file
     } catch (e) {
       this.reportReadError(reader, node, offset, target.length, e);
       throw new FsError('EIO', errorMessage(e));
@@ -294,6 +294,8 @@ export class CheckpointVfs {
   }
 
   release(fh: number): void {
+    const h = this.handles.get(fh);
+    if (h?.reader) h.reader.endStream(h);
     this.handles.delete(fh);
   }
 

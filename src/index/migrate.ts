@@ -11,12 +11,16 @@
  * The digests record the block map as the migration finds it: damage from before cannot be told
  * from intent by the index alone; `verify` compares every block map with its manifest for that.
  * An extent whose chunk row is already missing keeps failing (the reader checks chunk rows first).
+ *
+ * Then 2 -> 3 (concurrent writers, `migrateToV3`) and 3 -> 4 (frames chunks, codec 2,
+ * `migrateToV4`: nothing to convert; `meta.format` and `bkfs-repo.json` are set to 4 in the same
+ * way, before the writer writes any codec-2 chunk; old chunks keep their codec).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type Database from 'better-sqlite3';
 import type { Repository } from '../repo/repository';
-import { SCHEMA_V2_TABLES, SCHEMA_V3_CHANGES } from './schema';
+import { FORMAT_VERSION, SCHEMA_V2_TABLES, SCHEMA_V3_CHANGES } from './schema';
 import { repoModes, writeFileDurable } from '../util/private-fs';
 import { pageSum, writeDiskSums, type PageSum, type SumExtent } from './mapsum';
 
@@ -106,11 +110,34 @@ export function migrateToV3(repo: Repository): boolean {
   return migrated;
 }
 
+/**
+ * Bring the repository from format 3 to 4 (frames chunks, codec 2; see FORMAT.md): no table
+ * changes, only the number, so that an older bkfs, which cannot decode codec 2, refuses it. Set in
+ * the index, then in `bkfs-repo.json`, before this writer writes any codec-2 chunk. Returns true if
+ * the index changed.
+ */
+export function migrateToV4(repo: Repository): boolean {
+  const db = repo.db;
+  let migrated = false;
+  if (indexFormat(db) < 4) {
+    db.prepare("UPDATE meta SET value = '4' WHERE key = 'format'").run();
+    migrated = true;
+  }
+  const cfgPath = path.join(repo.dir, 'bkfs-repo.json');
+  const raw = JSON.parse(fs.readFileSync(cfgPath, 'utf8')) as Record<string, unknown>;
+  if (typeof raw.format !== 'number' || raw.format < 4) {
+    raw.format = 4;
+    writeFileDurable(cfgPath, Buffer.from(JSON.stringify(raw, null, 2) + '\n'), repoModes(repo.dir).file);
+  }
+  (repo.config as { format: number }).format = 4;
+  return migrated;
+}
+
 /** Does this repository need a migration (index or config older than this bkfs writes)? */
 export function needsMigration(repo: Repository): boolean {
-  if (indexFormat(repo.db) < 3) return true;
+  if (indexFormat(repo.db) < FORMAT_VERSION) return true;
   const raw = JSON.parse(fs.readFileSync(path.join(repo.dir, 'bkfs-repo.json'), 'utf8')) as {
     format?: unknown;
   };
-  return typeof raw.format !== 'number' || raw.format < 3;
+  return typeof raw.format !== 'number' || raw.format < FORMAT_VERSION;
 }

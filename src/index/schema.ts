@@ -5,8 +5,11 @@
  *
  * Format 2 = format 1 + `disk_maps` (block-map digests, `src/index/mapsum.ts`). A format-1 index
  * is read as is (without digest checks) and migrated by the first writer (`src/index/migrate.ts`).
+ * Format 3 = format 2 + concurrent writers (`SCHEMA_V3_CHANGES`). Format 4 = format 3 + chunks of
+ * codec 2 (frames, `src/store/codec.ts`); no table changes: the first writer only renumbers (so
+ * that an older bkfs, which cannot decode codec 2, refuses it).
  */
-export const FORMAT_VERSION = 3;
+export const FORMAT_VERSION = 4;
 
 /** Tables added by format 2. */
 export const SCHEMA_V2_TABLES = `

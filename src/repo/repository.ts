@@ -253,6 +253,7 @@ export class Repository {
       try {
         mig.migrateToV2(this);
         mig.migrateToV3(this);
+        mig.migrateToV4(this);
       } finally {
         ex.release();
       }

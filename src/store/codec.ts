@@ -8,6 +8,11 @@
  *   disk-like data at 310–380 MB/s per core, decompression ~1 GB/s. A chunk that does not shrink
  *   is stored raw (codec 0), so random data costs no decompression on read.
  *
+ * - Frames (codec 2, repository format 4): a chunk larger than `frameSize` (default 32 KiB) is
+ *   compressed as independently decodable pieces behind a frame table with a 16-byte BLAKE3 of each
+ *   frame's raw bytes, the table itself bound to the chunk's hash (see FORMAT.md, "Frames"). A 4 KiB
+ *   random read then reads and decodes one frame instead of the whole chunk (bench/README.md).
+ *
  * Pure functions over buffers; no I/O. Used both on the main thread (reads) and in the worker
  * pool (backup ingest). Each thread keeps its own zstd contexts (they are not thread-safe).
  */
@@ -15,9 +20,9 @@ import { blake3 } from '@napi-rs/blake-hash';
 import * as zstd from 'zstd-napi/binding';
 import { BkfsError } from '../errors';
 
-import { CODEC_RAW, CODEC_ZSTD, MAX_CHUNK_LEN } from './hash-len';
-export { CODEC_RAW, CODEC_ZSTD, MAX_CHUNK_LEN };
-export type Codec = typeof CODEC_RAW | typeof CODEC_ZSTD;
+import { CODEC_FRAMES, CODEC_RAW, CODEC_ZSTD, MAX_CHUNK_LEN } from './hash-len';
+export { CODEC_FRAMES, CODEC_RAW, CODEC_ZSTD, MAX_CHUNK_LEN };
+export type Codec = typeof CODEC_RAW | typeof CODEC_ZSTD | typeof CODEC_FRAMES;
 
 export { HASH_LEN } from './hash-len';
 
@@ -36,15 +41,25 @@ export interface Encoded {
 }
 
 /**
- * Compress one chunk; falls back to raw when zstd does not save at least 1/32 of the size.
- *
- * zstd writes into a reused scratch buffer only as large as the largest output we would keep, so
- * incompressible data fails fast ("destination too small") without allocating and page-faulting a
- * fresh compress-bound buffer per chunk (measured: ~10x less CPU per random chunk, bench/README.md).
- * A raw result is `raw` itself (no copy); a zstd result is a fresh exact-size Buffer that owns its
- * whole ArrayBuffer (offset 0), so a worker can transfer it.
+ * Raw bytes per frame of a codec-2 chunk written by this bkfs: 32 KiB (chosen by measurement,
+ * bench/README.md). `BKFS_FRAME_SIZE` (bytes, a power of two from 4096 to 1 MiB, or 0 = one zstd
+ * frame per chunk as formats 1-2 wrote) overrides it: a knob for bench/ A/B runs and tests only.
  */
-export function encodeChunk(raw: Buffer, level: number): Encoded {
+export const DEFAULT_FRAME_SIZE = frameSizeFromEnv(process.env.BKFS_FRAME_SIZE);
+
+function frameSizeFromEnv(v: string | undefined): number {
+  const n = Number(v);
+  if (v === undefined || v === '' || !Number.isInteger(n)) return 32 * 1024;
+  if (n === 0 || (n >= 4096 && n <= 1 << 20 && (n & (n - 1)) === 0)) return n;
+  return 32 * 1024;
+}
+
+/** Largest compressed size worth storing for `n` raw bytes: zstd must save at least 1/32. */
+function keepLimit(n: number): number {
+  return n - (n >> 5) - 1;
+}
+
+function compressCtx(level: number): zstd.CCtx {
   if (!cctx || cctxLevel !== level) {
     cctx = new zstd.CCtx();
     cctx.setParameter(zstd.CParameter.compressionLevel, level);
@@ -52,19 +67,223 @@ export function encodeChunk(raw: Buffer, level: number): Encoded {
     cctx.setParameter(zstd.CParameter.contentSizeFlag, 1);
     cctxLevel = level;
   }
-  const keep = raw.length - (raw.length >> 5) - 1; // largest compressed size worth storing
-  if (keep <= 0) return { codec: CODEC_RAW, data: raw };
+  return cctx;
+}
+
+/** zstd of `raw` into the scratch buffer, or -1 when it would not save 1/32 ("too small"). */
+function compressToScratch(raw: Buffer, level: number, keep: number): number {
+  const c = compressCtx(level);
   if (!scratch || scratch.length < keep) scratch = Buffer.allocUnsafeSlow(Math.max(keep, 256 * 1024));
-  let n: number;
   try {
-    n = cctx.compress2(scratch.subarray(0, keep), raw);
+    return c.compress2(scratch.subarray(0, keep), raw);
   } catch (e) {
-    if (/too small/i.test((e as Error).message)) return { codec: CODEC_RAW, data: raw };
+    if (/too small/i.test((e as Error).message)) return -1;
     throw e;
   }
+}
+
+/**
+ * Compress one chunk; falls back to raw when zstd does not save at least 1/32 of the size.
+ *
+ * zstd writes into a reused scratch buffer only as large as the largest output we would keep, so
+ * incompressible data fails fast ("destination too small") without allocating and page-faulting a
+ * fresh compress-bound buffer per chunk (measured: ~10x less CPU per random chunk, bench/README.md).
+ * A raw result is `raw` itself (no copy); a compressed result is a fresh exact-size Buffer that owns
+ * its whole ArrayBuffer (offset 0), so a worker can transfer it.
+ *
+ * A chunk longer than `frameSize` is written as frames (codec 2); `hash` is its BLAKE3 (computed
+ * here when not given), which the frame table is bound to. `frameSize` 0 writes one zstd frame
+ * (codec 1, what repository formats 1-2 hold).
+ */
+export function encodeChunk(
+  raw: Buffer,
+  level: number,
+  hash?: Buffer,
+  frameSize = DEFAULT_FRAME_SIZE,
+): Encoded {
+  const keep = keepLimit(raw.length);
+  if (keep <= 0) return { codec: CODEC_RAW, data: raw };
+  if (frameSize > 0 && raw.length > frameSize)
+    return encodeFrames(raw, level, hash ?? hashChunk(raw), frameSize);
+  const n = compressToScratch(raw, level, keep);
+  if (n < 0) return { codec: CODEC_RAW, data: raw };
   const out = Buffer.allocUnsafeSlow(n);
-  scratch.copy(out, 0, 0, n);
+  scratch!.copy(out, 0, 0, n);
   return { codec: CODEC_ZSTD, data: out };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames (codec 2). Stored bytes, integers big-endian:
+//   shift u8 | reserved u8 (0) | count u16 | entry * count | table_sum[16] | frame bytes ...
+//   entry := stored_len u32 | kind u8 (0 raw, 1 zstd) | frame_hash[16]
+// frame i holds raw bytes [i << shift, min(raw_len, (i + 1) << shift)); frame_hash = BLAKE3 of them
+// (first 16 bytes); table_sum = BLAKE3("bkfs-frames-v1\n" | chunk hash | raw_len u32 | header and
+// entries) (first 16 bytes). The frames' stored bytes follow in order, without gaps.
+
+const FRAME_HEADER_LEN = 4;
+const FRAME_ENTRY_LEN = 21;
+const FRAME_SUM_LEN = 16;
+const MIN_FRAME_SHIFT = 12;
+const MAX_FRAME_SHIFT = 20;
+const TABLE_DOMAIN = Buffer.from('bkfs-frames-v1\n');
+
+export interface FrameEntry {
+  rawOff: number;
+  rawLen: number;
+  /** Offset of the frame's stored bytes from the start of the chunk's stored bytes. */
+  storedOff: number;
+  storedLen: number;
+  kind: number;
+  hash: Buffer;
+}
+
+export interface FrameTable {
+  shift: number;
+  rawLen: number;
+  /** Bytes of header, entries and table sum (the first frame's stored bytes start here). */
+  tableLen: number;
+  frames: FrameEntry[];
+}
+
+function tableLenFor(count: number): number {
+  return FRAME_HEADER_LEN + count * FRAME_ENTRY_LEN + FRAME_SUM_LEN;
+}
+
+function tableSum(chunkHash: Buffer, rawLen: number, headerAndEntries: Buffer): Buffer {
+  const len = Buffer.alloc(4);
+  len.writeUInt32BE(rawLen);
+  return blake3(Buffer.concat([TABLE_DOMAIN, chunkHash, len, headerAndEntries])).subarray(0, FRAME_SUM_LEN);
+}
+
+function frameHash(raw: Buffer): Buffer {
+  return hashChunk(raw).subarray(0, FRAME_SUM_LEN);
+}
+
+function encodeFrames(raw: Buffer, level: number, hash: Buffer, frameSize: number): Encoded {
+  let shift = MIN_FRAME_SHIFT;
+  while (shift < MAX_FRAME_SHIFT && 1 << shift < frameSize) shift++;
+  const size = 1 << shift;
+  const count = Math.ceil(raw.length / size);
+  const tableLen = tableLenFor(count);
+  const keep = keepLimit(raw.length);
+  if (tableLen >= keep || count > 0xffff) return { codec: CODEC_RAW, data: raw };
+  const out = Buffer.allocUnsafeSlow(keep);
+  out.writeUInt8(shift, 0);
+  out.writeUInt8(0, 1);
+  out.writeUInt16BE(count, 2);
+  let pos = tableLen;
+  for (let i = 0; i < count; i++) {
+    const piece = raw.subarray(i * size, Math.min(raw.length, (i + 1) * size));
+    const n = compressToScratch(piece, level, keepLimit(piece.length));
+    const len = n < 0 ? piece.length : n;
+    if (pos + len > keep) return { codec: CODEC_RAW, data: raw }; // frames do not save 1/32 overall
+    if (n < 0) piece.copy(out, pos);
+    else scratch!.copy(out, pos, 0, n);
+    const e = FRAME_HEADER_LEN + i * FRAME_ENTRY_LEN;
+    out.writeUInt32BE(len, e);
+    out.writeUInt8(n < 0 ? 0 : 1, e + 4);
+    frameHash(piece).copy(out, e + 5);
+    pos += len;
+  }
+  tableSum(hash, raw.length, out.subarray(0, tableLen - FRAME_SUM_LEN)).copy(out, tableLen - FRAME_SUM_LEN);
+  const data = Buffer.allocUnsafeSlow(pos);
+  out.copy(data, 0, 0, pos);
+  return { codec: CODEC_FRAMES, data };
+}
+
+/**
+ * How many leading stored bytes of a codec-2 chunk surely hold its frame table (for the smallest
+ * frame size a table may declare): read this much, then `parseFrameTable`.
+ */
+export function frameTablePrefixLen(rawLen: number, storedLen: number): number {
+  return Math.min(storedLen, tableLenFor(Math.ceil(rawLen / (1 << MIN_FRAME_SHIFT))));
+}
+
+/**
+ * Parse and check the frame table at the start of a codec-2 chunk's stored bytes (`prefix` may be
+ * longer). Throws DATA_DAMAGED unless every field is possible for a chunk of `rawLen` raw and
+ * `storedLen` stored bytes and (when `chunkHash` is given) the table sum matches: a bad table never
+ * sends a reader to other bytes.
+ */
+export function parseFrameTable(
+  prefix: Buffer,
+  rawLen: number,
+  storedLen: number,
+  chunkHash?: Buffer,
+): FrameTable {
+  const bad = (why: string): BkfsError =>
+    new BkfsError('DATA_DAMAGED', `chunk frame table is damaged: ${why}`);
+  if (!Number.isSafeInteger(rawLen) || rawLen <= 0 || rawLen > MAX_CHUNK_LEN)
+    throw bad(`raw length ${rawLen}`);
+  if (prefix.length < FRAME_HEADER_LEN) throw bad('too short');
+  const shift = prefix.readUInt8(0);
+  const count = prefix.readUInt16BE(2);
+  if (shift < MIN_FRAME_SHIFT || shift > MAX_FRAME_SHIFT || prefix.readUInt8(1) !== 0) {
+    throw bad(`frame size 2^${shift}`);
+  }
+  const size = 1 << shift;
+  if (count !== Math.ceil(rawLen / size)) throw bad(`${count} frames for ${rawLen} bytes of 2^${shift}`);
+  const tableLen = tableLenFor(count);
+  if (prefix.length < tableLen || tableLen > storedLen) throw bad('truncated');
+  if (chunkHash) {
+    const want = tableSum(chunkHash, rawLen, prefix.subarray(0, tableLen - FRAME_SUM_LEN));
+    if (!want.equals(prefix.subarray(tableLen - FRAME_SUM_LEN, tableLen)))
+      throw bad('table checksum mismatch');
+  }
+  const frames: FrameEntry[] = [];
+  let pos = tableLen;
+  for (let i = 0; i < count; i++) {
+    const e = FRAME_HEADER_LEN + i * FRAME_ENTRY_LEN;
+    const rawOff = i * size;
+    const fRaw = Math.min(rawLen, rawOff + size) - rawOff;
+    const sLen = prefix.readUInt32BE(e);
+    const kind = prefix.readUInt8(e + 4);
+    if (kind > 1 || sLen <= 0 || (kind === 0 ? sLen !== fRaw : sLen >= fRaw)) {
+      throw bad(`frame ${i} has kind ${kind} and ${sLen} stored bytes for ${fRaw}`);
+    }
+    frames.push({
+      rawOff,
+      rawLen: fRaw,
+      storedOff: pos,
+      storedLen: sLen,
+      kind,
+      hash: Buffer.from(prefix.subarray(e + 5, e + 5 + FRAME_SUM_LEN)),
+    });
+    pos += sLen;
+  }
+  if (pos !== storedLen) throw bad(`frames end at ${pos}, the chunk at ${storedLen}`);
+  return { shift, rawLen, tableLen, frames };
+}
+
+/** Decode one frame from its stored bytes and check it against the table's frame hash. */
+export function decodeFrame(f: FrameEntry, stored: Buffer): Buffer {
+  if (stored.length !== f.storedLen) {
+    throw new BkfsError(
+      'DATA_DAMAGED',
+      `chunk frame has ${stored.length} stored bytes, expected ${f.storedLen}`,
+    );
+  }
+  const raw = f.kind === 0 ? stored : decompressBounded(stored, f.rawLen);
+  if (!frameHash(raw).equals(f.hash)) throw new BkfsError('DATA_DAMAGED', 'chunk frame hash mismatch');
+  return raw;
+}
+
+/** Every frame of a codec-2 chunk, decoded into one buffer (hashes: the caller checks the chunk's). */
+function decodeAllFrames(stored: Buffer, rawLen: number, chunkHash?: Buffer): Buffer {
+  const t = parseFrameTable(stored, rawLen, stored.length, chunkHash);
+  const out = Buffer.allocUnsafe(rawLen);
+  for (const f of t.frames) {
+    const src = stored.subarray(f.storedOff, f.storedOff + f.storedLen);
+    if (f.kind === 0) src.copy(out, f.rawOff);
+    else decompressInto(src, out.subarray(f.rawOff, f.rawOff + f.rawLen));
+  }
+  if (!chunkHash)
+    for (const f of t.frames) {
+      if (!frameHash(out.subarray(f.rawOff, f.rawOff + f.rawLen)).equals(f.hash)) {
+        throw new BkfsError('DATA_DAMAGED', 'chunk frame hash mismatch');
+      }
+    }
+  return out;
 }
 
 /**
@@ -91,6 +310,8 @@ export function decodeChunk(
     raw = stored;
   } else if (codec === CODEC_ZSTD) {
     raw = decompressBounded(stored, rawLen);
+  } else if (codec === CODEC_FRAMES) {
+    raw = decodeAllFrames(stored, rawLen, expectedHash);
   } else {
     throw new BkfsError('DATA_DAMAGED', `chunk has unknown codec ${codec}`);
   }
@@ -105,6 +326,14 @@ export function decodeChunk(
 
 /** Decompress zstd data that must hold exactly `rawLen` bytes, never allocating more. */
 function decompressBounded(stored: Buffer, rawLen: number): Buffer {
+  const out = Buffer.allocUnsafe(rawLen);
+  decompressInto(stored, out);
+  return out;
+}
+
+/** Decompress one zstd frame into exactly `out.length` bytes; anything else is DATA_DAMAGED. */
+function decompressInto(stored: Buffer, out: Buffer): void {
+  const rawLen = out.length;
   let declared: number | null;
   try {
     declared = zstd.getFrameContentSize(stored);
@@ -114,7 +343,6 @@ function decompressBounded(stored: Buffer, rawLen: number): Buffer {
   if (declared !== null && declared !== rawLen) {
     throw new BkfsError('DATA_DAMAGED', `chunk's zstd frame declares ${declared} bytes, expected ${rawLen}`);
   }
-  const out = Buffer.allocUnsafe(rawLen);
   let n: number;
   try {
     dctx ??= new zstd.DCtx();
@@ -126,7 +354,6 @@ function decompressBounded(stored: Buffer, rawLen: number): Buffer {
   if (n !== rawLen) {
     throw new BkfsError('DATA_DAMAGED', `chunk decodes to ${n} bytes, expected ${rawLen}`);
   }
-  return out;
 }
 
 const ZERO = Buffer.alloc(4 << 20);

@@ -7,6 +7,8 @@ export const HASH_LEN = 32;
 
 export const CODEC_RAW = 0;
 export const CODEC_ZSTD = 1;
+/** Several independently decodable frames with a frame table (format 4, `codec.ts`). */
+export const CODEC_FRAMES = 2;
 
 /**
  * Largest chunk any repository can have (`init` allows chunk sizes up to 16 MiB): a stored or raw

@@ -18,7 +18,7 @@ parentPort?.on('message', (job: Job) => {
   const t0 = performance.now();
   const hash = hashChunk(raw);
   const t1 = performance.now();
-  const enc = encodeChunk(raw, job.level);
+  const enc = encodeChunk(raw, job.level, hash);
   const t2 = performance.now();
   // A raw chunk is not sent back: the pool answers with the caller's own bytes. A zstd result owns
   // its ArrayBuffer (encodeChunk), so it is transferred, not copied; the hash is copied (32 bytes).

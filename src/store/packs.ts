@@ -21,7 +21,7 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BkfsError } from '../errors';
-import { CODEC_RAW, CODEC_ZSTD, HASH_LEN, MAX_CHUNK_LEN } from './hash-len';
+import { CODEC_FRAMES, CODEC_RAW, CODEC_ZSTD, HASH_LEN, MAX_CHUNK_LEN } from './hash-len';
 import { mkdirPrivate, openPrivate, repoModes } from '../util/private-fs';
 
 export const PACK_MAGIC = Buffer.from('BKFSPACK', 'ascii');
@@ -84,7 +84,7 @@ export function decodeRecordHeader(h: Buffer, chunkSize = MAX_CHUNK_LEN): Record
 export function checkRecordLengths(r: Omit<RecordHeader, 'hash'>, chunkSize = MAX_CHUNK_LEN): void {
   const max = Math.min(chunkSize, MAX_CHUNK_LEN);
   const ok =
-    (r.codec === CODEC_RAW || r.codec === CODEC_ZSTD) &&
+    (r.codec === CODEC_RAW || r.codec === CODEC_ZSTD || r.codec === CODEC_FRAMES) &&
     Number.isSafeInteger(r.rawLen) &&
     Number.isSafeInteger(r.storedLen) &&
     r.rawLen > 0 &&

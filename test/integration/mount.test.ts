@@ -532,7 +532,10 @@ describe('bkfs mount of damaged data', () => {
       assert.ok(ext?.loc, 'a data extent to damage');
       target = { offset: ext.offset, length: ext.length };
       const fd = fs.openSync(packPath(copy, ext.loc.pack), 'r+');
-      fs.writeSync(fd, Buffer.alloc(32, 0x5a), 0, 32, ext.loc.offset + Math.floor(ext.loc.storedLen / 2));
+      // Near the start of the stored bytes: a frames chunk's (codec 2) frame table, so every read
+      // of the chunk fails (damage inside one frame fails only that frame's reads:
+      // test/unit/codec-frames.test.ts); a raw or single-frame chunk fails as a whole either way.
+      fs.writeSync(fd, Buffer.alloc(32, 0x5a), 0, 32, ext.loc.offset + 8);
       fs.closeSync(fd);
     } finally {
       r.close();

@@ -168,6 +168,33 @@ describe('CheckpointVfs in checkpoint mode', () => {
     }
   });
 
+  it('read-ahead follows each open file: interleaved sequential readers both get it', async () => {
+    const repo = Repository.open(repoDir);
+    try {
+      const ahead = async (streams: boolean): Promise<boolean> => {
+        const reader = CheckpointReader.open(repo, 'web@check1', { cacheBytes: 64 * MiB });
+        const disk = reader.disk('vda');
+        const at2M = reader.page(disk, 0).find((e) => e.offset <= 2 * MiB && e.offset + e.length > 2 * MiB);
+        assert.ok(at2M?.loc, 'data at 2 MiB');
+        const a = {};
+        const b = {};
+        const buf = Buffer.alloc(128 * KiB);
+        await reader.readInto('vda', MiB, buf, streams ? a : undefined);
+        await reader.readInto('vda', 30 * MiB, buf, streams ? b : undefined);
+        await reader.readInto('vda', MiB + 128 * KiB, buf, streams ? a : undefined); // sequential for a
+        await new Promise((r) => setImmediate(r));
+        const has = reader.loader.has(at2M.loc.id);
+        reader.endStream(a);
+        reader.endStream(b);
+        return has;
+      };
+      assert.equal(await ahead(true), true, 'per-file streams: the next chunks are being loaded');
+      assert.equal(await ahead(false), false, 'one stream per disk: the other reader broke the sequence');
+    } finally {
+      repo.close();
+    }
+  });
+
   it('refuses writes with EROFS and answers ENOENT, ENOTDIR, EISDIR and EBADF', async () => {
     const repo = Repository.open(repoDir);
     const vfs = CheckpointVfs.open(repo, { ref: 'web' });

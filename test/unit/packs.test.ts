@@ -47,7 +47,7 @@ describe('pack format (golden bytes)', () => {
 describe('chunk codec', () => {
   it('compresses compressible data and stores random data raw', () => {
     const text = Buffer.from('block backup '.repeat(20000));
-    const z = encodeChunk(text, 1);
+    const z = encodeChunk(text, 1, undefined, 0); // one zstd frame (codec 1, formats 1-2)
     assert.equal(z.codec, CODEC_ZSTD);
     assert.ok(z.data.length < text.length / 10);
     assert.ok(decodeChunk(z.data, z.codec, text.length, hashChunk(text)).equals(text));
@@ -59,7 +59,7 @@ describe('chunk codec', () => {
 
   it('rejects damaged data instead of returning wrong bytes', () => {
     const text = Buffer.from('x'.repeat(100000));
-    const z = encodeChunk(text, 1);
+    const z = encodeChunk(text, 1, undefined, 0);
     const bad = Buffer.from(z.data);
     bad[bad.length - 3]! ^= 0xff;
     assert.throws(

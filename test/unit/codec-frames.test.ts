@@ -1,0 +1,357 @@
+/**
+ * Frames chunks (codec 2, repository format 4; src/store/codec.ts): encoding, whole and per-frame
+ * decoding, and hostile stored bytes. A damaged frame table, frame or chunk decodes to the chunk's
+ * bytes or fails DATA_DAMAGED, never to other bytes; a table is bound to its chunk's hash, so the
+ * stored bytes of another chunk are refused. Then `ChunkLoader.copyRange` over a real pack file:
+ * small ranges decode only their frames (cached per chunk and frame), big ranges the whole chunk,
+ * and a damaged frame fails only the ranges that need it.
+ */
+import { describe, it, before, after } from 'node:test';
+import * as assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import fc from 'fast-check';
+import Database from 'better-sqlite3';
+import {
+  CODEC_FRAMES,
+  CODEC_RAW,
+  CODEC_ZSTD,
+  decodeChunk,
+  decodeFrame,
+  encodeChunk,
+  frameTablePrefixLen,
+  hashChunk,
+  parseFrameTable,
+} from '../../src/store/codec';
+import { ChunkLoader, type ChunkLocation } from '../../src/store/chunk-cache';
+import { PackReader, PackWriter, checkRecordLengths, packPath } from '../../src/store/packs';
+import { randomBuffer, textFile } from '../helpers/images';
+import { Repository } from '../../src/repo/repository';
+import { FORMAT_VERSION } from '../../src/index/schema';
+
+const KiB = 1024;
+
+function damaged(e: unknown): boolean {
+  return (e as { code?: string }).code === 'DATA_DAMAGED';
+}
+
+/** 256 KiB: text, then random (raw frames), then zeros. */
+function mixedChunk(seed: number, size = 256 * KiB): Buffer {
+  const b = Buffer.alloc(size);
+  textFile(seed, size).copy(b, 0, 0, size >> 1);
+  randomBuffer(seed, size >> 2).copy(b, size >> 1);
+  return b;
+}
+
+describe('frames codec', () => {
+  it('a chunk larger than a frame is stored as frames: table checked, every frame decodes alone', () => {
+    const raw = mixedChunk(1);
+    const h = hashChunk(raw);
+    const enc = encodeChunk(raw, 1, h);
+    assert.equal(enc.codec, CODEC_FRAMES);
+    assert.ok(enc.data.length < raw.length - (raw.length >> 5));
+    assert.equal(enc.data.byteOffset, 0);
+    assert.equal(enc.data.buffer.byteLength, enc.data.length, 'owns its ArrayBuffer (transferable)');
+    checkRecordLengths({ codec: enc.codec, rawLen: raw.length, storedLen: enc.data.length });
+    assert.deepEqual(decodeChunk(enc.data, CODEC_FRAMES, raw.length, h), raw);
+    assert.deepEqual(
+      decodeChunk(enc.data, CODEC_FRAMES, raw.length),
+      raw,
+      'frame hashes checked without the chunk hash',
+    );
+    const t = parseFrameTable(enc.data, raw.length, enc.data.length, h);
+    assert.equal(t.frames.length, 8);
+    assert.equal(1 << t.shift, 32 * KiB);
+    assert.ok(
+      t.frames.some((f) => f.kind === 0) && t.frames.some((f) => f.kind === 1),
+      'raw and zstd frames',
+    );
+    const prefix = enc.data.subarray(0, frameTablePrefixLen(raw.length, enc.data.length));
+    assert.deepEqual(
+      parseFrameTable(prefix, raw.length, enc.data.length, h),
+      t,
+      'the prefix holds the table',
+    );
+    for (const f of t.frames) {
+      const got = decodeFrame(f, enc.data.subarray(f.storedOff, f.storedOff + f.storedLen));
+      assert.deepEqual(got, raw.subarray(f.rawOff, f.rawOff + f.rawLen));
+    }
+    // The same hash of the same bytes, whatever the frame size (dedup does not depend on it).
+    const one = encodeChunk(raw, 1, h, 0);
+    assert.equal(one.codec, CODEC_ZSTD);
+    assert.deepEqual(decodeChunk(one.data, CODEC_ZSTD, raw.length, h), raw);
+  });
+
+  it('incompressible chunks stay raw; chunks up to one frame are one zstd frame', () => {
+    const random = randomBuffer(3, 256 * KiB);
+    assert.equal(encodeChunk(random, 1).codec, CODEC_RAW);
+    const small = textFile(4, 32 * KiB).subarray(0, 32 * KiB);
+    assert.equal(encodeChunk(small, 1).codec, CODEC_ZSTD);
+  });
+
+  it('round-trips any chunk at any frame size (fast-check)', () => {
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 1, max: 300 * KiB }),
+        fc.constantFrom(4096, 8192, 32 * KiB, 64 * KiB),
+        fc.integer({ min: 0, max: 1000 }),
+        fc.integer({ min: 0, max: 3 }),
+        (size, frameSize, seed, kind) => {
+          const raw =
+            kind === 0
+              ? randomBuffer(seed, size)
+              : kind === 1
+                ? Buffer.from(textFile(seed, size).subarray(0, size))
+                : kind === 2
+                  ? Buffer.alloc(size, seed & 0xff)
+                  : mixedChunk(seed, size);
+          const h = hashChunk(raw);
+          const enc = encodeChunk(raw, 1, h, frameSize);
+          assert.ok(enc.codec === CODEC_RAW || enc.data.length < raw.length);
+          assert.deepEqual(decodeChunk(Buffer.from(enc.data), enc.codec, raw.length, h), raw);
+          if (enc.codec === CODEC_FRAMES) {
+            const t = parseFrameTable(enc.data, raw.length, enc.data.length, h);
+            assert.equal(t.frames.length, Math.ceil(raw.length / (1 << t.shift)));
+          }
+        },
+      ),
+      { numRuns: 60 },
+    );
+  });
+
+  it('hostile stored bytes: any flipped or cut bytes give the chunk (or its frame) or DATA_DAMAGED', () => {
+    const raw = mixedChunk(5, 96 * KiB);
+    const h = hashChunk(raw);
+    const enc = encodeChunk(raw, 1, h, 8192);
+    assert.equal(enc.codec, CODEC_FRAMES);
+    fc.assert(
+      fc.property(
+        fc.array(fc.tuple(fc.nat(enc.data.length - 1), fc.integer({ min: 0, max: 255 })), {
+          minLength: 1,
+          maxLength: 6,
+        }),
+        fc.integer({ min: 0, max: 3 }),
+        fc.boolean(),
+        (edits, cut, tableOnly) => {
+          const b = Buffer.from(enc.data.subarray(0, enc.data.length - cut));
+          const limit = tableOnly ? frameTablePrefixLen(raw.length, enc.data.length) : b.length;
+          for (const [i, v] of edits) if (i < limit && i < b.length) b[i] = v;
+          // Whole chunk.
+          try {
+            assert.ok(
+              decodeChunk(b, CODEC_FRAMES, raw.length, h).equals(raw),
+              'whole decode gave other bytes',
+            );
+          } catch (e) {
+            assert.ok(damaged(e), String(e));
+          }
+          // Frame by frame, as a random read does (the stored length comes from the index).
+          let t;
+          try {
+            t = parseFrameTable(b, raw.length, enc.data.length, h);
+          } catch (e) {
+            assert.ok(damaged(e), String(e));
+            return;
+          }
+          for (const f of t.frames) {
+            try {
+              const got = decodeFrame(f, b.subarray(f.storedOff, f.storedOff + f.storedLen));
+              assert.ok(
+                got.equals(raw.subarray(f.rawOff, f.rawOff + f.rawLen)),
+                'frame decoded to other bytes',
+              );
+            } catch (e) {
+              assert.ok(damaged(e), String(e));
+            }
+          }
+        },
+      ),
+      { numRuns: 400 },
+    );
+  });
+
+  it('a frame table is bound to its chunk: another chunk hash, raw length or stored length fails', () => {
+    const a = mixedChunk(6);
+    const b = mixedChunk(7);
+    const ea = encodeChunk(a, 1);
+    assert.throws(() => parseFrameTable(ea.data, a.length, ea.data.length, hashChunk(b)), /table checksum/);
+    assert.throws(() => decodeChunk(ea.data, CODEC_FRAMES, a.length, hashChunk(b)), damaged);
+    assert.throws(() => parseFrameTable(ea.data, a.length - 1, ea.data.length, hashChunk(a)), damaged);
+    assert.throws(() => parseFrameTable(ea.data, a.length, ea.data.length + 1, hashChunk(a)), damaged);
+    assert.throws(
+      () => parseFrameTable(ea.data.subarray(0, 10), a.length, ea.data.length, hashChunk(a)),
+      damaged,
+    );
+    // A hostile table whose checksum was recomputed by someone without the chunk hash still fails a frame.
+    const bad = Buffer.from(ea.data);
+    bad[0] = 11; // frame size 2^11: below the minimum
+    assert.throws(() => parseFrameTable(bad, a.length, bad.length), /frame size/);
+    const huge = Buffer.from(ea.data);
+    huge.writeUInt32BE(0xffffffff, 4); // first frame's stored length
+    assert.throws(() => parseFrameTable(huge, a.length, huge.length), damaged);
+    assert.throws(() => decodeChunk(huge, CODEC_FRAMES, a.length), damaged);
+  });
+});
+
+describe('ChunkLoader.copyRange over a real pack', () => {
+  let dir: string;
+  let db: Database.Database;
+  let packs: PackReader;
+  const chunks: { raw: Buffer; loc: ChunkLocation }[] = [];
+
+  before(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-frames-readpath-'));
+    fs.mkdirSync(path.join(dir, 'tmp'));
+    fs.mkdirSync(path.join(dir, 'packs'));
+    const w = await PackWriter.create(dir);
+    for (let i = 0; i < 4; i++) {
+      const raw = mixedChunk(20 + i);
+      const hash = hashChunk(raw);
+      const enc = encodeChunk(raw, 1, hash);
+      assert.equal(enc.codec, CODEC_FRAMES);
+      const pc = await w.append(
+        { codec: enc.codec, rawLen: raw.length, storedLen: enc.data.length, hash },
+        enc.data,
+      );
+      chunks.push({
+        raw,
+        loc: {
+          id: i + 1,
+          hash,
+          pack: w.name,
+          offset: pc.offset,
+          storedLen: enc.data.length,
+          rawLen: raw.length,
+          codec: enc.codec,
+        },
+      });
+    }
+    await w.seal();
+    db = new Database(':memory:');
+    db.exec(
+      'CREATE TABLE chunks (id, hash, pack_id, offset, stored_len, raw_len, codec); CREATE TABLE packs (id, name)',
+    );
+    packs = new PackReader(dir);
+  });
+
+  after(() => {
+    packs.close();
+    db.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('a 4 KiB read decodes one frame, cached by (chunk, frame); a large read decodes the chunk', async () => {
+    const loader = new ChunkLoader(db, packs, 64 << 20);
+    const c = chunks[0]!;
+    const out = Buffer.alloc(4096);
+    await loader.copyRange(c.loc.id, c.loc, 70 * KiB, 74 * KiB, out, 0);
+    assert.deepEqual(out, c.raw.subarray(70 * KiB, 74 * KiB));
+    assert.equal(loader.framesDecoded, 1);
+    assert.equal(loader.chunksDecoded, 0);
+    // Again, and across a frame boundary (frames 0 and 1 at 32 KiB): one more frame decoded.
+    await loader.copyRange(c.loc.id, c.loc, 70 * KiB, 74 * KiB, out, 0);
+    assert.equal(loader.framesDecoded, 1);
+    const across = Buffer.alloc(8192);
+    await loader.copyRange(c.loc.id, c.loc, 28 * KiB, 36 * KiB, across, 0);
+    assert.deepEqual(across, c.raw.subarray(28 * KiB, 36 * KiB));
+    assert.equal(loader.framesDecoded, 3);
+    // Concurrent small reads of another chunk share one pack read.
+    const before = loader.bytesFromStore;
+    const d = chunks[1]!;
+    const outs = [0, 1, 2, 3, 4, 5, 6, 7].map(() => Buffer.alloc(4096));
+    await Promise.all(
+      outs.map((o, i) =>
+        loader.copyRange(d.loc.id, d.loc, i * 32 * KiB + 100, i * 32 * KiB + 100 + 4096, o, 0),
+      ),
+    );
+    outs.forEach((o, i) =>
+      assert.deepEqual(o, d.raw.subarray(i * 32 * KiB + 100, i * 32 * KiB + 100 + 4096)),
+    );
+    assert.equal(loader.bytesFromStore - before, d.loc.storedLen, 'one read of the stored chunk');
+    // More than half the chunk: the whole chunk, hash-checked.
+    const big = Buffer.alloc(200 * KiB);
+    await loader.copyRange(chunks[2]!.loc.id, chunks[2]!.loc, 10 * KiB, 210 * KiB, big, 0);
+    assert.deepEqual(big, chunks[2]!.raw.subarray(10 * KiB, 210 * KiB));
+    assert.equal(loader.chunksDecoded, 1);
+  });
+
+  it('a damaged frame fails the reads that need it (DATA_DAMAGED), the other frames still read', async () => {
+    const c = chunks[3]!;
+    const t = parseFrameTable(
+      fs.readFileSync(packPath(dir, c.loc.pack)).subarray(c.loc.offset, c.loc.offset + c.loc.storedLen),
+      c.loc.rawLen,
+      c.loc.storedLen,
+      c.loc.hash,
+    );
+    const f = t.frames[2]!;
+    const file = packPath(dir, c.loc.pack);
+    fs.chmodSync(file, 0o600);
+    const fd = fs.openSync(file, 'r+');
+    const at = c.loc.offset + f.storedOff + (f.storedLen >> 1);
+    const one = Buffer.alloc(1);
+    fs.readSync(fd, one, 0, 1, at);
+    one[0] = one[0]! ^ 0x5a;
+    fs.writeSync(fd, one, 0, 1, at);
+    fs.closeSync(fd);
+    packs.close();
+    const loader = new ChunkLoader(db, packs, 64 << 20);
+    const out = Buffer.alloc(4096);
+    await assert.rejects(
+      loader.copyRange(c.loc.id, c.loc, f.rawOff + 8, f.rawOff + 8 + 4096, out, 0),
+      damaged,
+    );
+    await loader.copyRange(c.loc.id, c.loc, 0, 4096, out, 0);
+    assert.deepEqual(out, c.raw.subarray(0, 4096));
+    await assert.rejects(
+      loader.copyRange(c.loc.id, c.loc, 0, 200 * KiB, Buffer.alloc(200 * KiB), 0),
+      damaged,
+    );
+    await assert.rejects(loader.load(c.loc.id, c.loc), damaged);
+  });
+});
+
+describe('format 2 -> 4', () => {
+  it('the first writer renumbers a format-2 repository (index and config) before writing frames chunks', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-format4-readpath-'));
+    try {
+      const repoDir = path.join(dir, 'repo');
+      Repository.init(repoDir).close();
+      const fmt = (): [string, number] => {
+        const d = new Database(path.join(repoDir, 'index.db'), { readonly: true });
+        try {
+          const v = (d.prepare("SELECT value FROM meta WHERE key = 'format'").get() as { value: string })
+            .value;
+          return [
+            v,
+            (JSON.parse(fs.readFileSync(path.join(repoDir, 'bkfs-repo.json'), 'utf8')) as { format: number })
+              .format,
+          ];
+        } finally {
+          d.close();
+        }
+      };
+      assert.equal(FORMAT_VERSION, 4);
+      assert.deepEqual(fmt(), ['4', 4], 'init writes format 4');
+      const d = new Database(path.join(repoDir, 'index.db'));
+      d.prepare("UPDATE meta SET value = '2' WHERE key = 'format'").run();
+      d.close();
+      const cfg = path.join(repoDir, 'bkfs-repo.json');
+      fs.writeFileSync(cfg, JSON.stringify({ ...JSON.parse(fs.readFileSync(cfg, 'utf8')), format: 2 }));
+      const ro = Repository.open(repoDir);
+      ro.close();
+      assert.deepEqual(fmt(), ['2', 2], 'readers do not migrate');
+      const w = Repository.open(repoDir);
+      try {
+        w.lockWriter('test');
+        assert.equal(w.config.format, 4);
+        w.unlockWriter();
+      } finally {
+        w.close();
+      }
+      assert.deepEqual(fmt(), ['4', 4]);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
