@@ -103,6 +103,11 @@ function print(s: BackupStats, bytes: number, cpu: { bkfs: number; nbd: number }
 async function main(): Promise<void> {
   const tmp = await fsp.mkdtemp(path.join(process.env.BKFS_BENCH_DIR ?? os.tmpdir(), 'bkfs-profile-'));
   try {
+    const make = arg('make-image', '');
+    if (make) {
+      await makeImage(path.resolve(make), Number(arg('size-mib', '1024')), arg('data', 'half'));
+      return;
+    }
     let image = arg('image', '');
     if (!image) {
       image = path.join(tmp, 'disk.qcow2');
@@ -111,7 +116,8 @@ async function main(): Promise<void> {
     const runs = Number(arg('runs', '1'));
     const all: unknown[] = [];
     for (let r = 0; r < runs; r++) {
-      await sh('sh', ['-c', `cat '${image}' > /dev/null`]);
+      if (process.argv.includes('--cold')) await sh('sh', ['-c', 'sync; echo 3 > /proc/sys/vm/drop_caches']);
+      else await sh('sh', ['-c', `cat '${image}' > /dev/null`]);
       const dir = path.join(tmp, `repo${r}`);
       const level = arg('level', '');
       const repo = Repository.init(dir, level ? { compressionLevel: Number(level) } : {});
