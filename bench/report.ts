@@ -10,7 +10,14 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { arg, errMsg, sh } from './lib/common';
-import { renderMarkdown, renderSvg, type CompareResult, type EngineResult, type Report } from './lib/report';
+import {
+  mdTargets,
+  renderMarkdown,
+  renderSvg,
+  type CompareResult,
+  type EngineResult,
+  type Report,
+} from './lib/report';
 
 function readJson<T>(file: string): T | null {
   try {
@@ -94,6 +101,7 @@ async function main(): Promise<void> {
   write(`${stem}.md`, renderMarkdown(report, compare ? `${stem}.svg` : null));
   write(`latest-${mode}.md`, renderMarkdown(report, compare ? `latest-${mode}.svg` : null));
   for (const f of files) process.stdout.write(`${f}\n`);
+  process.stdout.write(`\n${mdTargets(report).join('\n')}\n`);
 }
 
 main().catch((e: unknown) => {
