@@ -626,14 +626,21 @@ async function* readGroups(job: DiskJob, start: number, end: number): AsyncGener
 class BufferPool {
   private readonly free: Buffer[] = [];
   private readonly waiters: ((b: Buffer) => void)[] = [];
+  private made = 0;
 
-  constructor(count: number, size: number) {
-    for (let i = 0; i < count; i++) this.free.push(Buffer.from(new SharedArrayBuffer(size)));
-  }
+  /** Up to `count` buffers of `size` bytes, made when first needed (a small incremental makes few). */
+  constructor(
+    private readonly count: number,
+    private readonly size: number,
+  ) {}
 
   acquire(): Promise<Buffer> {
     const b = this.free.pop();
     if (b) return Promise.resolve(b);
+    if (this.made < this.count) {
+      this.made++;
+      return Promise.resolve(Buffer.from(new SharedArrayBuffer(this.size)));
+    }
     return new Promise((resolve) => this.waiters.push(resolve));
   }
 
