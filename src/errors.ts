@@ -60,6 +60,10 @@ export type ErrorCode =
   | 'TARGET_MISMATCH'
   /** A repository file (manifest, pin, gc state, pack header) is unreadable or inconsistent. */
   | 'REPO_CORRUPT'
+  /** The object store refused the credentials or denied access (bad key, secret, or policy). */
+  | 'STORE_ACCESS'
+  /** The object store cannot be reached or keeps failing (network, timeouts, HTTP 5xx after retries). */
+  | 'STORE_UNAVAILABLE'
   /** The work was interrupted by a signal. */
   | 'INTERRUPTED';
 

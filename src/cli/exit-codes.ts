@@ -34,5 +34,7 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   SOURCE_UNSAFE: 25,
   TARGET_MISMATCH: 26,
   REPO_CORRUPT: 27,
+  STORE_ACCESS: 33,
+  STORE_UNAVAILABLE: 34,
   INTERRUPTED: 130,
 };
