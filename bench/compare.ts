@@ -40,7 +40,7 @@ import {
   timed,
   withExt4ReadOnly,
 } from './lib/common';
-import { makeDataset, replayDelta, stateRaw, type Dataset } from './lib/dataset';
+import { makeDataset, qemuNbd, replayDelta, stateRaw, type Dataset } from './lib/dataset';
 import {
   Bkfs,
   Borg,
@@ -52,7 +52,7 @@ import {
   VirtNbdBackup,
   logNotes,
 } from './lib/tools';
-import type { Cell, CompareResult, Metric } from './lib/report';
+import type { Baselines, Cell, CompareResult, Metric } from './lib/report';
 
 const mode = arg('mode', 'small') === 'full' ? 'full' : 'small';
 const small = mode === 'small';
@@ -116,6 +116,44 @@ R.metric('file', 'Restore one small file', 's', 'lower');
 R.metric('disk', 'Restore the whole disk', 's', 'lower');
 
 const errors: string[] = [];
+const baselines: Baselines = { convertRaw: [], nbdcopy: [], bkfsFullCpuSecs: [] };
+
+/**
+ * `qemu-img convert -O raw` and `nbdcopy` (from `qemu-nbd -r`, as bkfs reads) of the full's image
+ * to a file on the same disk, each after dropping the caches and timed up to a `sync`, as the
+ * tools' full backups are.
+ */
+async function fullBaselines(ds: Dataset): Promise<void> {
+  const out = path.join(WORK, 'baseline.raw');
+  try {
+    await dropCaches();
+    const c = await timed(async () => {
+      await sh('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', ds.base, out]);
+      await sh('sync', []);
+    });
+    baselines.convertRaw.push(c);
+    await fsp.rm(out, { force: true });
+    const srv = await qemuNbd(ds.base, path.join(WORK, 'baseline.sock'), { readOnly: true });
+    try {
+      await dropCaches();
+      const n = await timed(async () => {
+        await sh('nbdcopy', [srv.uri, out]);
+        await sh('sync', []);
+      });
+      baselines.nbdcopy.push(n);
+    } finally {
+      await srv.stop();
+    }
+    log(
+      `baselines: qemu-img convert -O raw ${c.toFixed(2)} s, nbdcopy ${baselines.nbdcopy.at(-1)?.toFixed(2)} s`,
+    );
+  } catch (e) {
+    log(`baselines failed: ${errMsg(e)}`);
+    errors.push(`baselines: ${errMsg(e)}`);
+  } finally {
+    await fsp.rm(out, { force: true });
+  }
+}
 
 function fail(metric: string, t: Tool, e: unknown): void {
   const msg = errMsg(e);
@@ -269,12 +307,15 @@ async function main(): Promise<void> {
           }
           R.add('full', t.id, secs);
           log(`${t.id}: full backup run ${r + 1}/${RUNS}: ${secs.toFixed(2)} s`);
+          if (t instanceof Bkfs) baselines.bkfsFullCpuSecs.push(t.lastFullCpuSecs);
           if (slot !== 'main') await t.discardSlot(slot);
         } catch (e) {
           fail('full', t, e);
           broken.add(t.id);
         }
       }
+      // Issue 16's baselines for the full backup, on the same image in the same run.
+      await fullBaselines(ds);
     }
 
     // The history.
@@ -469,6 +510,7 @@ async function main(): Promise<void> {
     for (const t of tools) await t.teardown().catch((e: unknown) => log(`${t.id}: teardown: ${errMsg(e)}`));
     const result: CompareResult = {
       mode,
+      baselines,
       params: {
         diskMiB: SIZE_MIB,
         checkpoints: CHECKPOINTS,

@@ -42,17 +42,22 @@ const BKFS = path.resolve(arg('bkfs', path.join(__dirname, '../../bin/bkfs')));
 const RUNS = Number(arg('runs', small ? '1' : '3'));
 const MAIN_MIB = small ? 1024 : 4096;
 const RSS_MIB = small ? [512, 1024] : [1024, 4096];
+/** A large, mostly unallocated disk for the peak-RSS check (issue 16: flat up to 40 GiB). */
+const SPARSE_MIB = small ? 8192 : 40960;
 const BLOCK = 32 * MiB;
 
-/** qcow2 of `sizeMiB`: alternating 32 MiB blocks of random data and unallocated zeros. */
-async function halfImage(file: string, sizeMiB: number): Promise<number> {
+/**
+ * qcow2 of `sizeMiB`: 32 MiB blocks of random data, every `every`-th block (default 2: half the
+ * disk), the rest unallocated zeros.
+ */
+async function halfImage(file: string, sizeMiB: number, every = 2): Promise<number> {
   const raw = `${file}.raw`;
   const fh = await fsp.open(raw, 'w');
   let data = 0;
   try {
     await fh.truncate(sizeMiB * MiB);
     for (let off = 0, i = 0; off < sizeMiB * MiB; off += BLOCK, i++) {
-      if (i % 2 === 1) continue;
+      if (i % every !== 0) continue;
       const b = randomBuffer(9000 + i, BLOCK);
       await fh.write(b, 0, b.length, off);
       data += b.length;
@@ -96,7 +101,7 @@ async function bkfsBackup(
   repo: string,
   image: string,
   level: string,
-): Promise<{ secs: number; rss: number; cpu: number }> {
+): Promise<{ secs: number; rss: number; cpu: number; cpuSecs: number }> {
   const tv = path.join(WORK, 'time-v.txt');
   const secs = await timed(async () => {
     await sh('/usr/bin/time', [
@@ -118,7 +123,14 @@ async function bkfsBackup(
   const text = await fsp.readFile(tv, 'utf8');
   const m = /Maximum resident set size \(kbytes\): (\d+)/.exec(text);
   const c = /Percent of CPU this job got: (\d+)%/.exec(text);
-  return { secs, rss: m ? Number(m[1]) * 1024 : 0, cpu: c ? Number(c[1]) : NaN };
+  const u = /User time \(seconds\): ([\d.]+)/.exec(text);
+  const sy = /System time \(seconds\): ([\d.]+)/.exec(text);
+  return {
+    secs,
+    rss: m ? Number(m[1]) * 1024 : 0,
+    cpu: c ? Number(c[1]) : NaN,
+    cpuSecs: u && sy ? Number(u[1]) + Number(sy[1]) : NaN,
+  };
 }
 
 async function indexBytes(repo: string): Promise<number> {
@@ -169,6 +181,27 @@ async function changeOnePercent(image: string, sizeMiB: number, seed: number): P
 
 const s = (xs: number[]): Stat | null => stat(xs);
 
+/** Wall ms of `bkfs --help`, `bkfs list` (an empty repository) and `node -e 0`, 15 runs each. */
+async function startup(): Promise<{ help: Stat | null; list: Stat | null; node: Stat | null }> {
+  const repo = path.join(WORK, 'startup-repo');
+  await sh(BKFS, ['-r', repo, 'init']);
+  const times = async (cmd: string, args: string[]): Promise<Stat | null> => {
+    const xs: number[] = [];
+    for (let i = 0; i < 15; i++) xs.push(1000 * (await timed(() => sh(cmd, args))));
+    return s(xs);
+  };
+  const r = {
+    node: await times(process.execPath, ['-e', '0']),
+    help: await times(BKFS, ['--help']),
+    list: await times(BKFS, ['-r', repo, 'list']),
+  };
+  await rmTree(repo);
+  log(
+    `engine: start-up (median of 15): node -e 0 ${r.node?.median.toFixed(0)} ms, bkfs --help ${r.help?.median.toFixed(0)} ms, bkfs list ${r.list?.median.toFixed(0)} ms`,
+  );
+  return r;
+}
+
 async function main(): Promise<void> {
   const t0 = Date.now();
   await fsp.mkdir(WORK, { recursive: true });
@@ -187,6 +220,7 @@ async function main(): Promise<void> {
     const full: number[] = [];
     const rss: number[] = [];
     const cpu: number[] = [];
+    const cpuSecs: number[] = [];
     const convert: number[] = [];
     const copy: number[] = [];
     const mainRepo = path.join(WORK, 'repo-main');
@@ -199,6 +233,7 @@ async function main(): Promise<void> {
       full.push(b.secs);
       rss.push(b.rss);
       cpu.push(b.cpu);
+      cpuSecs.push(b.cpuSecs / (dataBytes / GiB));
       log(
         `engine: bkfs full ${r + 1}/${RUNS}: ${b.secs.toFixed(2)} s, peak RSS ${(b.rss / MiB).toFixed(0)} MiB, CPU ${b.cpu} %`,
       );
@@ -236,6 +271,7 @@ async function main(): Promise<void> {
     }
     res.full = s(full);
     res.fullCpuPercent = s(cpu.filter((x) => Number.isFinite(x)));
+    res.fullCpuSecsPerGiB = s(cpuSecs.filter((x) => Number.isFinite(x)));
     res.nproc = os.availableParallelism();
     res.convert = s(convert);
     res.nbdcopy = s(copy);
@@ -283,6 +319,26 @@ async function main(): Promise<void> {
       res.rss[String(mib)] = s(xs);
       await fsp.rm(im, { force: true });
     }
+    {
+      // Flat in disk size: a large disk with one 32 MiB block of data in 20.
+      const im = path.join(WORK, `sparse${SPARSE_MIB}.qcow2`);
+      const data = await halfImage(im, SPARSE_MIB, 20);
+      const xs: number[] = [];
+      for (let r = 0; r < RUNS; r++) {
+        const repo = path.join(WORK, `sparse-repo-${r}`);
+        await sh(BKFS, ['-r', repo, 'init']);
+        await warm(im);
+        const b = await bkfsBackup(repo, im, 'full');
+        xs.push(b.rss);
+        log(
+          `engine: bkfs full of ${SPARSE_MIB} MiB (${(data / MiB).toFixed(0)} MiB data): ${b.secs.toFixed(2)} s, peak RSS ${(b.rss / MiB).toFixed(0)} MiB`,
+        );
+        await rmTree(repo);
+      }
+      res.rss[String(SPARSE_MIB)] = s(xs);
+      await fsp.rm(im, { force: true });
+    }
+    res.startupMs = await startup();
   } catch (e) {
     log(`engine: stopped: ${errMsg(e)}`);
     res.errors.push(errMsg(e));

@@ -6,10 +6,13 @@
  *
  *   bench/profile [--image FILE.qcow2] [--size-mib 1024] [--data half|mixed] [--runs 1]
  *                 [--read-size BYTES] [--read-concurrency N] [--workers N] [--level N] [--json]
+ *                 [--cold] [--make-image FILE.qcow2]
  *
  * Without --image it builds one in a temporary directory: `half` (the engine bench's image:
  * 32 MiB blocks alternating random data and holes) or `mixed` (random / compressible text / hole).
- * The image is read into the page cache first, so the figures are the pipeline's, not the disk's.
+ * The image is read into the page cache first, so the figures are the pipeline's, not the disk's;
+ * `--cold` drops the page cache instead (as bench/compare.ts does). `--make-image FILE` only builds
+ * the image (--size-mib, --data) and exits, for A/B runs of two builds on one image.
  */
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
@@ -71,7 +74,7 @@ function print(s: BackupStats, bytes: number, cpu: { bkfs: number; nbd: number }
     ],
     [
       'read',
-      `${(bytes / MiB).toFixed(0)} MiB in ${s.reads} NBD reads, ${s.chunks} chunks hashed (${s.rawChunks} stored raw)`,
+      `${(bytes / MiB).toFixed(0)} MiB in ${s.reads} NBD reads over ${s.connections} connection(s), ${s.chunks} chunks hashed (${s.rawChunks} stored raw)`,
     ],
     ['throughput', `${(bytes / MiB / (s.wallMs / 1000)).toFixed(0)} MiB/s wall`],
     [
@@ -103,6 +106,11 @@ function print(s: BackupStats, bytes: number, cpu: { bkfs: number; nbd: number }
 async function main(): Promise<void> {
   const tmp = await fsp.mkdtemp(path.join(process.env.BKFS_BENCH_DIR ?? os.tmpdir(), 'bkfs-profile-'));
   try {
+    const make = arg('make-image', '');
+    if (make) {
+      await makeImage(path.resolve(make), Number(arg('size-mib', '1024')), arg('data', 'half'));
+      return;
+    }
     let image = arg('image', '');
     if (!image) {
       image = path.join(tmp, 'disk.qcow2');
@@ -111,7 +119,8 @@ async function main(): Promise<void> {
     const runs = Number(arg('runs', '1'));
     const all: unknown[] = [];
     for (let r = 0; r < runs; r++) {
-      await sh('sh', ['-c', `cat '${image}' > /dev/null`]);
+      if (process.argv.includes('--cold')) await sh('sh', ['-c', 'sync; echo 3 > /proc/sys/vm/drop_caches']);
+      else await sh('sh', ['-c', `cat '${image}' > /dev/null`]);
       const dir = path.join(tmp, `repo${r}`);
       const level = arg('level', '');
       const repo = Repository.init(dir, level ? { compressionLevel: Number(level) } : {});

@@ -13,7 +13,14 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { arg, errMsg, sh } from './lib/common';
-import { renderMarkdown, renderSvg, type CompareResult, type EngineResult, type Report } from './lib/report';
+import {
+  mdTargets,
+  renderMarkdown,
+  renderSvg,
+  type CompareResult,
+  type EngineResult,
+  type Report,
+} from './lib/report';
 import { renderRandomRead, type RandomReadResult } from './random-read';
 
 interface ParallelResult {
@@ -131,6 +138,7 @@ async function main(): Promise<void> {
   write(`${stem}.md`, renderMarkdown(report, compare ? `${stem}.svg` : null) + par + rr);
   write(`latest-${mode}.md`, renderMarkdown(report, compare ? `latest-${mode}.svg` : null) + par + rr);
   for (const f of files) process.stdout.write(`${f}\n`);
+  process.stdout.write(`\n${mdTargets(report).join('\n')}\n`);
 }
 
 main().catch((e: unknown) => {

@@ -24,8 +24,19 @@ export interface ToolInfo {
   unavailable?: string;
 }
 
+/** Full-backup baselines measured on the comparison's disk image in the same runs (issue 16). */
+export interface Baselines {
+  /** `qemu-img convert -f qcow2 -O raw` of the image to a file on the same disk, s. */
+  convertRaw: number[];
+  /** `nbdcopy` from a `qemu-nbd -r` export of the image to a file on the same disk, s. */
+  nbdcopy: number[];
+  /** user+sys CPU seconds of bkfs's full backups (its whole process tree, qemu-nbd included). */
+  bkfsFullCpuSecs: number[];
+}
+
 export interface CompareResult {
   mode: string;
+  baselines?: Baselines;
   params: Record<string, number | number[]>;
   tools: ToolInfo[];
   metrics: Metric[];
@@ -53,6 +64,10 @@ export interface EngineResult {
   repoBytes?: number;
   rss?: Record<string, Stat | null>;
   fullCpuPercent?: Stat | null;
+  /** user+sys CPU seconds of the bkfs full's process tree (qemu-nbd included) per GiB read. */
+  fullCpuSecsPerGiB?: Stat | null;
+  /** Wall ms of `bkfs --help`, `bkfs list` and `node -e 0` (the floor), median over the runs. */
+  startupMs?: { help: Stat | null; list: Stat | null; node: Stat | null };
   nproc?: number;
   errors: string[];
   durationSecs?: number;
@@ -257,6 +272,83 @@ function mdEngine(e: EngineResult): string[] {
   return L;
 }
 
+function median(xs: number[] | undefined): number {
+  const st = xs && xs.length > 0 ? statOf({ samples: xs }) : null;
+  return st ? st.median : NaN;
+}
+
+/**
+ * Issue 16's targets as one Markdown table, every ratio from the same run (the README's
+ * performance table is copied from it).
+ */
+export function mdTargets(r: Report): string[] {
+  const c = r.compare;
+  const e = r.engine;
+  const full = c?.metrics.find((m) => m.id === 'full');
+  const inc = c?.metrics.find((m) => m.id === 'inc');
+  const cell = (m: Metric | undefined, tool: string): number => statOf(m?.cells[tool])?.median ?? NaN;
+  const bk = cell(full, 'bkfs');
+  const b = c?.baselines;
+  const conv = median(b?.convertRaw);
+  const copy = median(b?.nbdcopy);
+  const borg = cell(full, 'borg');
+  const allocGiB = Number(c?.params.allocatedMiB ?? NaN) / 1024;
+  const cpuGiB = median(b?.bkfsFullCpuSecs) / allocGiB;
+  const bkInc = cell(inc, 'bkfs');
+  const mark = (ok: boolean, v: number): string => (Number.isFinite(v) ? (ok ? '✔' : '✘') : '');
+  const x = (v: number): string => (Number.isFinite(v) ? `${fmt(v)}×` : 'n/a');
+  const sec = (v: number): string => (Number.isFinite(v) ? `${fmt(v)} s` : 'n/a');
+  const MiB = 1024 * 1024;
+  const L: string[] = [];
+  L.push('## Issue 16 targets');
+  L.push('');
+  L.push(
+    `Medians of ${c?.params.runs ?? e?.runs ?? '?'} runs; each ratio from figures of the same run. "bench image" = the comparison's ` +
+      `${c?.params.diskMiB ?? '?'} MiB disk (${c?.params.allocatedMiB ?? '?'} MiB allocated), caches dropped before every step; ` +
+      `"engine image" = the ${e?.imageMiB ?? '?'} MiB half-random qcow2, in the page cache.`,
+  );
+  L.push('');
+  L.push('| target | measured | ratio | goal | |');
+  L.push('|---|---:|---:|---|---|');
+  const rv = bk / conv;
+  L.push(
+    `| full backup of the bench image vs \`qemu-img convert -O raw\` | ${sec(bk)} vs ${sec(conv)} | ${x(rv)} | ≤ 1.0× | ${mark(rv <= 1, rv)} |`,
+  );
+  const rb = bk / borg;
+  L.push(`| full backup vs borg | ${sec(bk)} vs ${sec(borg)} | ${x(rb)} | ≤ 1.0× | ${mark(rb <= 1, rb)} |`);
+  const rc = bk / copy;
+  L.push(
+    `| full backup vs \`nbdcopy\` to a file | ${sec(bk)} vs ${sec(copy)} | ${x(rc)} | ≤ 1.5× | ${mark(rc <= 1.5, rc)} |`,
+  );
+  L.push(
+    `| CPU s per GiB read, bkfs + qemu-nbd (bench image / engine image) | ${fmt(cpuGiB)} / ${fmt(e?.fullCpuSecsPerGiB?.median ?? NaN)} | | report | |`,
+  );
+  const ip = (100 * bkInc) / bk;
+  L.push(
+    `| incremental (median over the history) as % of the full, bench image, incl. start-up | ${sec(bkInc)} | ${fmt(ip)} % | ≤ 5 % | ${mark(ip <= 5, ip)} |`,
+  );
+  const ie = e?.incPercentOfFull ?? NaN;
+  L.push(
+    `| incremental after 1 % change as % of the full, engine image, incl. start-up | ${sec(e?.inc?.median ?? NaN)} | ${fmt(ie)} % | ≤ 5 % | ${mark(ie <= 5, ie)} |`,
+  );
+  for (const [k, label] of [
+    ['help', '`bkfs --help`'],
+    ['list', '`bkfs list`'],
+  ] as const) {
+    const v = e?.startupMs?.[k]?.median ?? NaN;
+    L.push(
+      `| start-up of ${label} (\`node -e 0\`: ${fmt(e?.startupMs?.node?.median ?? NaN)} ms) | ${fmt(v)} ms | | < 100 ms | ${mark(v < 100, v)} |`,
+    );
+  }
+  for (const [mib, st] of Object.entries(e?.rss ?? {}).sort((a, b) => Number(a[0]) - Number(b[0]))) {
+    const v = (st?.max ?? NaN) / MiB;
+    L.push(
+      `| peak RSS of a full backup, ${fmt(Number(mib) / 1024)} GiB disk (max of the runs) | ${fmt(v)} MiB | | < 300 MB | ${mark(v * 1.048576 < 300, v)} |`,
+    );
+  }
+  return L;
+}
+
 export function renderMarkdown(r: Report, chart: string | null): string {
   const L: string[] = [];
   L.push(`# bkfs benchmark: ${r.mode} mode, ${r.date}`);
@@ -267,6 +359,7 @@ export function renderMarkdown(r: Report, chart: string | null): string {
       `Shared with other work while it ran: absolute figures drift, ratios within one run hold better. Took ${Math.round(r.durationSecs / 60)} min (\`bash bench/run${r.mode === 'small' ? ' --small' : ''}\`).`,
   );
   L.push('');
+  L.push(...mdTargets(r), '');
   if (r.compare) L.push(...mdCompare(r.compare, chart), '');
   else L.push('The comparison did not produce results (see the log).', '');
   if (r.engine) L.push(...mdEngine(r.engine), '');

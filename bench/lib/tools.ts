@@ -199,11 +199,30 @@ export class Bkfs extends Tool {
     return firstLine((await sh(this.bin, ['--version'], { allowFail: true })).stdout);
   }
 
+  /** user+sys CPU seconds of the last full backup's process tree (bkfs, qemu-img, qemu-nbd). */
+  lastFullCpuSecs = NaN;
+
   async full(slot: string, src: string): Promise<number> {
     await this.bkfs(['-r', this.repo(slot), 'init']);
-    return (
-      await this.bkfs(['-r', this.repo(slot), 'backup', 'vm', '--disk', `vda=${src}`, '--level', 'full'])
-    ).secs;
+    const tf = path.join(this.env.dir, 'full-time.txt');
+    const r = await sh('/usr/bin/time', [
+      '-f',
+      '%U %S',
+      '-o',
+      tf,
+      this.bin,
+      '-r',
+      this.repo(slot),
+      'backup',
+      'vm',
+      '--disk',
+      `vda=${src}`,
+      '--level',
+      'full',
+    ]);
+    const [u, sy] = fs.readFileSync(tf, 'utf8').trim().split('\n').pop()!.split(' ').map(Number);
+    this.lastFullCpuSecs = (u ?? NaN) + (sy ?? NaN);
+    return r.secs;
   }
 
   async discardSlot(slot: string): Promise<void> {

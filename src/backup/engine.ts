@@ -44,7 +44,7 @@ import { ChunkWriter, type ChunkStats } from '../store/chunk-writer';
 import { IngestPool } from '../store/ingest-pool';
 import { isZero } from '../store/codec';
 import { orderedMap } from '../util/pipeline';
-import type { NbdClient } from '../nbd/client';
+import { NbdClient } from '../nbd/client';
 import type { BackupSource, BitmapHistory } from './sources';
 import { performance } from 'node:perf_hooks';
 
@@ -73,9 +73,18 @@ export interface BackupOptions {
   onProgress?: (p: BackupProgress) => void;
   onNotice?: (msg: string) => void;
   signal?: AbortSignal;
-  /** Read request size and how many are in flight. */
+  /**
+   * Read request size (default 256 KiB, at least one chunk) and how many are in flight (default
+   * 32). qemu-nbd serves reads of 1 MiB and more several times slower than 256 KiB ones, at more
+   * CPU (bench/README.md), so requests stay small and many.
+   */
   readSize?: number;
   readConcurrency?: number;
+  /**
+   * NBD connections to read through (default 2), when the server advertises multi-conn (its
+   * connections see the same data): the reads spread over them, as `nbdcopy` does.
+   */
+  connections?: number;
   workers?: number;
   /** Filled in while the backup runs: where its time goes (see `BackupStats`). */
   stats?: BackupStats;
@@ -113,6 +122,8 @@ export interface BackupStats {
   rawChunks: number;
   mainBusyMs: number;
   mainIdleMs: number;
+  /** NBD connections the data was read through (the most over the disks). */
+  connections: number;
 }
 
 export function emptyBackupStats(): BackupStats {
@@ -133,6 +144,7 @@ export function emptyBackupStats(): BackupStats {
     rawChunks: 0,
     mainBusyMs: 0,
     mainIdleMs: 0,
+    connections: 0,
   };
 }
 
@@ -394,6 +406,7 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
     for (const d of diskRows) {
       checkAborted(opts.signal);
       const src = await d.plan.spec.source.open(d.plan.readBitmap);
+      let readers: NbdClient[] = [src.client];
       if (stats) {
         if (tIngest === 0) stats.setupMs = performance.now() - tStart;
         tIngest = performance.now();
@@ -430,8 +443,9 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
           writer,
           pool,
           chunks,
-          readSize: opts.readSize ?? 4 << 20,
-          readConcurrency: opts.readConcurrency ?? 8,
+          readers: (readers = await moreReaders(src.client, opts.connections ?? DEFAULT_CONNECTIONS)),
+          readSize: Math.max(opts.readSize ?? DEFAULT_READ_SIZE, repo.config.chunkSize),
+          readConcurrency: opts.readConcurrency ?? DEFAULT_READ_CONCURRENCY,
           signal: opts.signal,
           stats,
           onBytes: (n, total) => {
@@ -441,6 +455,7 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
           },
         });
         writer.finish();
+        if (stats) stats.connections = Math.max(stats.connections, readers.length);
         bytesRead += r.read;
         bytesZero += r.zero;
         db.transaction(() =>
@@ -455,6 +470,7 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
           stats.mainIdleMs += u.idle;
         }
       } finally {
+        for (const c of readers.slice(1)) await c.close().catch(() => undefined);
         await src.close();
       }
     }
@@ -518,8 +534,32 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
   }
 }
 
+const DEFAULT_READ_SIZE = 256 << 10;
+const DEFAULT_READ_CONCURRENCY = 32;
+const DEFAULT_CONNECTIONS = 2;
+
+/**
+ * `client` plus up to `n - 1` more connections to its export, when the server allows multi-conn
+ * (a server that does not advertise it may give different connections inconsistent views). A
+ * connection that cannot be made is simply not used: the backup reads through those it has.
+ */
+async function moreReaders(client: NbdClient, n: number): Promise<NbdClient[]> {
+  const out = [client];
+  if (!client.canMultiConn) return out;
+  for (let i = 1; i < n; i++) {
+    try {
+      out.push(await NbdClient.connect(client.target));
+    } catch {
+      break;
+    }
+  }
+  return out;
+}
+
 interface DiskJob {
   client: NbdClient;
+  /** Connections to read data through (`client` first); the engine closes all but `client`. */
+  readers: NbdClient[];
   dirtyContext: string | null;
   size: number;
   chunkSize: number;
@@ -617,14 +657,21 @@ async function* readGroups(job: DiskJob, start: number, end: number): AsyncGener
 class BufferPool {
   private readonly free: Buffer[] = [];
   private readonly waiters: ((b: Buffer) => void)[] = [];
+  private made = 0;
 
-  constructor(count: number, size: number) {
-    for (let i = 0; i < count; i++) this.free.push(Buffer.from(new SharedArrayBuffer(size)));
-  }
+  /** Up to `count` buffers of `size` bytes, made when first needed (a small incremental makes few). */
+  constructor(
+    private readonly count: number,
+    private readonly size: number,
+  ) {}
 
   acquire(): Promise<Buffer> {
     const b = this.free.pop();
     if (b) return Promise.resolve(b);
+    if (this.made < this.count) {
+      this.made++;
+      return Promise.resolve(Buffer.from(new SharedArrayBuffer(this.size)));
+    }
     return new Promise((resolve) => this.waiters.push(resolve));
   }
 
@@ -643,6 +690,7 @@ async function backupDisk(job: DiskJob): Promise<{ read: number; zero: number }>
   for await (const r of rangesOf(job, 0, job.size)) if (!r.zero) total += r.length;
   job.onBytes(0, total);
   const buffers = new BufferPool(job.readConcurrency, job.readSize);
+  let nextReader = 0;
   const zeroExtent = (p: Range): MapExtent => ({
     offset: p.offset,
     length: p.length,
@@ -669,7 +717,7 @@ async function backupDisk(job: DiskJob): Promise<{ read: number; zero: number }>
             st.bufferWaitMs += now - t;
             t = now;
           }
-          await job.client.readInto(g.offset, data);
+          await job.readers[(nextReader++ % job.readers.length) | 0]!.readInto(g.offset, data);
           if (st) {
             st.readMs += performance.now() - t;
             st.reads++;

@@ -200,6 +200,7 @@ export class ImageSource implements BackupSource {
       image: this.location,
       format: info.format,
       readOnly: true,
+      cache: 'writeback',
       ...(dirtyBitmap ? { bitmap: dirtyBitmap } : {}),
     });
     const dirtyContext = dirtyBitmap ? `qemu:dirty-bitmap:${dirtyBitmap}` : null;

@@ -19,7 +19,8 @@
  * The checkpoint that references chunks is committed after `finish()` and `applyRemap()`, so it
  * never points at data that is not on disk or at an id without a row.
  *
- * `put()` calls are serialized internally; memory is the pending hash map of the current pack.
+ * `put()` calls are placed in order; their writes are batched (PackWriter). Memory: the pending hash
+ * map of the current pack and the buffers of the chunks whose write is in flight.
  */
 import type Database from 'better-sqlite3';
 import { PackWriter, PACK_TARGET } from './packs';
@@ -66,30 +67,45 @@ export class ChunkWriter {
     this.findStmt = db.prepare('SELECT id FROM chunks WHERE hash = ? AND damaged = 0 AND candidate IS NULL');
   }
 
+  /**
+   * Store a chunk (or find it stored) and resolve with its id once its bytes are written (not yet
+   * durable: that is `finish()`). Placement runs in call order; the writes of chunks placed while
+   * an earlier write is in flight go out together (PackWriter.append), so a put does not wait for
+   * the writes of the puts before it. `stored` must not change until the promise settles.
+   */
   put(hash: Buffer, codec: Codec, stored: Buffer, rawLen: number): Promise<number> {
-    const p = this.chain.then(() => this.putNow(hash, codec, stored, rawLen));
-    this.chain = p.catch(() => undefined);
-    return p;
+    const placed = this.chain.then(() => this.place(hash, codec, stored, rawLen));
+    this.chain = placed.catch(() => undefined);
+    return placed.then(async (r) => {
+      await r.written;
+      return r.id;
+    });
   }
 
-  private async putNow(hash: Buffer, codec: Codec, stored: Buffer, rawLen: number): Promise<number> {
+  private async place(
+    hash: Buffer,
+    codec: Codec,
+    stored: Buffer,
+    rawLen: number,
+  ): Promise<{ id: number; written: Promise<unknown> | null }> {
     if (this.sealError !== undefined) throw this.sealError;
     const key = hash.toString('hex');
     const known = this.pending.get(key) ?? this.sealingId(key) ?? this.lookup(hash);
     if (known !== undefined) {
       this.stats.dedupChunks++;
       this.stats.dedupBytes += rawLen;
-      return known;
+      return { id: known, written: null };
     }
     this.pack ??= await PackWriter.create(this.repoDir, this.tmpSubdir);
     const id = this.ids.take();
-    await this.pack.append({ codec, rawLen, storedLen: stored.length, hash }, stored);
+    const written = this.pack.append({ codec, rawLen, storedLen: stored.length, hash }, stored);
+    written.catch(() => undefined); // observed by the caller of put(), and by seal()
     this.pending.set(key, id);
     this.stats.newChunks++;
     this.stats.newRawBytes += rawLen;
     this.stats.newStoredBytes += stored.length;
     if (this.pack.size >= this.packTarget) await this.startSeal();
-    return id;
+    return { id, written };
   }
 
   private sealingId(key: string): number | undefined {

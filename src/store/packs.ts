@@ -13,7 +13,8 @@
  * `gc` removes.
  *
  * Reading: `PackReader` keeps a small LRU of open file descriptors and reads a record's stored bytes
- * with one positioned read. Memory: the writer buffers nothing (each record is written as it comes);
+ * with one positioned read. Memory: the writer copies nothing; it holds the callers' buffers of
+ * the records appended while a write is in flight (they go out in one `writev`) until written;
  * the reader holds at most `maxOpen` descriptors.
  */
 import * as fs from 'node:fs';
@@ -104,11 +105,23 @@ export interface PackedChunk extends RecordHeader {
   offset: number; // offset of the stored bytes (after the record header)
 }
 
+/** Buffers in one writev (IOV_MAX is 1024 on Linux; two buffers per record). */
+const MAX_IOV = 1024;
+
 export class PackWriter {
   readonly name: string;
   private readonly tmpPath: string;
   private fh: fsp.FileHandle | undefined;
+  /** End of the placed records (the pack's size once every queued write is done). */
   private pos = 0;
+  /** Buffers placed but not yet handed to writev, starting at file offset `queuedAt`. */
+  private queue: Buffer[] = [];
+  private queuedAt = 0;
+  /** Bytes [0, written) are in the file. */
+  private written = 0;
+  private flushing: Promise<void> | null = null;
+  private writeError: unknown;
+  private waiters: { end: number; resolve: () => void; reject: (e: unknown) => void }[] = [];
   readonly chunks: PackedChunk[] = [];
 
   private constructor(
@@ -131,6 +144,8 @@ export class PackWriter {
     const h = encodePackHeader();
     await w.fh.write(h, 0, h.length, 0);
     w.pos = h.length;
+    w.queuedAt = h.length;
+    w.written = h.length;
     return w;
   }
 
@@ -138,19 +153,72 @@ export class PackWriter {
     return this.pos;
   }
 
-  async append(rec: RecordHeader, stored: Buffer): Promise<PackedChunk> {
-    if (!this.fh) throw new Error('pack writer is closed');
+  /**
+   * Append a record. Its place in the pack is fixed at once (synchronously, in call order); the
+   * bytes are written together with the records appended while an earlier write was in flight
+   * (one `writev` for many records), and the promise resolves once this record's bytes are in the
+   * file. `stored` must not change until then.
+   */
+  append(rec: RecordHeader, stored: Buffer): Promise<PackedChunk> {
+    if (!this.fh) return Promise.reject(new Error('pack writer is closed'));
+    if (this.writeError !== undefined) return Promise.reject(this.writeError);
     const header = encodeRecordHeader(rec);
-    await this.fh.writev([header, stored], this.pos);
     const pc: PackedChunk = { ...rec, offset: this.pos + header.length };
+    this.queue.push(header, stored);
     this.pos += header.length + stored.length;
     this.chunks.push(pc);
-    return pc;
+    const end = this.pos;
+    const p = new Promise<PackedChunk>((resolve, reject) => {
+      this.waiters.push({ end, resolve: () => resolve(pc), reject });
+    });
+    this.flushing ??= this.flushLoop();
+    return p;
+  }
+
+  /** Write queued buffers until none are left; one writev per batch, one batch at a time. */
+  private async flushLoop(): Promise<void> {
+    // Let the appends of the current tick (and those that arrive while a write is in flight)
+    // join one batch.
+    await new Promise<void>((r) => setImmediate(r));
+    try {
+      while (this.queue.length > 0 && this.fh) {
+        const batch = this.queue.splice(0, MAX_IOV);
+        const at = this.queuedAt;
+        let len = 0;
+        for (const b of batch) len += b.length;
+        this.queuedAt += len;
+        let off = 0;
+        while (off < len) {
+          // writev may write less than asked (a signal, a full disk): continue where it stopped.
+          const bufs = off === 0 ? batch : remainder(batch, off);
+          const r = await this.fh.writev(bufs, at + off);
+          if (r.bytesWritten <= 0) throw new Error(`short write to ${this.tmpPath}`);
+          off += r.bytesWritten;
+        }
+        this.written = at + len;
+        const done = this.waiters.filter((w) => w.end <= this.written);
+        this.waiters = this.waiters.filter((w) => w.end > this.written);
+        for (const w of done) w.resolve();
+      }
+    } catch (e) {
+      this.writeError ??= e;
+      for (const w of this.waiters.splice(0)) w.reject(e);
+      this.queue = [];
+    } finally {
+      this.flushing = null;
+    }
+  }
+
+  /** Resolves when every appended record is in the file (rejects if a write failed). */
+  private async drain(): Promise<void> {
+    while (this.flushing) await this.flushing;
+    if (this.writeError !== undefined) throw this.writeError;
   }
 
   /** Make the pack durable under its final name. */
   async seal(): Promise<void> {
     if (!this.fh) throw new Error('pack writer is closed');
+    await this.drain();
     await this.fh.datasync();
     await this.fh.close();
     this.fh = undefined;
@@ -171,12 +239,27 @@ export class PackWriter {
 
   /** Drop an unsealed pack (on failure). */
   async abort(): Promise<void> {
+    await this.drain().catch(() => undefined);
     if (this.fh) {
       await this.fh.close().catch(() => undefined);
       this.fh = undefined;
     }
     await fsp.rm(this.tmpPath, { force: true });
   }
+}
+
+/** The buffers of `bufs` from byte `skip` on (views, no copies). */
+function remainder(bufs: Buffer[], skip: number): Buffer[] {
+  const out: Buffer[] = [];
+  for (const b of bufs) {
+    if (skip >= b.length) {
+      skip -= b.length;
+      continue;
+    }
+    out.push(skip > 0 ? b.subarray(skip) : b);
+    skip = 0;
+  }
+  return out;
 }
 
 export async function fsyncDir(dir: string): Promise<void> {

@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
 import {
   decodeRecordHeader,
   encodePackHeader,
@@ -142,6 +143,69 @@ describe('PackReader.close with reads in flight', () => {
         r.close();
       }
     } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('pack writer: batched appends', () => {
+  it('places records in call order and writes many of them per writev, every byte where its offset says', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-pack-batch-'));
+    try {
+      fs.mkdirSync(path.join(dir, 'tmp'));
+      const w = await PackWriter.create(dir);
+      // 1500 records appended in one tick: more than one writev batch (1024 buffers = 512 records).
+      const datas = Array.from({ length: 1500 }, (_, i) => randomBytes(1 + ((i * 7919) % 5000)));
+      const placed = datas.map((d) =>
+        w.append({ codec: 0, rawLen: d.length, storedLen: d.length, hash: hashChunk(d) }, d),
+      );
+      const pcs = await Promise.all(placed);
+      // Offsets follow call order, back to back.
+      let expect = 16;
+      for (let i = 0; i < pcs.length; i++) {
+        assert.equal(pcs[i]!.offset, expect + RECORD_HEADER_LEN);
+        expect += RECORD_HEADER_LEN + datas[i]!.length;
+      }
+      assert.equal(w.size, expect);
+      // Resolved means written: the bytes are in the temp file before seal.
+      const tmp = fs.readFileSync(path.join(dir, 'tmp', `${w.name}.pack.tmp`));
+      assert.equal(tmp.length, expect);
+      // Appends after the first batch went out also land in place.
+      const late = randomBytes(777);
+      const pl = await w.append({ codec: 0, rawLen: 777, storedLen: 777, hash: hashChunk(late) }, late);
+      await w.seal();
+      const file = fs.readFileSync(packPath(dir, w.name));
+      for (let i = 0; i < pcs.length; i++) {
+        const h = decodeRecordHeader(file.subarray(pcs[i]!.offset - RECORD_HEADER_LEN, pcs[i]!.offset));
+        assert.ok(h.hash.equals(hashChunk(datas[i]!)), `record ${i}`);
+        assert.ok(file.subarray(pcs[i]!.offset, pcs[i]!.offset + datas[i]!.length).equals(datas[i]!));
+      }
+      assert.ok(file.subarray(pl.offset, pl.offset + 777).equals(late));
+      assert.equal(file.length, pl.offset + 777);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a failed write (a full file system) rejects the appends waiting for it and the seal', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-pack-enospc-'));
+    const r = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=256k,mode=0700', 'bkfs-writepath-test', dir]);
+    assert.equal(r.status, 0, `mounting a small tmpfs needs root and mount(8): ${r.stderr}`);
+    try {
+      fs.mkdirSync(path.join(dir, 'tmp'));
+      const w = await PackWriter.create(dir);
+      const a = randomBytes(100_000);
+      const b = randomBytes(200_000); // does not fit: ENOSPC
+      const pa = w.append({ codec: 0, rawLen: a.length, storedLen: a.length, hash: hashChunk(a) }, a);
+      const pb = w.append({ codec: 0, rawLen: b.length, storedLen: b.length, hash: hashChunk(b) }, b);
+      const results = await Promise.allSettled([pa, pb]);
+      assert.equal(results[1]!.status, 'rejected');
+      await assert.rejects(w.seal(), /ENOSPC|no space/i);
+      await w.abort();
+      assert.deepEqual(fs.readdirSync(path.join(dir, 'tmp')), []);
+      assert.equal(fs.existsSync(path.join(dir, 'packs')), false);
+    } finally {
+      spawnSync('umount', [dir]);
       fs.rmSync(dir, { recursive: true, force: true });
     }
   });
