@@ -60,6 +60,8 @@ export type ErrorCode =
   | 'TARGET_MISMATCH'
   /** A repository file (manifest, pin, gc state, pack header) is unreadable or inconsistent. */
   | 'REPO_CORRUPT'
+  /** `instant-restore`: the VM could not be started from the export or its disks not made independent. */
+  | 'RECOVERY_FAILED'
   /** The work was interrupted by a signal. */
   | 'INTERRUPTED';
 

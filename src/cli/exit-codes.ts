@@ -34,5 +34,6 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   SOURCE_UNSAFE: 25,
   TARGET_MISMATCH: 26,
   REPO_CORRUPT: 27,
+  RECOVERY_FAILED: 32,
   INTERRUPTED: 130,
 };
