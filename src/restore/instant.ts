@@ -548,7 +548,11 @@ export async function instantRestore(
  * `--resume`: restart the export if it is gone, start the domain if it is not running, resume it
  * if an export outage paused it, and drive the copy to independence.
  */
-export async function resumeInstant(s: InstantState, hooks: InstantHooks): Promise<InstantResult> {
+export async function resumeInstant(
+  s: InstantState,
+  hooks: InstantHooks,
+  o: { bandwidthMiB?: number } = {},
+): Promise<InstantResult> {
   const t0 = Date.now();
   if (s.driver && s.driver.pid !== process.pid && processRuns(s.driver.pid)) {
     throw new BkfsError(
@@ -571,6 +575,15 @@ export async function resumeInstant(s: InstantState, hooks: InstantHooks): Promi
     if (!hooks.exportAlive(s)) {
       hooks.onNotice?.(`the export of ${s.ref} is not running: restarting it on ${s.socket}`);
       await hooks.startExport(s);
+    }
+    if (o.bandwidthMiB !== undefined) {
+      // A new limit (0 = none) for the pulls to come and for those running now.
+      s.bandwidthMiB = o.bandwidthMiB === 0 ? null : o.bandwidthMiB;
+      if (st.state !== 'shut off') {
+        for (const d of s.disks.filter((x) => !x.independent)) {
+          await virsh(['blockjob', s.name, d.name, '--bandwidth', String(o.bandwidthMiB)], true);
+        }
+      }
     }
     let started = false;
     if (st.state === 'shut off') {

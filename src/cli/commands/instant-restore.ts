@@ -110,7 +110,10 @@ export function registerInstantRestore(program: Command): void {
     .option('-t, --to <dir>', 'directory for the disks (DIR/<disk>.qcow2), domain XML and state')
     .option('--define <name>', 'domain name (default: the saved one); a new name gets a new UUID and MACs')
     .option('--start', 'start the VM and copy its disks now (without: defined only; --resume starts it)')
-    .option('--bandwidth <MiB/s>', 'limit the background copy (per disk, MiB/s)')
+    .option(
+      '--bandwidth <MiB/s>',
+      'limit the background copy (per disk, MiB/s; with --resume, 0 lifts the limit)',
+    )
     .option('--status [name]', 'show the instant restores known here (or one)')
     .option('--resume <name>', 'restart the export if needed, start/resume the VM and finish the copy')
     .option('--json', 'machine-readable result on stdout; progress as JSON lines on stderr')
@@ -132,7 +135,8 @@ Examples:
     .action(async (ref: string | undefined, opts: InstantCliOptions, cmd: Command) => {
       const core = await import('../../restore/instant');
       const bandwidth = opts.bandwidth !== undefined ? Number(opts.bandwidth) : undefined;
-      if (bandwidth !== undefined && !(Number.isInteger(bandwidth) && bandwidth > 0))
+      const minBw = opts.resume !== undefined ? 0 : 1; // --resume: 0 lifts the limit
+      if (bandwidth !== undefined && !(Number.isInteger(bandwidth) && bandwidth >= minBw))
         throw new BkfsError('USAGE', `--bandwidth takes a whole number of MiB/s, got '${opts.bandwidth}'`);
       if (opts.status !== undefined) {
         if (ref !== undefined || opts.resume !== undefined)
@@ -166,7 +170,7 @@ Examples:
               'USAGE',
               `${s.dir} holds the instant restore of '${s.name}', not '${opts.resume}'`,
             );
-          res = await core.resumeInstant(s, h);
+          res = await core.resumeInstant(s, h, bandwidth !== undefined ? { bandwidthMiB: bandwidth } : {});
         } else {
           if (ref === undefined)
             throw new BkfsError('USAGE', 'instant-restore needs VM@CHECKPOINT (or --status / --resume NAME)');
