@@ -3,14 +3,21 @@
  * adds the machine's description and tool versions, and writes
  *   bench/results/<date>-<mode>.md, .json, .svg   and   bench/results/latest-<mode>.md, .svg
  *
- *   node dist/bench/report.js --mode small|full --compare FILE --engine FILE --results DIR
+ *   node dist/bench/report.js --mode small|full --compare FILE --engine FILE [--instant FILE] --results DIR
  *                             [--started EPOCH_SECONDS]
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { arg, errMsg, sh } from './lib/common';
-import { renderMarkdown, renderSvg, type CompareResult, type EngineResult, type Report } from './lib/report';
+import {
+  renderMarkdown,
+  renderSvg,
+  type CompareResult,
+  type EngineResult,
+  type InstantResult,
+  type Report,
+} from './lib/report';
 
 function readJson<T>(file: string): T | null {
   try {
@@ -37,6 +44,7 @@ async function main(): Promise<void> {
   const resultsDir = path.resolve(arg('results', path.join(__dirname, '../../bench/results')));
   const compare = readJson<CompareResult>(arg('compare', ''));
   const engine = readJson<EngineResult>(arg('engine', ''));
+  const instant = readJson<InstantResult>(arg('instant', ''));
   const started = Number(arg('started', '0'));
   const cpuinfo = fs.readFileSync('/proc/cpuinfo', 'utf8');
   const osRelease = fs.existsSync('/etc/os-release') ? fs.readFileSync('/etc/os-release', 'utf8') : '';
@@ -71,6 +79,7 @@ async function main(): Promise<void> {
     versions,
     compare,
     engine,
+    instant,
     durationSecs:
       started > 0
         ? Math.round(Date.now() / 1000 - started)
