@@ -133,17 +133,11 @@ async function main(): Promise<void> {
     try {
       fs.rmSync(consoleLog, { force: true });
       await dropCaches();
+      const restored = path.join(work, 'restored');
+      fs.mkdirSync(restored, { mode: 0o755 }); // QEMU must reach the restored files (bkfs makes DIR 0700)
+      fs.chmodSync(restored, 0o755);
       const t0 = Date.now();
-      await bkfsOk([
-        '-r',
-        repo,
-        'restore',
-        'web',
-        '--to',
-        path.join(work, 'restored'),
-        '--define',
-        names[0]!,
-      ]);
+      await bkfsOk(['-r', repo, 'restore', 'web', '--to', restored, '--define', names[0]!]);
       const restoreSecs = (Date.now() - t0) / 1000;
       await virsh('start', names[0]!);
       await until('the marker (restore + boot)', markerSeen, 900_000);

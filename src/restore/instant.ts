@@ -401,15 +401,21 @@ function result(s: InstantState, t0: number): InstantResult {
   };
 }
 
+/** A prepared instant restore: `finishInstant` drives its copy (without the repository open). */
+export interface InstantPrepared {
+  state: InstantState;
+  t0: number;
+}
+
 /**
- * Everything up to a defined (and with `start`, running) domain reading from the export; then the
- * copy to independence when started. The repository is only read here, before the VM starts.
+ * Everything up to a defined (and with `start`, running) domain reading from the export. The
+ * repository is only read here; `finishInstant` then copies to independence.
  */
 export async function instantRestore(
   repo: Repository,
   o: InstantOptions,
   hooks: InstantHooks,
-): Promise<InstantResult> {
+): Promise<InstantPrepared> {
   const t0 = Date.now();
   const reader = CheckpointReader.open(repo, o.ref);
   const ref = `${reader.vm.name}@${reader.checkpoint.name}`;
@@ -521,7 +527,7 @@ export async function instantRestore(
     if (!o.start) {
       s.driver = null;
       saveState(s);
-      return result(s, t0);
+      return { state: s, t0 };
     }
     const st = await virsh(['start', name], true);
     if (st.code !== 0) {
@@ -534,8 +540,22 @@ export async function instantRestore(
     s.phase = 'copying';
     saveState(s);
     hooks.onNotice?.(`${name} runs from ${ref} (export ${socket}); copying its disks into ${dir}`);
+    return { state: s, t0 };
+  } catch (e) {
+    s.lastError = errorMessage(e);
+    s.driver = null;
+    saveState(s);
+    throw e;
+  }
+}
+
+/** The copy to independence of a started instant restore (nothing to do when only defined). */
+export async function finishInstant(p: InstantPrepared, hooks: InstantHooks): Promise<InstantResult> {
+  const s = p.state;
+  if (s.phase !== 'copying') return result(s, p.t0);
+  try {
     await copyToIndependence(s, hooks);
-    return result(s, t0);
+    return result(s, p.t0);
   } catch (e) {
     s.lastError = errorMessage(e);
     s.driver = null;

@@ -177,7 +177,8 @@ Examples:
           if (opts.to === undefined) throw new BkfsError('USAGE', 'instant-restore needs --to DIR');
           const to = opts.to;
           const repoDir = path.resolve(repoPath(cmd));
-          res = await withReader(cmd, (repo) =>
+          // The repository is open only to prepare; the copy reads through the export daemon.
+          const prepared = await withReader(cmd, (repo) =>
             core.instantRestore(
               repo,
               {
@@ -191,6 +192,7 @@ Examples:
               h,
             ),
           );
+          res = await core.finishInstant(prepared, h);
         }
         bar?.done();
         if (opts.json) printJson(res);
