@@ -57,6 +57,7 @@ describe('instant-restore: a libvirt VM runs from a checkpoint and becomes indep
   let daemons: Daemons = { started: [] };
   const origName = `bkfs-instant-orig-${process.pid}`;
   const newName = `bkfs-instant-new-${process.pid}`;
+  const failName = `bkfs-instant-fail-${process.pid}`;
   let consoleLog: string;
   let outDir: string;
   const children: ChildProcess[] = [];
@@ -98,11 +99,13 @@ describe('instant-restore: a libvirt VM runs from a checkpoint and becomes indep
 
   after(async () => {
     for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
-    for (const n of [origName, newName]) {
+    for (const n of [origName, newName, failName]) {
       await virshTry('destroy', n);
       await virshTry('undefine', n, '--checkpoints-metadata');
     }
-    if (outDir) await bkfs(['serve', '--stop', '--listen', `unix:${path.join(outDir, 'bkfs-instant.sock')}`]);
+    for (const d of [outDir, path.join(work ?? '/nonexistent', 'failed')]) {
+      if (d) await bkfs(['serve', '--stop', '--listen', `unix:${path.join(d, 'bkfs-instant.sock')}`]);
+    }
     await stopDaemons(daemons);
     if (work) fs.rmSync(work, { recursive: true, force: true });
   });
@@ -249,5 +252,50 @@ describe('instant-restore: a libvirt VM runs from a checkpoint and becomes indep
     assert.equal(done.exportRunning, false);
     const mode = fs.statSync(path.join(outDir, 'bkfs-instant.json')).mode & 0o777;
     assert.equal(mode, 0o600, 'state file 0600');
+  });
+
+  it('a VM stopped mid-copy: exit 32 with a state that says so; --resume starts it and finishes', async () => {
+    const dir = path.join(work, 'failed');
+    const child = spawn(
+      process.execPath,
+      [BKFS, '-r', repoDir, 'instant-restore', 'web', '--to', dir, '--define', failName, '--start'] //
+        .concat(['--bandwidth', '1']),
+      { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, CI: 'true' } },
+    );
+    children.push(child);
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number | null>((r) => child.on('close', (c) => r(c)));
+    await eventually(
+      'the copy job',
+      async () => (await virshTry('blockjob', failName, 'vda', '--info')).stderr.includes('Block Pull'),
+      240_000,
+    );
+    await virsh('destroy', failName);
+    assert.equal(await exited, EXIT_CODES.RECOVERY_FAILED, stderr);
+    assert.match(stderr, /stopped .*--resume/);
+    const st = JSON.parse((await cliOk('instant-restore', '--status', failName, '--json')).stdout) as {
+      phase: string;
+      lastError: string;
+      exportRunning: boolean;
+      domain: { state: string };
+      progress: { independent: boolean }[];
+    };
+    assert.equal(st.phase, 'copying');
+    assert.match(st.lastError, /stopped/);
+    assert.equal(st.exportRunning, true, 'the export stays for --resume');
+    assert.equal(st.domain.state, 'shut off');
+    assert.equal(st.progress[0]!.independent, false);
+
+    const r = await cliOk('instant-restore', '--resume', failName, '--bandwidth', '0', '--json');
+    const res = JSON.parse(r.stdout) as { phase: string; disks: { overlay: string }[] };
+    assert.equal(res.phase, 'independent', r.stderr);
+    const info = JSON.parse(
+      (await run('qemu-img', ['info', '-U', '--output=json', res.disks[0]!.overlay])).stdout,
+    ) as { 'backing-filename'?: string };
+    assert.equal(info['backing-filename'], undefined, 'standalone image');
+    assert.match(await virsh('domstate', failName), /running/);
+    await virsh('destroy', failName);
+    await virsh('undefine', failName);
   });
 });
