@@ -60,6 +60,10 @@ export type ErrorCode =
   | 'TARGET_MISMATCH'
   /** A repository file (manifest, pin, gc state, pack header) is unreadable or inconsistent. */
   | 'REPO_CORRUPT'
+  /** `bkfs run`: the job file is not valid (syntax, unknown key, bad value). */
+  | 'JOB_INVALID'
+  /** `bkfs run`: some VMs (or the retention/gc step) failed; the others were backed up. */
+  | 'JOB_PARTIAL'
   /** `instant-restore`: the VM could not be started from the export or its disks not made independent. */
   | 'RECOVERY_FAILED'
   /** The object store refused the credentials or denied access (bad key, secret, or policy). */
