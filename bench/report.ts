@@ -4,7 +4,7 @@
  *   bench/results/<date>-<mode>.md, .json, .svg   and   bench/results/latest-<mode>.md, .svg
  *
  *   node dist/bench/report.js --mode small|full --compare FILE --engine FILE --results DIR
- *                             [--parallel FILE] [--random-read FILE] [--started EPOCH_SECONDS]
+ *                             [--instant FILE] [--parallel FILE] [--random-read FILE] [--started EPOCH_SECONDS]
  * `--parallel`: bench/parallel.ts's JSON (many backups into one repository), a table of its own.
  * `--random-read`: bench/random-read.ts's JSON (fio 4 KiB randread through the mount, the NBD
  * export, the qcow2 chain and the raw file); appended as its own section.
@@ -19,6 +19,7 @@ import {
   renderSvg,
   type CompareResult,
   type EngineResult,
+  type InstantResult,
   type Report,
 } from './lib/report';
 import { renderRandomRead, type RandomReadResult } from './random-read';
@@ -79,6 +80,7 @@ async function main(): Promise<void> {
   const engine = readJson<EngineResult>(arg('engine', ''));
   const parallel = readJson<ParallelResult>(arg('parallel', ''));
   const randomRead = readJson<RandomReadResult>(arg('random-read', ''));
+  const instant = readJson<InstantResult>(arg('instant', ''));
   const started = Number(arg('started', '0'));
   const cpuinfo = fs.readFileSync('/proc/cpuinfo', 'utf8');
   const osRelease = fs.existsSync('/etc/os-release') ? fs.readFileSync('/etc/os-release', 'utf8') : '';
@@ -113,6 +115,7 @@ async function main(): Promise<void> {
     versions,
     compare,
     engine,
+    instant,
     durationSecs:
       started > 0
         ? Math.round(Date.now() / 1000 - started)

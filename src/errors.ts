@@ -66,6 +66,8 @@ export type ErrorCode =
   | 'JOB_INVALID'
   /** `bkfs run`: some VMs (or the retention/gc step) failed; the others were backed up. */
   | 'JOB_PARTIAL'
+  /** `instant-restore`: the VM could not be started from the export or its disks not made independent. */
+  | 'RECOVERY_FAILED'
   /** The object store refused the credentials or denied access (bad key, secret, or policy). */
   | 'STORE_ACCESS'
   /** The object store cannot be reached or keeps failing (network, timeouts, HTTP 5xx after retries). */

@@ -89,7 +89,37 @@ export interface Report {
   versions: Record<string, string>;
   compare: CompareResult | null;
   engine: EngineResult | null;
+  /** bench/instant.ts (absent in reports made before it existed). */
+  instant?: InstantResult | null;
   durationSecs: number;
+}
+
+/** bench/instant.ts: time to a booted VM and to independence. */
+export interface InstantResult {
+  diskMiB: number;
+  dataMiB: number;
+  restoreBoot: { restoreSecs: number; markerSecs: number } | null;
+  instant: { markerSecs: number; independentSecs: number } | null;
+  errors: string[];
+  durationSecs: number;
+}
+
+function mdInstant(x: InstantResult): string[] {
+  const L: string[] = [];
+  L.push(`## Instant recovery (${x.diskMiB} MiB disk, ${x.dataMiB} MiB of data; TCG guest)`);
+  L.push('');
+  L.push('| | time to marker (s) | restore (s) | independent of the backup (s) |');
+  L.push('|---|---:|---:|---:|');
+  const rb = x.restoreBoot;
+  const ir = x.instant;
+  L.push(
+    `| restore, then boot | ${rb ? fmt(rb.markerSecs) : 'n/a'} | ${rb ? fmt(rb.restoreSecs) : 'n/a'} | ${rb ? fmt(rb.restoreSecs) : 'n/a'} |`,
+  );
+  L.push(
+    `| instant-restore | ${ir ? fmt(ir.markerSecs) : 'n/a'} | - | ${ir ? fmt(ir.independentSecs) : 'n/a'} |`,
+  );
+  for (const e of x.errors) L.push(`- error: ${e}`);
+  return L;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -363,6 +393,7 @@ export function renderMarkdown(r: Report, chart: string | null): string {
   if (r.compare) L.push(...mdCompare(r.compare, chart), '');
   else L.push('The comparison did not produce results (see the log).', '');
   if (r.engine) L.push(...mdEngine(r.engine), '');
+  if (r.instant) L.push(...mdInstant(r.instant), '');
   L.push('## Versions');
   L.push('');
   for (const [k, v] of Object.entries(r.versions)) L.push(`- ${k}: ${v}`);

@@ -22,6 +22,7 @@ import { registerLifecycle } from './commands/lifecycle';
 import { registerRestore } from './commands/restore';
 import { registerMount } from './commands/mount';
 import { registerServe } from './commands/serve';
+import { registerInstantRestore } from './commands/instant-restore';
 import { registerFiles } from './commands/files';
 import { registerMeta } from './commands/meta';
 import { registerRun } from './commands/run';
@@ -64,6 +65,7 @@ export function buildProgram(): Command {
   registerRestore(program);
   registerMount(program);
   registerServe(program);
+  registerInstantRestore(program);
   registerFiles(program);
   registerMeta(program);
   registerRun(program);

@@ -46,6 +46,11 @@ export interface ServeOptions {
   tlsDir?: string;
   /** Serve writable through copy-on-write overlays in this directory. */
   overlayDir?: string;
+  /**
+   * Give the Unix socket to this owner (still mode 0600): `bkfs instant-restore` serves QEMU,
+   * which libvirt runs as its own user (e.g. libvirt-qemu).
+   */
+  socketOwner?: { uid: number; gid: number };
   cacheBytes: number;
   logFile?: string;
   log: (line: string) => void;
@@ -183,6 +188,9 @@ export async function serveCheckpoint(opts: ServeOptions): Promise<void> {
         code === 'EADDRINUSE' ? 'TARGET_EXISTS' : 'TARGET_INVALID',
         `cannot listen on ${listenStr}: ${errorMessage(e)}`,
       );
+    }
+    if (opts.socketOwner !== undefined && 'unix' in server.address) {
+      fs.chownSync(server.address.unix, opts.socketOwner.uid, opts.socketOwner.gid);
     }
     const state: ServeState = {
       pid: process.pid,

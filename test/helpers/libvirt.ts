@@ -336,3 +336,238 @@ export async function eventually(
     await sleep(50);
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The marker guest: a TCG domain that really boots, reads its disk and writes to it.
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * Where the marker guest reads and writes on /dev/vda (in 512-byte sectors), and how it writes.
+ * Its /init (busybox-static + a shell script, in an initrd the helper builds):
+ *   1. loads virtio_pci/virtio_blk from the host kernel's modules and waits for /dev/vda;
+ *   2. reads sector `markerSector` (printable characters only) and prints `BKFS-MARKER <text>`;
+ *   3. `writes` times: writes sector `writeSector + i` = `BKFS-WRITE %08d\n` padded with zeros
+ *      (dd conv=sync,notrunc,fsync: a real guest write that reaches the disk), then prints
+ *      `BKFS-WROTE i`, and sleeps `intervalSec`;
+ *   4. prints `BKFS-WRITES-DONE`, then every second drops its page cache, re-reads the marker
+ *      sector and the first written sector from the disk and prints `BKFS-READ <marker> <first>`.
+ * Every line goes to the serial console, which the domain writes to `consoleLog`.
+ */
+export interface MarkerGuestSpec {
+  markerSector: number;
+  writeSector: number;
+  writes: number;
+  intervalSec: number;
+}
+
+export const DEFAULT_MARKER_GUEST: MarkerGuestSpec = {
+  markerSector: 8192, // 4 MiB: not a sector the kernel's partition scan reads
+  writeSector: 16384, // 8 MiB
+  writes: 40,
+  intervalSec: 0.5,
+};
+
+/** The bytes of sector `i`'s guest write (what the marker guest writes at writeSector + i). */
+export function markerGuestWrite(i: number): Buffer {
+  const b = Buffer.alloc(512);
+  b.write(`BKFS-WRITE ${String(i).padStart(8, '0')}\n`, 'latin1');
+  return b;
+}
+
+/** Why the marker guest cannot run here (on top of `libvirtMissing`), or null. */
+export function markerGuestMissing(): string | null {
+  if (!fs.existsSync('/bin/busybox') || !isStaticBusybox('/bin/busybox'))
+    return 'a static /bin/busybox is missing (apt-get install busybox-static)';
+  const k = kernel();
+  if (!k) return 'no kernel in /boot (install linux-image-amd64)';
+  const mods = modulesDir(k.kernel);
+  if (!fs.existsSync(path.join(mods, 'modules.dep')))
+    return `no modules for ${path.basename(k.kernel)} in ${mods}`;
+  return null;
+}
+
+function isStaticBusybox(file: string): boolean {
+  // A dynamically linked ELF has a PT_INTERP program header naming /lib64/ld-linux…
+  const b = fs.readFileSync(file);
+  return !b.subarray(0, 4096).includes(Buffer.from('/lib64/ld-linux'));
+}
+
+function modulesDir(kernelFile: string): string {
+  return `/lib/modules/${path.basename(kernelFile).slice('vmlinuz-'.length)}`;
+}
+
+/** The modules (and their dependencies, in load order) that give a guest /dev/vda. */
+function virtioModules(mods: string): string[] {
+  const dep = new Map<string, string[]>();
+  for (const line of fs.readFileSync(path.join(mods, 'modules.dep'), 'utf8').split('\n')) {
+    const [mod, deps] = line.split(':');
+    if (mod && deps !== undefined) dep.set(mod, deps.trim().split(/\s+/).filter(Boolean));
+  }
+  const order: string[] = [];
+  const visit = (m: string) => {
+    if (order.includes(m)) return;
+    for (const d of dep.get(m) ?? []) visit(d);
+    order.push(m);
+  };
+  for (const want of ['virtio_pci', 'virtio_blk']) {
+    const m = [...dep.keys()].find((k) => path.basename(k).replace(/\.ko(\..*)?$/, '') === want);
+    if (m) visit(m); // built in when absent from modules.dep
+  }
+  return order;
+}
+
+/** A `newc` cpio archive (what the kernel unpacks as initramfs) of the given entries. */
+function cpioNewc(entries: { name: string; mode: number; data?: Buffer; target?: string }[]): Buffer {
+  const parts: Buffer[] = [];
+  let ino = 1;
+  const pad4 = (n: number) => Buffer.alloc((4 - (n % 4)) % 4);
+  const hex = (n: number) => n.toString(16).padStart(8, '0');
+  const add = (name: string, mode: number, body: Buffer) => {
+    const nameBuf = Buffer.from(`${name}\0`, 'latin1');
+    const hdr = Buffer.from(
+      '070701' + [ino++, mode, 0, 0, 1, 0, body.length, 0, 0, 0, 0, nameBuf.length, 0].map(hex).join(''),
+      'latin1',
+    );
+    parts.push(hdr, nameBuf, pad4(hdr.length + nameBuf.length), body, pad4(body.length));
+  };
+  for (const e of entries) {
+    if (e.target !== undefined) add(e.name, 0o120777, Buffer.from(e.target, 'latin1'));
+    else if (e.data !== undefined) add(e.name, 0o100000 | e.mode, e.data);
+    else add(e.name, 0o040000 | e.mode, Buffer.alloc(0));
+  }
+  add('TRAILER!!!', 0, Buffer.alloc(0));
+  return Buffer.concat(parts);
+}
+
+/** The marker guest's /init. */
+export function markerGuestInit(spec: MarkerGuestSpec, modules: string[]): string {
+  return `#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /usr/bin /usr/sbin /sbin
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+exec >/dev/ttyS0 2>&1
+for m in ${modules.map((m) => `/lib/modules/${path.basename(m)}`).join(' ')}; do insmod "$m"; done
+n=0
+while [ ! -b /dev/vda ]; do
+  n=$((n+1)); [ $n -gt 600 ] && { echo BKFS-NO-DISK; break; }
+  sleep 0.1
+done
+sector() { dd if=/dev/vda bs=512 skip=$1 count=1 2>/dev/null | tr -dc 'A-Za-z0-9_.:=-' ; }
+echo "BKFS-MARKER $(sector ${spec.markerSector})"
+i=0
+while [ $i -lt ${spec.writes} ]; do
+  printf 'BKFS-WRITE %08d\\n' $i | dd of=/dev/vda bs=512 seek=$((${spec.writeSector} + i)) conv=sync,notrunc,fsync 2>/dev/null \\
+    && echo "BKFS-WROTE $i" || echo "BKFS-WRITE-FAILED $i"
+  i=$((i+1))
+  sleep ${spec.intervalSec}
+done
+echo BKFS-WRITES-DONE
+while true; do
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  echo "BKFS-READ $(sector ${spec.markerSector}) $(sector ${spec.writeSector})"
+  sleep 1
+done
+`;
+}
+
+/** Build the marker guest's initrd into `file` (uncompressed newc cpio). */
+export function buildMarkerInitrd(file: string, spec: MarkerGuestSpec = DEFAULT_MARKER_GUEST): void {
+  const why = markerGuestMissing();
+  if (why) throw new Error(why);
+  const k = kernel()!;
+  const mods = modulesDir(k.kernel);
+  const modules = virtioModules(mods);
+  const entries: { name: string; mode: number; data?: Buffer; target?: string }[] = [
+    { name: 'bin', mode: 0o755 },
+    { name: 'lib', mode: 0o755 },
+    { name: 'lib/modules', mode: 0o755 },
+    { name: 'bin/busybox', mode: 0o755, data: fs.readFileSync('/bin/busybox') },
+    { name: 'bin/sh', mode: 0o777, target: 'busybox' },
+    { name: 'init', mode: 0o755, data: Buffer.from(markerGuestInit(spec, modules), 'latin1') },
+    ...modules.map((m) => ({
+      name: `lib/modules/${path.basename(m)}`,
+      mode: 0o644,
+      data: fs.readFileSync(path.join(mods, m)),
+    })),
+  ];
+  fs.writeFileSync(file, cpioNewc(entries), { mode: 0o644 });
+}
+
+/** Write `text` as the marker into an image's marker sector (raw file, before any backup). */
+export function writeMarker(
+  rawFile: string,
+  text: string,
+  spec: MarkerGuestSpec = DEFAULT_MARKER_GUEST,
+): void {
+  const fd = fs.openSync(rawFile, 'r+');
+  try {
+    const b = Buffer.alloc(512);
+    b.write(text, 'latin1');
+    fs.writeSync(fd, b, 0, 512, spec.markerSector * 512);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/**
+ * Domain XML of a marker guest: TCG, the host kernel with `initrd` (from `buildMarkerInitrd`),
+ * one virtio disk vda, serial console written to `consoleLog` (a file QEMU appends to).
+ */
+export function markerDomainXml(
+  name: string,
+  o: { initrd: string; disk: string; format: 'qcow2' | 'raw'; consoleLog: string },
+): string {
+  const k = kernel();
+  if (!k) throw new Error('no kernel in /boot');
+  return `<domain type='qemu'>
+  <name>${name}</name>
+  <memory unit='MiB'>192</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>${k.kernel}</kernel>
+    <initrd>${o.initrd}</initrd>
+    <cmdline>console=ttyS0 panic=-1 quiet loglevel=1</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='${o.format}'/>
+      <source file='${o.disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='user'>
+      <mac address='52:54:00:4b:46:53'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='file'>
+      <source path='${o.consoleLog}' append='on'/>
+      <target port='0'/>
+    </serial>
+    <console type='file'>
+      <source path='${o.consoleLog}' append='on'/>
+      <target type='serial' port='0'/>
+    </console>
+  </devices>
+</domain>
+`;
+}
+
+/** Lines of a console log that start with `prefix` (the guest's BKFS-* lines). */
+export function consoleLines(consoleLog: string, prefix: string): string[] {
+  let text = '';
+  try {
+    text = fs.readFileSync(consoleLog, 'latin1');
+  } catch {
+    return [];
+  }
+  return text
+    .split(/\r?\n/)
+    .map((l) => l.replace(/^[^B]*(?=BKFS-)/, ''))
+    .filter((l) => l.startsWith(prefix));
+}

@@ -25,12 +25,13 @@ interface ServeCliOptions {
   foreground?: boolean;
   cacheSize: string;
   readyFd?: string;
+  socketOwner?: string;
   list?: boolean;
   stop?: boolean;
   json?: boolean;
 }
 
-function bkfsBin(): string {
+export function bkfsBin(): string {
   const bin = path.resolve(__dirname, '../../../../bin/bkfs');
   if (!fs.existsSync(bin)) throw new BkfsError('MOUNT_FAILED', `cannot find the bkfs launcher at ${bin}`);
   return bin;
@@ -75,6 +76,12 @@ export function registerServe(program: Command): void {
     .option('--stop', 'stop the serve daemon listening on --listen ADDR')
     .option('--json', 'machine-readable output')
     .addOption(new Option('--ready-fd <fd>', 'internal: report readiness on this fd (daemon)').hideHelp())
+    .addOption(
+      new Option(
+        '--socket-owner <uid:gid>',
+        'internal: owner of the Unix socket (instant-restore)',
+      ).hideHelp(),
+    )
     .addHelpText(
       'after',
       `
@@ -128,6 +135,12 @@ Examples:
       const tlsDir = opts.tlsCreds !== undefined ? path.resolve(opts.tlsCreds) : undefined;
       const cacheBytes = parseSize('--cache-size', opts.cacheSize);
       const repoDir = path.resolve(repoPath(cmd));
+      let socketOwner: { uid: number; gid: number } | undefined;
+      if (opts.socketOwner !== undefined) {
+        const m = /^(\d+):(\d+)$/.exec(opts.socketOwner);
+        if (!m) throw new BkfsError('USAGE', `--socket-owner takes UID:GID, got '${opts.socketOwner}'`);
+        socketOwner = { uid: Number(m[1]), gid: Number(m[2]) };
+      }
       if (opts.readyFd !== undefined || opts.foreground) {
         const fd = opts.readyFd === undefined ? undefined : Number(opts.readyFd);
         if (fd !== undefined && !Number.isInteger(fd))
@@ -157,6 +170,7 @@ Examples:
             listen: addr,
             ...(tlsDir !== undefined ? { tlsDir } : {}),
             ...(overlayDir !== undefined ? { overlayDir } : {}),
+            ...(socketOwner !== undefined ? { socketOwner } : {}),
             cacheBytes,
             ...(daemon ? { logFile: serveLogPath(listen) } : {}),
             log,
@@ -209,6 +223,7 @@ Examples:
           ...(opts.disk !== undefined ? ['--disk', opts.disk] : []),
           ...(tlsDir !== undefined ? ['--tls-creds', tlsDir] : []),
           ...(overlayDir !== undefined ? ['--writable', '--overlay-dir', overlayDir] : []),
+          ...(opts.socketOwner !== undefined ? ['--socket-owner', opts.socketOwner] : []),
           '--ready-fd',
           '3',
         ],
