@@ -311,8 +311,8 @@ describe('ChunkLoader.copyRange over a real pack', () => {
   });
 });
 
-describe('format 2 -> 4', () => {
-  it('the first writer renumbers a format-2 repository (index and config) before writing frames chunks', () => {
+describe('format 3 -> 4', () => {
+  it('the first writer renumbers a format-3 repository (index and config) before writing frames chunks', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-format4-readpath-'));
     try {
       const repoDir = path.join(dir, 'repo');
@@ -334,13 +334,13 @@ describe('format 2 -> 4', () => {
       assert.equal(FORMAT_VERSION, 4);
       assert.deepEqual(fmt(), ['4', 4], 'init writes format 4');
       const d = new Database(path.join(repoDir, 'index.db'));
-      d.prepare("UPDATE meta SET value = '2' WHERE key = 'format'").run();
+      d.prepare("UPDATE meta SET value = '3' WHERE key = 'format'").run();
       d.close();
       const cfg = path.join(repoDir, 'bkfs-repo.json');
-      fs.writeFileSync(cfg, JSON.stringify({ ...JSON.parse(fs.readFileSync(cfg, 'utf8')), format: 2 }));
+      fs.writeFileSync(cfg, JSON.stringify({ ...JSON.parse(fs.readFileSync(cfg, 'utf8')), format: 3 }));
       const ro = Repository.open(repoDir);
       ro.close();
-      assert.deepEqual(fmt(), ['2', 2], 'readers do not migrate');
+      assert.deepEqual(fmt(), ['3', 3], 'readers do not migrate');
       const w = Repository.open(repoDir);
       try {
         w.lockWriter('test');
