@@ -19,7 +19,10 @@ const S_IFLNK = 0o120000;
 
 /** Archive member name of `p` below `root`, under the top folder `top`. */
 export function memberName(root: string, p: string, top: string): string {
-  const rel = root === '/' ? p.slice(1) : p.slice(root.length + 1);
+  const r = root.replace(/\/+$/, '');
+  const q = p.replace(/\/{2,}/g, '/');
+  if (q !== r && !q.startsWith(`${r}/`)) throw new Error(`${p} is not below ${root}`);
+  const rel = q.slice(r.length).replace(/^\/+/, '');
   return rel === '' ? top : `${top}/${rel}`;
 }
 

@@ -17,19 +17,18 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { PassThrough, Writable, type Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { BkfsError, errorMessage, isBkfsError, type ErrorCode } from '../errors';
 import { EXIT_CODES, EXIT_INTERNAL, HTTP_STATUS } from '../cli/exit-codes';
 import { jsonValue } from '../cli/json';
 import { codedFsError } from '../util/userpath';
-import { resolveRef, type CheckpointRow, type VmRow } from '../index/catalog';
+import { checkpointDisks, listCheckpoints, resolveRef, type CheckpointRow, type VmRow } from '../index/catalog';
 import { Repository } from '../repo/repository';
 import { pinCheckpoints } from '../repo/pins';
 import { CheckpointReader } from '../chain/reader';
 import { parseFileAddress } from '../files/address';
 import type { EngineChoice } from '../files/engine';
-import { FilesSession, type ListEntry, type Target } from '../files/session';
+import { FilesSession, neighbours, type ListEntry, type Target } from '../files/session';
 import { diffListings, fileHistory, pathMatcher, checksumCandidates, type FileEntry } from '../files/tree';
 import { MAX_DRIVES } from '../files/ops';
 
@@ -307,8 +306,24 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
     listings: new Map(),
   });
 
-  /** Run `fn` on the file session of `cps` (one request at a time on it); damage reported as such. */
-  const withFiles = <T>(vm: VmRow, cps: CheckpointRow[], fn: (b: Browse) => Promise<T>): Promise<T> => {
+  /**
+   * The checkpoints a file session for `want` covers: every checkpoint of the VM when their disks
+   * fit one appliance (MAX_DRIVES), so browsing, find and diff of a VM share one appliance;
+   * otherwise the neighbours of `want` (as the CLI does).
+   */
+  const sessionSet = (vm: VmRow, want: CheckpointRow[]): CheckpointRow[] => {
+    const all = listCheckpoints(repo.db, vm.id);
+    const disks = (c: CheckpointRow) => Math.max(1, checkpointDisks(repo.db, c.id).length);
+    const total = all.reduce((a, c) => a + disks(c), 0);
+    if (total <= MAX_DRIVES && want.every((w) => all.some((c) => c.id === w.id))) return all;
+    if (want.length !== 1) return want;
+    const first = all.find((c) => c.id === want[0]!.id) ?? want[0]!;
+    return neighbours(all, first, disks, MAX_DRIVES).sort((x, y) => x.id - y.id);
+  };
+
+  /** Run `fn` on a file session holding `want` (one request at a time on it); damage reported as such. */
+  const withFiles = <T>(vm: VmRow, want: CheckpointRow[], fn: (b: Browse) => Promise<T>): Promise<T> => {
+    const cps = sessionSet(vm, want);
     const key = `${vm.id}:${cps.map((c) => c.id).join(',')}`;
     return pool.use(key, openBrowse(vm, cps), async (b) => {
       try {
@@ -626,7 +641,7 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
             },
           };
         },
-        { action: 'download', vm: vm.name, checkpoint: checkpoint.name, path: t.path, volume: req.query },
+        { action: 'download', vm: vm.name, checkpoint: checkpoint.name, path: t.path },
       );
     },
   );
@@ -891,9 +906,12 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
       try {
         const fh = await fsp.open(partial, 'wx', 0o600);
         try {
-          const ws = fh.createWriteStream({ autoClose: false });
-          body.on('data', (c: Buffer) => (bytes += c.length));
-          await pipeline(body, ws);
+          for await (const chunk of body) {
+            const c = chunk as Buffer;
+            let off = 0;
+            while (off < c.length) off += (await fh.write(c, off, c.length - off, bytes + off)).bytesWritten;
+            bytes += c.length;
+          }
           await fh.sync();
         } finally {
           await fh.close();

@@ -246,7 +246,8 @@ Examples:
     .description('stop the web server started with --daemon')
     .option('--json', 'machine-readable result')
     .addHelpText('after', '\nExamples:\n  bkfs web stop')
-    .action(async (opts: { json?: boolean }) => {
+    .action(async (_o: unknown, cmd: Command) => {
+      const opts = cmd.optsWithGlobals<{ json?: boolean }>(); // --json is also an option of 'web'
       const state = await import('../../web/state');
       const { stopDaemon } = await import('../../fuse/state');
       const file = state.daemonStateFile(state.webStateDir());
@@ -278,7 +279,8 @@ Examples:
     .option('--read-only', 'browse and download only (default: operator)')
     .option('--json', 'machine-readable output')
     .addHelpText('after', '\nExamples:\n  bkfs web token add alice\n  bkfs web token add auditor --read-only')
-    .action(async (name: string, opts: { readOnly?: boolean; json?: boolean }) => {
+    .action(async (name: string, _o: unknown, cmd: Command) => {
+      const opts = cmd.optsWithGlobals<{ readOnly?: boolean; json?: boolean }>();
       const state = await import('../../web/state');
       const { addToken } = await import('../../web/auth');
       const dir = state.ensureStateDir(state.webStateDir());
@@ -295,7 +297,8 @@ Examples:
     .description('list tokens (names and roles; tokens themselves are not stored)')
     .option('--json', 'machine-readable output')
     .addHelpText('after', '\nExamples:\n  bkfs web token list')
-    .action(async (opts: { json?: boolean }) => {
+    .action(async (_o: unknown, cmd: Command) => {
+      const opts = cmd.optsWithGlobals<{ json?: boolean }>();
       const state = await import('../../web/state');
       const { readTokens } = await import('../../web/auth');
       const list = readTokens(state.tokensFile(state.webStateDir()));
