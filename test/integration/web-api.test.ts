@@ -32,6 +32,9 @@ process.env.LIBGUESTFS_BACKEND = process.env.LIBGUESTFS_BACKEND ?? 'direct';
 process.env.LIBGUESTFS_BACKEND_SETTINGS = process.env.LIBGUESTFS_BACKEND_SETTINGS ?? 'force_tcg';
 
 const MiB = 1 << 20;
+/** Parsed JSON of API answers (shapes: src/web/api.md). */
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+type Json = any;
 let work: string;
 let repo: string;
 let img: string;
@@ -67,13 +70,17 @@ function request(
     let data: Buffer | undefined;
     if (opts.body !== undefined) {
       data = Buffer.isBuffer(opts.body) ? opts.body : Buffer.from(JSON.stringify(opts.body));
-      headers['content-type'] ??= Buffer.isBuffer(opts.body) ? 'application/octet-stream' : 'application/json';
+      headers['content-type'] ??= Buffer.isBuffer(opts.body)
+        ? 'application/octet-stream'
+        : 'application/json';
       headers['content-length'] = String(data.length);
     }
     const req = https.request(new URL(url, base), { method, ca, headers }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
+      res.on('end', () =>
+        resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }),
+      );
       res.on('error', reject);
     });
     req.on('error', reject);
@@ -81,14 +88,25 @@ function request(
   });
 }
 
-async function json(method: string, url: string, opts: Parameters<typeof request>[2] = {}, want = 200): Promise<any> {
+async function json(
+  method: string,
+  url: string,
+  opts: Parameters<typeof request>[2] = {},
+  want = 200,
+): Promise<Json> {
   const r = await request(method, url, opts);
   assert.equal(r.status, want, `${method} ${url}: ${r.status} ${r.body.toString().slice(0, 400)}`);
   return JSON.parse(r.body.toString('utf8'));
 }
 
 /** The error body of a failed request: code, exit code and the HTTP status of the code. */
-async function apiError(method: string, url: string, opts: Parameters<typeof request>[2], status: number, code: string) {
+async function apiError(
+  method: string,
+  url: string,
+  opts: Parameters<typeof request>[2],
+  status: number,
+  code: string,
+) {
   const r = await request(method, url, opts);
   assert.equal(r.status, status, `${method} ${url}: ${r.body.toString()}`);
   const e = JSON.parse(r.body.toString('utf8')).error;
@@ -109,7 +127,10 @@ before(async () => {
     { path: 'etc/hostname', content: Buffer.from('guest-one\n') },
     { path: 'data/big.bin', content: BIG },
     ...Object.entries(DOCS).map(([p, c]) => ({ path: p, content: c })),
-    ...Array.from({ length: MANY }, (_, i) => ({ path: `many/f${String(i).padStart(5, '0')}`, content: Buffer.from(`${i}\n`) })),
+    ...Array.from({ length: MANY }, (_, i) => ({
+      path: `many/f${String(i).padStart(5, '0')}`,
+      content: Buffer.from(`${i}\n`),
+    })),
   ];
   await makeDisk(img, {
     format: 'qcow2',
@@ -125,14 +146,27 @@ before(async () => {
     fs.symlinkSync('../../../../../../etc/passwd', path.join(m, 'docs/up'));
   });
   await bkfsOk(['-r', repo, 'init']);
-  await bkfsOk(['-r', repo, 'backup', 'web', '--disk', `vda=${img}`, '--level', 'full', '--checkpoint', 'c1']);
+  await bkfsOk([
+    '-r',
+    repo,
+    'backup',
+    'web',
+    '--disk',
+    `vda=${img}`,
+    '--level',
+    'full',
+    '--checkpoint',
+    'c1',
+  ]);
   await modifyDisk(img, 'qcow2', 1, async (m) => {
     fs.writeFileSync(path.join(m, 'etc/hostname'), 'guest-two\n');
     fs.writeFileSync(path.join(m, 'docs/new.txt'), 'new\n');
   });
   await bkfsOk(['-r', repo, 'backup', 'web', '--disk', `vda=${img}`, '--checkpoint', 'c2']);
   operator = JSON.parse((await bkfsOk(['web', 'token', 'add', 'op', '--json'], env)).stdout).token;
-  reader = JSON.parse((await bkfsOk(['web', 'token', 'add', 'ro', '--read-only', '--json'], env)).stdout).token;
+  reader = JSON.parse(
+    (await bkfsOk(['web', 'token', 'add', 'ro', '--read-only', '--json'], env)).stdout,
+  ).token;
   const started = await bkfsOk(
     ['-r', repo, 'web', '--daemon', '--json', '--listen', '127.0.0.1:0', '--restore-root', restoreRoot],
     env,
@@ -183,7 +217,9 @@ describe('bkfs web API', { timeout: 900_000 }, () => {
   it('browses a checkpoint: overview, paged listing, stat, preview', async () => {
     const ov = await json('GET', '/api/vms/web/checkpoints/c2/overview', { token: reader });
     assert.equal(ov.disks[0].name, 'vda');
-    assert.ok(ov.volumes.some((v: { type: string; mountpoint: string }) => v.type === 'ext4' && v.mountpoint === '/'));
+    assert.ok(
+      ov.volumes.some((v: { type: string; mountpoint: string }) => v.type === 'ext4' && v.mountpoint === '/'),
+    );
     const root = await json('GET', '/api/vms/web/checkpoints/c2/files?path=/', { token: reader });
     const names = root.entries.map((e: { name: string }) => e.name);
     for (const n of ['etc', 'data', 'docs', 'many', 'evil', 'hostesc']) assert.ok(names.includes(n), n);
@@ -192,29 +228,39 @@ describe('bkfs web API', { timeout: 900_000 }, () => {
     assert.equal(evil.target, '/etc');
     let seen: string[] = [];
     for (let offset = 0; ; offset += 500) {
-      const page = await json('GET', `/api/vms/web/checkpoints/c2/files?path=/many&offset=${offset}&limit=500`, {
-        token: reader,
-      });
+      const page = await json(
+        'GET',
+        `/api/vms/web/checkpoints/c2/files?path=/many&offset=${offset}&limit=500`,
+        {
+          token: reader,
+        },
+      );
       assert.equal(page.total, MANY);
       seen = seen.concat(page.entries.map((e: { name: string }) => e.name));
       if (page.entries.length < 500) break;
     }
     assert.equal(seen.length, MANY);
     assert.equal(new Set(seen).size, MANY);
-    const bySize = await json('GET', '/api/vms/web/checkpoints/c2/files?path=/data&sort=size&order=desc', { token: reader });
+    const bySize = await json('GET', '/api/vms/web/checkpoints/c2/files?path=/data&sort=size&order=desc', {
+      token: reader,
+    });
     assert.equal(bySize.entries[0].name, 'big.bin');
     const st = await json('GET', '/api/vms/web/checkpoints/c2/stat?path=/data/big.bin', { token: reader });
     assert.equal(st.size, BIG.length);
     assert.equal(st.kind, 'file');
     const pv = await json('GET', '/api/vms/web/checkpoints/c2/preview?path=/etc/hostname', { token: reader });
     assert.equal(pv.text, 'guest-two\n');
-    const pb = await json('GET', '/api/vms/web/checkpoints/c2/preview?path=/data/big.bin&maxBytes=1000', { token: reader });
+    const pb = await json('GET', '/api/vms/web/checkpoints/c2/preview?path=/data/big.bin&maxBytes=1000', {
+      token: reader,
+    });
     assert.equal(pb.tooLarge, true);
     assert.equal(pb.text, null);
   });
 
   it('downloads a file whose sha256 is the source file', async () => {
-    const r = await request('GET', '/api/vms/web/checkpoints/c2/download?path=/data/big.bin', { token: reader });
+    const r = await request('GET', '/api/vms/web/checkpoints/c2/download?path=/data/big.bin', {
+      token: reader,
+    });
     assert.equal(r.status, 200);
     assert.equal(Number(r.headers['content-length']), BIG.length);
     assert.match(String(r.headers['content-disposition']), /filename="big\.bin"/);
@@ -222,8 +268,19 @@ describe('bkfs web API', { timeout: 900_000 }, () => {
   });
 
   it('downloads a folder as a streamed zip and tar.gz holding exactly the folder', async () => {
-    const want = ['docs/', 'docs/a.txt', 'docs/new.txt', 'docs/sub/', 'docs/sub/b.txt', 'docs/sub/deeper/', 'docs/sub/deeper/c.bin', 'docs/up'];
-    const z = await request('GET', '/api/vms/web/checkpoints/c2/archive?path=/docs&format=zip', { token: reader });
+    const want = [
+      'docs/',
+      'docs/a.txt',
+      'docs/new.txt',
+      'docs/sub/',
+      'docs/sub/b.txt',
+      'docs/sub/deeper/',
+      'docs/sub/deeper/c.bin',
+      'docs/up',
+    ];
+    const z = await request('GET', '/api/vms/web/checkpoints/c2/archive?path=/docs&format=zip', {
+      token: reader,
+    });
     assert.equal(z.status, 200, z.body.toString().slice(0, 300));
     assert.equal(z.headers['content-length'], undefined); // streamed, not built first
     const zf = path.join(work, 'docs.zip');
@@ -232,29 +289,62 @@ describe('bkfs web API', { timeout: 900_000 }, () => {
     assert.deepEqual(listed, want);
     const ex = path.join(work, 'unz');
     await run('unzip', ['-q', zf, '-d', ex]);
-    for (const [p, c] of Object.entries(DOCS)) assert.equal(sha256(fs.readFileSync(path.join(ex, p))), sha256(c), p);
+    for (const [p, c] of Object.entries(DOCS))
+      assert.equal(sha256(fs.readFileSync(path.join(ex, p))), sha256(c), p);
     // The guest's symlink is stored as a symlink (its text), never followed to a host file.
     assert.equal(fs.readlinkSync(path.join(ex, 'docs/up')), '../../../../../../etc/passwd');
-    const t = await request('GET', '/api/vms/web/checkpoints/c2/archive?path=/docs&format=tar.gz', { token: reader });
+    const t = await request('GET', '/api/vms/web/checkpoints/c2/archive?path=/docs&format=tar.gz', {
+      token: reader,
+    });
     assert.equal(t.status, 200);
     const tf = path.join(work, 'docs.tar.gz');
     fs.writeFileSync(tf, t.body);
-    const tl = (await run('tar', ['-tzf', tf])).stdout.trim().split('\n').map((l) => l.replace(/\/$/, '')).sort();
+    const tl = (await run('tar', ['-tzf', tf])).stdout
+      .trim()
+      .split('\n')
+      .map((l) => l.replace(/\/$/, ''))
+      .sort();
     assert.deepEqual(tl, want.map((w) => w.replace(/\/$/, '')).sort());
   });
 
   it('never reaches a host file: .. refused, guest symlinks resolved inside the guest', async () => {
-    await apiError('GET', '/api/vms/web/checkpoints/c2/download?path=/etc/../../etc/passwd', { token: reader }, 400, 'USAGE');
+    await apiError(
+      'GET',
+      '/api/vms/web/checkpoints/c2/download?path=/etc/../../etc/passwd',
+      { token: reader },
+      400,
+      'USAGE',
+    );
     await apiError('GET', '/api/vms/web/checkpoints/c2/files?path=/..', { token: reader }, 400, 'USAGE');
-    await apiError('GET', '/api/vms/web/checkpoints/c2/download?path=etc/hostname', { token: reader }, 400, 'USAGE');
+    await apiError(
+      'GET',
+      '/api/vms/web/checkpoints/c2/download?path=etc/hostname',
+      { token: reader },
+      400,
+      'USAGE',
+    );
     // /hostesc -> /etc/shadow: the guest has none; the host's is never read.
-    await apiError('GET', '/api/vms/web/checkpoints/c2/download?path=/hostesc', { token: reader }, 404, 'NOT_FOUND');
+    await apiError(
+      'GET',
+      '/api/vms/web/checkpoints/c2/download?path=/hostesc',
+      { token: reader },
+      404,
+      'NOT_FOUND',
+    );
     // /evil -> /etc: the guest's /etc.
-    const h = await request('GET', '/api/vms/web/checkpoints/c2/download?path=/evil/hostname', { token: reader });
+    const h = await request('GET', '/api/vms/web/checkpoints/c2/download?path=/evil/hostname', {
+      token: reader,
+    });
     assert.equal(h.status, 200);
     assert.equal(h.body.toString(), 'guest-two\n');
     // docs/up climbs above the root: clamped at the guest root, where there is no /etc/passwd.
-    await apiError('GET', '/api/vms/web/checkpoints/c2/download?path=/docs/up', { token: reader }, 404, 'NOT_FOUND');
+    await apiError(
+      'GET',
+      '/api/vms/web/checkpoints/c2/download?path=/docs/up',
+      { token: reader },
+      404,
+      'NOT_FOUND',
+    );
     const ls = await request('GET', '/api/vms/web/checkpoints/c2/files?path=/evil', { token: reader });
     const names = JSON.parse(ls.body.toString()).entries.map((e: { name: string }) => e.name);
     assert.deepEqual(names, ['hostname']);
@@ -287,7 +377,21 @@ describe('bkfs web API', { timeout: 900_000 }, () => {
     fs.writeFileSync(raw1, '');
     for (const r of pieces) {
       const part = path.join(work, 'part');
-      const c = await run('curl', ['-sS', '--fail', '--cacert', cert, '-H', `Authorization: Bearer ${reader}`, '--range', r, '-o', part, '-w', '%{http_code}', url]);
+      const c = await run('curl', [
+        '-sS',
+        '--fail',
+        '--cacert',
+        cert,
+        '-H',
+        `Authorization: Bearer ${reader}`,
+        '--range',
+        r,
+        '-o',
+        part,
+        '-w',
+        '%{http_code}',
+        url,
+      ]);
       assert.equal(c.stdout, '206');
       fs.appendFileSync(raw1, fs.readFileSync(part));
     }
@@ -307,7 +411,10 @@ describe('bkfs web API', { timeout: 900_000 }, () => {
     fs.ftruncateSync(fd, 48 * MiB);
     let fetched = 0;
     for (const r of data) {
-      const res = await request('GET', url, { token: reader, headers: { range: `bytes=${r.start}-${r.start + r.length - 1}` } });
+      const res = await request('GET', url, {
+        token: reader,
+        headers: { range: `bytes=${r.start}-${r.start + r.length - 1}` },
+      });
       assert.equal(res.status, 206);
       assert.equal(res.headers['content-range'], `bytes ${r.start}-${r.start + r.length - 1}/${48 * MiB}`);
       fs.writeSync(fd, res.body, 0, res.body.length, r.start);
@@ -321,33 +428,60 @@ describe('bkfs web API', { timeout: 900_000 }, () => {
   });
 
   it('runs a restore job with progress events; the restored disk equals the source', async () => {
-    await apiError('POST', '/api/jobs/restore', { token: reader, body: { vm: 'web', checkpoint: 'c2', disk: 'vda', to: 'x.raw' } }, 403, 'PERMISSION_DENIED');
-    await apiError('POST', '/api/jobs/restore', { token: operator, body: { vm: 'web', checkpoint: 'c2', disk: 'vda', to: '../x.raw' } }, 400, 'TARGET_INVALID');
-    await apiError('POST', '/api/jobs/restore', { token: operator, body: { vm: 'web', checkpoint: 'c2', disk: 'vda', to: '/tmp/x.raw' } }, 400, 'TARGET_INVALID');
-    const job = await json('POST', '/api/jobs/restore', { token: operator, body: { vm: 'web', checkpoint: 'c2', disk: 'vda', to: 'vda.raw' } }, 202);
+    await apiError(
+      'POST',
+      '/api/jobs/restore',
+      { token: reader, body: { vm: 'web', checkpoint: 'c2', disk: 'vda', to: 'x.raw' } },
+      403,
+      'PERMISSION_DENIED',
+    );
+    await apiError(
+      'POST',
+      '/api/jobs/restore',
+      { token: operator, body: { vm: 'web', checkpoint: 'c2', disk: 'vda', to: '../x.raw' } },
+      400,
+      'TARGET_INVALID',
+    );
+    await apiError(
+      'POST',
+      '/api/jobs/restore',
+      { token: operator, body: { vm: 'web', checkpoint: 'c2', disk: 'vda', to: '/tmp/x.raw' } },
+      400,
+      'TARGET_INVALID',
+    );
+    const job = await json(
+      'POST',
+      '/api/jobs/restore',
+      { token: operator, body: { vm: 'web', checkpoint: 'c2', disk: 'vda', to: 'vda.raw' } },
+      202,
+    );
     assert.equal(job.state, 'running');
     // Server-sent events until the end event.
-    const events = await new Promise<{ event: string; data: any }[]>((resolve, reject) => {
-      const got: { event: string; data: any }[] = [];
+    const events = await new Promise<{ event: string; data: Json }[]>((resolve, reject) => {
+      const got: { event: string; data: Json }[] = [];
       https
-        .get(new URL(`/api/jobs/${job.id}/events`, base), { ca, headers: { authorization: `Bearer ${operator}` } }, (res) => {
-          assert.equal(res.statusCode, 200);
-          assert.match(String(res.headers['content-type']), /text\/event-stream/);
-          let buf = '';
-          res.on('data', (c: Buffer) => {
-            buf += c.toString('utf8');
-            let i;
-            while ((i = buf.indexOf('\n\n')) >= 0) {
-              const block = buf.slice(0, i);
-              buf = buf.slice(i + 2);
-              const ev = /^event: (.*)$/m.exec(block)?.[1] ?? '';
-              const data = JSON.parse(/^data: (.*)$/m.exec(block)?.[1] ?? 'null');
-              got.push({ event: ev, data });
-            }
-          });
-          res.on('end', () => resolve(got));
-          res.on('error', reject);
-        })
+        .get(
+          new URL(`/api/jobs/${job.id}/events`, base),
+          { ca, headers: { authorization: `Bearer ${operator}` } },
+          (res) => {
+            assert.equal(res.statusCode, 200);
+            assert.match(String(res.headers['content-type']), /text\/event-stream/);
+            let buf = '';
+            res.on('data', (c: Buffer) => {
+              buf += c.toString('utf8');
+              let i;
+              while ((i = buf.indexOf('\n\n')) >= 0) {
+                const block = buf.slice(0, i);
+                buf = buf.slice(i + 2);
+                const ev = /^event: (.*)$/m.exec(block)?.[1] ?? '';
+                const data = JSON.parse(/^data: (.*)$/m.exec(block)?.[1] ?? 'null');
+                got.push({ event: ev, data });
+              }
+            });
+            res.on('end', () => resolve(got));
+            res.on('error', reject);
+          },
+        )
         .on('error', reject);
     });
     const end = events[events.length - 1]!;
@@ -373,7 +507,18 @@ describe('bkfs web API', { timeout: 900_000 }, () => {
   });
 
   it('cookie sessions need the CSRF token for changes; protect, forget with confirmation', async () => {
-    await bkfsOk(['-r', repo, 'backup', 'web', '--disk', `vda=${img}`, '--level', 'full', '--checkpoint', 'c3']);
+    await bkfsOk([
+      '-r',
+      repo,
+      'backup',
+      'web',
+      '--disk',
+      `vda=${img}`,
+      '--level',
+      'full',
+      '--checkpoint',
+      'c3',
+    ]);
     const login = await request('POST', '/api/login', { body: { token: operator } });
     assert.equal(login.status, 200);
     const setCookie = String(login.headers['set-cookie']);
@@ -386,15 +531,43 @@ describe('bkfs web API', { timeout: 900_000 }, () => {
     assert.equal(role, 'operator');
     const who = await json('GET', '/api/session', { headers: { cookie } });
     assert.equal(who.name, 'op');
-    await apiError('POST', '/api/vms/web/checkpoints/c3/protect', { headers: { cookie } }, 403, 'PERMISSION_DENIED');
-    await apiError('POST', '/api/vms/web/checkpoints/c3/protect', { headers: { cookie, 'x-csrf-token': 'forged' } }, 403, 'PERMISSION_DENIED');
-    const p = await json('POST', '/api/vms/web/checkpoints/c3/protect', { headers: { cookie, 'x-csrf-token': csrfToken } });
+    await apiError(
+      'POST',
+      '/api/vms/web/checkpoints/c3/protect',
+      { headers: { cookie } },
+      403,
+      'PERMISSION_DENIED',
+    );
+    await apiError(
+      'POST',
+      '/api/vms/web/checkpoints/c3/protect',
+      { headers: { cookie, 'x-csrf-token': 'forged' } },
+      403,
+      'PERMISSION_DENIED',
+    );
+    const p = await json('POST', '/api/vms/web/checkpoints/c3/protect', {
+      headers: { cookie, 'x-csrf-token': csrfToken },
+    });
     assert.deepEqual(p, { vm: 'web', checkpoint: 'c3', protected: true, changed: true });
-    await apiError('DELETE', '/api/vms/web/checkpoints/c3?confirm=web@c3', { token: reader }, 403, 'PERMISSION_DENIED');
-    await apiError('DELETE', '/api/vms/web/checkpoints/c3?confirm=web@c3', { token: operator }, 409, 'PROTECTED');
+    await apiError(
+      'DELETE',
+      '/api/vms/web/checkpoints/c3?confirm=web@c3',
+      { token: reader },
+      403,
+      'PERMISSION_DENIED',
+    );
+    await apiError(
+      'DELETE',
+      '/api/vms/web/checkpoints/c3?confirm=web@c3',
+      { token: operator },
+      409,
+      'PROTECTED',
+    );
     await json('POST', '/api/vms/web/checkpoints/c3/unprotect', { token: operator });
     await apiError('DELETE', '/api/vms/web/checkpoints/c3?confirm=web@c2', { token: operator }, 400, 'USAGE');
-    const f = await json('DELETE', '/api/vms/web/checkpoints/c3?confirm=web@c3', { headers: { cookie, 'x-csrf-token': csrfToken } });
+    const f = await json('DELETE', '/api/vms/web/checkpoints/c3?confirm=web@c3', {
+      headers: { cookie, 'x-csrf-token': csrfToken },
+    });
     assert.deepEqual(
       f.removed.map((x: { name: string }) => x.name),
       ['c3'],
@@ -431,11 +604,19 @@ describe('bkfs web API', { timeout: 900_000 }, () => {
   it('keeps an audit log of downloads and restores (0600)', () => {
     const file = path.join(work, 'state', 'audit.log');
     assert.equal(fs.statSync(file).mode & 0o777, 0o600);
-    const lines = fs.readFileSync(file, 'utf8').trim().split('\n').map((l) => JSON.parse(l));
+    const lines = fs
+      .readFileSync(file, 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l));
     const dl = lines.find((l) => l.action === 'download' && l.path === '/data/big.bin');
-    assert.ok(dl && dl.user === 'ro' && dl.outcome === 'ok' && dl.checkpoint === 'c2' && typeof dl.time === 'string');
+    assert.ok(
+      dl && dl.user === 'ro' && dl.outcome === 'ok' && dl.checkpoint === 'c2' && typeof dl.time === 'string',
+    );
     const rs = lines.filter((l) => l.action === 'restore');
-    assert.ok(rs.some((l) => l.user === 'op' && l.outcome === 'done' && l.to === path.join(restoreRoot, 'vda.raw')));
+    assert.ok(
+      rs.some((l) => l.user === 'op' && l.outcome === 'done' && l.to === path.join(restoreRoot, 'vda.raw')),
+    );
     assert.ok(lines.some((l) => l.action === 'archive' && l.format === 'zip'));
     assert.ok(lines.some((l) => l.action === 'forget' && l.checkpoint === 'c3'));
   });
@@ -451,4 +632,3 @@ describe('bkfs web API', { timeout: 900_000 }, () => {
     assert.doesNotMatch(log, /still has mounts/);
   });
 });
-

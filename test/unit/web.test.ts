@@ -51,13 +51,25 @@ test('token file: add prints once, keeps only the hash (0600), remove, duplicate
     assert.ok(text.includes(hashToken(token)));
     assert.equal(findToken(readTokens(file), token)?.role, 'read-only');
     assert.equal(record.name, 'alice');
-    assert.throws(() => addToken(file, 'alice', 'operator'), (e) => e instanceof BkfsError && e.code === 'TARGET_EXISTS');
-    assert.throws(() => addToken(file, '../x', 'operator'), (e) => e instanceof BkfsError && e.code === 'BAD_NAME');
+    assert.throws(
+      () => addToken(file, 'alice', 'operator'),
+      (e) => e instanceof BkfsError && e.code === 'TARGET_EXISTS',
+    );
+    assert.throws(
+      () => addToken(file, '../x', 'operator'),
+      (e) => e instanceof BkfsError && e.code === 'BAD_NAME',
+    );
     removeToken(file, 'alice');
     assert.equal(findToken(readTokens(file), token), undefined);
-    assert.throws(() => removeToken(file, 'alice'), (e) => e instanceof BkfsError && e.code === 'NOT_FOUND');
+    assert.throws(
+      () => removeToken(file, 'alice'),
+      (e) => e instanceof BkfsError && e.code === 'NOT_FOUND',
+    );
     fs.writeFileSync(file, '{"tokens":[{"name":"x"}]}');
-    assert.throws(() => readTokens(file), (e) => e instanceof BkfsError && e.code === 'REPO_CORRUPT');
+    assert.throws(
+      () => readTokens(file),
+      (e) => e instanceof BkfsError && e.code === 'REPO_CORRUPT',
+    );
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
@@ -79,7 +91,11 @@ test('guest paths: absolute, no .., no NUL', () => {
   assert.equal(checkGuestPath('/etc/hosts'), '/etc/hosts');
   assert.equal(checkGuestPath('/a/./b'), '/a/./b'); // '.' is harmless; normalised later
   for (const bad of ['etc', '/..', '/a/../b', '/a/..', '/a\0b', `/${'x'.repeat(5000)}`]) {
-    assert.throws(() => checkGuestPath(bad), (e) => e instanceof BkfsError && e.code === 'USAGE', bad);
+    assert.throws(
+      () => checkGuestPath(bad),
+      (e) => e instanceof BkfsError && e.code === 'USAGE',
+      bad,
+    );
   }
   assert.equal(checkVolume('vda:2'), 'vda:2');
   assert.equal(checkVolume('vg0/root'), 'vg0/root');
@@ -91,7 +107,11 @@ test('host targets stay inside the restore root (lexically and through symlinks)
   assert.equal(insideRoot('/srv/r', 'a.raw'), '/srv/r/a.raw');
   assert.equal(insideRoot('/srv/r', 'd/a.raw'), '/srv/r/d/a.raw');
   for (const bad of ['/etc/passwd', '../x', 'd/../../x', '.', '']) {
-    assert.throws(() => insideRoot('/srv/r', bad), (e) => e instanceof BkfsError, bad);
+    assert.throws(
+      () => insideRoot('/srv/r', bad),
+      (e) => e instanceof BkfsError,
+      bad,
+    );
   }
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-webunit-'));
   try {
@@ -102,8 +122,14 @@ test('host targets stay inside the restore root (lexically and through symlinks)
     fs.mkdirSync(path.join(root, 'in'));
     assert.equal(targetInRoot(root, 'in/x.raw'), path.join(fs.realpathSync(root), 'in/x.raw'));
     assert.equal(targetInRoot(root, 'new/x.raw'), path.join(fs.realpathSync(root), 'new/x.raw'));
-    assert.throws(() => targetInRoot(root, 'out/x.raw'), (e) => e instanceof BkfsError && e.code === 'TARGET_INVALID');
-    assert.throws(() => targetInRoot(root, 'pw'), (e) => e instanceof BkfsError && e.code === 'TARGET_INVALID');
+    assert.throws(
+      () => targetInRoot(root, 'out/x.raw'),
+      (e) => e instanceof BkfsError && e.code === 'TARGET_INVALID',
+    );
+    assert.throws(
+      () => targetInRoot(root, 'pw'),
+      (e) => e instanceof BkfsError && e.code === 'TARGET_INVALID',
+    );
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
@@ -172,7 +198,11 @@ test('error bodies carry the code, its exit code and HTTP status', () => {
     body: { error: { code: 'NOT_FOUND', exitCode: 8, message: 'x' } },
   });
   assert.equal(errorBody(new BkfsError('UNAUTHORIZED', 'x')).status, 401);
-  assert.equal(errorBody(Object.assign(new Error('csrf'), { code: 'FST_CSRF_INVALID_TOKEN', statusCode: 403 })).body.error.code, 'PERMISSION_DENIED');
+  assert.equal(
+    errorBody(Object.assign(new Error('csrf'), { code: 'FST_CSRF_INVALID_TOKEN', statusCode: 403 })).body
+      .error.code,
+    'PERMISSION_DENIED',
+  );
   assert.equal(errorBody(new Error('bug')).status, 500);
   assert.equal(errorBody(new Error('bug')).body.error.code, 'INTERNAL');
 });
@@ -180,7 +210,11 @@ test('error bodies carry the code, its exit code and HTTP status', () => {
 test('session pool: one user at a time, idle close, bounded, reopened after a failed open', async () => {
   const log: string[] = [];
   let opened = 0;
-  const pool = new SessionPool<string>({ max: 2, idleMs: 50, close: async (s) => void log.push(`close ${s}`) });
+  const pool = new SessionPool<string>({
+    max: 2,
+    idleMs: 50,
+    close: async (s) => void log.push(`close ${s}`),
+  });
   const open = (k: string) => async () => {
     opened++;
     log.push(`open ${k}`);
@@ -212,7 +246,11 @@ test('session pool: one user at a time, idle close, bounded, reopened after a fa
   assert.ok(log.includes('close b') && log.includes('close c'));
   // A failed open is not kept.
   await assert.rejects(
-    pool.use('d', async () => Promise.reject(new Error('boom')), async () => undefined),
+    pool.use(
+      'd',
+      async () => Promise.reject(new Error('boom')),
+      async () => undefined,
+    ),
     /boom/,
   );
   assert.equal(pool.size, 0);
