@@ -12,7 +12,7 @@
  *   - the whole disk: `curl` of /disks/vda over HTTPS against `bkfs restore --disk vda`;
  * and checks every download's sha256 / `qemu-img compare`. Prints a table (or JSON).
  */
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -39,19 +39,13 @@ async function sha256File(file: string): Promise<string> {
   return h.digest('hex');
 }
 
-/** A deterministic incompressible file written in 16 MiB steps (no 1 GiB buffer in memory). */
+/** An incompressible file written in 16 MiB steps (no 1 GiB buffer in memory). */
 function writeRandomFile(file: string, bytes: number): void {
   const fd = fs.openSync(file, 'w');
   try {
-    let seed = createHash('sha256').update('bkfs-bench-web').digest();
     for (let off = 0; off < bytes;) {
       const n = Math.min(16 * MiB, bytes - off);
-      const buf = Buffer.alloc(n);
-      for (let i = 0; i < n; i += 32) {
-        seed = createHash('sha256').update(seed).digest();
-        seed.copy(buf, i, 0, Math.min(32, n - i));
-      }
-      fs.writeSync(fd, buf);
+      fs.writeSync(fd, randomBytes(n));
       off += n;
     }
   } finally {
