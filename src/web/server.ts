@@ -240,15 +240,13 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
     void reply.code(status).header('cache-control', 'no-store').send(body);
   });
   app.setNotFoundHandler((req, reply) => {
-    void reply
-      .code(404)
-      .send({
-        error: {
-          code: 'NOT_FOUND',
-          exitCode: EXIT_CODES.NOT_FOUND,
-          message: `no route ${req.method} ${req.url}`,
-        },
-      });
+    void reply.code(404).send({
+      error: {
+        code: 'NOT_FOUND',
+        exitCode: EXIT_CODES.NOT_FOUND,
+        message: `no route ${req.method} ${req.url}`,
+      },
+    });
   });
 
   app.addHook('onSend', async (req, reply, payload) => {
