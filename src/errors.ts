@@ -62,6 +62,10 @@ export type ErrorCode =
   | 'REPO_CORRUPT'
   /** `bkfs web`: a request without valid credentials (no token, unknown token, expired session). */
   | 'UNAUTHORIZED'
+  /** `bkfs run`: the job file is not valid (syntax, unknown key, bad value). */
+  | 'JOB_INVALID'
+  /** `bkfs run`: some VMs (or the retention/gc step) failed; the others were backed up. */
+  | 'JOB_PARTIAL'
   /** The object store refused the credentials or denied access (bad key, secret, or policy). */
   | 'STORE_ACCESS'
   /** The object store cannot be reached or keeps failing (network, timeouts, HTTP 5xx after retries). */

@@ -25,6 +25,7 @@ import { registerServe } from './commands/serve';
 import { registerFiles } from './commands/files';
 import { registerMeta } from './commands/meta';
 import { registerWeb } from './commands/web';
+import { registerRun } from './commands/run';
 
 export function buildProgram(): Command {
   const program = new Command('bkfs');
@@ -67,6 +68,7 @@ export function buildProgram(): Command {
   registerFiles(program);
   registerWeb(program);
   registerMeta(program);
+  registerRun(program);
   program.addHelpText(
     'after',
     `

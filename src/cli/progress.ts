@@ -54,22 +54,36 @@ export function setProgressQuiet(q: boolean): void {
   quiet = q;
 }
 
+/**
+ * With BKFS_PROGRESS=json (set by `bkfs run` for its child processes) progress goes to stderr as
+ * lines `bkfs-progress {"done":N,"total":N}`, at most twice a second, whatever the terminal.
+ */
+export const PROGRESS_JSON_PREFIX = 'bkfs-progress ';
+
 export class ProgressBar {
   private last = 0;
   private readonly t0 = Date.now();
   private drawn = false;
   readonly enabled: boolean;
+  private readonly json: boolean;
 
   constructor(
     private readonly label: string,
     private readonly stream: NodeJS.WriteStream = process.stderr,
   ) {
-    this.enabled = Boolean(stream.isTTY) && !process.env.CI && !quiet;
+    this.json = process.env.BKFS_PROGRESS === 'json';
+    this.enabled = this.json || (Boolean(stream.isTTY) && !process.env.CI && !quiet);
   }
 
   update(done: number, total: number, force = false): void {
     if (!this.enabled) return;
     const now = Date.now();
+    if (this.json) {
+      if (!force && now - this.last < 500) return;
+      this.last = now;
+      this.stream.write(`${PROGRESS_JSON_PREFIX}${JSON.stringify({ done, total })}\n`);
+      return;
+    }
     if (!force && now - this.last < 100) return;
     this.last = now;
     const line = renderProgress({
