@@ -62,6 +62,8 @@ export type ErrorCode =
   | 'REMOTE_FAILED'
   /** A repository file (manifest, pin, gc state, pack header) is unreadable or inconsistent. */
   | 'REPO_CORRUPT'
+  /** `bkfs web`: a request without valid credentials (no token, unknown token, expired session). */
+  | 'UNAUTHORIZED'
   /** `bkfs run`: the job file is not valid (syntax, unknown key, bad value). */
   | 'JOB_INVALID'
   /** `bkfs run`: some VMs (or the retention/gc step) failed; the others were backed up. */

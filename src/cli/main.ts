@@ -25,6 +25,7 @@ import { registerServe } from './commands/serve';
 import { registerInstantRestore } from './commands/instant-restore';
 import { registerFiles } from './commands/files';
 import { registerMeta } from './commands/meta';
+import { registerWeb } from './commands/web';
 import { registerRun } from './commands/run';
 
 export function buildProgram(): Command {
@@ -67,6 +68,7 @@ export function buildProgram(): Command {
   registerServe(program);
   registerInstantRestore(program);
   registerFiles(program);
+  registerWeb(program);
   registerMeta(program);
   registerRun(program);
   program.addHelpText(
