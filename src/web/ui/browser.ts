@@ -247,6 +247,21 @@ function PreviewPane({ w, entry, onClose }: { w: Where; entry: Entry; onClose: (
   </section>` as VNode;
 }
 
+/** The file name of a Content-Disposition header (RFC 6266: filename* first). */
+function dispositionName(h: string | null): string | null {
+  if (!h) return null;
+  const star = /filename\*=UTF-8''([^;]+)/i.exec(h);
+  if (star) {
+    try {
+      return decodeURIComponent(star[1]!);
+    } catch {
+      /* fall through */
+    }
+  }
+  const plain = /filename="([^"]*)"/i.exec(h);
+  return plain ? plain[1]! : null;
+}
+
 /** Downloads a folder archive with a live byte count; the browser saves it when complete. */
 function FolderDownload({ w, path }: { w: Where; path: string }): VNode {
   const [state, setState] = useState<{
@@ -277,6 +292,7 @@ function FolderDownload({ w, path }: { w: Where; path: string }): VNode {
           body?.error ? `${body.error.code}: ${body.error.message}` : `${res.status} ${res.statusText}`,
         );
       }
+      const fileName = dispositionName(res.headers.get('content-disposition')) ?? `${name}.${format}`;
       const reader = res.body.getReader();
       const parts: Uint8Array[] = [];
       let received = 0;
@@ -296,12 +312,12 @@ function FolderDownload({ w, path }: { w: Where; path: string }): VNode {
       });
       const a = document.createElement('a');
       a.href = URL.createObjectURL(blob);
-      a.download = `${name}.${format}`;
+      a.download = fileName;
       document.body.appendChild(a);
       a.click();
       a.remove();
       setTimeout(() => URL.revokeObjectURL(a.href), 60_000);
-      setMsg(`${name}.${format}: ${bytes(received)} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+      setMsg(`${fileName}: ${bytes(received)} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     } catch (e) {
       if (!abort.signal.aborted) setErr(e as Error);
       else setMsg('Download cancelled.');
