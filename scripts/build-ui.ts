@@ -1,8 +1,10 @@
 /**
  * Part of `npm run build` (after the two tsc runs): puts the web console's static files next to its
  * compiled modules in dist/src/web/ui/, so the package ships a ready console and the user runs no
- * build step. The browser loads ES modules directly (an import map in index.html names the vendor
- * files): preact and htm are copied from node_modules, nothing is bundled or fetched from a CDN.
+ * build step. The browser loads ES modules directly: preact and htm are copied from node_modules
+ * into vendor/, and the bare specifiers ('preact', 'preact/hooks', 'htm') in the compiled modules
+ * and in the vendor files are rewritten to those files' URLs (an inline import map would need
+ * 'unsafe-inline' in the server's Content-Security-Policy). Nothing is bundled or fetched from a CDN.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -11,12 +13,23 @@ const root = path.resolve(__dirname, '../..');
 const src = path.join(root, 'src/web/ui');
 const out = path.join(root, 'dist/src/web/ui');
 
-/** Vendor ES modules: [package-relative source, file name served under /vendor/]. */
-const VENDOR: [string, string][] = [
-  ['preact/dist/preact.mjs', 'preact.mjs'],
-  ['preact/hooks/dist/hooks.mjs', 'hooks.mjs'],
-  ['htm/dist/htm.mjs', 'htm.mjs'],
+/** Vendor ES modules: [package-relative source, file name served under /vendor/, bare specifier]. */
+const VENDOR: [string, string, string][] = [
+  ['preact/dist/preact.mjs', 'preact.mjs', 'preact'],
+  ['preact/hooks/dist/hooks.mjs', 'hooks.mjs', 'preact/hooks'],
+  ['htm/dist/htm.mjs', 'htm.mjs', 'htm'],
 ];
+
+const URL_OF = new Map(VENDOR.map(([, file, spec]) => [spec, `/vendor/${file}`]));
+
+/** `from "preact"` / `import "htm"` -> `from "/vendor/preact.mjs"`; an unknown bare specifier fails the build. */
+export function rewriteSpecifiers(code: string, file: string): string {
+  return code.replace(/(\bfrom\s*|\bimport\s*\(?\s*)(["'])([^"'./][^"']*)\2/g, (all, pre: string, q: string, spec: string) => {
+    const url = URL_OF.get(spec);
+    if (!url) throw new Error(`${file}: import of '${spec}', which the console does not ship`);
+    return `${pre}${q}${url}${q}`;
+  });
+}
 
 function main(): void {
   fs.mkdirSync(path.join(out, 'vendor'), { recursive: true });
@@ -24,8 +37,14 @@ function main(): void {
     if (/\.(html|css|svg|ico)$/.test(f)) fs.copyFileSync(path.join(src, f), path.join(out, f));
   }
   for (const [from, to] of VENDOR) {
-    fs.copyFileSync(require.resolve(path.join(root, 'node_modules', from)), path.join(out, 'vendor', to));
+    const code = fs.readFileSync(path.join(root, 'node_modules', from), 'utf8');
+    fs.writeFileSync(path.join(out, 'vendor', to), rewriteSpecifiers(code, from));
+  }
+  for (const f of fs.readdirSync(out)) {
+    if (!f.endsWith('.js')) continue;
+    const file = path.join(out, f);
+    fs.writeFileSync(file, rewriteSpecifiers(fs.readFileSync(file, 'utf8'), file));
   }
 }
 
-main();
+if (require.main === module) main();

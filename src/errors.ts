@@ -60,6 +60,8 @@ export type ErrorCode =
   | 'TARGET_MISMATCH'
   /** A repository file (manifest, pin, gc state, pack header) is unreadable or inconsistent. */
   | 'REPO_CORRUPT'
+  /** `bkfs web`: a request without valid credentials (no token, unknown token, expired session). */
+  | 'UNAUTHORIZED'
   /** The work was interrupted by a signal. */
   | 'INTERRUPTED';
 

@@ -34,5 +34,41 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   SOURCE_UNSAFE: 25,
   TARGET_MISMATCH: 26,
   REPO_CORRUPT: 27,
+  UNAUTHORIZED: 31,
   INTERRUPTED: 130,
+};
+
+/**
+ * HTTP status of each error code in `bkfs web`'s API (a JSON error carries the code and its exit
+ * code too). README's "Exit codes" table repeats this column.
+ */
+export const HTTP_STATUS: Record<ErrorCode, number> = {
+  USAGE: 400,
+  BAD_NAME: 400,
+  REPO_NOT_FOUND: 503,
+  REPO_EXISTS: 409,
+  REPO_VERSION: 503,
+  REPO_LOCKED: 423,
+  NOT_FOUND: 404,
+  SOURCE_NOT_FOUND: 404,
+  SOURCE_FORMAT: 415,
+  SOURCE_IN_USE: 409,
+  CHAIN_BROKEN: 409,
+  SIZE_CHANGED: 409,
+  NBD_PROTOCOL: 502,
+  DATA_DAMAGED: 500,
+  VERIFY_FAILED: 500,
+  TARGET_EXISTS: 409,
+  TARGET_INVALID: 400,
+  EXTERNAL_TOOL: 502,
+  MOUNT_FAILED: 500,
+  PROTECTED: 409,
+  FS_UNSUPPORTED: 422,
+  PERMISSION_DENIED: 403,
+  SOURCE_GONE: 410,
+  SOURCE_UNSAFE: 400,
+  TARGET_MISMATCH: 409,
+  REPO_CORRUPT: 500,
+  UNAUTHORIZED: 401,
+  INTERRUPTED: 503,
 };

@@ -24,6 +24,7 @@ import { registerMount } from './commands/mount';
 import { registerServe } from './commands/serve';
 import { registerFiles } from './commands/files';
 import { registerMeta } from './commands/meta';
+import { registerWeb } from './commands/web';
 
 export function buildProgram(): Command {
   const program = new Command('bkfs');
@@ -64,6 +65,7 @@ export function buildProgram(): Command {
   registerMount(program);
   registerServe(program);
   registerFiles(program);
+  registerWeb(program);
   registerMeta(program);
   program.addHelpText(
     'after',

@@ -266,25 +266,28 @@ export async function overview(repo: Repository, ref: string, opts: FilesOptions
   const a = parseFileAddress(ref);
   if (a.path !== undefined) throw new BkfsError('USAGE', 'overview takes VM[@CP] only');
   const { vm, checkpoint } = resolveRef(repo.db, a.ref);
-  return withSession(repo, vm, [checkpoint], opts, async (s) => {
-    const layout = await s.layout(checkpoint.name);
-    const set = await s.volumes(checkpoint.name);
-    return {
-      vm: vm.name,
-      checkpoint: checkpoint.name,
-      engine: s.engineName,
-      disks: set.disks.map((d: DiskInfo) => ({
-        name: d.name,
-        size: d.size,
-        table: d.table.scheme,
-        partitions: d.table.partitions.filter((p) => !p.extended).length,
-        warnings: d.table.warnings ?? [],
-      })),
-      volumes: set.volumes.map((v) => overviewVolume(v, layout)),
-      fstabFrom: layout?.fstabFrom ?? null,
-      skipped: layout?.skipped ?? [],
-    };
-  });
+  return withSession(repo, vm, [checkpoint], opts, (s) => overviewOf(s, vm.name, checkpoint.name));
+}
+
+/** The overview of one checkpoint of an open session (`bkfs ls VM@CP`, the web console). */
+export async function overviewOf(s: FilesSession, vmName: string, cpName: string): Promise<Overview> {
+  const layout = await s.layout(cpName);
+  const set = await s.volumes(cpName);
+  return {
+    vm: vmName,
+    checkpoint: cpName,
+    engine: s.engineName,
+    disks: set.disks.map((d: DiskInfo) => ({
+      name: d.name,
+      size: d.size,
+      table: d.table.scheme,
+      partitions: d.table.partitions.filter((p) => !p.extended).length,
+      warnings: d.table.warnings ?? [],
+    })),
+    volumes: set.volumes.map((v) => overviewVolume(v, layout)),
+    fstabFrom: layout?.fstabFrom ?? null,
+    skipped: layout?.skipped ?? [],
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
