@@ -22,13 +22,17 @@ const VENDOR: [string, string, string][] = [
 
 const URL_OF = new Map(VENDOR.map(([, file, spec]) => [spec, `/vendor/${file}`]));
 
-/** `from "preact"` / `import "htm"` -> `from "/vendor/preact.mjs"`; an unknown bare specifier fails the build. */
+/**
+ * `from "preact"` / `import "htm"` -> `from "/vendor/preact.mjs"`. A compiled module's own import
+ * line naming any other bare specifier fails the build (the console would not load).
+ */
 export function rewriteSpecifiers(code: string, file: string): string {
-  return code.replace(/(\bfrom\s*|\bimport\s*\(?\s*)(["'])([^"'./][^"']*)\2/g, (all, pre: string, q: string, spec: string) => {
-    const url = URL_OF.get(spec);
-    if (!url) throw new Error(`${file}: import of '${spec}', which the console does not ship`);
-    return `${pre}${q}${url}${q}`;
-  });
+  const specs = [...URL_OF.keys()].map((k) => k.replace(/[/]/g, '\\/')).join('|');
+  const re = new RegExp(`(\\bfrom\\s*|\\bimport\\s*)(["'])(${specs})\\2`, 'g');
+  const out = code.replace(re, (_all, pre: string, q: string, spec: string) => `${pre}${q}${URL_OF.get(spec)}${q}`);
+  const stray = /^import\b[^'"]*(?:from\s*)?['"]([^'"./][^'"]*)['"]/m.exec(out);
+  if (stray) throw new Error(`${file}: import of '${stray[1]}', which the console does not ship`);
+  return out;
 }
 
 function main(): void {

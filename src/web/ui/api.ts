@@ -84,7 +84,7 @@ export interface Entry {
   uid: number;
   gid: number;
   mtime: string;
-  target?: string;
+  target?: string | null;
 }
 
 export interface Listing {
@@ -102,7 +102,8 @@ export interface Listing {
 export interface Preview {
   path: string;
   size: number;
-  truncated: boolean;
+  /** size > maxBytes: no text. */
+  tooLarge: boolean;
   binary: boolean;
   text: string | null;
 }

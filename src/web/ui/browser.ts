@@ -114,6 +114,8 @@ function kindIcon(e: Entry): string {
 }
 
 const ROW = 28;
+/** Text previews of files up to this size. */
+const PREVIEW_MAX = 256 * 1024;
 
 function Listing({
   w,
@@ -211,39 +213,30 @@ function Listing({
 }
 
 function PreviewPane({ w, entry, onClose }: { w: Where; entry: Entry; onClose: () => void }): VNode {
-  const small = entry.size <= 1024 * 1024;
+  const small = entry.size <= PREVIEW_MAX;
   const pv = useAsync<Preview | null>(
     () =>
       small
-        ? api.preview(w.vm, w.cp, { path: entry.path, volume: w.volume, maxBytes: 65536 })
+        ? api.preview(w.vm, w.cp, { path: entry.path, volume: w.volume, maxBytes: PREVIEW_MAX })
         : Promise.resolve(null),
     [w.vm, w.cp, w.volume, entry.path],
   );
   return html`<section class="preview" aria-label=${`Preview of ${entry.name}`}>
     <header>
       <strong>${entry.path}</strong>
-      <span class="muted"
-        >${bytes(entry.size)} · ${when(entry.mtime)} · ${modeString(entry.kind, entry.mode)}</span
-      >
-      <a
-        class="button"
-        id="download-file"
-        href=${urls.download(w.vm, w.cp, entry.path, w.volume)}
-        download=${entry.name}
+      <span class="muted">${bytes(entry.size)} · ${when(entry.mtime)} · ${modeString(entry.kind, entry.mode)}</span>
+      <a class="button" id="download-file" href=${urls.download(w.vm, w.cp, entry.path, w.volume)} download=${entry.name}
         >Download</a
       >
       <button onClick=${onClose}>Close</button>
     </header>
     ${pv.loading ? html`<${Loading} what="the preview" />` : null}
     <${ErrorBox} error=${pv.error} />
-    ${!small ? html`<p class="muted" style="padding:0.5rem">Too large to preview; download it instead.</p>` : null}
+    ${!small || pv.data?.tooLarge
+      ? html`<p class="muted" style="padding:0.5rem">Larger than ${bytes(PREVIEW_MAX)}: no preview; download it instead.</p>`
+      : null}
     ${pv.data && pv.data.binary ? html`<p class="muted" style="padding:0.5rem">Binary file: no text preview.</p>` : null}
-    ${
-      pv.data && pv.data.text !== null
-        ? html`<pre id="preview-text">${pv.data.text}</pre>
-            ${pv.data.truncated ? html`<p class="muted" style="padding:0 0.5rem">(first ${bytes(pv.data.text.length)} shown)</p>` : null}`
-        : null
-    }
+    ${pv.data && pv.data.text !== null ? html`<pre id="preview-text">${pv.data.text}</pre>` : null}
   </section>` as VNode;
 }
 
