@@ -110,7 +110,8 @@ function compare(key: SortKey): (a: Entry, b: Entry) => number {
 }
 
 function kindIcon(e: Entry): string {
-  return e.kind === 'dir' ? '📁' : e.kind === 'symlink' ? '↪' : e.kind === 'file' ? '📄' : '·';
+  // Glyphs every system font has (emoji fonts are often missing on servers and in CI).
+  return e.kind === 'dir' ? '▪' : e.kind === 'symlink' ? '↪' : e.kind === 'file' ? '·' : '◦';
 }
 
 const ROW = 28;
@@ -224,17 +225,27 @@ function PreviewPane({ w, entry, onClose }: { w: Where; entry: Entry; onClose: (
   return html`<section class="preview" aria-label=${`Preview of ${entry.name}`}>
     <header>
       <strong>${entry.path}</strong>
-      <span class="muted">${bytes(entry.size)} · ${when(entry.mtime)} · ${modeString(entry.kind, entry.mode)}</span>
-      <a class="button" id="download-file" href=${urls.download(w.vm, w.cp, entry.path, w.volume)} download=${entry.name}
+      <span class="muted"
+        >${bytes(entry.size)} · ${when(entry.mtime)} · ${modeString(entry.kind, entry.mode)}</span
+      >
+      <a
+        class="button"
+        id="download-file"
+        href=${urls.download(w.vm, w.cp, entry.path, w.volume)}
+        download=${entry.name}
         >Download</a
       >
       <button onClick=${onClose}>Close</button>
     </header>
     ${pv.loading ? html`<${Loading} what="the preview" />` : null}
     <${ErrorBox} error=${pv.error} />
-    ${!small || pv.data?.tooLarge
-      ? html`<p class="muted" style="padding:0.5rem">Larger than ${bytes(PREVIEW_MAX)}: no preview; download it instead.</p>`
-      : null}
+    ${
+      !small || pv.data?.tooLarge
+        ? html`<p class="muted" style="padding:0.5rem">
+            Larger than ${bytes(PREVIEW_MAX)}: no preview; download it instead.
+          </p>`
+        : null
+    }
     ${pv.data && pv.data.binary ? html`<p class="muted" style="padding:0.5rem">Binary file: no text preview.</p>` : null}
     ${pv.data && pv.data.text !== null ? html`<pre id="preview-text">${pv.data.text}</pre>` : null}
   </section>` as VNode;
@@ -402,7 +413,8 @@ export function BrowserPage({
         ${
           shown
             ? html`<p class="muted" id="entry-count">
-                  ${shown.total} entries${listing.loading ? ` (loading ${shown.entries.length}…)` : ''}
+                  ${shown.total}
+                  ${shown.total === 1 ? 'entry' : 'entries'}${listing.loading ? ` (loading ${shown.entries.length}…)` : ''}
                 </p>
                 <${Listing}
                   w=${w}

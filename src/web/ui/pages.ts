@@ -358,10 +358,9 @@ export function CheckpointPage({ vm, cp, session }: { vm: string; cp: string; se
     ${
       c
         ? html`<p>
-              Taken ${when(c.time)} in ${(c.durationMs / 1000).toFixed(1)}
-              s${c.parent ? html`, parent <a href=${href('vm', vm, 'cp', c.parent)}>${c.parent}</a>` : null}.
-              ${bytes(c.bytesRead)} read; ${bytes(c.bytesNewRaw)} new data stored as
-              ${bytes(c.bytesNewStored)}.
+              ${`Taken ${when(c.time)} in ${(c.durationMs / 1000).toFixed(1)} s`}${c.parent ? ', parent ' : ''}${
+                c.parent ? html`<a href=${href('vm', vm, 'cp', c.parent)}>${c.parent}</a>` : null
+              }${`. ${bytes(c.bytesRead)} read; ${bytes(c.bytesNewRaw)} new data stored as ${bytes(c.bytesNewStored)}.`}
             </p>
             ${isOperator(session) ? html`<${CheckpointActions} cp=${c} onChanged=${(gone: boolean) => (gone ? navigate(href('vm', vm)) : info.reload())} />` : null}
             <h2>Disks</h2>
@@ -570,14 +569,12 @@ export function ComparePage({
     ${
       r.data
         ? html`<p id="diff-summary">
-              <span class="diff-added">${r.data.items.filter((i) => i.change === 'added').length} added</span
-              >,
-              <span class="diff-removed"
-                >${r.data.items.filter((i) => i.change === 'removed').length} removed</span
-              >,
-              <span class="diff-changed"
-                >${r.data.items.filter((i) => i.change === 'changed').length} changed</span
-              >
+              ${(['added', 'removed', 'changed'] as const).map(
+                (k, i) =>
+                  html`${i > 0 ? ', ' : ''}<span class=${`diff-${k}`}
+                      >${`${r.data!.items.filter((x) => x.change === k).length} ${k}`}</span
+                    >`,
+              )}
             </p>
             <table class="grid" id="diff">
               <thead>
@@ -599,7 +596,7 @@ export function ComparePage({
                       <td>${d.what.join(', ')}</td>
                       <td class="num">${d.before && d.before.kind !== 'dir' ? bytes(d.before.size) : ''}</td>
                       <td class="num">${d.after && d.after.kind !== 'dir' ? bytes(d.after.size) : ''}</td>
-                      <td class="row">
+                      <td>
                         ${d.before?.kind === 'file' ? dl(from, d.path, 'from') : null}
                         ${d.after?.kind === 'file' ? dl(to, d.path, 'to') : null}
                       </td>
@@ -654,8 +651,9 @@ export function JobPage({ id }: { id: string }): VNode {
       job
         ? html`<h1>Restore of ${job.vm}@${job.checkpoint}${job.disk ? ` disk ${job.disk}` : ''}</h1>
             <p>
-              To <code>${job.to}</code>, started ${when(job.started)} by
-              ${job.user}${job.finished ? `, ended ${when(job.finished)}` : ''}.
+              To
+              <code>${job.to}</code
+              >${`, started ${when(job.started)} by ${job.user}${job.finished ? `, ended ${when(job.finished)}` : ''}.`}
             </p>
             <${JobProgress} job=${job} />
             ${
