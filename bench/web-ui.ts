@@ -46,11 +46,10 @@ async function main(): Promise<void> {
       const page = await ctx.newPage();
       const t0 = performance.now();
       await page.goto(route);
-      await page.waitForFunction(
-        `document.querySelector('#entry-count')?.textContent === '${entries} entries' && document.querySelector('.listing .item') !== null`,
-        undefined,
-        { timeout: 120_000, polling: 'raf' },
-      );
+      await page
+        .locator('#entry-count', { hasText: new RegExp(`^${entries} entries$`) })
+        .waitFor({ timeout: 120_000 });
+      await page.locator('.listing .item').first().waitFor();
       const ms = performance.now() - t0;
       const s0 = performance.now();
       await page.$eval('.vlist', (el) => {
