@@ -48,7 +48,14 @@ async function main(): Promise<void> {
       await page.goto(route);
       await page
         .locator('#entry-count', { hasText: new RegExp(`^${entries} entries$`) })
-        .waitFor({ timeout: 120_000 });
+        .waitFor({ timeout: 120_000 })
+        .catch(async (e: Error) => {
+          const shown = await page
+            .locator('main')
+            .innerText()
+            .catch(() => '?');
+          throw new Error(`${e.message}\nthe page shows:\n${shown.slice(0, 2000)}`);
+        });
       await page.locator('.listing .item').first().waitFor();
       const ms = performance.now() - t0;
       const s0 = performance.now();

@@ -347,6 +347,10 @@ function FolderDownload({ w, path }: { w: Where; path: string }): VNode {
   </div>` as VNode;
 }
 
+function entryCount(total: number, loaded: number | null): string {
+  return `${total} ${total === 1 ? 'entry' : 'entries'}${loaded !== null ? ` (loading ${loaded}…)` : ''}`;
+}
+
 export function BrowserPage({
   vm,
   cp,
@@ -413,8 +417,7 @@ export function BrowserPage({
         ${
           shown
             ? html`<p class="muted" id="entry-count">
-                  ${shown.total}
-                  ${shown.total === 1 ? 'entry' : 'entries'}${listing.loading ? ` (loading ${shown.entries.length}…)` : ''}
+                  ${entryCount(shown.total, listing.loading ? shown.entries.length : null)}
                 </p>
                 <${Listing}
                   w=${w}

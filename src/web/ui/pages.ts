@@ -47,8 +47,8 @@ export function LoginPage({ onLogin }: { onLogin: (s: Session) => void }): VNode
       <button class="primary" id="login" disabled=${busy}>Log in</button>
       <${ErrorBox} error=${err} />
       <p class="muted">
-        Create a token on the server with <code>bkfs web token add NAME</code> (add
-        <code>--read-only</code> for browse-only access).
+        ${'Create a token on the server with '}<code>bkfs web token add NAME</code
+        >${' (add '}<code>--read-only</code>${' for browse-only access).'}
       </p>
     </form>
   </main>` as VNode;
@@ -651,9 +651,7 @@ export function JobPage({ id }: { id: string }): VNode {
       job
         ? html`<h1>Restore of ${job.vm}@${job.checkpoint}${job.disk ? ` disk ${job.disk}` : ''}</h1>
             <p>
-              To
-              <code>${job.to}</code
-              >${`, started ${when(job.started)} by ${job.user}${job.finished ? `, ended ${when(job.finished)}` : ''}.`}
+              ${'To '}<code>${job.to}</code>${`, started ${when(job.started)} by ${job.user}${job.finished ? `, ended ${when(job.finished)}` : ''}.`}
             </p>
             <${JobProgress} job=${job} />
             ${
