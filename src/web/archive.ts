@@ -19,7 +19,10 @@ const S_IFLNK = 0o120000;
 
 /** Archive member name of `p` below `root`, under the top folder `top`. */
 export function memberName(root: string, p: string, top: string): string {
-  const rel = root === '/' ? p.slice(1) : p.slice(root.length + 1);
+  const r = root.replace(/\/+$/, '');
+  const q = p.replace(/\/{2,}/g, '/');
+  if (q !== r && !q.startsWith(`${r}/`)) throw new Error(`${p} is not below ${root}`);
+  const rel = q.slice(r.length).replace(/^\/+/, '');
   return rel === '' ? top : `${top}/${rel}`;
 }
 
@@ -42,7 +45,10 @@ export interface ArchiveSource {
  * Start writing the archive; returns the stream to send and a promise that settles when every
  * entry was read (rejects on the first failure, after which the stream is destroyed).
  */
-export function archiveStream(src: ArchiveSource, format: ArchiveFormat): { stream: Readable; done: Promise<void> } {
+export function archiveStream(
+  src: ArchiveSource,
+  format: ArchiveFormat,
+): { stream: Readable; done: Promise<void> } {
   return format === 'zip' ? zipStream(src) : tarGzStream(src);
 }
 
@@ -102,7 +108,8 @@ function tarGzStream(src: ArchiveSource): { stream: Readable; done: Promise<void
       if (out.destroyed) throw new Error('the download was cancelled');
       const name = memberName(src.root, e.path, src.top);
       if (e.kind === 'dir') pack.entry({ ...header(e, name), type: 'directory' });
-      else if (e.kind === 'symlink') pack.entry({ ...header(e, name), type: 'symlink', linkname: e.target ?? '' });
+      else if (e.kind === 'symlink')
+        pack.entry({ ...header(e, name), type: 'symlink', linkname: e.target ?? '' });
       else if (e.kind === 'file') {
         await new Promise<void>((resolve, reject) => {
           const entry = pack.entry({ ...header(e, name), type: 'file', size: e.size }, (err) =>

@@ -108,7 +108,12 @@ export function writeTokens(file: string, tokens: readonly TokenRecord[]): void 
 }
 
 /** Add a token; returns it (the only time it exists in clear). */
-export function addToken(file: string, name: string, role: Role, now = Date.now()): { token: string; record: TokenRecord } {
+export function addToken(
+  file: string,
+  name: string,
+  role: Role,
+  now = Date.now(),
+): { token: string; record: TokenRecord } {
   checkTokenName(name);
   const tokens = readTokens(file);
   if (tokens.some((t) => t.name === name)) {

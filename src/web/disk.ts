@@ -20,7 +20,10 @@ export interface ByteRange {
  * (several ranges are answered with the whole resource, which RFC 9110 allows); 'unsatisfiable'
  * for 416.
  */
-export function parseRange(header: string | undefined, size: number): ByteRange | 'unsatisfiable' | undefined {
+export function parseRange(
+  header: string | undefined,
+  size: number,
+): ByteRange | 'unsatisfiable' | undefined {
   if (header === undefined) return undefined;
   const m = /^bytes=\s*(\d*)\s*-\s*(\d*)\s*$/.exec(header.trim());
   if (!m) return undefined;
@@ -52,7 +55,10 @@ export interface Run {
  * Data and zero runs covering [0, size): extents with a chunk are data, the rest (zero extents,
  * unmapped gaps) zero; neighbours of the same kind merged.
  */
-export function mergeRuns(extents: Iterable<Pick<PageExtent, 'offset' | 'length' | 'loc'>>, size: number): Run[] {
+export function mergeRuns(
+  extents: Iterable<Pick<PageExtent, 'offset' | 'length' | 'loc'>>,
+  size: number,
+): Run[] {
   const out: Run[] = [];
   const push = (start: number, length: number, zero: boolean) => {
     if (length <= 0) return;
@@ -74,7 +80,12 @@ export function mergeRuns(extents: Iterable<Pick<PageExtent, 'offset' | 'length'
 }
 
 /** Bytes [range.start, range.end) of a disk as a stream (1 MiB reads, backpressure respected). */
-export function diskStream(reader: CheckpointReader, disk: string, range: ByteRange, onEnd?: () => void): Readable {
+export function diskStream(
+  reader: CheckpointReader,
+  disk: string,
+  range: ByteRange,
+  onEnd?: () => void,
+): Readable {
   let pos = range.start;
   const step = 1 << 20;
   let ended = false;

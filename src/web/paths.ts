@@ -19,7 +19,8 @@ export function checkGuestPath(p: string | undefined, dflt = '/'): string {
   const v = p === undefined || p === '' ? dflt : p;
   if (!v.startsWith('/')) throw new BkfsError('USAGE', `guest path '${v}' must be absolute (start with /)`);
   if (v.includes('\0')) throw new BkfsError('USAGE', 'guest path contains a NUL byte');
-  if (v.length > MAX_GUEST_PATH) throw new BkfsError('USAGE', `guest path longer than ${MAX_GUEST_PATH} bytes`);
+  if (v.length > MAX_GUEST_PATH)
+    throw new BkfsError('USAGE', `guest path longer than ${MAX_GUEST_PATH} bytes`);
   if (v.split('/').some((c) => c === '..')) {
     throw new BkfsError('USAGE', `guest path '${v}' has a '..' component; give the path without it`);
   }

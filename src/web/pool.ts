@@ -77,7 +77,9 @@ export class SessionPool<S> {
       if (have) return have;
       if (this.entries.size < this.o.max) break;
       // Full: close the least recently used idle session, or wait for one to become idle.
-      const idle = [...this.entries.values()].filter((x) => x.users === 0).sort((a, b) => a.lastUsed - b.lastUsed);
+      const idle = [...this.entries.values()]
+        .filter((x) => x.users === 0)
+        .sort((a, b) => a.lastUsed - b.lastUsed);
       const lru = idle[0];
       if (lru) {
         await this.evict(lru, 'too many open sessions');
@@ -123,7 +125,9 @@ export class SessionPool<S> {
       return; // never opened
     }
     this.o.onNotice?.(`closing file session ${e.key} (${why})`);
-    await this.o.close(s, e.key).catch((err: unknown) => this.o.onNotice?.(`closing ${e.key}: ${String(err)}`));
+    await this.o
+      .close(s, e.key)
+      .catch((err: unknown) => this.o.onNotice?.(`closing ${e.key}: ${String(err)}`));
   }
 
   /** Close every session (waiting for running requests on them to finish). */

@@ -17,19 +17,24 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { PassThrough, Writable, type Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { BkfsError, errorMessage, isBkfsError, type ErrorCode } from '../errors';
 import { EXIT_CODES, EXIT_INTERNAL, HTTP_STATUS } from '../cli/exit-codes';
 import { jsonValue } from '../cli/json';
 import { codedFsError } from '../util/userpath';
-import { resolveRef, type CheckpointRow, type VmRow } from '../index/catalog';
+import {
+  checkpointDisks,
+  listCheckpoints,
+  resolveRef,
+  type CheckpointRow,
+  type VmRow,
+} from '../index/catalog';
 import { Repository } from '../repo/repository';
 import { pinCheckpoints } from '../repo/pins';
 import { CheckpointReader } from '../chain/reader';
 import { parseFileAddress } from '../files/address';
 import type { EngineChoice } from '../files/engine';
-import { FilesSession, type ListEntry, type Target } from '../files/session';
+import { FilesSession, neighbours, type ListEntry, type Target } from '../files/session';
 import { diffListings, fileHistory, pathMatcher, checksumCandidates, type FileEntry } from '../files/tree';
 import { MAX_DRIVES } from '../files/ops';
 
@@ -95,11 +100,17 @@ interface Browse {
 const LISTING_CACHE = 8;
 const MAX_PAGE = 10000;
 
-export function errorBody(e: unknown): { status: number; body: { error: { code: string; exitCode: number; message: string } } } {
+export function errorBody(e: unknown): {
+  status: number;
+  body: { error: { code: string; exitCode: number; message: string } };
+} {
   const err = codedFsError(e);
   if (isBkfsError(err)) {
     const status = (err as BkfsError & { statusCode?: number }).statusCode ?? HTTP_STATUS[err.code];
-    return { status, body: { error: { code: err.code, exitCode: EXIT_CODES[err.code], message: err.message } } };
+    return {
+      status,
+      body: { error: { code: err.code, exitCode: EXIT_CODES[err.code], message: err.message } },
+    };
   }
   const fe = err as { code?: string; statusCode?: number; message?: string; validation?: unknown };
   const coded = (code: ErrorCode, status: number, message: string) => ({
@@ -231,7 +242,13 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
   app.setNotFoundHandler((req, reply) => {
     void reply
       .code(404)
-      .send({ error: { code: 'NOT_FOUND', exitCode: EXIT_CODES.NOT_FOUND, message: `no route ${req.method} ${req.url}` } });
+      .send({
+        error: {
+          code: 'NOT_FOUND',
+          exitCode: EXIT_CODES.NOT_FOUND,
+          message: `no route ${req.method} ${req.url}`,
+        },
+      });
   });
 
   app.addHook('onSend', async (req, reply, payload) => {
@@ -266,10 +283,14 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
       }
       user = { name: r.name, role: r.role, via: 'cookie' };
     }
-    if (!user) throw new BkfsError('UNAUTHORIZED', 'log in (POST /api/login) or send Authorization: Bearer TOKEN');
+    if (!user)
+      throw new BkfsError('UNAUTHORIZED', 'log in (POST /api/login) or send Authorization: Bearer TOKEN');
     req.user = user;
     if (!allowed(user.role, need)) {
-      throw new BkfsError('PERMISSION_DENIED', `token '${user.name}' is read-only; this needs an operator token`);
+      throw new BkfsError(
+        'PERMISSION_DENIED',
+        `token '${user.name}' is read-only; this needs an operator token`,
+      );
     }
   });
   // CSRF: cookie-authenticated requests that change state.
@@ -295,7 +316,8 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
   // ---------------------------------------------------------------------------------------------
   // Catalogue lookups
 
-  const rows = (vm: string, cp: string): { vm: VmRow; checkpoint: CheckpointRow } => resolveRef(repo.db, `${vm}@${cp}`);
+  const rows = (vm: string, cp: string): { vm: VmRow; checkpoint: CheckpointRow } =>
+    resolveRef(repo.db, `${vm}@${cp}`);
 
   const openBrowse = (vm: VmRow, cps: CheckpointRow[]) => async (): Promise<Browse> => ({
     s: await FilesSession.open(repo, vm, cps, {
@@ -307,8 +329,24 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
     listings: new Map(),
   });
 
-  /** Run `fn` on the file session of `cps` (one request at a time on it); damage reported as such. */
-  const withFiles = <T>(vm: VmRow, cps: CheckpointRow[], fn: (b: Browse) => Promise<T>): Promise<T> => {
+  /**
+   * The checkpoints a file session for `want` covers: every checkpoint of the VM when their disks
+   * fit one appliance (MAX_DRIVES), so browsing, find and diff of a VM share one appliance;
+   * otherwise the neighbours of `want` (as the CLI does).
+   */
+  const sessionSet = (vm: VmRow, want: CheckpointRow[]): CheckpointRow[] => {
+    const all = listCheckpoints(repo.db, vm.id);
+    const disks = (c: CheckpointRow) => Math.max(1, checkpointDisks(repo.db, c.id).length);
+    const total = all.reduce((a, c) => a + disks(c), 0);
+    if (total <= MAX_DRIVES && want.every((w) => all.some((c) => c.id === w.id))) return all;
+    if (want.length !== 1) return want;
+    const first = all.find((c) => c.id === want[0]!.id) ?? want[0]!;
+    return neighbours(all, first, disks, MAX_DRIVES).sort((x, y) => x.id - y.id);
+  };
+
+  /** Run `fn` on a file session holding `want` (one request at a time on it); damage reported as such. */
+  const withFiles = <T>(vm: VmRow, want: CheckpointRow[], fn: (b: Browse) => Promise<T>): Promise<T> => {
+    const cps = sessionSet(vm, want);
     const key = `${vm.id}:${cps.map((c) => c.id).join(',')}`;
     return pool.use(key, openBrowse(vm, cps), async (b) => {
       try {
@@ -357,7 +395,9 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
           max: o.loginPerMinute ?? 10,
           timeWindow: 60_000,
           errorResponseBuilder: () =>
-            Object.assign(new BkfsError('UNAUTHORIZED', 'too many login attempts; wait a minute'), { statusCode: 429 }),
+            Object.assign(new BkfsError('UNAUTHORIZED', 'too many login attempts; wait a minute'), {
+              statusCode: 429,
+            }),
         },
       },
       schema: {
@@ -401,21 +441,25 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
     { config: { need: 'read' }, schema: { summary: 'who is logged in; the CSRF token', tags: ['auth'] } },
     async (req, reply) => {
       const u = req.user as User;
-      return send(reply, { name: u.name, role: u.role, csrfToken: u.via === 'cookie' ? reply.generateCsrf() : null });
+      return send(reply, {
+        name: u.name,
+        role: u.role,
+        csrfToken: u.via === 'cookie' ? reply.generateCsrf() : null,
+      });
     },
   );
 
-  app.get(
-    '/api/openapi.json',
-    { config: { need: 'none' }, schema: { hide: true } },
-    async () => app.swagger(),
+  app.get('/api/openapi.json', { config: { need: 'none' }, schema: { hide: true } }, async () =>
+    app.swagger(),
   );
 
   // ---------------------------------------------------------------------------------------------
   // Catalogue
 
-  app.get('/api/vms', { schema: { summary: 'VMs with their latest checkpoint', tags: ['browse'] } }, async (_req, reply) =>
-    send(reply, vmViews(repo)),
+  app.get(
+    '/api/vms',
+    { schema: { summary: 'VMs with their latest checkpoint', tags: ['browse'] } },
+    async (_req, reply) => send(reply, vmViews(repo)),
   );
 
   app.get(
@@ -438,13 +482,22 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
     async (req, reply) => {
       const p = req.params as { vm: string; cp: string };
       const { vm, checkpoint } = rows(p.vm, p.cp);
-      return send(reply, { ...checkpointView(repo, vm.name, checkpoint), configs: configsOf(repo, checkpoint) });
+      return send(reply, {
+        ...checkpointView(repo, vm.name, checkpoint),
+        configs: configsOf(repo, checkpoint),
+      });
     },
   );
 
   app.get(
     '/api/vms/:vm/checkpoints/:cp/overview',
-    { schema: { summary: 'disks, partitions, filesystems (bkfs ls VM@CP)', tags: ['files'], params: cpParams } },
+    {
+      schema: {
+        summary: 'disks, partitions, filesystems (bkfs ls VM@CP)',
+        tags: ['files'],
+        params: cpParams,
+      },
+    },
     async (req, reply) => {
       const p = req.params as { vm: string; cp: string };
       const { vm, checkpoint } = rows(p.vm, p.cp);
@@ -475,7 +528,14 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
     },
     async (req, reply) => {
       const p = req.params as { vm: string; cp: string };
-      const q = req.query as { path?: string; volume?: string; offset: number; limit: number; sort: string; order: string };
+      const q = req.query as {
+        path?: string;
+        volume?: string;
+        offset: number;
+        limit: number;
+        sort: string;
+        order: string;
+      };
       const { vm, checkpoint } = rows(p.vm, p.cp);
       const t = target(vm, checkpoint, q);
       const l = await withFiles(vm, [checkpoint], (b) => listing(b, t));
@@ -512,7 +572,11 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
         const r = await b.s.resolve(t, { followLast: false, recursive: false, hint: false });
         const st = await r.engine.lstat(r.path);
         if (!st) throw new BkfsError('NOT_FOUND', `${t.path} vanished`);
-        const out: ListEntry = { ...st, name: r.path === '/' ? '/' : path.posix.basename(r.path), path: r.path };
+        const out: ListEntry = {
+          ...st,
+          name: r.path === '/' ? '/' : path.posix.basename(r.path),
+          path: r.path,
+        };
         if (st.kind === 'symlink') out.target = await r.engine.readlink(r.path);
         return out;
       });
@@ -539,7 +603,10 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
         params: cpParams,
         querystring: {
           type: 'object',
-          properties: { ...pathQuery, maxBytes: { type: 'integer', minimum: 1, maximum: 1 << 20, default: 65536 } },
+          properties: {
+            ...pathQuery,
+            maxBytes: { type: 'integer', minimum: 1, maximum: 1 << 20, default: 65536 },
+          },
           required: ['path'],
         },
       },
@@ -551,7 +618,8 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
       const t = target(vm, checkpoint, q);
       const r = await withFiles(vm, [checkpoint], async (b) => {
         const f = await regularFile(b, t);
-        if (f.size > q.maxBytes) return { path: f.path, size: f.size, tooLarge: true, binary: false, text: null };
+        if (f.size > q.maxBytes)
+          return { path: f.path, size: f.size, tooLarge: true, binary: false, text: null };
         const c = new Collect();
         await f.engine.catTo(f.path, c);
         const text = isUtf8Text(Buffer.concat(c.chunks));
@@ -570,7 +638,9 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
     reply: FastifyReply,
     vm: VmRow,
     cps: CheckpointRow[],
-    prepare: (b: Browse) => Promise<{ headers: Record<string, string | number>; stream: Readable; run: () => Promise<void> }>,
+    prepare: (
+      b: Browse,
+    ) => Promise<{ headers: Record<string, string | number>; stream: Readable; run: () => Promise<void> }>,
     auditInfo: Record<string, unknown>,
   ): Promise<FastifyReply> => {
     let started = false;
@@ -626,7 +696,7 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
             },
           };
         },
-        { action: 'download', vm: vm.name, checkpoint: checkpoint.name, path: t.path, volume: req.query },
+        { action: 'download', vm: vm.name, checkpoint: checkpoint.name, path: t.path },
       );
     },
   );
@@ -657,7 +727,8 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
         [checkpoint],
         async (b) => {
           const r = await b.s.resolve(t, { followLast: true, recursive: true, hint: false });
-          if (r.kind !== 'dir') throw new BkfsError('USAGE', `${t.path} is not a directory (download it as a file)`);
+          if (r.kind !== 'dir')
+            throw new BkfsError('USAGE', `${t.path} is not a directory (download it as a file)`);
           const self = await r.engine.lstat(r.path);
           if (!self) throw new BkfsError('NOT_FOUND', `${t.path} vanished`);
           const entries = await r.engine.walk(r.path);
@@ -702,7 +773,13 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
     },
     async (req, reply) => {
       const { vm: vmName } = req.params as { vm: string };
-      const q = req.query as { pattern: string; checkpoint?: string; path?: string; volume?: string; ignoreCase: boolean };
+      const q = req.query as {
+        pattern: string;
+        checkpoint?: string;
+        path?: string;
+        volume?: string;
+        ignoreCase: boolean;
+      };
       const { getVm, listCheckpoints } = await import('../index/catalog');
       const vm = getVm(repo.db, vmName);
       const cps = q.checkpoint ? [rows(vm.name, q.checkpoint).checkpoint] : listCheckpoints(repo.db, vm.id);
@@ -777,7 +854,10 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
         const la = await b.s.walk(ta);
         const lb = await b.s.walk(tb);
         if (la === null && lb === null) {
-          throw new BkfsError('NOT_FOUND', `${ta.path} exists in neither ${vm.name}@${ta.checkpoint} nor ${tb.checkpoint}`);
+          throw new BkfsError(
+            'NOT_FOUND',
+            `${ta.path} exists in neither ${vm.name}@${ta.checkpoint} nor ${tb.checkpoint}`,
+          );
         }
         let sums: { a: Map<string, string>; b: Map<string, string> } | undefined;
         let checksummed = 0;
@@ -839,7 +919,14 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
       }
       const r = range ?? { start: 0, end: size };
       const pin = pinCheckpoints(repo, [checkpoint.id]);
-      const info = { action: 'disk', vm: vm.name, checkpoint: checkpoint.name, disk: disk.name, start: r.start, end: r.end };
+      const info = {
+        action: 'disk',
+        vm: vm.name,
+        checkpoint: checkpoint.name,
+        disk: disk.name,
+        start: r.start,
+        end: r.end,
+      };
       const stream = diskStream(reader, disk.name, r, () => pin.release());
       stream.on('error', (e) => auditEntry(req, { ...info, outcome: 'failed', error: errorMessage(e) }));
       stream.on('end', () => auditEntry(req, { ...info, outcome: 'ok' }));
@@ -855,7 +942,13 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
 
   app.get(
     '/api/vms/:vm/checkpoints/:cp/disks/:disk/extents',
-    { schema: { summary: 'data and zero runs of a disk (from its block map)', tags: ['disks'], params: diskParams } },
+    {
+      schema: {
+        summary: 'data and zero runs of a disk (from its block map)',
+        tags: ['disks'],
+        params: diskParams,
+      },
+    },
     async (req, reply) => {
       const p = req.params as { vm: string; cp: string; disk: string };
       const { reader, disk } = diskRow(p.vm, p.cp, p.disk);
@@ -870,20 +963,30 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
       schema: {
         summary: 'upload a disk image into the restore root',
         tags: ['operator'],
-        params: { type: 'object', properties: { file: { type: 'string', maxLength: 255 } }, required: ['file'] },
+        params: {
+          type: 'object',
+          properties: { file: { type: 'string', maxLength: 255 } },
+          required: ['file'],
+        },
         querystring: { type: 'object', properties: { force: { type: 'boolean', default: false } } },
       },
     },
     async (req, reply) => {
       const { file } = req.params as { file: string };
       const { force } = req.query as { force: boolean };
-      if (!o.restoreRoot) throw new BkfsError('TARGET_INVALID', 'this server was started without --restore-root');
-      if (file.includes('/') || file.startsWith('.')) throw new BkfsError('TARGET_INVALID', `bad file name '${file}'`);
+      if (!o.restoreRoot)
+        throw new BkfsError('TARGET_INVALID', 'this server was started without --restore-root');
+      if (file.includes('/') || file.startsWith('.'))
+        throw new BkfsError('TARGET_INVALID', `bad file name '${file}'`);
       const dest = targetInRoot(o.restoreRoot, file);
-      if (fs.existsSync(dest) && !force) throw new BkfsError('TARGET_EXISTS', `${file} exists (add ?force=true)`);
+      if (fs.existsSync(dest) && !force)
+        throw new BkfsError('TARGET_EXISTS', `${file} exists (add ?force=true)`);
       const body = req.body as Readable | undefined;
       if (!body || typeof (body as { pipe?: unknown }).pipe !== 'function') {
-        throw new BkfsError('USAGE', 'send the image as the body with Content-Type: application/octet-stream');
+        throw new BkfsError(
+          'USAGE',
+          'send the image as the body with Content-Type: application/octet-stream',
+        );
       }
       const partial = `${dest}.bkfs-partial`;
       let bytes = 0;
@@ -891,9 +994,12 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
       try {
         const fh = await fsp.open(partial, 'wx', 0o600);
         try {
-          const ws = fh.createWriteStream({ autoClose: false });
-          body.on('data', (c: Buffer) => (bytes += c.length));
-          await pipeline(body, ws);
+          for await (const chunk of body) {
+            const c = chunk as Buffer;
+            let off = 0;
+            while (off < c.length) off += (await fh.write(c, off, c.length - off, bytes + off)).bytesWritten;
+            bytes += c.length;
+          }
           await fh.sync();
         } finally {
           await fh.close();
@@ -939,7 +1045,14 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
       },
     },
     async (req, reply) => {
-      const b = req.body as { vm: string; checkpoint: string; disk?: string; to: string; format?: 'raw' | 'qcow2'; force: boolean };
+      const b = req.body as {
+        vm: string;
+        checkpoint: string;
+        disk?: string;
+        to: string;
+        format?: 'raw' | 'qcow2';
+        force: boolean;
+      };
       const { vm, checkpoint } = rows(b.vm, b.checkpoint);
       const { isNbdUri } = await import('../restore/targets');
       let to: string;
@@ -947,7 +1060,11 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
         if (b.disk === undefined) throw new BkfsError('USAGE', 'an NBD target takes one disk: give disk');
         to = b.to;
       } else {
-        if (!o.restoreRoot) throw new BkfsError('TARGET_INVALID', 'this server was started without --restore-root: only NBD targets');
+        if (!o.restoreRoot)
+          throw new BkfsError(
+            'TARGET_INVALID',
+            'this server was started without --restore-root: only NBD targets',
+          );
         to = targetInRoot(o.restoreRoot, b.to);
       }
       if (b.disk !== undefined) new CheckpointReader(repo, vm, checkpoint).disk(b.disk); // NOT_FOUND now
@@ -955,7 +1072,14 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
       const info = { action: 'restore', vm: vm.name, checkpoint: checkpoint.name, disk: b.disk ?? null, to };
       auditEntry(req, { ...info, outcome: 'started' });
       const job = jobs.start(
-        { kind: 'restore', vm: vm.name, checkpoint: checkpoint.name, disk: b.disk ?? null, to, user: req.user?.name ?? '' },
+        {
+          kind: 'restore',
+          vm: vm.name,
+          checkpoint: checkpoint.name,
+          disk: b.disk ?? null,
+          to,
+          user: req.user?.name ?? '',
+        },
         (ctx) =>
           runRestore(repo, {
             ref: `${vm.name}@${checkpoint.name}`,
@@ -967,17 +1091,29 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
             onProgress: (p) => ctx.onProgress(p),
             onNotice: log,
           }),
-        (j: Job) => auditEntry(req, { ...info, job: j.id, outcome: j.state, ...(j.error ? { code: j.error.code } : {}) }),
+        (j: Job) =>
+          auditEntry(req, {
+            ...info,
+            job: j.id,
+            outcome: j.state,
+            ...(j.error ? { code: j.error.code } : {}),
+          }),
       );
       return send(reply, job, 202);
     },
   );
 
-  app.get('/api/jobs', { config: jobsNeed, schema: { summary: 'jobs of this server', tags: ['operator'] } }, async (_req, reply) =>
-    send(reply, jobs.list()),
+  app.get(
+    '/api/jobs',
+    { config: jobsNeed, schema: { summary: 'jobs of this server', tags: ['operator'] } },
+    async (_req, reply) => send(reply, jobs.list()),
   );
 
-  const jobParams = { type: 'object', properties: { id: { type: 'string', maxLength: 64 } }, required: ['id'] } as const;
+  const jobParams = {
+    type: 'object',
+    properties: { id: { type: 'string', maxLength: 64 } },
+    required: ['id'],
+  } as const;
 
   app.get(
     '/api/jobs/:id',
@@ -997,7 +1133,10 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
 
   app.get(
     '/api/jobs/:id/events',
-    { config: jobsNeed, schema: { summary: 'progress of a job (server-sent events)', tags: ['operator'], params: jobParams } },
+    {
+      config: jobsNeed,
+      schema: { summary: 'progress of a job (server-sent events)', tags: ['operator'], params: jobParams },
+    },
     async (req, reply) => {
       const id = (req.params as { id: string }).id;
       jobs.get(id); // 404 before the stream starts
@@ -1009,7 +1148,8 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
         connection: 'keep-alive',
         'x-content-type-options': 'nosniff',
       });
-      const write = (event: string, job: Job) => res.write(`event: ${event}\ndata: ${JSON.stringify(jsonValue(job))}\n\n`);
+      const write = (event: string, job: Job) =>
+        res.write(`event: ${event}\ndata: ${JSON.stringify(jsonValue(job))}\n\n`);
       write('progress', jobs.get(id));
       const unsubscribe = jobs.subscribe(id, (event, job) => {
         write(event, job);
@@ -1036,7 +1176,11 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
       `/api/vms/:vm/checkpoints/:cp/${value ? 'protect' : 'unprotect'}`,
       {
         config: { need: 'operate' },
-        schema: { summary: value ? 'protect a checkpoint from forget' : 'unprotect', tags: ['operator'], params: cpParams },
+        schema: {
+          summary: value ? 'protect a checkpoint from forget' : 'unprotect',
+          tags: ['operator'],
+          params: cpParams,
+        },
       },
       async (req, reply) => {
         const p = req.params as { vm: string; cp: string };
@@ -1044,8 +1188,18 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
         const { setProtected } = await import('../repo/forget');
         const ref = `${vm.name}@${checkpoint.name}`;
         const changed = await withWriter((w) => setProtected(w, [ref], value));
-        auditEntry(req, { action: value ? 'protect' : 'unprotect', vm: vm.name, checkpoint: checkpoint.name, outcome: 'ok' });
-        return send(reply, { vm: vm.name, checkpoint: checkpoint.name, protected: value, changed: changed.length > 0 });
+        auditEntry(req, {
+          action: value ? 'protect' : 'unprotect',
+          vm: vm.name,
+          checkpoint: checkpoint.name,
+          outcome: 'ok',
+        });
+        return send(reply, {
+          vm: vm.name,
+          checkpoint: checkpoint.name,
+          protected: value,
+          changed: changed.length > 0,
+        });
       },
     );
   }
@@ -1058,7 +1212,11 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
         summary: 'forget a checkpoint (confirm=VM@CP)',
         tags: ['operator'],
         params: cpParams,
-        querystring: { type: 'object', properties: { confirm: { type: 'string', maxLength: 300 } }, required: ['confirm'] },
+        querystring: {
+          type: 'object',
+          properties: { confirm: { type: 'string', maxLength: 300 } },
+          required: ['confirm'],
+        },
       },
     },
     async (req, reply) => {
@@ -1070,7 +1228,9 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
       const { forgetByName } = await import('../repo/forget');
       const r = await withWriter((w) => forgetByName(w, [ref]));
       auditEntry(req, { action: 'forget', vm: vm.name, checkpoint: checkpoint.name, outcome: 'ok' });
-      return send(reply, { removed: r.removed.map((x) => ({ vm: x.vm, name: x.name, level: x.level, time: x.time })) });
+      return send(reply, {
+        removed: r.removed.map((x) => ({ vm: x.vm, name: x.name, level: x.level, time: x.time })),
+      });
     },
   );
 
@@ -1078,10 +1238,16 @@ export async function createWebServer(o: WebServerOptions): Promise<WebServer> {
   // The console's static files (anonymous: they hold no data)
 
   if (o.staticDir && fs.existsSync(o.staticDir)) {
-    await app.register(import('@fastify/static'), { root: path.resolve(o.staticDir), prefix: '/', index: 'index.html' });
+    await app.register(import('@fastify/static'), {
+      root: path.resolve(o.staticDir),
+      prefix: '/',
+      index: 'index.html',
+    });
   } else {
     app.get('/', { config: { need: 'none' }, schema: { hide: true } }, async (_req, reply) =>
-      reply.type('text/plain').send('bkfs web: the console is not installed; the API is at /api/ (see /api/openapi.json)\n'),
+      reply
+        .type('text/plain')
+        .send('bkfs web: the console is not installed; the API is at /api/ (see /api/openapi.json)\n'),
     );
   }
 

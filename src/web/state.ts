@@ -124,7 +124,10 @@ export function parseListen(v: string): { host: string; port: number } {
   }
   const port = Number(portText);
   if (!/^\d+$/.test(portText) || port > 65535 || host === '') {
-    throw new BkfsError('USAGE', `--listen takes ADDR:PORT (e.g. 127.0.0.1:8443 or 0.0.0.0:8443), got '${v}'`);
+    throw new BkfsError(
+      'USAGE',
+      `--listen takes ADDR:PORT (e.g. 127.0.0.1:8443 or 0.0.0.0:8443), got '${v}'`,
+    );
   }
   return { host, port };
 }

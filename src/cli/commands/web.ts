@@ -55,13 +55,18 @@ function staticDir(opt: string | undefined): string {
 
 function describe(info: WebInfo): void {
   out(`bkfs web: serving ${info.repository} at ${info.url} (pid ${info.pid})`);
-  if (info.fingerprint) out(`  TLS certificate ${info.certificate}\n  SHA-256 fingerprint ${info.fingerprint}`);
+  if (info.fingerprint)
+    out(`  TLS certificate ${info.certificate}\n  SHA-256 fingerprint ${info.fingerprint}`);
   else out('  plain HTTP (no TLS)');
   out(`  tokens, audit log: ${info.stateDir} (create a token: bkfs web token add NAME [--read-only])`);
   if (info.restoreRoot) out(`  restores and uploads go below ${info.restoreRoot}`);
 }
 
-async function serveForeground(cmd: Command, opts: WebCliOptions, readyFd: number | undefined): Promise<void> {
+async function serveForeground(
+  cmd: Command,
+  opts: WebCliOptions,
+  readyFd: number | undefined,
+): Promise<void> {
   const state = await import('../../web/state');
   const { createWebServer } = await import('../../web/server');
   const { sendReady } = await import('../../fuse/daemon');
@@ -69,7 +74,8 @@ async function serveForeground(cmd: Command, opts: WebCliOptions, readyFd: numbe
   const { writeFilePrivateSync } = await import('../../util/private-fs');
   const daemon = readyFd !== undefined;
   const log = daemon
-    ? (line: string) => process.stderr.write(`${new Date().toISOString()} bkfs-web[${process.pid}]: ${line}\n`)
+    ? (line: string) =>
+        process.stderr.write(`${new Date().toISOString()} bkfs-web[${process.pid}]: ${line}\n`)
     : (line: string) => note(line);
   let ready = false;
   try {
@@ -87,7 +93,8 @@ async function serveForeground(cmd: Command, opts: WebCliOptions, readyFd: numbe
     const maxSessions = parseIntOption('--max-sessions', opts.maxSessions);
     if (maxSessions < 1) throw new BkfsError('USAGE', '--max-sessions must be at least 1');
     const idleMs = parseDuration(opts.idleTimeout);
-    if (idleMs === undefined) throw new BkfsError('USAGE', `--idle-timeout takes a duration such as 5m, got '${opts.idleTimeout}'`);
+    if (idleMs === undefined)
+      throw new BkfsError('USAGE', `--idle-timeout takes a duration such as 5m, got '${opts.idleTimeout}'`);
     const engine = opts.engine ?? process.env.BKFS_FILES_ENGINE ?? 'auto';
     if (!['auto', 'guestfs', 'kernel'].includes(engine))
       throw new BkfsError('USAGE', `--engine must be auto, guestfs or kernel, got '${engine}'`);
@@ -182,8 +189,17 @@ export function registerWeb(program: Command): void {
     .option('--insecure-http', 'plain HTTP on any address (tokens and data in clear)')
     .option('--daemon', 'start a detached server and return once it listens (stop: bkfs web stop)')
     .option('--restore-root <dir>', 'operators restore disks and upload images below this directory only')
-    .option('--static-dir <dir>', 'the console files (default: $BKFS_WEB_STATIC, else the console built by npm run build)')
-    .addOption(new Option('--engine <engine>', 'how guest filesystems are read (as bkfs ls)').choices(['auto', 'guestfs', 'kernel']))
+    .option(
+      '--static-dir <dir>',
+      'the console files (default: $BKFS_WEB_STATIC, else the console built by npm run build)',
+    )
+    .addOption(
+      new Option('--engine <engine>', 'how guest filesystems are read (as bkfs ls)').choices([
+        'auto',
+        'guestfs',
+        'kernel',
+      ]),
+    )
     .option('--guestfs-tcg', 'libguestfs: emulate the CPU (force_tcg), for hosts without usable KVM')
     .option('--max-sessions <n>', 'file sessions (appliances) open at most', '2')
     .option('--idle-timeout <duration>', 'close a file session unused for this long', '5m')
@@ -207,7 +223,8 @@ Examples:
     .action(async (opts: WebCliOptions, cmd: Command) => {
       if (opts.readyFd !== undefined || !opts.daemon) {
         const fd = opts.readyFd === undefined ? undefined : Number(opts.readyFd);
-        if (fd !== undefined && !Number.isInteger(fd)) throw new BkfsError('USAGE', '--ready-fd takes a number');
+        if (fd !== undefined && !Number.isInteger(fd))
+          throw new BkfsError('USAGE', '--ready-fd takes a number');
         await serveForeground(cmd, opts, fd);
         return;
       }
@@ -247,7 +264,8 @@ Examples:
     .description('stop the web server started with --daemon')
     .option('--json', 'machine-readable result')
     .addHelpText('after', '\nExamples:\n  bkfs web stop')
-    .action(async (opts: { json?: boolean }) => {
+    .action(async (_o: unknown, cmd: Command) => {
+      const opts = cmd.optsWithGlobals<{ json?: boolean }>(); // --json is also an option of 'web'
       const state = await import('../../web/state');
       const { stopDaemon } = await import('../../fuse/state');
       const file = state.daemonStateFile(state.webStateDir());
@@ -257,21 +275,32 @@ Examples:
       } catch {
         throw new BkfsError('NOT_FOUND', `no bkfs web server is running (no ${file})`);
       }
-      await stopDaemon({ pid: s.pid, startTime: s.startTime, mountpoint: '', repo: '', ref: null, log: null, started: '' });
+      await stopDaemon({
+        pid: s.pid,
+        startTime: s.startTime,
+        mountpoint: '',
+        repo: '',
+        ref: null,
+        log: null,
+        started: '',
+      });
       fs.rmSync(file, { force: true });
       if (opts.json) printJson({ stopped: s.url, pid: s.pid });
       else out(`stopped the bkfs web server at ${s.url} (pid ${s.pid})`);
     });
 
-  const token = web.command('token').description('API tokens of the web server').addHelpText(
-    'after',
-    `
+  const token = web
+    .command('token')
+    .description('API tokens of the web server')
+    .addHelpText(
+      'after',
+      `
 Examples:
   bkfs web token add alice
   bkfs web token add auditor --read-only
   bkfs web token list
   bkfs web token remove auditor`,
-  );
+    );
   token
     .command('add')
     .description('create a token (printed once; only its hash is kept)')
@@ -279,11 +308,16 @@ Examples:
     .option('--read-only', 'browse and download only (default: operator)')
     .option('--json', 'machine-readable output')
     .addHelpText('after', '\nExamples:\n  bkfs web token add alice\n  bkfs web token add auditor --read-only')
-    .action(async (name: string, opts: { readOnly?: boolean; json?: boolean }) => {
+    .action(async (name: string, _o: unknown, cmd: Command) => {
+      const opts = cmd.optsWithGlobals<{ readOnly?: boolean; json?: boolean }>();
       const state = await import('../../web/state');
       const { addToken } = await import('../../web/auth');
       const dir = state.ensureStateDir(state.webStateDir());
-      const { token: t, record } = addToken(state.tokensFile(dir), name, opts.readOnly ? 'read-only' : 'operator');
+      const { token: t, record } = addToken(
+        state.tokensFile(dir),
+        name,
+        opts.readOnly ? 'read-only' : 'operator',
+      );
       if (opts.json) {
         printJson({ name: record.name, role: record.role, token: t, created: record.created });
         return;
@@ -296,7 +330,8 @@ Examples:
     .description('list tokens (names and roles; tokens themselves are not stored)')
     .option('--json', 'machine-readable output')
     .addHelpText('after', '\nExamples:\n  bkfs web token list')
-    .action(async (opts: { json?: boolean }) => {
+    .action(async (_o: unknown, cmd: Command) => {
+      const opts = cmd.optsWithGlobals<{ json?: boolean }>();
       const state = await import('../../web/state');
       const { readTokens } = await import('../../web/auth');
       const list = readTokens(state.tokensFile(state.webStateDir()));
@@ -305,7 +340,13 @@ Examples:
         return;
       }
       if (list.length === 0) out('no tokens (create one: bkfs web token add NAME)');
-      else out(table(['NAME', 'ROLE', 'CREATED'], list.map((r) => [r.name, r.role, r.created])));
+      else
+        out(
+          table(
+            ['NAME', 'ROLE', 'CREATED'],
+            list.map((r) => [r.name, r.role, r.created]),
+          ),
+        );
     });
   token
     .command('remove')
