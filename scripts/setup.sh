@@ -11,6 +11,8 @@ PKGS=(qemu-utils libfuse2 fuse3 nbdkit libnbd-bin util-linux e2fsprogs xfsprogs 
   python3 make g++ libvirt-daemon-system libvirt-clients qemu-system-x86 linux-image-amd64)
 # File-level restore (bkfs ls/cp/cat/find/diff): libguestfs and its appliance kernel; cryptsetup for tests.
 PKGS+=(libguestfs-tools libguestfs-xfs linux-image-amd64 cryptsetup-bin)
+# Object storage tests and benchmarks: a real single-node Ceph cluster with a RADOS Gateway (scripts/ceph-s3.sh).
+PKGS+=(ceph-mon ceph-osd radosgw ceph-common curl)
 PKGS+=(${BKFS_EXTRA_PACKAGES:-})
 
 missing=()

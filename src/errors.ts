@@ -62,6 +62,10 @@ export type ErrorCode =
   | 'REPO_CORRUPT'
   /** `bkfs web`: a request without valid credentials (no token, unknown token, expired session). */
   | 'UNAUTHORIZED'
+  /** The object store refused the credentials or denied access (bad key, secret, or policy). */
+  | 'STORE_ACCESS'
+  /** The object store cannot be reached or keeps failing (network, timeouts, HTTP 5xx after retries). */
+  | 'STORE_UNAVAILABLE'
   /** The work was interrupted by a signal. */
   | 'INTERRUPTED';
 

@@ -12,11 +12,33 @@ export interface CliResult {
 }
 
 export function bkfs(args: string[], env: NodeJS.ProcessEnv = {}): Promise<CliResult> {
+  return collect(process.execPath, [BKFS, ...args], { ...process.env, CI: 'true', ...env }, undefined);
+}
+
+/** The uid/gid of user `nobody` / group `nogroup` on Debian. */
+export const NOBODY = 65534;
+
+/**
+ * The real bkfs as the unprivileged user `nobody` (group `nogroup`, no supplementary groups),
+ * through util-linux's `setpriv`: how the tests show what another local user can and cannot do.
+ */
+export function bkfsAsNobody(args: string[], opts: { home?: string; cwd?: string } = {}): Promise<CliResult> {
+  return collect(
+    'setpriv',
+    [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', process.execPath, BKFS, ...args],
+    { ...process.env, CI: 'true', HOME: opts.home ?? '/nonexistent' },
+    opts.cwd,
+  );
+}
+
+function collect(
+  cmd: string,
+  args: string[],
+  env: NodeJS.ProcessEnv,
+  cwd: string | undefined,
+): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BKFS, ...args], {
-      env: { ...process.env, CI: 'true', ...env },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
+    const child = spawn(cmd, args, { env, cwd, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));

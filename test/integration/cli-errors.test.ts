@@ -16,17 +16,16 @@
  */
 import { after, before, describe, it } from 'node:test';
 import * as assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { BKFS, bkfs, bkfsOk, type CliResult } from '../helpers/cli';
+import { NOBODY, bkfs, bkfsAsNobody, bkfsOk, type CliResult } from '../helpers/cli';
 import { makeDisk, modifyDisk } from '../helpers/images';
 import { run } from '../../src/util/proc';
 import { EXIT_CODES } from '../../src/cli/exit-codes';
 
-const NOBODY = 65534;
 const HOSTNAME = 'web-01\n';
 const NGINX = 'worker_processes 2;\nevents { worker_connections 64; }\n';
 const MOTD = 'welcome to check2\n';
@@ -43,23 +42,6 @@ let rootDir: string;
 let roMounted = false;
 
 const sha256 = (b: string | Buffer): string => createHash('sha256').update(b).digest('hex');
-
-/** bkfs as the unprivileged user `nobody` (setpriv, util-linux). */
-function bkfsAsNobody(args: string[]): Promise<CliResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(
-      'setpriv',
-      [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', process.execPath, BKFS, ...args],
-      { env: { ...process.env, CI: 'true', HOME: work }, stdio: ['ignore', 'pipe', 'pipe'] },
-    );
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code: code ?? 128, stdout, stderr }));
-  });
-}
 
 /** Files of a repository with sizes (not the SQLite WAL/shm files, which readers may touch). */
 function snapshot(dir: string): string[] {
@@ -169,7 +151,7 @@ describe('bkfs init on paths that cannot be created (issue 17.2)', () => {
     assert.deepEqual(fs.readdirSync(ro), []);
     // No permission: as nobody, in a directory owned by root.
     for (const p of [path.join(rootOnly, 'x'), path.join(rootDir, 'x', 'y')]) {
-      const r = await bkfsAsNobody(['init', '-r', p]);
+      const r = await bkfsAsNobody(['init', '-r', p], { home: work });
       assertCoded(r, ['init', '-r', p, '(as nobody)'], EXIT_CODES.PERMISSION_DENIED);
       assert.match(r.stderr, /permission denied/);
     }
@@ -296,7 +278,7 @@ describe('filesystem mistakes on user paths (issue 17.6)', () => {
       [['umount', path.join(rootOnly, 'mnt')], P],
     ];
     for (const [args, want] of asNobody) {
-      const r = await bkfsAsNobody(args);
+      const r = await bkfsAsNobody(args, { home: work });
       assertCoded(r, [...args, '(as nobody)'], want);
       assert.match(r.stderr, /permission denied/, args.join(' '));
     }

@@ -10,7 +10,7 @@ import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { BKFS, bkfs, bkfsOk, qemuIo, type CliResult } from '../helpers/cli';
+import { BKFS, bkfs, bkfsAsNobody as asNobody, bkfsOk, qemuIo, type CliResult } from '../helpers/cli';
 import { EXIT_CODES } from '../../src/cli/exit-codes';
 import { run } from '../../src/util/proc';
 
@@ -95,27 +95,6 @@ describe('files that are no disk (17.13)', () => {
   });
 });
 
-/** The real bkfs as user nobody (group nogroup): a reader without write access. */
-function bkfsAsNobody(args: string[]): Promise<CliResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(
-      'setpriv',
-      ['--reuid=nobody', '--regid=nogroup', '--clear-groups', process.execPath, BKFS, ...args],
-      {
-        cwd: '/',
-        env: { ...process.env, CI: 'true', HOME: '/nonexistent' },
-        stdio: ['ignore', 'pipe', 'pipe'],
-      },
-    );
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code: code ?? 128, stdout, stderr }));
-  });
-}
-
 /** Every path under `dir` with size and mtime: what a reader must leave as it found it. */
 function treeState(dir: string): string {
   const out: string[] = [];
@@ -154,18 +133,18 @@ describe('readers without write access (17.5)', () => {
 
   it('list, info, stats, verify and restore work on a root-owned, group-readable repository', async () => {
     const before = treeState(shared);
-    const list = await bkfsAsNobody(['-r', shared, 'list', 'web']);
+    const list = await asNobody(['-r', shared, 'list', 'web'], { cwd: '/' });
     assert.equal(list.code, 0, list.stderr);
     assert.match(list.stdout, /check1/);
-    const info = await bkfsAsNobody(['-r', shared, 'info', 'web@check1', '--json']);
+    const info = await asNobody(['-r', shared, 'info', 'web@check1', '--json'], { cwd: '/' });
     assert.equal(info.code, 0, info.stderr);
-    assert.equal((await bkfsAsNobody(['-r', shared, 'stats'])).code, 0);
-    const v = await bkfsAsNobody(['-r', shared, 'verify']);
+    assert.equal((await asNobody(['-r', shared, 'stats'], { cwd: '/' })).code, 0);
+    const v = await asNobody(['-r', shared, 'verify'], { cwd: '/' });
     assert.equal(v.code, 0, v.stdout + v.stderr);
     const out = fs.mkdtempSync(path.join(work, 'nobody-out-'));
     await run('chown', ['nobody:nogroup', out]);
     const target = path.join(out, 'vda.raw');
-    const r = await bkfsAsNobody(['-r', shared, 'restore', 'web', '--disk', 'vda', '--to', target]);
+    const r = await asNobody(['-r', shared, 'restore', 'web', '--disk', 'vda', '--to', target], { cwd: '/' });
     assert.equal(r.code, 0, r.stderr);
     assert.ok(fs.readFileSync(target).equals(fs.readFileSync(img)), 'restored bytes');
     assert.equal(treeState(shared), before, 'the readers changed nothing in the repository');
@@ -185,7 +164,7 @@ describe('readers without write access (17.5)', () => {
     try {
       held.db.prepare('SELECT count(*) FROM checkpoints').get();
       assert.ok(fs.existsSync(path.join(shared, 'index.db-wal')));
-      const list = await bkfsAsNobody(['-r', shared, 'list', 'web']);
+      const list = await asNobody(['-r', shared, 'list', 'web'], { cwd: '/' });
       assert.equal(list.code, 0, list.stderr);
       assert.match(list.stdout, /check1/);
     } finally {
@@ -202,7 +181,7 @@ describe('readers without write access (17.5)', () => {
       ['info', 'web'],
       ['restore', 'web', '--disk', 'vda', '--to', '/tmp/x.raw'],
     ]) {
-      const r = await bkfsAsNobody(['-r', priv, ...args]);
+      const r = await asNobody(['-r', priv, ...args], { cwd: '/' });
       assert.equal(r.code, EXIT_CODES.PERMISSION_DENIED, `${args.join(' ')}: ${r.stderr}`);
       assert.match(r.stderr, /permission denied: this user \(uid 65534\) cannot read/);
       assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);

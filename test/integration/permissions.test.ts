@@ -12,12 +12,11 @@ import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { BKFS, type CliResult } from '../helpers/cli';
+import { BKFS, NOBODY, type CliResult } from '../helpers/cli';
 import { randomBuffer } from '../helpers/images';
 import { Repository } from '../../src/repo/repository';
 
 const MiB = 1 << 20;
-const NOBODY = 65534;
 let work: string;
 let repo: string;
 let img: string;
