@@ -9,7 +9,8 @@
  *   - cold: the first visit (the server starts the checkpoint's file session and lists /big);
  *   - warm: later visits in fresh tabs (the server's listing cache answers; the page fetches,
  *     sorts and draws the whole list again);
- * then the time to scroll the virtualized list to its last entry, and the number of row elements
+ * the API call alone (fetch + JSON parse of the whole listing, from the page), then the time to
+ * scroll the virtualized list to its last entry, and the number of row elements
  * in the DOM (it stays small: only the visible rows are drawn).
  */
 import * as fs from 'node:fs';
@@ -70,6 +71,22 @@ async function main(): Promise<void> {
       return { ms, scrollMs, domRows };
     };
     const cold = await listOnce();
+    // The API alone, from the page (same cookie): fetch and parse the whole listing.
+    const apiPage = await ctx.newPage();
+    await apiPage.goto(`${server.url}/`);
+    const apiMs: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      apiMs.push(
+        await apiPage.evaluate(async (n) => {
+          const t = performance.now();
+          const r = await fetch(`/api/vms/web/checkpoints/check2/files?path=/big&volume=vda:1&limit=${n}`);
+          const j = (await r.json()) as { entries: unknown[] };
+          if (j.entries.length !== n) throw new Error(`listed ${j.entries.length}`);
+          return performance.now() - t;
+        }, entries),
+      );
+    }
+    await apiPage.close();
     const warm: { ms: number; scrollMs: number; domRows: number }[] = [];
     for (let i = 0; i < runs; i++) warm.push(await listOnce());
     const res = {
@@ -77,6 +94,7 @@ async function main(): Promise<void> {
       coldMs: Math.round(cold.ms),
       warmMs: warm.map((w) => Math.round(w.ms)),
       warmMedianMs: Math.round(median(warm.map((w) => w.ms))),
+      apiOnlyMedianMs: Math.round(median(apiMs)),
       scrollToEndMedianMs: Math.round(median(warm.map((w) => w.scrollMs))),
       rowElementsInDom: cold.domRows,
       loadAverage: os.loadavg().map((x) => Number(x.toFixed(2))),
