@@ -29,7 +29,10 @@ const URL_OF = new Map(VENDOR.map(([, file, spec]) => [spec, `/vendor/${file}`])
 export function rewriteSpecifiers(code: string, file: string): string {
   const specs = [...URL_OF.keys()].map((k) => k.replace(/[/]/g, '\\/')).join('|');
   const re = new RegExp(`(\\bfrom\\s*|\\bimport\\s*)(["'])(${specs})\\2`, 'g');
-  const out = code.replace(re, (_all, pre: string, q: string, spec: string) => `${pre}${q}${URL_OF.get(spec)}${q}`);
+  const out = code.replace(
+    re,
+    (_all, pre: string, q: string, spec: string) => `${pre}${q}${URL_OF.get(spec)}${q}`,
+  );
   const stray = /^import\b[^'"]*(?:from\s*)?['"]([^'"./][^'"]*)['"]/m.exec(out);
   if (stray) throw new Error(`${file}: import of '${stray[1]}', which the console does not ship`);
   return out;
