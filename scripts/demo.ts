@@ -2,7 +2,9 @@
  * `make demo`: a real run of bkfs's main job on a small disk image with a real filesystem.
  * Creates a GPT qcow2 with an ext4 partition full of files, backs it up (full), changes files the
  * way a guest would (through QEMU, so the dirty bitmap records it), backs up again (incremental),
- * lists the checkpoints and verifies the repository. Needs root for the file changes (loop mount).
+ * lists the checkpoints and verifies the repository, then starts the web console (`bkfs web
+ * --daemon`, plain HTTP on loopback) and prints its URL and a token. Needs root for the file
+ * changes (loop mount).
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -22,8 +24,24 @@ function bkfs(...args: string[]): void {
   if (r.status !== 0) throw new Error(`bkfs ${args[0]} failed with exit code ${r.status}`);
 }
 
+/** bkfs with --json: its parsed output (stderr shown). */
+function bkfsJson<T>(...args: string[]): T {
+  process.stdout.write(`$ bkfs ${args.join(' ')}\n`);
+  const r = spawnSync(process.execPath, [BKFS, ...args], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+    encoding: 'utf8',
+  });
+  if (r.status !== 0) throw new Error(`bkfs ${args[0]} failed with exit code ${r.status}`);
+  return JSON.parse(r.stdout) as T;
+}
+
 async function main(): Promise<void> {
   const work = path.resolve(process.env.BKFS_DEMO_DIR ?? 'demo-work');
+  // The console of a previous run serves the repository about to be removed: stop it first.
+  process.env.BKFS_WEB_DIR = path.join(work, 'web-state');
+  if (fs.existsSync(path.join(work, 'web-state', 'server.json'))) {
+    spawnSync(process.execPath, [BKFS, 'web', 'stop'], { stdio: 'inherit' });
+  }
   fs.rmSync(work, { recursive: true, force: true });
   fs.mkdirSync(work, { recursive: true });
   const img = path.join(work, 'web.qcow2');
@@ -98,7 +116,31 @@ async function main(): Promise<void> {
   step('verify: re-read and re-hash every chunk');
   bkfs('verify', 'web');
 
+  step('the web console: a token, then bkfs web in the background (plain HTTP on loopback)');
+  const { token } = bkfsJson<{ token: string }>('web', 'token', 'add', 'demo', '--json');
+  const restores = path.join(work, 'restores');
+  fs.mkdirSync(restores, { mode: 0o700 });
+  // Port 0: any free port (the URL below says which). The demo's guest is its own: kernel engine.
+  const web = bkfsJson<{ url: string }>(
+    'web',
+    '--daemon',
+    '--http',
+    '--listen',
+    '127.0.0.1:0',
+    '--engine',
+    'kernel',
+    '--restore-root',
+    restores,
+    '--json',
+  );
+
   process.stdout.write(`\nDone. The repository is in ${repo}; try: BKFS_REPO=${repo} bkfs list\n`);
+  process.stdout.write(`\n\x1b[1mWeb console:\x1b[0m ${web.url}\n`);
+  process.stdout.write(`  log in with this operator token: ${token}\n`);
+  process.stdout.write(
+    `  (from another machine: ssh -L 8480:${web.url.replace(/^https?:\/\/|\/$/g, '')} this-host, then http://127.0.0.1:8480/)\n`,
+  );
+  process.stdout.write(`  stop it with: BKFS_WEB_DIR=${process.env.BKFS_WEB_DIR} bkfs web stop\n`);
 }
 
 main().catch((e: unknown) => {

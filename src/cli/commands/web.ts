@@ -11,6 +11,7 @@ import { BkfsError, errorMessage, isBkfsError } from '../../errors';
 import { note, out, parseIntOption, repoPath, table } from '../context';
 import { printJson } from '../json';
 import { parseDuration } from '../../util/format';
+import { UI_ROOT } from '../../web/ui-assets';
 
 interface WebCliOptions {
   listen: string;
@@ -47,9 +48,9 @@ function bkfsBin(): string {
   return bin;
 }
 
-/** The console's files: --static-dir, $BKFS_WEB_STATIC, else web/ of this installation. */
+/** The console's files: --static-dir, $BKFS_WEB_STATIC, else the console built into dist/src/web/ui. */
 function staticDir(opt: string | undefined): string {
-  return path.resolve(opt ?? process.env.BKFS_WEB_STATIC ?? path.resolve(__dirname, '../../../../web'));
+  return path.resolve(opt ?? process.env.BKFS_WEB_STATIC ?? UI_ROOT);
 }
 
 function describe(info: WebInfo): void {
@@ -190,7 +191,7 @@ export function registerWeb(program: Command): void {
     .option('--restore-root <dir>', 'operators restore disks and upload images below this directory only')
     .option(
       '--static-dir <dir>',
-      'the console files (default: $BKFS_WEB_STATIC, else web/ of this installation)',
+      'the console files (default: $BKFS_WEB_STATIC, else the console built by npm run build)',
     )
     .addOption(
       new Option('--engine <engine>', 'how guest filesystems are read (as bkfs ls)').choices([
