@@ -584,7 +584,10 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
   }
   if (dir !== null) {
     // One level at a time, coded errors naming the user's path (makeDirs; 0700 like mkdirPrivate).
-    makeDirs(dir, 'restore target');
+    // A directory for a domain to be defined must let libvirt's QEMU user reach the disks (libvirt
+    // chowns the image files, not their directories): 0711, searchable but not listable; the
+    // images in it stay 0600.
+    makeDirs(dir, 'restore target', o.define !== undefined ? 0o711 : 0o700);
   }
 
   const pin = pinCheckpoints(repo, [reader.checkpoint.id, ...(since ? [since.cp.id] : [])]);

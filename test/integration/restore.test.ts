@@ -561,6 +561,9 @@ describe('--define with libvirt', () => {
     const out = path.join(work, 'define');
     try {
       await bkfsOk(['-r', repo, 'restore', 'web@check2', '--to', out, '--define', name]);
+      // QEMU (another user) must reach the disks of a defined domain: searchable, not listable.
+      assert.equal(fs.statSync(out).mode & 0o777, 0o711);
+      assert.equal(fs.statSync(path.join(out, 'vda.raw')).mode & 0o777, 0o600);
       const xml = (await run('virsh', ['dumpxml', name])).stdout;
       assert.ok(xml.includes(path.join(out, 'vda.raw')));
       assert.ok(!xml.includes('6a1c2f7e-0d7b-4b8e-9a53-2f0c1e9d4b21'), 'a new uuid');
