@@ -264,6 +264,16 @@ export class Repository {
     try {
       if (kind === 'maintenance') {
         this.maint = acquireWriterLock(this.dir, command, { ...lockOpts, file: MAINT_LOCK_FILE });
+      } else {
+        // The first writer of any kind creates both lock files, so that a later maintenance
+        // command refused for bad input leaves the repository's file set as it found it.
+        fs.closeSync(
+          fs.openSync(
+            path.join(this.dir, MAINT_LOCK_FILE),
+            fs.constants.O_RDONLY | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW,
+            0o600,
+          ),
+        );
       }
       this.sessionHandle = startSession(this.dir, command);
       mkdirPrivateSync(path.join(this.dir, 'tmp', this.sessionHandle.name), {
