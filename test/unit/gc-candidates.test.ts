@@ -34,7 +34,7 @@ import { commitCheckpoint } from '../../src/repo/manifest';
 import { markDeletable, runGc } from '../../src/repo/gc';
 import { CheckpointReader } from '../../src/chain/reader';
 import { randomBuffer } from '../helpers/images';
-import Database from 'better-sqlite3';
+import { downgradeToV2 } from '../helpers/v1repo';
 import { indexFormat } from '../../src/index/migrate';
 
 const CHUNK = 65536;
@@ -277,16 +277,8 @@ describe('gc deletion candidates beside running writers', () => {
     writeMap(w, disk, id, data);
     commit(w, cp);
     w.close();
-    // Back to format 2: what format 3 added, removed.
-    const db = new Database(path.join(dir, 'index.db'));
-    db.exec(`DROP INDEX chunks_candidates; DROP INDEX chunks_by_hash; ALTER TABLE chunks DROP COLUMN candidate;
-             CREATE UNIQUE INDEX chunks_by_hash ON chunks (hash) WHERE damaged = 0;
-             ALTER TABLE checkpoints DROP COLUMN writer; DROP TABLE gc_marks; DROP TABLE counters;
-             UPDATE meta SET value = '2' WHERE key = 'format';`);
-    db.close();
+    downgradeToV2(dir); // back to format 2: what format 3 added, removed
     const cfgPath = path.join(dir, 'bkfs-repo.json');
-    const cfg = JSON.parse(fs.readFileSync(cfgPath, 'utf8')) as { format: number };
-    fs.writeFileSync(cfgPath, JSON.stringify({ ...cfg, format: 2 }));
     assert.ok((await readBack(dir, 'a@c1', CHUNK)).equals(data), 'read as format 2');
     const r = Repository.open(dir);
     assert.equal(indexFormat(r.db), 2, 'a reader does not migrate');
