@@ -86,7 +86,8 @@ async function main(): Promise<void> {
   const outFile = arg('out', '');
   const missing = libvirtMissing() ?? markerGuestMissing();
   if (missing) throw new Error(`cannot run: ${missing}`);
-  const work = path.resolve(arg('work', fs.mkdtempSync('/var/tmp/bkfs-bench-instant-')));
+  // The default scratch directory is made only when --work is not given (bench/run gives it).
+  const work = path.resolve(arg('work', '') || fs.mkdtempSync('/var/tmp/bkfs-bench-instant-'));
   fs.mkdirSync(work, { recursive: true });
   fs.chmodSync(work, 0o755); // libvirt's QEMU must reach the images
   const res: InstantBenchResult = {
