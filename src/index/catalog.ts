@@ -128,6 +128,64 @@ export function checkpointDisks(db: Database.Database, checkpointId: number): Di
     .all(checkpointId) as DiskRow[];
 }
 
+/**
+ * What `bkfs list/info --json` and the web API show of a checkpoint (`time` in ms since the epoch;
+ * the CLI prints it as ISO-8601, the web API adds `logicalBytes`).
+ */
+export interface CheckpointSummary {
+  vm: string;
+  name: string;
+  level: string;
+  parent: string | null;
+  time: number;
+  durationMs: number;
+  disks: {
+    name: string;
+    virtualSize: number;
+    bytesRead: number;
+    source: string | null;
+    format: string | null;
+    bitmap: string | null;
+  }[];
+  virtualSize: number;
+  bytesRead: number;
+  bytesNewRaw: number;
+  bytesNewStored: number;
+  chunksNew: number;
+  libvirtCheckpoint: string | null;
+  protected: boolean;
+  damaged: boolean;
+}
+
+export function describeCheckpoint(db: Database.Database, vm: string, cp: CheckpointRow): CheckpointSummary {
+  const disks = checkpointDisks(db, cp.id);
+  const parent = cp.parent_id !== null ? checkpointById(db, cp.parent_id) : undefined;
+  return {
+    vm,
+    name: cp.name,
+    level: cp.level,
+    parent: parent?.name ?? null,
+    time: cp.started,
+    durationMs: (cp.finished ?? cp.started) - cp.started,
+    disks: disks.map((d) => ({
+      name: d.name,
+      virtualSize: d.virtual_size,
+      bytesRead: d.bytes_read,
+      source: d.source,
+      format: d.format,
+      bitmap: d.bitmap,
+    })),
+    virtualSize: disks.reduce((a, d) => a + d.virtual_size, 0),
+    bytesRead: cp.bytes_read,
+    bytesNewRaw: cp.bytes_new_raw,
+    bytesNewStored: cp.bytes_new_stored,
+    chunksNew: cp.chunks_new,
+    libvirtCheckpoint: cp.libvirt_checkpoint,
+    protected: cp.protected === 1,
+    damaged: cp.damaged === 1,
+  };
+}
+
 export function getConfigs(db: Database.Database, checkpointId: number): { name: string; data: Buffer }[] {
   return db
     .prepare('SELECT name, data FROM configs WHERE checkpoint_id = ? ORDER BY name')

@@ -4,39 +4,19 @@
  * the index only.
  */
 import {
-  checkpointById,
   checkpointDisks,
+  describeCheckpoint,
   getConfigs,
   listCheckpoints,
   listVms,
   type CheckpointRow,
+  type CheckpointSummary,
 } from '../index/catalog';
 import type { Repository } from '../repo/repository';
 
-export interface CheckpointView {
-  vm: string;
-  name: string;
-  level: string;
-  parent: string | null;
-  time: number;
-  durationMs: number;
-  disks: {
-    name: string;
-    virtualSize: number;
-    bytesRead: number;
-    source: string | null;
-    format: string | null;
-    bitmap: string | null;
-  }[];
-  virtualSize: number;
-  bytesRead: number;
-  bytesNewRaw: number;
-  bytesNewStored: number;
-  chunksNew: number;
+/** `bkfs list --json`'s fields (time in ms), plus the data bytes the checkpoint's block maps hold. */
+export interface CheckpointView extends CheckpointSummary {
   logicalBytes: number;
-  libvirtCheckpoint: string | null;
-  protected: boolean;
-  damaged: boolean;
 }
 
 export interface VmView {
@@ -61,33 +41,7 @@ export function logicalBytes(repo: Repository, cpId: number): number {
 }
 
 export function checkpointView(repo: Repository, vm: string, cp: CheckpointRow): CheckpointView {
-  const disks = checkpointDisks(repo.db, cp.id);
-  const parent = cp.parent_id !== null ? checkpointById(repo.db, cp.parent_id) : undefined;
-  return {
-    vm,
-    name: cp.name,
-    level: cp.level,
-    parent: parent?.name ?? null,
-    time: cp.started,
-    durationMs: (cp.finished ?? cp.started) - cp.started,
-    disks: disks.map((d) => ({
-      name: d.name,
-      virtualSize: d.virtual_size,
-      bytesRead: d.bytes_read,
-      source: d.source,
-      format: d.format,
-      bitmap: d.bitmap,
-    })),
-    virtualSize: disks.reduce((a, d) => a + d.virtual_size, 0),
-    bytesRead: cp.bytes_read,
-    bytesNewRaw: cp.bytes_new_raw,
-    bytesNewStored: cp.bytes_new_stored,
-    chunksNew: cp.chunks_new,
-    logicalBytes: logicalBytes(repo, cp.id),
-    libvirtCheckpoint: cp.libvirt_checkpoint,
-    protected: cp.protected === 1,
-    damaged: cp.damaged === 1,
-  };
+  return { ...describeCheckpoint(repo.db, vm, cp), logicalBytes: logicalBytes(repo, cp.id) };
 }
 
 export function configsOf(repo: Repository, cp: CheckpointRow): { name: string; size: number }[] {

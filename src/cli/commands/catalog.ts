@@ -8,34 +8,9 @@ import { printJson } from '../json';
 
 type Catalog = typeof import('../../index/catalog');
 
+/** `time` as ISO-8601, in its place among the fields (the JSON convention of every command). */
 function describe(cat: Catalog, repo: Repository, vm: string, cp: CheckpointRow) {
-  const { checkpointDisks, checkpointById } = cat;
-  const disks = checkpointDisks(repo.db, cp.id);
-  const parent = cp.parent_id !== null ? checkpointById(repo.db, cp.parent_id) : undefined;
-  return {
-    vm,
-    name: cp.name,
-    level: cp.level,
-    parent: parent?.name ?? null,
-    time: new Date(cp.started).toISOString(),
-    durationMs: (cp.finished ?? cp.started) - cp.started,
-    disks: disks.map((d) => ({
-      name: d.name,
-      virtualSize: d.virtual_size,
-      bytesRead: d.bytes_read,
-      source: d.source,
-      format: d.format,
-      bitmap: d.bitmap,
-    })),
-    virtualSize: disks.reduce((a, d) => a + d.virtual_size, 0),
-    bytesRead: cp.bytes_read,
-    bytesNewRaw: cp.bytes_new_raw,
-    bytesNewStored: cp.bytes_new_stored,
-    chunksNew: cp.chunks_new,
-    libvirtCheckpoint: cp.libvirt_checkpoint,
-    protected: cp.protected === 1,
-    damaged: cp.damaged === 1,
-  };
+  return { ...cat.describeCheckpoint(repo.db, vm, cp), time: new Date(cp.started).toISOString() };
 }
 
 export function registerCatalog(program: Command): void {
