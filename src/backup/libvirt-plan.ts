@@ -50,7 +50,10 @@ export function isBkfsSocket(socket: string | null): boolean {
  * reached without ssh (no directory of its own) the prefix of its scratch files
  * (`.../bkfs-pull-X.<target>.qcow2`). Every path of the job contains its key followed by '/' or '.'.
  */
-export function bkfsJobKey(job: { socket: string | null; disks: readonly { scratch: string | null }[] }): string | null {
+export function bkfsJobKey(job: {
+  socket: string | null;
+  disks: readonly { scratch: string | null }[];
+}): string | null {
   if (isBkfsSocket(job.socket)) return (job.socket as string).slice(0, -(SOCKET_NAME.length + 1));
   for (const d of job.disks) {
     if (d.scratch === null) continue;
@@ -74,10 +77,7 @@ export function bkfsJobKey(job: { socket: string | null; disks: readonly { scrat
  * - tcp: plain NBD over TCP, only with --insecure-tcp.
  */
 export type NbdTransport =
-  | { kind: 'unix' }
-  | { kind: 'ssh' }
-  | { kind: 'tls'; certDir: string }
-  | { kind: 'tcp' };
+  { kind: 'unix' } | { kind: 'ssh' } | { kind: 'tls'; certDir: string } | { kind: 'tcp' };
 
 /** Default TCP port range for a job's NBD server on the hypervisor (a firewall must let it in). */
 export const DEFAULT_NBD_PORTS = { min: 10809, max: 10872 };

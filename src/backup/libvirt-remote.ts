@@ -214,7 +214,10 @@ export class LocalJobSite implements JobSite {
     forward: string | null,
     jobDir: string,
   ): Promise<{ guard: Guard; socket: string | null }> {
-    return { guard: JobGuard.start({ virsh: v, domain, socket: `${jobDir}/`, dir: jobDir }), socket: forward };
+    return {
+      guard: JobGuard.start({ virsh: v, domain, socket: `${jobDir}/`, dir: jobDir }),
+      socket: forward,
+    };
   }
 
   async readOwner(jobDir: string): Promise<JobOwner | undefined> {

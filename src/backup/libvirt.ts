@@ -556,7 +556,11 @@ async function liveBackup(
         const r = await v.tryRun(args);
         if (r.code === 0) break;
         // Another program holds the port on the hypervisor: the next one of the range.
-        if (!tcp || !ports.more() || !/address already in use|Failed to bind socket|EADDRINUSE/i.test(r.stderr)) {
+        if (
+          !tcp ||
+          !ports.more() ||
+          !/address already in use|Failed to bind socket|EADDRINUSE/i.test(r.stderr)
+        ) {
           throw v.error(args, r);
         }
         writeBackupXml();

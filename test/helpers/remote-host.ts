@@ -287,7 +287,8 @@ export class RemoteHost {
       fs.chmodSync(path.join(q, f), f.endsWith('key.pem') ? 0o640 : 0o644);
     }
     const qemuGid = Number((await must('id', ['-g', 'libvirt-qemu'])).trim());
-    for (const f of ['', 'ca-cert.pem', 'server-cert.pem', 'server-key.pem']) fs.chownSync(path.join(q, f), 0, qemuGid);
+    for (const f of ['', 'ca-cert.pem', 'server-cert.pem', 'server-key.pem'])
+      fs.chownSync(path.join(q, f), 0, qemuGid);
     fs.appendFileSync(
       path.join(etc, 'qemu.conf'),
       `\n# bkfs remote-tls test\nbackup_tls_x509_cert_dir = "${QEMU_TLS_DIR}"\nbackup_tls_x509_verify = 1\n`,
