@@ -17,6 +17,13 @@
  * REMOTE_FAILED. Should the guard not run at all, the next bkfs run finds the leftover job through
  * its owner file (read over ssh) and ends it, as locally.
  *
+ * Other data paths (`NbdTransport` in libvirt-plan.ts): with --nbd-tls or --insecure-tcp the job's
+ * NBD server listens on TCP on the hypervisor (TLS: x509 verified both ways) and the ssh guard
+ * session forwards nothing (it prints `ready` once it runs). A qemu+tls:// or qemu+tcp:// URI has
+ * no ssh at all (`DirectJobSite`): virsh uses libvirt's own transport, the job has no directory
+ * (libvirt creates and removes its scratch files, named after a key that says which bkfs owns
+ * it), and the guard runs on this host, ending the job through that libvirt connection.
+ *
  * No state beyond the processes; every remote argument is shell-quoted.
  */
 import * as fs from 'node:fs';

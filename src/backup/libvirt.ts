@@ -74,7 +74,14 @@ import {
 import { OfflineImageSource, PullSource } from './libvirt-source';
 import { Virsh } from './libvirt-virsh';
 import { loadClientTls } from '../nbd/tls';
-import { jobSiteFor, MAX_SOCKET_PATH, SshJobSite, type Guard, type JobSite } from './libvirt-remote';
+import {
+  DirectJobSite,
+  jobSiteFor,
+  MAX_SOCKET_PATH,
+  SshJobSite,
+  type Guard,
+  type JobSite,
+} from './libvirt-remote';
 import {
   backupXml,
   checkpointXml,
@@ -770,6 +777,14 @@ async function offlineBackup(
     throw new BkfsError(
       'CHAIN_BROKEN',
       `domain '${o.domain}' is shut off: a${o.level === 'inc' ? 'n inc' : ' diff'} needs the running domain (libvirt checkpoints); start it, use --level full, or back up the images with --disk NAME=IMAGE`,
+    );
+  }
+  if (site instanceof DirectJobSite) {
+    // Its image paths name files on the hypervisor, which bkfs cannot read without ssh (and must
+    // never read on this host instead).
+    throw new BkfsError(
+      'USAGE',
+      `domain '${o.domain}' is shut off: bkfs reads the images of a shut-off remote domain through ssh only; use --connect qemu+ssh://, or start the domain`,
     );
   }
   const level = o.level === 'auto' ? 'full' : o.level;

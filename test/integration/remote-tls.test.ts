@@ -8,7 +8,9 @@
  * speaks TLS only (a plain client is refused) and no ssh forwarding exists; qemu+tls://?pkipath=
  * (virsh over TLS, NBD over TLS with the same certificates by default): inc byte for byte; a client
  * certificate of another CA: exit 39 (TLS_FAILED), one line, repository unchanged, no job left on
- * the hypervisor; qemu+tcp:// refused without --insecure-tcp (exit 2) and working with it.
+ * the hypervisor; qemu+tcp:// refused without --insecure-tcp (exit 2) and working with it, as does
+ * --insecure-tcp with qemu+ssh; a shut-off domain over qemu+tls:// refused (exit 2) rather than
+ * its image path being read on this host.
  *
  * Fails (does not skip) when a prerequisite is missing, naming the package.
  */
@@ -21,7 +23,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { bkfs, bkfsOk, BKFS, qemuIo } from '../helpers/cli';
 import { assertCheckpointEquals } from '../helpers/compare';
 import { randomBuffer } from '../helpers/images';
-import { childrenMatching, eventually, procState, stopAtBackupDumpxml } from '../helpers/libvirt';
+import { childrenMatching, domainXml, eventually, procState, stopAtBackupDumpxml } from '../helpers/libvirt';
 import { RemoteHost, remoteHostMissing, type RemoteDomain } from '../helpers/remote-host';
 import { issue, libvirtPkiDir, makeCa } from '../helpers/tls-certs';
 import { Repository } from '../../src/repo/repository';
@@ -224,5 +226,18 @@ describe('remote backups over NBD+TLS, qemu+tls:// and --insecure-tcp', () => {
     await assertNoLeftovers();
     const v = await bkfs(['-r', repoDir, 'verify']);
     assert.equal(v.code, 0, v.stdout + v.stderr);
+  });
+
+  it('a shut-off domain over qemu+tls://: refused (its images are read through ssh only), nothing read here', async () => {
+    const off = `${domName}-off`;
+    const xml = path.join(work, 'off.xml');
+    fs.writeFileSync(
+      xml,
+      domainXml(off, [{ target: 'vda', format: 'qcow2', file: `${RDIR}/sda.qcow2`, bus: 'virtio' }]),
+    );
+    await host!.virsh('define', xml);
+    const r = await bkfs(['-r', repoDir, 'backup', '--libvirt', off, '--connect', host!.tlsUri]);
+    assert.equal(r.code, EXIT_CODES.USAGE, r.stderr);
+    assert.match(r.stderr, /is shut off: bkfs reads the images of a shut-off remote domain through ssh only/);
   });
 });
