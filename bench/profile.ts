@@ -123,6 +123,10 @@ function print(s: BackupStats, bytes: number, cpu: Cpu): void {
       `${ms(s.wallMs)}  (setup ${ms(s.setupMs)}, reading phase ${ms(s.ingestMs)}, seal+commit ${ms(s.commitMs)})`,
     ],
     [
+      '  setup',
+      `probe (qemu-img info) ${ms(s.planMs)}, lock+workers+row ${ms(s.startMs)}, bitmap add ${ms(s.trackMs)}, qemu-nbd start+connect ${ms(s.openMs)}`,
+    ],
+    [
       'read',
       `${(bytes / MiB).toFixed(0)} MiB in ${s.reads} NBD reads over ${s.connections} connection(s), ${s.chunks} chunks hashed (${s.rawChunks} stored raw)`,
     ],
