@@ -27,6 +27,7 @@ import { registerFiles } from './commands/files';
 import { registerMeta } from './commands/meta';
 import { registerWeb } from './commands/web';
 import { registerRun } from './commands/run';
+import { registerCopy } from './commands/copy';
 
 export function buildProgram(): Command {
   const program = new Command('bkfs');
@@ -71,6 +72,7 @@ export function buildProgram(): Command {
   registerWeb(program);
   registerMeta(program);
   registerRun(program);
+  registerCopy(program);
   program.addHelpText(
     'after',
     `
