@@ -265,14 +265,20 @@ export async function copyCheckpoints(src: Repository, dst: Repository, o: CopyO
     );
   }
   const selected = selectCheckpoints(src.db, o.refs);
-  const pin = pinCheckpoints(src, selected.map((s) => s.row.id));
+  const pin = pinCheckpoints(
+    src,
+    selected.map((s) => s.row.id),
+  );
   try {
     // Pinned, then checked: what is still complete now stays readable until the pin is released.
     const live: SourceCheckpoint[] = [];
     for (const s of selected) {
       if (checkpointById(src.db, s.row.id)?.state === 'complete') live.push(s);
       else if (s.requested) {
-        throw new BkfsError('NOT_FOUND', `checkpoint ${s.vm}@${s.row.name} was removed while the copy started`);
+        throw new BkfsError(
+          'NOT_FOUND',
+          `checkpoint ${s.vm}@${s.row.name} was removed while the copy started`,
+        );
       }
     }
     if (!src.writable) {
@@ -327,6 +333,7 @@ class CopyJob {
   private pool: IngestPool | undefined;
   private loader: ChunkLoader | undefined;
   private bytesFromSource = 0;
+  private batchCommitted = false;
 
   constructor(
     private readonly src: Repository,
@@ -396,8 +403,7 @@ class CopyJob {
     const vm = findVm(db, s.vm);
     const byName = vm
       ? (db.prepare('SELECT * FROM checkpoints WHERE vm_id = ? AND name = ?').get(vm.id, s.row.name) as
-          | (CheckpointRow & { writer: string | null })
-          | undefined)
+          (CheckpointRow & { writer: string | null }) | undefined)
       : undefined;
     if (byName) {
       if (byName.state === 'running') {
@@ -425,9 +431,11 @@ class CopyJob {
         );
       }
     }
-    const byUid = db.prepare('SELECT c.name AS name, v.name AS vm FROM checkpoints c JOIN vms v ON v.id = c.vm_id WHERE c.uid = ?').get(
-      s.row.uid,
-    ) as { name: string; vm: string } | undefined;
+    const byUid = db
+      .prepare(
+        'SELECT c.name AS name, v.name AS vm FROM checkpoints c JOIN vms v ON v.id = c.vm_id WHERE c.uid = ?',
+      )
+      .get(s.row.uid) as { name: string; vm: string } | undefined;
     if (byUid) {
       throw new BkfsError(
         'TARGET_EXISTS',
@@ -507,9 +515,9 @@ class CopyJob {
         const dd =
           dcp === undefined
             ? undefined
-            : (db.prepare('SELECT id FROM disks WHERE checkpoint_id = ? AND name = ?').get(dcp, info!.name) as
-                | { id: number }
-                | undefined);
+            : (db
+                .prepare('SELECT id FROM disks WHERE checkpoint_id = ? AND name = ?')
+                .get(dcp, info!.name) as { id: number } | undefined);
         other.set(r.origin, dd?.id ?? null);
       }
     }
@@ -541,7 +549,8 @@ class CopyJob {
             // The chain's full is gone: the chain is the parent's, when they share it.
             const sp = checkpointById(src.db, s.row.parent_id);
             const dp = this.translated(s.row.parent_id);
-            if (sp?.chain_id === s.row.chain_id && dp !== undefined) chain = checkpointById(db, dp)?.chain_id ?? null;
+            if (sp?.chain_id === s.row.chain_id && dp !== undefined)
+              chain = checkpointById(db, dp)?.chain_id ?? null;
           }
           chain ??= this.ref(s.row.chain_id);
         }
@@ -588,7 +597,16 @@ class CopyJob {
            VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
         );
         for (const d of srcDisks) {
-          const x = insDisk.run(id, d.name, d.virtual_size, d.source, d.format, d.bitmap, d.bytes_read, d.bytes_zero);
+          const x = insDisk.run(
+            id,
+            d.name,
+            d.virtual_size,
+            d.source,
+            d.format,
+            d.bitmap,
+            d.bytes_read,
+            d.bytes_zero,
+          );
           diskIds.set(d.name, Number(x.lastInsertRowid));
         }
         for (const [o, name] of own) origins.set(o, diskIds.get(name)!);
@@ -624,6 +642,7 @@ class CopyJob {
                 this.limit(() => this.transfer(loc, writer, where)).then((r) => {
                   if (r.present) present++;
                   chunkMap.set(hex, r.chunk);
+                  if (writer.packsIndexed > 0) this.afterBatch();
                 }),
               );
             }
@@ -631,7 +650,6 @@ class CopyJob {
           const settled = await Promise.allSettled(inflight.values());
           const failed = settled.find((x): x is PromiseRejectedResult => x.status === 'rejected');
           if (failed) throw failed.reason;
-          if (writer.packsIndexed > 0) crashPoint('copy-after-pack');
           for (const exts of group) {
             for (const e of exts) pw.add(this.row(e, chunkMap, origins));
           }
@@ -649,6 +667,7 @@ class CopyJob {
         this.o.onProgress?.({ checkpoint: where, index, count, done, total });
       }
       await writer.finish();
+      if (writer.packsIndexed > 0) this.afterBatch();
       writer.applyRemap([...diskIds.values()]);
       aborted(this.o.signal);
       this.commit(cpId);
@@ -672,6 +691,13 @@ class CopyJob {
       chunksPresent: present,
       durationMs: Date.now() - t0,
     };
+  }
+
+  /** The first batch of chunks is committed (test crash/pause point `copy-after-pack`, once). */
+  private afterBatch(): void {
+    if (this.batchCommitted) return;
+    this.batchCommitted = true;
+    crashPoint('copy-after-pack');
   }
 
   /**

@@ -19,7 +19,10 @@ interface CopyCli {
 /** Where the copy reads and writes: the one of --from/--to not given is -r (or the default repository). */
 export function copyEnds(o: { from?: string; to?: string }, repo: string): { from: string; to: string } {
   if (o.from === undefined && o.to === undefined) {
-    throw new BkfsError('USAGE', 'give --to REPO (copy from -r into REPO) or --from REPO (copy from REPO into -r)');
+    throw new BkfsError(
+      'USAGE',
+      'give --to REPO (copy from -r into REPO) or --from REPO (copy from REPO into -r)',
+    );
   }
   return { from: o.from ?? repo, to: o.to ?? repo };
 }
@@ -51,7 +54,10 @@ export function registerCopy(program: Command): void {
     .argument('<vm...>', 'VM (all its checkpoints), VM@CHECKPOINT or VM@latest')
     .option('--from <repo>', 'repository to copy from (default: -r)')
     .option('--to <repo>', 'repository to copy into (default: -r)')
-    .option('--recompress', 'decode and recompress every chunk sent (default: copy stored chunks as they are)')
+    .option(
+      '--recompress',
+      'decode and recompress every chunk sent (default: copy stored chunks as they are)',
+    )
     .option('--json', 'machine-readable output')
     .addHelpText(
       'after',
