@@ -43,14 +43,18 @@ async function main(): Promise<void> {
     const img = path.join(dir, 'disk.raw');
     const fd = fs.openSync(img, 'w');
     for (let i = 0; i < sizeMiB; i += 16) {
-      const block = i % 32 === 0 ? randomBuffer(3000 + i, 16 * MiB) : textFile(3000 + i, 16 * MiB).subarray(0, 16 * MiB);
+      const block =
+        i % 32 === 0 ? randomBuffer(3000 + i, 16 * MiB) : textFile(3000 + i, 16 * MiB).subarray(0, 16 * MiB);
       fs.writeSync(fd, block);
     }
     fs.closeSync(fd);
     const A = Repository.init(path.join(dir, 'A'));
     const backup = () =>
       runBackup(A, { vm: 'vm', disks: [{ name: 'vda', source: new ImageSource(img) }], level: 'full' });
+    const c0 = process.cpuUsage();
     await backup();
+    const cb = process.cpuUsage(c0);
+    const backupCpu = (cb.user + cb.system) / 1e6;
     const chunks = (sizeMiB * MiB) / CHUNK;
     let seed = 11;
     const rnd = () => {
@@ -69,6 +73,10 @@ async function main(): Promise<void> {
     for (const mode of ['stored', 'recompress'] as const) {
       const full: CopyResult[] = [];
       const inc: CopyResult[] = [];
+      const cpu = new Map<CopyResult[], number[]>([
+        [full, []],
+        [inc, []],
+      ]);
       for (let r = 0; r < runs; r++) {
         const bdir = path.join(dir, `B-${mode}-${r}`);
         Repository.init(bdir).close();
@@ -79,7 +87,10 @@ async function main(): Promise<void> {
           const src = Repository.open(path.join(dir, 'A'), { readOnly: true });
           const dst = Repository.open(bdir);
           try {
+            const u0 = process.cpuUsage();
             into.push(await copyCheckpoints(src, dst, { refs: [ref], recompress: mode === 'recompress' }));
+            const u = process.cpuUsage(u0);
+            cpu.get(into)!.push((u.user + u.system) / 1e6);
           } finally {
             dst.close();
             src.close();
@@ -94,16 +105,16 @@ async function main(): Promise<void> {
         const ms = median(rs.map((x) => x.durationMs));
         const r0 = rs[0]!;
         rows.push(
-          `| ${what} | ${mode} | ${(ms / 1000).toFixed(2)} | ${((sizeMiB * MiB) / MiB / (ms / 1000)).toFixed(0)} | ${r0.chunksTransferred} | ${(r0.rawBytesTransferred / MiB).toFixed(1)} | ${(r0.bytesTransferred / MiB).toFixed(1)} | ${r0.chunksPresent} |`,
+          `| ${what} | ${mode} | ${(ms / 1000).toFixed(2)} | ${((sizeMiB * MiB) / MiB / (ms / 1000)).toFixed(0)} | ${r0.chunksTransferred} | ${(r0.rawBytesTransferred / MiB).toFixed(1)} | ${(r0.bytesTransferred / MiB).toFixed(1)} | ${r0.chunksPresent} | ${median(cpu.get(rs)!).toFixed(2)} |`,
         );
       }
     }
     process.stdout.write(
       `bkfs copy, ${sizeMiB} MiB image (half random, half text), ${change * 100} % of chunks changed for the incremental, median of ${runs}\n\n` +
-        '| copy | mode | time (s) | disk MiB/s | chunks sent | raw MiB sent | stored MiB sent | chunks already there |\n' +
-        '|---|---|---:|---:|---:|---:|---:|---:|\n' +
+        '| copy | mode | time (s) | data MiB/s | chunks sent | raw MiB sent | stored MiB sent | chunks already there | CPU s (process) |\n' +
+        '|---|---|---:|---:|---:|---:|---:|---:|---:|\n' +
         rows.join('\n') +
-        '\n',
+        `\n\nThe full backup of the same image: ${backupCpu.toFixed(2)} CPU s (process: its hashing and compression in worker threads included).\n`,
     );
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });

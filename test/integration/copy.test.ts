@@ -383,4 +383,45 @@ describe('bkfs copy between local repositories', () => {
       ['check1'],
     );
   });
+
+  it('other chunk sizes: a larger destination grid works, a smaller one is refused; a damaged source chunk is never passed on', async () => {
+    const img = path.join(work, 'grid.raw');
+    fs.writeFileSync(
+      img,
+      Buffer.concat([randomBuffer(31, 20 << 20), Buffer.alloc(12 << 20), randomBuffer(32, 3 << 20)]),
+    );
+    const A = path.join(work, 'gA');
+    const big = path.join(work, 'gBig');
+    const small = path.join(work, 'gSmall');
+    await bkfsOk(['-r', A, 'init']);
+    await bkfsOk(['-r', big, 'init', '--chunk-size', String(1 << 20)]); // 64 MiB pages: source pages merge
+    await bkfsOk(['-r', small, 'init', '--chunk-size', String(64 << 10)]);
+    await bkfsOk(['-r', A, 'backup', 'grid', '-d', `vda=raw:${img}`]);
+    await copy(A, ['grid', '--to', big]);
+    await assertCheckpointEquals(big, 'grid@check1', 'vda', img, 20);
+    await verifyClean(big);
+    const refused = await bkfs(['-r', A, 'copy', 'grid', '--to', small]);
+    assert.equal(refused.code, EXIT_CODES.TARGET_INVALID, refused.stderr);
+    assert.match(refused.stderr, /chunk size/);
+    assert.deepEqual(await list(small, 'grid'), []);
+
+    // One flipped byte in a source pack: the copy fails (exit 15) and leaves nothing visible.
+    const packs = fs
+      .readdirSync(path.join(A, 'packs'), { recursive: true, withFileTypes: true })
+      .filter((e) => e.isFile() && e.name.endsWith('.pack'))
+      .map((e) => path.join(e.parentPath, e.name));
+    assert.equal(packs.length, 1);
+    const fd = fs.openSync(packs[0]!, 'r+');
+    const b = Buffer.alloc(1);
+    fs.readSync(fd, b, 0, 1, 16 + 48 + 1000);
+    b[0] = b[0]! ^ 0xff;
+    fs.writeSync(fd, b, 0, 1, 16 + 48 + 1000);
+    fs.closeSync(fd);
+    const D = path.join(work, 'gD');
+    await bkfsOk(['-r', D, 'init']);
+    const bad = await bkfs(['-r', A, 'copy', 'grid', '--to', D]);
+    assert.equal(bad.code, EXIT_CODES.DATA_DAMAGED, bad.stderr);
+    assert.match(bad.stderr, /of the source .* is damaged/);
+    assert.deepEqual(await list(D, 'grid'), []);
+  });
 });

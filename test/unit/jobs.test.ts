@@ -442,9 +442,15 @@ describe('run display and summary', () => {
 describe('job file: the copy step', () => {
   it('[copy] to = REPO is parsed; absent means no copy; a bad key or an empty path is refused', () => {
     assert.equal(parseJobFile(GOOD, 'estate.toml').copy, undefined);
-    const j = parseJobFile(GOOD.replace('[[host]]', '[copy]\nto = "/mnt/offsite/bkfs"\n\n[[host]]'), 'estate.toml');
+    const j = parseJobFile(
+      GOOD.replace('[[host]]', '[copy]\nto = "/mnt/offsite/bkfs"\n\n[[host]]'),
+      'estate.toml',
+    );
     assert.deepEqual(j.copy, { to: '/mnt/offsite/bkfs' });
-    invalid(GOOD.replace('[[host]]', '[copy]\nto = "/x"\nfrom = "/y"\n\n[[host]]'), /copy\.from: unknown key \(known here: to\)/);
+    invalid(
+      GOOD.replace('[[host]]', '[copy]\nto = "/x"\nfrom = "/y"\n\n[[host]]'),
+      /copy\.from: unknown key \(known here: to\)/,
+    );
     invalid(GOOD.replace('[[host]]', '[copy]\nto = ""\n\n[[host]]'), /copy\.to: must not be empty/);
     invalid(GOOD.replace('[[host]]', '[copy]\n\n[[host]]'), /copy\.to: missing/);
   });
