@@ -143,7 +143,13 @@ interface SourceCheckpoint {
   requested: boolean;
 }
 
-/** How a repository names chunks: copies keep ids only between repositories of one scheme. */
+/**
+ * How a repository names and stores chunks. Stored records are copied as they are, and chunk ids
+ * looked up before reading, only between repositories of one scheme; otherwise every chunk goes
+ * through the recompress path (plaintext in, the destination's own id and stored bytes out). An
+ * encrypted repository (keyed ids, sealed records) must give a scheme of its own per key, so that
+ * stored records are never copied into a repository that cannot open them.
+ */
 export function idScheme(repo: Repository): string {
   return repo.config.hash;
 }
