@@ -56,7 +56,7 @@ export interface JobSpec {
   level: LevelPolicy;
   retention?: RetentionPolicy;
   gc: { enabled: boolean; maxUnused?: string };
-  /** After the backups (and retention, gc): copy the VMs backed up into another repository. */
+  /** After the backups (and retention, gc): copy the VMs backed up into another repository (a path relative to the job file's directory). */
   copy?: { to: string };
   hosts: HostSpec[];
 }

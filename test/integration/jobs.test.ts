@@ -56,6 +56,18 @@ const runSchema = obj({
   vms: arr(vmSchema, { min: 1 }),
   retention: nullable(obj({ ok: bool, error: errSchema, vms: arr(str), removed: int, kept: int })),
   gc: nullable(obj({ ok: bool, error: errSchema, bytesFreed: nullable(int) })),
+  copy: nullable(
+    obj({
+      ok: bool,
+      error: errSchema,
+      to: str,
+      vms: arr(str),
+      copied: int,
+      skipped: int,
+      chunksTransferred: int,
+      bytesTransferred: int,
+    }),
+  ),
   succeeded: int,
   failed: int,
   interrupted: bool,
@@ -80,6 +92,7 @@ interface RunJson {
   failed: number;
   retention: { ok: boolean; removed: number; kept: number; vms: string[] } | null;
   gc: { ok: boolean; bytesFreed: number | null } | null;
+  copy: { ok: boolean; to: string; vms: string[]; copied: number; skipped: number } | null;
   log: string | null;
 }
 
@@ -92,6 +105,7 @@ describe('bkfs run: a job file for an estate', { skip: missing ?? false }, () =>
   const refs: Record<string, string> = {};
   const images: Record<string, string> = {};
   let repo: string;
+  let offsite: string;
   let logDir: string;
   let jobFile: string;
   let scratch: string;
@@ -134,6 +148,8 @@ describe('bkfs run: a job file for an estate', { skip: missing ?? false }, () =>
     }
     repo = path.join(work, 'repo');
     await bkfsOk(['-r', repo, 'init']);
+    offsite = path.join(work, 'offsite');
+    await bkfsOk(['-r', offsite, 'init']);
     logDir = path.join(work, 'logs');
     jobFile = path.join(work, 'estate.toml');
     fs.writeFileSync(
@@ -154,6 +170,9 @@ keep-last = 2
 
 [gc]
 enabled = true
+
+[copy]
+to = "offsite"               # relative: to this file's directory
 
 [[host]]
 name = "local"
@@ -249,8 +268,18 @@ domains = ["web*"]
       kept: 3,
     });
     assert.equal(j.gc?.ok, true);
+    // The offsite copy of the VMs backed up.
+    assert.deepEqual(j.copy && { ...j.copy, vms: [...j.copy.vms].sort() }, {
+      ...j.copy!,
+      ok: true,
+      to: offsite,
+      vms: [names.db1, names.web1, names.web2].sort(),
+      copied: 3,
+      skipped: 0,
+    });
     for (const [k, n] of Object.entries(names)) {
       await assertCheckpointEquals(repo, `${n}@check1`, 'sda', refs[k]!);
+      await assertCheckpointEquals(offsite, `${n}@check1`, 'sda', refs[k]!);
     }
     // The log: one file per run, 0600, in a 0700 directory, with every VM's lines.
     assert.equal(fs.statSync(logDir).mode & 0o777, 0o700);
@@ -282,6 +311,7 @@ domains = ["web*"]
     assert.match(r2.stdout, /^3 of 5 VM\(s\) backed up, 2 failed, in /m);
     assert.match(r2.stdout, /^retention: forgot 0 checkpoint\(s\) of 3 VM\(s\), kept 6$/m);
     assert.match(r2.stdout, /^gc: freed /m);
+    assert.match(r2.stdout, /^copy: 3 checkpoint\(s\) of 3 VM\(s\) into \S+offsite, /m);
     assert.match(r2.stdout, /^log: \S+\.log$/m);
     await assertCheckpointEquals(repo, `${names.web1}@check2`, 'sda', refs.web1!);
     const web1 = (await bkfsOk(['-r', repo, 'list', names.web1, '--json'])).stdout;
@@ -304,6 +334,18 @@ domains = ["web*"]
     assert.equal(j3.gc?.ok, true);
     for (const n of Object.values(names))
       assert.deepEqual(await checkpoints(n), ['check2:inc', 'check3:full']);
+    // The offsite repository keeps what retention removed here: its own retention decides.
+    assert.deepEqual(j3.copy && [j3.copy.ok, j3.copy.copied, j3.copy.skipped], [true, 3, 3]);
+    const offsiteWeb2 = JSON.parse((await bkfsOk(['-r', offsite, 'list', names.web2, '--json'])).stdout) as {
+      name: string;
+      level: string;
+    }[];
+    assert.deepEqual(
+      offsiteWeb2.map((c) => `${c.name}:${c.level}`),
+      ['check1:full', 'check2:inc', 'check3:full'],
+    );
+    await assertCheckpointEquals(offsite, `${names.web2}@check3`, 'sda', refs.web2!);
+    await bkfsOk(['-r', offsite, 'verify']);
     await assertCheckpointEquals(repo, `${names.web2}@check3`, 'sda', refs.web2!);
     await assertCheckpointEquals(repo, `${names.web1}@check2`, 'sda', refs.web1!);
     assert.equal(fs.readdirSync(logDir).length, 3, 'a log per run');

@@ -241,6 +241,7 @@ Examples:
         const job = parseJobFile(text, file);
         const base = path.dirname(path.resolve(file));
         job.repository = path.resolve(base, job.repository);
+        if (job.copy) job.copy.to = path.resolve(base, job.copy.to);
         if (g.retryLock !== undefined) job.retryLock = g.retryLock;
         for (const h of job.hosts)
           if (h.scratchDir !== undefined) h.scratchDir = path.resolve(base, h.scratchDir);
