@@ -1,7 +1,8 @@
 /**
  * `bkfs run`: resolve a job's domains on its hosts, plan levels, run each VM's backup as a child
  * `bkfs backup ... --json` process (isolation: one VM's crash or hang is that VM's failure), in
- * parallel within the job's limits, then retention (`bkfs forget`) and gc as children too.
+ * parallel within the job's limits, then retention (`bkfs forget`), gc and the `[copy]` step
+ * (`bkfs copy VM... --to`) as children too.
  *
  * Core module: it never prints. The CLI (`src/cli/commands/run.ts`) gets events through
  * `RunHooks` (progress display, the run's log file) and the result for the summary.

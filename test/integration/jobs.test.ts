@@ -8,8 +8,9 @@
  * an exclude, one named domain is missing. Checked: `--dry-run` starts nothing; a run backs up
  * every reachable domain, fails the missing one and the unreachable host's, says so in the summary
  * and exits 30 (JOB_PARTIAL); `--json` matches its schema; the backups are byte-exact; the level
- * policy gives full, then inc, then full (every 2nd backup); retention and gc run at the end; a log
- * file per run, 0600 in a 0700 directory.
+ * policy gives full, then inc, then full (every 2nd backup); retention and gc run at the end, then
+ * the `[copy]` step into an offsite repository (byte-exact there, which keeps what retention removed
+ * here); a log file per run, 0600 in a 0700 directory.
  */
 import { describe, it, before, after } from 'node:test';
 import * as assert from 'node:assert/strict';
@@ -226,7 +227,7 @@ domains = ["web*"]
     assert.match(r.stdout, /^gone\s+web\*\s+-\s+failed\s.*HOST_UNREACHABLE: host gone unreachable: /m);
     assert.match(
       r.stdout,
-      /dry run: 3 backup\(s\) would run, 2 cannot, then retention, then gc; nothing started/,
+      /dry run: 3 backup\(s\) would run, 2 cannot, then retention, then gc, then a copy into \S+offsite; nothing started/,
     );
     assert.match(r.stderr, /^bkfs: 2 of 5 VM backup\(s\) failed$/m);
     const list = JSON.parse((await bkfsOk(['-r', repo, 'list', '--json'])).stdout) as unknown[];
