@@ -82,6 +82,10 @@ export const COMMAND_MODULES: readonly { commands: readonly string[]; load: () =
     commands: ['run'],
     load: () => (require('./commands/run') as typeof import('./commands/run')).registerRun,
   },
+  {
+    commands: ['copy'],
+    load: () => (require('./commands/copy') as typeof import('./commands/copy')).registerCopy,
+  },
 ];
 
 /* eslint-enable @typescript-eslint/no-require-imports */
