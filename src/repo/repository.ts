@@ -28,6 +28,8 @@ import Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
 import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
+import { CHUNK_CACHE_DIR, releaseStore, remoteStore, retainStore } from '../store/location';
+import { RemotePacks } from '../store/remote-packs';
 import { makeDirs, onUserPath } from '../util/userpath';
 import { acquireWriterLock, type LockOptions, type WriterLock } from './lock';
 import { cleanTmp, sessionLive, startSession, type Session } from './sessions';
@@ -131,7 +133,24 @@ export class Repository {
     readonly writable = true,
     private readonly snapshotDir: string | null = null,
   ) {
-    this.packs = new PackReader(dir);
+    const remote = remoteStore(dir);
+    retainStore(dir);
+    let sizeStmt: Database.Statement | undefined;
+    this.packs = new PackReader(
+      dir,
+      64,
+      remote
+        ? new RemotePacks(remote, path.join(dir, CHUNK_CACHE_DIR), (name) => {
+            sizeStmt ??= db.prepare('SELECT size FROM packs WHERE name = ?');
+            return (sizeStmt.get(name) as { size: number } | undefined)?.size;
+          })
+        : undefined,
+    );
+  }
+
+  /** The bucket of a repository on object storage (this directory is its cache), or null. */
+  get remote(): import('../store/objstore').ObjectStore | null {
+    return remoteStore(this.dir);
   }
 
   static init(dir: string, opts: InitOptions = {}): Repository {
@@ -352,11 +371,16 @@ export class Repository {
     cleanTmp(this.dir);
   }
 
+  private closed = false;
+
   close(): void {
     this.unlockWriter();
+    if (this.closed) return;
+    this.closed = true;
     this.packs.close();
     if (this.db.open) this.db.close();
     if (this.snapshotDir) fs.rmSync(this.snapshotDir, { recursive: true, force: true });
+    releaseStore(this.dir);
   }
 }
 

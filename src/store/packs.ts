@@ -24,6 +24,8 @@ import { randomBytes } from 'node:crypto';
 import { BkfsError } from '../errors';
 import { CODEC_FRAMES, CODEC_RAW, CODEC_ZSTD, HASH_LEN, MAX_CHUNK_LEN } from './hash-len';
 import { mkdirPrivate, openPrivate, repoModes } from '../util/private-fs';
+import { holdLease, packKey, remoteStore } from './location';
+import type { RemotePacks } from './remote-packs';
 
 export const PACK_MAGIC = Buffer.from('BKFSPACK', 'ascii');
 export const PACK_VERSION = 1;
@@ -222,6 +224,16 @@ export class PackWriter {
     await this.fh.datasync();
     await this.fh.close();
     this.fh = undefined;
+    const remote = remoteStore(this.repoDir);
+    if (remote) {
+      // Object storage: the sealed temp file is uploaded (Content-MD5 checked by the server; a
+      // name is never reused, so ifAbsent) and resolves once the object is durable; only then
+      // does the caller index its chunks (FORMAT.md, "Repositories on object storage").
+      await holdLease(this.repoDir, remote);
+      await remote.putFile(packKey(this.name), this.tmpPath, { ifAbsent: true });
+      await fsp.rm(this.tmpPath, { force: true });
+      return;
+    }
     const final = packPath(this.repoDir, this.name);
     // A new packs/NN/ must be durable in packs/ too, or a power cut loses the pack with it.
     const mode = repoModes(this.repoDir).dir;
@@ -234,6 +246,11 @@ export class PackWriter {
 
   /** Delete a sealed pack that nothing indexed (garbage: no fsync needed, FORMAT.md "Durability" 4). */
   async removeSealed(): Promise<void> {
+    const remote = remoteStore(this.repoDir);
+    if (remote) {
+      await remote.delete([packKey(this.name)]);
+      return;
+    }
     await fsp.rm(packPath(this.repoDir, this.name), { force: true });
   }
 
@@ -283,6 +300,8 @@ export class PackReader {
   constructor(
     private readonly repoDir: string,
     private readonly maxOpen = 64,
+    /** Packs in a bucket (a cache directory's repository): read through the block cache. */
+    readonly remote?: RemotePacks,
   ) {}
 
   private acquire(name: string): { fd: number; busy: number } {
@@ -328,6 +347,14 @@ export class PackReader {
           `pack ${name}: impossible chunk location (offset ${offset}, length ${length})`,
         ),
       );
+    }
+    if (this.remote) {
+      this.inflight++;
+      const done = (): void => {
+        this.inflight--;
+        if (this.inflight === 0) for (const w of this.drained.splice(0)) w();
+      };
+      return this.remote.read(name, offset, length).finally(done);
     }
     let e: { fd: number; busy: number; doomed?: boolean };
     try {
