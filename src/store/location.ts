@@ -27,7 +27,7 @@ import type { S3Store as S3StoreT } from './s3store';
 function newS3Store(url: string): S3StoreT {
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const { S3Store } = require('./s3store') as typeof import('./s3store');
-  return newS3Store(url);
+  return new S3Store(url);
 }
 
 export const REMOTE_FILE = 'remote.json';
