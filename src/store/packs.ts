@@ -173,6 +173,11 @@ export interface PackedChunk extends RecordHeader {
   offset: number; // offset of the stored bytes (after the record header)
 }
 
+/** `crashPoint` of repository.ts (not imported: packs.ts is below it); FORMAT.md "Crash points". */
+function testCrashPoint(step: string): void {
+  if (process.env.BKFS_TEST_CRASH_AT === step) process.kill(process.pid, 'SIGKILL');
+}
+
 /** Buffers in one writev (IOV_MAX is 1024 on Linux; two buffers per record). */
 const MAX_IOV = 1024;
 
@@ -308,6 +313,7 @@ export class PackWriter {
       // does the caller index its chunks (FORMAT.md, "Repositories on object storage").
       await holdLease(this.repoDir, remote);
       await remote.putFile(packKey(this.name), this.tmpPath, { ifAbsent: true });
+      testCrashPoint('pack-after-upload');
       await fsp.rm(this.tmpPath, { force: true });
       return;
     }
