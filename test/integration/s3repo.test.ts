@@ -239,7 +239,8 @@ describe('repository on S3 (Ceph RGW)', () => {
     const r = await c.run(['restore', 'vm@three', '--disk', 'vda', '--to', out]);
     assert.equal(r.code, EXIT_CODES.DATA_DAMAGED, r.stderr);
     const v = await c.run(['verify']);
-    assert.equal(v.code, EXIT_CODES.DATA_DAMAGED, v.stdout + v.stderr);
+    assert.equal(v.code, EXIT_CODES.VERIFY_FAILED, v.stdout + v.stderr);
+    assert.match(v.stdout, /chunk hash mismatch/);
   });
 
   it('bad credentials, a missing bucket, an unreachable endpoint: one line, its exit code, bucket unchanged', async () => {
