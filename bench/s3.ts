@@ -140,7 +140,9 @@ async function main(): Promise<void> {
       try {
         mountRead = readAll(path.join(mp, 'vda.raw'));
       } finally {
-        await timed(['umount', mp], t.env).catch(() => run('fusermount', ['-u', '-z', mp], { allowFail: true }));
+        await timed(['umount', mp], t.env).catch(() =>
+          run('fusermount', ['-u', '-z', mp], { allowFail: true }),
+        );
       }
       const cMount = takeCounts(stats);
       coldCache();
@@ -158,10 +160,30 @@ async function main(): Promise<void> {
       if (t.name !== 'local') {
         const puts = ['PutObject', 'UploadPart', 'CreateMultipartUpload', 'CompleteMultipartUpload'];
         reqRows.push(
-          ['backup (full)', `${(sum(cBackup, puts) / gib).toFixed(0)} PUT`, `${((cBackup.GetObject ?? 0) / gib).toFixed(0)} GET`, JSON.stringify(cBackup)],
-          ['restore (cold cache)', `${(sum(cRestore, puts) / gib).toFixed(0)} PUT`, `${((cRestore.GetObject ?? 0) / gib).toFixed(0)} GET`, JSON.stringify(cRestore)],
-          ['mount read (cold cache)', '-', `${((cMount.GetObject ?? 0) / gib).toFixed(0)} GET`, JSON.stringify(cMount)],
-          ['verify (cold cache)', '-', `${((cVerify.GetObject ?? 0) / gib).toFixed(0)} GET`, JSON.stringify(cVerify)],
+          [
+            'backup (full)',
+            `${(sum(cBackup, puts) / gib).toFixed(0)} PUT`,
+            `${((cBackup.GetObject ?? 0) / gib).toFixed(0)} GET`,
+            JSON.stringify(cBackup),
+          ],
+          [
+            'restore (cold cache)',
+            `${(sum(cRestore, puts) / gib).toFixed(0)} PUT`,
+            `${((cRestore.GetObject ?? 0) / gib).toFixed(0)} GET`,
+            JSON.stringify(cRestore),
+          ],
+          [
+            'mount read (cold cache)',
+            '-',
+            `${((cMount.GetObject ?? 0) / gib).toFixed(0)} GET`,
+            JSON.stringify(cMount),
+          ],
+          [
+            'verify (cold cache)',
+            '-',
+            `${((cVerify.GetObject ?? 0) / gib).toFixed(0)} GET`,
+            JSON.stringify(cVerify),
+          ],
         );
       }
     }

@@ -39,7 +39,8 @@ async function resolveRepoLocation(program: Command, action: Command): Promise<v
   if (o.cacheSize !== undefined) {
     const { parseSize } = await import('../store/remote-packs');
     const n = parseSize(o.cacheSize);
-    if (n === undefined) throw new BkfsError('USAGE', `--cache-size takes a size such as 512M or 4G, got '${o.cacheSize}'`);
+    if (n === undefined)
+      throw new BkfsError('USAGE', `--cache-size takes a size such as 512M or 4G, got '${o.cacheSize}'`);
     process.env.BKFS_CACHE_SIZE = String(n);
   }
   const loc = o.repo ?? process.env.BKFS_REPO;
@@ -68,7 +69,10 @@ export function buildProgram(): Command {
       '--cache-dir <dir>',
       'for -r s3://...: where the local index, locks and chunk cache live (default: $BKFS_CACHE_DIR, /var/cache/bkfs as root, ~/.cache/bkfs otherwise)',
     )
-    .option('--cache-size <size>', 'for -r s3://...: bound of the on-disk chunk cache, e.g. 512M, 4G (default 2G)')
+    .option(
+      '--cache-size <size>',
+      'for -r s3://...: bound of the on-disk chunk cache, e.g. 512M, 4G (default 2G)',
+    )
     .addOption(new Option('-V, --version', 'print version information (as bkfs version)'))
     .showHelpAfterError('(run with --help for usage)')
     .configureOutput({ outputError: (s, write) => write(s) })

@@ -527,9 +527,9 @@ export async function publishManifests(repo: Repository, reconcile = false): Pro
   if (reconcile) {
     const inBucket = new Set<string>();
     for await (const o of remote.list('manifests/')) inBucket.add(o.key);
-    const complete = repo.db
-      .prepare("SELECT uid FROM checkpoints WHERE state = 'complete'")
-      .all() as { uid: string }[];
+    const complete = repo.db.prepare("SELECT uid FROM checkpoints WHERE state = 'complete'").all() as {
+      uid: string;
+    }[];
     for (const { uid } of complete) {
       if (!inBucket.has(manifestKey(uid)) && fs.existsSync(manifestPath(repo.dir, uid))) todo.add(uid);
     }

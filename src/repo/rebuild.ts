@@ -345,7 +345,16 @@ async function build(
       const packId = Number(insPack.run(f.name, f.size, Math.round(mtime)).lastInsertRowid);
       rep.packs++;
       const scanned = remote
-        ? await scanRemotePack(remote, tmpDir, f.name, f.size, packId, rep.problems, chunkSize, rep.remoteReads)
+        ? await scanRemotePack(
+            remote,
+            tmpDir,
+            f.name,
+            f.size,
+            packId,
+            rep.problems,
+            chunkSize,
+            rep.remoteReads,
+          )
         : scanPack(p, f.name, packId, rep.problems, chunkSize);
       db.transaction(() => {
         for (const c of scanned) {

@@ -154,7 +154,10 @@ export async function resolveLocation(loc: string, o: { cacheDir?: string } = {}
       configBytes = await store.get(CONFIG_KEY);
     } catch (e) {
       if (isBkfsError(e) && e.code === 'NOT_FOUND') {
-        throw new BkfsError('REPO_NOT_FOUND', `no bkfs repository at ${store.location} (run 'bkfs init -r ${loc}' first)`);
+        throw new BkfsError(
+          'REPO_NOT_FOUND',
+          `no bkfs repository at ${store.location} (run 'bkfs init -r ${loc}' first)`,
+        );
       }
       throw e;
     }
@@ -165,7 +168,10 @@ export async function resolveLocation(loc: string, o: { cacheDir?: string } = {}
       id = undefined;
     }
     if (typeof id !== 'string' || !/^[0-9a-f]{16}$/.test(id)) {
-      throw new BkfsError('REPO_NOT_FOUND', `${store.location}/${CONFIG_KEY} is not a bkfs repository configuration`);
+      throw new BkfsError(
+        'REPO_NOT_FOUND',
+        `${store.location}/${CONFIG_KEY} is not a bkfs repository configuration`,
+      );
     }
     const dir = path.join(o.cacheDir ?? defaultCacheRoot(), id);
     prepareCacheDir(dir, store.location, configBytes);
@@ -335,5 +341,7 @@ export function loadRemoteConfig(dir: string): {
   compression: unknown;
   created: string;
 } {
-  return JSON.parse(fs.readFileSync(path.join(dir, CONFIG_KEY), 'utf8')) as ReturnType<typeof loadRemoteConfig>;
+  return JSON.parse(fs.readFileSync(path.join(dir, CONFIG_KEY), 'utf8')) as ReturnType<
+    typeof loadRemoteConfig
+  >;
 }

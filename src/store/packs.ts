@@ -94,7 +94,10 @@ export function encodePackTrailer(records: RecordHeader[], recordsEnd: number): 
 }
 
 /** Length of the trailer a footer announces (entries + footer), or null if `footer` is not one. */
-export function trailerLength(footer: Buffer, packSize: number): { length: number; recordsEnd: number } | null {
+export function trailerLength(
+  footer: Buffer,
+  packSize: number,
+): { length: number; recordsEnd: number } | null {
   if (footer.length < TRAILER_FOOTER_LEN) return null;
   const f = footer.subarray(footer.length - TRAILER_FOOTER_LEN);
   if (!f.subarray(28).equals(TRAILER_MAGIC)) return null;
@@ -115,13 +118,20 @@ export function decodePackTrailer(t: Buffer, packSize: number, chunkSize = MAX_C
   if (!tl || tl.length !== t.length) throw new BkfsError('DATA_DAMAGED', 'pack trailer has a bad footer');
   const count = (t.length - TRAILER_FOOTER_LEN) / RECORD_HEADER_LEN;
   const entries = t.subarray(0, t.length - TRAILER_FOOTER_LEN);
-  if (!trailerSum(entries, count, tl.recordsEnd).equals(t.subarray(t.length - TRAILER_FOOTER_LEN + 12, t.length - 8))) {
+  if (
+    !trailerSum(entries, count, tl.recordsEnd).equals(
+      t.subarray(t.length - TRAILER_FOOTER_LEN + 12, t.length - 8),
+    )
+  ) {
     throw new BkfsError('DATA_DAMAGED', 'pack trailer does not match its sum');
   }
   const out: PackedChunk[] = [];
   let pos = PACK_HEADER_LEN;
   for (let i = 0; i < count; i++) {
-    const h = decodeRecordHeader(entries.subarray(i * RECORD_HEADER_LEN, (i + 1) * RECORD_HEADER_LEN), chunkSize);
+    const h = decodeRecordHeader(
+      entries.subarray(i * RECORD_HEADER_LEN, (i + 1) * RECORD_HEADER_LEN),
+      chunkSize,
+    );
     out.push({ ...h, offset: pos + RECORD_HEADER_LEN });
     pos += RECORD_HEADER_LEN + h.storedLen;
   }

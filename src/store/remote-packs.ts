@@ -174,7 +174,8 @@ export class RemotePacks {
         try {
           const st = fs.statSync(path.join(this.cacheDir, sd, n));
           if (n.endsWith('.tmp')) {
-            if (Date.now() - st.mtimeMs > 3600_000) fs.rmSync(path.join(this.cacheDir, sd, n), { force: true });
+            if (Date.now() - st.mtimeMs > 3600_000)
+              fs.rmSync(path.join(this.cacheDir, sd, n), { force: true });
             continue;
           }
           found.push({ rel: `${sd}/${n}`, size: st.size, t: st.mtimeMs });

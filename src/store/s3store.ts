@@ -121,7 +121,10 @@ export class S3Store implements ObjectStore {
     const counts: Record<string, number> = {};
     this.client.middlewareStack.add(
       (next, context) => async (args) => {
-        const op = String((context as { commandName?: string }).commandName ?? 'unknown').replace(/Command$/, '');
+        const op = String((context as { commandName?: string }).commandName ?? 'unknown').replace(
+          /Command$/,
+          '',
+        );
         counts[op] = (counts[op] ?? 0) + 1;
         return next(args);
       },

@@ -126,7 +126,9 @@ describe('repository on S3 (Ceph RGW)', () => {
     assert.ok(k.has('site1/lease.json'), 'the writer lease');
     // Nothing of the packs stays in the cache directory's tmp/ or packs/.
     const id = fs.readdirSync(cacheA).find((n) => /^[0-9a-f]{16}$/.test(n))!;
-    const leftovers = (await run('find', [path.join(cacheA, id, 'tmp'), path.join(cacheA, id, 'packs'), '-type', 'f'])).stdout.trim();
+    const leftovers = (
+      await run('find', [path.join(cacheA, id, 'tmp'), path.join(cacheA, id, 'packs'), '-type', 'f'])
+    ).stdout.trim();
     assert.equal(leftovers, '');
     for (const [cp, ref] of [
       ['one', ref1],
@@ -253,7 +255,9 @@ describe('repository on S3 (Ceph RGW)', () => {
       AWS_ACCESS_KEY_ID: 'NOSUCHKEY0000000000',
     });
     assert.equal(badInit.code, EXIT_CODES.STORE_ACCESS, badInit.stderr);
-    const missing = await client(`s3://no-such-bucket-${randomBytes(3).toString('hex')}/x`, cache).run(['init']);
+    const missing = await client(`s3://no-such-bucket-${randomBytes(3).toString('hex')}/x`, cache).run([
+      'init',
+    ]);
     assert.equal(missing.code, EXIT_CODES.REPO_NOT_FOUND, missing.stderr);
     oneLine(missing.stderr, 'REPO_NOT_FOUND');
     const port = await new Promise<number>((resolve) => {

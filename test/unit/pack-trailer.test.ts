@@ -70,7 +70,10 @@ describe('pack trailer', () => {
       );
     }
     assert.equal(trailerLength(t, size + 1), null, 'a pack one byte longer: not this trailer');
-    assert.throws(() => decodePackTrailer(t, size - 1), (e: unknown) => isBkfsError(e) && e.code === 'DATA_DAMAGED');
+    assert.throws(
+      () => decodePackTrailer(t, size - 1),
+      (e: unknown) => isBkfsError(e) && e.code === 'DATA_DAMAGED',
+    );
   });
 });
 

@@ -37,7 +37,17 @@ Examples:
         });
         const c = loadRemoteConfig(cacheDir);
         if (opts.json) {
-          printJson({ id: c.id, path: loc, cacheDir, format: c.format, chunkSize: c.chunkSize, pageSpan: c.pageSpan, hash: c.hash, compression: c.compression, created: c.created });
+          printJson({
+            id: c.id,
+            path: loc,
+            cacheDir,
+            format: c.format,
+            chunkSize: c.chunkSize,
+            pageSpan: c.pageSpan,
+            hash: c.hash,
+            compression: c.compression,
+            created: c.created,
+          });
           return;
         }
         out(`created bkfs repository ${c.id} at ${loc} (local cache ${cacheDir})`);
