@@ -70,12 +70,47 @@ export class RemotePacks {
       const end = Math.min(last + this.readAhead, Math.ceil(size / this.blockSize) - 1);
       for (let b = last + 1; b <= end; b++) this.block(name, b, size).catch(() => undefined);
     }
+    if (first === last) {
+      // One block (most reads): from the cache file, only the bytes asked for.
+      const start = offset - first * this.blockSize;
+      const hit = await this.readCached(name, first, size, start, length);
+      if (hit) return hit;
+    }
     const parts = await Promise.all(
       Array.from({ length: last - first + 1 }, (_, i) => this.block(name, first + i, size)),
     );
     const all = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
     const start = offset - first * this.blockSize;
     return Buffer.from(all.subarray(start, start + length));
+  }
+
+  /** `length` bytes at `start` of a cached block, or null when it is not cached (whole). */
+  private async readCached(
+    name: string,
+    b: number,
+    size: number,
+    start: number,
+    length: number,
+  ): Promise<Buffer | null> {
+    if (this.inflight.has(`${name}.${b}`)) return null;
+    const want = Math.min(this.blockSize, size - b * this.blockSize);
+    let fh: fsp.FileHandle;
+    try {
+      fh = await fsp.open(this.file(name, b), 'r');
+    } catch {
+      return null;
+    }
+    try {
+      if ((await fh.stat()).size !== want) return null;
+      const buf = Buffer.allocUnsafe(length);
+      const { bytesRead } = await fh.read(buf, 0, length, start);
+      if (bytesRead !== length) return null;
+      this.stats.cacheHits++;
+      this.touch(`${name.slice(0, 2)}/${name}.${b}`, want);
+      return buf;
+    } finally {
+      await fh.close();
+    }
   }
 
   private sizes = new Map<string, number>();
