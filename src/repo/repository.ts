@@ -28,7 +28,15 @@ import Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
 import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
-import { CHUNK_CACHE_DIR, releaseStore, remoteStore, retainStore } from '../store/location';
+import {
+  CHUNK_CACHE_DIR,
+  initRemote,
+  isS3Url,
+  releaseStore,
+  remoteStore,
+  resolveLocation,
+  retainStore,
+} from '../store/location';
 import { RemotePacks } from '../store/remote-packs';
 import { makeDirs, onUserPath } from '../util/userpath';
 import { acquireWriterLock, type LockOptions, type WriterLock } from './lock';
@@ -204,6 +212,37 @@ export class Repository {
       path.join(dir, CONFIG_FILE),
       Buffer.from(JSON.stringify(config, null, 2) + '\n'),
       modes.file,
+    );
+    return Repository.open(dir);
+  }
+
+  /**
+   * `open` for a location: a directory, or `s3://BUCKET/PREFIX` (then its cache directory,
+   * `src/store/location.ts`, under `cacheDir` or the default root).
+   */
+  static async openLocation(
+    loc: string,
+    opts: OpenOptions & { cacheDir?: string } = {},
+  ): Promise<Repository> {
+    const dir = await resolveLocation(loc, opts.cacheDir !== undefined ? { cacheDir: opts.cacheDir } : {});
+    return Repository.open(dir, opts);
+  }
+
+  /** `init` for a location: a directory, or `s3://BUCKET/PREFIX` (the bucket must exist). */
+  static async initLocation(
+    loc: string,
+    opts: InitOptions & { cacheDir?: string } = {},
+  ): Promise<Repository> {
+    if (!isS3Url(loc)) return Repository.init(loc, opts);
+    const dir = await initRemote(
+      loc,
+      (d) => {
+        const r = Repository.init(d, opts);
+        const id = r.config.id;
+        r.close();
+        return { id };
+      },
+      opts.cacheDir !== undefined ? { cacheDir: opts.cacheDir } : {},
     );
     return Repository.open(dir);
   }

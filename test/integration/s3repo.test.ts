@@ -275,15 +275,42 @@ describe('repository on S3 (Ceph RGW)', () => {
     assert.ok(!fs.existsSync(cache) || fs.readdirSync(cache).length === 0, 'no cache directory made');
   });
 
-  it('a second machine (another cache directory) cannot write while the lease is fresh', async () => {
+  it('a second machine (another cache directory) cannot write while the lease is fresh; can once stale', async () => {
+    const a = client(url, cacheA);
     const other = client(url, path.join(work, 'cacheMount'));
-    const r = await other.run(['backup', 'vm', '--disk', `vda=${img}`, '-l', 'full', '-c', 'four']);
+    // Machine A writes (a lease that stays fresh for 10 minutes), then machine B tries.
+    await qemuIo(img, 'qcow2', `write -s ${dataFile('d4', 2 * MiB)} 56M 2M`);
+    await a.ok(['backup', 'vm', '--disk', `vda=${img}`, '-l', 'inc', '-c', 'four'], {
+      BKFS_LEASE_TTL_MS: '600000',
+    });
+    await qemuIo(img, 'qcow2', `write -s ${dataFile('d5', 2 * MiB)} 58M 2M`);
+    const before = await keys(bucket);
+    const r = await other.run(['backup', 'vm2', '--disk', `vda=${img}`, '-l', 'full', '-c', 'b1']);
     assert.equal(r.code, EXIT_CODES.REPO_LOCKED, r.stderr);
     assert.match(r.stderr, /lease/);
-    const l = JSON.parse((await client(url, cacheA).ok(['list', '--json'])).stdout) as { name: string }[];
-    assert.deepEqual(
-      l.map((x) => x.name),
-      ['three'],
+    const afterKeys = await keys(bucket);
+    afterKeys.delete(`site1/lease.json`);
+    before.delete(`site1/lease.json`);
+    assert.deepEqual(afterKeys, before, 'nothing of B in the bucket');
+    // A's lease, 2 s long this time, goes stale: B takes it over.
+    await a.ok(['protect', 'vm@four'], { BKFS_LEASE_TTL_MS: '2000' });
+    await new Promise((res) => setTimeout(res, 3000));
+    await other.ok(['backup', 'vm2', '--disk', `vda=${img}`, '-l', 'full', '-c', 'b1']);
+    const lease = JSON.parse(
+      Buffer.from(
+        await (
+          await s3.send(new GetObjectCommand({ Bucket: bucket, Key: 'site1/lease.json' }))
+        ).Body!.transformToByteArray(),
+      ).toString('utf8'),
+    ) as { owner: string };
+    assert.equal(
+      lease.owner,
+      fs
+        .readFileSync(
+          path.join(work, 'cacheMount', fs.readdirSync(path.join(work, 'cacheMount'))[0]!, 'owner-id'),
+          'utf8',
+        )
+        .trim(),
     );
   });
 });
