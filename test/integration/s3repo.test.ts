@@ -314,3 +314,75 @@ describe('repository on S3 (Ceph RGW)', () => {
     );
   });
 });
+
+describe('bkfs copy through a bucket (issue 13 §3)', () => {
+  it('local -> s3 -> a new local repository: every checkpoint byte-identical at each hop', async () => {
+    const bucket = await rgw.bucket(`bkfs-s3copy-${randomBytes(4).toString('hex')}`);
+    const url = `s3://${bucket}/offsite`;
+    const env = { ...rgw.env, NODE_NO_WARNINGS: '1' };
+    const local = path.join(work, 'copy-local');
+    const back = path.join(work, 'copy-back');
+    const img = path.join(work, 'copy.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '32M']);
+    await bkfsOk(['-r', local, 'init']);
+    await qemuIo(img, 'qcow2', `write -s ${dataFile('c1', 12 * MiB)} 0 12M`);
+    await bkfsOk(['-r', local, 'backup', 'vm', '--disk', `vda=${img}`, '-l', 'full', '-c', 'one']);
+    const ref1 = await toRaw(img, path.join(work, 'copy-ref1.raw'));
+    await qemuIo(img, 'qcow2', `write -s ${dataFile('c2', 2 * MiB)} 4M 2M`);
+    await bkfsOk(['-r', local, 'backup', 'vm', '--disk', `vda=${img}`, '-l', 'inc', '-c', 'two']);
+    const ref2 = await toRaw(img, path.join(work, 'copy-ref2.raw'));
+    await bkfsOk(['-r', local, 'protect', 'vm@one']);
+
+    // Hop 1: into the bucket (through one machine's cache directory).
+    const cacheOut = path.join(work, 'copy-cache-out');
+    await client(url, cacheOut).ok(['init']);
+    const first = JSON.parse(
+      (await bkfsOk(['-r', local, 'copy', 'vm', '--to', url, '--json'], { ...env, BKFS_CACHE_DIR: cacheOut }))
+        .stdout,
+    ) as { chunksTransferred: number };
+    assert.ok(first.chunksTransferred > 0);
+    const again = JSON.parse(
+      (await bkfsOk(['-r', local, 'copy', 'vm', '--to', url, '--json'], { ...env, BKFS_CACHE_DIR: cacheOut }))
+        .stdout,
+    ) as { chunksTransferred: number };
+    assert.equal(again.chunksTransferred, 0, 'a second copy sends nothing');
+    const k = await keys(bucket, 'offsite/');
+    assert.ok(
+      [...k.keys()].some((x) => x.startsWith('offsite/manifests/')),
+      'manifests are in the bucket',
+    );
+
+    // Hop 2: another machine (a fresh cache directory) rebuilds from the bucket alone and copies
+    // everything into a new local repository.
+    const cacheIn = path.join(work, 'copy-cache-in');
+    const other = client(url, cacheIn);
+    await other.ok(['repair', '--rebuild-index']);
+    await bkfsOk(['-r', back, 'init']);
+    await bkfsOk(['-r', back, 'copy', 'vm', '--from', url], { ...env, BKFS_CACHE_DIR: cacheIn });
+    for (const [repoArgs, extra] of [
+      [['-r', url], { ...env, BKFS_CACHE_DIR: cacheIn }],
+      [['-r', back], {}],
+    ] as const) {
+      for (const [cp, ref] of [
+        ['one', ref1],
+        ['two', ref2],
+      ] as const) {
+        const out = path.join(work, `copy-${cp}-${randomBytes(3).toString('hex')}.raw`);
+        await bkfsOk([...repoArgs, 'restore', `vm@${cp}`, '--disk', 'vda', '--to', out], extra);
+        assert.ok(fs.readFileSync(out).equals(ref), `${repoArgs[1]}: vm@${cp} byte for byte`);
+        fs.rmSync(out);
+      }
+    }
+    const list = JSON.parse((await bkfsOk(['-r', back, 'list', 'vm', '--json'])).stdout) as {
+      checkpoints: { name: string; protected: boolean; level: string }[];
+    };
+    assert.deepEqual(
+      list.checkpoints.map((c) => [c.name, c.level, c.protected]),
+      [
+        ['one', 'full', true],
+        ['two', 'inc', false],
+      ],
+    );
+    await bkfsOk(['-r', back, 'verify']);
+  });
+});

@@ -73,17 +73,22 @@ Examples:
     )
     .action(async (refs: string[], opts: CopyCli, cmd: Command) => {
       const ends = copyEnds(opts, repoPath(cmd));
+      // s3://BUCKET/PREFIX on either side is worked on through its local cache directory.
+      const { resolveLocation } = await import('../../store/location');
+      const fromDir = await resolveLocation(ends.from);
+      const toDir = await resolveLocation(ends.to);
       const { Repository } = await import('../../repo/repository');
+      const { publishManifests } = await import('../../repo/manifest');
       const { copyCheckpoints } = await import('../../repo/copy');
       detail(`copy from ${ends.from} to ${ends.to}`);
       const packTarget = testPackBytes();
       const res = await withLongJob('copy', (job) =>
         retryLocked(cmd, async () => {
-          const src = Repository.open(ends.from, { readOnly: true });
+          const src = Repository.open(fromDir, { readOnly: true });
           try {
-            const dst = Repository.open(ends.to);
+            const dst = Repository.open(toDir);
             try {
-              return await copyCheckpoints(src, dst, {
+              const r = await copyCheckpoints(src, dst, {
                 refs,
                 ...(opts.recompress ? { recompress: true } : {}),
                 ...(packTarget !== undefined ? { packTarget } : {}),
@@ -91,6 +96,8 @@ Examples:
                 onNotice: job.onNotice,
                 onProgress: (p) => job.onProgress({ done: p.done, total: p.total }),
               });
+              await publishManifests(dst); // a bucket gets the new manifests (no-op locally)
+              return r;
             } finally {
               dst.close();
             }
