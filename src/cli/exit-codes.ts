@@ -41,6 +41,8 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   RECOVERY_FAILED: 32,
   STORE_ACCESS: 33,
   STORE_UNAVAILABLE: 34,
+  KEY_INVALID: 35,
+  KEY_REQUIRED: 36,
   INTERRUPTED: 130,
 };
 
@@ -82,5 +84,7 @@ export const HTTP_STATUS: Record<ErrorCode, number> = {
   RECOVERY_FAILED: 500,
   STORE_ACCESS: 502,
   STORE_UNAVAILABLE: 503,
+  KEY_INVALID: 401,
+  KEY_REQUIRED: 401,
   INTERRUPTED: 503,
 };

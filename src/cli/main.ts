@@ -27,6 +27,9 @@ import { registerFiles } from './commands/files';
 import { registerMeta } from './commands/meta';
 import { registerWeb } from './commands/web';
 import { registerRun } from './commands/run';
+import { registerKey } from './commands/key';
+import { acceptHandoff, setKeyProvider } from '../crypto/keyring';
+import { cliKeyProvider } from './keysource';
 
 export function buildProgram(): Command {
   const program = new Command('bkfs');
@@ -42,12 +45,22 @@ export function buildProgram(): Command {
       '--retry-lock <duration>',
       'commands that write: wait up to DURATION (e.g. 30s, 5m, 1h) for another writer to finish instead of failing with exit code 7',
     )
+    .option(
+      '--key-file <file>',
+      'encrypted repositories: a key file that opens a key slot (also $BKFS_KEY_FILE; passphrases come from $BKFS_PASSWORD_FILE, $BKFS_PASSWORD_COMMAND or the terminal)',
+    )
     .addOption(new Option('-V, --version', 'print version information (as bkfs version)'))
     .showHelpAfterError('(run with --help for usage)')
     .configureOutput({ outputError: (s, write) => write(s) })
     .exitOverride();
   program.hook('preAction', (_program, action) => {
-    const o = action.optsWithGlobals<{ quiet?: boolean; verbose?: boolean; retryLock?: string }>();
+    const o = action.optsWithGlobals<{
+      quiet?: boolean;
+      verbose?: boolean;
+      retryLock?: string;
+      keyFile?: string;
+    }>();
+    setKeyProvider(cliKeyProvider(o.keyFile));
     if (o.quiet && o.verbose) throw new BkfsError('USAGE', '--quiet and --verbose exclude each other');
     setVerbosity(o.quiet ? 'quiet' : o.verbose ? 'verbose' : 'normal');
     if (o.retryLock !== undefined && parseDuration(o.retryLock) === undefined) {
@@ -71,6 +84,7 @@ export function buildProgram(): Command {
   registerWeb(program);
   registerMeta(program);
   registerRun(program);
+  registerKey(program);
   program.addHelpText(
     'after',
     `
@@ -90,7 +104,7 @@ Examples:
 }
 
 /** Global options that take a value (to find where the command name is in argv). */
-const GLOBAL_WITH_VALUE = new Set(['-r', '--repo', '--retry-lock']);
+const GLOBAL_WITH_VALUE = new Set(['-r', '--repo', '--retry-lock', '--key-file']);
 
 /**
  * `bkfs --version` / `bkfs -V` (before any command) runs `bkfs version`, so both print the same
@@ -116,6 +130,9 @@ export async function main(argv: string[]): Promise<void> {
     });
   }
   const program = buildProgram();
+  // A parent bkfs (mount daemon starter, job runner) may hand this process the keys it unlocked,
+  // through an inherited pipe (never argv or environment): read them before anything else.
+  acceptHandoff();
   try {
     await program.parseAsync([...argv.slice(0, 2), ...rewriteVersionFlag(argv.slice(2))]);
   } catch (raw) {

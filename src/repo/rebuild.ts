@@ -26,10 +26,13 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
-import { FORMAT_VERSION, SCHEMA } from '../index/schema';
+import { SCHEMA } from '../index/schema';
+import type { Cipher } from '../crypto/cipher';
+import { registerCipher, unlock } from '../crypto/keyring';
 import { pageSum, writeDiskSums, type PageSum, type SumExtent } from '../index/mapsum';
-import { decodeChunk, hashChunk } from '../store/codec';
+import { decodeStored, hashChunk } from '../store/codec';
 import {
+  PACK_FLAG_SEALED,
   PACK_HEADER_LEN,
   PACK_MAGIC,
   PACK_VERSION,
@@ -41,7 +44,8 @@ import { DB_FILE, DB_NEW_FILE, Repository, acquireWriterLock, crashPoint, loadCo
 import { activePins } from './pins';
 import {
   decodeManifest,
-  readManifestFile,
+  readManifestBytes,
+  storedConfig,
   finishForgetJournals,
   forgottenInJournals,
   fsyncDirSync,
@@ -106,6 +110,7 @@ function scanPack(
   packId: number,
   problems: string[],
   chunkSize: number,
+  sealed: boolean,
 ): ScannedChunk[] {
   const out: ScannedChunk[] = [];
   let fd: number;
@@ -126,6 +131,12 @@ function scanPack(
       problems.push(`pack ${name} has no valid pack header; skipped`);
       return out;
     }
+    if (((head.readUInt32BE(12) & PACK_FLAG_SEALED) !== 0) !== sealed) {
+      problems.push(
+        `pack ${name} is ${sealed ? 'not sealed in an encrypted' : 'sealed in a plain'} repository; skipped`,
+      );
+      return out;
+    }
     const rh = Buffer.alloc(RECORD_HEADER_LEN);
     let pos = PACK_HEADER_LEN;
     while (pos < size) {
@@ -136,7 +147,7 @@ function scanPack(
       }
       let h;
       try {
-        h = decodeRecordHeader(rh, chunkSize);
+        h = decodeRecordHeader(rh, chunkSize, sealed);
       } catch (e) {
         problems.push(
           `pack ${name} has a damaged record header at ${pos} (${(e as Error).message}); the rest of the pack is skipped`,
@@ -165,13 +176,13 @@ function scanPack(
   return out;
 }
 
-function chunkIsGood(repoDir: string, c: ScannedChunk, chunkSize: number): boolean {
+function chunkIsGood(repoDir: string, c: ScannedChunk, chunkSize: number, cipher: Cipher | null): boolean {
   try {
     const fd = fs.openSync(packPath(repoDir, c.packName), 'r');
     try {
       const buf = Buffer.alloc(c.storedLen);
       if (fs.readSync(fd, buf, 0, c.storedLen, c.offset) !== c.storedLen) return false;
-      decodeChunk(buf, c.codec, c.rawLen, c.hash, chunkSize);
+      decodeStored(cipher, buf, c.codec, c.rawLen, c.hash, chunkSize);
       return true;
     } finally {
       fs.closeSync(fd);
@@ -183,6 +194,9 @@ function chunkIsGood(repoDir: string, c: ScannedChunk, chunkSize: number): boole
 
 export async function rebuildIndex(dir: string, o: RebuildOptions = {}): Promise<RebuildReport> {
   const config = loadConfig(dir);
+  // Unlocked before anything is touched: a missing or wrong key leaves the repository as it is.
+  const cipher = config.encryption ? unlock(dir, config.id, config.encryption) : null;
+  registerCipher(dir, cipher);
   const lock = acquireWriterLock(dir, 'repair --rebuild-index');
   try {
     // The pins module only needs the directory.
@@ -193,7 +207,7 @@ export async function rebuildIndex(dir: string, o: RebuildOptions = {}): Promise
         `readers are using the repository (pid ${[...new Set(readers.map((r) => r.pid))].join(', ')}): stop them (unmount) first`,
       );
     }
-    return await build(dir, config.id, config.chunkSize, config.pageSpan, o);
+    return await build(dir, config.id, config.chunkSize, config.pageSpan, o, config.format, cipher);
   } finally {
     lock.release();
   }
@@ -205,6 +219,8 @@ async function build(
   chunkSize: number,
   pageSpan: number,
   o: RebuildOptions,
+  format: number,
+  cipher: Cipher | null,
 ): Promise<RebuildReport> {
   const rep: RebuildReport = {
     packs: 0,
@@ -232,7 +248,7 @@ async function build(
     db.pragma('journal_mode = MEMORY');
     db.pragma('synchronous = OFF');
     db.exec(SCHEMA);
-    db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('format', String(FORMAT_VERSION));
+    db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('format', String(format));
     db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('repo_id', repoId);
 
     // Packs -> packs and chunks.
@@ -249,7 +265,7 @@ async function build(
       const mtime = fs.statSync(p).mtimeMs;
       const packId = Number(insPack.run(f.name, f.size, Math.round(mtime)).lastInsertRowid);
       rep.packs++;
-      const scanned = scanPack(p, f.name, packId, rep.problems, chunkSize);
+      const scanned = scanPack(p, f.name, packId, rep.problems, chunkSize, cipher !== null);
       db.transaction(() => {
         for (const c of scanned) {
           const hex = c.hash.toString('hex');
@@ -276,7 +292,7 @@ async function build(
     );
     for (const [hex, cs] of copies) {
       if (cs.length < 2) continue;
-      const good = cs.find((c) => chunkIsGood(dir, c, chunkSize));
+      const good = cs.find((c) => chunkIsGood(dir, c, chunkSize, cipher));
       const c = good ?? cs[0]!;
       repoint.run(c.pack, c.offset, c.storedLen, c.rawLen, c.codec, good ? 0 : 1, chunkIds.get(hex)!);
     }
@@ -291,7 +307,7 @@ async function build(
         continue;
       }
       try {
-        const m = decodeManifest(readManifestFile(manifestPath(dir, uid)), `${uid}.json.zst`);
+        const m = decodeManifest(readManifestBytes(dir, uid), `${uid}.json.zst`);
         if (m.repo !== repoId) {
           rep.problems.push(`manifest ${uid} belongs to repository ${m.repo}; skipped`);
           continue;
@@ -366,7 +382,12 @@ async function build(
             c.protected ? 1 : 0,
             0,
           );
-          for (const cfg of m.configs) insCfg.run(c.id, cfg.name, Buffer.from(cfg.data, 'base64'));
+          for (const cfg of m.configs)
+            insCfg.run(
+              c.id,
+              cfg.name,
+              storedConfig(cipher, m.checkpoint.uid, cfg.name, Buffer.from(cfg.data, 'base64')),
+            );
           const idOfHash = (h: number): number => {
             const hex = m.hashes[h];
             if (hex === undefined) throw new Error(`hash index ${h} out of range`);
