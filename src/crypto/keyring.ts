@@ -207,6 +207,22 @@ export function keyHandoff(fd: number): {
   };
 }
 
+/**
+ * Unlock the repository at `dir` in this process if it is encrypted (so that `keyHandoff` has its
+ * key for a child); nothing for a plain one or one that is not there (the child reports that).
+ */
+export function unlockForChild(dir: string): void {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { loadConfig } = require('../repo/repository') as typeof import('../repo/repository');
+  let config;
+  try {
+    config = loadConfig(dir);
+  } catch {
+    return;
+  }
+  if (config.encryption) unlock(dir, config.id, config.encryption);
+}
+
 // ---- per-directory and per-index lookups ----
 
 const byDir = new Map<string, Cipher | null>();

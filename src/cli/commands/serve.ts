@@ -228,6 +228,7 @@ Examples:
           '3',
         ],
         logFile: serveLogPath(listen),
+        repoDir,
       });
       if (opts.json) {
         printJson(state);
