@@ -99,7 +99,10 @@ export function newPassphrase(file: string | undefined, what: string): Buffer | 
   return a;
 }
 
-export function keyFileFrom(opt: string | undefined, env: NodeJS.ProcessEnv = process.env): string | undefined {
+export function keyFileFrom(
+  opt: string | undefined,
+  env: NodeJS.ProcessEnv = process.env,
+): string | undefined {
   return opt ?? (env.BKFS_KEY_FILE || undefined);
 }
 

@@ -79,7 +79,8 @@ export function rememberedMaster(keyIdHex: string): Buffer | undefined {
 
 /** Check an `encryption` object of a config; REPO_CORRUPT when it is not one bkfs wrote. */
 export function checkEncryptionConfig(e: unknown, where: string): EncryptionConfig {
-  const bad = (why: string) => new BkfsError('REPO_CORRUPT', `${where}: encryption settings are damaged (${why})`);
+  const bad = (why: string) =>
+    new BkfsError('REPO_CORRUPT', `${where}: encryption settings are damaged (${why})`);
   if (typeof e !== 'object' || e === null) throw bad('not an object');
   const c = e as Partial<EncryptionConfig>;
   if (c.cipher !== 'xchacha20-poly1305') throw bad(`unknown cipher ${String(c.cipher)}`);
@@ -190,7 +191,7 @@ export function acceptHandoff(env: NodeJS.ProcessEnv = process.env): void {
  */
 export function keyHandoff(fd: number): {
   env: Record<string, string>;
-  send: (stdio: (unknown)[]) => void;
+  send: (stdio: unknown[]) => void;
   active: boolean;
 } {
   const payload = handoffPayload();

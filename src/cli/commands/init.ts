@@ -81,56 +81,63 @@ Examples:
   bkfs -r /srv/bkfs init --encrypt
   bkfs -r /srv/bkfs --key-file /root/bkfs.key init --encrypt`,
     )
-    .action(async (opts: { chunkSize: string; compressionLevel: string; json?: boolean; encrypt?: boolean }, cmd: Command) => {
-      const dir = repoPath(cmd);
-      const keyFileOpt = cmd.optsWithGlobals<{ keyFile?: string }>().keyFile;
-      if (!opts.encrypt && keyFileFrom(keyFileOpt, {}) !== undefined) {
-        throw new BkfsError('USAGE', '--key-file at init needs --encrypt');
-      }
-      if (othersCanRead(dir)) {
-        note(
-          `warning: ${dir} can be read by other local users (mode ${modeOf(dir)}); bkfs creates its files 0600, but others can list them: run 'chmod 700 ${dir}' so that only you can reach the repository`,
-        );
-      }
-      const chunkSize = parseIntOption('--chunk-size', opts.chunkSize);
-      const { Repository } = await import('../../repo/repository');
-      const enc = opts.encrypt ? newKeySlots(keyFileFrom(keyFileOpt)) : undefined;
-      const repo = Repository.init(dir, {
-        chunkSize,
-        compressionLevel: Number(opts.compressionLevel),
-        ...(enc ? { encryption: { master: enc.master, slots: enc.slots } } : {}),
-      });
-      const c = repo.config;
-      repo.close();
-      const paperKey = enc ? enc.paperKey : undefined;
-      if (enc) {
-        note(
-          'WARNING: this repository is encrypted. Without one of its passphrases or key files, or the paper key below, its data cannot be read by anyone, including you. Write the paper key down and keep it offline; it is not shown again.',
-        );
-      }
-      if (opts.json) {
-        printJson({
-          id: c.id,
-          path: path.resolve(dir),
-          format: c.format,
-          chunkSize: c.chunkSize,
-          pageSpan: c.pageSpan,
-          hash: c.hash,
-          compression: c.compression,
-          created: c.created,
-          encrypted: c.encryption !== undefined,
-          ...(c.encryption ? { keyId: c.encryption.keyId, slots: c.encryption.slots.map((k) => k.name) } : {}),
-          ...(paperKey ? { paperKey } : {}),
+    .action(
+      async (
+        opts: { chunkSize: string; compressionLevel: string; json?: boolean; encrypt?: boolean },
+        cmd: Command,
+      ) => {
+        const dir = repoPath(cmd);
+        const keyFileOpt = cmd.optsWithGlobals<{ keyFile?: string }>().keyFile;
+        if (!opts.encrypt && keyFileFrom(keyFileOpt, {}) !== undefined) {
+          throw new BkfsError('USAGE', '--key-file at init needs --encrypt');
+        }
+        if (othersCanRead(dir)) {
+          note(
+            `warning: ${dir} can be read by other local users (mode ${modeOf(dir)}); bkfs creates its files 0600, but others can list them: run 'chmod 700 ${dir}' so that only you can reach the repository`,
+          );
+        }
+        const chunkSize = parseIntOption('--chunk-size', opts.chunkSize);
+        const { Repository } = await import('../../repo/repository');
+        const enc = opts.encrypt ? newKeySlots(keyFileFrom(keyFileOpt)) : undefined;
+        const repo = Repository.init(dir, {
+          chunkSize,
+          compressionLevel: Number(opts.compressionLevel),
+          ...(enc ? { encryption: { master: enc.master, slots: enc.slots } } : {}),
         });
-        return;
-      }
-      out(`created bkfs repository ${c.id} at ${dir}${enc ? ' (encrypted)' : ''}`);
-      if (enc) {
-        out(`key slots: ${enc.slots.map((k) => `${k.name} (${k.kind})`).join(', ')}`);
-        out('paper key (the repository key itself; anyone holding it can read the backups):');
-        out(`  ${paperKey}`);
-      }
-    });
+        const c = repo.config;
+        repo.close();
+        const paperKey = enc ? enc.paperKey : undefined;
+        if (enc) {
+          note(
+            'WARNING: this repository is encrypted. Without one of its passphrases or key files, or the paper key below, its data cannot be read by anyone, including you. Write the paper key down and keep it offline; it is not shown again.',
+          );
+        }
+        if (opts.json) {
+          printJson({
+            id: c.id,
+            path: path.resolve(dir),
+            format: c.format,
+            chunkSize: c.chunkSize,
+            pageSpan: c.pageSpan,
+            hash: c.hash,
+            compression: c.compression,
+            created: c.created,
+            encrypted: c.encryption !== undefined,
+            ...(c.encryption
+              ? { keyId: c.encryption.keyId, slots: c.encryption.slots.map((k) => k.name) }
+              : {}),
+            ...(paperKey ? { paperKey } : {}),
+          });
+          return;
+        }
+        out(`created bkfs repository ${c.id} at ${dir}${enc ? ' (encrypted)' : ''}`);
+        if (enc) {
+          out(`key slots: ${enc.slots.map((k) => `${k.name} (${k.kind})`).join(', ')}`);
+          out('paper key (the repository key itself; anyone holding it can read the backups):');
+          out(`  ${paperKey}`);
+        }
+      },
+    );
 }
 
 function modeOf(dir: string): string {

@@ -68,7 +68,8 @@ function uniqueName(slots: KeySlot[], wanted: string | undefined, base: string):
     if (!/^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$/.test(wanted)) {
       throw new BkfsError('BAD_NAME', `key slot name '${wanted}' may hold letters, digits and . _ @ - only`);
     }
-    if (slots.some((s) => s.name === wanted)) throw new BkfsError('USAGE', `a key slot named '${wanted}' exists`);
+    if (slots.some((s) => s.name === wanted))
+      throw new BkfsError('USAGE', `a key slot named '${wanted}' exists`);
     return wanted;
   }
   for (let i = 1; ; i++) {
@@ -110,8 +111,14 @@ export function registerKey(program: Command): void {
     .command('add')
     .description('add a key slot: a new passphrase, or a key file (--new-key-file)')
     .option('--name <name>', 'slot name (default: passphrase, passphrase-2, ... or keyfile, ...)')
-    .option('--new-key-file <file>', 'the new slot opens with this key file (created, 64 random bytes, if missing)')
-    .option('--new-password-file <file>', 'the new passphrase is in this file (else BKFS_NEW_PASSWORD_FILE or asked)')
+    .option(
+      '--new-key-file <file>',
+      'the new slot opens with this key file (created, 64 random bytes, if missing)',
+    )
+    .option(
+      '--new-password-file <file>',
+      'the new passphrase is in this file (else BKFS_NEW_PASSWORD_FILE or asked)',
+    )
     .addHelpText(
       'after',
       `
@@ -123,26 +130,24 @@ Examples:
   bkfs --key-file /root/old.key key add --new-key-file /root/new.key
   BKFS_PAPER_KEY_FILE=paper.txt bkfs key add --new-password-file /root/pw`,
     )
-    .action(
-      async (opts: { name?: string; newKeyFile?: string; newPasswordFile?: string }, cmd: Command) => {
-        if (opts.newKeyFile && opts.newPasswordFile) {
-          throw new BkfsError('USAGE', '--new-key-file and --new-password-file exclude each other');
-        }
-        const { makeSlot } = await import('../../crypto/keys');
-        let added = '';
-        await changeSlots(cmd, 'key add', (slots, master) => {
-          const kind: KeySlot['kind'] = opts.newKeyFile ? 'keyfile' : 'passphrase';
-          const name = uniqueName(slots, opts.name, kind);
-          const secret = opts.newKeyFile
-            ? keyFileSecret(opts.newKeyFile).secret
-            : newPassphraseOrFail(opts.newPasswordFile);
-          slots.push(makeSlot(master, kind, secret, name));
-          added = `${name} (${kind})`;
-          return slots;
-        });
-        out(`added key slot ${added}`);
-      },
-    );
+    .action(async (opts: { name?: string; newKeyFile?: string; newPasswordFile?: string }, cmd: Command) => {
+      if (opts.newKeyFile && opts.newPasswordFile) {
+        throw new BkfsError('USAGE', '--new-key-file and --new-password-file exclude each other');
+      }
+      const { makeSlot } = await import('../../crypto/keys');
+      let added = '';
+      await changeSlots(cmd, 'key add', (slots, master) => {
+        const kind: KeySlot['kind'] = opts.newKeyFile ? 'keyfile' : 'passphrase';
+        const name = uniqueName(slots, opts.name, kind);
+        const secret = opts.newKeyFile
+          ? keyFileSecret(opts.newKeyFile).secret
+          : newPassphraseOrFail(opts.newPasswordFile);
+        slots.push(makeSlot(master, kind, secret, name));
+        added = `${name} (${kind})`;
+        return slots;
+      });
+      out(`added key slot ${added}`);
+    });
 
   key
     .command('remove')
@@ -163,7 +168,10 @@ Examples:
     .command('change-passphrase')
     .description('replace the passphrase of a passphrase slot')
     .option('--name <name>', 'the slot (default: the one the current passphrase opens, or the only one)')
-    .option('--new-password-file <file>', 'the new passphrase is in this file (else BKFS_NEW_PASSWORD_FILE or asked)')
+    .option(
+      '--new-password-file <file>',
+      'the new passphrase is in this file (else BKFS_NEW_PASSWORD_FILE or asked)',
+    )
     .action(async (opts: { name?: string; newPasswordFile?: string }, cmd: Command) => {
       const { makeSlot, openSlot } = await import('../../crypto/keys');
       const keyFile = cmd.optsWithGlobals<{ keyFile?: string }>().keyFile;
