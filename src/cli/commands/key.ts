@@ -81,7 +81,16 @@ function uniqueName(slots: KeySlot[], wanted: string | undefined, base: string):
 export function registerKey(program: Command): void {
   const key = program
     .command('key')
-    .description('key slots of an encrypted repository: list, add, remove, change-passphrase');
+    .description('key slots of an encrypted repository: list, add, remove, change-passphrase')
+    .addHelpText(
+      'after',
+      `
+Examples:
+  bkfs key list
+  BKFS_PASSWORD_FILE=/root/pw bkfs key add --name offsite --new-password-file /root/pw2
+  bkfs --key-file /root/bkfs.key key remove passphrase
+  bkfs key change-passphrase`,
+    );
 
   key
     .command('list')
