@@ -50,7 +50,6 @@ import {
   forgottenInJournals,
   fsyncDirSync,
   listManifestUids,
-  manifestPath,
   type Manifest,
 } from './manifest';
 import { PENDING_FILE, packFilesOnDisk, refreshCheckpointDamage } from './gc';

@@ -189,7 +189,12 @@ export class Repository {
       if (opts.encryption.slots.length === 0 || opts.encryption.slots.some((k) => k.keyId !== keyId)) {
         throw new BkfsError('USAGE', 'an encrypted repository needs at least one key slot of its key');
       }
-      encryption = { cipher: 'xchacha20-poly1305', idHash: 'blake3-keyed', keyId, slots: opts.encryption.slots };
+      encryption = {
+        cipher: 'xchacha20-poly1305',
+        idHash: 'blake3-keyed',
+        keyId,
+        slots: opts.encryption.slots,
+      };
       rememberMaster(opts.encryption.master);
     }
     const format = encryption ? ENCRYPTED_FORMAT_VERSION : PLAIN_FORMAT_VERSION;

@@ -71,7 +71,8 @@ export interface VersionInfo {
 }
 
 export async function versionInfo(repoDir?: string): Promise<VersionInfo> {
-  const { FORMAT_VERSION, PLAIN_FORMAT_VERSION, ENCRYPTED_FORMAT_VERSION } = await import('../../index/schema');
+  const { FORMAT_VERSION, PLAIN_FORMAT_VERSION, ENCRYPTED_FORMAT_VERSION } =
+    await import('../../index/schema');
   let repository: VersionInfo['repository'] = null;
   if (repoDir !== undefined) {
     try {
