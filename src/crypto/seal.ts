@@ -6,13 +6,13 @@
  *   sealed := version u8 (= 1) | kind u8 | keyId[8] | nonce[24] | ciphertext | tag[16]
  *   AAD    := "bkfs-seal-v1" | version | kind | keyId | context
  *
- * Why XChaCha20-Poly1305 and not AES-256-GCM from node:crypto: measured on the 2-core shared VM
- * this project runs on, interleaved in one process (`bench/crypt.ts`, micro figures), node's
- * AES-256-GCM (with AES-NI: it drops to ~20 MiB/s with AES-NI masked off) sealed 256 KiB records at
- * a median of 40-75 MiB/s with bursts near 1 GiB/s, libsodium's XChaCha20-Poly1305 at a steady
- * ~310 MiB/s median, i.e. about as fast as zstd level 1 compresses. Its 192-bit random nonces also
- * lift the ~2^32 objects-per-key limit of random 96-bit GCM nonces (NIST SP 800-38D), so one key
- * seals any number of chunks.
+ * Why XChaCha20-Poly1305 (libsodium) and not AES-256-GCM (node:crypto, with AES-NI): its
+ * 192-bit random nonces lift the ~2^32 objects-per-key limit of random 96-bit GCM nonces (NIST SP
+ * 800-38D), so one key seals any number of chunks without counters or rotation. Speed decided
+ * nothing: on the shared 2-core VM of this project both seal 256 KiB records at 40-300 MiB/s per
+ * core depending on the neighbours' load (`bench/crypt.ts` micro figures, interleaved rounds), in
+ * the range of zstd level 1, and the backup, restore and mount figures with and without
+ * encryption differ by less than run-to-run noise (bench/README.md, "crypt").
  *
  * `kind` says what the object is (chunk, manifest, config, index snapshot, pack trailer) and
  * `context` binds it to where it belongs (a chunk's id, a manifest's uid): a sealed object copied
