@@ -74,6 +74,10 @@ export type ErrorCode =
   | 'STORE_ACCESS'
   /** The object store cannot be reached or keeps failing (network, timeouts, HTTP 5xx after retries). */
   | 'STORE_UNAVAILABLE'
+  /** Encrypted repository: the passphrase or key file opens no key slot (or the paper key is wrong). */
+  | 'KEY_INVALID'
+  /** Encrypted repository: no passphrase source (BKFS_PASSWORD_FILE/_COMMAND, key file) and no terminal to ask on. */
+  | 'KEY_REQUIRED'
   /** A TLS connection (NBD over TLS) failed: certificate not trusted, wrong host name, no TLS offered. */
   | 'TLS_FAILED'
   /** The work was interrupted by a signal. */

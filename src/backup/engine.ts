@@ -346,8 +346,8 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
   repo.lockWriter(`backup ${opts.vm}`, { kind: 'backup' });
   const db = repo.db;
   let cpId: number | undefined;
-  const pool = new IngestPool(repo.config.compression.level, opts.workers);
-  const chunks = new ChunkWriter(db, repo.dir, undefined, repo.tmpSubdir);
+  const pool = new IngestPool(repo.config.compression.level, opts.workers, repo.cipher);
+  const chunks = new ChunkWriter(db, repo.dir, undefined, repo.tmpSubdir, repo.cipher !== null);
   const prepared: DiskPlan[] = [];
   try {
     const uid = opts.uid ?? newCheckpointUid();

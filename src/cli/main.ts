@@ -13,6 +13,8 @@ import { EXIT_CODES, EXIT_INTERNAL } from './exit-codes';
 import { note, setVerbosity, verbosity } from './context';
 import { parseDuration } from '../util/format';
 import { codedFsError } from '../util/userpath';
+import { acceptHandoff, setKeyProvider } from '../crypto/keyring';
+import { cliKeyProvider } from './keysource';
 
 /**
  * `-r s3://BUCKET/PREFIX` (or BKFS_REPO=s3://...): every command works on the bucket's local cache
@@ -109,6 +111,10 @@ export const COMMAND_MODULES: readonly { commands: readonly string[]; load: () =
     commands: ['copy'],
     load: () => (require('./commands/copy') as typeof import('./commands/copy')).registerCopy,
   },
+  {
+    commands: ['key'],
+    load: () => (require('./commands/key') as typeof import('./commands/key')).registerKey,
+  },
 ];
 
 /* eslint-enable @typescript-eslint/no-require-imports */
@@ -142,12 +148,22 @@ export function buildProgram(only?: string): Command {
       '--cache-size <size>',
       'for -r s3://...: bound of the on-disk chunk cache, e.g. 512M, 4G (default 2G)',
     )
+    .option(
+      '--key-file <file>',
+      'encrypted repositories: a key file that opens a key slot (also $BKFS_KEY_FILE; passphrases come from $BKFS_PASSWORD_FILE, $BKFS_PASSWORD_COMMAND or the terminal)',
+    )
     .addOption(new Option('-V, --version', 'print version information (as bkfs version)'))
     .showHelpAfterError('(run with --help for usage)')
     .configureOutput({ outputError: (s, write) => write(s) })
     .exitOverride();
   program.hook('preAction', async (_program, action) => {
-    const o = action.optsWithGlobals<{ quiet?: boolean; verbose?: boolean; retryLock?: string }>();
+    const o = action.optsWithGlobals<{
+      quiet?: boolean;
+      verbose?: boolean;
+      retryLock?: string;
+      keyFile?: string;
+    }>();
+    setKeyProvider(cliKeyProvider(o.keyFile));
     if (o.quiet && o.verbose) throw new BkfsError('USAGE', '--quiet and --verbose exclude each other');
     setVerbosity(o.quiet ? 'quiet' : o.verbose ? 'verbose' : 'normal');
     if (o.retryLock !== undefined && parseDuration(o.retryLock) === undefined) {
@@ -180,7 +196,7 @@ Examples:
 }
 
 /** Global options that take a value (to find where the command name is in argv). */
-const GLOBAL_WITH_VALUE = new Set(['-r', '--repo', '--retry-lock']);
+const GLOBAL_WITH_VALUE = new Set(['-r', '--repo', '--retry-lock', '--key-file']);
 
 /**
  * `bkfs --version` / `bkfs -V` (before any command) runs `bkfs version`, so both print the same
@@ -222,6 +238,9 @@ export async function main(argv: string[]): Promise<void> {
       throw e;
     });
   }
+  // A parent bkfs (mount daemon starter, job runner) may hand this process the keys it unlocked,
+  // through an inherited pipe (never argv or environment): read them before anything else.
+  acceptHandoff();
   const args = rewriteVersionFlag(argv.slice(2));
   const program = buildProgram(soleCommand(args));
   try {

@@ -145,14 +145,14 @@ export function openSlot(slot: KeySlot, secret: Buffer): Buffer | null {
   return master;
 }
 
-/** Open the first slot that `secret` opens; PERMISSION_DENIED when none does. */
+/** Open the first slot that `secret` opens; KEY_INVALID when none does. */
 export function openAnySlot(slots: KeySlot[], secret: Buffer): { master: Buffer; slot: KeySlot } {
   for (const slot of slots) {
     const master = openSlot(slot, secret);
     if (master) return { master, slot };
   }
   throw new BkfsError(
-    'PERMISSION_DENIED',
+    'KEY_INVALID',
     'wrong passphrase or key file: no key slot of this repository opens with it',
   );
 }

@@ -21,6 +21,7 @@
  * removes the directories it created, leaving DIR empty as it was.
  */
 import { spawn } from 'node:child_process';
+import { keyHandoff } from '../crypto/keyring';
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
@@ -123,10 +124,16 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 
 function runBkfs(bin: string, args: string[]): Promise<{ code: number; output: string }> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    // An encrypted repository unlocked here: the child gets its key through a pipe (fd 3).
+    const handoff = keyHandoff(3);
+    const child = spawn(process.execPath, [bin, ...args], {
+      stdio: ['ignore', 'pipe', 'pipe', handoff.active ? 'pipe' : 'ignore'],
+      env: { ...process.env, ...handoff.env },
+    });
+    handoff.send(child.stdio as unknown[]);
     let output = '';
-    child.stdout.on('data', (d: Buffer) => (output += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (output += d.toString()));
+    child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
+    child.stderr!.on('data', (d: Buffer) => (output += d.toString()));
     child.on('error', (e) => resolve({ code: 1, output: e.message }));
     child.on('close', (code) => resolve({ code: code ?? 1, output }));
   });

@@ -16,6 +16,7 @@
  * is the log file in background mode). Memory: the VFS's chunk cache (`cacheBytes`) plus pages.
  */
 import { spawn } from 'node:child_process';
+import { keyHandoff, unlockForChild } from '../crypto/keyring';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BkfsError, errorMessage, isBkfsError, type ErrorCode } from '../errors';
@@ -265,6 +266,12 @@ export interface StartOptions {
   logFile: string;
   /** Give up (and kill the child) after this long without an answer. */
   timeoutMs?: number;
+  /**
+   * The repository the daemon opens: when it is encrypted it is unlocked here first (a wrong or
+   * missing key fails here, before anything starts) and the key handed to the daemon through an
+   * inherited pipe (fd 4, `BKFS_KEY_FD`): never in its argv or environment, never on disk.
+   */
+  repoDir?: string;
 }
 
 /**
@@ -273,6 +280,8 @@ export interface StartOptions {
  */
 /** (Also used by `bkfs serve`, whose daemon reports its own info type `T`.) */
 export function startDaemon<T = MountedInfo>(o: StartOptions): Promise<T> {
+  if (o.repoDir !== undefined) unlockForChild(o.repoDir);
+  const handoff = keyHandoff(4);
   mkdirPrivateSync(path.dirname(o.logFile), { recursive: true });
   const logFd = openPrivateSync(o.logFile, 'a');
   let child;
@@ -280,11 +289,13 @@ export function startDaemon<T = MountedInfo>(o: StartOptions): Promise<T> {
     child = spawn(o.command, o.args, {
       detached: true,
       cwd: '/',
-      stdio: ['ignore', logFd, logFd, 'pipe'],
+      stdio: ['ignore', logFd, logFd, 'pipe', handoff.active ? 'pipe' : 'ignore'],
+      env: { ...process.env, ...handoff.env },
     });
   } finally {
     fs.closeSync(logFd);
   }
+  handoff.send(child.stdio as unknown[]);
   const pipe = child.stdio[3] as NodeJS.ReadableStream | null;
   return new Promise<T>((resolve, reject) => {
     let text = '';

@@ -187,12 +187,10 @@ export function describeCheckpoint(db: Database.Database, vm: string, cp: Checkp
 }
 
 export function getConfigs(db: Database.Database, checkpointId: number): { name: string; data: Buffer }[] {
-  return db
-    .prepare('SELECT name, data FROM configs WHERE checkpoint_id = ? ORDER BY name')
-    .all(checkpointId) as {
-    name: string;
-    data: Buffer;
-  }[];
+  // Loaded here: manifest.ts pulls in zstd and gc (start-up time of list/info).
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { readConfigs } = require('../repo/manifest') as typeof import('../repo/manifest');
+  return readConfigs(db, checkpointId);
 }
 
 /**

@@ -20,7 +20,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type Database from 'better-sqlite3';
 import type { Repository } from '../repo/repository';
-import { FORMAT_VERSION, SCHEMA_V2_TABLES, SCHEMA_V3_CHANGES } from './schema';
+import { PLAIN_FORMAT_VERSION, SCHEMA_V2_TABLES, SCHEMA_V3_CHANGES } from './schema';
 import { repoModes, writeFileDurable } from '../util/private-fs';
 import { pageSum, writeDiskSums, type PageSum, type SumExtent } from './mapsum';
 
@@ -135,9 +135,9 @@ export function migrateToV4(repo: Repository): boolean {
 
 /** Does this repository need a migration (index or config older than this bkfs writes)? */
 export function needsMigration(repo: Repository): boolean {
-  if (indexFormat(repo.db) < FORMAT_VERSION) return true;
+  if (indexFormat(repo.db) < PLAIN_FORMAT_VERSION) return true;
   const raw = JSON.parse(fs.readFileSync(path.join(repo.dir, 'bkfs-repo.json'), 'utf8')) as {
     format?: unknown;
   };
-  return typeof raw.format !== 'number' || raw.format < FORMAT_VERSION;
+  return typeof raw.format !== 'number' || raw.format < PLAIN_FORMAT_VERSION;
 }

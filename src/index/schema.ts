@@ -9,7 +9,15 @@
  * codec 2 (frames, `src/store/codec.ts`); no table changes: the first writer only renumbers (so
  * that an older bkfs, which cannot decode codec 2, refuses it).
  */
-export const FORMAT_VERSION = 4;
+/** The highest repository format this bkfs reads (and writes for encrypted repositories). */
+export const FORMAT_VERSION = 5;
+/**
+ * The format of plain (unencrypted) repositories: version 5 only adds encryption (FORMAT.md,
+ * "Encryption (format 5)"), so a plain repository stays at 4, migrations stop there, and an older
+ * bkfs keeps reading it. An encrypted repository is created at 5 and refused by older bkfs.
+ */
+export const PLAIN_FORMAT_VERSION = 4;
+export const ENCRYPTED_FORMAT_VERSION = 5;
 
 /** Tables added by format 2. */
 export const SCHEMA_V2_TABLES = `

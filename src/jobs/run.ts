@@ -11,6 +11,7 @@
  * write into one repository at once or take turns.
  */
 import { spawn } from 'node:child_process';
+import { keyHandoff } from '../crypto/keyring';
 import * as path from 'node:path';
 import * as readline from 'node:readline';
 import { BkfsError, errorMessage, type ErrorCode } from '../errors';
@@ -268,14 +269,17 @@ function runChild(
   onProgress: (done: number, total: number) => void = () => {},
 ): Promise<ChildOutcome> {
   return new Promise((resolve, reject) => {
+    // An encrypted repository unlocked here: its key goes to the child through a pipe (fd 3).
+    const handoff = keyHandoff(3);
     const child = spawn(process.execPath, [BKFS_BIN, ...args], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...env, BKFS_PROGRESS: 'json' },
+      stdio: ['ignore', 'pipe', 'pipe', handoff.active ? 'pipe' : 'ignore'],
+      env: { ...env, ...handoff.env, BKFS_PROGRESS: 'json' },
     });
+    handoff.send(child.stdio as unknown[]);
     let stdout = '';
     let lastError: string | null = null;
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    const rl = readline.createInterface({ input: child.stderr });
+    child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+    const rl = readline.createInterface({ input: child.stderr! });
     rl.on('line', (l) => {
       if (l.startsWith(PROGRESS_PREFIX)) {
         try {

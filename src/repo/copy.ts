@@ -61,10 +61,10 @@ import { CheckpointReader, type PageExtent } from '../chain/reader';
 import { ChunkLoader, type ChunkLocation } from '../store/chunk-cache';
 import { ChunkWriter, type ChunkStats } from '../store/chunk-writer';
 import { IngestPool } from '../store/ingest-pool';
-import { decodeChunk, type Codec } from '../store/codec';
+import { decodeStored, type Codec } from '../store/codec';
 import { pageSum, writeDiskSums, type PageSum } from '../index/mapsum';
 import { reserveIdsInTx } from '../index/ids';
-import { buildManifest, removeManifest, writeManifest } from './manifest';
+import { buildManifest, readConfigs, removeManifest, storedConfig, writeManifest } from './manifest';
 import { healDamagedChunks, refreshCheckpointDamage, rescueCandidates } from './gc';
 import { crashPoint, deleteCheckpointRows, type Repository } from './repository';
 import { pinCheckpoints } from './pins';
@@ -151,7 +151,9 @@ interface SourceCheckpoint {
  * stored records are never copied into a repository that cannot open them.
  */
 export function idScheme(repo: Repository): string {
-  return repo.config.hash;
+  // Encrypted repositories name chunks by a hash keyed with their own key (FORMAT.md,
+  // "Encryption"), and their stored records are sealed with it: only the same key matches.
+  return repo.cipher ? `keyed:${repo.cipher.keyIdHex}` : repo.config.hash;
 }
 
 function aborted(signal?: AbortSignal): void {
@@ -497,9 +499,8 @@ class CopyJob {
       cacheBytes: 16 << 20,
     });
     const srcDisks = reader.disks;
-    const configs = src.db
-      .prepare('SELECT name, data FROM configs WHERE checkpoint_id = ? ORDER BY name')
-      .all(s.row.id) as { name: string; data: Buffer }[];
+    // Plaintext here; sealed again for the destination (bound to the same uid) if it is encrypted.
+    const configs = readConfigs(src.db, s.row.id);
 
     // Extent origins: this checkpoint's own disks, disks of checkpoints the destination has, or
     // disks it does not have (dangling).
@@ -597,7 +598,7 @@ class CopyJob {
         const id = Number(ins.lastInsertRowid);
         if (chain === null) db.prepare('UPDATE checkpoints SET chain_id = ? WHERE id = ?').run(id, id);
         const insCfg = db.prepare('INSERT INTO configs (checkpoint_id, name, data) VALUES (?, ?, ?)');
-        for (const c of configs) insCfg.run(id, c.name, c.data);
+        for (const c of configs) insCfg.run(id, c.name, storedConfig(dst.cipher, s.row.uid, c.name, c.data));
         const insDisk = db.prepare(
           `INSERT INTO disks (checkpoint_id, name, virtual_size, source, format, bitmap, bytes_read, bytes_zero)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
@@ -620,7 +621,7 @@ class CopyJob {
       })
       .immediate();
 
-    const writer = new ChunkWriter(db, dst.dir, this.o.packTarget, dst.tmpSubdir);
+    const writer = new ChunkWriter(db, dst.dir, this.o.packTarget, dst.tmpSubdir, dst.cipher !== null);
     const chunkMap = new Map<string, DestChunk>();
     let present = 0;
     try {
@@ -756,7 +757,7 @@ class CopyJob {
         stored = await this.src.packs.read(loc.pack, loc.offset, loc.storedLen);
         this.bytesFromSource += stored.length;
         // Never pass on bytes that are not the chunk: decode and hash them first.
-        decodeChunk(stored, loc.codec, loc.rawLen, loc.hash, this.src.config.chunkSize);
+        decodeStored(this.src.cipher, stored, loc.codec, loc.rawLen, loc.hash, this.src.config.chunkSize);
       } catch (e) {
         throw damaged(e);
       }
@@ -765,7 +766,7 @@ class CopyJob {
     }
     // A chunk is read once: the loader's cache only has to hold the ones in flight.
     this.loader ??= new ChunkLoader(this.src.db, this.src.packs, 16 << 20);
-    this.pool ??= new IngestPool(this.dst.config.compression.level);
+    this.pool ??= new IngestPool(this.dst.config.compression.level, undefined, this.dst.cipher);
     let raw: Buffer;
     try {
       raw = await this.loader.load(loc.id, loc);

@@ -44,7 +44,7 @@ import { activePins } from './pins';
 import { liveSessions, sessionLive } from './sessions';
 import { BkfsError, isBkfsError } from '../errors';
 import { holdLease, packKey, remoteStore } from '../store/location';
-import { decodeChunk } from '../store/codec';
+import { decodeStored } from '../store/codec';
 import {
   PACK_HEADER_LEN,
   PACK_TARGET,
@@ -903,9 +903,9 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
           // Object storage: ranged GETs through the block cache.
           for (const r of rows) {
             try {
-              checkRecordLengths(r, repo.config.chunkSize);
+              checkRecordLengths(r, repo.config.chunkSize, repo.cipher !== null);
               const buf = await repo.packs.read(src.name, r.offset, r.storedLen);
-              decodeChunk(buf, r.codec, r.rawLen, r.hash, repo.config.chunkSize);
+              decodeStored(repo.cipher, buf, r.codec, r.rawLen, r.hash, repo.config.chunkSize);
               data.push(buf);
             } catch (e) {
               if (isBkfsError(e) && (e.code === 'STORE_UNAVAILABLE' || e.code === 'STORE_ACCESS')) throw e;
@@ -924,11 +924,11 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
           try {
             for (const r of rows) {
               try {
-                checkRecordLengths(r, repo.config.chunkSize);
+                checkRecordLengths(r, repo.config.chunkSize, repo.cipher !== null);
                 const buf = Buffer.allocUnsafe(r.storedLen);
                 const { bytesRead } = await fh.read(buf, 0, r.storedLen, r.offset);
                 if (bytesRead !== r.storedLen) throw new Error('truncated');
-                decodeChunk(buf, r.codec, r.rawLen, r.hash, repo.config.chunkSize);
+                decodeStored(repo.cipher, buf, r.codec, r.rawLen, r.hash, repo.config.chunkSize);
                 data.push(buf);
               } catch {
                 bad.push(r.id);
@@ -950,7 +950,7 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
         if (writer && group.length > 0 && writer.size + src.live - PACK_HEADER_LEN > PACK_TARGET) {
           await commitGroup();
         }
-        writer ??= await PackWriter.create(repo.dir, repo.tmpSubdir);
+        writer ??= await PackWriter.create(repo.dir, repo.tmpSubdir, repo.cipher !== null);
         src.movedIds = [];
         for (let i = 0; i < rows.length; i++) {
           const r = rows[i]!;

@@ -35,7 +35,9 @@ import * as zstd from 'zstd-napi/binding';
 import { BkfsError } from '../errors';
 import type { CheckpointRow } from '../index/catalog';
 import type { Repository } from './repository';
-import { crashPoint } from './repository';
+import { crashPoint, loadConfig } from './repository';
+import type { Cipher } from '../crypto/cipher';
+import { cipherOfDb, registerCipher, registeredCipher, unlock } from '../crypto/keyring';
 import { healDamagedChunks, rescueCandidates } from './gc';
 import { holdLease, manifestKey, remoteStore } from '../store/location';
 import { fsyncDirSync, mkdirPrivateSync, repoModes, writeFileDurable } from '../util/private-fs';
@@ -169,12 +171,7 @@ export function buildManifest(
     const r = refStmt.get(id) as { id: number; uid: string; name: string } | undefined;
     return r ? { id, uid: r.uid, name: r.name } : { id, uid: null, name: null };
   };
-  const configs =
-    o.configs ??
-    (db.prepare('SELECT name, data FROM configs WHERE checkpoint_id = ? ORDER BY name').all(cpId) as {
-      name: string;
-      data: Buffer;
-    }[]);
+  const configs = o.configs ?? readConfigs(db, cpId);
   const hashes: string[] = [];
   const hashIdx = new Map<string, number>();
   const origins: Manifest['origins'] = [];
@@ -471,7 +468,47 @@ export function manifestProblem(m: Manifest): string | null {
 
 export function readManifest(repoDir: string, uid: string): Manifest {
   const p = manifestPath(repoDir, uid);
-  return decodeManifest(readManifestFile(p), p);
+  return decodeManifest(readManifestBytes(repoDir, uid), p);
+}
+
+/**
+ * The cipher of the repository at `repoDir` for its manifests: the one its open Repository
+ * registered, else unlocked from its config (null for a plain repository).
+ */
+export function manifestCipher(repoDir: string): Cipher | null {
+  const known = registeredCipher(repoDir);
+  if (known !== undefined) return known;
+  const config = loadConfig(repoDir);
+  const c = config.encryption ? unlock(repoDir, config.id, config.encryption) : null;
+  registerCipher(repoDir, c);
+  return c;
+}
+
+/** A manifest's zstd bytes: the file, opened in an encrypted repository (REPO_CORRUPT if it fails). */
+export function readManifestBytes(repoDir: string, uid: string): Buffer {
+  const data = readManifestFile(manifestPath(repoDir, uid));
+  const c = manifestCipher(repoDir);
+  return c ? c.openManifest(uid, data) : data;
+}
+
+/**
+ * The configurations saved with a checkpoint (domain XML), as plaintext: in an encrypted
+ * repository the index holds them sealed (bound to the checkpoint's uid and the config's name).
+ */
+export function readConfigs(db: Database.Database, cpId: number): { name: string; data: Buffer }[] {
+  const rows = db
+    .prepare(
+      `SELECT f.name AS name, f.data AS data, c.uid AS uid FROM configs f
+         JOIN checkpoints c ON c.id = f.checkpoint_id WHERE f.checkpoint_id = ? ORDER BY f.name`,
+    )
+    .all(cpId) as { name: string; data: Buffer; uid: string }[];
+  const c = cipherOfDb(db);
+  return rows.map((r) => ({ name: r.name, data: c ? c.openConfig(r.uid, r.name, r.data) : r.data }));
+}
+
+/** A configuration as the index stores it: sealed in an encrypted repository. */
+export function storedConfig(cipher: Cipher | null, uid: string, name: string, data: Buffer): Buffer {
+  return cipher ? cipher.sealConfig(uid, name, data) : data;
 }
 
 /** A manifest file's bytes, refusing one larger than MAX_MANIFEST_FILE (REPO_CORRUPT). */
@@ -488,7 +525,12 @@ export function readManifestFile(p: string): Buffer {
 
 export function writeManifest(repoDir: string, m: Manifest): void {
   mkdirPrivateSync(manifestDir(repoDir), { recursive: true, mode: repoModes(repoDir).dir });
-  writeManifestDurable(manifestPath(repoDir, m.checkpoint.uid), encodeManifest(m));
+  const c = manifestCipher(repoDir);
+  const data = encodeManifest(m);
+  writeManifestDurable(
+    manifestPath(repoDir, m.checkpoint.uid),
+    c ? c.sealManifest(m.checkpoint.uid, data) : data,
+  );
   noteManifestChange(repoDir, m.checkpoint.uid);
 }
 
@@ -586,7 +628,8 @@ export function commitCheckpoint(repo: Repository, cpId: number, info: CommitInf
         );
       }
       const insCfg = db.prepare('INSERT INTO configs (checkpoint_id, name, data) VALUES (?, ?, ?)');
-      for (const c of info.configs) insCfg.run(cpId, c.name, c.data);
+      for (const c of info.configs)
+        insCfg.run(cpId, c.name, storedConfig(repo.cipher, m.checkpoint.uid, c.name, c.data));
       db.prepare(
         `UPDATE checkpoints SET state = 'complete', finished = ?, bytes_read = ?, bytes_new_raw = ?,
                 bytes_new_stored = ?, chunks_new = ? WHERE id = ?`,

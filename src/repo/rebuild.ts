@@ -26,10 +26,13 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
-import { FORMAT_VERSION, SCHEMA } from '../index/schema';
+import { SCHEMA } from '../index/schema';
+import type { Cipher } from '../crypto/cipher';
+import { registerCipher, unlock } from '../crypto/keyring';
 import { pageSum, writeDiskSums, type PageSum, type SumExtent } from '../index/mapsum';
-import { decodeChunk, hashChunk } from '../store/codec';
+import { decodeStored, hashChunk } from '../store/codec';
 import {
+  PACK_FLAG_SEALED,
   PACK_HEADER_LEN,
   PACK_MAGIC,
   PACK_VERSION,
@@ -47,7 +50,8 @@ import { DB_FILE, DB_NEW_FILE, Repository, acquireWriterLock, crashPoint, loadCo
 import { activePins } from './pins';
 import {
   decodeManifest,
-  readManifestFile,
+  readManifestBytes,
+  storedConfig,
   finishForgetJournals,
   forgottenInJournals,
   fsyncDirSync,
@@ -114,6 +118,7 @@ function scanPack(
   packId: number,
   problems: string[],
   chunkSize: number,
+  sealed: boolean,
 ): ScannedChunk[] {
   const out: ScannedChunk[] = [];
   let fd: number;
@@ -134,6 +139,12 @@ function scanPack(
       problems.push(`pack ${name} has no valid pack header; skipped`);
       return out;
     }
+    if (((head.readUInt32BE(12) & PACK_FLAG_SEALED) !== 0) !== sealed) {
+      problems.push(
+        `pack ${name} is ${sealed ? 'not sealed in an encrypted' : 'sealed in a plain'} repository; skipped`,
+      );
+      return out;
+    }
     if (head.readUInt32BE(8) === PACK_VERSION_TRAILER) {
       // The records end where the trailer starts; a damaged trailer: scan up to the damage.
       const foot = Buffer.alloc(Math.min(size, TRAILER_FOOTER_LEN));
@@ -151,7 +162,7 @@ function scanPack(
       }
       let h;
       try {
-        h = decodeRecordHeader(rh, chunkSize);
+        h = decodeRecordHeader(rh, chunkSize, sealed);
       } catch (e) {
         problems.push(
           `pack ${name} has a damaged record header at ${pos} (${(e as Error).message}); the rest of the pack is skipped`,
@@ -194,6 +205,7 @@ async function scanRemotePack(
   problems: string[],
   chunkSize: number,
   stats: { tailReads: number; wholeReads: number },
+  sealed: boolean,
 ): Promise<ScannedChunk[]> {
   const key = packKey(name);
   if (size >= PACK_HEADER_LEN + TRAILER_FOOTER_LEN) {
@@ -223,16 +235,21 @@ async function scanRemotePack(
   const file = path.join(tmpDir, `${name}.pack.download`);
   fs.writeFileSync(file, await store.get(key), { mode: 0o600 });
   try {
-    return scanPack(file, name, packId, problems, chunkSize);
+    return scanPack(file, name, packId, problems, chunkSize, sealed);
   } finally {
     fs.rmSync(file, { force: true });
   }
 }
 
-async function remoteChunkIsGood(store: ObjectStore, c: ScannedChunk, chunkSize: number): Promise<boolean> {
+async function remoteChunkIsGood(
+  store: ObjectStore,
+  c: ScannedChunk,
+  chunkSize: number,
+  cipher: Cipher | null,
+): Promise<boolean> {
   try {
     const buf = await store.getRange(packKey(c.packName), c.offset, c.storedLen);
-    decodeChunk(buf, c.codec, c.rawLen, c.hash, chunkSize);
+    decodeStored(cipher, buf, c.codec, c.rawLen, c.hash, chunkSize);
     return true;
   } catch {
     return false;
@@ -257,13 +274,13 @@ async function fetchManifests(store: ObjectStore, dir: string): Promise<void> {
   fsyncDirSync(mdir);
 }
 
-function chunkIsGood(repoDir: string, c: ScannedChunk, chunkSize: number): boolean {
+function chunkIsGood(repoDir: string, c: ScannedChunk, chunkSize: number, cipher: Cipher | null): boolean {
   try {
     const fd = fs.openSync(packPath(repoDir, c.packName), 'r');
     try {
       const buf = Buffer.alloc(c.storedLen);
       if (fs.readSync(fd, buf, 0, c.storedLen, c.offset) !== c.storedLen) return false;
-      decodeChunk(buf, c.codec, c.rawLen, c.hash, chunkSize);
+      decodeStored(cipher, buf, c.codec, c.rawLen, c.hash, chunkSize);
       return true;
     } finally {
       fs.closeSync(fd);
@@ -275,6 +292,9 @@ function chunkIsGood(repoDir: string, c: ScannedChunk, chunkSize: number): boole
 
 export async function rebuildIndex(dir: string, o: RebuildOptions = {}): Promise<RebuildReport> {
   const config = loadConfig(dir);
+  // Unlocked before anything is touched: a missing or wrong key leaves the repository as it is.
+  const cipher = config.encryption ? unlock(dir, config.id, config.encryption) : null;
+  registerCipher(dir, cipher);
   const lock = acquireWriterLock(dir, 'repair --rebuild-index');
   try {
     // The pins module only needs the directory.
@@ -285,7 +305,7 @@ export async function rebuildIndex(dir: string, o: RebuildOptions = {}): Promise
         `readers are using the repository (pid ${[...new Set(readers.map((r) => r.pid))].join(', ')}): stop them (unmount) first`,
       );
     }
-    return await build(dir, config.id, config.chunkSize, config.pageSpan, o);
+    return await build(dir, config.id, config.chunkSize, config.pageSpan, o, config.format, cipher);
   } finally {
     lock.release();
   }
@@ -297,6 +317,8 @@ async function build(
   chunkSize: number,
   pageSpan: number,
   o: RebuildOptions,
+  format: number,
+  cipher: Cipher | null,
 ): Promise<RebuildReport> {
   const rep: RebuildReport = {
     packs: 0,
@@ -325,7 +347,7 @@ async function build(
     db.pragma('journal_mode = MEMORY');
     db.pragma('synchronous = OFF');
     db.exec(SCHEMA);
-    db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('format', String(FORMAT_VERSION));
+    db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('format', String(format));
     db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('repo_id', repoId);
 
     // Packs -> packs and chunks (object storage: the bucket's manifests first, see fetchManifests).
@@ -354,8 +376,9 @@ async function build(
             rep.problems,
             chunkSize,
             rep.remoteReads,
+            cipher !== null,
           )
-        : scanPack(p, f.name, packId, rep.problems, chunkSize);
+        : scanPack(p, f.name, packId, rep.problems, chunkSize, cipher !== null);
       db.transaction(() => {
         for (const c of scanned) {
           const hex = c.hash.toString('hex');
@@ -384,7 +407,11 @@ async function build(
       if (cs.length < 2) continue;
       let good: ScannedChunk | undefined;
       for (const c of cs) {
-        if (remote ? await remoteChunkIsGood(remote, c, chunkSize) : chunkIsGood(dir, c, chunkSize)) {
+        if (
+          remote
+            ? await remoteChunkIsGood(remote, c, chunkSize, cipher)
+            : chunkIsGood(dir, c, chunkSize, cipher)
+        ) {
           good = c;
           break;
         }
@@ -403,7 +430,7 @@ async function build(
         continue;
       }
       try {
-        const m = decodeManifest(readManifestFile(manifestPath(dir, uid)), `${uid}.json.zst`);
+        const m = decodeManifest(readManifestBytes(dir, uid), `${uid}.json.zst`);
         if (m.repo !== repoId) {
           rep.problems.push(`manifest ${uid} belongs to repository ${m.repo}; skipped`);
           continue;
@@ -478,7 +505,12 @@ async function build(
             c.protected ? 1 : 0,
             0,
           );
-          for (const cfg of m.configs) insCfg.run(c.id, cfg.name, Buffer.from(cfg.data, 'base64'));
+          for (const cfg of m.configs)
+            insCfg.run(
+              c.id,
+              cfg.name,
+              storedConfig(cipher, m.checkpoint.uid, cfg.name, Buffer.from(cfg.data, 'base64')),
+            );
           const idOfHash = (h: number): number => {
             const hex = m.hashes[h];
             if (hex === undefined) throw new Error(`hash index ${h} out of range`);

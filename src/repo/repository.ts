@@ -26,7 +26,17 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
-import { FORMAT_VERSION, SCHEMA } from '../index/schema';
+import { ENCRYPTED_FORMAT_VERSION, FORMAT_VERSION, PLAIN_FORMAT_VERSION, SCHEMA } from '../index/schema';
+import type { Cipher } from '../crypto/cipher';
+import type { KeySlot } from '../crypto/keys';
+import {
+  checkEncryptionConfig,
+  registerCipher,
+  registerDbCipher,
+  rememberMaster,
+  unlock,
+  type EncryptionConfig,
+} from '../crypto/keyring';
 import { PackReader } from '../store/packs';
 import {
   CHUNK_CACHE_DIR,
@@ -104,12 +114,16 @@ export interface RepoConfig {
   hash: 'blake3';
   compression: { codec: 'zstd'; level: number };
   created: string;
+  /** Format 5: the repository is encrypted (FORMAT.md, "Encryption (format 5)"). */
+  encryption?: EncryptionConfig;
 }
 
 export interface InitOptions {
   chunkSize?: number;
   pageCells?: number;
   compressionLevel?: number;
+  /** Create an encrypted repository (format 5) with this master secret, wrapped in these slots. */
+  encryption?: { master: Buffer; slots: KeySlot[] };
 }
 
 export { defaultRepoPath } from './default-path';
@@ -140,6 +154,8 @@ export class Repository {
     /** False when this process cannot write the repository: no pins, no healing, no writer. */
     readonly writable = true,
     private readonly snapshotDir: string | null = null,
+    /** The repository's cipher (null: a plain repository). Keys in memory only. */
+    readonly cipher: Cipher | null = null,
   ) {
     const remote = remoteStore(dir);
     retainStore(dir);
@@ -154,11 +170,18 @@ export class Repository {
           })
         : undefined,
     );
+    this.packs.cipher = cipher;
+    registerDbCipher(db, cipher);
+    registerCipher(dir, cipher);
   }
 
   /** The bucket of a repository on object storage (this directory is its cache), or null. */
   get remote(): import('../store/objstore').ObjectStore | null {
     return remoteStore(this.dir);
+  }
+
+  get encrypted(): boolean {
+    return this.cipher !== null;
   }
 
   static init(dir: string, opts: InitOptions = {}): Repository {
@@ -186,22 +209,39 @@ export class Repository {
       for (const sub of ['packs', 'tmp', 'manifests'])
         mkdirPrivateSync(path.join(dir, sub), { mode: modes.dir });
     });
+    let encryption: EncryptionConfig | undefined;
+    if (opts.encryption) {
+      const { deriveKeys } = require('../crypto/keys') as typeof import('../crypto/keys'); // eslint-disable-line @typescript-eslint/no-require-imports
+      const keyId = deriveKeys(opts.encryption.master).keyId.toString('hex');
+      if (opts.encryption.slots.length === 0 || opts.encryption.slots.some((k) => k.keyId !== keyId)) {
+        throw new BkfsError('USAGE', 'an encrypted repository needs at least one key slot of its key');
+      }
+      encryption = {
+        cipher: 'xchacha20-poly1305',
+        idHash: 'blake3-keyed',
+        keyId,
+        slots: opts.encryption.slots,
+      };
+      rememberMaster(opts.encryption.master);
+    }
+    const format = encryption ? ENCRYPTED_FORMAT_VERSION : PLAIN_FORMAT_VERSION;
     const config: RepoConfig = {
       magic: REPO_MAGIC,
-      format: FORMAT_VERSION,
+      format,
       id: randomBytes(8).toString('hex'),
       chunkSize,
       pageSpan: chunkSize * pageCells,
       hash: 'blake3',
       compression: { codec: 'zstd', level: opts.compressionLevel ?? 1 },
       created: new Date().toISOString(),
+      ...(encryption ? { encryption } : {}),
     };
     precreateDbFile(path.join(dir, DB_FILE), modes.file);
     const db = new Database(path.join(dir, DB_FILE));
     db.pragma('journal_mode = WAL');
     db.pragma('synchronous = FULL');
     db.exec(SCHEMA);
-    db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('format', String(FORMAT_VERSION));
+    db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('format', String(format));
     db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('repo_id', config.id);
     db.close();
     // The config file is written last, durably: a directory without it is not a repository, and
@@ -249,11 +289,13 @@ export class Repository {
 
   static open(dir: string, opts: OpenOptions = {}): Repository {
     const config = loadConfig(dir);
+    // Unlocked before the index is opened: a missing or wrong key changes nothing.
+    const cipher = config.encryption ? unlock(dir, config.id, config.encryption) : null;
     const dbPath = path.join(dir, DB_FILE);
     if (opts.readOnly) {
       const ro = openIndexReadOnly(dir);
       checkIndexVersion(ro.db, dir);
-      return new Repository(dir, config, ro.db, ro.writable, ro.snapshotDir);
+      return new Repository(dir, config, ro.db, ro.writable, ro.snapshotDir, cipher);
     }
     if (!fs.existsSync(dbPath) && fs.existsSync(path.join(dir, DB_NEW_FILE))) {
       // An index rebuild was interrupted right after moving the old index aside: finish it.
@@ -282,7 +324,7 @@ export class Repository {
     // against power loss (FORMAT.md, "Durability"; the cost is measured in bench/durable.ts).
     db.pragma('synchronous = FULL');
     checkIndexVersion(db, dir);
-    return new Repository(dir, config, db);
+    return new Repository(dir, config, db, true, null, cipher);
   }
 
   get lockPath(): string {
@@ -575,6 +617,18 @@ export function deleteCheckpointRows(db: Database.Database, checkpointId: number
   db.prepare('DELETE FROM checkpoints WHERE id = ?').run(checkpointId);
 }
 
+/**
+ * Rewrite `bkfs-repo.json` (key slots changed): temp file, fsync, rename, fsync dir. Only the
+ * `encryption.slots` of a format-5 repository change this way (FORMAT.md, "Encryption").
+ */
+export function writeConfig(dir: string, config: RepoConfig): void {
+  writeFileDurable(
+    path.join(dir, CONFIG_FILE),
+    Buffer.from(JSON.stringify(config, null, 2) + '\n'),
+    repoModes(dir).file,
+  );
+}
+
 /** Read and check `bkfs-repo.json` (without opening the index). */
 export function loadConfig(dir: string): RepoConfig {
   const cfgPath = path.join(dir, CONFIG_FILE);
@@ -600,6 +654,12 @@ export function loadConfig(dir: string): RepoConfig {
       'REPO_VERSION',
       `repository ${dir} has format ${String(config.format)}; this bkfs reads format ${FORMAT_VERSION} (upgrade bkfs)`,
     );
+  }
+  if (config.format >= ENCRYPTED_FORMAT_VERSION || config.encryption !== undefined) {
+    if (config.format < ENCRYPTED_FORMAT_VERSION) {
+      throw new BkfsError('REPO_CORRUPT', `${cfgPath} has encryption settings but format ${config.format}`);
+    }
+    config.encryption = checkEncryptionConfig(config.encryption, cfgPath);
   }
   return config;
 }

@@ -58,6 +58,8 @@ export interface RepoStats {
     indexedStoredBytes: number;
     /** Pack bytes that gc can free (dead chunks, and space of chunks already dropped). */
     reclaimableBytes: number;
+    /** Format 5: is everything stored sealed, with which cipher and key. */
+    encryption: { encrypted: boolean; cipher?: string; keyId?: string; slots?: number };
   };
   vms: VmStats[];
   checkpoints: CheckpointStats[];
@@ -237,6 +239,14 @@ export function repositoryStats(repo: Repository, vmName?: string): RepoStats {
       packBytes,
       indexedStoredBytes: indexedStored,
       reclaimableBytes: Math.max(0, packBytes - liveBytes - files.length * PACK_HEADER_LEN),
+      encryption: repo.config.encryption
+        ? {
+            encrypted: true,
+            cipher: repo.config.encryption.cipher,
+            keyId: repo.config.encryption.keyId,
+            slots: repo.config.encryption.slots.length,
+          }
+        : { encrypted: false },
     },
     vms: vmStats,
     checkpoints,

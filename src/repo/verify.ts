@@ -26,7 +26,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { Repository } from './repository';
 import { isBkfsError } from '../errors';
-import { decodeChunk } from '../store/codec';
+import { decodeStored } from '../store/codec';
 import { packPath } from '../store/packs';
 import { packKey } from '../store/location';
 import { getCheckpoint, getVm, listCheckpoints, listVms, type CheckpointRow } from '../index/catalog';
@@ -222,7 +222,7 @@ async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<Verif
     if (loc.offset + loc.storedLen > size) return `pack ${loc.pack} is truncated`;
     try {
       const stored = await repo.packs.read(loc.pack, loc.offset, loc.storedLen);
-      decodeChunk(stored, loc.codec, loc.rawLen, loc.hash, repo.config.chunkSize);
+      decodeStored(repo.cipher, stored, loc.codec, loc.rawLen, loc.hash, repo.config.chunkSize);
       bytesChecked += loc.storedLen;
       return undefined;
     } catch (e) {

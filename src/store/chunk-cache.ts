@@ -17,11 +17,16 @@
  * decoded-frame cache keyed by (chunk, frame): a random 4 KiB read decodes and hashes 32 KiB instead
  * of 256 KiB. Everything else loads the whole chunk (from the stored-bytes cache when it is there).
  * Memory: `cacheBytes` in all, half for whole chunks, a quarter each for stored bytes and frames.
+ *
+ * Encrypted repositories (`packs.cipher` set): a record's stored bytes are opened (authenticated
+ * and decrypted, bound to the chunk id) right after they are read, and the stored-bytes cache keeps
+ * the opened bytes, so the frame path above works unchanged (one open per chunk read from disk,
+ * then any number of frame decodes); a whole chunk is checked against its keyed-BLAKE3 id.
  */
 import { LRUCache } from 'lru-cache';
 import type Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
-import { CODEC_FRAMES, decodeChunk, decodeFrame, parseFrameTable, type FrameTable } from './codec';
+import { CODEC_FRAMES, decodeChunk, decodeFrame, hashChunk, parseFrameTable, type FrameTable } from './codec';
 import type { PackReader } from './packs';
 
 export interface ChunkLocation {
@@ -126,7 +131,7 @@ export class ChunkLoader {
     if (hit) return;
     const entry = this.stored.get(id) ?? { data };
     try {
-      entry.table ??= parseFrameTable(data, loc.rawLen, loc.storedLen, loc.hash);
+      entry.table ??= parseFrameTable(data, loc.rawLen, data.length, loc.hash);
       const t = entry.table;
       const size = 1 << t.shift;
       for (let i = Math.floor(from / size); i <= Math.floor((to - 1) / size); i++) {
@@ -179,14 +184,26 @@ export class ChunkLoader {
     if (running) return running;
     const p = this.packs
       .read(loc.pack, loc.offset, loc.storedLen)
-      .then((data) => {
+      .then((read) => {
         this.bytesFromStore += loc.storedLen;
+        let data: Buffer;
+        try {
+          data = this.opened(loc, read);
+        } catch (e) {
+          throw this.damage(id, loc, e);
+        }
         this.stored.set(id, { data });
         return data;
       })
       .finally(() => this.storedInflight.delete(id));
     this.storedInflight.set(id, p);
     return p;
+  }
+
+  /** A record's stored bytes as the codec wrote them: opened in an encrypted repository. */
+  private opened(loc: ChunkLocation, read: Buffer): Buffer {
+    const c = this.packs.cipher;
+    return c ? c.openChunk(loc.hash, read) : read;
   }
 
   private damage(id: number, loc: ChunkLocation, e: unknown): BkfsError {
@@ -201,11 +218,20 @@ export class ChunkLoader {
   private async fetch(id: number, given?: ChunkLocation): Promise<Buffer> {
     const loc = given ?? this.location(id);
     const cached = this.stored.get(id)?.data ?? (await this.storedInflight.get(id));
-    const stored = cached ?? (await this.packs.read(loc.pack, loc.offset, loc.storedLen));
+    const read = cached ? undefined : await this.packs.read(loc.pack, loc.offset, loc.storedLen);
     if (!cached) this.bytesFromStore += loc.storedLen;
+    const c = this.packs.cipher;
     let raw: Buffer;
     try {
-      raw = decodeChunk(stored, loc.codec, loc.rawLen, loc.hash);
+      const stored = cached ?? this.opened(loc, read!);
+      raw = decodeChunk(
+        stored,
+        loc.codec,
+        loc.rawLen,
+        loc.hash,
+        undefined,
+        c ? (b) => c.chunkHash(b) : hashChunk,
+      );
     } catch (e) {
       this.stored.delete(id);
       throw new BkfsError(

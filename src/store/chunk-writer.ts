@@ -62,6 +62,8 @@ export class ChunkWriter {
     private readonly packTarget = PACK_TARGET,
     /** The writer's own temp directory (relative to the repository), `tmp/<session>`. */
     private readonly tmpSubdir = 'tmp',
+    /** Encrypted repository: `put()` gets sealed stored bytes, packs are flagged sealed. */
+    private readonly sealed = false,
   ) {
     this.ids = new IdBlock(db, 'chunk', 4096);
     // Never a deletion candidate (FORMAT.md, "Concurrent writers"): gc may delete it once every
@@ -98,7 +100,7 @@ export class ChunkWriter {
       this.stats.dedupBytes += rawLen;
       return { id: known, written: null };
     }
-    this.pack ??= await PackWriter.create(this.repoDir, this.tmpSubdir);
+    this.pack ??= await PackWriter.create(this.repoDir, this.tmpSubdir, this.sealed);
     const id = this.ids.take();
     const written = this.pack.append({ codec, rawLen, storedLen: stored.length, hash }, stored);
     written.catch(() => undefined); // observed by the caller of put(), and by seal()

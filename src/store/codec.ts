@@ -342,6 +342,7 @@ export function decodeChunk(
   rawLen: number,
   expectedHash?: Buffer,
   maxRawLen = MAX_CHUNK_LEN,
+  hashFn: (b: Buffer) => Buffer = hashChunk,
 ): Buffer {
   if (!Number.isSafeInteger(rawLen) || rawLen < 0 || rawLen > Math.min(maxRawLen, MAX_CHUNK_LEN)) {
     throw new BkfsError('DATA_DAMAGED', `chunk claims ${rawLen} bytes, more than a chunk can hold`);
@@ -359,10 +360,34 @@ export function decodeChunk(
   if (raw.length !== rawLen) {
     throw new BkfsError('DATA_DAMAGED', `chunk decodes to ${raw.length} bytes, expected ${rawLen}`);
   }
-  if (expectedHash && !hashChunk(raw).equals(expectedHash)) {
+  if (expectedHash && !hashFn(raw).equals(expectedHash)) {
     throw new BkfsError('DATA_DAMAGED', 'chunk hash mismatch');
   }
   return raw;
+}
+
+/** What `decodeStored` needs of a repository's cipher (`src/crypto/cipher.ts`). */
+export interface ChunkOpener {
+  openChunk(id: Buffer, sealed: Buffer): Buffer;
+  chunkHash(plain: Buffer): Buffer;
+}
+
+/**
+ * A record's stored bytes as read from a pack, to the checked raw chunk: in an encrypted
+ * repository (`cipher` given) the seal is opened first (bound to the chunk id: a changed or moved
+ * record is DATA_DAMAGED) and the id checked as a keyed hash; in a plain one, `decodeChunk`.
+ */
+export function decodeStored(
+  cipher: ChunkOpener | null,
+  stored: Buffer,
+  codec: number,
+  rawLen: number,
+  hash: Buffer,
+  maxRawLen = MAX_CHUNK_LEN,
+): Buffer {
+  if (!cipher) return decodeChunk(stored, codec, rawLen, hash, maxRawLen);
+  const inner = cipher.openChunk(hash, stored);
+  return decodeChunk(inner, codec, rawLen, hash, maxRawLen, (b) => cipher.chunkHash(b));
 }
 
 /** Decompress zstd data that must hold exactly `rawLen` bytes, never allocating more. */

@@ -4,11 +4,16 @@
  * Compression is the ingest bottleneck (~350 MB/s per core at zstd level 1), so the work runs on
  * `size` workers (default: number of cores) while the main thread reads NBD and writes packs.
  * Memory: each job holds its raw chunk until answered; callers bound the number of jobs in flight.
+ *
+ * Encrypted repositories: given the repository's `Cipher`, each worker gets the id and data keys as
+ * worker data (copied in memory to the thread, never written anywhere), names chunks with the keyed
+ * hash and seals the stored bytes itself, so sealing runs on all cores with compression.
  */
 import { Worker } from 'node:worker_threads';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import type { Codec } from './codec';
+import type { Cipher } from '../crypto/cipher';
 
 export interface IngestResult {
   hash: Buffer;
@@ -50,9 +55,12 @@ export class IngestPool {
   constructor(
     private readonly level: number,
     size = Math.max(1, Math.min(4, os.availableParallelism())),
+    cipher: Cipher | null = null,
   ) {
     for (let i = 0; i < size; i++) {
-      const w = new Worker(path.join(__dirname, 'ingest-worker.js'));
+      const w = new Worker(path.join(__dirname, 'ingest-worker.js'), {
+        workerData: { keys: cipher ? cipher.workerKeys() : null },
+      });
       w.on('message', (m: WorkerAnswer) => {
         const p = this.pending.get(m.id);
         if (!p) return;

@@ -4,8 +4,14 @@
  * raw chunk: the caller has those bytes; buffers
  * transferred; the two timings feed the engine's stats).
  */
-import { parentPort } from 'node:worker_threads';
+import { parentPort, workerData } from 'node:worker_threads';
 import { CODEC_RAW, encodeChunk, hashChunk } from './codec';
+import { Cipher, type WorkerKeys } from '../crypto/cipher';
+
+// Encrypted repository: the keys came as worker data (in memory). Chunks are then named by the
+// keyed hash and their stored bytes sealed here; a sealed result is always sent back.
+const keys = (workerData as { keys: WorkerKeys | null } | null)?.keys ?? null;
+const cipher = keys ? Cipher.fromWorkerKeys(keys) : null;
 
 interface Job {
   id: number;
@@ -16,16 +22,19 @@ interface Job {
 parentPort?.on('message', (job: Job) => {
   const raw = Buffer.from(job.data.buffer, job.data.byteOffset, job.data.byteLength);
   const t0 = performance.now();
-  const hash = hashChunk(raw);
+  const hash = cipher ? cipher.chunkHash(raw) : hashChunk(raw);
   const t1 = performance.now();
   const enc = encodeChunk(raw, job.level, hash);
+  if (cipher) enc.data = cipher.sealChunk(hash, enc.data); // a fresh buffer that owns its memory
   const t2 = performance.now();
   // A raw chunk is not sent back: the pool answers with the caller's own bytes. A zstd result owns
   // its ArrayBuffer (encodeChunk), so it is transferred, not copied; the hash is copied (32 bytes).
   const h = new Uint8Array(hash.length);
   h.set(hash);
   const stored =
-    enc.codec === CODEC_RAW ? null : new Uint8Array(enc.data.buffer as ArrayBuffer, 0, enc.data.length);
+    enc.codec === CODEC_RAW && !cipher
+      ? null
+      : new Uint8Array(enc.data.buffer as ArrayBuffer, enc.data.byteOffset, enc.data.length);
   parentPort?.postMessage(
     { id: job.id, hash: h, codec: enc.codec, stored, hashMs: t1 - t0, compressMs: t2 - t1 },
     stored ? [stored.buffer, h.buffer] : [h.buffer],

@@ -27,6 +27,11 @@ import { CODEC_FRAMES, CODEC_RAW, CODEC_ZSTD, HASH_LEN, MAX_CHUNK_LEN } from './
 import { mkdirPrivate, openPrivate, repoModes } from '../util/private-fs';
 import { holdLease, packKey, remoteStore } from './location';
 import type { RemotePacks } from './remote-packs';
+import type { Cipher } from '../crypto/cipher';
+import { SEAL_OVERHEAD } from '../crypto/seal';
+
+/** Pack header flag (format 5): every record's stored bytes are sealed (FORMAT.md, "Encryption"). */
+export const PACK_FLAG_SEALED = 1;
 
 export const PACK_MAGIC = Buffer.from('BKFSPACK', 'ascii');
 /** Version of packs written without a trailer (local repositories). */
@@ -45,11 +50,11 @@ export function packPath(repoDir: string, name: string): string {
   return path.join(repoDir, 'packs', name.slice(0, 2), `${name}.pack`);
 }
 
-export function encodePackHeader(version = PACK_VERSION): Buffer {
+export function encodePackHeader(sealed = false, version = PACK_VERSION): Buffer {
   const h = Buffer.alloc(PACK_HEADER_LEN);
   PACK_MAGIC.copy(h, 0);
   h.writeUInt32BE(version, 8);
-  h.writeUInt32BE(0, 12);
+  h.writeUInt32BE(sealed ? PACK_FLAG_SEALED : 0, 12);
   return h;
 }
 
@@ -145,7 +150,7 @@ export function decodePackTrailer(t: Buffer, packSize: number, chunkSize = MAX_C
  * bytes, a zstd record fewer. A header that lies (a stored_len of 4 GiB) is refused here, before
  * anything is allocated or read for it.
  */
-export function decodeRecordHeader(h: Buffer, chunkSize = MAX_CHUNK_LEN): RecordHeader {
+export function decodeRecordHeader(h: Buffer, chunkSize = MAX_CHUNK_LEN, sealed = false): RecordHeader {
   if (h.length < RECORD_HEADER_LEN || !h.subarray(0, 4).equals(RECORD_MAGIC)) {
     throw new BkfsError('DATA_DAMAGED', 'pack record header has a bad magic');
   }
@@ -155,13 +160,22 @@ export function decodeRecordHeader(h: Buffer, chunkSize = MAX_CHUNK_LEN): Record
     storedLen: h.readUInt32BE(12),
     hash: Buffer.from(h.subarray(16, 16 + HASH_LEN)),
   };
-  checkRecordLengths(r, chunkSize);
+  checkRecordLengths(r, chunkSize, sealed);
   return r;
 }
 
-/** Throws DATA_DAMAGED unless the record's codec and lengths are possible (see decodeRecordHeader). */
-export function checkRecordLengths(r: Omit<RecordHeader, 'hash'>, chunkSize = MAX_CHUNK_LEN): void {
+/**
+ * Throws DATA_DAMAGED unless the record's codec and lengths are possible (see decodeRecordHeader).
+ * `sealed` (encrypted repositories): `storedLen` counts the seal's overhead, the rules apply to
+ * the codec's bytes inside it.
+ */
+export function checkRecordLengths(
+  rec: Omit<RecordHeader, 'hash'>,
+  chunkSize = MAX_CHUNK_LEN,
+  sealed = false,
+): void {
   const max = Math.min(chunkSize, MAX_CHUNK_LEN);
+  const r = sealed ? { ...rec, storedLen: rec.storedLen - SEAL_OVERHEAD } : rec;
   const ok =
     (r.codec === CODEC_RAW || r.codec === CODEC_ZSTD || r.codec === CODEC_FRAMES) &&
     Number.isSafeInteger(r.rawLen) &&
@@ -224,12 +238,12 @@ export class PackWriter {
    * `tmp/<session>` (format 3: another writer's cleanup never removes a live writer's temp packs);
    * default `tmp`. Names are 128 random bits: concurrent writers never collide.
    */
-  static async create(repoDir: string, tmpSubdir = 'tmp'): Promise<PackWriter> {
+  static async create(repoDir: string, tmpSubdir = 'tmp', sealed = false): Promise<PackWriter> {
     const w = new PackWriter(repoDir, randomBytes(16).toString('hex'), tmpSubdir);
     w.fh = await openPrivate(w.tmpPath, 'wx', repoModes(repoDir).file);
     // Packs for object storage carry a trailer (version 2); local packs stay version 1.
     w.trailer = remoteStore(repoDir) !== null;
-    const h = encodePackHeader(w.trailer ? PACK_VERSION_TRAILER : PACK_VERSION);
+    const h = encodePackHeader(sealed, w.trailer ? PACK_VERSION_TRAILER : PACK_VERSION);
     await w.fh.write(h, 0, h.length, 0);
     w.pos = h.length;
     w.queuedAt = h.length;
@@ -386,6 +400,8 @@ export async function fsyncDir(dir: string): Promise<void> {
  * reads in flight is never closed by eviction.
  */
 export class PackReader {
+  /** The repository's cipher (set by Repository): readers open sealed records with it. */
+  cipher: Cipher | null = null;
   private readonly fds = new Map<string, { fd: number; busy: number; doomed?: boolean }>();
   private inflight = 0;
   private readonly drained: (() => void)[] = [];

@@ -13,7 +13,7 @@ import { BKFS, bkfs, bkfsOk, type CliResult } from '../helpers/cli';
 import { randomBuffer } from '../helpers/images';
 import { Repository } from '../../src/repo/repository';
 import { EXIT_CODES } from '../../src/cli/exit-codes';
-import { FORMAT_VERSION } from '../../src/index/schema';
+import { FORMAT_VERSION, PLAIN_FORMAT_VERSION } from '../../src/index/schema';
 
 /** A bkfs run whose stderr can be watched while it runs. */
 function spawnBkfs(args: string[]): { saw: (re: RegExp) => Promise<void>; done: Promise<CliResult> } {
@@ -188,7 +188,10 @@ describe('global options and version', () => {
     const all = Array.from({ length: FORMAT_VERSION }, (_, i) => i + 1).join(', ');
     assert.match(
       a.stdout,
-      new RegExp(`^repository format ${FORMAT_VERSION} \\(reads ${all}; writes ${FORMAT_VERSION}\\)$`, 'm'),
+      new RegExp(
+        `^repository format ${PLAIN_FORMAT_VERSION} \\(reads ${all}; writes ${PLAIN_FORMAT_VERSION}, or ${FORMAT_VERSION} when encrypted\\)$`,
+        'm',
+      ),
     );
     assert.match(a.stdout, new RegExp(`^node ${process.versions.node} `, 'm'));
     assert.match(a.stdout, /^better-sqlite3 \d+\.\d+\.\d+, SQLite 3\.\d+/m);

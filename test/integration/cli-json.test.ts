@@ -463,6 +463,10 @@ describe('every command with --json matches its schema', () => {
         bkfs: str,
         repositoryFormats: arr(int, { min: 1 }),
         repositoryFormatWritten: int,
+        repositoryFormatEncrypted: int,
+        repository: nullable(
+          obj({ path: str, format: int, encrypted: bool, cipher: optional(str), keyId: optional(str) }),
+        ),
         node: str,
         gitCommit: nullable(str),
         dependencies: obj({

@@ -23,7 +23,7 @@ import { run } from '../../src/util/proc';
 import { EXIT_CODES } from '../../src/cli/exit-codes';
 import { Repository } from '../../src/repo/repository';
 import { CheckpointReader } from '../../src/chain/reader';
-import { FORMAT_VERSION, SCHEMA_V1 } from '../../src/index/schema';
+import { PLAIN_FORMAT_VERSION, SCHEMA_V1 } from '../../src/index/schema';
 import { logPath } from '../../src/fuse/state';
 import { downgradeToV1 } from '../helpers/v1repo';
 
@@ -290,12 +290,12 @@ describe('format 1 repositories', () => {
     await bkfsOk(['-r', copy, 'gc']);
     assert.equal(
       JSON.parse(fs.readFileSync(path.join(copy, 'bkfs-repo.json'), 'utf8')).format,
-      FORMAT_VERSION,
+      PLAIN_FORMAT_VERSION,
     );
     const mdb = new Database(path.join(copy, 'index.db'), { readonly: true });
     assert.equal(
       (mdb.prepare("SELECT value FROM meta WHERE key = 'format'").get() as { value: string }).value,
-      String(FORMAT_VERSION),
+      String(PLAIN_FORMAT_VERSION),
     );
     assert.equal(
       (

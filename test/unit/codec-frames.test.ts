@@ -28,7 +28,7 @@ import { ChunkLoader, type ChunkLocation } from '../../src/store/chunk-cache';
 import { PackReader, PackWriter, checkRecordLengths, packPath } from '../../src/store/packs';
 import { randomBuffer, textFile } from '../helpers/images';
 import { Repository } from '../../src/repo/repository';
-import { FORMAT_VERSION } from '../../src/index/schema';
+import { PLAIN_FORMAT_VERSION } from '../../src/index/schema';
 
 const KiB = 1024;
 
@@ -359,7 +359,7 @@ describe('format 3 -> 4', () => {
           d.close();
         }
       };
-      assert.equal(FORMAT_VERSION, 4);
+      assert.equal(PLAIN_FORMAT_VERSION, 4);
       assert.deepEqual(fmt(), ['4', 4], 'init writes format 4');
       const d = new Database(path.join(repoDir, 'index.db'));
       d.prepare("UPDATE meta SET value = '3' WHERE key = 'format'").run();

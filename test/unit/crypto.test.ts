@@ -93,7 +93,7 @@ describe('key slots', () => {
     assert.equal(openAnySlot(slots, Buffer.from('pw1')).slot.name, 'a');
     assert.throws(
       () => openAnySlot(slots, Buffer.from('nope')),
-      (e: unknown) => isBkfsError(e) && e.code === 'PERMISSION_DENIED',
+      (e: unknown) => isBkfsError(e) && e.code === 'KEY_INVALID',
     );
   });
 

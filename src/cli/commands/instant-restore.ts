@@ -56,6 +56,7 @@ async function hooks(json: boolean, signal: AbortSignal, bar: ProgressBar | null
           '3',
         ],
         logFile: serveLogPath(listen(s)),
+        repoDir: s.repo,
       });
     },
     exportAlive: (s) => listServes().some((x) => x.listen === listen(s)),

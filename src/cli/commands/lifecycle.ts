@@ -387,6 +387,12 @@ Examples:
           out(
             `packs: ${r.packs} file(s), ${bytes(r.packBytes)}; reclaimable by gc ${bytes(r.reclaimableBytes)}`,
           );
+          const e = r.encryption;
+          out(
+            e.encrypted
+              ? `encryption: ${e.cipher}, key id ${e.keyId}, ${e.slots} key slot(s)`
+              : 'encryption: none (plain repository)',
+          );
         }
         for (const v of s.vms) out(`${line(`VM ${v.vm}`, v)}; only this VM: ${bytes(v.uniqueStoredBytes)}`);
         if (s.checkpoints.length > 0) {

@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import type { Command, Option } from 'commander';
 import { BkfsError } from '../../errors';
 import { EXIT_CODES } from '../exit-codes';
-import { out } from '../context';
+import { out, repoPath } from '../context';
 import { printJson } from '../json';
 
 const ROOT = path.resolve(__dirname, '../../../..');
@@ -64,10 +64,30 @@ export interface VersionInfo {
   };
   /** `qemu-img --version`, null when qemu-img is not installed. */
   qemuImg: string | null;
+  /** Format written for encrypted repositories (`init --encrypt`). */
+  repositoryFormatEncrypted: number;
+  /** The repository of -r / BKFS_REPO / the default path, when there is one: is it encrypted? */
+  repository: { path: string; format: number; encrypted: boolean; cipher?: string; keyId?: string } | null;
 }
 
-export async function versionInfo(): Promise<VersionInfo> {
-  const { FORMAT_VERSION } = await import('../../index/schema');
+export async function versionInfo(repoDir?: string): Promise<VersionInfo> {
+  const { FORMAT_VERSION, PLAIN_FORMAT_VERSION, ENCRYPTED_FORMAT_VERSION } =
+    await import('../../index/schema');
+  let repository: VersionInfo['repository'] = null;
+  if (repoDir !== undefined) {
+    try {
+      const { loadConfig } = await import('../../repo/repository');
+      const c = loadConfig(repoDir);
+      repository = {
+        path: path.resolve(repoDir),
+        format: c.format,
+        encrypted: c.encryption !== undefined,
+        ...(c.encryption ? { cipher: c.encryption.cipher, keyId: c.encryption.keyId } : {}),
+      };
+    } catch {
+      repository = null; // no (readable) repository there: nothing to say about it
+    }
+  }
   let sqlite: string | null = null;
   try {
     const { default: Database } = await import('better-sqlite3');
@@ -91,7 +111,9 @@ export async function versionInfo(): Promise<VersionInfo> {
   return {
     bkfs: packageVersion(),
     repositoryFormats: Array.from({ length: FORMAT_VERSION }, (_, i) => i + 1),
-    repositoryFormatWritten: FORMAT_VERSION,
+    repositoryFormatWritten: PLAIN_FORMAT_VERSION,
+    repositoryFormatEncrypted: ENCRYPTED_FORMAT_VERSION,
+    repository,
     node: process.versions.node,
     platform: `${process.platform}-${process.arch}`,
     gitCommit: git,
@@ -113,8 +135,14 @@ function printVersion(v: VersionInfo): void {
   const na = (s: string | null) => s ?? 'not found';
   out(`bkfs ${v.bkfs}${v.gitCommit ? ` (git ${v.gitCommit})` : ''}`);
   out(
-    `repository format ${v.repositoryFormatWritten} (reads ${v.repositoryFormats.join(', ')}; writes ${v.repositoryFormatWritten})`,
+    `repository format ${v.repositoryFormatWritten} (reads ${v.repositoryFormats.join(', ')}; writes ${v.repositoryFormatWritten}, or ${v.repositoryFormatEncrypted} when encrypted)`,
   );
+  const r = v.repository;
+  if (r) {
+    out(
+      `repository ${r.path}: format ${r.format}, ${r.encrypted ? `encrypted (${r.cipher ?? '?'}, key id ${r.keyId ?? '?'})` : 'not encrypted'}`,
+    );
+  }
   out(`node ${v.node} on ${v.platform}`);
   out(`better-sqlite3 ${na(d.betterSqlite3)}, SQLite ${na(d.sqlite)}`);
   out(`zstd-napi ${na(d.zstdNapi)}, zstd ${na(d.zstd)}`);
@@ -338,8 +366,8 @@ Examples:
   bkfs --version
   bkfs version --json | jq -r .repositoryFormatWritten`,
     )
-    .action(async (opts: { json?: boolean }) => {
-      const v = await versionInfo();
+    .action(async (opts: { json?: boolean }, cmd: Command) => {
+      const v = await versionInfo(repoPath(cmd));
       if (opts.json) printJson(v);
       else printVersion(v);
     });

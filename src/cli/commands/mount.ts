@@ -249,6 +249,7 @@ Examples:
             '3',
           ],
           logFile: logPath(mountpoint),
+          repoDir,
         });
         if (opts.json) {
           printJson({ ...info, repository: repoDir });

@@ -221,6 +221,7 @@ Examples:
           '3',
         ],
         logFile: serveLogPath(listen),
+        repoDir,
       });
       if (opts.json) {
         printJson(state);

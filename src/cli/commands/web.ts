@@ -243,6 +243,7 @@ Examples:
         command: process.execPath,
         args,
         logFile: state.daemonLogFile(dir),
+        repoDir: path.resolve(repoPath(cmd)),
       });
       if (opts.json) {
         printJson(info);
