@@ -36,7 +36,14 @@ import type { Repository } from '../repo/repository';
 import { pinCheckpoints } from '../repo/pins';
 import { CheckpointReader } from '../chain/reader';
 import type { DiskRow } from '../index/catalog';
-import { MAX_SOCKET_PATH, SshJobSite, remoteCommand, sshArgs, sshFailure, sshName } from '../backup/libvirt-remote';
+import {
+  MAX_SOCKET_PATH,
+  SshJobSite,
+  remoteCommand,
+  sshArgs,
+  sshFailure,
+  sshName,
+} from '../backup/libvirt-remote';
 import type { SshTarget } from '../backup/libvirt-plan';
 import { Virsh } from '../backup/libvirt-virsh';
 import { NbdClient } from '../nbd/client';
@@ -300,7 +307,8 @@ class RemoteSession {
   async forwardsReady(): Promise<void> {
     for (let i = 0; !this.sockets.every((s) => fs.existsSync(s)); i++) {
       if (!this.alive) throw this.droppedError();
-      if (i > 1200) throw new BkfsError('REMOTE_FAILED', `ssh to ${sshName(this.remote)} did not set up the forwarding`);
+      if (i > 1200)
+        throw new BkfsError('REMOTE_FAILED', `ssh to ${sshName(this.remote)} did not set up the forwarding`);
       await new Promise((r) => setTimeout(r, 50));
     }
   }
