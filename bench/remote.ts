@@ -13,6 +13,12 @@
  * every run is a full (no change tracking involved). Reported per tool: wall time of the command
  * and data MB/s (data-mib / time). Each tool's libvirt checkpoints are deleted before the next
  * one runs. Everything it starts is stopped and removed.
+ *
+ * Then restores of bkfs's remote checkpoint (a second table, same number of runs): `bkfs restore
+ * --connect qemu+ssh://` (a raw file written on the hypervisor through a qemu-nbd there,
+ * ssh-forwarded), bkfs restore run on the hypervisor itself, bkfs restore onto this machine, and
+ * `virsh vol-upload --sparse` of that local raw file into a directory pool on the hypervisor
+ * (libvirt's own stream over the same qemu+ssh URI: the other way to put a disk there).
  */
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -77,6 +83,47 @@ interface Row {
   error?: string;
 }
 
+interface Tool {
+  tool: string;
+  once: (i: number) => Promise<number>;
+  /** Before each run (not timed). */
+  prepare?: (i: number) => Promise<void>;
+}
+
+/** `runs` timed runs of a tool; the first failure ends its row. */
+async function measure(t: Tool, runs: number): Promise<Row> {
+  const row: Row = { tool: t.tool, secs: [] };
+  for (let i = 0; i < runs; i++) {
+    console.error(`bench: ${t.tool}, run ${i + 1}`);
+    try {
+      await t.prepare?.(i);
+      row.secs.push(await t.once(i));
+    } catch (e) {
+      row.error = (e as Error).message
+        .split('\n')
+        .filter((l) => l.trim() !== '')
+        .slice(-2)
+        .join(' | ');
+      console.error(`bench: ${t.tool} failed: ${row.error}`);
+      break;
+    }
+  }
+  return row;
+}
+
+function table(rows: Row[], dataMib: number): string[] {
+  const out = ['| tool | time (s) | data MB/s |', '|---|---:|---:|'];
+  for (const r of rows) {
+    const s = [...r.secs].sort((a, b) => a - b)[Math.floor(r.secs.length / 2)];
+    out.push(
+      s === undefined
+        ? `| ${r.tool} | failed: ${r.error ?? '?'} | |`
+        : `| ${r.tool} | ${s.toFixed(1)} | ${((dataMib * MiB) / 1e6 / s).toFixed(1)} |`,
+    );
+  }
+  return out;
+}
+
 async function main(): Promise<void> {
   const diskMib = arg('disk-mib', 1024);
   const dataMib = arg('data-mib', 512);
@@ -85,6 +132,7 @@ async function main(): Promise<void> {
   fs.chmodSync(work, 0o755);
   let host: RemoteHost | undefined;
   const rows: Row[] = [];
+  const restoreRows: Row[] = [];
   try {
     const img = path.join(work, 'sda.qcow2');
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', img, `${diskMib}M`]);
@@ -97,7 +145,7 @@ async function main(): Promise<void> {
     const name = `bkfs-rbench-${process.pid}`;
     const dom = await host.createDomain(name, [{ target: 'sda', file: img, format: 'qcow2' }]);
 
-    const tools: { tool: string; once: (i: number) => Promise<number> }[] = [
+    const tools: Tool[] = [
       {
         tool: 'bkfs, remote (qemu+ssh, ssh-forwarded NBD)',
         once: (i) =>
@@ -159,27 +207,90 @@ async function main(): Promise<void> {
       },
     ];
     for (const t of tools) {
-      const row: Row = { tool: t.tool, secs: [] };
-      rows.push(row);
-      for (let i = 0; i < runs; i++) {
-        await deleteAllCheckpoints(dom);
-        console.error(`bench: ${t.tool}, run ${i + 1}`);
-        try {
-          if (t.tool.startsWith('bkfs')) {
-            const kind = t.tool.includes('remote') ? 'ssh' : 'local';
-            await run(process.execPath, [BKFS, '-r', path.join(work, `repo-${kind}-${i}`), 'init']);
-          }
-          row.secs.push(await t.once(i));
-        } catch (e) {
-          row.error = (e as Error).message
-            .split('\n')
-            .filter((l) => l.trim() !== '')
-            .slice(-2)
-            .join(' | ');
-          console.error(`bench: ${t.tool} failed: ${row.error}`);
-          break;
-        }
-      }
+      rows.push(
+        await measure(
+          {
+            ...t,
+            prepare: async (i) => {
+              await deleteAllCheckpoints(dom);
+              if (t.tool.startsWith('bkfs')) {
+                const kind = t.tool.includes('remote') ? 'ssh' : 'local';
+                await run(process.execPath, [BKFS, '-r', path.join(work, `repo-${kind}-${i}`), 'init']);
+              }
+            },
+          },
+          runs,
+        ),
+      );
+    }
+
+    // Restores of bkfs's remote checkpoint, onto the hypervisor and onto this machine.
+    const repo = path.join(work, 'repo-ssh-0');
+    const rdir = '/var/lib/libvirt/bkfs-bench-restore'; // in the remote host's private tmpfs
+    if ((rows[0]?.secs.length ?? 0) > 0) {
+      await host.exec('mkdir', ['-p', rdir]);
+      const pool = `bkfs-bench-${process.pid}`;
+      await host.virsh('pool-create-as', pool, 'dir', '--target', rdir);
+      const local = (i: number) => path.join(work, `restored-${i}`);
+      const restoreTools: Tool[] = [
+        {
+          tool: 'bkfs restore --connect qemu+ssh://… (ssh-forwarded qemu-nbd on the hypervisor)',
+          once: (i) =>
+            timed(process.execPath, [
+              BKFS,
+              '-r',
+              repo,
+              'restore',
+              name,
+              '--connect',
+              host!.uri,
+              '--to',
+              `${rdir}/ssh-${i}`,
+            ]),
+        },
+        {
+          tool: 'bkfs restore, run on the hypervisor (local files there)',
+          once: (i) =>
+            timed('nsenter', [
+              '-t',
+              String(host!.holderPid),
+              '-m',
+              '-n',
+              '--',
+              process.execPath,
+              BKFS,
+              '-r',
+              repo,
+              'restore',
+              name,
+              '--to',
+              `${rdir}/local-${i}`,
+            ]),
+        },
+        {
+          tool: 'bkfs restore onto the backup host (local files here)',
+          once: (i) => timed(process.execPath, [BKFS, '-r', repo, 'restore', name, '--to', local(i)]),
+        },
+        {
+          tool: 'virsh -c qemu+ssh://… vol-upload --sparse of that raw file (dir pool)',
+          prepare: async (i) => {
+            await host!.virsh('vol-create-as', pool, `up-${i}.raw`, `${diskMib}M`, '--format', 'raw');
+          },
+          once: (i) =>
+            timed('virsh', [
+              '-c',
+              host!.uri,
+              'vol-upload',
+              '--sparse',
+              '--pool',
+              pool,
+              `up-${i}.raw`,
+              path.join(local(i), 'sda.raw'),
+            ]),
+        },
+      ];
+      for (const t of restoreTools) restoreRows.push(await measure(t, runs));
+      await host.virshTry('pool-destroy', pool);
     }
   } finally {
     await host?.stop().catch((e: unknown) => console.error(`bench: stopping the remote host: ${String(e)}`));
@@ -188,15 +299,14 @@ async function main(): Promise<void> {
   const lines = [
     `Full backup of ${dataMib} MiB of data (${diskMib} MiB qcow2 disk), remote host in a network namespace (veth), ${runs} run(s), median:`,
     '',
-    '| tool | time (s) | data MB/s |',
-    '|---|---:|---:|',
+    ...table(rows, dataMib),
   ];
-  for (const r of rows) {
-    const s = [...r.secs].sort((a, b) => a - b)[Math.floor(r.secs.length / 2)];
+  if (restoreRows.length > 0) {
     lines.push(
-      s === undefined
-        ? `| ${r.tool} | failed: ${r.error ?? '?'} | |`
-        : `| ${r.tool} | ${s.toFixed(1)} | ${((dataMib * MiB) / 1e6 / s).toFixed(1)} |`,
+      '',
+      `Restore of that checkpoint (${dataMib} MiB of data, a raw ${diskMib} MiB file), ${runs} run(s), median:`,
+      '',
+      ...table(restoreRows, dataMib),
     );
   }
   console.log(lines.join('\n'));
