@@ -86,19 +86,21 @@ export interface RemoteRestoreOptions extends CopyTuning {
 const DEFAULT_CONCURRENCY = 8;
 const DEFAULT_RUN_BYTES = 4 << 20;
 const DEFAULT_CACHE_BYTES = 64 << 20;
+/** Starts every line the session script prints (anything else on its stdout is ignored). */
+const LINE_TAG = 'bkfs-restore-session: ';
 /** Prefix of the session's socket directory inside the target directory. */
 export const REMOTE_SESSION_PREFIX = '.bkfs-restore-';
 
 /**
  * The restore session on the hypervisor. Arguments: SOCKDIR DIR DIRMODE(0700|0711) FORCE(0|1)
  * MKDIR(0|1) NDISKS, then NDISKS x (FILE FORMAT SIZE), then the configuration files' paths.
- * Protocol: stdout lines `ready`, `committed`, `error CODE MESSAGE`; stdin lines
- * `config INDEX BASE64`, `commit`, `done`.
+ * Protocol: stdout lines `ready`, `committed`, `error CODE MESSAGE` (each after `LINE_TAG`);
+ * stdin lines `config INDEX BASE64`, `commit`, `done`.
  */
 export const SESSION = `
 trap '' INT TERM HUP
 sockdir=$1; dir=$2; dmode=$3; force=$4; mk=$5; nd=$6; shift 6
-say() { printf '%s\\n' "$*"; }
+say() { printf '${LINE_TAG}%s\\n' "$*"; }
 created=0; pids=; committed=0; started=0
 disks() { cb=$1; shift; i=0; while [ $i -lt $nd ]; do "$cb" $i "$1" "$2" "$3"; shift 3; i=$((i + 1)); done; }
 configs() { cb=$1; shift; shift $((nd * 3)); i=0; for c in "$@"; do "$cb" $i "$c"; i=$((i + 1)); done; }
@@ -212,7 +214,9 @@ class RemoteSession {
       this.buf += d.toString();
       let nl: number;
       while ((nl = this.buf.indexOf('\n')) >= 0) {
-        this.lines.push(this.buf.slice(0, nl));
+        const l = this.buf.slice(0, nl);
+        // Only the script's own lines (a shell start-up file on the host may print too).
+        if (l.startsWith(LINE_TAG)) this.lines.push(l.slice(LINE_TAG.length));
         this.buf = this.buf.slice(nl + 1);
       }
       this.wake();
