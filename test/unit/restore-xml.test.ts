@@ -89,7 +89,11 @@ describe('domain XML rewrite', () => {
     // Everything else is byte for byte as saved.
     assert.ok(r.xml.includes(CDROM));
     assert.ok(r.xml.includes('<uuid>0b4c3e4e-7d2a-4e8e-9d5b-3a6e1d2c9f10</uuid>'));
-    assert.ok(r.xml.includes("<interface type='network'><mac address='52:54:00:12:34:56'/><source network='default'/></interface>"));
+    assert.ok(
+      r.xml.includes(
+        "<interface type='network'><mac address='52:54:00:12:34:56'/><source network='default'/></interface>",
+      ),
+    );
     assert.ok(r.xml.startsWith("<domain type='kvm' id='3'>\n  <name>web</name>"));
   });
 
