@@ -548,6 +548,22 @@ describe('restores onto a remote hypervisor (qemu+ssh)', () => {
     assert.equal(rls(`${RDIR}/dup`), null, 'nothing created');
     assert.deepEqual(rls(dir), ['domain.orig.xml', 'domain.xml', 'vda.raw']);
     assert.equal(fs.statSync(rpath(`${dir}/vda.raw`)).mtimeMs, mtime);
+    // --force replaces the files and redefines the domain, keeping its UUID.
+    const forced = await cli(
+      'restore',
+      `${origName}@check1`,
+      '--connect',
+      host!.uri,
+      '--to',
+      dir,
+      '--define',
+      newName,
+      '--force',
+    );
+    assert.equal(forced.code, 0, forced.stderr);
+    assert.notEqual(fs.statSync(rpath(`${dir}/vda.raw`)).mtimeMs, mtime, 'replaced');
+    assert.equal((await host!.virsh('domuuid', newName)).trim(), uuid, 'the same UUID');
+    assert.deepEqual(rls(dir), ['domain.orig.xml', 'domain.xml', 'vda.raw']);
 
     // The restored domain boots on the remote host and reads its marker from the restored disk.
     fs.rmSync(rpath(RCONSOLE), { force: true });
