@@ -1,10 +1,8 @@
 /**
  * Benchmark: a full backup of a domain on a remote hypervisor, bkfs over ssh (forwarded NBD unix
- * socket, one ssh master connection), over NBD+TLS (--nbd-tls with qemu+ssh, and a qemu+tls://
- * URI), over plain NBD/TCP (--insecure-tcp), against bkfs run on the hypervisor itself (local unix
+ * socket, one ssh master connection) against bkfs run on the hypervisor itself (local unix
  * socket), and against `virtnbdbackup` with the same remote URI (NBD over plain TCP to the
- * hypervisor, its remote mode). Besides wall time: CPU seconds per GiB of data spent on the backup
- * server (bkfs and its ssh/virsh children; not sshd/QEMU on the hypervisor), the cost of TLS/ssh.
+ * hypervisor, its remote mode).
  *
  *   node dist/bench/remote.js [--disk-mib 1024] [--data-mib 512] [--runs 1]
  *
@@ -15,6 +13,12 @@
  * every run is a full (no change tracking involved). Reported per tool: wall time of the command
  * and data MB/s (data-mib / time). Each tool's libvirt checkpoints are deleted before the next
  * one runs. Everything it starts is stopped and removed.
+ *
+ * Then restores of bkfs's remote checkpoint (a second table, same number of runs): `bkfs restore
+ * --connect qemu+ssh://` (a raw file written on the hypervisor through a qemu-nbd there,
+ * ssh-forwarded), bkfs restore run on the hypervisor itself, bkfs restore onto this machine, and
+ * `virsh vol-upload --sparse` of that local raw file into a directory pool on the hypervisor
+ * (libvirt's own stream over the same qemu+ssh URI: the other way to put a disk there).
  */
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -31,14 +35,11 @@ function arg(name: string, def: number): number {
   return i >= 0 ? Number(process.argv[i + 1] ?? def) : def;
 }
 
-/**
- * Run a command, return its wall time and the CPU time (user + system) of it and its children on
- * this machine (sh's `times`), in seconds; throws with its output on failure.
- */
-function timed(cmd: string, args: string[]): Promise<{ secs: number; cpu: number }> {
+/** Run a command, return its wall time in seconds; throws with its output on failure. */
+function timed(cmd: string, args: string[]): Promise<number> {
   return new Promise((resolve, reject) => {
     const t0 = process.hrtime.bigint();
-    const child = spawn('sh', ['-c', '"$@"; r=$?; times >&2; exit $r', 'sh', cmd, ...args], {
+    const child = spawn(cmd, args, {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, CI: 'true' },
     });
@@ -48,13 +49,7 @@ function timed(cmd: string, args: string[]): Promise<{ secs: number; cpu: number
     child.on('error', reject);
     child.on('close', (code) => {
       const secs = Number(process.hrtime.bigint() - t0) / 1e9;
-      // The second line of `times`: children's user and system time, e.g. "0m1.230s 0m0.450s".
-      const t = out.trim().split('\n').slice(-1)[0] ?? '';
-      const cpu = [...t.matchAll(/(\d+)m([\d.]+)s/g)].reduce(
-        (a, m) => a + Number(m[1]) * 60 + Number(m[2]),
-        0,
-      );
-      if (code === 0) resolve({ secs, cpu });
+      if (code === 0) resolve(secs);
       else reject(new Error(`${cmd} ${args.slice(0, 8).join(' ')} exited ${code}:\n${out.slice(-2000)}`));
     });
   });
@@ -85,8 +80,48 @@ async function deleteAllCheckpoints(dom: RemoteDomain): Promise<void> {
 interface Row {
   tool: string;
   secs: number[];
-  cpu: number[];
   error?: string;
+}
+
+interface Tool {
+  tool: string;
+  once: (i: number) => Promise<number>;
+  /** Before each run (not timed). */
+  prepare?: (i: number) => Promise<void>;
+}
+
+/** `runs` timed runs of a tool; the first failure ends its row. */
+async function measure(t: Tool, runs: number): Promise<Row> {
+  const row: Row = { tool: t.tool, secs: [] };
+  for (let i = 0; i < runs; i++) {
+    console.error(`bench: ${t.tool}, run ${i + 1}`);
+    try {
+      await t.prepare?.(i);
+      row.secs.push(await t.once(i));
+    } catch (e) {
+      row.error = (e as Error).message
+        .split('\n')
+        .filter((l) => l.trim() !== '')
+        .slice(-2)
+        .join(' | ');
+      console.error(`bench: ${t.tool} failed: ${row.error}`);
+      break;
+    }
+  }
+  return row;
+}
+
+function table(rows: Row[], dataMib: number): string[] {
+  const out = ['| tool | time (s) | data MB/s |', '|---|---:|---:|'];
+  for (const r of rows) {
+    const s = [...r.secs].sort((a, b) => a - b)[Math.floor(r.secs.length / 2)];
+    out.push(
+      s === undefined
+        ? `| ${r.tool} | failed: ${r.error ?? '?'} | |`
+        : `| ${r.tool} | ${s.toFixed(1)} | ${((dataMib * MiB) / 1e6 / s).toFixed(1)} |`,
+    );
+  }
+  return out;
 }
 
 async function main(): Promise<void> {
@@ -97,6 +132,7 @@ async function main(): Promise<void> {
   fs.chmodSync(work, 0o755);
   let host: RemoteHost | undefined;
   const rows: Row[] = [];
+  const restoreRows: Row[] = [];
   try {
     const img = path.join(work, 'sda.qcow2');
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', img, `${diskMib}M`]);
@@ -109,34 +145,34 @@ async function main(): Promise<void> {
     const name = `bkfs-rbench-${process.pid}`;
     const dom = await host.createDomain(name, [{ target: 'sda', file: img, format: 'qcow2' }]);
 
+    const initRepo = async (r: string): Promise<void> => {
+      await run(process.execPath, [BKFS, '-r', path.join(work, r), 'init']);
+    };
     const remoteBkfs = (repo: string, uri: string, ...extra: string[]) => (i: number) =>
       timed(process.execPath, [
         BKFS, '-r', path.join(work, `${repo}-${i}`), 'backup', '--libvirt', name, '--connect', uri,
-        '--level', 'full', '--scratch-dir', scratch, '--no-freeze', ...extra,
+        '--level', 'full', '--scratch-dir', scratch, ...extra,
       ]); // prettier-ignore
-    const tools: {
-      tool: string;
-      repo?: string;
-      once: (i: number) => Promise<{ secs: number; cpu: number }>;
-    }[] = [
+    const tlsTools: Tool[] = [
       {
         tool: 'bkfs, remote (qemu+ssh, NBD over TLS: --nbd-tls)',
-        repo: 'repo-nbdtls',
+        prepare: (i) => initRepo(`repo-nbdtls-${i}`),
         once: remoteBkfs('repo-nbdtls', host.uri, '--nbd-tls', host.clientTlsDir),
       },
       {
         tool: 'bkfs, remote (qemu+tls://, NBD over TLS)',
-        repo: 'repo-tlsuri',
+        prepare: (i) => initRepo(`repo-tlsuri-${i}`),
         once: remoteBkfs('repo-tlsuri', host.tlsUri),
       },
       {
         tool: 'bkfs, remote (qemu+ssh, --insecure-tcp: plain NBD/TCP)',
-        repo: 'repo-tcp',
+        prepare: (i) => initRepo(`repo-tcp-${i}`),
         once: remoteBkfs('repo-tcp', host.uri, '--insecure-tcp'),
       },
+    ];
+    const tools: Tool[] = [
       {
         tool: 'bkfs, remote (qemu+ssh, ssh-forwarded NBD)',
-        repo: 'repo-ssh',
         once: (i) =>
           timed(process.execPath, [
             BKFS,
@@ -155,7 +191,6 @@ async function main(): Promise<void> {
       },
       {
         tool: 'bkfs, on the hypervisor (qemu:///system, local socket)',
-        repo: 'repo-local',
         once: (i) =>
           timed('nsenter', [
             '-t',
@@ -197,28 +232,106 @@ async function main(): Promise<void> {
       },
     ];
     for (const t of tools) {
-      const row: Row = { tool: t.tool, secs: [], cpu: [] };
-      rows.push(row);
-      for (let i = 0; i < runs; i++) {
-        await deleteAllCheckpoints(dom);
-        console.error(`bench: ${t.tool}, run ${i + 1}`);
-        try {
-          if (t.repo !== undefined) {
-            await run(process.execPath, [BKFS, '-r', path.join(work, `${t.repo}-${i}`), 'init']);
-          }
-          const r = await t.once(i);
-          row.secs.push(r.secs);
-          row.cpu.push(r.cpu);
-        } catch (e) {
-          row.error = (e as Error).message
-            .split('\n')
-            .filter((l) => l.trim() !== '')
-            .slice(-2)
-            .join(' | ');
-          console.error(`bench: ${t.tool} failed: ${row.error}`);
-          break;
-        }
-      }
+      rows.push(
+        await measure(
+          {
+            ...t,
+            prepare: async (i) => {
+              await deleteAllCheckpoints(dom);
+              if (t.tool.startsWith('bkfs')) {
+                const kind = t.tool.includes('remote') ? 'ssh' : 'local';
+                await run(process.execPath, [BKFS, '-r', path.join(work, `repo-${kind}-${i}`), 'init']);
+              }
+            },
+          },
+          runs,
+        ),
+      );
+    }
+    // The same backup over the other transports (NBD over TLS, plain TCP).
+    for (const t of tlsTools) {
+      const prep = t.prepare;
+      rows.push(
+        await measure(
+          {
+            ...t,
+            prepare: async (i) => {
+              await deleteAllCheckpoints(dom);
+              await prep?.(i);
+            },
+          },
+          runs,
+        ),
+      );
+    }
+
+    // Restores of bkfs's remote checkpoint, onto the hypervisor and onto this machine.
+    const repo = path.join(work, 'repo-ssh-0');
+    const rdir = '/var/lib/libvirt/bkfs-bench-restore'; // in the remote host's private tmpfs
+    if ((rows[0]?.secs.length ?? 0) > 0) {
+      await host.exec('mkdir', ['-p', rdir]);
+      const pool = `bkfs-bench-${process.pid}`;
+      await host.virsh('pool-create-as', pool, 'dir', '--target', rdir);
+      const local = (i: number) => path.join(work, `restored-${i}`);
+      const restoreTools: Tool[] = [
+        {
+          tool: 'bkfs restore --connect qemu+ssh://… (ssh-forwarded qemu-nbd on the hypervisor)',
+          once: (i) =>
+            timed(process.execPath, [
+              BKFS,
+              '-r',
+              repo,
+              'restore',
+              name,
+              '--connect',
+              host!.uri,
+              '--to',
+              `${rdir}/ssh-${i}`,
+            ]),
+        },
+        {
+          tool: 'bkfs restore, run on the hypervisor (local files there)',
+          once: (i) =>
+            timed('nsenter', [
+              '-t',
+              String(host!.holderPid),
+              '-m',
+              '-n',
+              '--',
+              process.execPath,
+              BKFS,
+              '-r',
+              repo,
+              'restore',
+              name,
+              '--to',
+              `${rdir}/local-${i}`,
+            ]),
+        },
+        {
+          tool: 'bkfs restore onto the backup host (local files here)',
+          once: (i) => timed(process.execPath, [BKFS, '-r', repo, 'restore', name, '--to', local(i)]),
+        },
+        {
+          tool: 'virsh -c qemu+ssh://… vol-upload --sparse of that raw file (dir pool)',
+          prepare: async (i) => {
+            await host!.virsh('vol-create-as', pool, `up-${i}.raw`, `${diskMib}M`, '--format', 'raw');
+          },
+          once: (i) =>
+            timed('virsh', [
+              '-c',
+              host!.uri,
+              'vol-upload',
+              '--sparse',
+              '--pool',
+              pool,
+              `up-${i}.raw`,
+              path.join(local(i), 'sda.raw'),
+            ]),
+        },
+      ];
+      for (const t of restoreTools) restoreRows.push(await measure(t, runs));
+      await host.virshTry('pool-destroy', pool);
     }
   } finally {
     await host?.stop().catch((e: unknown) => console.error(`bench: stopping the remote host: ${String(e)}`));
@@ -227,17 +340,14 @@ async function main(): Promise<void> {
   const lines = [
     `Full backup of ${dataMib} MiB of data (${diskMib} MiB qcow2 disk), remote host in a network namespace (veth), ${runs} run(s), median:`,
     '',
-    '| tool | time (s) | data MB/s | CPU s per GiB of data on the backup server |',
-    '|---|---:|---:|---:|',
+    ...table(rows, dataMib),
   ];
-  const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)];
-  for (const r of rows) {
-    const s = median(r.secs);
-    const c = median(r.cpu);
+  if (restoreRows.length > 0) {
     lines.push(
-      s === undefined
-        ? `| ${r.tool} | failed: ${r.error ?? '?'} | | |`
-        : `| ${r.tool} | ${s.toFixed(1)} | ${((dataMib * MiB) / 1e6 / s).toFixed(1)} | ${c === undefined ? '' : ((c * 1024) / dataMib).toFixed(1)} |`,
+      '',
+      `Restore of that checkpoint (${dataMib} MiB of data, a raw ${diskMib} MiB file), ${runs} run(s), median:`,
+      '',
+      ...table(restoreRows, dataMib),
     );
   }
   console.log(lines.join('\n'));

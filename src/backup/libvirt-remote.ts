@@ -85,7 +85,8 @@ export function remoteCommand(script: string, args: readonly string[]): string {
   return ['sh', '-c', shq(script), 'bkfs', ...args.map(shq)].join(' ');
 }
 
-function sshFailure(t: SshTarget, stderr: string): BkfsError {
+/** ssh's own failure (exit 255, or no answer) as one REMOTE_FAILED line. */
+export function sshFailure(t: SshTarget, stderr: string): BkfsError {
   const line = stderr
     .split('\n')
     .map((l) => l.trim())
@@ -318,6 +319,11 @@ export class SshJobSite implements JobSite {
   private disarmed = false;
 
   constructor(readonly remote: SshTarget) {}
+
+  /** The master connection's control socket once `open` has connected (for other ssh commands). */
+  get controlSocket(): string | undefined {
+    return this.control;
+  }
 
   /**
    * The master connection: `ssh -M` whose own session waits for EOF on its stdin (a pipe from

@@ -9,9 +9,10 @@
  *     is added when missing);
  *   - stale chain and job state is dropped: `<backingStore>` (the restored file has its own chain,
  *     or none), `<mirror>`, and any `<checkpoint>`/`<backup>` elements.
- * Domain-wide: `<name>` becomes the new name when one is given, and `<uuid>` is dropped when that
- * name differs from the saved one (libvirt makes a new one, so the copy never collides with the
- * original; redefining an existing domain with --force keeps that domain's UUID). Other disks (a cdrom, a disk bkfs did not back up) are left alone and reported.
+ * Domain-wide: `<name>` becomes the new name when one is given, and `<uuid>` and the `<mac>` of
+ * every `<interface>` are dropped when that name differs from the saved one (libvirt makes new
+ * ones, so the copy never collides with the original, on the host or on its network; redefining an
+ * existing domain with --force keeps that domain's UUID). Other disks (a cdrom, a disk bkfs did not back up) are left alone and reported.
  */
 import { escapeXml as escapeXmlAttr } from '../backup/libvirt-xml';
 
@@ -147,6 +148,17 @@ function rewriteDisk(el: string, d: DiskRewrite): string {
   return head + body;
 }
 
+/** The XML without the `<mac>` of any `<interface>` (libvirt generates new addresses). */
+export function removeInterfaceMacs(xml: string): string {
+  const ifs = findElements(xml, 'interface');
+  let out = xml;
+  for (let i = ifs.length - 1; i >= 0; i--) {
+    const s = ifs[i]!;
+    out = out.slice(0, s.start) + removeElements(out.slice(s.start, s.end), 'mac') + out.slice(s.end);
+  }
+  return out;
+}
+
 export function rewriteDomainXml(xml: string, o: XmlRewriteOptions): XmlRewriteResult {
   const rewritten: string[] = [];
   const untouched: string[] = [];
@@ -177,7 +189,10 @@ export function rewriteDomainXml(xml: string, o: XmlRewriteOptions): XmlRewriteR
     if (nameM)
       out = out.slice(0, nameM.index) + `<name>${esc}</name>` + out.slice(nameM.index + nameM[0].length);
     else out = out.replace(/(<domain\b[^>]*>)/, `$1\n  <name>${esc}</name>`);
-    if (o.name !== originalName) out = removeElements(out, 'uuid');
+    if (o.name !== originalName) {
+      out = removeElements(out, 'uuid');
+      out = removeInterfaceMacs(out);
+    }
   }
   if (o.uuid !== undefined) {
     const u = `<uuid>${escapeXmlAttr(o.uuid)}</uuid>`;

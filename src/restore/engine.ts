@@ -87,6 +87,8 @@ export interface RestoreOptions extends CopyTuning {
   force?: boolean;
   /** Define the restored VM in libvirt under this name. */
   define?: string;
+  /** libvirt URI for --define on this host (e.g. qemu:///session); default: virsh's default. */
+  connect?: string;
   /** Permission bits of restored image files (default 0600: owner only). */
   mode?: number;
   onProgress?: (p: RestoreProgress) => void;
@@ -568,7 +570,7 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
         `${cpRef} has no saved ${DOMAIN_XML} to define (back up with --config ${DOMAIN_XML}=FILE)`,
       );
     }
-    existingUuid = await domainUuid(o.define);
+    existingUuid = await domainUuid(o.define, o.connect);
     if (existingUuid !== null && !o.force) {
       throw new BkfsError(
         'TARGET_EXISTS',
@@ -675,7 +677,7 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
       for (const n of cfg.notes) o.onNotice?.(n);
       await writeConfigFiles(cfg.files);
       if (o.define !== undefined && cfg.domainXml) {
-        await defineDomain(cfg.domainXml);
+        await defineDomain(cfg.domainXml, o.connect);
         defined = o.define;
       }
     }

@@ -2,10 +2,11 @@
  * `bkfs run JOBFILE` against real libvirt (TCG domains of test/helpers/libvirt.ts), real child
  * `bkfs backup` processes, SQLite and packs.
  *
- * The job has three "hosts": `qemu:///system`, the same libvirtd reached through a second URI form
- * (`qemu+unix:///system?socket=...`; to be switched to the `remote` helper's network-namespace
- * host), and a host whose socket does not exist (unreachable). Domains are selected with a glob and
- * an exclude, one named domain is missing. Checked: `--dry-run` starts nothing; a run backs up
+ * The job has three "hosts": `qemu:///system` (this machine's libvirtd), the network-namespace
+ * hypervisor of test/helpers/remote-host.ts reached only through `qemu+ssh://` (its own libvirtd
+ * and sshd), and a host whose socket does not exist (unreachable). On both reachable hosts domains
+ * are selected with a glob and an exclude (a shut-off domain each, excluded); one named domain is
+ * missing on the remote host. Checked: `--dry-run` starts nothing; a run backs up
  * every reachable domain, fails the missing one and the unreachable host's, says so in the summary
  * and exits 30 (JOB_PARTIAL); `--json` matches its schema; the backups are byte-exact; the level
  * policy gives full, then inc, then full (every 2nd backup); retention and gc run at the end, then
@@ -19,13 +20,24 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { bkfs, bkfsOk, qemuIo } from '../helpers/cli';
 import { assertCheckpointEquals } from '../helpers/compare';
-import { libvirtMissing, startDaemons, stopDaemons, TestDomain, type Daemons } from '../helpers/libvirt';
+import {
+  domainXml,
+  libvirtMissing,
+  startDaemons,
+  stopDaemons,
+  TestDomain,
+  virsh,
+  virshTry,
+  type Daemons,
+} from '../helpers/libvirt';
+import { RemoteHost, remoteHostMissing, type RemoteDomain } from '../helpers/remote-host';
 import { arr, bool, int, nullable, obj, oneOf, str, time, validate, type Schema } from '../helpers/schema';
 import { EXIT_CODES } from '../../src/cli/exit-codes';
 import { run } from '../../src/util/proc';
 
-const missing = libvirtMissing();
-const SOCKET = '/run/libvirt/libvirt-sock';
+/** Only in the remote host's mount namespace (its /var/lib/libvirt is a private tmpfs). */
+const RDIR = '/var/lib/libvirt/bkfs-jobs-test';
+const RSCRATCH = `${RDIR}/scratch`;
 
 const errSchema: Schema = nullable(obj({ code: str, exitCode: nullable(int), message: str }));
 const vmSchema = obj({
@@ -97,12 +109,18 @@ interface RunJson {
   log: string | null;
 }
 
-describe('bkfs run: a job file for an estate', { skip: missing ?? false }, () => {
+describe('bkfs run: a job file for an estate', () => {
   let work: string;
   let daemons: Daemons = { started: [] };
+  let host: RemoteHost | undefined;
   const doms: TestDomain[] = [];
+  let remoteDom: RemoteDomain | undefined;
   const prefix = `bkfs-jobs-${process.pid}`;
+  /** web1, web2 on this machine; db1 on the remote host. */
   const names = { web1: `${prefix}-web1`, web2: `${prefix}-web2`, db1: `${prefix}-db1` };
+  /** Shut-off domains the excludes leave out (one per reachable host). */
+  const localOld = `${prefix}-old`;
+  const remoteOld = `${prefix}-db-old`;
   const refs: Record<string, string> = {};
   const images: Record<string, string> = {};
   let repo: string;
@@ -126,11 +144,16 @@ describe('bkfs run: a job file for an estate', { skip: missing ?? false }, () =>
   };
 
   before(async () => {
+    const why = libvirtMissing() ?? remoteHostMissing();
+    if (why) throw new Error(`cannot run the job test: ${why}`);
     work = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-jobs-test-'));
     fs.chmodSync(work, 0o755); // QEMU (libvirt-qemu) must reach the images and the scratch dir
     scratch = path.join(work, 'scratch');
     fs.mkdirSync(scratch, { mode: 0o755 });
     daemons = await startDaemons();
+    host = await RemoteHost.start();
+    const mk = await host.exec('mkdir', ['-p', '-m', '0755', RDIR, RSCRATCH]);
+    assert.equal(mk.code, 0, mk.stderr);
     let seed = 1;
     for (const [key, name] of Object.entries(names)) {
       const img = path.join(work, `${key}.qcow2`);
@@ -144,9 +167,27 @@ describe('bkfs run: a job file for an estate', { skip: missing ?? false }, () =>
       refs[key] = path.join(work, `${key}.ref.raw`);
       images[key] = img;
       await run('qemu-img', ['convert', '-O', 'raw', '-f', 'qcow2', img, refs[key]]);
-      doms.push(await TestDomain.create(work, name, [{ target: 'sda', file: img, format: 'qcow2' }]));
+      if (key === 'db1') {
+        // On the remote host only (its private tmpfs): every byte comes through ssh.
+        const rimg = `${RDIR}/${key}.qcow2`;
+        const cp = await host.exec('cp', [img, rimg]);
+        assert.equal(cp.code, 0, cp.stderr);
+        fs.rmSync(img);
+        remoteDom = await host.createDomain(name, [{ target: 'sda', file: rimg, format: 'qcow2' }]);
+      } else {
+        doms.push(await TestDomain.create(work, name, [{ target: 'sda', file: img, format: 'qcow2' }]));
+      }
       seed++;
     }
+    // A shut-off domain on each host, which the excludes leave out.
+    const oldXml = path.join(work, 'old.xml');
+    fs.writeFileSync(oldXml, domainXml(localOld, [{ target: 'sda', file: images.web1!, format: 'qcow2' }]));
+    await virsh('define', oldXml);
+    fs.writeFileSync(
+      oldXml,
+      domainXml(remoteOld, [{ target: 'sda', file: `${RDIR}/db1.qcow2`, format: 'qcow2' }]),
+    );
+    await host.virsh('define', oldXml);
     repo = path.join(work, 'repo');
     await bkfsOk(['-r', repo, 'init']);
     offsite = path.join(work, 'offsite');
@@ -179,15 +220,16 @@ to = "offsite"               # relative: to this file's directory
 name = "local"
 uri = "qemu:///system"
 domains = ["${prefix}-*"]
-exclude = ["${prefix}-db*"]
+exclude = ["${localOld}"]
 concurrency = 2
 scratch-dir = "scratch"
 
 [[host]]
 name = "second"
-uri = "qemu+unix:///system?socket=${SOCKET}"
-domains = ["${names.db1}", "${prefix}-missing"]
-scratch-dir = "scratch"
+uri = "${host.uri}"
+domains = ["${prefix}-db*", "${prefix}-missing"]
+exclude = ["${prefix}-db-*"]
+scratch-dir = "${RSCRATCH}"
 
 [[host]]
 name = "gone"
@@ -200,7 +242,9 @@ domains = ["web*"]
   after(async () => {
     try {
       for (const d of doms) await d.destroy();
+      await virshTry('undefine', localOld);
     } finally {
+      await host?.stop();
       await stopDaemons(daemons);
       if (process.env.BKFS_JOBS_TEST_KEEP_LOGS && fs.existsSync(logDir))
         fs.cpSync(logDir, process.env.BKFS_JOBS_TEST_KEEP_LOGS, { recursive: true });
@@ -233,10 +277,11 @@ domains = ["web*"]
     const list = JSON.parse((await bkfsOk(['-r', repo, 'list', '--json'])).stdout) as unknown[];
     assert.deepEqual(list, [], 'no checkpoint');
     assert.ok(!fs.existsSync(logDir), 'no log of a dry run');
-    for (const d of doms) {
+    for (const d of [...doms, remoteDom!]) {
       assert.deepEqual(await d.checkpointNames(), [], 'no libvirt checkpoint');
       assert.equal(await d.job(), null, 'no backup job');
     }
+    for (const n of [localOld, remoteOld]) assert.doesNotMatch(r.stdout, new RegExp(n), 'excluded');
   });
 
   it('a run backs up every reachable domain in parallel children, fails the others, exits 30 (--json)', async () => {
@@ -304,6 +349,8 @@ domains = ["web*"]
   it('the next runs follow the level policy (inc, then a full every 2nd) with retention and gc', async () => {
     await doms[0]!.qemuIo('sda', 'write -P 0xa1 4M 64k');
     await qemuIo(refs.web1!, 'raw', 'write -P 0xa1 4M 64k');
+    await remoteDom!.qemuIo('sda', 'write -P 0xc3 5M 96k');
+    await qemuIo(refs.db1!, 'raw', 'write -P 0xc3 5M 96k');
     const r2 = await runJob();
     assert.equal(r2.code, EXIT_CODES.JOB_PARTIAL, r2.stderr);
     for (const n of Object.values(names)) {
@@ -315,6 +362,7 @@ domains = ["web*"]
     assert.match(r2.stdout, /^copy: 3 checkpoint\(s\) of 3 VM\(s\) into \S+offsite, /m);
     assert.match(r2.stdout, /^log: \S+\.log$/m);
     await assertCheckpointEquals(repo, `${names.web1}@check2`, 'sda', refs.web1!);
+    await assertCheckpointEquals(repo, `${names.db1}@check2`, 'sda', refs.db1!);
     const web1 = (await bkfsOk(['-r', repo, 'list', names.web1, '--json'])).stdout;
     assert.ok(
       (JSON.parse(web1) as { bytesRead: number }[])[1]!.bytesRead <= 1 << 20,

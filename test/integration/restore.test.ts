@@ -560,7 +560,19 @@ describe('--define with libvirt', () => {
     const name = `bkfs-restore-test-${process.pid}`;
     const out = path.join(work, 'define');
     try {
-      await bkfsOk(['-r', repo, 'restore', 'web@check2', '--to', out, '--define', name]);
+      // A local --connect URI only selects the libvirt that --define talks to.
+      await bkfsOk([
+        '-r',
+        repo,
+        'restore',
+        'web@check2',
+        '--to',
+        out,
+        '--define',
+        name,
+        '--connect',
+        'qemu:///system',
+      ]);
       // QEMU (another user) must reach the disks of a defined domain: searchable, not listable.
       assert.equal(fs.statSync(out).mode & 0o777, 0o711);
       assert.equal(fs.statSync(path.join(out, 'vda.raw')).mode & 0o777, 0o600);

@@ -45,7 +45,7 @@ const DOMAIN = `<domain type='kvm' id='3'>
       <mirror type='file' job='copy'><source file='/tmp/m.img'/></mirror>
     </disk>
     ${CDROM}
-    <interface type='network'><source network='default'/></interface>
+    <interface type='network'><mac address='52:54:00:12:34:56'/><source network='default'/></interface>
   </devices>
 </domain>
 `;
@@ -89,18 +89,26 @@ describe('domain XML rewrite', () => {
     // Everything else is byte for byte as saved.
     assert.ok(r.xml.includes(CDROM));
     assert.ok(r.xml.includes('<uuid>0b4c3e4e-7d2a-4e8e-9d5b-3a6e1d2c9f10</uuid>'));
-    assert.ok(r.xml.includes("<interface type='network'><source network='default'/></interface>"));
+    assert.ok(
+      r.xml.includes(
+        "<interface type='network'><mac address='52:54:00:12:34:56'/><source network='default'/></interface>",
+      ),
+    );
     assert.ok(r.xml.startsWith("<domain type='kvm' id='3'>\n  <name>web</name>"));
   });
 
-  it('a new name replaces <name> and drops <uuid>; the same name keeps it', () => {
+  it('a new name replaces <name> and drops <uuid> and the MAC addresses; the same name keeps them', () => {
     const disks = { vda: { path: '/r/vda.raw', format: 'raw' as const } };
     const renamed = rewriteDomainXml(DOMAIN, { disks, name: 'web-restored' });
     assert.match(renamed.xml, /<name>web-restored<\/name>/);
-    assert.doesNotMatch(renamed.xml, /<uuid>|<name>web<\/name>/);
+    assert.doesNotMatch(renamed.xml, /<uuid>|<name>web<\/name>|<mac /);
+    assert.match(renamed.xml, /<interface type='network'><source network='default'\/><\/interface>/);
     assert.match(renamed.xml, /<name>web-restored<\/name>\n {2}<memory/, 'no blank line left');
     const same = rewriteDomainXml(DOMAIN, { disks, name: 'web' });
     assert.match(same.xml, /<uuid>0b4c3e4e/);
+    assert.match(same.xml, /<mac address='52:54:00:12:34:56'\/>/);
+    const plain = rewriteDomainXml(DOMAIN, { disks });
+    assert.match(plain.xml, /<mac address='52:54:00:12:34:56'\/>/, 'no --define: the saved MAC stays');
   });
 
   it('an existing domain keeps its UUID when it is redefined', () => {

@@ -14,6 +14,7 @@ interface RestoreCliOptions {
   verifyTarget?: boolean;
   force?: boolean;
   define?: string;
+  connect?: string;
   concurrency?: string;
   mode?: string;
   json?: boolean;
@@ -80,6 +81,10 @@ export function registerRestore(program: Command): void {
     )
     .option('--force', 'replace existing target files (and an existing libvirt domain with --define)')
     .option('--define <name>', 'define the restored VM in libvirt under this name (needs a saved domain.xml)')
+    .option(
+      '-c, --connect <uri>',
+      'libvirt URI; qemu+ssh://[USER@]HOST/system writes the disks onto that host (--to is a path there)',
+    )
     .option('--concurrency <n>', 'writes in flight (default 8)')
     .option('--mode <octal>', 'permission bits of restored image files (default 0600: owner only)')
     .option('--json', 'machine-readable summary')
@@ -96,12 +101,19 @@ size/mtime/ctime/inode). --since writes only the differences, so it needs proof 
 holds that checkpoint unchanged: the marker, or a full comparison with --verify-target (the only
 way for an NBD target). A file modified since (e.g. a VM booted from it) is refused (exit 26).
 
+With --connect qemu+ssh://[USER@]HOST/system the disks are written onto that hypervisor (--to is
+an absolute path there) through qemu-nbd on it, over the ssh connection (nothing else needs to be
+reachable), and --define defines the domain there. Until every disk is written and flushed the
+files are FILE.bkfs-partial; an interrupted or failed remote restore removes them (nothing existing
+is replaced before that).
+
 Examples:
   bkfs restore web@check3 --to /srv/restore/web
   bkfs restore web --disk vda --to /var/lib/libvirt/images/web-vda.qcow2
   bkfs restore web@check5 --disk vda --to web-vda.raw --since web@check3
   bkfs restore web --disk vda --to 'nbd+unix:///?socket=/run/web-vda.sock'
-  bkfs restore web --to /var/lib/libvirt/images/web2 --format qcow2 --define web2`,
+  bkfs restore web --to /var/lib/libvirt/images/web2 --format qcow2 --define web2
+  bkfs restore web@check3 --connect qemu+ssh://root@kvm2/system --to /var/lib/libvirt/images/web2 --define web2`,
     )
     .action(async (ref: string, opts: RestoreCliOptions, cmd: Command) => {
       if (opts.format !== undefined && opts.format !== 'raw' && opts.format !== 'qcow2') {
@@ -114,6 +126,39 @@ Examples:
         throw new BkfsError('USAGE', `--mode must be octal permission bits like 0640, got '${opts.mode}'`);
       }
       const mode = opts.mode !== undefined ? parseInt(opts.mode, 8) : undefined;
+      const { parseLibvirtUri } = await import('../../backup/libvirt-plan');
+      const remote = opts.connect !== undefined ? parseLibvirtUri(opts.connect) : null;
+      if (remote) {
+        for (const [given, flag] of [
+          [opts.since !== undefined, '--since'],
+          [opts.verifyTarget, '--verify-target'],
+          [opts.mode !== undefined, '--mode'],
+        ] as const) {
+          if (given) throw new BkfsError('USAGE', `${flag} does not apply to a restore onto a remote host`);
+        }
+        if (/^nbds?(\+unix)?:\/\//i.test(opts.to)) {
+          throw new BkfsError('USAGE', '--to: with --connect qemu+ssh://, --to is a path on the remote host');
+        }
+        const { runRemoteRestore } = await import('../../restore/remote');
+        const res = await withLongJob(`restore ${ref}`, (job) =>
+          withReader(cmd, (repo) =>
+            runRemoteRestore(repo, {
+              ref,
+              remote,
+              to: opts.to,
+              ...(opts.disk !== undefined ? { disk: opts.disk } : {}),
+              ...(opts.format !== undefined ? { format: opts.format as FileFormat } : {}),
+              ...(opts.define !== undefined ? { define: opts.define } : {}),
+              ...(concurrency !== undefined ? { concurrency } : {}),
+              force: opts.force ?? false,
+              ...job,
+            }),
+          ),
+        );
+        if (opts.json) printJson(res);
+        else printRestore(res);
+        return;
+      }
       const { runRestore } = await import('../../restore/engine');
       const res = await withLongJob(`restore ${ref}`, (job) =>
         withReader(cmd, (repo) =>
@@ -125,6 +170,7 @@ Examples:
             ...(opts.since !== undefined ? { since: opts.since } : {}),
             ...(opts.verifyTarget ? { verifyTarget: true } : {}),
             ...(opts.define !== undefined ? { define: opts.define } : {}),
+            ...(opts.connect !== undefined ? { connect: opts.connect } : {}),
             ...(concurrency !== undefined ? { concurrency } : {}),
             ...(mode !== undefined ? { mode } : {}),
             force: opts.force ?? false,
