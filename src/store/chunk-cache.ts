@@ -11,17 +11,27 @@
  * has them (from a page query) passes them in.
  *
  * `copyRange` serves part of a chunk. For a frames chunk (codec 2, format 4) and a range of at most
- * half the chunk that is neither cached nor being loaded whole, it reads the chunk's stored bytes
- * (one read; kept in a small stored-bytes cache), checks the frame table against the chunk's hash,
- * decodes only the frames the range needs, checks each against its frame hash and keeps it in a
- * decoded-frame cache keyed by (chunk, frame): a random 4 KiB read decodes and hashes 32 KiB instead
- * of 256 KiB. Everything else loads the whole chunk (from the stored-bytes cache when it is there).
- * Memory: `cacheBytes` in all, half for whole chunks, a quarter each for stored bytes and frames.
+ * half the chunk that is neither cached nor being loaded whole, it decodes only the frames the range
+ * needs, checks each against its frame hash and keeps it in a decoded-frame cache keyed by
+ * (chunk, frame): a random 4 KiB read decodes and hashes 32 KiB instead of 256 KiB. The first such
+ * read of a chunk reads its whole stored bytes (one read: it also brings the rest of the chunk into
+ * the page cache) and checks the frame table against the chunk's hash; the checked table is kept in
+ * a small table cache of its own, so every later miss on that chunk reads only the stored bytes of
+ * the frame it needs (one small positioned read), and a hit in the frame cache reads nothing.
+ * Everything else loads the whole chunk. Memory: `cacheBytes` in all, half for whole chunks, 7/16
+ * for decoded frames, 1/16 for frame tables (a 256 KiB chunk's table costs well under 1 KiB).
  */
 import { LRUCache } from 'lru-cache';
 import type Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
-import { CODEC_FRAMES, decodeChunk, decodeFrame, parseFrameTable, type FrameTable } from './codec';
+import {
+  CODEC_FRAMES,
+  decodeChunk,
+  decodeFrame,
+  parseFrameTable,
+  type FrameEntry,
+  type FrameTable,
+} from './codec';
 import type { PackReader } from './packs';
 
 export interface ChunkLocation {
@@ -36,13 +46,32 @@ export interface ChunkLocation {
 
 export const DEFAULT_CACHE_BYTES = 256 << 20;
 
+/** Estimated memory of a cached frame table: the object, and per frame its entry and hash. */
+const TABLE_COST = 128;
+const FRAME_ENTRY_COST = 160;
+
+/** Frame `i` of chunk `id` as one number (a table has at most 0xffff frames). */
+function frameKey(id: number, i: number): number {
+  return id * 0x10000 + i;
+}
+
+/** Copy the part of decoded frame `f` (`raw`) inside the chunk range [from, to) to `out`. */
+function copyFrame(raw: Buffer, f: FrameEntry, from: number, to: number, out: Buffer, outOff: number): void {
+  const s = Math.max(from, f.rawOff);
+  const e = Math.min(to, f.rawOff + f.rawLen);
+  raw.copy(out, outOff + (s - from), s - f.rawOff, e - f.rawOff);
+}
+
 export class ChunkLoader {
   private readonly cache: LRUCache<number, Buffer>;
   private readonly inflight = new Map<number, Promise<Buffer>>();
-  /** Decoded frames of codec-2 chunks, keyed `chunkId:frame`. */
-  private readonly frames: LRUCache<string, Buffer>;
-  /** Stored (compressed) bytes of codec-2 chunks read for frames, with their checked table once parsed. */
-  private readonly stored: LRUCache<number, { data: Buffer; table?: FrameTable }>;
+  /** Decoded frames of codec-2 chunks, keyed by `frameKey(chunkId, frame)`. */
+  private readonly frames: LRUCache<number, Buffer>;
+  /** Decoded frames being read (the chunk's table already known), same keys. */
+  private readonly framesInflight = new Map<number, Promise<Buffer>>();
+  /** Checked frame tables of codec-2 chunks, by chunk id. */
+  private readonly tables: LRUCache<number, FrameTable>;
+  /** Whole stored bytes of codec-2 chunks being read (shared by concurrent first reads; not kept). */
   private readonly storedInflight = new Map<number, Promise<Buffer>>();
   framesDecoded = 0;
   /** Read small ranges of frames chunks frame by frame (false: always whole chunks; for A/B in bench/). */
@@ -61,13 +90,13 @@ export class ChunkLoader {
       maxSize: Math.max(1, cacheBytes >> 1),
       sizeCalculation: (b) => Math.max(1, b.length),
     });
-    this.frames = new LRUCache<string, Buffer>({
-      maxSize: Math.max(1, cacheBytes >> 2),
+    this.frames = new LRUCache<number, Buffer>({
+      maxSize: Math.max(1, Math.floor((cacheBytes * 7) / 16)),
       sizeCalculation: (b) => Math.max(1, b.length),
     });
-    this.stored = new LRUCache<number, { data: Buffer; table?: FrameTable }>({
-      maxSize: Math.max(1, cacheBytes >> 2),
-      sizeCalculation: (v) => Math.max(1, v.data.length),
+    this.tables = new LRUCache<number, FrameTable>({
+      maxSize: Math.max(TABLE_COST, cacheBytes >> 4),
+      sizeCalculation: (t) => TABLE_COST + t.frames.length * FRAME_ENTRY_COST,
     });
     this.locStmt = db.prepare(
       `SELECT c.id AS id, c.hash AS hash, p.name AS pack, c.offset AS offset, c.stored_len AS storedLen,
@@ -119,69 +148,111 @@ export class ChunkLoader {
       raw.copy(out, outOff, from, to);
       return;
     }
-    let hit = this.frameHits(id, from, to, out, outOff);
-    if (hit) return;
-    const data = await this.storedBytes(id, loc);
-    hit = this.frameHits(id, from, to, out, outOff); // another read may have decoded them meanwhile
-    if (hit) return;
-    const entry = this.stored.get(id) ?? { data };
+    let table = this.tables.get(id);
+    if (table && this.frameHits(id, table, from, to, out, outOff)) return;
     try {
-      entry.table ??= parseFrameTable(data, loc.rawLen, loc.storedLen, loc.hash);
-      const t = entry.table;
-      const size = 1 << t.shift;
-      for (let i = Math.floor(from / size); i <= Math.floor((to - 1) / size); i++) {
-        const key = `${id}:${i}`;
-        const f = t.frames[i]!;
-        let raw = this.frames.get(key);
-        if (raw === undefined) {
-          raw = decodeFrame(f, data.subarray(f.storedOff, f.storedOff + f.storedLen));
-          if (raw.buffer === data.buffer) raw = Buffer.from(raw); // a raw frame: do not pin the stored bytes
-          this.framesDecoded++;
-          this.frames.set(key, raw);
+      if (!table) {
+        // First read of this chunk: its whole stored bytes, one read (shared with concurrent ones).
+        const data = await this.storedBytes(id, loc);
+        table = this.tables.get(id);
+        if (!table) {
+          table = parseFrameTable(data, loc.rawLen, loc.storedLen, loc.hash);
+          this.tables.set(id, table);
         }
-        const s = Math.max(from, f.rawOff);
-        const e = Math.min(to, f.rawOff + f.rawLen);
-        raw.copy(out, outOff + (s - from), s - f.rawOff, e - f.rawOff);
+        const t = table;
+        this.eachFrame(t, from, to, (i, f) => {
+          const key = frameKey(id, i);
+          let raw = this.frames.get(key);
+          if (raw === undefined) {
+            raw = decodeFrame(f, data.subarray(f.storedOff, f.storedOff + f.storedLen));
+            if (raw.buffer === data.buffer) raw = Buffer.from(raw); // a raw frame: do not pin the stored bytes
+            this.framesDecoded++;
+            this.frames.set(key, raw);
+          }
+          copyFrame(raw, f, from, to, out, outOff);
+        });
+        return;
+      }
+      // The table is known: read and decode only the missing frames (each one small read).
+      const t = table;
+      const parts: Promise<void>[] = [];
+      this.eachFrame(t, from, to, (i, f) => {
+        const raw = this.frames.get(frameKey(id, i));
+        if (raw !== undefined) copyFrame(raw, f, from, to, out, outOff);
+        else parts.push(this.readFrame(id, loc, i, f).then((r) => copyFrame(r, f, from, to, out, outOff)));
+      });
+      if (parts.length === 1) await parts[0];
+      else if (parts.length > 1) {
+        // Every piece settles before the read fails: nothing lands in `out` afterwards.
+        const results = await Promise.allSettled(parts);
+        for (const r of results) if (r.status === 'rejected') throw r.reason;
       }
     } catch (e) {
-      this.stored.delete(id);
       throw this.damage(id, loc, e);
     }
   }
 
-  /** Copy [from, to) from cached frames if every frame it needs is cached (needs the table). */
-  private frameHits(id: number, from: number, to: number, out: Buffer, outOff: number): boolean {
-    const t = this.stored.get(id)?.table;
-    if (!t) return false;
+  /** Frames [i, f] of a table that the raw range [from, to) touches, in order. */
+  private eachFrame(t: FrameTable, from: number, to: number, fn: (i: number, f: FrameEntry) => void): void {
+    const last = Math.floor((to - 1) / (1 << t.shift));
+    for (let i = Math.floor(from / (1 << t.shift)); i <= last; i++) fn(i, t.frames[i]!);
+  }
+
+  /** Copy [from, to) from cached frames if every frame it needs is cached. */
+  private frameHits(
+    id: number,
+    t: FrameTable,
+    from: number,
+    to: number,
+    out: Buffer,
+    outOff: number,
+  ): boolean {
     const size = 1 << t.shift;
     const a = Math.floor(from / size);
     const b = Math.floor((to - 1) / size);
+    if (a === b) {
+      const raw = this.frames.get(frameKey(id, a));
+      if (raw === undefined) return false;
+      copyFrame(raw, t.frames[a]!, from, to, out, outOff);
+      return true;
+    }
     const got: Buffer[] = [];
     for (let i = a; i <= b; i++) {
-      const raw = this.frames.get(`${id}:${i}`);
+      const raw = this.frames.get(frameKey(id, i));
       if (raw === undefined) return false;
       got.push(raw);
     }
-    for (let i = a; i <= b; i++) {
-      const f = t.frames[i]!;
-      const s = Math.max(from, f.rawOff);
-      const e = Math.min(to, f.rawOff + f.rawLen);
-      got[i - a]!.copy(out, outOff + (s - from), s - f.rawOff, e - f.rawOff);
-    }
+    for (let i = a; i <= b; i++) copyFrame(got[i - a]!, t.frames[i]!, from, to, out, outOff);
     return true;
   }
 
-  /** The stored bytes of a chunk: cached, being read, or read now (one read, shared). */
+  /** One frame of a chunk whose table is known: its stored bytes only, decoded and checked (shared). */
+  private readFrame(id: number, loc: ChunkLocation, i: number, f: FrameEntry): Promise<Buffer> {
+    const key = frameKey(id, i);
+    const running = this.framesInflight.get(key);
+    if (running) return running;
+    const p = this.packs
+      .read(loc.pack, loc.offset + f.storedOff, f.storedLen)
+      .then((stored) => {
+        this.bytesFromStore += f.storedLen;
+        const raw = decodeFrame(f, stored);
+        this.framesDecoded++;
+        this.frames.set(key, raw);
+        return raw;
+      })
+      .finally(() => this.framesInflight.delete(key));
+    this.framesInflight.set(key, p);
+    return p;
+  }
+
+  /** The whole stored bytes of a chunk: being read, or read now (one read, shared; not kept). */
   private storedBytes(id: number, loc: ChunkLocation): Promise<Buffer> {
-    const hit = this.stored.get(id);
-    if (hit) return Promise.resolve(hit.data);
     const running = this.storedInflight.get(id);
     if (running) return running;
     const p = this.packs
       .read(loc.pack, loc.offset, loc.storedLen)
       .then((data) => {
         this.bytesFromStore += loc.storedLen;
-        this.stored.set(id, { data });
         return data;
       })
       .finally(() => this.storedInflight.delete(id));
@@ -200,14 +271,13 @@ export class ChunkLoader {
 
   private async fetch(id: number, given?: ChunkLocation): Promise<Buffer> {
     const loc = given ?? this.location(id);
-    const cached = this.stored.get(id)?.data ?? (await this.storedInflight.get(id));
-    const stored = cached ?? (await this.packs.read(loc.pack, loc.offset, loc.storedLen));
-    if (!cached) this.bytesFromStore += loc.storedLen;
+    const running = this.storedInflight.get(id);
+    const stored = running ? await running : await this.packs.read(loc.pack, loc.offset, loc.storedLen);
+    if (!running) this.bytesFromStore += loc.storedLen;
     let raw: Buffer;
     try {
       raw = decodeChunk(stored, loc.codec, loc.rawLen, loc.hash);
     } catch (e) {
-      this.stored.delete(id);
       throw new BkfsError(
         'DATA_DAMAGED',
         `chunk ${loc.hash.toString('hex').slice(0, 16)} (pack ${loc.pack}): ${(e as Error).message}`,
@@ -224,6 +294,6 @@ export class ChunkLoader {
   clear(): void {
     this.cache.clear();
     this.frames.clear();
-    this.stored.clear();
+    this.tables.clear();
   }
 }
