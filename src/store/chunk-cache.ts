@@ -28,6 +28,7 @@ import {
   CODEC_FRAMES,
   decodeChunk,
   decodeFrame,
+  decodeFrameInto,
   parseFrameTable,
   type FrameEntry,
   type FrameTable,
@@ -62,13 +63,99 @@ function copyFrame(raw: Buffer, f: FrameEntry, from: number, to: number, out: Bu
   raw.copy(out, outOff + (s - from), s - f.rawOff, e - f.rawOff);
 }
 
+/**
+ * Decoded frames in fixed slots of a few large buffers (slabs of 64 slots, allocated as needed),
+ * least recently used first out: decoding a frame allocates nothing, so random reads do not churn
+ * the garbage collector with 32 KiB buffers. A view returned by `get` is valid only until the next
+ * `alloc` (which may reuse its slot): callers copy from it at once, synchronously.
+ */
+class FrameCache {
+  private readonly slabs: Buffer[] = [];
+  /** key -> slot; Map order is recency order (oldest first). */
+  private readonly map = new Map<number, number>();
+  private readonly lens: number[] = [];
+  private readonly free: number[] = [];
+  private used = 0;
+
+  constructor(
+    readonly slots: number,
+    readonly slotSize: number,
+  ) {}
+
+  get size(): number {
+    return this.map.size;
+  }
+
+  get(key: number): Buffer | undefined {
+    const slot = this.map.get(key);
+    if (slot === undefined) return undefined;
+    this.map.delete(key);
+    this.map.set(key, slot);
+    return this.view(slot, this.lens[slot]!);
+  }
+
+  /** Whether a frame of `len` bytes can be cached. */
+  fits(len: number): boolean {
+    return len <= this.slotSize && this.slots > 0;
+  }
+
+  /** A slot to decode into (evicting the least recently used frame); undefined when it cannot hold `len`. */
+  alloc(len: number): number | undefined {
+    if (!this.fits(len)) return undefined;
+    const f = this.free.pop();
+    if (f !== undefined) return f;
+    if (this.used < this.slots) {
+      const slot = this.used++;
+      if (slot >> SLAB_SHIFT >= this.slabs.length) {
+        this.slabs.push(Buffer.allocUnsafeSlow(this.slotSize << SLAB_SHIFT));
+      }
+      return slot;
+    }
+    const oldest = this.map.keys().next().value as number;
+    const slot = this.map.get(oldest)!;
+    this.map.delete(oldest);
+    return slot;
+  }
+
+  view(slot: number, len: number): Buffer {
+    const at = (slot & ((1 << SLAB_SHIFT) - 1)) * this.slotSize;
+    return this.slabs[slot >> SLAB_SHIFT]!.subarray(at, at + len);
+  }
+
+  /** The slot now holds frame `key` (`len` bytes). */
+  commit(key: number, slot: number, len: number): void {
+    const old = this.map.get(key);
+    if (old !== undefined && old !== slot) this.free.push(old);
+    this.lens[slot] = len;
+    this.map.set(key, slot);
+  }
+
+  /** Give back a slot that was not committed (its decode failed). */
+  release(slot: number): void {
+    this.free.push(slot);
+  }
+
+  clear(): void {
+    this.map.clear();
+    this.free.length = 0;
+    this.used = 0;
+    this.slabs.length = 0;
+  }
+}
+
+const SLAB_SHIFT = 6;
+/** Slot size of the frame cache: frames of this bkfs (32 KiB); larger frames are decoded uncached. */
+const FRAME_SLOT = 32 * 1024;
+
 export class ChunkLoader {
   private readonly cache: LRUCache<number, Buffer>;
   private readonly inflight = new Map<number, Promise<Buffer>>();
   /** Decoded frames of codec-2 chunks, keyed by `frameKey(chunkId, frame)`. */
-  private readonly frames: LRUCache<number, Buffer>;
-  /** Decoded frames being read (the chunk's table already known), same keys. */
-  private readonly framesInflight = new Map<number, Promise<Buffer>>();
+  private readonly frames: FrameCache;
+  /** Frames being read (the chunk's table already known), same keys. */
+  private readonly framesInflight = new Map<number, Promise<Buffer | undefined>>();
+  /** Buffers for the stored bytes of one frame while it is decoded. */
+  private readonly scratch: Buffer[] = [];
   /** Checked frame tables of codec-2 chunks, by chunk id. */
   private readonly tables: LRUCache<number, FrameTable>;
   /** Whole stored bytes of codec-2 chunks being read (shared by concurrent first reads; not kept). */
@@ -90,10 +177,7 @@ export class ChunkLoader {
       maxSize: Math.max(1, cacheBytes >> 1),
       sizeCalculation: (b) => Math.max(1, b.length),
     });
-    this.frames = new LRUCache<number, Buffer>({
-      maxSize: Math.max(1, Math.floor((cacheBytes * 7) / 16)),
-      sizeCalculation: (b) => Math.max(1, b.length),
-    });
+    this.frames = new FrameCache(Math.floor((cacheBytes * 7) / 16 / FRAME_SLOT), FRAME_SLOT);
     this.tables = new LRUCache<number, FrameTable>({
       maxSize: Math.max(TABLE_COST, cacheBytes >> 4),
       sizeCalculation: (t) => TABLE_COST + t.frames.length * FRAME_ENTRY_COST,
@@ -162,14 +246,10 @@ export class ChunkLoader {
         const t = table;
         this.eachFrame(t, from, to, (i, f) => {
           const key = frameKey(id, i);
-          let raw = this.frames.get(key);
-          if (raw === undefined) {
-            raw = decodeFrame(f, data.subarray(f.storedOff, f.storedOff + f.storedLen));
-            if (raw.buffer === data.buffer) raw = Buffer.from(raw); // a raw frame: do not pin the stored bytes
-            this.framesDecoded++;
-            this.frames.set(key, raw);
-          }
-          copyFrame(raw, f, from, to, out, outOff);
+          const raw =
+            this.frames.get(key) ??
+            this.decodeTo(key, f, data.subarray(f.storedOff, f.storedOff + f.storedLen));
+          copyFrame(raw, f, from, to, out, outOff); // at once: a cache slot is only lent
         });
         return;
       }
@@ -179,7 +259,7 @@ export class ChunkLoader {
       this.eachFrame(t, from, to, (i, f) => {
         const raw = this.frames.get(frameKey(id, i));
         if (raw !== undefined) copyFrame(raw, f, from, to, out, outOff);
-        else parts.push(this.readFrame(id, loc, i, f).then((r) => copyFrame(r, f, from, to, out, outOff)));
+        else parts.push(this.frameInto(id, loc, i, f, from, to, out, outOff));
       });
       if (parts.length === 1) await parts[0];
       else if (parts.length > 1) {
@@ -226,22 +306,88 @@ export class ChunkLoader {
     return true;
   }
 
-  /** One frame of a chunk whose table is known: its stored bytes only, decoded and checked (shared). */
-  private readFrame(id: number, loc: ChunkLocation, i: number, f: FrameEntry): Promise<Buffer> {
+  /**
+   * Decode frame `f` from its stored bytes into a cache slot (or, when it cannot be cached, a
+   * buffer of its own) and return a view valid until the next decode: copy from it at once.
+   */
+  private decodeTo(key: number, f: FrameEntry, stored: Buffer): Buffer {
+    const slot = this.frames.alloc(f.rawLen);
+    if (slot === undefined) {
+      const raw = decodeFrame(f, stored);
+      this.framesDecoded++;
+      return raw.buffer === stored.buffer ? Buffer.from(raw) : raw;
+    }
+    const view = this.frames.view(slot, f.rawLen);
+    try {
+      decodeFrameInto(f, stored, view);
+    } catch (e) {
+      this.frames.release(slot);
+      throw e;
+    }
+    this.framesDecoded++;
+    this.frames.commit(key, slot, f.rawLen);
+    return view;
+  }
+
+  /** Copy the part of frame `i` inside [from, to) into `out` once it is read (table known). */
+  private async frameInto(
+    id: number,
+    loc: ChunkLocation,
+    i: number,
+    f: FrameEntry,
+    from: number,
+    to: number,
+    out: Buffer,
+    outOff: number,
+  ): Promise<void> {
     const key = frameKey(id, i);
-    const running = this.framesInflight.get(key);
+    for (let attempt = 0; ; attempt++) {
+      // A shared read fills a cache slot, which other decodes may reuse before this continuation
+      // runs: look again, and after one miss read a private copy.
+      const own = await this.readFrame(id, loc, i, f, attempt > 0);
+      const raw = own ?? this.frames.get(key);
+      if (raw !== undefined) {
+        copyFrame(raw, f, from, to, out, outOff);
+        return;
+      }
+    }
+  }
+
+  /**
+   * Read and decode one frame of a chunk whose table is known: its stored bytes only (one small
+   * read, shared by concurrent readers). Resolves with a buffer of its own when the frame was not
+   * cached (`private`, or too large for a slot), else undefined (it is in the frame cache).
+   */
+  private readFrame(
+    id: number,
+    loc: ChunkLocation,
+    i: number,
+    f: FrameEntry,
+    privateCopy: boolean,
+  ): Promise<Buffer | undefined> {
+    const key = frameKey(id, i);
+    const running = privateCopy ? undefined : this.framesInflight.get(key);
     if (running) return running;
+    const scratch =
+      f.storedLen <= FRAME_SLOT ? (this.scratch.pop() ?? Buffer.allocUnsafeSlow(FRAME_SLOT)) : undefined;
+    const stored = scratch ? scratch.subarray(0, f.storedLen) : Buffer.allocUnsafe(f.storedLen);
     const p = this.packs
-      .read(loc.pack, loc.offset + f.storedOff, f.storedLen)
-      .then((stored) => {
+      .readInto(loc.pack, loc.offset + f.storedOff, stored)
+      .then(() => {
         this.bytesFromStore += f.storedLen;
-        const raw = decodeFrame(f, stored);
-        this.framesDecoded++;
-        this.frames.set(key, raw);
-        return raw;
+        if (privateCopy) {
+          const raw = decodeFrame(f, stored);
+          this.framesDecoded++;
+          return raw.buffer === stored.buffer ? Buffer.from(raw) : raw;
+        }
+        const raw = this.decodeTo(key, f, stored);
+        return this.frames.fits(f.rawLen) ? undefined : raw;
       })
-      .finally(() => this.framesInflight.delete(key));
-    this.framesInflight.set(key, p);
+      .finally(() => {
+        if (scratch && this.scratch.length < 64) this.scratch.push(scratch);
+        if (!privateCopy) this.framesInflight.delete(key);
+      });
+    if (!privateCopy) this.framesInflight.set(key, p);
     return p;
   }
 

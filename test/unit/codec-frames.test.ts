@@ -318,6 +318,28 @@ describe('ChunkLoader.copyRange over a real pack', () => {
     assert.deepEqual(across, c.raw.subarray(edge, edge + 8192));
   });
 
+  it("a two-slot frame cache under many concurrent reads never hands out another frame's bytes", async () => {
+    // Decoded frames live in reused slots: with 2 slots and 48 reads in flight over 3 chunks,
+    // slots are taken over while other reads still wait for theirs.
+    const loader = new ChunkLoader(db, packs, 160 * KiB);
+    const use = [chunks[0]!, chunks[1]!, chunks[2]!];
+    for (const c of use) await loader.copyRange(c.loc.id, c.loc, 0, 4096, Buffer.alloc(4096), 0);
+    let seed = 7;
+    const next = () => (seed = (seed * 48271) % 0x7fffffff);
+    for (let round = 0; round < 4; round++) {
+      const reads = Array.from({ length: 48 }, () => {
+        const c = use[next() % use.length]!;
+        const at = next() % (c.loc.rawLen - 4096);
+        const out = Buffer.alloc(4096);
+        return loader.copyRange(c.loc.id, c.loc, at, at + 4096, out, 0).then(() => {
+          assert.deepEqual(out, c.raw.subarray(at, at + 4096));
+        });
+      });
+      await Promise.all(reads);
+    }
+    assert.ok(loader.framesDecoded > 20);
+  });
+
   it('a frame damaged after its table was cached fails alone (DATA_DAMAGED); a damaged table fails the chunk', async () => {
     const c = chunks[5]!;
     const file = packPath(dir, c.loc.pack);
