@@ -38,6 +38,50 @@ function cpuTimes(): { self: number; children: number } {
   return { self: n(14) + n(15), children: n(16) + n(17) };
 }
 
+/** CPU seconds (user+sys) of each thread of this process, by thread id (/proc/self/task). */
+function threadCpu(): Map<number, number> {
+  const out = new Map<number, number>();
+  for (const t of fs.readdirSync('/proc/self/task')) {
+    try {
+      const f = fs.readFileSync(`/proc/self/task/${t}/stat`, 'utf8');
+      const rest = f.slice(f.lastIndexOf(')') + 2).split(' ');
+      out.set(Number(t), (Number(rest[11]) + Number(rest[12])) / 100);
+    } catch {
+      // the thread ended between readdir and read
+    }
+  }
+  return out;
+}
+
+/**
+ * Samples the threads' CPU every 50 ms while a backup runs, keeping each thread's last figure (the
+ * ingest workers end before the backup returns). Threads that did not exist before are the
+ * backup's ingest workers; the others are the main thread and Node's helpers (libuv's file-system
+ * pool, V8's GC and compiler threads).
+ */
+class ThreadSampler {
+  private readonly before = threadCpu();
+  private last = new Map<number, number>();
+  private readonly timer = setInterval(() => this.sample(), 50);
+
+  private sample(): void {
+    for (const [t, c] of threadCpu()) this.last.set(t, c);
+  }
+
+  stop(): { main: number; workers: number; helpers: number } {
+    clearInterval(this.timer);
+    this.sample();
+    const r = { main: 0, workers: 0, helpers: 0 };
+    for (const [t, c] of this.last) {
+      const d = c - (this.before.get(t) ?? 0);
+      if (t === process.pid) r.main += d;
+      else if (this.before.has(t)) r.helpers += d;
+      else r.workers += d;
+    }
+    return r;
+  }
+}
+
 async function makeImage(file: string, sizeMiB: number, data: string): Promise<number> {
   const raw = `${file}.raw`;
   const fh = await fsp.open(raw, 'w', 0o600);
@@ -64,13 +108,23 @@ async function makeImage(file: string, sizeMiB: number, data: string): Promise<n
 const ms = (x: number) => `${(x / 1000).toFixed(2)} s`;
 const pct = (x: number, of: number) => `${((100 * x) / of).toFixed(0)} %`;
 
-function print(s: BackupStats, bytes: number, cpu: { bkfs: number; nbd: number }): void {
+interface Cpu {
+  bkfs: number;
+  nbd: number;
+  threads: { main: number; workers: number; helpers: number };
+}
+
+function print(s: BackupStats, bytes: number, cpu: Cpu): void {
   const gib = bytes / (1 << 30);
   const main = s.mainBusyMs + s.mainIdleMs;
   const lines: [string, string][] = [
     [
       'wall',
       `${ms(s.wallMs)}  (setup ${ms(s.setupMs)}, reading phase ${ms(s.ingestMs)}, seal+commit ${ms(s.commitMs)})`,
+    ],
+    [
+      '  setup',
+      `probe (qemu-img info) ${ms(s.planMs)}, lock+workers+row ${ms(s.startMs)}, bitmap add ${ms(s.trackMs)}, qemu-nbd start+connect ${ms(s.openMs)}`,
     ],
     [
       'read',
@@ -80,6 +134,10 @@ function print(s: BackupStats, bytes: number, cpu: { bkfs: number; nbd: number }
     [
       'CPU',
       `bkfs ${cpu.bkfs.toFixed(2)} s + qemu-nbd ${cpu.nbd.toFixed(2)} s = ${((cpu.bkfs + cpu.nbd) / gib).toFixed(2)} CPU s/GiB read`,
+    ],
+    [
+      '  by thread',
+      `main ${cpu.threads.main.toFixed(2)} s, ingest workers ${cpu.threads.workers.toFixed(2)} s, Node helpers (fs pool, GC) ${cpu.threads.helpers.toFixed(2)} s`,
     ],
     [
       'main thread',
@@ -126,6 +184,7 @@ async function main(): Promise<void> {
       const repo = Repository.init(dir, level ? { compressionLevel: Number(level) } : {});
       try {
         const stats = emptyBackupStats();
+        const sampler = new ThreadSampler();
         const c0 = cpuTimes();
         const t0 = performance.now();
         const res = await runBackup(repo, {
@@ -139,7 +198,7 @@ async function main(): Promise<void> {
         });
         const wall = performance.now() - t0;
         const c1 = cpuTimes();
-        const cpu = { bkfs: c1.self - c0.self, nbd: c1.children - c0.children };
+        const cpu = { bkfs: c1.self - c0.self, nbd: c1.children - c0.children, threads: sampler.stop() };
         if (process.argv.includes('--json')) {
           all.push({ stats, cpu, bytesRead: res.bytesRead, wallMs: wall, stored: res.chunks.newStoredBytes });
         } else {

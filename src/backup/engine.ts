@@ -99,6 +99,14 @@ export interface BackupStats {
   wallMs: number;
   /** Plan, probe, lock and source start-up (qemu-nbd), before the first read. */
   setupMs: number;
+  /** Parts of the set-up: planning and probing the sources (`qemu-img info`), ... */
+  planMs: number;
+  /** ... the writer lock, worker pool and the checkpoint's row, ... */
+  startMs: number;
+  /** ... starting change tracking (`qemu-img bitmap --add`), ... */
+  trackMs: number;
+  /** ... and opening the sources (qemu-nbd started, NBD handshake), summed over disks. */
+  openMs: number;
   /** The reading phase: first read to the last chunk handed to the pack writer. */
   ingestMs: number;
   /** Sealing the last packs and committing the checkpoint. */
@@ -130,6 +138,10 @@ export function emptyBackupStats(): BackupStats {
   return {
     wallMs: 0,
     setupMs: 0,
+    planMs: 0,
+    startMs: 0,
+    trackMs: 0,
+    openMs: 0,
     ingestMs: 0,
     commitMs: 0,
     bufferWaitMs: 0,
@@ -322,6 +334,13 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
   }
   const { plan, disks } = await makePlan(repo, opts);
   checkAborted(opts.signal);
+  let tMark = performance.now();
+  const mark = (k: 'planMs' | 'startMs' | 'trackMs' | 'openMs'): void => {
+    const now = performance.now();
+    if (opts.stats) opts.stats[k] += now - tMark;
+    tMark = now;
+  };
+  if (opts.stats) opts.stats.planMs += tMark - tStart;
 
   // Shared with other backups and with forget/gc (FORMAT.md, "Concurrent writers").
   repo.lockWriter(`backup ${opts.vm}`, { kind: 'backup' });
@@ -384,8 +403,10 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
     let virtualSize = 0;
     // Change tracking for the new checkpoint starts before any data is read.
     const diskRows: { plan: DiskPlan; diskId: number; newBitmap: string | null }[] = [];
+    mark('startMs');
     for (const dp of disks) {
       const newBitmap = plan.level === 'copy' ? null : await dp.spec.source.prepare(bitmapName(uid));
+      mark('trackMs');
       prepared.push(dp);
       const id = cpId;
       const r = db
@@ -405,7 +426,9 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
     let tIngest = 0;
     for (const d of diskRows) {
       checkAborted(opts.signal);
+      tMark = performance.now();
       const src = await d.plan.spec.source.open(d.plan.readBitmap);
+      mark('openMs');
       let readers: NbdClient[] = [src.client];
       if (stats) {
         if (tIngest === 0) stats.setupMs = performance.now() - tStart;

@@ -73,6 +73,11 @@ export interface BackupSource {
   readonly location: string;
   probe(): Promise<SourceProbe>;
   /**
+   * Optional: start what `probe()` will need now (a child process), so that it runs while the
+   * caller loads modules and opens the repository; the next `probe()` takes that answer.
+   */
+  startProbe?(): void;
+  /**
    * The dirty bitmap to read for changes since a checkpoint that recorded `recorded`; throws
    * CHAIN_BROKEN when those changes cannot be read.
    */
@@ -107,8 +112,19 @@ export class ImageSource implements BackupSource {
     this.location = path.resolve(image);
   }
 
+  /** `qemu-img info` started by `startProbe()`, taken by the next `probe()`. */
+  private early: Promise<ImageInfo> | undefined;
+
+  startProbe(): void {
+    if (this.early) return;
+    this.early = imageInfo(this.location, this.declared);
+    this.early.catch(() => undefined); // reported by probe(), or dropped if it never runs
+  }
+
   async probe(): Promise<SourceProbe> {
-    this.info = await imageInfo(this.location, this.declared);
+    const early = this.early;
+    this.early = undefined;
+    this.info = await (early ?? imageInfo(this.location, this.declared));
     if (this.info.format !== 'qcow2' && this.info.format !== 'raw') {
       throw new BkfsError(
         'SOURCE_FORMAT',
@@ -238,10 +254,12 @@ export class ImageSource implements BackupSource {
   }
 
   async afterCommit(keep: ReadonlySet<string>, history: BitmapHistory, newChain: boolean): Promise<void> {
-    if (!newChain || this.infoOrThrow.format !== 'qcow2') return;
-    const info = await imageInfo(this.location, 'qcow2');
-    // Only bitmaps this repository recorded (or named the old way): never a copy's own bitmaps,
-    // which its chain still needs.
+    const info = this.infoOrThrow;
+    if (!newChain || info.format !== 'qcow2') return;
+    // The bitmaps as probe() listed them: since then this backup only added the one in `keep`, and
+    // no other bkfs backed up this VM (refused while this one runs), so no second `qemu-img info`
+    // (a child process on every full backup's path). Only bitmaps this repository recorded (or
+    // named the old way): never a copy's own bitmaps, which its chain still needs.
     const ours = new Set(history.known);
     for (const b of info.bitmaps) {
       if ((ours.has(b.name) || b.name.startsWith(history.legacyPrefix)) && !keep.has(b.name)) {

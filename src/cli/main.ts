@@ -3,9 +3,9 @@
  * Each command lives in `src/cli/commands/<name>.ts` and calls core modules; errors are
  * `BkfsError`s mapped to exit codes by `exit-codes.ts`.
  *
- * Start-up: this module and the command definitions load only commander and small helpers; each
- * action imports the core modules it needs when it runs (`bkfs --help` loads no SQLite, zstd or
- * FUSE; `bkfs list` loads SQLite only).
+ * Start-up: this module loads only commander and small helpers; `bkfs CMD` loads the definitions
+ * of CMD's module only (COMMAND_MODULES), and each action imports the core modules it needs when it
+ * runs (`bkfs --help` loads no SQLite, zstd or FUSE; `bkfs list` loads SQLite only).
  */
 import { Command, CommanderError, Option } from 'commander';
 import { BkfsError, errorMessage } from '../errors';
@@ -13,22 +13,87 @@ import { EXIT_CODES, EXIT_INTERNAL } from './exit-codes';
 import { note, setVerbosity, verbosity } from './context';
 import { parseDuration } from '../util/format';
 import { codedFsError } from '../util/userpath';
-import { registerBackup } from './commands/backup';
-import { registerCatalog } from './commands/catalog';
-import { registerInit } from './commands/init';
-import { registerVerify } from './commands/verify';
-import { registerOptional } from './commands/optional';
-import { registerLifecycle } from './commands/lifecycle';
-import { registerRestore } from './commands/restore';
-import { registerMount } from './commands/mount';
-import { registerServe } from './commands/serve';
-import { registerInstantRestore } from './commands/instant-restore';
-import { registerFiles } from './commands/files';
-import { registerMeta } from './commands/meta';
-import { registerWeb } from './commands/web';
-import { registerRun } from './commands/run';
 
-export function buildProgram(): Command {
+type Registrar = (program: Command) => void;
+
+/**
+ * The command modules, in help order, with the commands (and aliases) each registers. `bkfs CMD`
+ * loads only CMD's module (start-up: compiling the other fourteen is most of the CLI's own load
+ * time); `bkfs`, `bkfs --help`, `help`, `completion`, `man` and unknown names load them all. A unit
+ * test checks this table against what each module registers.
+ */
+/* eslint-disable @typescript-eslint/no-require-imports -- synchronous lazy loading of one command module */
+export const COMMAND_MODULES: readonly { commands: readonly string[]; load: () => Registrar }[] = [
+  {
+    commands: ['init'],
+    load: () => (require('./commands/init') as typeof import('./commands/init')).registerInit,
+  },
+  {
+    commands: ['backup'],
+    load: () => (require('./commands/backup') as typeof import('./commands/backup')).registerBackup,
+  },
+  {
+    commands: ['list', 'snapshots', 'info'],
+    load: () => (require('./commands/catalog') as typeof import('./commands/catalog')).registerCatalog,
+  },
+  {
+    commands: ['verify'],
+    load: () => (require('./commands/verify') as typeof import('./commands/verify')).registerVerify,
+  },
+  {
+    commands: [],
+    load: () => (require('./commands/optional') as typeof import('./commands/optional')).registerOptional,
+  },
+  {
+    commands: ['forget', 'protect', 'unprotect', 'gc', 'prune', 'repair', 'stats'],
+    load: () => (require('./commands/lifecycle') as typeof import('./commands/lifecycle')).registerLifecycle,
+  },
+  {
+    commands: ['restore', 'export'],
+    load: () => (require('./commands/restore') as typeof import('./commands/restore')).registerRestore,
+  },
+  {
+    commands: ['mount', 'umount', 'unmount'],
+    load: () => (require('./commands/mount') as typeof import('./commands/mount')).registerMount,
+  },
+  {
+    commands: ['serve'],
+    load: () => (require('./commands/serve') as typeof import('./commands/serve')).registerServe,
+  },
+  {
+    commands: ['instant-restore'],
+    load: () =>
+      (require('./commands/instant-restore') as typeof import('./commands/instant-restore'))
+        .registerInstantRestore,
+  },
+  {
+    commands: ['ls', 'cp', 'cat', 'checksum', 'find', 'diff'],
+    load: () => (require('./commands/files') as typeof import('./commands/files')).registerFiles,
+  },
+  {
+    commands: ['web'],
+    load: () => (require('./commands/web') as typeof import('./commands/web')).registerWeb,
+  },
+  {
+    commands: ['version', 'completion', 'man'],
+    load: () => (require('./commands/meta') as typeof import('./commands/meta')).registerMeta,
+  },
+  {
+    commands: ['run'],
+    load: () => (require('./commands/run') as typeof import('./commands/run')).registerRun,
+  },
+];
+
+/* eslint-enable @typescript-eslint/no-require-imports */
+
+/** Commands that need every command defined (they list or generate from all of them). */
+const NEEDS_ALL = new Set(['help', 'completion', 'man']);
+
+/**
+ * The program with every command, or (`only`: a command name from COMMAND_MODULES) with just the
+ * module that defines it.
+ */
+export function buildProgram(only?: string): Command {
   const program = new Command('bkfs');
   program
     .description('Block-level backup of virtual machine disks, with every checkpoint mountable as a raw disk')
@@ -57,20 +122,9 @@ export function buildProgram(): Command {
       );
     }
   });
-  registerInit(program);
-  registerBackup(program);
-  registerCatalog(program);
-  registerVerify(program);
-  registerOptional(program);
-  registerLifecycle(program);
-  registerRestore(program);
-  registerMount(program);
-  registerServe(program);
-  registerInstantRestore(program);
-  registerFiles(program);
-  registerWeb(program);
-  registerMeta(program);
-  registerRun(program);
+  const mods =
+    only === undefined ? COMMAND_MODULES : COMMAND_MODULES.filter((m) => m.commands.includes(only));
+  for (const m of mods) m.load()(program);
   program.addHelpText(
     'after',
     `
@@ -96,6 +150,23 @@ const GLOBAL_WITH_VALUE = new Set(['-r', '--repo', '--retry-lock']);
  * `bkfs --version` / `bkfs -V` (before any command) runs `bkfs version`, so both print the same
  * full information.
  */
+/** The command word of `args` (after the global options), if any. */
+export function commandWord(args: readonly string[]): string | undefined {
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (GLOBAL_WITH_VALUE.has(a)) i++;
+    else if (!a.startsWith('-')) return a;
+  }
+  return undefined;
+}
+
+/** The command to load alone for `args`, or undefined to load them all (see COMMAND_MODULES). */
+export function soleCommand(args: readonly string[]): string | undefined {
+  const w = commandWord(args);
+  if (w === undefined || NEEDS_ALL.has(w)) return undefined;
+  return COMMAND_MODULES.some((m) => m.commands.includes(w)) ? w : undefined;
+}
+
 export function rewriteVersionFlag(args: string[]): string[] {
   for (let i = 0; i < args.length; i++) {
     const a = args[i]!;
@@ -115,9 +186,10 @@ export async function main(argv: string[]): Promise<void> {
       throw e;
     });
   }
-  const program = buildProgram();
+  const args = rewriteVersionFlag(argv.slice(2));
+  const program = buildProgram(soleCommand(args));
   try {
-    await program.parseAsync([...argv.slice(0, 2), ...rewriteVersionFlag(argv.slice(2))]);
+    await program.parseAsync([...argv.slice(0, 2), ...args]);
   } catch (raw) {
     const e = codedFsError(raw); // a raw EACCES/ENOTDIR/... on a user's path: coded, not exit 1
     process.exitCode = exitCodeFor(e);

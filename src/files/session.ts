@@ -55,6 +55,7 @@ import {
 import { guestfishAvailable } from './guestfish';
 import { GuestfsEngine } from './guestfs-engine';
 import { KernelEngine } from './kernel';
+import { SESSION_DIR_PREFIX, sweepStaleSessions, writeOwner } from './stale';
 import { NbdExportServer, type NbdExport } from './nbd-server';
 import { resolveInRoot, type EntryKind, type ResolveOps } from './resolve';
 import type { FileEntry } from './tree';
@@ -185,9 +186,11 @@ export class FilesSession {
       pin?.release();
       throw e;
     }
-    const work = await fsp.mkdtemp(path.join(os.tmpdir(), 'bkfs-files-'));
+    await sweepStaleSessions(opts.onNotice);
+    const work = await fsp.mkdtemp(path.join(os.tmpdir(), SESSION_DIR_PREFIX));
     const damage: { first?: BkfsError } = {};
     try {
+      writeOwner(work);
       const cps = new Map<string, CpState>();
       const exports = new Map<string, NbdExport>();
       const drives = new Map<string, CheckpointDrives>();

@@ -18,7 +18,7 @@
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { BkfsError, errorMessage, type ErrorCode } from '../errors';
+import { BkfsError, errorMessage, isBkfsError, type ErrorCode } from '../errors';
 import { Repository } from '../repo/repository';
 import { bytes } from '../util/format';
 import { onUserPath } from '../util/userpath';
@@ -242,6 +242,20 @@ export function sendReady<T = MountedInfo>(fd: number, msg: ReadyMessage<T>): vo
   } catch {
     // the parent is gone; nothing to tell
   }
+}
+
+/**
+ * Tell the parent waiting on `fd` (if any, and if nothing was told yet) that starting failed with
+ * `e`, so it exits with the same code and message as a foreground run would.
+ */
+export function sendReadyError(fd: number | undefined, e: unknown): void {
+  if (fd === undefined) return;
+  sendReady(
+    fd,
+    isBkfsError(e)
+      ? { ok: false, code: e.code, message: e.message }
+      : { ok: false, code: 'INTERNAL', message: errorMessage(e) },
+  );
 }
 
 export interface StartOptions {

@@ -159,6 +159,30 @@ function frameHash(raw: Buffer): Buffer {
   return hashChunk(raw).subarray(0, FRAME_SUM_LEN);
 }
 
+/**
+ * Whether zstd saves 1/32 on the whole of `raw` (written into the reused `scratch`, thrown away).
+ * On incompressible data it fails at its first 128 KiB block, so a random 256 KiB chunk costs
+ * about one 32 KiB frame's attempt.
+ */
+function wholeChunkShrinks(c: zstd.CCtx, raw: Buffer, keep: number): boolean {
+  if (!scratch || scratch.length < keep) scratch = Buffer.allocUnsafeSlow(Math.max(keep, 256 * 1024));
+  try {
+    c.compress2(scratch.subarray(0, keep), raw);
+    return true;
+  } catch (e) {
+    if (/too small/i.test((e as Error).message)) return false;
+    throw e;
+  }
+}
+
+/** Reused output of encodeFrames (one per thread): the table and frames are built here, then copied once. */
+let framesScratch: Buffer | undefined;
+
+/**
+ * Frames are compressed straight into a reused buffer capped at the largest result worth keeping,
+ * so a chunk that ends up raw (random data) allocates nothing, and a compressed one is copied once
+ * into its exact-size result (bench/README.md, "Third session").
+ */
 function encodeFrames(raw: Buffer, level: number, hash: Buffer, frameSize: number): Encoded {
   let shift = MIN_FRAME_SHIFT;
   while (shift < MAX_FRAME_SHIFT && 1 << shift < frameSize) shift++;
@@ -167,18 +191,35 @@ function encodeFrames(raw: Buffer, level: number, hash: Buffer, frameSize: numbe
   const tableLen = tableLenFor(count);
   const keep = keepLimit(raw.length);
   if (tableLen >= keep || count > 0xffff) return { codec: CODEC_RAW, data: raw };
-  const out = Buffer.allocUnsafeSlow(keep);
+  if (!framesScratch || framesScratch.length < keep) {
+    framesScratch = Buffer.allocUnsafeSlow(Math.max(keep, 256 * 1024));
+  }
+  const out = framesScratch;
   out.writeUInt8(shift, 0);
   out.writeUInt8(0, 1);
   out.writeUInt16BE(count, 2);
   let pos = tableLen;
+  const c = compressCtx(level);
   for (let i = 0; i < count; i++) {
     const piece = raw.subarray(i * size, Math.min(raw.length, (i + 1) * size));
-    const n = compressToScratch(piece, level, keepLimit(piece.length));
+    // At most what the frame may take to be worth compressing, and never past `keep`.
+    const cap = Math.min(keepLimit(piece.length), keep - pos);
+    let n = -1;
+    if (cap > 0) {
+      try {
+        n = c.compress2(out.subarray(pos, pos + cap), piece);
+      } catch (e) {
+        if (!/too small/i.test((e as Error).message)) throw e;
+      }
+    }
+    if (i === 0 && n < 0 && count > 1 && !wholeChunkShrinks(c, raw, keep)) {
+      // The first frame did not shrink, and zstd over the whole chunk does not either (one call
+      // that fails fast on incompressible data, ~6x cheaper than trying every frame): store raw.
+      return { codec: CODEC_RAW, data: raw };
+    }
     const len = n < 0 ? piece.length : n;
     if (pos + len > keep) return { codec: CODEC_RAW, data: raw }; // frames do not save 1/32 overall
     if (n < 0) piece.copy(out, pos);
-    else scratch!.copy(out, pos, 0, n);
     const e = FRAME_HEADER_LEN + i * FRAME_ENTRY_LEN;
     out.writeUInt32BE(len, e);
     out.writeUInt8(n < 0 ? 0 : 1, e + 4);

@@ -616,6 +616,38 @@ describe('kernel engine', () => {
     const v = await bkfs(['-r', repo, 'verify']);
     assert.equal(v.code, 0, v.stdout + v.stderr);
   });
+
+  it('a session killed with -9 leaves mounts behind; the next session releases them', async () => {
+    const sessionDirs = (): string[] =>
+      fs
+        .readdirSync(os.tmpdir())
+        .filter((n) => /^bkfs-files-[A-Za-z0-9]{6}$/.test(n))
+        .map((n) => path.join(os.tmpdir(), n));
+    const before = new Set(sessionDirs());
+    // cat blocks on a pipe nobody reads while the guest filesystem is mounted on a loop device.
+    const child = spawn(
+      'node',
+      [BKFS, '-r', repo, 'cat', 'web@check1:/data/db/table.dat', '--engine', 'kernel'],
+      {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
+    );
+    let dead: string | undefined;
+    for (let i = 0; i < 600 && dead === undefined; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      dead = sessionDirs().find((d) => !before.has(d) && mountsBelow(d).some((m) => m.includes('/root')));
+    }
+    assert.ok(dead, 'the cat session never mounted its guest filesystem');
+    child.kill('SIGKILL');
+    await waitExit(child);
+    assert.ok(mountsBelow(dead).length > 0, 'kill -9 left nothing mounted: the test proves nothing');
+    assert.notEqual(await loopsOn(dead), '', 'no loop device left attached');
+    // Any later file session sweeps the dead one's leftovers.
+    await bkfsOk(['-r', repo, 'ls', 'web@check1:/etc', '--engine', 'kernel']);
+    assert.deepEqual(mountsBelow(dead), []);
+    assert.equal(await loopsOn(dead), '');
+    assert.equal(fs.existsSync(dead), false);
+  });
 });
 
 // ---------------------------------------------------------------------------------------------

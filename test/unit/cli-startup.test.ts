@@ -8,7 +8,7 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { buildProgram, rewriteVersionFlag } from '../../src/cli/main';
+import { COMMAND_MODULES, buildProgram, rewriteVersionFlag, soleCommand } from '../../src/cli/main';
 import {
   bashCompletion,
   fishCompletion,
@@ -36,6 +36,37 @@ test('loading the CLI loads no SQLite, zstd, BLAKE3, FUSE or core engine module'
     ),
   );
   assert.deepEqual(heavy, []);
+});
+
+test('COMMAND_MODULES names exactly the commands each module defines; `bkfs CMD` loads only its module', () => {
+  const all = buildProgram()
+    .commands.flatMap((c) => [c.name(), ...c.aliases()])
+    .sort();
+  assert.deepEqual([...COMMAND_MODULES.flatMap((m) => m.commands)].sort(), all);
+  for (const m of COMMAND_MODULES) {
+    for (const name of m.commands.filter((n) => soleCommand([n]) !== undefined)) {
+      const p = buildProgram(name);
+      const got = p.commands.flatMap((c) => [c.name(), ...c.aliases()]).sort();
+      assert.deepEqual(got, [...m.commands].sort(), name);
+    }
+  }
+  assert.equal(soleCommand(['-r', '/x', 'list', '--json']), 'list');
+  assert.equal(soleCommand(['--retry-lock', '5s', 'backup', 'vm']), 'backup');
+  assert.equal(soleCommand(['web', 'list']), 'web');
+  for (const all of [[], ['--help'], ['help', 'list'], ['completion', 'bash'], ['man'], ['lsit']])
+    assert.equal(soleCommand(all), undefined, all.join(' '));
+  // In a fresh process: `bkfs list` compiles the catalog commands and no other command module.
+  const script = `
+    const m = require(${JSON.stringify(path.join(ROOT, 'dist/src/cli/main.js'))});
+    m.buildProgram(m.soleCommand(['list']));
+    process.stdout.write(JSON.stringify(Object.keys(require.cache)));`;
+  const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8' });
+  assert.equal(r.status, 0, r.stderr);
+  const cmds = (JSON.parse(r.stdout) as string[]).filter((f) => /cli[\\/]commands[\\/]/.test(f));
+  assert.deepEqual(
+    cmds.map((f) => path.basename(f)),
+    ['catalog.js'],
+  );
 });
 
 test('the --cache-size default written in mount.ts is the chunk cache default', () => {

@@ -90,6 +90,34 @@ describe('frames codec', () => {
     assert.equal(encodeChunk(small, 1).codec, CODEC_ZSTD);
   });
 
+  it('a chunk whose first frame is random but which shrinks overall is still stored as frames', () => {
+    // encodeChunk tries the whole chunk in one zstd call when the first frame does not shrink
+    // (the fast path for random data): that must not turn a compressible chunk raw.
+    const raw = Buffer.alloc(256 * KiB);
+    randomBuffer(11, 32 * KiB).copy(raw, 0);
+    textFile(11, 224 * KiB).copy(raw, 32 * KiB, 0, 224 * KiB);
+    const h = hashChunk(raw);
+    const enc = encodeChunk(raw, 1, h);
+    assert.equal(enc.codec, CODEC_FRAMES);
+    const t = parseFrameTable(enc.data, raw.length, enc.data.length, h);
+    assert.equal(t.frames[0]!.kind, 0, 'the random frame is raw');
+    assert.ok(t.frames.slice(1).every((f) => f.kind === 1));
+    // Encoding other chunks afterwards (the reused buffers) leaves this result intact.
+    const copy = Buffer.from(enc.data);
+    encodeChunk(mixedChunk(12), 1);
+    encodeChunk(randomBuffer(13, 256 * KiB), 1);
+    assert.deepEqual(enc.data, copy);
+    assert.deepEqual(decodeChunk(enc.data, CODEC_FRAMES, raw.length, h), raw);
+    // Random in every frame but the last, whose text saves more than 1/32 of the chunk: the
+    // whole-chunk check does not give up at its first (random) block, so it is frames too.
+    const mostly = randomBuffer(14, 256 * KiB);
+    textFile(14, 32 * KiB).copy(mostly, 224 * KiB, 0, 32 * KiB);
+    const m = encodeChunk(mostly, 1);
+    assert.equal(m.codec, CODEC_FRAMES);
+    assert.deepEqual(decodeChunk(m.data, CODEC_FRAMES, mostly.length), mostly);
+    assert.equal(encodeChunk(randomBuffer(15, 256 * KiB), 1).codec, CODEC_RAW);
+  });
+
   it('round-trips any chunk at any frame size (fast-check)', () => {
     fc.assert(
       fc.property(

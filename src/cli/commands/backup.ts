@@ -169,6 +169,8 @@ Examples:
       }
       const disks =
         opts.libvirt === undefined ? await parseDiskSpecs(opts.disk, opts.bitmap ?? null, opts.format) : [];
+      // qemu-img info of each image runs while the engine's modules load and the repository opens.
+      for (const d of disks) d.source.startProbe?.();
       const configs = opts.config.map((c) => {
         const eq = c.indexOf('=');
         const name = eq > 0 ? c.slice(0, eq) : path.basename(c);

@@ -9,7 +9,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Option, type Command } from 'commander';
-import { BkfsError, errorMessage, isBkfsError } from '../../errors';
+import { BkfsError } from '../../errors';
 import { parseCheckpointRef, resolveRef } from '../../index/catalog';
 import { bytes } from '../../util/format';
 import type { MountedInfo } from '../../fuse/daemon';
@@ -132,7 +132,7 @@ async function runForeground(
   if (daemon) process.on('SIGHUP', () => undefined);
   else process.on('SIGHUP', onSignal);
   let ready = false;
-  const { sendReady, serveMount } = await import('../../fuse/daemon');
+  const { sendReady, sendReadyError, serveMount } = await import('../../fuse/daemon');
   const { logPath } = await import('../../fuse/state');
   try {
     await serveMount({
@@ -156,14 +156,7 @@ async function runForeground(
       },
     });
   } catch (e) {
-    if (readyFd !== undefined && !ready) {
-      sendReady(
-        readyFd,
-        isBkfsError(e)
-          ? { ok: false, code: e.code, message: e.message }
-          : { ok: false, code: 'INTERNAL', message: errorMessage(e) },
-      );
-    }
+    if (!ready) sendReadyError(readyFd, e);
     throw e;
   } finally {
     // fuse-native keeps a libuv handle after a mount: end the process once the action is done

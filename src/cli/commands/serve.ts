@@ -8,7 +8,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Option, type Command } from 'commander';
-import { BkfsError, errorMessage, isBkfsError } from '../../errors';
+import { BkfsError } from '../../errors';
 import { parseCheckpointRef } from '../../index/catalog';
 import { bytes } from '../../util/format';
 import type { ServeState } from '../../nbd/serve';
@@ -146,7 +146,7 @@ Examples:
         if (fd !== undefined && !Number.isInteger(fd))
           throw new BkfsError('USAGE', '--ready-fd takes a number');
         const { serveCheckpoint } = await import('../../nbd/serve');
-        const { sendReady } = await import('../../fuse/daemon');
+        const { sendReady, sendReadyError } = await import('../../fuse/daemon');
         const daemon = fd !== undefined;
         const log = daemon
           ? (line: string) =>
@@ -188,14 +188,7 @@ Examples:
             },
           });
         } catch (e) {
-          if (fd !== undefined && !ready) {
-            sendReady(
-              fd,
-              isBkfsError(e)
-                ? { ok: false, code: e.code, message: e.message }
-                : { ok: false, code: 'INTERNAL', message: errorMessage(e) },
-            );
-          }
+          if (!ready) sendReadyError(fd, e);
           throw e;
         }
         return;

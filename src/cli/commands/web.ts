@@ -7,7 +7,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Option, type Command } from 'commander';
-import { BkfsError, errorMessage, isBkfsError } from '../../errors';
+import { BkfsError } from '../../errors';
 import { note, out, parseIntOption, repoPath, table } from '../context';
 import { printJson } from '../json';
 import { parseDuration } from '../../util/format';
@@ -69,7 +69,7 @@ async function serveForeground(
 ): Promise<void> {
   const state = await import('../../web/state');
   const { createWebServer } = await import('../../web/server');
-  const { sendReady } = await import('../../fuse/daemon');
+  const { sendReady, sendReadyError } = await import('../../fuse/daemon');
   const { processStartTime } = await import('../../fuse/state');
   const { writeFilePrivateSync } = await import('../../util/private-fs');
   const daemon = readyFd !== undefined;
@@ -166,14 +166,7 @@ async function serveForeground(
     }
     log('stopped');
   } catch (e) {
-    if (readyFd !== undefined && !ready) {
-      sendReady(
-        readyFd,
-        isBkfsError(e)
-          ? { ok: false, code: e.code, message: e.message }
-          : { ok: false, code: 'INTERNAL', message: errorMessage(e) },
-      );
-    }
+    if (!ready) sendReadyError(readyFd, e);
     throw e;
   }
 }
