@@ -1,8 +1,10 @@
 /**
  * Benchmark: a full backup of a domain on a remote hypervisor, bkfs over ssh (forwarded NBD unix
- * socket, one ssh master connection) against bkfs run on the hypervisor itself (local unix
+ * socket, one ssh master connection), over NBD+TLS (--nbd-tls with qemu+ssh, and a qemu+tls://
+ * URI), over plain NBD/TCP (--insecure-tcp), against bkfs run on the hypervisor itself (local unix
  * socket), and against `virtnbdbackup` with the same remote URI (NBD over plain TCP to the
- * hypervisor, its remote mode).
+ * hypervisor, its remote mode). Besides wall time: CPU seconds per GiB of data spent on the backup
+ * server (bkfs and its ssh/virsh children; not sshd/QEMU on the hypervisor), the cost of TLS/ssh.
  *
  *   node dist/bench/remote.js [--disk-mib 1024] [--data-mib 512] [--runs 1]
  *
@@ -29,11 +31,14 @@ function arg(name: string, def: number): number {
   return i >= 0 ? Number(process.argv[i + 1] ?? def) : def;
 }
 
-/** Run a command, return its wall time in seconds; throws with its output on failure. */
-function timed(cmd: string, args: string[]): Promise<number> {
+/**
+ * Run a command, return its wall time and the CPU time (user + system) of it and its children on
+ * this machine (sh's `times`), in seconds; throws with its output on failure.
+ */
+function timed(cmd: string, args: string[]): Promise<{ secs: number; cpu: number }> {
   return new Promise((resolve, reject) => {
     const t0 = process.hrtime.bigint();
-    const child = spawn(cmd, args, {
+    const child = spawn('sh', ['-c', '"$@"; r=$?; times >&2; exit $r', 'sh', cmd, ...args], {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, CI: 'true' },
     });
@@ -43,7 +48,13 @@ function timed(cmd: string, args: string[]): Promise<number> {
     child.on('error', reject);
     child.on('close', (code) => {
       const secs = Number(process.hrtime.bigint() - t0) / 1e9;
-      if (code === 0) resolve(secs);
+      // The second line of `times`: children's user and system time, e.g. "0m1.230s 0m0.450s".
+      const t = out.trim().split('\n').slice(-1)[0] ?? '';
+      const cpu = [...t.matchAll(/(\d+)m([\d.]+)s/g)].reduce(
+        (a, m) => a + Number(m[1]) * 60 + Number(m[2]),
+        0,
+      );
+      if (code === 0) resolve({ secs, cpu });
       else reject(new Error(`${cmd} ${args.slice(0, 8).join(' ')} exited ${code}:\n${out.slice(-2000)}`));
     });
   });
@@ -74,6 +85,7 @@ async function deleteAllCheckpoints(dom: RemoteDomain): Promise<void> {
 interface Row {
   tool: string;
   secs: number[];
+  cpu: number[];
   error?: string;
 }
 
@@ -93,13 +105,38 @@ async function main(): Promise<void> {
     const scratch = path.join(work, 'scratch');
     fs.mkdirSync(scratch, { mode: 0o755 });
     console.error('bench: starting the remote host');
-    host = await RemoteHost.start();
+    host = await RemoteHost.start({ tls: true });
     const name = `bkfs-rbench-${process.pid}`;
     const dom = await host.createDomain(name, [{ target: 'sda', file: img, format: 'qcow2' }]);
 
-    const tools: { tool: string; once: (i: number) => Promise<number> }[] = [
+    const remoteBkfs = (repo: string, uri: string, ...extra: string[]) => (i: number) =>
+      timed(process.execPath, [
+        BKFS, '-r', path.join(work, `${repo}-${i}`), 'backup', '--libvirt', name, '--connect', uri,
+        '--level', 'full', '--scratch-dir', scratch, '--no-freeze', ...extra,
+      ]); // prettier-ignore
+    const tools: {
+      tool: string;
+      repo?: string;
+      once: (i: number) => Promise<{ secs: number; cpu: number }>;
+    }[] = [
+      {
+        tool: 'bkfs, remote (qemu+ssh, NBD over TLS: --nbd-tls)',
+        repo: 'repo-nbdtls',
+        once: remoteBkfs('repo-nbdtls', host.uri, '--nbd-tls', host.clientTlsDir),
+      },
+      {
+        tool: 'bkfs, remote (qemu+tls://, NBD over TLS)',
+        repo: 'repo-tlsuri',
+        once: remoteBkfs('repo-tlsuri', host.tlsUri),
+      },
+      {
+        tool: 'bkfs, remote (qemu+ssh, --insecure-tcp: plain NBD/TCP)',
+        repo: 'repo-tcp',
+        once: remoteBkfs('repo-tcp', host.uri, '--insecure-tcp'),
+      },
       {
         tool: 'bkfs, remote (qemu+ssh, ssh-forwarded NBD)',
+        repo: 'repo-ssh',
         once: (i) =>
           timed(process.execPath, [
             BKFS,
@@ -118,6 +155,7 @@ async function main(): Promise<void> {
       },
       {
         tool: 'bkfs, on the hypervisor (qemu:///system, local socket)',
+        repo: 'repo-local',
         once: (i) =>
           timed('nsenter', [
             '-t',
@@ -159,17 +197,18 @@ async function main(): Promise<void> {
       },
     ];
     for (const t of tools) {
-      const row: Row = { tool: t.tool, secs: [] };
+      const row: Row = { tool: t.tool, secs: [], cpu: [] };
       rows.push(row);
       for (let i = 0; i < runs; i++) {
         await deleteAllCheckpoints(dom);
         console.error(`bench: ${t.tool}, run ${i + 1}`);
         try {
-          if (t.tool.startsWith('bkfs')) {
-            const kind = t.tool.includes('remote') ? 'ssh' : 'local';
-            await run(process.execPath, [BKFS, '-r', path.join(work, `repo-${kind}-${i}`), 'init']);
+          if (t.repo !== undefined) {
+            await run(process.execPath, [BKFS, '-r', path.join(work, `${t.repo}-${i}`), 'init']);
           }
-          row.secs.push(await t.once(i));
+          const r = await t.once(i);
+          row.secs.push(r.secs);
+          row.cpu.push(r.cpu);
         } catch (e) {
           row.error = (e as Error).message
             .split('\n')
@@ -188,15 +227,17 @@ async function main(): Promise<void> {
   const lines = [
     `Full backup of ${dataMib} MiB of data (${diskMib} MiB qcow2 disk), remote host in a network namespace (veth), ${runs} run(s), median:`,
     '',
-    '| tool | time (s) | data MB/s |',
-    '|---|---:|---:|',
+    '| tool | time (s) | data MB/s | CPU s per GiB of data on the backup server |',
+    '|---|---:|---:|---:|',
   ];
+  const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)];
   for (const r of rows) {
-    const s = [...r.secs].sort((a, b) => a - b)[Math.floor(r.secs.length / 2)];
+    const s = median(r.secs);
+    const c = median(r.cpu);
     lines.push(
       s === undefined
-        ? `| ${r.tool} | failed: ${r.error ?? '?'} | |`
-        : `| ${r.tool} | ${s.toFixed(1)} | ${((dataMib * MiB) / 1e6 / s).toFixed(1)} |`,
+        ? `| ${r.tool} | failed: ${r.error ?? '?'} | | |`
+        : `| ${r.tool} | ${s.toFixed(1)} | ${((dataMib * MiB) / 1e6 / s).toFixed(1)} | ${c === undefined ? '' : ((c * 1024) / dataMib).toFixed(1)} |`,
     );
   }
   console.log(lines.join('\n'));

@@ -13,7 +13,7 @@ PKGS=(qemu-utils libfuse2 fuse3 nbdkit libnbd-bin util-linux e2fsprogs xfsprogs 
 PKGS+=(libguestfs-tools libguestfs-xfs linux-image-amd64 cryptsetup-bin)
 # Remote-hypervisor tests (a second libvirtd + sshd in a network namespace), the instant-recovery
 # test guest (an initrd built from busybox), the web console's browser tests (Debian's chromium).
-PKGS+=(openssh-server openssh-client iproute2 busybox-static chromium)
+PKGS+=(openssh-server openssh-client iproute2 busybox-static chromium openssl)
 # Object storage tests and benchmarks: a real single-node Ceph cluster with a RADOS Gateway (scripts/ceph-s3.sh).
 PKGS+=(ceph-mon ceph-osd radosgw ceph-common curl)
 PKGS+=(${BKFS_EXTRA_PACKAGES:-})

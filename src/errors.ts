@@ -74,6 +74,8 @@ export type ErrorCode =
   | 'STORE_ACCESS'
   /** The object store cannot be reached or keeps failing (network, timeouts, HTTP 5xx after retries). */
   | 'STORE_UNAVAILABLE'
+  /** A TLS connection (NBD over TLS) failed: certificate not trusted, wrong host name, no TLS offered. */
+  | 'TLS_FAILED'
   /** The work was interrupted by a signal. */
   | 'INTERRUPTED';
 

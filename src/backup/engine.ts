@@ -25,7 +25,7 @@ import { randomBytes } from 'node:crypto';
 import { BkfsError, isBkfsError } from '../errors';
 import type { Repository } from '../repo/repository';
 import { deleteCheckpointRows } from '../repo/repository';
-import { commitCheckpoint } from '../repo/manifest';
+import { commitCheckpoint, publishManifests } from '../repo/manifest';
 import {
   checkName,
   checkpointById,
@@ -512,6 +512,8 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
     });
     const committedId = cpId;
     cpId = undefined;
+    // Object storage: the manifest goes to the bucket after the index commit.
+    await publishManifests(repo, true);
     if (stats) {
       stats.commitMs = performance.now() - tCommit;
       stats.hashMs = pool.times.hashMs;

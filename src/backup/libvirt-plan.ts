@@ -44,6 +44,90 @@ export function isBkfsSocket(socket: string | null): boolean {
   return socket !== null && new RegExp(`/${SOCKET_DIR_PREFIX}[^/]+/${SOCKET_NAME}$`).test(socket);
 }
 
+/**
+ * The key of a pull-mode job started by bkfs, or null for any other job: the job directory
+ * (`.../bkfs-pull-X`, holding the socket and/or the scratch files), or for a job on a hypervisor
+ * reached without ssh (no directory of its own) the prefix of its scratch files
+ * (`.../bkfs-pull-X.<target>.qcow2`). Every path of the job contains its key followed by '/' or '.'.
+ */
+export function bkfsJobKey(job: {
+  socket: string | null;
+  disks: readonly { scratch: string | null }[];
+}): string | null {
+  if (isBkfsSocket(job.socket)) return (job.socket as string).slice(0, -(SOCKET_NAME.length + 1));
+  for (const d of job.disks) {
+    if (d.scratch === null) continue;
+    const m =
+      new RegExp(`^(.*/${SOCKET_DIR_PREFIX}[^/]+)/[^/]+$`).exec(d.scratch) ??
+      new RegExp(`^(.*/${SOCKET_DIR_PREFIX}[^/.]+)\\.[^/]+\\.qcow2$`).exec(d.scratch);
+    if (m) return m[1]!;
+  }
+  return null;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The NBD data path of a remote backup
+
+/**
+ * How the disk data of a pull-mode job reaches bkfs:
+ * - unix: a local job's Unix socket;
+ * - ssh: the job's Unix socket forwarded through bkfs's ssh connection (default for qemu+ssh);
+ * - tls: NBD over TCP with TLS, x509 certificates both ways (libvirt `<server transport='tcp'
+ *   tls='yes'>`; default for qemu+tls, or --nbd-tls DIR);
+ * - tcp: plain NBD over TCP, only with --insecure-tcp.
+ */
+export type NbdTransport =
+  { kind: 'unix' } | { kind: 'ssh' } | { kind: 'tls'; certDir: string } | { kind: 'tcp' };
+
+/** Default TCP port range for a job's NBD server on the hypervisor (a firewall must let it in). */
+export const DEFAULT_NBD_PORTS = { min: 10809, max: 10872 };
+
+export function parsePortRange(s: string): { min: number; max: number } {
+  const m = /^(\d{1,5})(?:-(\d{1,5}))?$/.exec(s.trim());
+  const min = Number(m?.[1]);
+  const max = Number(m?.[2] ?? m?.[1]);
+  if (!m || min < 1 || max > 65535 || min > max) {
+    throw new BkfsError('USAGE', `--nbd-ports '${s}': expected PORT or MIN-MAX (1-65535)`);
+  }
+  return { min, max };
+}
+
+/**
+ * The data path for a connection of `kind` (see `remoteKind`). USAGE for contradictions and for
+ * plain TCP that was not asked for.
+ */
+export function chooseTransport(
+  kind: 'local' | 'ssh' | 'tls' | 'tcp',
+  o: { nbdTls?: string; insecureTcp?: boolean; pkipath?: string | null },
+): NbdTransport {
+  if (o.nbdTls !== undefined && o.insecureTcp) {
+    throw new BkfsError('USAGE', '--nbd-tls and --insecure-tcp exclude each other');
+  }
+  if (kind === 'local') {
+    if (o.nbdTls !== undefined || o.insecureTcp) {
+      throw new BkfsError(
+        'USAGE',
+        `${o.insecureTcp ? '--insecure-tcp' : '--nbd-tls'} is for a remote hypervisor (--connect qemu+ssh:// or qemu+tls://)`,
+      );
+    }
+    return { kind: 'unix' };
+  }
+  if (kind === 'tcp' && !o.insecureTcp) {
+    throw new BkfsError(
+      'USAGE',
+      '--connect qemu+tcp:// sends libvirt commands and the disk contents unencrypted and unauthenticated: use qemu+ssh:// or qemu+tls://, or give --insecure-tcp if that is really wanted',
+    );
+  }
+  if (o.insecureTcp) return { kind: 'tcp' };
+  if (o.nbdTls !== undefined) return { kind: 'tls', certDir: o.nbdTls };
+  if (kind === 'ssh') return { kind: 'ssh' };
+  if (o.pkipath) return { kind: 'tls', certDir: o.pkipath };
+  throw new BkfsError(
+    'USAGE',
+    '--connect qemu+tls://: give the client certificates for NBD over TLS with --nbd-tls DIR (ca-cert.pem, client-cert.pem, client-key.pem) or ?pkipath=DIR in the URI',
+  );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Connection URIs
 
@@ -59,6 +143,38 @@ export interface SshTarget {
   noVerify: boolean;
   /** The URI libvirt uses on the hypervisor itself (`qemu:///system`). */
   localUri: string;
+}
+
+/** A hypervisor reached by libvirt's own TLS or TCP transport (no ssh). */
+export interface DirectTarget {
+  uri: string;
+  kind: 'tls' | 'tcp';
+  host: string;
+  /** `?pkipath=DIR` of a qemu+tls URI (libvirt's client certificates), or null. */
+  pkipath: string | null;
+}
+
+/**
+ * A qemu+tls:// or qemu+tcp:// URI (a hypervisor without ssh), or null for any other URI (then
+ * see `parseLibvirtUri`).
+ */
+export function parseDirectUri(
+  uri: string | undefined,
+  env: NodeJS.ProcessEnv = process.env,
+): DirectTarget | null {
+  const u = uri ?? env.LIBVIRT_DEFAULT_URI;
+  if (u === undefined || u === '') return null;
+  const m = /^qemu\+(tls|tcp):\/\/([^/?#]*)(\/[^?#]*)?(?:\?([^#]*))?/i.exec(u);
+  if (!m) return null;
+  const am = /^(?:[^@]+@)?(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(m[2] ?? '');
+  if (!am) throw new BkfsError('USAGE', `--connect ${u}: no host in the URI`);
+  const params = new URLSearchParams(m[4] ?? '');
+  return {
+    uri: u,
+    kind: (m[1] ?? '').toLowerCase() as 'tls' | 'tcp',
+    host: (am[1] ?? '').replace(/^\[|\]$/g, ''),
+    pkipath: params.get('pkipath'),
+  };
 }
 
 /**
@@ -107,9 +223,9 @@ export function parseLibvirtUri(
   };
 }
 
-/** Check a --connect URI (see `parseLibvirtUri`). */
+/** Check a --connect URI of a backup (see `parseLibvirtUri`; qemu+tls/qemu+tcp too). */
 export function checkConnectUri(uri: string | undefined, env: NodeJS.ProcessEnv = process.env): void {
-  parseLibvirtUri(uri, env);
+  if (parseDirectUri(uri, env) === null) parseLibvirtUri(uri, env);
 }
 
 // ---------------------------------------------------------------------------------------------

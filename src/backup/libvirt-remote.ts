@@ -17,6 +17,13 @@
  * REMOTE_FAILED. Should the guard not run at all, the next bkfs run finds the leftover job through
  * its owner file (read over ssh) and ends it, as locally.
  *
+ * Other data paths (`NbdTransport` in libvirt-plan.ts): with --nbd-tls or --insecure-tcp the job's
+ * NBD server listens on TCP on the hypervisor (TLS: x509 verified both ways) and the ssh guard
+ * session forwards nothing (it prints `ready` once it runs). A qemu+tls:// or qemu+tcp:// URI has
+ * no ssh at all (`DirectJobSite`): virsh uses libvirt's own transport, the job has no directory
+ * (libvirt creates and removes its scratch files, named after a key that says which bkfs owns
+ * it), and the guard runs on this host, ending the job through that libvirt connection.
+ *
  * No state beyond the processes; every remote argument is shell-quoted.
  */
 import * as fs from 'node:fs';
@@ -26,7 +33,16 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { BkfsError } from '../errors';
 import { processAlive, run, waitExit } from '../util/proc';
-import { OWNER_FILE, parseLibvirtUri, SOCKET_DIR_PREFIX, SOCKET_NAME, type SshTarget } from './libvirt-plan';
+import { createHash } from 'node:crypto';
+import {
+  OWNER_FILE,
+  parseDirectUri,
+  parseLibvirtUri,
+  SOCKET_DIR_PREFIX,
+  SOCKET_NAME,
+  type DirectTarget,
+  type SshTarget,
+} from './libvirt-plan';
 import { NbdClient } from '../nbd/client';
 import { GUARD_SCRIPT, JobGuard, type Virsh } from './libvirt-virsh';
 
@@ -120,13 +136,18 @@ export interface JobSite {
   makeJobDir(scratch: string, domain: string, image: string | null, owner: JobOwner): Promise<string>;
   /** A local directory for the XML files given to virsh (virsh reads them on this host). */
   xmlDir(jobDir: string): string;
-  /** Start the guard; returns it and the socket path bkfs's NBD client connects to. */
+  /** The scratch file of disk `target` of the job (on the hypervisor). */
+  scratchFile(jobDir: string, target: string): string;
+  /**
+   * Start the guard of the job `jobDir` (whose paths all contain `jobDir` + '/' or '.'); with
+   * `forward`, the job's Unix socket, also return the socket bkfs's NBD client connects to.
+   */
   startGuard(
     v: Virsh,
     domain: string,
-    socket: string,
+    forward: string | null,
     jobDir: string,
-  ): Promise<{ guard: Guard; socket: string }>;
+  ): Promise<{ guard: Guard; socket: string | null }>;
   /** The owner file of a job directory, if readable. */
   readOwner(jobDir: string): Promise<JobOwner | undefined>;
   removeJobDir(jobDir: string): Promise<void>;
@@ -190,13 +211,20 @@ export class LocalJobSite implements JobSite {
     return jobDir;
   }
 
+  scratchFile(jobDir: string, target: string): string {
+    return path.join(jobDir, `${target}.qcow2`);
+  }
+
   async startGuard(
     v: Virsh,
     domain: string,
-    socket: string,
+    forward: string | null,
     jobDir: string,
-  ): Promise<{ guard: Guard; socket: string }> {
-    return { guard: JobGuard.start({ virsh: v, domain, socket, dir: jobDir }), socket };
+  ): Promise<{ guard: Guard; socket: string | null }> {
+    return {
+      guard: JobGuard.start({ virsh: v, domain, socket: `${jobDir}/`, dir: jobDir }),
+      socket: forward,
+    };
   }
 
   async readOwner(jobDir: string): Promise<JobOwner | undefined> {
@@ -367,33 +395,46 @@ export class SshJobSite implements JobSite {
     return this.localDir();
   }
 
+  scratchFile(jobDir: string, target: string): string {
+    return path.join(jobDir, `${target}.qcow2`);
+  }
+
   async startGuard(
     _v: Virsh,
     domain: string,
-    socket: string,
+    forward: string | null,
     jobDir: string,
-  ): Promise<{ guard: Guard; socket: string }> {
-    const local = path.join(this.localDir(), SOCKET_NAME);
-    if (local.length > MAX_SOCKET_PATH) {
+  ): Promise<{ guard: Guard; socket: string | null }> {
+    const local = forward !== null ? path.join(this.localDir(), SOCKET_NAME) : null;
+    if (local !== null && local.length > MAX_SOCKET_PATH) {
       throw new BkfsError('USAGE', `socket path ${local} is too long: set TMPDIR to a shorter directory`);
     }
-    const args = [
-      '-o',
-      'ExitOnForwardFailure=yes',
-      '-o',
-      'StreamLocalBindUnlink=yes',
-      '-o',
-      'StreamLocalBindMask=0177',
-      '-L',
-      `${local}:${socket}`,
-      ...sshArgs(this.remote, this.control),
-      remoteCommand(GUARD_SCRIPT, [domain, socket, jobDir, '-c', this.remote.localUri]),
-    ];
+    const guardArgs = [domain, `${jobDir}/`, jobDir, '-c', this.remote.localUri];
+    const args =
+      local !== null
+        ? [
+            '-o',
+            'ExitOnForwardFailure=yes',
+            '-o',
+            'StreamLocalBindUnlink=yes',
+            '-o',
+            'StreamLocalBindMask=0177',
+            '-L',
+            `${local}:${forward}`,
+            ...sshArgs(this.remote, this.control),
+            remoteCommand(GUARD_SCRIPT, guardArgs),
+          ]
+        : // No forwarding (the data goes over NBD+TCP): the guard says when it runs.
+          [...sshArgs(this.remote, this.control), remoteCommand(`echo ready\n${GUARD_SCRIPT}`, guardArgs)];
     // Its own process group: a terminal's Ctrl-C leaves the cleanup to bkfs, as the local guard does.
     const child = spawn('ssh', args, {
-      stdio: ['pipe', 'ignore', 'pipe'],
+      stdio: ['pipe', local !== null ? 'ignore' : 'pipe', 'pipe'],
       env: { ...process.env, LC_ALL: 'C' },
       detached: true,
+    });
+    let ready = false;
+    child.stdout?.on('data', (d: Buffer) => {
+      if (d.toString().includes('ready')) ready = true;
     });
     this.child = child;
     child.stdin?.on('error', () => undefined);
@@ -404,7 +445,7 @@ export class SshJobSite implements JobSite {
     const guard = new SshGuard(child);
     // ssh listens on the local socket once the connection is up and the forward is set.
     for (let i = 0; ; i++) {
-      if (fs.existsSync(local)) break;
+      if (local !== null ? fs.existsSync(local) : ready) break;
       if (child.exitCode !== null || child.signalCode !== null) {
         throw sshFailure(this.remote, this.stderr);
       }
@@ -495,7 +536,83 @@ export class SshJobSite implements JobSite {
   }
 }
 
+/** 8 hex digits naming this host in job keys of a `DirectJobSite`. */
+function hostTag(): string {
+  return createHash('sha256').update(os.hostname()).digest('hex').slice(0, 8);
+}
+
+/**
+ * A hypervisor reached by libvirt's own TLS (or, with --insecure-tcp, TCP) transport: bkfs has no
+ * shell there. The job has no directory of its own: its scratch files are created by libvirt in
+ * the scratch directory (which must exist on the hypervisor) as `bkfs-pull-<pid>-<host>-<rand>.
+ * <target>.qcow2` and removed by libvirt when the job ends; that prefix is the job's key and says
+ * which bkfs process owns it. The guard runs on this host and ends the job through virsh over the
+ * same libvirt connection when bkfs dies.
+ */
+export class DirectJobSite implements JobSite {
+  readonly remote = null;
+  private dir: string | undefined;
+
+  constructor(readonly target: DirectTarget) {}
+
+  async open(uri: string | undefined): Promise<string | undefined> {
+    return uri ?? this.target.uri;
+  }
+
+  async scratchIsDir(): Promise<boolean> {
+    return true; // unknown without a shell there: libvirt reports a missing directory itself
+  }
+
+  async makeJobDir(scratch: string): Promise<string> {
+    return path.join(
+      scratch,
+      `${SOCKET_DIR_PREFIX}${process.pid}-${hostTag()}-${randomBytes(8).toString('hex')}`,
+    );
+  }
+
+  xmlDir(): string {
+    if (this.dir === undefined) {
+      this.dir = fs.mkdtempSync(path.join(os.tmpdir(), `${FWD_PREFIX}${process.pid}-`));
+      fs.chmodSync(this.dir, 0o700);
+    }
+    return this.dir;
+  }
+
+  scratchFile(jobDir: string, target: string): string {
+    return `${jobDir}.${target}.qcow2`;
+  }
+
+  async startGuard(
+    v: Virsh,
+    domain: string,
+    _forward: string | null,
+    jobDir: string,
+  ): Promise<{ guard: Guard; socket: string | null }> {
+    const local = this.xmlDir();
+    return { guard: JobGuard.start({ virsh: v, domain, socket: `${jobDir}.`, dir: local }), socket: null };
+  }
+
+  async readOwner(jobDir: string): Promise<JobOwner | undefined> {
+    const m = new RegExp(`${SOCKET_DIR_PREFIX}(\\d+)-([0-9a-f]{8})-`).exec(path.basename(jobDir));
+    if (!m) return undefined;
+    return { pid: Number(m[1]), host: m[2] === hostTag() ? os.hostname() : `host ${m[2]}` };
+  }
+
+  async removeJobDir(): Promise<void> {}
+
+  dropped(): string | null {
+    return null;
+  }
+
+  async close(): Promise<void> {
+    if (this.dir !== undefined) fs.rmSync(this.dir, { recursive: true, force: true });
+    this.dir = undefined;
+  }
+}
+
 export function jobSiteFor(uri: string | undefined): JobSite {
+  const d = parseDirectUri(uri);
+  if (d !== null) return new DirectJobSite(d);
   const t = parseLibvirtUri(uri);
   return t === null ? new LocalJobSite() : new SshJobSite(t);
 }

@@ -17,14 +17,17 @@
  * `qemu-img info` and `qemu-nbd`), so a domain started meanwhile fails to start or bkfs fails.
  */
 import { BkfsError } from '../errors';
-import { NbdClient } from '../nbd/client';
+import { NbdClient, type NbdTarget } from '../nbd/client';
+import type { NbdTls } from '../nbd/uri';
 import { declaredFormat, ImageSource, type BackupSource, type OpenSource, type SourceProbe } from './sources';
 
 const ALLOC = 'base:allocation';
 
 export interface PullDisk {
-  /** Unix socket of the job's NBD server. */
+  /** Unix socket of the job's NBD server (unless `tcp`). */
   socket: string;
+  /** The job's NBD server over TCP (with TLS when `tls` is set), instead of `socket`. */
+  tcp?: { host: string; port: number; tls?: NbdTls };
   /** Disk target (`sda`), for messages. */
   target: string;
   exportName: string;
@@ -47,8 +50,14 @@ export class PullSource implements BackupSource {
     this.location = d.location;
   }
 
+  private get nbd(): NbdTarget {
+    const t = this.d.tcp;
+    if (!t) return { socket: this.d.socket, exportName: this.d.exportName };
+    return { host: t.host, port: t.port, exportName: this.d.exportName, ...(t.tls ? { tls: t.tls } : {}) };
+  }
+
   async probe(): Promise<SourceProbe> {
-    const c = await NbdClient.connect({ socket: this.d.socket, exportName: this.d.exportName });
+    const c = await NbdClient.connect(this.nbd);
     try {
       return { size: c.size, format: this.d.format };
     } finally {
@@ -78,10 +87,9 @@ export class PullSource implements BackupSource {
 
   async open(dirtyBitmap: string | null): Promise<OpenSource> {
     const dirtyContext = dirtyBitmap ? `qemu:dirty-bitmap:${dirtyBitmap}` : null;
-    const client = await NbdClient.connect(
-      { socket: this.d.socket, exportName: this.d.exportName },
-      { metaContexts: dirtyContext ? [ALLOC, dirtyContext] : [ALLOC] },
-    );
+    const client = await NbdClient.connect(this.nbd, {
+      metaContexts: dirtyContext ? [ALLOC, dirtyContext] : [ALLOC],
+    });
     return { client, dirtyContext, close: () => client.close() };
   }
 

@@ -56,7 +56,14 @@ export class Virsh {
         msg,
       )
     ) {
-      if (this.uri !== undefined && /^[a-z0-9]+\+ssh:/i.test(this.uri)) {
+      if (
+        this.uri !== undefined &&
+        /^[a-z0-9]+\+tls:/i.test(this.uri) &&
+        /certificate|GnuTLS|TLS/i.test(msg)
+      ) {
+        return new BkfsError('TLS_FAILED', `TLS connection to libvirt at ${this.shownUri} failed: ${msg}`);
+      }
+      if (this.uri !== undefined && /^[a-z0-9]+\+(ssh|tls|tcp):/i.test(this.uri)) {
         return new BkfsError('REMOTE_FAILED', `cannot reach libvirt at ${this.shownUri}: ${msg}`);
       }
       return new BkfsError(

@@ -269,10 +269,23 @@ export interface BackupXmlDisk {
  * `<domainbackup mode='pull'>` exporting the disks that have a scratch file over NBD on a unix
  * socket, relative to checkpoint `incremental` when given; every other disk is `backup='no'`.
  */
-export function backupXml(socket: string, incremental: string | null, disks: BackupXmlDisk[]): string {
+/** Where a pull-mode job's NBD server listens: a Unix socket, or TCP (with TLS or plain). */
+export type BackupServer = { socket: string } | { host: string; port: number; tls: boolean };
+
+export function backupXml(
+  server: string | BackupServer,
+  incremental: string | null,
+  disks: BackupXmlDisk[],
+): string {
+  const srv = typeof server === 'string' ? { socket: server } : server;
   const lines = ["<domainbackup mode='pull'>"];
   if (incremental !== null) lines.push(`  <incremental>${escapeXml(incremental)}</incremental>`);
-  lines.push(`  <server transport='unix' socket='${escapeXml(socket)}'/>`, '  <disks>');
+  lines.push(
+    'socket' in srv
+      ? `  <server transport='unix' socket='${escapeXml(srv.socket)}'/>`
+      : `  <server transport='tcp'${srv.tls ? " tls='yes'" : ''} name='${escapeXml(srv.host)}' port='${srv.port}'/>`,
+    '  <disks>',
+  );
   for (const d of disks) {
     if (d.scratch === undefined) {
       lines.push(`    <disk name='${escapeXml(d.name)}' backup='no'/>`);
@@ -303,6 +316,8 @@ export interface BackupJob {
   incremental: string | null;
   /** Unix socket of a pull-mode job, or null (push mode, TCP). */
   socket: string | null;
+  /** TCP server of a pull-mode job, or null. */
+  tcp: { host: string; port: number; tls: boolean } | null;
   disks: BackupJobDisk[];
 }
 
@@ -315,6 +330,14 @@ export function parseBackupJob(xml: string): BackupJob {
     mode: root.attrs.mode ?? 'push',
     incremental: child(root, 'incremental')?.text.trim() ?? null,
     socket: server && (server.attrs.transport ?? 'tcp') === 'unix' ? (server.attrs.socket ?? null) : null,
+    tcp:
+      server && (server.attrs.transport ?? 'tcp') === 'tcp' && server.attrs.port !== undefined
+        ? {
+            host: server.attrs.name ?? '',
+            port: Number(server.attrs.port),
+            tls: server.attrs.tls === 'yes',
+          }
+        : null,
     disks: childrenNamed(child(root, 'disks'), 'disk').map((d) => ({
       name: d.attrs.name ?? '',
       backup: d.attrs.backup !== 'no',

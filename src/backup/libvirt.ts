@@ -50,8 +50,12 @@ import {
   type DiskSpec,
 } from './engine';
 import {
+  bkfsJobKey,
+  chooseTransport,
+  DEFAULT_NBD_PORTS,
   incrementalDisks,
-  isBkfsSocket,
+  parseDirectUri,
+  type NbdTransport,
   isLiveState,
   isNoAgentError,
   jobOperation,
@@ -69,7 +73,15 @@ import {
 } from './libvirt-plan';
 import { OfflineImageSource, PullSource } from './libvirt-source';
 import { Virsh } from './libvirt-virsh';
-import { jobSiteFor, MAX_SOCKET_PATH, SshJobSite, type Guard, type JobSite } from './libvirt-remote';
+import { loadClientTls } from '../nbd/tls';
+import {
+  DirectJobSite,
+  jobSiteFor,
+  MAX_SOCKET_PATH,
+  SshJobSite,
+  type Guard,
+  type JobSite,
+} from './libvirt-remote';
 import {
   backupXml,
   checkpointXml,
@@ -107,6 +119,16 @@ export interface LibvirtBackupOptions extends Pick<
   scratchDir?: string;
   /** More configuration files to save with the checkpoint (domain.xml is added). */
   configs?: { name: string; data: Buffer }[];
+  /**
+   * Remote hypervisor: read the disks over NBD+TLS with the client certificates in this directory
+   * (ca-cert.pem, client-cert.pem, client-key.pem) instead of the ssh-forwarded socket. The default
+   * for qemu+tls:// URIs (then `?pkipath=DIR` serves too).
+   */
+  nbdTls?: string;
+  /** Remote hypervisor: plain NBD over TCP (unencrypted, unauthenticated). Only when asked. */
+  insecureTcp?: boolean;
+  /** TCP ports bkfs may ask the hypervisor's NBD server to listen on (default 10809-10872). */
+  nbdPorts?: { min: number; max: number };
 }
 
 export interface LibvirtBackupResult extends BackupResult {
@@ -147,7 +169,15 @@ export async function backupLibvirt(repo: Repository, o: LibvirtBackupOptions): 
 async function backupDomain(repo: Repository, o: LibvirtBackupOptions): Promise<LibvirtBackupResult> {
   checkName('VM', o.vm);
   if (o.checkpoint !== undefined) checkName('checkpoint', o.checkpoint);
-  parseLibvirtUri(o.connect);
+  const direct = parseDirectUri(o.connect);
+  const sshTarget = direct === null ? parseLibvirtUri(o.connect) : null;
+  const transport = chooseTransport(direct ? direct.kind : sshTarget ? 'ssh' : 'local', {
+    ...(o.nbdTls !== undefined ? { nbdTls: o.nbdTls } : {}),
+    ...(o.insecureTcp ? { insecureTcp: true } : {}),
+    pkipath: direct?.pkipath ?? null,
+  });
+  if (transport.kind === 'tls') loadClientTls(transport.certDir); // a bad directory: USAGE before anything runs
+  const nbdHost = direct?.host ?? sshTarget?.host ?? '';
   if (o.configs?.some((c) => c.name === 'domain.xml')) {
     throw new BkfsError(
       'USAGE',
@@ -156,7 +186,7 @@ async function backupDomain(repo: Repository, o: LibvirtBackupOptions): Promise<
   }
   const site = jobSiteFor(o.connect);
   try {
-    return await backupAt(repo, o, site);
+    return await backupAt(repo, o, site, { transport, host: nbdHost });
   } catch (e) {
     // A broken data path shows as NBD or I/O errors: report the dropped connection itself.
     const dropped = site.dropped();
@@ -167,10 +197,17 @@ async function backupDomain(repo: Repository, o: LibvirtBackupOptions): Promise<
   }
 }
 
+/** The data path of the job and the hypervisor's address (its NBD server listens there). */
+interface DataPath {
+  transport: NbdTransport;
+  host: string;
+}
+
 async function backupAt(
   repo: Repository,
   o: LibvirtBackupOptions,
   site: JobSite,
+  dp: DataPath,
 ): Promise<LibvirtBackupResult> {
   const scratchRoot = scratchBase(o);
   const v = new Virsh(await site.open(o.connect), o.connect);
@@ -205,7 +242,7 @@ async function backupAt(
     }
   }
   try {
-    return await liveBackup(repo, v, site, o, dom, level, incremental, configs);
+    return await liveBackup(repo, v, site, dp, o, dom, level, incremental, configs);
   } catch (e) {
     // The engine's own checks (a disk's size changed, ...) for an auto run: a full instead.
     if (
@@ -214,7 +251,7 @@ async function backupAt(
       (isBkfsError(e, 'CHAIN_BROKEN') || isBkfsError(e, 'SIZE_CHANGED'))
     ) {
       o.onNotice?.(`${withoutAdvice(e.message)}; taking a full backup`);
-      return liveBackup(repo, v, site, o, dom, 'full', null, configs);
+      return liveBackup(repo, v, site, dp, o, dom, 'full', null, configs);
     }
     throw e;
   }
@@ -325,21 +362,22 @@ async function endLeftoverJob(v: Virsh, o: LibvirtBackupOptions, site: JobSite):
       `domain '${o.domain}' is busy with a libvirt job (${op}); try again later`,
     );
   }
-  if (!isBkfsSocket(job.socket)) {
+  const key = bkfsJobKey(job);
+  if (key === null) {
     throw new BkfsError(
       'SOURCE_IN_USE',
       `domain '${o.domain}' already has a backup job that bkfs did not start; if it is stale, end it with 'virsh domjobabort ${o.domain}'`,
     );
   }
-  const owner = await site.readOwner(path.dirname(job.socket as string));
+  const owner = await site.readOwner(key);
   if (owner && owner.host === os.hostname() && owner.pid !== process.pid && processAlive(owner.pid)) {
     throw new BkfsError(
       'SOURCE_IN_USE',
       `domain '${o.domain}' is being backed up by bkfs (pid ${owner.pid})`,
     );
   }
-  await abortJob(v, o.domain, job.socket);
-  await site.removeJobDir(path.dirname(job.socket as string));
+  await abortJob(v, o.domain, key);
+  await site.removeJobDir(key);
   o.onNotice?.(
     `ended the backup job of domain '${o.domain}' left by a bkfs that was killed${owner ? ` (pid ${owner.pid})` : ''}`,
   );
@@ -410,6 +448,7 @@ async function liveBackup(
   repo: Repository,
   v: Virsh,
   site: JobSite,
+  dp: DataPath,
   o: LibvirtBackupOptions,
   dom: DomainInfo,
   level: ResolvedLevel,
@@ -476,21 +515,28 @@ async function liveBackup(
   let begun = false;
   let committed = false;
   try {
-    if (socket.length > MAX_SOCKET_PATH) {
+    const tcp = dp.transport.kind === 'tls' || dp.transport.kind === 'tcp';
+    if (!tcp && socket.length > MAX_SOCKET_PATH) {
       throw new BkfsError('USAGE', `socket path ${socket} is too long: choose a shorter --scratch-dir`);
     }
     const selected = new Set(sel.selected.map((d) => d.target));
-    const bxml = backupXml(
-      socket,
-      incremental,
-      dom.disks.map((d) =>
-        selected.has(d.target)
-          ? { name: d.target, scratch: path.join(jobDir, `${d.target}.qcow2`) }
-          : { name: d.target },
-      ),
-    );
+    const ports = new PortPicker(o.nbdPorts ?? DEFAULT_NBD_PORTS);
+    let port = 0;
     const bxmlPath = path.join(xmlDir, 'backup.xml');
-    fs.writeFileSync(bxmlPath, bxml);
+    const writeBackupXml = (): void => {
+      if (tcp) port = ports.next();
+      const bxml = backupXml(
+        tcp ? { host: dp.host, port, tls: dp.transport.kind === 'tls' } : socket,
+        incremental,
+        dom.disks.map((d) =>
+          selected.has(d.target)
+            ? { name: d.target, scratch: site.scratchFile(jobDir, d.target) }
+            : { name: d.target },
+        ),
+      );
+      fs.writeFileSync(bxmlPath, bxml);
+    };
+    writeBackupXml();
     const args = ['backup-begin', o.domain, bxmlPath];
     if (lvName !== null) {
       const cxmlPath = path.join(xmlDir, 'checkpoint.xml');
@@ -504,22 +550,34 @@ async function liveBackup(
       );
       args.push(cxmlPath);
     }
-    const started = await site.startGuard(v, o.domain, socket, jobDir);
+    const started = await site.startGuard(v, o.domain, tcp ? null : socket, jobDir);
     guard = started.guard;
-    const nbdSocket = started.socket;
+    const nbdSocket = started.socket ?? socket;
 
     const fz = o.freeze === false ? { frozen: false, thaw: false } : await freeze(v, o.domain, guard, notice);
     try {
       checkAborted(o.signal);
       begun = true;
       if (lvName !== null) markPending(repo, lvName, o.domain);
-      await v.out(args);
+      for (;;) {
+        const r = await v.tryRun(args);
+        if (r.code === 0) break;
+        // Another program holds the port on the hypervisor: the next one of the range.
+        if (
+          !tcp ||
+          !ports.more() ||
+          !/address already in use|Failed to bind socket|EADDRINUSE/i.test(r.stderr)
+        ) {
+          throw v.error(args, r);
+        }
+        writeBackupXml();
+      }
     } finally {
       if (fz.thaw && (await thaw(v, o.domain, notice))) guard.tell('thawed');
     }
     const consistency = fz.frozen ? 'frozen' : 'crash-consistent';
     const job = await backupJobOf(v, o.domain);
-    if (!job || job.socket !== socket) {
+    if (!job || bkfsJobKey(job) !== jobDir) {
       throw new BkfsError(
         'EXTERNAL_TOOL',
         `the backup job of domain '${o.domain}' is not the one bkfs started`,
@@ -532,6 +590,15 @@ async function liveBackup(
         name: d.target,
         source: new PullSource({
           socket: nbdSocket,
+          ...(tcp
+            ? {
+                tcp: {
+                  host: dp.host,
+                  port: job.tcp?.port ?? port,
+                  ...(dp.transport.kind === 'tls' ? { tls: { certDir: dp.transport.certDir } } : {}),
+                },
+              }
+            : {}),
           target: d.target,
           exportName: jd?.exportName ?? d.target,
           exportBitmap: jd?.exportBitmap ?? null,
@@ -561,7 +628,7 @@ async function liveBackup(
     begun = false;
     if (lvName !== null) clearPending(repo, lvName);
     // The checkpoint is committed: a job that will not end is worth a note, not a failure.
-    await endJob(v, o.domain, socket).catch((e: unknown) =>
+    await endJob(v, o.domain, jobDir).catch((e: unknown) =>
       notice(`could not end the backup job: ${(e as Error).message} (run 'virsh domjobabort ${o.domain}')`),
     );
     if (level === 'full' && lvName !== null) {
@@ -589,7 +656,7 @@ async function liveBackup(
     };
   } finally {
     if (begun) {
-      await endJob(v, o.domain, socket).catch((e: unknown) =>
+      await endJob(v, o.domain, jobDir).catch((e: unknown) =>
         notice(`could not end the backup job: ${(e as Error).message} (run 'virsh domjobabort ${o.domain}')`),
       );
       if (!committed && lvName !== null) {
@@ -611,18 +678,35 @@ function scratchBase(o: LibvirtBackupOptions): string {
   return path.resolve(o.scratchDir ?? DEFAULT_SCRATCH_DIR);
 }
 
-/** End our job if it still runs (a failed backup-begin may have left none). */
-async function endJob(v: Virsh, domain: string, socket: string): Promise<void> {
+/** End our job (key `jobDir`) if it still runs (a failed backup-begin may have left none). */
+async function endJob(v: Virsh, domain: string, jobDir: string): Promise<void> {
   const job = await backupJobOf(v, domain);
-  if (!job || job.socket !== socket) return;
-  await abortJob(v, domain, socket);
+  if (!job || bkfsJobKey(job) !== jobDir) return;
+  await abortJob(v, domain, jobDir);
+}
+
+/** Ports of the range in a random order (two bkfs processes rarely try the same one first). */
+class PortPicker {
+  private readonly order: number[];
+  private i = 0;
+  constructor(range: { min: number; max: number }) {
+    const n = range.max - range.min + 1;
+    const start = Math.floor(Math.random() * n);
+    this.order = Array.from({ length: Math.min(n, 16) }, (_, k) => range.min + ((start + k) % n));
+  }
+  next(): number {
+    return this.order[this.i++ % this.order.length]!;
+  }
+  more(): boolean {
+    return this.i < this.order.length;
+  }
 }
 
 /**
  * `domjobabort`, then wait until the job is really gone: libvirt returns while QEMU still tears
  * the job's block jobs down, and a checkpoint cannot be deleted (nor a new job begun) until then.
  */
-async function abortJob(v: Virsh, domain: string, socket: string | null): Promise<void> {
+async function abortJob(v: Virsh, domain: string, key: string | null): Promise<void> {
   const r = await v.tryRun(['domjobabort', domain]);
   const deadline = Date.now() + JOB_END_WAIT_MS;
   for (;;) {
@@ -630,7 +714,7 @@ async function abortJob(v: Virsh, domain: string, socket: string | null): Promis
     const info = await v.tryRun(['domjobinfo', domain]);
     if (info.code === 0 && jobOperation(info.stdout) === null) return;
     const job = await backupJobOf(v, domain);
-    if (job && job.socket !== socket) return; // ours ended, another began
+    if (job && bkfsJobKey(job) !== key) return; // ours ended, another began
     if (Date.now() > deadline) {
       throw r.code !== 0
         ? v.error(['domjobabort', domain], r)
@@ -693,6 +777,14 @@ async function offlineBackup(
     throw new BkfsError(
       'CHAIN_BROKEN',
       `domain '${o.domain}' is shut off: a${o.level === 'inc' ? 'n inc' : ' diff'} needs the running domain (libvirt checkpoints); start it, use --level full, or back up the images with --disk NAME=IMAGE`,
+    );
+  }
+  if (site instanceof DirectJobSite) {
+    // Its image paths name files on the hypervisor, which bkfs cannot read without ssh (and must
+    // never read on this host instead).
+    throw new BkfsError(
+      'USAGE',
+      `domain '${o.domain}' is shut off: bkfs reads the images of a shut-off remote domain through ssh only; use --connect qemu+ssh://, or start the domain`,
     );
   }
   const level = o.level === 'auto' ? 'full' : o.level;

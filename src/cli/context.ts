@@ -39,7 +39,13 @@ export async function withRepo<T>(
   if (level === 'verbose') note(`repository ${dir}`);
   const repo = Repository.open(dir, opts);
   try {
-    return await fn(repo);
+    const r = await fn(repo);
+    if (!opts.readOnly && repo.remote) {
+      // Object storage: manifests written by this command go to the bucket (after its commits).
+      const { publishManifests } = await import('../repo/manifest');
+      await publishManifests(repo);
+    }
+    return r;
   } finally {
     repo.close();
   }

@@ -41,6 +41,7 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   RECOVERY_FAILED: 32,
   STORE_ACCESS: 33,
   STORE_UNAVAILABLE: 34,
+  TLS_FAILED: 39,
   INTERRUPTED: 130,
 };
 
@@ -82,5 +83,6 @@ export const HTTP_STATUS: Record<ErrorCode, number> = {
   RECOVERY_FAILED: 500,
   STORE_ACCESS: 502,
   STORE_UNAVAILABLE: 503,
+  TLS_FAILED: 502,
   INTERRUPTED: 503,
 };

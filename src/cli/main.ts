@@ -14,6 +14,29 @@ import { note, setVerbosity, verbosity } from './context';
 import { parseDuration } from '../util/format';
 import { codedFsError } from '../util/userpath';
 
+/**
+ * `-r s3://BUCKET/PREFIX` (or BKFS_REPO=s3://...): every command works on the bucket's local cache
+ * directory (src/store/location.ts), so `-r` is replaced by it before the command runs. `init`
+ * creates the repository itself (it has no cache directory yet).
+ */
+async function resolveRepoLocation(program: Command, action: Command): Promise<void> {
+  const o = action.optsWithGlobals<{ repo?: string; cacheDir?: string; cacheSize?: string }>();
+  if (o.cacheDir !== undefined) process.env.BKFS_CACHE_DIR = o.cacheDir;
+  if (o.cacheSize !== undefined) {
+    const { parseSize } = await import('../store/remote-packs');
+    const n = parseSize(o.cacheSize);
+    if (n === undefined)
+      throw new BkfsError('USAGE', `--cache-size takes a size such as 512M or 4G, got '${o.cacheSize}'`);
+    process.env.BKFS_CACHE_SIZE = String(n);
+  }
+  const loc = o.repo ?? process.env.BKFS_REPO;
+  if (loc === undefined || !loc.startsWith('s3://') || action.name() === 'init') return;
+  const { resolveLocation } = await import('../store/location');
+  const dir = await resolveLocation(loc);
+  if (o.repo !== undefined) program.setOptionValue('repo', dir);
+  else process.env.BKFS_REPO = dir;
+}
+
 type Registrar = (program: Command) => void;
 
 /**
@@ -82,6 +105,10 @@ export const COMMAND_MODULES: readonly { commands: readonly string[]; load: () =
     commands: ['run'],
     load: () => (require('./commands/run') as typeof import('./commands/run')).registerRun,
   },
+  {
+    commands: ['copy'],
+    load: () => (require('./commands/copy') as typeof import('./commands/copy')).registerCopy,
+  },
 ];
 
 /* eslint-enable @typescript-eslint/no-require-imports */
@@ -107,11 +134,19 @@ export function buildProgram(only?: string): Command {
       '--retry-lock <duration>',
       'commands that write: wait up to DURATION (e.g. 30s, 5m, 1h) for another writer to finish instead of failing with exit code 7',
     )
+    .option(
+      '--cache-dir <dir>',
+      'for -r s3://...: where the local index, locks and chunk cache live (default: $BKFS_CACHE_DIR, /var/cache/bkfs as root, ~/.cache/bkfs otherwise)',
+    )
+    .option(
+      '--cache-size <size>',
+      'for -r s3://...: bound of the on-disk chunk cache, e.g. 512M, 4G (default 2G)',
+    )
     .addOption(new Option('-V, --version', 'print version information (as bkfs version)'))
     .showHelpAfterError('(run with --help for usage)')
     .configureOutput({ outputError: (s, write) => write(s) })
     .exitOverride();
-  program.hook('preAction', (_program, action) => {
+  program.hook('preAction', async (_program, action) => {
     const o = action.optsWithGlobals<{ quiet?: boolean; verbose?: boolean; retryLock?: string }>();
     if (o.quiet && o.verbose) throw new BkfsError('USAGE', '--quiet and --verbose exclude each other');
     setVerbosity(o.quiet ? 'quiet' : o.verbose ? 'verbose' : 'normal');
@@ -121,6 +156,7 @@ export function buildProgram(only?: string): Command {
         `--retry-lock takes a duration such as 30s, 5m or 1h, got '${o.retryLock}'`,
       );
     }
+    await resolveRepoLocation(program, action);
   });
   const mods =
     only === undefined ? COMMAND_MODULES : COMMAND_MODULES.filter((m) => m.commands.includes(only));

@@ -56,6 +56,8 @@ export interface JobSpec {
   level: LevelPolicy;
   retention?: RetentionPolicy;
   gc: { enabled: boolean; maxUnused?: string };
+  /** After the backups (and retention, gc): copy the VMs backed up into another repository (a path relative to the job file's directory). */
+  copy?: { to: string };
   hosts: HostSpec[];
 }
 
@@ -128,6 +130,7 @@ const schema = z
       })
       .strict()
       .optional(),
+    copy: z.object({ to: nonEmpty }).strict().optional(),
     host: z.array(hostSchema).min(1, 'the job needs at least one [[host]]'),
   })
   .strict();
@@ -328,6 +331,7 @@ function normalize(raw: Raw, file: string, text: string): JobSpec {
       enabled: raw.gc?.enabled ?? false,
       ...(raw.gc?.['max-unused'] !== undefined ? { maxUnused: raw.gc['max-unused'] } : {}),
     },
+    ...(raw.copy ? { copy: { to: raw.copy.to } } : {}),
     hosts,
   };
 }

@@ -1,7 +1,8 @@
 /**
  * `bkfs run`: resolve a job's domains on its hosts, plan levels, run each VM's backup as a child
  * `bkfs backup ... --json` process (isolation: one VM's crash or hang is that VM's failure), in
- * parallel within the job's limits, then retention (`bkfs forget`) and gc as children too.
+ * parallel within the job's limits, then retention (`bkfs forget`), gc and the `[copy]` step
+ * (`bkfs copy VM... --to`) as children too.
  *
  * Core module: it never prints. The CLI (`src/cli/commands/run.ts`) gets events through
  * `RunHooks` (progress display, the run's log file) and the result for the summary.
@@ -89,6 +90,15 @@ export interface GcResult extends StepResult {
   report: unknown;
 }
 
+export interface CopyStepResult extends StepResult {
+  to: string;
+  vms: string[];
+  copied: number;
+  skipped: number;
+  chunksTransferred: number;
+  bytesTransferred: number;
+}
+
 export interface RunResult {
   job: string;
   repository: string;
@@ -99,6 +109,7 @@ export interface RunResult {
   vms: VmResult[];
   retention: RetentionResult | null;
   gc: GcResult | null;
+  copy: CopyStepResult | null;
   succeeded: number;
   failed: number;
   interrupted: boolean;
@@ -484,6 +495,39 @@ export async function runJob(job: JobSpec, o: RunOptions = {}): Promise<RunResul
       log(`[gc] failed: ${gc.error!.message}`);
     }
   }
+  let copy: CopyStepResult | null = null;
+  const copyVms = results.filter((r) => r.result === 'ok').map((r) => r.vm!);
+  if (!o.dryRun && !o.signal?.aborted && job.copy && copyVms.length > 0) {
+    hooks.onStep?.('copy');
+    const args = [...common, 'copy', ...copyVms, '--to', job.copy.to, '--json'];
+    log(`[copy] bkfs ${args.join(' ')}`);
+    const c = await runChild(args, env, o.signal, (l) => log(`[copy] ${l}`));
+    copy = {
+      ok: c.code === 0,
+      error: null,
+      to: job.copy.to,
+      vms: copyVms,
+      copied: 0,
+      skipped: 0,
+      chunksTransferred: 0,
+      bytesTransferred: 0,
+    };
+    if (c.code === 0) {
+      const j = JSON.parse(c.stdout) as {
+        copied: unknown[];
+        skipped: unknown[];
+        chunksTransferred: number;
+        bytesTransferred: number;
+      };
+      copy.copied = j.copied.length;
+      copy.skipped = j.skipped.length;
+      copy.chunksTransferred = j.chunksTransferred;
+      copy.bytesTransferred = j.bytesTransferred;
+    } else {
+      copy.error = childError(c, 'bkfs copy');
+      log(`[copy] failed: ${copy.error.message}`);
+    }
+  }
   const finished = Date.now();
   const failed = results.filter((r) => r.result === 'failed' || r.result === 'interrupted').length;
   return {
@@ -496,6 +540,7 @@ export async function runJob(job: JobSpec, o: RunOptions = {}): Promise<RunResul
     vms: results,
     retention,
     gc,
+    copy,
     succeeded: results.filter((r) => r.result === 'ok').length,
     failed,
     interrupted: o.signal?.aborted === true,
@@ -509,5 +554,6 @@ export function runFailure(r: RunResult): BkfsError | null {
   if (r.failed > 0) parts.push(`${r.failed} of ${r.vms.length} VM backup(s) failed`);
   if (r.retention && !r.retention.ok) parts.push(`retention failed: ${r.retention.error!.message}`);
   if (r.gc && !r.gc.ok) parts.push(`gc failed: ${r.gc.error!.message}`);
+  if (r.copy && !r.copy.ok) parts.push(`copy failed: ${r.copy.error!.message}`);
   return parts.length > 0 ? new BkfsError('JOB_PARTIAL', parts.join('; ')) : null;
 }

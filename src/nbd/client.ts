@@ -6,8 +6,13 @@
  * - Handshake: fixed newstyle with NBD_FLAG_C_FIXED_NEWSTYLE and NBD_FLAG_C_NO_ZEROES (plain
  *   newstyle and oldstyle servers are accepted too). Options: NBD_OPT_STRUCTURED_REPLY,
  *   NBD_OPT_SET_META_CONTEXT (only with structured replies), NBD_OPT_GO requesting
- *   NBD_INFO_BLOCK_SIZE, falling back to NBD_OPT_EXPORT_NAME when GO is unsupported. No TLS, no
- *   extended headers. A meta context the server does not grant is simply absent
+ *   NBD_INFO_BLOCK_SIZE, falling back to NBD_OPT_EXPORT_NAME when GO is unsupported. No extended
+ *   headers.
+ * - TLS (nbds:// targets, `target.tls`): NBD_OPT_STARTTLS first, then a TLS handshake over the
+ *   same socket verifying the server's certificate against the CA and the host name (`tls.ts`),
+ *   then the options above inside TLS. A server that does not offer TLS is refused (TLS_FAILED),
+ *   never fallen back to plain; a server that requires TLS from a plain client is TLS_FAILED too.
+ *   Over TLS the zero-copy receive below does not apply: decrypted data is copied once into place. A meta context the server does not grant is simply absent
  *   (`hasMetaContext()` is false); option errors become one-line `BkfsError('NBD_PROTOCOL')`.
  * - Transmission: READ, WRITE (+FUA), WRITE_ZEROES (+NO_HOLE), TRIM, FLUSH, BLOCK_STATUS, DISC.
  *   Simple replies and structured replies (OFFSET_DATA, OFFSET_HOLE, BLOCK_STATUS, NONE and every
@@ -38,8 +43,9 @@
  * Core code: never prints.
  */
 import * as net from 'node:net';
-import { BkfsError, errorMessage } from '../errors';
+import { BkfsError, errorMessage, isBkfsError } from '../errors';
 import * as P from './protocol';
+import { isTlsAlert, loadClientTls, startClientTls, tlsFailure, type ClientTlsCreds } from './tls';
 import { describeNbdTarget, parseNbdUri, type NbdTarget } from './uri';
 
 export { parseNbdUri, formatNbdUri, describeNbdTarget, type NbdTarget } from './uri';
@@ -300,6 +306,14 @@ async function readOptReply(
   return { type, data, message };
 }
 
+/** A server that insists on TLS while bkfs connected without it. */
+function tlsRequired(r: { message: string }): BkfsError {
+  return new BkfsError(
+    'TLS_FAILED',
+    `the NBD server requires TLS${r.message ? ` (${r.message})` : ''}: connect with nbds://HOST/EXPORT?tls-certificates=DIR`,
+  );
+}
+
 function optError(
   what: string,
   r: { type: number; message: string },
@@ -314,10 +328,16 @@ async function negotiate(
   rd: HandshakeReader,
   exportName: string,
   metaContexts: readonly string[],
+  starttls: (() => Promise<void>) | null,
 ): Promise<Negotiated> {
   const send = (b: Buffer): void => {
     wire.socket.write(b);
   };
+  const noTls = (why: string): BkfsError =>
+    new BkfsError(
+      'TLS_FAILED',
+      `the NBD server does not offer TLS (${why}): bkfs does not send the disk contents unencrypted over an nbds:// connection`,
+    );
   const hello = await rd.read(16);
   if (hello.readBigUInt64BE(0) !== P.NBD_MAGIC) {
     throw protoError('the peer is not an NBD server (bad greeting magic)');
@@ -326,6 +346,7 @@ async function negotiate(
   const defaults = { minBlock: 1, prefBlock: 4096, maxBlock: MAX_PAYLOAD };
 
   if (magic2 === P.NBD_OLDSTYLE_MAGIC) {
+    if (starttls) throw noTls('oldstyle negotiation');
     rd.context = 'the oldstyle greeting';
     const b = await rd.read(8 + 4 + 124);
     if (exportName !== '') {
@@ -349,6 +370,18 @@ async function negotiate(
   );
   send(cflags);
 
+  if (starttls) {
+    if (!fixed) throw noTls('no fixed newstyle negotiation');
+    send(P.encodeOption(P.NBD_OPT_STARTTLS));
+    const r = await readOptReply(rd, P.NBD_OPT_STARTTLS);
+    if (r.type !== P.NBD_REP_ACK) {
+      throw noTls(`${P.repErrorName(r.type)}${r.message ? `: ${r.message}` : ''}`);
+    }
+    if (rd.leftover().length > 0) throw protoError('NBD server sent data after acknowledging STARTTLS');
+    rd.context = 'the TLS handshake';
+    await starttls();
+  }
+
   const exportNameOption = async (
     structured: boolean,
     contexts: Map<string, number>,
@@ -368,7 +401,8 @@ async function negotiate(
   const sr = await readOptReply(rd, P.NBD_OPT_STRUCTURED_REPLY);
   let structured = false;
   if (sr.type === P.NBD_REP_ACK) structured = true;
-  else if (sr.type === P.NBD_REP_ERR_TLS_REQD || sr.type === P.NBD_REP_ERR_SHUTDOWN) {
+  else if (sr.type === P.NBD_REP_ERR_TLS_REQD) throw tlsRequired(sr);
+  else if (sr.type === P.NBD_REP_ERR_SHUTDOWN) {
     throw optError('NBD server refused the connection', sr);
   } else if (!(sr.type & P.NBD_REP_FLAG_ERROR)) {
     throw protoError(`unexpected reply ${sr.type} to NBD_OPT_STRUCTURED_REPLY`);
@@ -385,7 +419,9 @@ async function negotiate(
         contexts.set(r.data.toString('utf8', 4), r.data.readUInt32BE(0));
       } else if (r.type === P.NBD_REP_ACK) {
         break;
-      } else if (r.type === P.NBD_REP_ERR_TLS_REQD || r.type === P.NBD_REP_ERR_SHUTDOWN) {
+      } else if (r.type === P.NBD_REP_ERR_TLS_REQD) {
+        throw tlsRequired(r);
+      } else if (r.type === P.NBD_REP_ERR_SHUTDOWN) {
         throw optError('NBD server refused the connection', r);
       } else if (r.type & P.NBD_REP_FLAG_ERROR) {
         contexts.clear();
@@ -428,6 +464,8 @@ async function negotiate(
       return { size, flags, structured, contexts, minBlock, prefBlock, maxBlock, mode: 'go' };
     } else if (r.type === P.NBD_REP_ERR_UNSUP) {
       return exportNameOption(structured, contexts);
+    } else if (r.type === P.NBD_REP_ERR_TLS_REQD) {
+      throw tlsRequired(r);
     } else if (r.type === P.NBD_REP_ERR_UNKNOWN) {
       throw protoError(
         exportName === ''
@@ -461,6 +499,15 @@ function connectErrorText(e: NodeJS.ErrnoException): string {
 }
 
 function connectSocket(target: NbdTarget, wire: Wire): net.Socket {
+  if (target.tls) {
+    // TLS takes the socket over after STARTTLS: plain 'data' events until then (see connect()).
+    const s =
+      'socket' in target
+        ? net.connect({ path: target.socket })
+        : net.connect({ host: target.host, port: target.port });
+    s.on('data', (d: Buffer) => wire.sink(d, d.length));
+    return s;
+  }
   // `buffer` as a function is called after every read to pick the next read's buffer; that is how
   // payload data is received straight into the caller's result buffer (see nextReadBuffer()).
   const onread = {
@@ -586,6 +633,12 @@ export class NbdClient {
     }
     const exportName = t.exportName ?? '';
     const where = describeNbdTarget(t);
+    // Credentials are read before connecting: a bad directory is a usage error, not a network one.
+    const creds: ClientTlsCreds | null = t.tls
+      ? t.tls.certDir !== undefined
+        ? loadClientTls(t.tls.certDir)
+        : {}
+      : null;
     const rd = new HandshakeReader();
     const readBuf = Buffer.allocUnsafe(READ_BUFFER_SIZE);
     const wire: Wire = {
@@ -641,17 +694,48 @@ export class NbdClient {
         reject(err);
       }, timeoutMs);
     });
+    // TLS is up but the server has sent nothing inside it yet.
+    let tlsSilent = false;
     try {
+      const starttls = creds
+        ? async (): Promise<void> => {
+            const hostname = t.tls?.hostname ?? ('host' in t ? t.host : 'localhost');
+            socket.removeAllListeners('data');
+            const ts = await startClientTls(socket, creds, hostname, where);
+            tlsSilent = true;
+            ts.on('data', (d: Buffer) => {
+              tlsSilent = false;
+              wire.sink(d, d.length);
+            });
+            ts.on('error', (e: Error) => {
+              wire.lastError = e;
+            });
+            wire.socket = ts;
+          }
+        : null;
       const n = await Promise.race([
-        connectedP.then(() => negotiate(wire, rd, exportName, opts.metaContexts ?? [])),
+        connectedP.then(() => negotiate(wire, rd, exportName, opts.metaContexts ?? [], starttls)),
         timeout,
       ]);
       const client = new NbdClient(wire, { ...t, exportName }, n, opts);
-      if (socket.destroyed) client.onGone(wire.lastError);
+      if (wire.socket.destroyed) client.onGone(wire.lastError);
       for (const b of rd.leftover()) client.onBytes(b, 0, b.length);
       return client;
     } catch (e) {
+      wire.socket.destroy();
       socket.destroy();
+      // TLS 1.3: a server that rejects the client certificate says so after the client's side of
+      // the handshake completed, as an alert on the next read.
+      if (creds && wire.lastError && isTlsAlert(wire.lastError) && !isBkfsError(e, 'TLS_FAILED')) {
+        throw tlsFailure(wire.lastError, t.tls?.hostname ?? ('host' in t ? t.host : 'localhost'), where);
+      }
+      if (tlsSilent && isBkfsError(e, 'NBD_PROTOCOL') && wire.socket.destroyed) {
+        // GnuTLS servers (qemu-nbd) drop a client whose certificate they reject without an alert.
+        throw new BkfsError(
+          'TLS_FAILED',
+          `TLS handshake with ${where} failed: the server closed the connection right after the handshake (it verifies clients: give a client certificate it trusts, client-cert.pem and client-key.pem)`,
+        );
+      }
       if (e instanceof BkfsError) throw e;
       throw protoError(`NBD handshake with ${where} failed: ${errorMessage(e)}`);
     } finally {

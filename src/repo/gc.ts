@@ -42,7 +42,8 @@ import type { Repository } from './repository';
 import { crashPoint, deleteCheckpointRows } from './repository';
 import { activePins } from './pins';
 import { liveSessions, sessionLive } from './sessions';
-import { BkfsError } from '../errors';
+import { BkfsError, isBkfsError } from '../errors';
+import { holdLease, packKey, remoteStore } from '../store/location';
 import { decodeChunk } from '../store/codec';
 import {
   PACK_HEADER_LEN,
@@ -207,6 +208,30 @@ async function writePending(repoDir: string, packs: PendingPack[]): Promise<void
   }
   await fsp.rename(tmp, file);
   await fsyncDir(repoDir);
+}
+
+/** Every pack of the repository: its files under `packs/`, or its objects in the bucket. */
+export async function packObjects(repoDir: string): Promise<{ name: string; size: number }[]> {
+  const remote = remoteStore(repoDir);
+  if (!remote) return packFilesOnDisk(repoDir);
+  const out: { name: string; size: number }[] = [];
+  for await (const o of remote.list('packs/')) {
+    const m = /^packs\/[0-9a-f]{2}\/([0-9a-f]{32})\.pack$/.exec(o.key);
+    if (m) out.push({ name: m[1]!, size: o.size });
+  }
+  return out;
+}
+
+/** Delete a pack file, or its object in the bucket (and its blocks in the chunk cache). */
+export async function deletePack(repo: Repository, name: string): Promise<void> {
+  const remote = remoteStore(repo.dir);
+  if (!remote) {
+    await fsp.rm(packPath(repo.dir, name), { force: true });
+    return;
+  }
+  await holdLease(repo.dir, remote);
+  await remote.delete([packKey(name)]);
+  repo.packs.remote?.dropPack(name);
 }
 
 /** Names of every `.pack` file under `packs/`. */
@@ -683,7 +708,7 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
   };
   if (!o.dryRun) repo.lockWriter('gc');
   try {
-    const filesBefore = packFilesOnDisk(repo.dir);
+    const filesBefore = await packObjects(repo.dir);
     rep.bytesBefore = filesBefore.reduce((a, f) => a + f.size, 0);
     const pins = pinState(repo);
     const own = repo.session;
@@ -733,7 +758,7 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
         continue;
       }
       if (isIndexed.get(p.name)) continue; // indexed (by its writer, or a rebuild): a normal pack
-      if (!o.dryRun) await fsp.rm(packPath(repo.dir, p.name), { force: true });
+      if (!o.dryRun) await deletePack(repo, p.name);
     }
     for (const f of filesBefore) {
       if (pendingNames.has(f.name) || isIndexed.get(f.name)) continue;
@@ -741,7 +766,7 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
         stillPending.push({ name: f.name, size: f.size, pins: pins.files, writers: writersNow });
       } else {
         rep.orphansRemoved++;
-        if (!o.dryRun) await fsp.rm(packPath(repo.dir, f.name), { force: true });
+        if (!o.dryRun) await deletePack(repo, f.name);
       }
     }
     pending = stillPending;
@@ -774,7 +799,7 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
         for (const p of deadPacks) del.run(p.id, p.id);
       }).immediate();
       // No pinned reader reads a dead pack (its chunks are used by no pinned checkpoint).
-      for (const p of deadPacks) await fsp.rm(packPath(repo.dir, p.name), { force: true });
+      for (const p of deadPacks) await deletePack(repo, p.name);
     }
     infos = infos.filter((p) => p.chunks > 0);
     const movable: PackInfo[] = [];
@@ -853,7 +878,7 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
           pending.push({ name: p.name, size: p.size, pins: pinsNow.files });
           await writePending(repo.dir, pending);
         } else {
-          await fsp.rm(packPath(repo.dir, p.name), { force: true });
+          await deletePack(repo, p.name);
         }
       }
     };
@@ -874,8 +899,26 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
         // Read and check every live chunk of this pack before copying any of it.
         const data: Buffer[] = [];
         const bad: number[] = [];
-        const fh = await fsp.open(packPath(repo.dir, src.name), 'r').catch(() => undefined);
-        if (!fh) {
+        if (repo.packs.remote) {
+          // Object storage: ranged GETs through the block cache.
+          for (const r of rows) {
+            try {
+              checkRecordLengths(r, repo.config.chunkSize);
+              const buf = await repo.packs.read(src.name, r.offset, r.storedLen);
+              decodeChunk(buf, r.codec, r.rawLen, r.hash, repo.config.chunkSize);
+              data.push(buf);
+            } catch (e) {
+              if (isBkfsError(e) && (e.code === 'STORE_UNAVAILABLE' || e.code === 'STORE_ACCESS')) throw e;
+              bad.push(r.id);
+            }
+          }
+        }
+        const fh = repo.packs.remote
+          ? undefined
+          : await fsp.open(packPath(repo.dir, src.name), 'r').catch(() => undefined);
+        if (repo.packs.remote) {
+          // read above
+        } else if (!fh) {
           bad.push(...rows.map((r) => r.id));
         } else {
           try {
@@ -928,7 +971,7 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
       if (writer) await writer.abort();
       throw e;
     }
-    const after = packFilesOnDisk(repo.dir);
+    const after = await packObjects(repo.dir);
     rep.bytesAfter = after.reduce((a, f) => a + f.size, 0);
     rep.packsPending = pending.length;
     rep.bytesPending = pending.reduce((a, p) => a + p.size, 0);

@@ -37,6 +37,7 @@ import type { CheckpointRow } from '../index/catalog';
 import type { Repository } from './repository';
 import { crashPoint } from './repository';
 import { healDamagedChunks, rescueCandidates } from './gc';
+import { holdLease, manifestKey, remoteStore } from '../store/location';
 import { fsyncDirSync, mkdirPrivateSync, repoModes, writeFileDurable } from '../util/private-fs';
 
 export const MANIFEST_DIR = 'manifests';
@@ -488,10 +489,60 @@ export function readManifestFile(p: string): Buffer {
 export function writeManifest(repoDir: string, m: Manifest): void {
   mkdirPrivateSync(manifestDir(repoDir), { recursive: true, mode: repoModes(repoDir).dir });
   writeManifestDurable(manifestPath(repoDir, m.checkpoint.uid), encodeManifest(m));
+  noteManifestChange(repoDir, m.checkpoint.uid);
 }
 
 export function removeManifest(repoDir: string, uid: string): void {
   fs.rmSync(manifestPath(repoDir, uid), { force: true });
+  noteManifestChange(repoDir, uid);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manifests on object storage (FORMAT.md, "Repositories on object storage"): the local
+// `manifests/` of a cache directory is written as for a local repository, and `publishManifests`
+// makes the bucket follow it after the index commit (upload written ones, delete removed ones).
+
+const changedManifests = new Map<string, Set<string>>();
+
+function noteManifestChange(repoDir: string, uid: string): void {
+  const key = path.resolve(repoDir);
+  if (!remoteStore(repoDir)) return;
+  let s = changedManifests.get(key);
+  if (!s) changedManifests.set(key, (s = new Set()));
+  s.add(uid);
+}
+
+/**
+ * Make the bucket's manifests follow the local ones (a no-op for a local repository): upload
+ * the manifests written since the last call, delete the removed ones; with `reconcile`, also
+ * upload every local manifest of a complete checkpoint that the bucket lacks (a writer killed
+ * between its index commit and its upload).
+ */
+export async function publishManifests(repo: Repository, reconcile = false): Promise<void> {
+  const remote = remoteStore(repo.dir);
+  if (!remote) return;
+  const key = path.resolve(repo.dir);
+  const todo = changedManifests.get(key) ?? new Set<string>();
+  changedManifests.delete(key);
+  if (reconcile) {
+    const inBucket = new Set<string>();
+    for await (const o of remote.list('manifests/')) inBucket.add(o.key);
+    const complete = repo.db.prepare("SELECT uid FROM checkpoints WHERE state = 'complete'").all() as {
+      uid: string;
+    }[];
+    for (const { uid } of complete) {
+      if (!inBucket.has(manifestKey(uid)) && fs.existsSync(manifestPath(repo.dir, uid))) todo.add(uid);
+    }
+  }
+  if (todo.size === 0) return;
+  await holdLease(repo.dir, remote);
+  const gone: string[] = [];
+  for (const uid of todo) {
+    const p = manifestPath(repo.dir, uid);
+    if (fs.existsSync(p)) await remote.putFile(manifestKey(uid), p);
+    else gone.push(manifestKey(uid));
+  }
+  if (gone.length > 0) await remote.delete(gone);
 }
 
 /** Rewrite a committed checkpoint's manifest from the index (after protect/unprotect, repair). */

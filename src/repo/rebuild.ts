@@ -33,10 +33,16 @@ import {
   PACK_HEADER_LEN,
   PACK_MAGIC,
   PACK_VERSION,
+  PACK_VERSION_TRAILER,
   RECORD_HEADER_LEN,
+  TRAILER_FOOTER_LEN,
+  decodePackTrailer,
   decodeRecordHeader,
   packPath,
+  trailerLength,
 } from '../store/packs';
+import { manifestKey, packKey, remoteStore } from '../store/location';
+import type { ObjectStore } from '../store/objstore';
 import { DB_FILE, DB_NEW_FILE, Repository, acquireWriterLock, crashPoint, loadConfig } from './repository';
 import { activePins } from './pins';
 import {
@@ -49,7 +55,7 @@ import {
   manifestPath,
   type Manifest,
 } from './manifest';
-import { PENDING_FILE, packFilesOnDisk, refreshCheckpointDamage } from './gc';
+import { PENDING_FILE, packObjects, refreshCheckpointDamage } from './gc';
 import { mkdirPrivateSync, precreateDbFile, repoModes } from '../util/private-fs';
 
 const BUILD_FILE = 'index.db.rebuild';
@@ -74,6 +80,8 @@ export interface RebuildReport {
   problems: string[];
   /** Where the old index went (null when there was none). */
   oldIndex: string | null;
+  /** Object storage: packs read by their trailer (tail GETs) and whole. */
+  remoteReads: { tailReads: number; wholeReads: number };
 }
 
 interface ScannedChunk {
@@ -116,15 +124,22 @@ function scanPack(
     return out;
   }
   try {
-    const size = fs.fstatSync(fd).size;
+    let size = fs.fstatSync(fd).size;
     const head = Buffer.alloc(PACK_HEADER_LEN);
     if (
       fs.readSync(fd, head, 0, PACK_HEADER_LEN, 0) !== PACK_HEADER_LEN ||
       !head.subarray(0, 8).equals(PACK_MAGIC) ||
-      head.readUInt32BE(8) !== PACK_VERSION
+      (head.readUInt32BE(8) !== PACK_VERSION && head.readUInt32BE(8) !== PACK_VERSION_TRAILER)
     ) {
       problems.push(`pack ${name} has no valid pack header; skipped`);
       return out;
+    }
+    if (head.readUInt32BE(8) === PACK_VERSION_TRAILER) {
+      // The records end where the trailer starts; a damaged trailer: scan up to the damage.
+      const foot = Buffer.alloc(Math.min(size, TRAILER_FOOTER_LEN));
+      fs.readSync(fd, foot, 0, foot.length, size - foot.length);
+      const tl = trailerLength(foot, size);
+      if (tl) size = tl.recordsEnd;
     }
     const rh = Buffer.alloc(RECORD_HEADER_LEN);
     let pos = PACK_HEADER_LEN;
@@ -163,6 +178,83 @@ function scanPack(
     fs.closeSync(fd);
   }
   return out;
+}
+
+/**
+ * The chunks of a pack object in a bucket: its trailer (version 2) from one ranged GET of the
+ * tail (a second one if the trailer is longer), else (version 1, or a damaged trailer) the whole
+ * object, downloaded into `tmp/` and scanned as a file.
+ */
+async function scanRemotePack(
+  store: ObjectStore,
+  tmpDir: string,
+  name: string,
+  size: number,
+  packId: number,
+  problems: string[],
+  chunkSize: number,
+  stats: { tailReads: number; wholeReads: number },
+): Promise<ScannedChunk[]> {
+  const key = packKey(name);
+  if (size >= PACK_HEADER_LEN + TRAILER_FOOTER_LEN) {
+    const tailLen = Math.min(size, 64 << 10);
+    let tail = await store.getRange(key, size - tailLen, tailLen);
+    stats.tailReads++;
+    const tl = trailerLength(tail, size);
+    if (tl) {
+      if (tl.length > tail.length) tail = await store.getRange(key, size - tl.length, tl.length);
+      else tail = tail.subarray(tail.length - tl.length);
+      try {
+        return decodePackTrailer(tail, size, chunkSize).map((c) => ({
+          pack: packId,
+          packName: name,
+          offset: c.offset,
+          storedLen: c.storedLen,
+          rawLen: c.rawLen,
+          codec: c.codec,
+          hash: c.hash,
+        }));
+      } catch (e) {
+        problems.push(`pack ${name}: ${(e as Error).message}; the whole pack is read instead`);
+      }
+    }
+  }
+  stats.wholeReads++;
+  const file = path.join(tmpDir, `${name}.pack.download`);
+  fs.writeFileSync(file, await store.get(key), { mode: 0o600 });
+  try {
+    return scanPack(file, name, packId, problems, chunkSize);
+  } finally {
+    fs.rmSync(file, { force: true });
+  }
+}
+
+async function remoteChunkIsGood(store: ObjectStore, c: ScannedChunk, chunkSize: number): Promise<boolean> {
+  try {
+    const buf = await store.getRange(packKey(c.packName), c.offset, c.storedLen);
+    decodeChunk(buf, c.codec, c.rawLen, c.hash, chunkSize);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * A cache directory rebuilt from its bucket: every manifest of the bucket is copied into the
+ * local `manifests/` first (the bucket's copy wins: it is what other machines see).
+ */
+async function fetchManifests(store: ObjectStore, dir: string): Promise<void> {
+  const mdir = path.join(dir, 'manifests');
+  mkdirPrivateSync(mdir, { recursive: true, mode: 0o700 });
+  for await (const o of store.list('manifests/')) {
+    const m = /^manifests\/([0-9a-f]{32})\.json\.zst$/.exec(o.key);
+    if (!m) continue;
+    const data = await store.get(manifestKey(m[1]!));
+    const tmp = path.join(mdir, `.${m[1]}.download`);
+    fs.writeFileSync(tmp, data, { mode: 0o600 });
+    fs.renameSync(tmp, manifestPath(dir, m[1]!));
+  }
+  fsyncDirSync(mdir);
 }
 
 function chunkIsGood(repoDir: string, c: ScannedChunk, chunkSize: number): boolean {
@@ -218,6 +310,7 @@ async function build(
     damagedCheckpoints: [],
     problems: [],
     oldIndex: null,
+    remoteReads: { tailReads: 0, wholeReads: 0 },
   };
   const tmpDir = path.join(dir, 'tmp');
   mkdirPrivateSync(tmpDir, { recursive: true, mode: repoModes(dir).dir });
@@ -235,8 +328,10 @@ async function build(
     db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('format', String(FORMAT_VERSION));
     db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('repo_id', repoId);
 
-    // Packs -> packs and chunks.
-    const files = packFilesOnDisk(dir);
+    // Packs -> packs and chunks (object storage: the bucket's manifests first, see fetchManifests).
+    const remote = remoteStore(dir);
+    if (remote) await fetchManifests(remote, dir);
+    const files = await packObjects(dir);
     const insPack = db.prepare('INSERT INTO packs (name, size, created) VALUES (?, ?, ?)');
     const insChunk = db.prepare(
       'INSERT INTO chunks (hash, pack_id, offset, stored_len, raw_len, codec, damaged) VALUES (?, ?, ?, ?, ?, ?, ?)',
@@ -246,10 +341,21 @@ async function build(
     let i = 0;
     for (const f of files) {
       const p = packPath(dir, f.name);
-      const mtime = fs.statSync(p).mtimeMs;
+      const mtime = remote ? Date.now() : fs.statSync(p).mtimeMs;
       const packId = Number(insPack.run(f.name, f.size, Math.round(mtime)).lastInsertRowid);
       rep.packs++;
-      const scanned = scanPack(p, f.name, packId, rep.problems, chunkSize);
+      const scanned = remote
+        ? await scanRemotePack(
+            remote,
+            tmpDir,
+            f.name,
+            f.size,
+            packId,
+            rep.problems,
+            chunkSize,
+            rep.remoteReads,
+          )
+        : scanPack(p, f.name, packId, rep.problems, chunkSize);
       db.transaction(() => {
         for (const c of scanned) {
           const hex = c.hash.toString('hex');
@@ -276,7 +382,13 @@ async function build(
     );
     for (const [hex, cs] of copies) {
       if (cs.length < 2) continue;
-      const good = cs.find((c) => chunkIsGood(dir, c, chunkSize));
+      let good: ScannedChunk | undefined;
+      for (const c of cs) {
+        if (remote ? await remoteChunkIsGood(remote, c, chunkSize) : chunkIsGood(dir, c, chunkSize)) {
+          good = c;
+          break;
+        }
+      }
       const c = good ?? cs[0]!;
       repoint.run(c.pack, c.offset, c.storedLen, c.rawLen, c.codec, good ? 0 : 1, chunkIds.get(hex)!);
     }

@@ -28,6 +28,16 @@ import Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
 import { FORMAT_VERSION, SCHEMA } from '../index/schema';
 import { PackReader } from '../store/packs';
+import {
+  CHUNK_CACHE_DIR,
+  initRemote,
+  isS3Url,
+  releaseStore,
+  remoteStore,
+  resolveLocation,
+  retainStore,
+} from '../store/location';
+import { RemotePacks } from '../store/remote-packs';
 import { makeDirs, onUserPath } from '../util/userpath';
 import { acquireWriterLock, type LockOptions, type WriterLock } from './lock';
 import { cleanTmp, sessionLive, startSession, type Session } from './sessions';
@@ -131,7 +141,24 @@ export class Repository {
     readonly writable = true,
     private readonly snapshotDir: string | null = null,
   ) {
-    this.packs = new PackReader(dir);
+    const remote = remoteStore(dir);
+    retainStore(dir);
+    let sizeStmt: Database.Statement | undefined;
+    this.packs = new PackReader(
+      dir,
+      64,
+      remote
+        ? new RemotePacks(remote, path.join(dir, CHUNK_CACHE_DIR), (name) => {
+            sizeStmt ??= db.prepare('SELECT size FROM packs WHERE name = ?');
+            return (sizeStmt.get(name) as { size: number } | undefined)?.size;
+          })
+        : undefined,
+    );
+  }
+
+  /** The bucket of a repository on object storage (this directory is its cache), or null. */
+  get remote(): import('../store/objstore').ObjectStore | null {
+    return remoteStore(this.dir);
   }
 
   static init(dir: string, opts: InitOptions = {}): Repository {
@@ -185,6 +212,37 @@ export class Repository {
       path.join(dir, CONFIG_FILE),
       Buffer.from(JSON.stringify(config, null, 2) + '\n'),
       modes.file,
+    );
+    return Repository.open(dir);
+  }
+
+  /**
+   * `open` for a location: a directory, or `s3://BUCKET/PREFIX` (then its cache directory,
+   * `src/store/location.ts`, under `cacheDir` or the default root).
+   */
+  static async openLocation(
+    loc: string,
+    opts: OpenOptions & { cacheDir?: string } = {},
+  ): Promise<Repository> {
+    const dir = await resolveLocation(loc, opts.cacheDir !== undefined ? { cacheDir: opts.cacheDir } : {});
+    return Repository.open(dir, opts);
+  }
+
+  /** `init` for a location: a directory, or `s3://BUCKET/PREFIX` (the bucket must exist). */
+  static async initLocation(
+    loc: string,
+    opts: InitOptions & { cacheDir?: string } = {},
+  ): Promise<Repository> {
+    if (!isS3Url(loc)) return Repository.init(loc, opts);
+    const dir = await initRemote(
+      loc,
+      (d) => {
+        const r = Repository.init(d, opts);
+        const id = r.config.id;
+        r.close();
+        return { id };
+      },
+      opts.cacheDir !== undefined ? { cacheDir: opts.cacheDir } : {},
     );
     return Repository.open(dir);
   }
@@ -352,11 +410,16 @@ export class Repository {
     cleanTmp(this.dir);
   }
 
+  private closed = false;
+
   close(): void {
     this.unlockWriter();
+    if (this.closed) return;
+    this.closed = true;
     this.packs.close();
     if (this.db.open) this.db.close();
     if (this.snapshotDir) fs.rmSync(this.snapshotDir, { recursive: true, force: true });
+    releaseStore(this.dir);
   }
 }
 

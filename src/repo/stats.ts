@@ -219,7 +219,11 @@ export function repositoryStats(repo: Repository, vmName?: string): RepoStats {
       return { vm: v.name, ...rest, uniqueStoredBytes: uniqueStored };
     });
   const all = totals(visible);
-  const files = packFilesOnDisk(repo.dir);
+  // Object storage: the packs the index knows (listing the bucket is a request per 1000 packs);
+  // a local repository: its pack files.
+  const files = repo.remote
+    ? (repo.db.prepare('SELECT name, size FROM packs').all() as { name: string; size: number }[])
+    : packFilesOnDisk(repo.dir);
   const packBytes = files.reduce((a, f) => a + f.size, 0);
   const indexedStored = chunkRows.reduce((a, c) => a + c.stored, 0);
   // Live = chunks used by any checkpoint that still has rows (complete or pinned-forgotten).

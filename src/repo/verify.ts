@@ -25,8 +25,10 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { Repository } from './repository';
+import { isBkfsError } from '../errors';
 import { decodeChunk } from '../store/codec';
 import { packPath } from '../store/packs';
+import { packKey } from '../store/location';
 import { getCheckpoint, getVm, listCheckpoints, listVms, type CheckpointRow } from '../index/catalog';
 import { orderedMap } from '../util/pipeline';
 import { CheckpointReader } from '../chain/reader';
@@ -202,10 +204,17 @@ async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<Verif
     if (!loc.pack) return 'its pack is not in the index';
     let size = packSizes.get(loc.pack);
     if (size === undefined) {
-      try {
-        size = fs.statSync(packPath(repo.dir, loc.pack)).size;
-      } catch {
-        size = -1;
+      const remote = repo.remote;
+      if (remote) {
+        // Object storage: a HEAD of the pack object (a store that cannot be reached is an error,
+        // never damage).
+        size = (await remote.head(packKey(loc.pack)))?.size ?? -1;
+      } else {
+        try {
+          size = fs.statSync(packPath(repo.dir, loc.pack)).size;
+        } catch {
+          size = -1;
+        }
       }
       packSizes.set(loc.pack, size);
     }
@@ -217,6 +226,7 @@ async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<Verif
       bytesChecked += loc.storedLen;
       return undefined;
     } catch (e) {
+      if (isBkfsError(e) && (e.code === 'STORE_UNAVAILABLE' || e.code === 'STORE_ACCESS')) throw e;
       return (e as Error).message;
     }
   };

@@ -46,6 +46,8 @@ export class ChunkWriter {
   readonly remap = new Map<number, number>();
   private chain: Promise<unknown> = Promise.resolve();
   private readonly findStmt: Database.Statement;
+  /** Packs sealed and indexed so far (their chunks are committed: a crash after keeps them). */
+  packsIndexed = 0;
   readonly stats: ChunkStats = {
     newChunks: 0,
     newRawBytes: 0,
@@ -178,6 +180,7 @@ export class ChunkWriter {
         return true;
       })
       .immediate();
+    if (indexed) this.packsIndexed++;
     this.stats.newChunks -= lost;
     this.stats.newRawBytes -= lostRaw;
     this.stats.newStoredBytes -= lostStored;

@@ -21,12 +21,21 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
+import { blake3 } from '@napi-rs/blake-hash';
 import { BkfsError } from '../errors';
 import { CODEC_FRAMES, CODEC_RAW, CODEC_ZSTD, HASH_LEN, MAX_CHUNK_LEN } from './hash-len';
 import { mkdirPrivate, openPrivate, repoModes } from '../util/private-fs';
+import { holdLease, packKey, remoteStore } from './location';
+import type { RemotePacks } from './remote-packs';
 
 export const PACK_MAGIC = Buffer.from('BKFSPACK', 'ascii');
+/** Version of packs written without a trailer (local repositories). */
 export const PACK_VERSION = 1;
+/** Version of packs with a trailer index (written to object storage; FORMAT.md "Pack trailer"). */
+export const PACK_VERSION_TRAILER = 2;
+export const TRAILER_MAGIC = Buffer.from('BKPKTRLR', 'ascii');
+/** Footer: count u32 | records_end u64 | trailer_sum[16] | magic[8]. */
+export const TRAILER_FOOTER_LEN = 4 + 8 + 16 + 8;
 export const PACK_HEADER_LEN = 16;
 export const RECORD_MAGIC = Buffer.from('BKCH', 'ascii');
 export const RECORD_HEADER_LEN = 4 + 4 + 4 + 4 + HASH_LEN; // 48
@@ -36,10 +45,10 @@ export function packPath(repoDir: string, name: string): string {
   return path.join(repoDir, 'packs', name.slice(0, 2), `${name}.pack`);
 }
 
-export function encodePackHeader(): Buffer {
+export function encodePackHeader(version = PACK_VERSION): Buffer {
   const h = Buffer.alloc(PACK_HEADER_LEN);
   PACK_MAGIC.copy(h, 0);
-  h.writeUInt32BE(PACK_VERSION, 8);
+  h.writeUInt32BE(version, 8);
   h.writeUInt32BE(0, 12);
   return h;
 }
@@ -59,6 +68,75 @@ export function encodeRecordHeader(r: RecordHeader): Buffer {
   h.writeUInt32BE(r.storedLen, 12);
   r.hash.copy(h, 16);
   return h;
+}
+
+function trailerSum(entries: Buffer, count: number, recordsEnd: number): Buffer {
+  const n = Buffer.alloc(12);
+  n.writeUInt32BE(count, 0);
+  n.writeBigUInt64BE(BigInt(recordsEnd), 4);
+  return blake3(Buffer.concat([Buffer.from('bkfs-pack-trailer-v1\n'), n, entries])).subarray(0, 16);
+}
+
+/**
+ * The trailer of a version-2 pack (FORMAT.md, "Pack trailer"): every record header again, in
+ * pack order, then a footer, so that an index rebuild reads the tail of a pack object (one ranged
+ * GET) instead of the whole pack. The one function that encodes it (and `decodePackTrailer` the
+ * one that reads it): an encrypted repository seals/opens it here.
+ */
+export function encodePackTrailer(records: RecordHeader[], recordsEnd: number): Buffer {
+  const entries = Buffer.concat(records.map((r) => encodeRecordHeader(r)));
+  const f = Buffer.alloc(TRAILER_FOOTER_LEN);
+  f.writeUInt32BE(records.length, 0);
+  f.writeBigUInt64BE(BigInt(recordsEnd), 4);
+  trailerSum(entries, records.length, recordsEnd).copy(f, 12);
+  TRAILER_MAGIC.copy(f, 28);
+  return Buffer.concat([entries, f]);
+}
+
+/** Length of the trailer a footer announces (entries + footer), or null if `footer` is not one. */
+export function trailerLength(
+  footer: Buffer,
+  packSize: number,
+): { length: number; recordsEnd: number } | null {
+  if (footer.length < TRAILER_FOOTER_LEN) return null;
+  const f = footer.subarray(footer.length - TRAILER_FOOTER_LEN);
+  if (!f.subarray(28).equals(TRAILER_MAGIC)) return null;
+  const count = f.readUInt32BE(0);
+  const recordsEnd = Number(f.readBigUInt64BE(4));
+  const length = count * RECORD_HEADER_LEN + TRAILER_FOOTER_LEN;
+  if (recordsEnd < PACK_HEADER_LEN || recordsEnd + length !== packSize) return null;
+  return { length, recordsEnd };
+}
+
+/**
+ * Decode a trailer (entries + footer, as stored at the end of a pack of `packSize` bytes): the
+ * chunks with their offsets. DATA_DAMAGED when its sum or any entry is wrong, or the records it
+ * describes do not end where it says.
+ */
+export function decodePackTrailer(t: Buffer, packSize: number, chunkSize = MAX_CHUNK_LEN): PackedChunk[] {
+  const tl = trailerLength(t, packSize);
+  if (!tl || tl.length !== t.length) throw new BkfsError('DATA_DAMAGED', 'pack trailer has a bad footer');
+  const count = (t.length - TRAILER_FOOTER_LEN) / RECORD_HEADER_LEN;
+  const entries = t.subarray(0, t.length - TRAILER_FOOTER_LEN);
+  if (
+    !trailerSum(entries, count, tl.recordsEnd).equals(
+      t.subarray(t.length - TRAILER_FOOTER_LEN + 12, t.length - 8),
+    )
+  ) {
+    throw new BkfsError('DATA_DAMAGED', 'pack trailer does not match its sum');
+  }
+  const out: PackedChunk[] = [];
+  let pos = PACK_HEADER_LEN;
+  for (let i = 0; i < count; i++) {
+    const h = decodeRecordHeader(
+      entries.subarray(i * RECORD_HEADER_LEN, (i + 1) * RECORD_HEADER_LEN),
+      chunkSize,
+    );
+    out.push({ ...h, offset: pos + RECORD_HEADER_LEN });
+    pos += RECORD_HEADER_LEN + h.storedLen;
+  }
+  if (pos !== tl.recordsEnd) throw new BkfsError('DATA_DAMAGED', 'pack trailer does not describe the pack');
+  return out;
 }
 
 /**
@@ -105,6 +183,11 @@ export interface PackedChunk extends RecordHeader {
   offset: number; // offset of the stored bytes (after the record header)
 }
 
+/** `crashPoint` of repository.ts (not imported: packs.ts is below it); FORMAT.md "Crash points". */
+function testCrashPoint(step: string): void {
+  if (process.env.BKFS_TEST_CRASH_AT === step) process.kill(process.pid, 'SIGKILL');
+}
+
 /** Buffers in one writev (IOV_MAX is 1024 on Linux; two buffers per record). */
 const MAX_IOV = 1024;
 
@@ -123,6 +206,9 @@ export class PackWriter {
   private writeError: unknown;
   private waiters: { end: number; resolve: () => void; reject: (e: unknown) => void }[] = [];
   readonly chunks: PackedChunk[] = [];
+  private trailer = false;
+  /** Bytes of the trailer written at seal (0 for version-1 packs). */
+  trailerBytes = 0;
 
   private constructor(
     private readonly repoDir: string,
@@ -141,7 +227,9 @@ export class PackWriter {
   static async create(repoDir: string, tmpSubdir = 'tmp'): Promise<PackWriter> {
     const w = new PackWriter(repoDir, randomBytes(16).toString('hex'), tmpSubdir);
     w.fh = await openPrivate(w.tmpPath, 'wx', repoModes(repoDir).file);
-    const h = encodePackHeader();
+    // Packs for object storage carry a trailer (version 2); local packs stay version 1.
+    w.trailer = remoteStore(repoDir) !== null;
+    const h = encodePackHeader(w.trailer ? PACK_VERSION_TRAILER : PACK_VERSION);
     await w.fh.write(h, 0, h.length, 0);
     w.pos = h.length;
     w.queuedAt = h.length;
@@ -149,8 +237,9 @@ export class PackWriter {
     return w;
   }
 
+  /** The pack's size: its records, and after seal its trailer. */
   get size(): number {
-    return this.pos;
+    return this.pos + this.trailerBytes;
   }
 
   /**
@@ -219,9 +308,25 @@ export class PackWriter {
   async seal(): Promise<void> {
     if (!this.fh) throw new Error('pack writer is closed');
     await this.drain();
+    if (this.trailer) {
+      const t = encodePackTrailer(this.chunks, this.pos);
+      await this.fh.write(t, 0, t.length, this.pos);
+      this.trailerBytes = t.length;
+    }
     await this.fh.datasync();
     await this.fh.close();
     this.fh = undefined;
+    const remote = remoteStore(this.repoDir);
+    if (remote) {
+      // Object storage: the sealed temp file is uploaded (Content-MD5 checked by the server; a
+      // name is never reused, so ifAbsent) and resolves once the object is durable; only then
+      // does the caller index its chunks (FORMAT.md, "Repositories on object storage").
+      await holdLease(this.repoDir, remote);
+      await remote.putFile(packKey(this.name), this.tmpPath, { ifAbsent: true });
+      testCrashPoint('pack-after-upload');
+      await fsp.rm(this.tmpPath, { force: true });
+      return;
+    }
     const final = packPath(this.repoDir, this.name);
     // A new packs/NN/ must be durable in packs/ too, or a power cut loses the pack with it.
     const mode = repoModes(this.repoDir).dir;
@@ -234,6 +339,11 @@ export class PackWriter {
 
   /** Delete a sealed pack that nothing indexed (garbage: no fsync needed, FORMAT.md "Durability" 4). */
   async removeSealed(): Promise<void> {
+    const remote = remoteStore(this.repoDir);
+    if (remote) {
+      await remote.delete([packKey(this.name)]);
+      return;
+    }
     await fsp.rm(packPath(this.repoDir, this.name), { force: true });
   }
 
@@ -283,6 +393,8 @@ export class PackReader {
   constructor(
     private readonly repoDir: string,
     private readonly maxOpen = 64,
+    /** Packs in a bucket (a cache directory's repository): read through the block cache. */
+    readonly remote?: RemotePacks,
   ) {}
 
   private acquire(name: string): { fd: number; busy: number } {
@@ -331,6 +443,14 @@ export class PackReader {
       length > MAX_CHUNK_LEN
     ) {
       return this.impossible(name, offset, length);
+    }
+    if (this.remote) {
+      this.inflight++;
+      const done = (): void => {
+        this.inflight--;
+        if (this.inflight === 0) for (const w of this.drained.splice(0)) w();
+      };
+      return this.remote.read(name, offset, length).finally(done);
     }
     let e: { fd: number; busy: number; doomed?: boolean };
     try {

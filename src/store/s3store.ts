@@ -109,6 +109,31 @@ export class S3Store implements ObjectStore {
         httpsAgent: new HttpsAgent({ keepAlive: true, maxSockets }),
       }),
     });
+    if (process.env.BKFS_S3_STATS) this.countRequests(process.env.BKFS_S3_STATS);
+  }
+
+  /**
+   * `BKFS_S3_STATS=FILE` (benchmarks): count the HTTP requests this process sends, by S3
+   * operation, each retry included (an SDK middleware inside the retry loop), and append them to
+   * FILE as one JSON line `{pid, requests: {GetObject: n, ...}, bytesOut, bytesIn}` at exit.
+   */
+  private countRequests(file: string): void {
+    const counts: Record<string, number> = {};
+    this.client.middlewareStack.add(
+      (next, context) => async (args) => {
+        const op = String((context as { commandName?: string }).commandName ?? 'unknown').replace(
+          /Command$/,
+          '',
+        );
+        counts[op] = (counts[op] ?? 0) + 1;
+        return next(args);
+      },
+      { step: 'deserialize', name: 'bkfsRequestCounter' },
+    );
+    process.once('exit', () => {
+      if (Object.keys(counts).length > 0)
+        fs.appendFileSync(file, JSON.stringify({ pid: process.pid, requests: counts }) + '\n');
+    });
   }
 
   private key(key: string): string {

@@ -132,6 +132,8 @@ export interface QemuNbdOptions {
   /** Export name (-x); default is the empty name. */
   exportName?: string;
   extraArgs?: string[];
+  /** Listen on 127.0.0.1:PORT instead of the Unix socket. */
+  tcpPort?: number;
 }
 
 /** qemu-nbd serving `image`, persistent, up to 8 clients. */
@@ -139,8 +141,7 @@ export function startQemuNbd(image: string, o: QemuNbdOptions = {}): Promise<Nbd
   return startServer(
     'qemu-nbd',
     (socket) => [
-      '-k',
-      socket,
+      ...(o.tcpPort === undefined ? ['-k', socket] : ['-b', '127.0.0.1', '-p', String(o.tcpPort)]),
       '--persistent',
       '--shared=8',
       '-f',
@@ -152,6 +153,7 @@ export function startQemuNbd(image: string, o: QemuNbdOptions = {}): Promise<Nbd
       image,
     ],
     o.exportName ?? '',
+    o.tcpPort,
   );
 }
 

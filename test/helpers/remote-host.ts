@@ -15,8 +15,17 @@
  * namespace's domains and deletes the namespace (the veth pair goes with it). Only loopback and the
  * namespace's two addresses are used.
  *
+ * With `{ tls: true }` (test/integration/remote-tls.test.ts) the host also gets x509 certificates
+ * made by openssl (test/helpers/tls-certs.ts: one CA, a server certificate for the namespace's
+ * address, a client certificate): qemu.conf sets `backup_tls_x509_cert_dir` (a 0750 directory in
+ * the namespace's /var/lib/libvirt readable by the QEMU user) and `backup_tls_x509_verify = 1`,
+ * so pull-mode jobs can serve NBD over TLS; libvirtd is started with `--listen` and listens on the
+ * namespace's address with TLS (port 16514, its own key_file/cert_file/ca_file, clients need a
+ * certificate of the CA) and plain TCP (16509, auth_tcp "none": only for the refusal and
+ * --insecure-tcp tests). `tlsUri` (`qemu+tls://ADDR/system?pkipath=DIR`) and `tcpUri` reach it.
+ *
  * Needs (Debian): iproute2, util-linux (unshare, nsenter), openssh-server, openssh-client,
- * libvirt-daemon-system, libvirt-clients, qemu-system-x86, linux-image-amd64; root.
+ * libvirt-daemon-system, libvirt-clients, qemu-system-x86, linux-image-amd64, openssl (tls); root.
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
@@ -26,6 +35,15 @@ import { randomBytes, randomInt } from 'node:crypto';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { run, processAlive, type RunResult } from '../../src/util/proc';
 import { domainXml, kernel, type DiskDef } from './libvirt';
+import { issue, libvirtPkiDir, makeCa } from './tls-certs';
+
+export interface RemoteHostOptions {
+  /** Certificates, TLS for backup jobs' NBD servers, libvirtd listening on TLS and TCP. */
+  tls?: boolean;
+}
+
+/** Where the namespace's QEMU finds its NBD server certificates (inside its private tmpfs). */
+const QEMU_TLS_DIR = '/var/lib/libvirt/bkfs-backup-tls';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -110,6 +128,26 @@ export class RemoteHost {
     return `qemu+ssh://root@${this.address}/system?keyfile=${this.keyfile}&no_verify=1&no_tty=1`;
   }
 
+  /** tls: client certificates in qemu's layout (ca-cert.pem, client-cert.pem, client-key.pem). */
+  get clientTlsDir(): string {
+    return path.join(this.dir, 'tls-client');
+  }
+
+  /** tls: libvirt's client pki layout of the same certificates (for ?pkipath=). */
+  get pkiDir(): string {
+    return path.join(this.dir, 'tls-pki');
+  }
+
+  /** tls: the libvirt URI over libvirt's TLS transport (no ssh). */
+  get tlsUri(): string {
+    return `qemu+tls://${this.address}/system?pkipath=${this.pkiDir}`;
+  }
+
+  /** tls: the libvirt URI over plain TCP (auth none: tests of --insecure-tcp only). */
+  get tcpUri(): string {
+    return `qemu+tcp://${this.address}/system`;
+  }
+
   /** PID of the process that holds the namespaces. */
   get holderPid(): number {
     const pid = this.holder?.pid;
@@ -117,7 +155,9 @@ export class RemoteHost {
     return pid;
   }
 
-  static async start(): Promise<RemoteHost> {
+  private tls = false;
+
+  static async start(opts: RemoteHostOptions = {}): Promise<RemoteHost> {
     const missing = remoteHostMissing();
     if (missing !== null) throw new Error(`remote-host tests cannot run: ${missing}`);
     const suffix = randomBytes(3).toString('hex');
@@ -125,6 +165,7 @@ export class RemoteHost {
     fs.chmodSync(dir, 0o700);
     const { host, ns } = await freeSubnet();
     const h = new RemoteHost(dir, `bkfsremote-${suffix}`, ns, host);
+    h.tls = opts.tls === true;
     try {
       await h.setUp(suffix);
     } catch (e) {
@@ -222,10 +263,53 @@ export class RemoteHost {
     await this.waitFor('virtlogd socket', () =>
       fs.existsSync(`/proc/${this.holderPid}/root/run/libvirt/virtlogd-sock`),
     );
-    this.daemon('libvirtd', [path.join(bin, 'bkfsr-libvirtd')]);
+    if (this.tls) await this.setUpTls(etc);
+    this.daemon('libvirtd', [path.join(bin, 'bkfsr-libvirtd'), ...(this.tls ? ['--listen'] : [])]);
     this.daemon('sshd', [path.join(bin, 'bkfsr-sshd'), '-D', '-e', '-f', path.join(d, 'sshd_config')]);
     await this.waitFor('sshd', () => tcpOpen(this.address, 22));
     await this.waitFor('libvirtd', async () => (await this.virshTry('version')).code === 0);
+    if (this.tls) await this.waitFor('libvirtd on TLS', () => tcpOpen(this.address, 16514));
+  }
+
+  /** Certificates; qemu.conf and libvirtd.conf of the private /etc/libvirt (before libvirtd starts). */
+  private async setUpTls(etc: string): Promise<void> {
+    const d = this.dir;
+    const ca = await makeCa(path.join(d, 'tls-ca'), `bkfs remote test CA ${this.netns}`);
+    const srv = path.join(d, 'tls-server');
+    await issue(ca, srv, 'server', [this.address]);
+    await issue(ca, this.clientTlsDir, 'client', ['bkfs-backup-server']);
+    libvirtPkiDir(this.clientTlsDir, this.pkiDir);
+    // QEMU (user libvirt-qemu) reads its certificates itself: a directory it may read.
+    const q = `/proc/${this.holderPid}/root${QEMU_TLS_DIR}`;
+    fs.mkdirSync(q, { mode: 0o750 });
+    for (const f of ['ca-cert.pem', 'server-cert.pem', 'server-key.pem']) {
+      fs.copyFileSync(path.join(srv, f), path.join(q, f));
+      fs.chmodSync(path.join(q, f), f.endsWith('key.pem') ? 0o640 : 0o644);
+    }
+    const qemuGid = Number((await must('id', ['-g', 'libvirt-qemu'])).trim());
+    for (const f of ['', 'ca-cert.pem', 'server-cert.pem', 'server-key.pem'])
+      fs.chownSync(path.join(q, f), 0, qemuGid);
+    fs.appendFileSync(
+      path.join(etc, 'qemu.conf'),
+      `\n# bkfs remote-tls test\nbackup_tls_x509_cert_dir = "${QEMU_TLS_DIR}"\nbackup_tls_x509_verify = 1\n`,
+    );
+    fs.appendFileSync(
+      path.join(etc, 'libvirtd.conf'),
+      [
+        '',
+        '# bkfs remote-tls test',
+        'listen_tls = 1',
+        'listen_tcp = 1',
+        `listen_addr = "${this.address}"`,
+        'auth_tls = "none"',
+        'auth_tcp = "none"',
+        'tls_no_verify_certificate = 0',
+        `key_file = "${path.join(srv, 'server-key.pem')}"`,
+        `cert_file = "${path.join(srv, 'server-cert.pem')}"`,
+        `ca_file = "${path.join(srv, 'ca-cert.pem')}"`,
+        '',
+      ].join('\n'),
+    );
   }
 
   private daemon(name: string, argv: string[]): void {

@@ -8,8 +8,9 @@
  * an exclude, one named domain is missing. Checked: `--dry-run` starts nothing; a run backs up
  * every reachable domain, fails the missing one and the unreachable host's, says so in the summary
  * and exits 30 (JOB_PARTIAL); `--json` matches its schema; the backups are byte-exact; the level
- * policy gives full, then inc, then full (every 2nd backup); retention and gc run at the end; a log
- * file per run, 0600 in a 0700 directory.
+ * policy gives full, then inc, then full (every 2nd backup); retention and gc run at the end, then
+ * the `[copy]` step into an offsite repository (byte-exact there, which keeps what retention removed
+ * here); a log file per run, 0600 in a 0700 directory.
  */
 import { describe, it, before, after } from 'node:test';
 import * as assert from 'node:assert/strict';
@@ -56,6 +57,18 @@ const runSchema = obj({
   vms: arr(vmSchema, { min: 1 }),
   retention: nullable(obj({ ok: bool, error: errSchema, vms: arr(str), removed: int, kept: int })),
   gc: nullable(obj({ ok: bool, error: errSchema, bytesFreed: nullable(int) })),
+  copy: nullable(
+    obj({
+      ok: bool,
+      error: errSchema,
+      to: str,
+      vms: arr(str),
+      copied: int,
+      skipped: int,
+      chunksTransferred: int,
+      bytesTransferred: int,
+    }),
+  ),
   succeeded: int,
   failed: int,
   interrupted: bool,
@@ -80,6 +93,7 @@ interface RunJson {
   failed: number;
   retention: { ok: boolean; removed: number; kept: number; vms: string[] } | null;
   gc: { ok: boolean; bytesFreed: number | null } | null;
+  copy: { ok: boolean; to: string; vms: string[]; copied: number; skipped: number } | null;
   log: string | null;
 }
 
@@ -92,6 +106,7 @@ describe('bkfs run: a job file for an estate', { skip: missing ?? false }, () =>
   const refs: Record<string, string> = {};
   const images: Record<string, string> = {};
   let repo: string;
+  let offsite: string;
   let logDir: string;
   let jobFile: string;
   let scratch: string;
@@ -134,6 +149,8 @@ describe('bkfs run: a job file for an estate', { skip: missing ?? false }, () =>
     }
     repo = path.join(work, 'repo');
     await bkfsOk(['-r', repo, 'init']);
+    offsite = path.join(work, 'offsite');
+    await bkfsOk(['-r', offsite, 'init']);
     logDir = path.join(work, 'logs');
     jobFile = path.join(work, 'estate.toml');
     fs.writeFileSync(
@@ -154,6 +171,9 @@ keep-last = 2
 
 [gc]
 enabled = true
+
+[copy]
+to = "offsite"               # relative: to this file's directory
 
 [[host]]
 name = "local"
@@ -207,7 +227,7 @@ domains = ["web*"]
     assert.match(r.stdout, /^gone\s+web\*\s+-\s+failed\s.*HOST_UNREACHABLE: host gone unreachable: /m);
     assert.match(
       r.stdout,
-      /dry run: 3 backup\(s\) would run, 2 cannot, then retention, then gc; nothing started/,
+      /dry run: 3 backup\(s\) would run, 2 cannot, then retention, then gc, then a copy into \S+offsite; nothing started/,
     );
     assert.match(r.stderr, /^bkfs: 2 of 5 VM backup\(s\) failed$/m);
     const list = JSON.parse((await bkfsOk(['-r', repo, 'list', '--json'])).stdout) as unknown[];
@@ -249,8 +269,18 @@ domains = ["web*"]
       kept: 3,
     });
     assert.equal(j.gc?.ok, true);
+    // The offsite copy of the VMs backed up.
+    assert.deepEqual(j.copy && { ...j.copy, vms: [...j.copy.vms].sort() }, {
+      ...j.copy!,
+      ok: true,
+      to: offsite,
+      vms: [names.db1, names.web1, names.web2].sort(),
+      copied: 3,
+      skipped: 0,
+    });
     for (const [k, n] of Object.entries(names)) {
       await assertCheckpointEquals(repo, `${n}@check1`, 'sda', refs[k]!);
+      await assertCheckpointEquals(offsite, `${n}@check1`, 'sda', refs[k]!);
     }
     // The log: one file per run, 0600, in a 0700 directory, with every VM's lines.
     assert.equal(fs.statSync(logDir).mode & 0o777, 0o700);
@@ -282,6 +312,7 @@ domains = ["web*"]
     assert.match(r2.stdout, /^3 of 5 VM\(s\) backed up, 2 failed, in /m);
     assert.match(r2.stdout, /^retention: forgot 0 checkpoint\(s\) of 3 VM\(s\), kept 6$/m);
     assert.match(r2.stdout, /^gc: freed /m);
+    assert.match(r2.stdout, /^copy: 3 checkpoint\(s\) of 3 VM\(s\) into \S+offsite, /m);
     assert.match(r2.stdout, /^log: \S+\.log$/m);
     await assertCheckpointEquals(repo, `${names.web1}@check2`, 'sda', refs.web1!);
     const web1 = (await bkfsOk(['-r', repo, 'list', names.web1, '--json'])).stdout;
@@ -304,6 +335,18 @@ domains = ["web*"]
     assert.equal(j3.gc?.ok, true);
     for (const n of Object.values(names))
       assert.deepEqual(await checkpoints(n), ['check2:inc', 'check3:full']);
+    // The offsite repository keeps what retention removed here: its own retention decides.
+    assert.deepEqual(j3.copy && [j3.copy.ok, j3.copy.copied, j3.copy.skipped], [true, 3, 3]);
+    const offsiteWeb2 = JSON.parse((await bkfsOk(['-r', offsite, 'list', names.web2, '--json'])).stdout) as {
+      name: string;
+      level: string;
+    }[];
+    assert.deepEqual(
+      offsiteWeb2.map((c) => `${c.name}:${c.level}`),
+      ['check1:full', 'check2:inc', 'check3:full'],
+    );
+    await assertCheckpointEquals(offsite, `${names.web2}@check3`, 'sda', refs.web2!);
+    await bkfsOk(['-r', offsite, 'verify']);
     await assertCheckpointEquals(repo, `${names.web2}@check3`, 'sda', refs.web2!);
     await assertCheckpointEquals(repo, `${names.web1}@check2`, 'sda', refs.web1!);
     assert.equal(fs.readdirSync(logDir).length, 3, 'a log per run');

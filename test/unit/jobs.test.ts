@@ -12,7 +12,7 @@ import { calendarDays, decideLevel, Scheduler, selectDomains, type HistoryItem }
 import { BkfsError } from '../../src/errors';
 import { EXIT_CODES } from '../../src/cli/exit-codes';
 import { renderRunning, summaryTable } from '../../src/cli/commands/run';
-import type { RunResult } from '../../src/jobs/run';
+import { runFailure, type RunResult } from '../../src/jobs/run';
 
 const GOOD = `# estate
 repository = "/srv/bkfs"
@@ -424,6 +424,7 @@ describe('run display and summary', () => {
       ],
       retention: null,
       gc: null,
+      copy: null,
       succeeded: 1,
       failed: 1,
       interrupted: false,
@@ -435,6 +436,54 @@ describe('run display and summary', () => {
       t[2]!,
       /^kvm1\s+db9\s+\(inc\)\s+failed\s+-\s+-\s+-\s+SOURCE_NOT_FOUND: host kvm1 has no domain 'db9'$/,
     );
+  });
+});
+
+describe('job file: the copy step', () => {
+  it('[copy] to = REPO is parsed; absent means no copy; a bad key or an empty path is refused', () => {
+    assert.equal(parseJobFile(GOOD, 'estate.toml').copy, undefined);
+    const j = parseJobFile(
+      GOOD.replace('[[host]]', '[copy]\nto = "/mnt/offsite/bkfs"\n\n[[host]]'),
+      'estate.toml',
+    );
+    assert.deepEqual(j.copy, { to: '/mnt/offsite/bkfs' });
+    invalid(
+      GOOD.replace('[[host]]', '[copy]\nto = "/x"\nfrom = "/y"\n\n[[host]]'),
+      /copy\.from: unknown key \(known here: to\)/,
+    );
+    invalid(GOOD.replace('[[host]]', '[copy]\nto = ""\n\n[[host]]'), /copy\.to: must not be empty/);
+    invalid(GOOD.replace('[[host]]', '[copy]\n\n[[host]]'), /copy\.to: missing/);
+  });
+
+  it('a failed copy step makes the run partial (exit 30)', () => {
+    const base: RunResult = {
+      job: 'e.toml',
+      repository: '/r',
+      dryRun: false,
+      started: 0,
+      finished: 1,
+      durationMs: 1,
+      vms: [],
+      retention: null,
+      gc: null,
+      copy: {
+        ok: false,
+        error: { code: 'TARGET_EXISTS', exitCode: 17, message: 'the destination already has web@check1' },
+        to: '/o',
+        vms: ['web'],
+        copied: 0,
+        skipped: 0,
+        chunksTransferred: 0,
+        bytesTransferred: 0,
+      },
+      succeeded: 0,
+      failed: 0,
+      interrupted: false,
+    };
+    const f = runFailure(base);
+    assert.equal(f?.code, 'JOB_PARTIAL');
+    assert.match(f!.message, /copy failed: the destination already has web@check1/);
+    assert.equal(runFailure({ ...base, copy: { ...base.copy!, ok: true, error: null } }), null);
   });
 });
 

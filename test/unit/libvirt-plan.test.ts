@@ -21,6 +21,10 @@ import {
   selectDisks,
   virshError,
   type ReconcileInput,
+  bkfsJobKey,
+  chooseTransport,
+  parseDirectUri,
+  parsePortRange,
 } from '../../src/backup/libvirt-plan';
 import type { DomainDisk, LibvirtCheckpoint } from '../../src/backup/libvirt-xml';
 import { isBkfsError } from '../../src/errors';
@@ -257,8 +261,10 @@ test('parseLibvirtUri: local QEMU, or a remote host through ssh', () => {
   // The environment's default counts when --connect is not given.
   assert.equal(parseLibvirtUri(undefined, { LIBVIRT_DEFAULT_URI: 'qemu+ssh://h/system' })?.host, 'h');
   const usage = (re: RegExp) => (e: unknown) => isBkfsError(e, 'USAGE') && re.test((e as Error).message);
-  assert.throws(() => checkConnectUri('qemu+tcp://host/system', {}), usage(/through ssh only/));
-  assert.throws(() => checkConnectUri('qemu+tls://host/system', {}), usage(/through ssh only/));
+  assert.throws(() => parseLibvirtUri('qemu+tcp://host/system', {}), usage(/through ssh only/));
+  assert.throws(() => parseLibvirtUri('qemu+tls://host/system', {}), usage(/through ssh only/));
+  // A backup also reaches hypervisors over libvirt's own TLS (and, when asked, TCP) transport.
+  assert.doesNotThrow(() => checkConnectUri('qemu+tls://host/system', {}));
   assert.throws(() => checkConnectUri('qemu://host/system', {}), usage(/qemu\+ssh/));
   assert.throws(() => checkConnectUri('xen:///system', {}), usage(/QEMU domains only/));
   assert.throws(() => checkConnectUri('system', {}), usage(/not a libvirt URI/));
@@ -293,4 +299,62 @@ test('virsh output: job info, domain state, agent errors, error lines, bkfs sock
   assert.ok(isBkfsSocket('/var/tmp/bkfs-pull-a1B2c3/nbd.sock'));
   assert.ok(!isBkfsSocket('/var/tmp/other/nbd.sock'));
   assert.ok(!isBkfsSocket(null));
+});
+
+test('parseDirectUri: qemu+tls:// and qemu+tcp:// hypervisors (no ssh)', () => {
+  assert.deepEqual(parseDirectUri('qemu+tls://kvm1.example/system?pkipath=/etc/pki/bkfs', {}), {
+    uri: 'qemu+tls://kvm1.example/system?pkipath=/etc/pki/bkfs',
+    kind: 'tls',
+    host: 'kvm1.example',
+    pkipath: '/etc/pki/bkfs',
+  });
+  assert.equal(parseDirectUri('qemu+tcp://[fd00::5]:16509/system', {})?.host, 'fd00::5');
+  assert.equal(parseDirectUri('qemu+ssh://h/system', {}), null);
+  assert.equal(parseDirectUri(undefined, {}), null);
+});
+
+test('chooseTransport: ssh forwarding by default, TLS for qemu+tls, plain TCP only when asked', () => {
+  const usage = (re: RegExp) => (e: unknown) => isBkfsError(e, 'USAGE') && re.test((e as Error).message);
+  assert.deepEqual(chooseTransport('local', {}), { kind: 'unix' });
+  assert.deepEqual(chooseTransport('ssh', {}), { kind: 'ssh' });
+  assert.deepEqual(chooseTransport('ssh', { nbdTls: '/d' }), { kind: 'tls', certDir: '/d' });
+  assert.deepEqual(chooseTransport('ssh', { insecureTcp: true }), { kind: 'tcp' });
+  assert.deepEqual(chooseTransport('tls', { pkipath: '/p' }), { kind: 'tls', certDir: '/p' });
+  assert.deepEqual(chooseTransport('tls', { pkipath: '/p', nbdTls: '/d' }), { kind: 'tls', certDir: '/d' });
+  assert.deepEqual(chooseTransport('tcp', { insecureTcp: true }), { kind: 'tcp' });
+  assert.throws(() => chooseTransport('tls', {}), usage(/--nbd-tls DIR/));
+  assert.throws(() => chooseTransport('tcp', {}), usage(/unencrypted and unauthenticated.*--insecure-tcp/));
+  assert.throws(() => chooseTransport('tcp', { nbdTls: '/d' }), usage(/--insecure-tcp/));
+  assert.throws(() => chooseTransport('local', { nbdTls: '/d' }), usage(/remote hypervisor/));
+  assert.throws(() => chooseTransport('local', { insecureTcp: true }), usage(/remote hypervisor/));
+  assert.throws(
+    () => chooseTransport('ssh', { nbdTls: '/d', insecureTcp: true }),
+    usage(/exclude each other/),
+  );
+});
+
+test('bkfsJobKey: the job directory (socket or scratch files), or the scratch prefix without one', () => {
+  const job = (socket: string | null, ...scratch: (string | null)[]) => ({
+    socket,
+    disks: scratch.map((s) => ({ scratch: s })),
+  });
+  assert.equal(bkfsJobKey(job('/var/tmp/bkfs-pull-abc/nbd.sock')), '/var/tmp/bkfs-pull-abc');
+  assert.equal(bkfsJobKey(job(null, null, '/var/tmp/bkfs-pull-abc/sda.qcow2')), '/var/tmp/bkfs-pull-abc');
+  assert.equal(
+    bkfsJobKey(job(null, '/s/bkfs-pull-12-0a1b2c3d-ff00.vda.qcow2')),
+    '/s/bkfs-pull-12-0a1b2c3d-ff00',
+  );
+  assert.equal(bkfsJobKey(job('/run/other/nbd.sock', '/var/lib/libvirt/qemu/x/sda.scratch')), null);
+  assert.equal(bkfsJobKey(job(null)), null);
+});
+
+test('parsePortRange', () => {
+  assert.deepEqual(parsePortRange('10809-10872'), { min: 10809, max: 10872 });
+  assert.deepEqual(parsePortRange('20000'), { min: 20000, max: 20000 });
+  for (const bad of ['0-5', '10-5', 'x', '1-70000', ''])
+    assert.throws(
+      () => parsePortRange(bad),
+      (e: unknown) => isBkfsError(e, 'USAGE'),
+      bad,
+    );
 });

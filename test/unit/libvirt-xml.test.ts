@@ -153,6 +153,21 @@ test('parseBackupJob: socket, export names and bitmaps', () => {
     `<domainbackup mode='pull'><server name='localhost' port='10809'/></domainbackup>`,
   );
   assert.equal(tcp.socket, null);
+  assert.deepEqual(tcp.tcp, { host: 'localhost', port: 10809, tls: false });
+});
+
+test('backupXml: a TCP+TLS server round-trips', () => {
+  const xml = backupXml({ host: '10.0.0.2', port: 10811, tls: true }, null, [
+    { name: 'sda', scratch: '/s/x' },
+  ]);
+  assert.match(xml, /<server transport='tcp' tls='yes' name='10.0.0.2' port='10811'\/>/);
+  const job = parseBackupJob(xml);
+  assert.equal(job.socket, null);
+  assert.deepEqual(job.tcp, { host: '10.0.0.2', port: 10811, tls: true });
+  const plain = backupXml({ host: 'kvm1', port: 10809, tls: false }, null, [
+    { name: 'sda', scratch: '/s/x' },
+  ]);
+  assert.match(plain, /<server transport='tcp' name='kvm1' port='10809'\/>/);
 });
 
 test('backupXml: golden text for an incremental pull-mode job', () => {

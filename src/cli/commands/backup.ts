@@ -47,6 +47,9 @@ interface BackupCliOptions {
   exclude: string[];
   freeze: boolean;
   scratchDir?: string;
+  nbdTls?: string;
+  insecureTcp?: boolean;
+  nbdPorts?: string;
   json?: boolean;
 }
 
@@ -79,6 +82,9 @@ function checkModeOptions(opts: BackupCliOptions): void {
     ['--exclude', opts.exclude.length > 0],
     ['--no-freeze', !opts.freeze],
     ['--scratch-dir', opts.scratchDir !== undefined],
+    ['--nbd-tls', opts.nbdTls !== undefined],
+    ['--insecure-tcp', opts.insecureTcp === true],
+    ['--nbd-ports', opts.nbdPorts !== undefined],
   ];
   const bad = only.find(([, given]) => given);
   if (bad) throw new BkfsError('USAGE', `${bad[0]} needs --libvirt DOMAIN`);
@@ -120,6 +126,18 @@ export function registerBackup(program: Command): void {
       '--scratch-dir <dir>',
       'with --libvirt: where the backup job keeps scratch files (default /var/tmp)',
     )
+    .option(
+      '--nbd-tls <dir>',
+      'with a remote --connect: read the disks over NBD+TLS (x509 client certificates in DIR: ca-cert.pem, client-cert.pem, client-key.pem) instead of through ssh; the default for qemu+tls:// (with its ?pkipath=DIR)',
+    )
+    .option(
+      '--insecure-tcp',
+      'with a remote --connect: read the disks over plain NBD/TCP. The disk contents cross the network UNENCRYPTED and UNAUTHENTICATED: anyone on the path can read them, and anyone who reaches the port can read the disks during the backup',
+    )
+    .option(
+      '--nbd-ports <min-max>',
+      'with --nbd-tls/--insecure-tcp/qemu+tls: TCP ports the NBD server on the hypervisor may use (default 10809-10872)',
+    )
     .option('--json', 'machine-readable summary')
     .addHelpText(
       'after',
@@ -144,6 +162,8 @@ Examples:
   bkfs backup web --libvirt web --level full
   bkfs backup --libvirt web                                               # VM name = domain name
   bkfs backup --libvirt web --connect 'qemu+ssh://root@kvm1/system?keyfile=/root/.ssh/bkfs'
+  bkfs backup --libvirt web --connect 'qemu+tls://kvm1/system?pkipath=/etc/pki/bkfs'      # NBD+TLS
+  bkfs backup --libvirt web --connect qemu+ssh://root@kvm1/system --nbd-tls /etc/pki/bkfs
   bkfs backup web --libvirt web --exclude vdb                             # auto: incremental`,
     )
     .action(async (vmArg: string | undefined, opts: BackupCliOptions, cmd: Command) => {
@@ -195,6 +215,10 @@ Examples:
           return { res: r, diskCount: disks.length, extra: [] as string[], libvirt: undefined };
         }
         const domain = opts.libvirt;
+        const nbdPorts =
+          opts.nbdPorts !== undefined
+            ? (await import('../../backup/libvirt-plan')).parsePortRange(opts.nbdPorts)
+            : undefined;
         const lv = await retryLocked(cmd, () =>
           withRepo(cmd, (repo) =>
             backupLibvirt(repo, {
@@ -205,6 +229,9 @@ Examples:
               ...(opts.exclude.length > 0 ? { exclude: opts.exclude } : {}),
               freeze: opts.freeze,
               ...(opts.scratchDir !== undefined ? { scratchDir: opts.scratchDir } : {}),
+              ...(opts.nbdTls !== undefined ? { nbdTls: path.resolve(opts.nbdTls) } : {}),
+              ...(opts.insecureTcp ? { insecureTcp: true } : {}),
+              ...(nbdPorts !== undefined ? { nbdPorts } : {}),
             }),
           ),
         );

@@ -21,17 +21,45 @@ Examples:
   bkfs -r /srv/bkfs init --json`,
     )
     .action(async (opts: { chunkSize: string; compressionLevel: string; json?: boolean }, cmd: Command) => {
-      const dir = repoPath(cmd);
+      const loc = repoPath(cmd);
+      const { Repository } = await import('../../repo/repository');
+      const initOpts = {
+        chunkSize: parseIntOption('--chunk-size', opts.chunkSize),
+        compressionLevel: Number(opts.compressionLevel),
+      };
+      if (loc.startsWith('s3://')) {
+        const { initRemote, loadRemoteConfig } = await import('../../store/location');
+        const cacheDir = await initRemote(loc, (d) => {
+          const r = Repository.init(d, initOpts);
+          const id = r.config.id;
+          r.close();
+          return { id };
+        });
+        const c = loadRemoteConfig(cacheDir);
+        if (opts.json) {
+          printJson({
+            id: c.id,
+            path: loc,
+            cacheDir,
+            format: c.format,
+            chunkSize: c.chunkSize,
+            pageSpan: c.pageSpan,
+            hash: c.hash,
+            compression: c.compression,
+            created: c.created,
+          });
+          return;
+        }
+        out(`created bkfs repository ${c.id} at ${loc} (local cache ${cacheDir})`);
+        return;
+      }
+      const dir = loc;
       if (othersCanRead(dir)) {
         note(
           `warning: ${dir} can be read by other local users (mode ${modeOf(dir)}); bkfs creates its files 0600, but others can list them: run 'chmod 700 ${dir}' so that only you can reach the repository`,
         );
       }
-      const { Repository } = await import('../../repo/repository');
-      const repo = Repository.init(dir, {
-        chunkSize: parseIntOption('--chunk-size', opts.chunkSize),
-        compressionLevel: Number(opts.compressionLevel),
-      });
+      const repo = Repository.init(dir, initOpts);
       const c = repo.config;
       repo.close();
       if (opts.json) {

@@ -171,7 +171,7 @@ function printSummary(r: RunResult, job: JobSpec, logPath: string | null): void 
     out(
       `dry run: ${r.vms.filter((v) => v.result === 'planned').length} backup(s) would run` +
         `${r.failed ? `, ${r.failed} cannot` : ''}` +
-        `${job.retention ? ', then retention' : ''}${job.gc.enabled ? ', then gc' : ''}; nothing started`,
+        `${job.retention ? ', then retention' : ''}${job.gc.enabled ? ', then gc' : ''}${job.copy ? `, then a copy into ${job.copy.to}` : ''}; nothing started`,
     );
     return;
   }
@@ -183,6 +183,13 @@ function printSummary(r: RunResult, job: JobSpec, logPath: string | null): void 
     );
   }
   if (r.gc) out(r.gc.ok ? `gc: freed ${bytes(r.gc.bytesFreed ?? 0)}` : `gc: FAILED: ${r.gc.error!.message}`);
+  if (r.copy) {
+    out(
+      r.copy.ok
+        ? `copy: ${r.copy.copied} checkpoint(s) of ${r.copy.vms.length} VM(s) into ${r.copy.to}, ${bytes(r.copy.bytesTransferred)} stored sent`
+        : `copy: FAILED: ${r.copy.error!.message}`,
+    );
+  }
   out(`${r.succeeded} of ${r.vms.length} VM(s) backed up, ${r.failed} failed, in ${duration(r.durationMs)}`);
   if (logPath) out(`log: ${logPath}`);
 }
@@ -234,6 +241,7 @@ Examples:
         const job = parseJobFile(text, file);
         const base = path.dirname(path.resolve(file));
         job.repository = path.resolve(base, job.repository);
+        if (job.copy) job.copy.to = path.resolve(base, job.copy.to);
         if (g.retryLock !== undefined) job.retryLock = g.retryLock;
         for (const h of job.hosts)
           if (h.scratchDir !== undefined) h.scratchDir = path.resolve(base, h.scratchDir);
