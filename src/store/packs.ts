@@ -428,8 +428,19 @@ export class PackReader {
   read(name: string, offset: number, length: number): Promise<Buffer> {
     if (!Number.isSafeInteger(length) || length < 0 || length > MAX_CHUNK_LEN)
       return this.impossible(name, offset, length);
+    if (this.remote) return this.readRemote(name, offset, length);
     const buf = Buffer.allocUnsafe(length);
     return this.readInto(name, offset, buf).then(() => buf);
+  }
+
+  private readRemote(name: string, offset: number, length: number): Promise<Buffer> {
+    if (!Number.isSafeInteger(offset) || offset < 0) return this.impossible(name, offset, length);
+    this.inflight++;
+    const done = (): void => {
+      this.inflight--;
+      if (this.inflight === 0) for (const w of this.drained.splice(0)) w();
+    };
+    return this.remote!.read(name, offset, length).finally(done);
   }
 
   /** Read exactly `target.length` bytes at `offset` of pack `name` into `target`. */
@@ -445,12 +456,11 @@ export class PackReader {
       return this.impossible(name, offset, length);
     }
     if (this.remote) {
-      this.inflight++;
-      const done = (): void => {
-        this.inflight--;
-        if (this.inflight === 0) for (const w of this.drained.splice(0)) w();
-      };
-      return this.remote.read(name, offset, length).finally(done);
+      return this.readRemote(name, offset, length).then((b) => {
+        if (b.length !== length)
+          throw new BkfsError('DATA_DAMAGED', `pack ${name} is truncated at ${offset}`);
+        b.copy(target);
+      });
     }
     let e: { fd: number; busy: number; doomed?: boolean };
     try {
