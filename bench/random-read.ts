@@ -3,8 +3,11 @@
  * page cache dropped and a fresh server or mount before every measurement (not part of the tests;
  * needs root for drop_caches and FUSE).
  *
- *   node dist/bench/random-read.js [--size-mib 1024] [--chain-depth 8] [--fio-secs 8] [--runs 3]
+ *   node dist/bench/random-read.js [--small] [--size-mib 1024] [--chain-depth 8] [--fio-secs 8] [--runs 3]
  *                                  [--only mount,serve,...] [--warm-store] [--work DIR] [--keep] [--json]
+ *
+ * `--small`: what `bench/run --small` runs (512 MiB, 3 overlays, fio 5 s, 1 run); options after it
+ * still apply.
  *
  * The disk: a qcow2 of `size-mib` MiB whose 4 KiB pages are half random, half zeros (~2x zstd, no
  * dedup), then `chain-depth` qcow2 overlays each rewriting 64 x 64 KiB at random places. bkfs backs
@@ -413,6 +416,8 @@ async function main(): Promise<void> {
     log: (l) => console.error(`random-read: ${l}`),
     keep: process.argv.includes('--keep'),
   };
+  if (process.argv.includes('--small'))
+    Object.assign(opts, { sizeMiB: 512, chainDepth: 3, fioSecs: 5, runs: 1 });
   if (num('size-mib') !== undefined) opts.sizeMiB = num('size-mib')!;
   if (num('chain-depth') !== undefined) opts.chainDepth = num('chain-depth')!;
   if (num('fio-secs') !== undefined) opts.fioSecs = num('fio-secs')!;

@@ -67,6 +67,9 @@ export function checkpointExport(reader: CheckpointReader, diskName: string): Nb
   return {
     size: disk.virtual_size,
     readAt: (o, l) => reader.readAt(diskName, o, l),
+    readInto: async (o, target) => {
+      await reader.readInto(diskName, o, target);
+    },
     blockStatus: (o, l) => Promise.resolve(blockStatusOf(reader, diskName, o, l)),
   };
 }

@@ -34,6 +34,11 @@ export interface NbdExport {
   size: number;
   readAt(offset: number, length: number): Promise<Buffer>;
   /**
+   * Optional: fill all of `target` with the bytes at `offset` (in range). The server then reads
+   * straight into its reply buffer: one allocation and one socket write per read, no copy.
+   */
+  readInto?(offset: number, target: Buffer): Promise<void>;
+  /**
    * Allocation of `[offset, offset+length)`: extents in order from `offset`, covering at least one
    * byte (they may stop short of `length`). Without it, everything is reported as data.
    */
@@ -583,6 +588,27 @@ export class NbdServer {
             break;
           }
           track(handle, `read of ${length} bytes at ${offset}`, async () => {
+            if (exp.readInto && length > 0) {
+              // Header and data in one buffer, filled in place: one write, nothing copied.
+              const head = structured ? 28 : 16;
+              const reply = Buffer.allocUnsafe(head + length);
+              await exp.readInto(offset, reply.subarray(head));
+              this.stats.reads++;
+              this.stats.bytesRead += length;
+              if (!structured) {
+                reply.writeUInt32BE(P.NBD_SIMPLE_REPLY_MAGIC, 0);
+                reply.writeUInt32BE(0, 4);
+                handle.copy(reply, 8);
+              } else {
+                reply.writeUInt32BE(P.NBD_STRUCTURED_REPLY_MAGIC, 0);
+                reply.writeUInt16BE(P.NBD_REPLY_FLAG_DONE, 4);
+                reply.writeUInt16BE(P.NBD_REPLY_TYPE_OFFSET_DATA, 6);
+                handle.copy(reply, 8);
+                reply.writeUInt32BE(8 + length, 16);
+                P.writeU64(reply, offset, 20);
+              }
+              return reply;
+            }
             const data = await exp.readAt(offset, length);
             this.stats.reads++;
             this.stats.bytesRead += length;

@@ -11,22 +11,34 @@
  * has them (from a page query) passes them in.
  *
  * `copyRange` serves part of a chunk. For a frames chunk (codec 2, format 4) and a range of at most
- * half the chunk that is neither cached nor being loaded whole, it reads the chunk's stored bytes
- * (one read; kept in a small stored-bytes cache), checks the frame table against the chunk's hash,
- * decodes only the frames the range needs, checks each against its frame hash and keeps it in a
- * decoded-frame cache keyed by (chunk, frame): a random 4 KiB read decodes and hashes 32 KiB instead
- * of 256 KiB. Everything else loads the whole chunk (from the stored-bytes cache when it is there).
- * Memory: `cacheBytes` in all, half for whole chunks, a quarter each for stored bytes and frames.
+ * half the chunk that is neither cached nor being loaded whole, it decodes only the frames the range
+ * needs, checks each against its frame hash and keeps it in a decoded-frame cache keyed by
+ * (chunk, frame): a random 4 KiB read decodes and hashes 32 KiB instead of 256 KiB. The first such
+ * read of a chunk reads its whole stored bytes (one read: it also brings the rest of the chunk into
+ * the page cache) and checks the frame table against the chunk's hash; the checked table is kept in
+ * a small table cache of its own, so every later miss on that chunk reads only the stored bytes of
+ * the frame it needs (one small positioned read), and a hit in the frame cache reads nothing.
+ * Everything else loads the whole chunk. Memory: `cacheBytes` in all, half for whole chunks, 7/16
+ * for decoded frames, 1/16 for frame tables (a 256 KiB chunk's table costs well under 1 KiB).
  *
- * Encrypted repositories (`packs.cipher` set): a record's stored bytes are opened (authenticated
- * and decrypted, bound to the chunk id) right after they are read, and the stored-bytes cache keeps
- * the opened bytes, so the frame path above works unchanged (one open per chunk read from disk,
- * then any number of frame decodes); a whole chunk is checked against its keyed-BLAKE3 id.
+ * Encrypted repositories (`packs.cipher` set): a record's stored bytes are sealed whole (bound to
+ * the chunk id), so a frame cannot be read or authenticated on its own: every read loads the whole
+ * chunk, opens it (authenticate + decrypt), decodes it and checks it against its keyed-BLAKE3 id.
+ * (Sealing each frame would bring the frame path back; FORMAT.md, "Encryption".)
  */
 import { LRUCache } from 'lru-cache';
 import type Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
-import { CODEC_FRAMES, decodeChunk, decodeFrame, hashChunk, parseFrameTable, type FrameTable } from './codec';
+import {
+  CODEC_FRAMES,
+  decodeChunk,
+  decodeFrame,
+  decodeFrameInto,
+  hashChunk,
+  parseFrameTable,
+  type FrameEntry,
+  type FrameTable,
+} from './codec';
 import type { PackReader } from './packs';
 
 export interface ChunkLocation {
@@ -41,13 +53,118 @@ export interface ChunkLocation {
 
 export const DEFAULT_CACHE_BYTES = 256 << 20;
 
+/** Estimated memory of a cached frame table: the object, and per frame its entry and hash. */
+const TABLE_COST = 128;
+const FRAME_ENTRY_COST = 160;
+
+/** Frame `i` of chunk `id` as one number (a table has at most 0xffff frames). */
+function frameKey(id: number, i: number): number {
+  return id * 0x10000 + i;
+}
+
+/** Copy the part of decoded frame `f` (`raw`) inside the chunk range [from, to) to `out`. */
+function copyFrame(raw: Buffer, f: FrameEntry, from: number, to: number, out: Buffer, outOff: number): void {
+  const s = Math.max(from, f.rawOff);
+  const e = Math.min(to, f.rawOff + f.rawLen);
+  raw.copy(out, outOff + (s - from), s - f.rawOff, e - f.rawOff);
+}
+
+/**
+ * Decoded frames in fixed slots of a few large buffers (slabs of 64 slots, allocated as needed),
+ * least recently used first out: decoding a frame allocates nothing, so random reads do not churn
+ * the garbage collector with 32 KiB buffers. A view returned by `get` is valid only until the next
+ * `alloc` (which may reuse its slot): callers copy from it at once, synchronously.
+ */
+class FrameCache {
+  private readonly slabs: Buffer[] = [];
+  /** key -> slot; Map order is recency order (oldest first). */
+  private readonly map = new Map<number, number>();
+  private readonly lens: number[] = [];
+  private readonly free: number[] = [];
+  private used = 0;
+
+  constructor(
+    readonly slots: number,
+    readonly slotSize: number,
+  ) {}
+
+  get size(): number {
+    return this.map.size;
+  }
+
+  get(key: number): Buffer | undefined {
+    const slot = this.map.get(key);
+    if (slot === undefined) return undefined;
+    this.map.delete(key);
+    this.map.set(key, slot);
+    return this.view(slot, this.lens[slot]!);
+  }
+
+  /** Whether a frame of `len` bytes can be cached. */
+  fits(len: number): boolean {
+    return len <= this.slotSize && this.slots > 0;
+  }
+
+  /** A slot to decode into (evicting the least recently used frame); undefined when it cannot hold `len`. */
+  alloc(len: number): number | undefined {
+    if (!this.fits(len)) return undefined;
+    const f = this.free.pop();
+    if (f !== undefined) return f;
+    if (this.used < this.slots) {
+      const slot = this.used++;
+      if (slot >> SLAB_SHIFT >= this.slabs.length) {
+        this.slabs.push(Buffer.allocUnsafeSlow(this.slotSize << SLAB_SHIFT));
+      }
+      return slot;
+    }
+    const oldest = this.map.keys().next().value as number;
+    const slot = this.map.get(oldest)!;
+    this.map.delete(oldest);
+    return slot;
+  }
+
+  view(slot: number, len: number): Buffer {
+    const at = (slot & ((1 << SLAB_SHIFT) - 1)) * this.slotSize;
+    return this.slabs[slot >> SLAB_SHIFT]!.subarray(at, at + len);
+  }
+
+  /** The slot now holds frame `key` (`len` bytes). */
+  commit(key: number, slot: number, len: number): void {
+    const old = this.map.get(key);
+    if (old !== undefined && old !== slot) this.free.push(old);
+    this.lens[slot] = len;
+    this.map.set(key, slot);
+  }
+
+  /** Give back a slot that was not committed (its decode failed). */
+  release(slot: number): void {
+    this.free.push(slot);
+  }
+
+  clear(): void {
+    this.map.clear();
+    this.free.length = 0;
+    this.used = 0;
+    this.slabs.length = 0;
+  }
+}
+
+const SLAB_SHIFT = 6;
+/** Slot size of the frame cache: frames of this bkfs (32 KiB); larger frames are decoded uncached. */
+const FRAME_SLOT = 32 * 1024;
+
 export class ChunkLoader {
   private readonly cache: LRUCache<number, Buffer>;
   private readonly inflight = new Map<number, Promise<Buffer>>();
-  /** Decoded frames of codec-2 chunks, keyed `chunkId:frame`. */
-  private readonly frames: LRUCache<string, Buffer>;
-  /** Stored (compressed) bytes of codec-2 chunks read for frames, with their checked table once parsed. */
-  private readonly stored: LRUCache<number, { data: Buffer; table?: FrameTable }>;
+  /** Decoded frames of codec-2 chunks, keyed by `frameKey(chunkId, frame)`. */
+  private readonly frames: FrameCache;
+  /** Frames being read (the chunk's table already known), same keys. */
+  private readonly framesInflight = new Map<number, Promise<Buffer | undefined>>();
+  /** Buffers for the stored bytes of one frame while it is decoded. */
+  private readonly scratch: Buffer[] = [];
+  /** Checked frame tables of codec-2 chunks, by chunk id. */
+  private readonly tables: LRUCache<number, FrameTable>;
+  /** Whole stored bytes of codec-2 chunks being read (shared by concurrent first reads; not kept). */
   private readonly storedInflight = new Map<number, Promise<Buffer>>();
   framesDecoded = 0;
   /** Read small ranges of frames chunks frame by frame (false: always whole chunks; for A/B in bench/). */
@@ -66,13 +183,10 @@ export class ChunkLoader {
       maxSize: Math.max(1, cacheBytes >> 1),
       sizeCalculation: (b) => Math.max(1, b.length),
     });
-    this.frames = new LRUCache<string, Buffer>({
-      maxSize: Math.max(1, cacheBytes >> 2),
-      sizeCalculation: (b) => Math.max(1, b.length),
-    });
-    this.stored = new LRUCache<number, { data: Buffer; table?: FrameTable }>({
-      maxSize: Math.max(1, cacheBytes >> 2),
-      sizeCalculation: (v) => Math.max(1, v.data.length),
+    this.frames = new FrameCache(Math.floor((cacheBytes * 7) / 16 / FRAME_SLOT), FRAME_SLOT);
+    this.tables = new LRUCache<number, FrameTable>({
+      maxSize: Math.max(TABLE_COST, cacheBytes >> 4),
+      sizeCalculation: (t) => TABLE_COST + t.frames.length * FRAME_ENTRY_COST,
     });
     this.locStmt = db.prepare(
       `SELECT c.id AS id, c.hash AS hash, p.name AS pack, c.offset AS offset, c.stored_len AS storedLen,
@@ -118,92 +232,185 @@ export class ChunkLoader {
       whole !== undefined ||
       loc.codec !== CODEC_FRAMES ||
       !this.frameReads ||
+      this.packs.cipher ||
       (to - from) * 2 > loc.rawLen
     ) {
       const raw = await (whole ?? this.load(id, loc));
       raw.copy(out, outOff, from, to);
       return;
     }
-    let hit = this.frameHits(id, from, to, out, outOff);
-    if (hit) return;
-    const data = await this.storedBytes(id, loc);
-    hit = this.frameHits(id, from, to, out, outOff); // another read may have decoded them meanwhile
-    if (hit) return;
-    const entry = this.stored.get(id) ?? { data };
+    let table = this.tables.get(id);
+    if (table && this.frameHits(id, table, from, to, out, outOff)) return;
     try {
-      entry.table ??= parseFrameTable(data, loc.rawLen, data.length, loc.hash);
-      const t = entry.table;
-      const size = 1 << t.shift;
-      for (let i = Math.floor(from / size); i <= Math.floor((to - 1) / size); i++) {
-        const key = `${id}:${i}`;
-        const f = t.frames[i]!;
-        let raw = this.frames.get(key);
-        if (raw === undefined) {
-          raw = decodeFrame(f, data.subarray(f.storedOff, f.storedOff + f.storedLen));
-          if (raw.buffer === data.buffer) raw = Buffer.from(raw); // a raw frame: do not pin the stored bytes
-          this.framesDecoded++;
-          this.frames.set(key, raw);
+      if (!table) {
+        // First read of this chunk: its whole stored bytes, one read (shared with concurrent ones).
+        const data = await this.storedBytes(id, loc);
+        table = this.tables.get(id);
+        if (!table) {
+          table = parseFrameTable(data, loc.rawLen, loc.storedLen, loc.hash);
+          this.tables.set(id, table);
         }
-        const s = Math.max(from, f.rawOff);
-        const e = Math.min(to, f.rawOff + f.rawLen);
-        raw.copy(out, outOff + (s - from), s - f.rawOff, e - f.rawOff);
+        const t = table;
+        this.eachFrame(t, from, to, (i, f) => {
+          const key = frameKey(id, i);
+          const raw =
+            this.frames.get(key) ??
+            this.decodeTo(key, f, data.subarray(f.storedOff, f.storedOff + f.storedLen));
+          copyFrame(raw, f, from, to, out, outOff); // at once: a cache slot is only lent
+        });
+        return;
+      }
+      // The table is known: read and decode only the missing frames (each one small read).
+      const t = table;
+      const parts: Promise<void>[] = [];
+      this.eachFrame(t, from, to, (i, f) => {
+        const raw = this.frames.get(frameKey(id, i));
+        if (raw !== undefined) copyFrame(raw, f, from, to, out, outOff);
+        else parts.push(this.frameInto(id, loc, i, f, from, to, out, outOff));
+      });
+      if (parts.length === 1) await parts[0];
+      else if (parts.length > 1) {
+        // Every piece settles before the read fails: nothing lands in `out` afterwards.
+        const results = await Promise.allSettled(parts);
+        for (const r of results) if (r.status === 'rejected') throw r.reason;
       }
     } catch (e) {
-      this.stored.delete(id);
       throw this.damage(id, loc, e);
     }
   }
 
-  /** Copy [from, to) from cached frames if every frame it needs is cached (needs the table). */
-  private frameHits(id: number, from: number, to: number, out: Buffer, outOff: number): boolean {
-    const t = this.stored.get(id)?.table;
-    if (!t) return false;
+  /** Frames [i, f] of a table that the raw range [from, to) touches, in order. */
+  private eachFrame(t: FrameTable, from: number, to: number, fn: (i: number, f: FrameEntry) => void): void {
+    const last = Math.floor((to - 1) / (1 << t.shift));
+    for (let i = Math.floor(from / (1 << t.shift)); i <= last; i++) fn(i, t.frames[i]!);
+  }
+
+  /** Copy [from, to) from cached frames if every frame it needs is cached. */
+  private frameHits(
+    id: number,
+    t: FrameTable,
+    from: number,
+    to: number,
+    out: Buffer,
+    outOff: number,
+  ): boolean {
     const size = 1 << t.shift;
     const a = Math.floor(from / size);
     const b = Math.floor((to - 1) / size);
+    if (a === b) {
+      const raw = this.frames.get(frameKey(id, a));
+      if (raw === undefined) return false;
+      copyFrame(raw, t.frames[a]!, from, to, out, outOff);
+      return true;
+    }
     const got: Buffer[] = [];
     for (let i = a; i <= b; i++) {
-      const raw = this.frames.get(`${id}:${i}`);
+      const raw = this.frames.get(frameKey(id, i));
       if (raw === undefined) return false;
       got.push(raw);
     }
-    for (let i = a; i <= b; i++) {
-      const f = t.frames[i]!;
-      const s = Math.max(from, f.rawOff);
-      const e = Math.min(to, f.rawOff + f.rawLen);
-      got[i - a]!.copy(out, outOff + (s - from), s - f.rawOff, e - f.rawOff);
-    }
+    for (let i = a; i <= b; i++) copyFrame(got[i - a]!, t.frames[i]!, from, to, out, outOff);
     return true;
   }
 
-  /** The stored bytes of a chunk: cached, being read, or read now (one read, shared). */
+  /**
+   * Decode frame `f` from its stored bytes into a cache slot (or, when it cannot be cached, a
+   * buffer of its own) and return a view valid until the next decode: copy from it at once.
+   */
+  private decodeTo(key: number, f: FrameEntry, stored: Buffer): Buffer {
+    const slot = this.frames.alloc(f.rawLen);
+    if (slot === undefined) {
+      const raw = decodeFrame(f, stored);
+      this.framesDecoded++;
+      return raw.buffer === stored.buffer ? Buffer.from(raw) : raw;
+    }
+    const view = this.frames.view(slot, f.rawLen);
+    try {
+      decodeFrameInto(f, stored, view);
+    } catch (e) {
+      this.frames.release(slot);
+      throw e;
+    }
+    this.framesDecoded++;
+    this.frames.commit(key, slot, f.rawLen);
+    return view;
+  }
+
+  /** Copy the part of frame `i` inside [from, to) into `out` once it is read (table known). */
+  private async frameInto(
+    id: number,
+    loc: ChunkLocation,
+    i: number,
+    f: FrameEntry,
+    from: number,
+    to: number,
+    out: Buffer,
+    outOff: number,
+  ): Promise<void> {
+    const key = frameKey(id, i);
+    for (let attempt = 0; ; attempt++) {
+      // A shared read fills a cache slot, which other decodes may reuse before this continuation
+      // runs: look again, and after one miss read a private copy.
+      const own = await this.readFrame(id, loc, i, f, attempt > 0);
+      const raw = own ?? this.frames.get(key);
+      if (raw !== undefined) {
+        copyFrame(raw, f, from, to, out, outOff);
+        return;
+      }
+    }
+  }
+
+  /**
+   * Read and decode one frame of a chunk whose table is known: its stored bytes only (one small
+   * read, shared by concurrent readers). Resolves with a buffer of its own when the frame was not
+   * cached (`private`, or too large for a slot), else undefined (it is in the frame cache).
+   */
+  private readFrame(
+    id: number,
+    loc: ChunkLocation,
+    i: number,
+    f: FrameEntry,
+    privateCopy: boolean,
+  ): Promise<Buffer | undefined> {
+    const key = frameKey(id, i);
+    const running = privateCopy ? undefined : this.framesInflight.get(key);
+    if (running) return running;
+    const scratch =
+      f.storedLen <= FRAME_SLOT ? (this.scratch.pop() ?? Buffer.allocUnsafeSlow(FRAME_SLOT)) : undefined;
+    const stored = scratch ? scratch.subarray(0, f.storedLen) : Buffer.allocUnsafe(f.storedLen);
+    const p = this.packs
+      .readInto(loc.pack, loc.offset + f.storedOff, stored)
+      .then(() => {
+        this.bytesFromStore += f.storedLen;
+        if (privateCopy) {
+          const raw = decodeFrame(f, stored);
+          this.framesDecoded++;
+          return raw.buffer === stored.buffer ? Buffer.from(raw) : raw;
+        }
+        const raw = this.decodeTo(key, f, stored);
+        return this.frames.fits(f.rawLen) ? undefined : raw;
+      })
+      .finally(() => {
+        if (scratch && this.scratch.length < 64) this.scratch.push(scratch);
+        if (!privateCopy) this.framesInflight.delete(key);
+      });
+    if (!privateCopy) this.framesInflight.set(key, p);
+    return p;
+  }
+
+  /** The whole stored bytes of a chunk: being read, or read now (one read, shared; not kept). */
   private storedBytes(id: number, loc: ChunkLocation): Promise<Buffer> {
-    const hit = this.stored.get(id);
-    if (hit) return Promise.resolve(hit.data);
     const running = this.storedInflight.get(id);
     if (running) return running;
     const p = this.packs
       .read(loc.pack, loc.offset, loc.storedLen)
-      .then((read) => {
+      .then((data) => {
         this.bytesFromStore += loc.storedLen;
-        let data: Buffer;
-        try {
-          data = this.opened(loc, read);
-        } catch (e) {
-          throw this.damage(id, loc, e);
-        }
-        this.stored.set(id, { data });
         return data;
       })
       .finally(() => this.storedInflight.delete(id));
     this.storedInflight.set(id, p);
     return p;
-  }
-
-  /** A record's stored bytes as the codec wrote them: opened in an encrypted repository. */
-  private opened(loc: ChunkLocation, read: Buffer): Buffer {
-    const c = this.packs.cipher;
-    return c ? c.openChunk(loc.hash, read) : read;
   }
 
   private damage(id: number, loc: ChunkLocation, e: unknown): BkfsError {
@@ -217,23 +424,18 @@ export class ChunkLoader {
 
   private async fetch(id: number, given?: ChunkLocation): Promise<Buffer> {
     const loc = given ?? this.location(id);
-    const cached = this.stored.get(id)?.data ?? (await this.storedInflight.get(id));
-    const read = cached ? undefined : await this.packs.read(loc.pack, loc.offset, loc.storedLen);
-    if (!cached) this.bytesFromStore += loc.storedLen;
+    const running = this.storedInflight.get(id);
+    const stored = running ? await running : await this.packs.read(loc.pack, loc.offset, loc.storedLen);
+    if (!running) this.bytesFromStore += loc.storedLen;
     const c = this.packs.cipher;
     let raw: Buffer;
     try {
-      const stored = cached ?? this.opened(loc, read!);
-      raw = decodeChunk(
-        stored,
-        loc.codec,
-        loc.rawLen,
-        loc.hash,
-        undefined,
-        c ? (b) => c.chunkHash(b) : hashChunk,
-      );
+      raw = c
+        ? decodeChunk(c.openChunk(loc.hash, stored), loc.codec, loc.rawLen, loc.hash, undefined, (b) =>
+            c.chunkHash(b),
+          )
+        : decodeChunk(stored, loc.codec, loc.rawLen, loc.hash, undefined, hashChunk);
     } catch (e) {
-      this.stored.delete(id);
       throw new BkfsError(
         'DATA_DAMAGED',
         `chunk ${loc.hash.toString('hex').slice(0, 16)} (pack ${loc.pack}): ${(e as Error).message}`,
@@ -250,6 +452,6 @@ export class ChunkLoader {
   clear(): void {
     this.cache.clear();
     this.frames.clear();
-    this.stored.clear();
+    this.tables.clear();
   }
 }

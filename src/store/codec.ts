@@ -309,6 +309,19 @@ export function decodeFrame(f: FrameEntry, stored: Buffer): Buffer {
   return raw;
 }
 
+/** `decodeFrame` into `out` (exactly the frame's raw length; e.g. a cache slot): no allocation. */
+export function decodeFrameInto(f: FrameEntry, stored: Buffer, out: Buffer): void {
+  if (stored.length !== f.storedLen || out.length !== f.rawLen) {
+    throw new BkfsError(
+      'DATA_DAMAGED',
+      `chunk frame has ${stored.length} stored bytes, expected ${f.storedLen}`,
+    );
+  }
+  if (f.kind === 0) stored.copy(out);
+  else decompressInto(stored, out);
+  if (!frameHash(out).equals(f.hash)) throw new BkfsError('DATA_DAMAGED', 'chunk frame hash mismatch');
+}
+
 /** Every frame of a codec-2 chunk, decoded into one buffer (hashes: the caller checks the chunk's). */
 function decodeAllFrames(stored: Buffer, rawLen: number, chunkHash?: Buffer): Buffer {
   const t = parseFrameTable(stored, rawLen, stored.length, chunkHash);

@@ -442,6 +442,26 @@ export class PackReader {
   }
 
   read(name: string, offset: number, length: number): Promise<Buffer> {
+    if (!Number.isSafeInteger(length) || length < 0 || length > MAX_CHUNK_LEN)
+      return this.impossible(name, offset, length);
+    if (this.remote) return this.readRemote(name, offset, length);
+    const buf = Buffer.allocUnsafe(length);
+    return this.readInto(name, offset, buf).then(() => buf);
+  }
+
+  private readRemote(name: string, offset: number, length: number): Promise<Buffer> {
+    if (!Number.isSafeInteger(offset) || offset < 0) return this.impossible(name, offset, length);
+    this.inflight++;
+    const done = (): void => {
+      this.inflight--;
+      if (this.inflight === 0) for (const w of this.drained.splice(0)) w();
+    };
+    return this.remote!.read(name, offset, length).finally(done);
+  }
+
+  /** Read exactly `target.length` bytes at `offset` of pack `name` into `target`. */
+  readInto(name: string, offset: number, target: Buffer): Promise<void> {
+    const length = target.length;
     if (
       !Number.isSafeInteger(offset) ||
       offset < 0 ||
@@ -449,21 +469,14 @@ export class PackReader {
       length < 0 ||
       length > MAX_CHUNK_LEN
     ) {
-      // Lengths come from the index: a damaged or hostile row must not make us allocate 4 GiB.
-      return Promise.reject(
-        new BkfsError(
-          'DATA_DAMAGED',
-          `pack ${name}: impossible chunk location (offset ${offset}, length ${length})`,
-        ),
-      );
+      return this.impossible(name, offset, length);
     }
     if (this.remote) {
-      this.inflight++;
-      const done = (): void => {
-        this.inflight--;
-        if (this.inflight === 0) for (const w of this.drained.splice(0)) w();
-      };
-      return this.remote.read(name, offset, length).finally(done);
+      return this.readRemote(name, offset, length).then((b) => {
+        if (b.length !== length)
+          throw new BkfsError('DATA_DAMAGED', `pack ${name} is truncated at ${offset}`);
+        b.copy(target);
+      });
     }
     let e: { fd: number; busy: number; doomed?: boolean };
     try {
@@ -471,10 +484,9 @@ export class PackReader {
     } catch (err) {
       return Promise.reject(err);
     }
-    const buf = Buffer.allocUnsafe(length);
     this.inflight++;
     return new Promise((resolve, reject) => {
-      fs.read(e.fd, buf, 0, length, offset, (err, n) => {
+      fs.read(e.fd, target, 0, length, offset, (err, n) => {
         e.busy--;
         // A descriptor that close() left open for this read is closed by its last reader: closing
         // it under a read in flight could let the number be reused for another file, whose bytes
@@ -485,9 +497,19 @@ export class PackReader {
         if (err) reject(new BkfsError('DATA_DAMAGED', `pack ${name}: ${err.message}`));
         else if (n !== length)
           reject(new BkfsError('DATA_DAMAGED', `pack ${name} is truncated at ${offset}`));
-        else resolve(buf);
+        else resolve();
       });
     });
+  }
+
+  /** Lengths come from the index: a damaged or hostile row must not make us allocate 4 GiB. */
+  private impossible(name: string, offset: number, length: number): Promise<never> {
+    return Promise.reject(
+      new BkfsError(
+        'DATA_DAMAGED',
+        `pack ${name}: impossible chunk location (offset ${offset}, length ${length})`,
+      ),
+    );
   }
 
   /** Resolves when no read is in flight. */

@@ -233,7 +233,7 @@ describe('ChunkLoader.copyRange over a real pack', () => {
     fs.mkdirSync(path.join(dir, 'tmp'));
     fs.mkdirSync(path.join(dir, 'packs'));
     const w = await PackWriter.create(dir);
-    for (let i = 0; i < 4; i++) {
+    for (let i = 0; i < 6; i++) {
       const raw = mixedChunk(20 + i);
       const hash = hashChunk(raw);
       const enc = encodeChunk(raw, 1, hash);
@@ -302,6 +302,105 @@ describe('ChunkLoader.copyRange over a real pack', () => {
     await loader.copyRange(chunks[2]!.loc.id, chunks[2]!.loc, 10 * KiB, 210 * KiB, big, 0);
     assert.deepEqual(big, chunks[2]!.raw.subarray(10 * KiB, 210 * KiB));
     assert.equal(loader.chunksDecoded, 1);
+  });
+
+  it('once a chunk was read, a frame-cache hit reads nothing and a miss reads only its frame', async () => {
+    // A cache too small to keep a chunk's stored bytes: the old loader kept the frame table with
+    // them, so every later read of the chunk, even a frame-cache hit, read the whole chunk again.
+    const loader = new ChunkLoader(db, packs, 160 * KiB);
+    const c = chunks[4]!;
+    const t = parseFrameTable(
+      fs.readFileSync(packPath(dir, c.loc.pack)).subarray(c.loc.offset, c.loc.offset + c.loc.storedLen),
+      c.loc.rawLen,
+      c.loc.storedLen,
+      c.loc.hash,
+    );
+    assert.ok(c.loc.storedLen > 40 * KiB);
+    const out = Buffer.alloc(4096);
+    const at = (frame: number) => t.frames[frame]!.rawOff + 1000;
+    await loader.copyRange(c.loc.id, c.loc, at(2), at(2) + 4096, out, 0);
+    assert.deepEqual(out, c.raw.subarray(at(2), at(2) + 4096));
+    assert.equal(loader.bytesFromStore, c.loc.storedLen, 'the first read of a chunk reads it whole');
+    assert.equal(loader.framesDecoded, 1);
+    await loader.copyRange(c.loc.id, c.loc, at(2) + 8192, at(2) + 12288, out, 0);
+    assert.deepEqual(out, c.raw.subarray(at(2) + 8192, at(2) + 12288));
+    assert.equal(loader.bytesFromStore, c.loc.storedLen, 'a frame-cache hit reads nothing');
+    assert.equal(loader.framesDecoded, 1);
+    for (const frame of [5, 0, 7]) {
+      const before = loader.bytesFromStore;
+      await loader.copyRange(c.loc.id, c.loc, at(frame), at(frame) + 4096, out, 0);
+      assert.deepEqual(out, c.raw.subarray(at(frame), at(frame) + 4096));
+      assert.equal(loader.bytesFromStore - before, t.frames[frame]!.storedLen, `frame ${frame} alone`);
+    }
+    assert.equal(loader.framesDecoded, 4);
+    // Concurrent misses of one frame share its read; a range across two frames reads both.
+    let before = loader.bytesFromStore;
+    await Promise.all(
+      [0, 1, 2].map(() => loader.copyRange(c.loc.id, c.loc, at(3), at(3) + 4096, Buffer.alloc(4096), 0)),
+    );
+    assert.equal(loader.bytesFromStore - before, t.frames[3]!.storedLen);
+    before = loader.bytesFromStore;
+    const across = Buffer.alloc(8192);
+    const edge = t.frames[6]!.rawOff - 4096;
+    await loader.copyRange(c.loc.id, c.loc, edge, edge + 8192, across, 0);
+    assert.deepEqual(across, c.raw.subarray(edge, edge + 8192));
+  });
+
+  it("a two-slot frame cache under many concurrent reads never hands out another frame's bytes", async () => {
+    // Decoded frames live in reused slots: with 2 slots and 48 reads in flight over 3 chunks,
+    // slots are taken over while other reads still wait for theirs.
+    const loader = new ChunkLoader(db, packs, 160 * KiB);
+    const use = [chunks[0]!, chunks[1]!, chunks[2]!];
+    for (const c of use) await loader.copyRange(c.loc.id, c.loc, 0, 4096, Buffer.alloc(4096), 0);
+    let seed = 7;
+    const next = () => (seed = (seed * 48271) % 0x7fffffff);
+    for (let round = 0; round < 4; round++) {
+      const reads = Array.from({ length: 48 }, () => {
+        const c = use[next() % use.length]!;
+        const at = next() % (c.loc.rawLen - 4096);
+        const out = Buffer.alloc(4096);
+        return loader.copyRange(c.loc.id, c.loc, at, at + 4096, out, 0).then(() => {
+          assert.deepEqual(out, c.raw.subarray(at, at + 4096));
+        });
+      });
+      await Promise.all(reads);
+    }
+    assert.ok(loader.framesDecoded > 20);
+  });
+
+  it('a frame damaged after its table was cached fails alone (DATA_DAMAGED); a damaged table fails the chunk', async () => {
+    const c = chunks[5]!;
+    const file = packPath(dir, c.loc.pack);
+    const t = parseFrameTable(
+      fs.readFileSync(file).subarray(c.loc.offset, c.loc.offset + c.loc.storedLen),
+      c.loc.rawLen,
+      c.loc.storedLen,
+      c.loc.hash,
+    );
+    const loader = new ChunkLoader(db, packs, 160 * KiB);
+    const out = Buffer.alloc(4096);
+    await loader.copyRange(c.loc.id, c.loc, 0, 4096, out, 0); // table now cached
+    const flip = (at: number) => {
+      fs.chmodSync(file, 0o600);
+      const fd = fs.openSync(file, 'r+');
+      const one = Buffer.alloc(1);
+      fs.readSync(fd, one, 0, 1, at);
+      one[0] = one[0]! ^ 0x5a;
+      fs.writeSync(fd, one, 0, 1, at);
+      fs.closeSync(fd);
+    };
+    const f = t.frames[3]!;
+    flip(c.loc.offset + f.storedOff + (f.storedLen >> 1));
+    await assert.rejects(loader.copyRange(c.loc.id, c.loc, f.rawOff, f.rawOff + 4096, out, 0), damaged);
+    const g = t.frames[4]!;
+    await loader.copyRange(c.loc.id, c.loc, g.rawOff, g.rawOff + 4096, out, 0);
+    assert.deepEqual(out, c.raw.subarray(g.rawOff, g.rawOff + 4096));
+    // The table itself damaged: a fresh loader (no cached table) refuses every frame of the chunk.
+    flip(c.loc.offset + 5);
+    const fresh = new ChunkLoader(db, packs, 160 * KiB);
+    await assert.rejects(fresh.copyRange(c.loc.id, c.loc, g.rawOff, g.rawOff + 4096, out, 0), damaged);
+    flip(c.loc.offset + 5);
+    flip(c.loc.offset + f.storedOff + (f.storedLen >> 1));
   });
 
   it('a damaged frame fails the reads that need it (DATA_DAMAGED), the other frames still read', async () => {

@@ -7,6 +7,7 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
+import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { NbdServer, parseListen, formatListen, type NbdExport } from '../../src/nbd/server';
@@ -34,6 +35,52 @@ function base(data: Buffer): NbdExport {
       return [{ length: data.length - o, flags: P.NBD_STATE_HOLE | P.NBD_STATE_ZERO }];
     },
   };
+}
+
+/** One READ over a raw socket: fixed newstyle, NBD_OPT_EXPORT_NAME, no structured replies. */
+async function simpleRead(sock: string, name: string, offset: number, length: number): Promise<Buffer> {
+  const s = net.createConnection(sock);
+  let got = Buffer.alloc(0);
+  let want = 0;
+  let wake: (() => void) | undefined;
+  s.on('data', (d: Buffer) => {
+    got = Buffer.concat([got, d]);
+    if (got.length >= want) wake?.();
+  });
+  const take = async (n: number): Promise<Buffer> => {
+    want = n;
+    while (got.length < n) await new Promise<void>((r) => (wake = r));
+    const out = got.subarray(0, n);
+    got = got.subarray(n);
+    return out;
+  };
+  try {
+    const hello = await take(18);
+    assert.equal(hello.readBigUInt64BE(8), P.NBD_IHAVEOPT);
+    const flags = Buffer.alloc(4);
+    flags.writeUInt32BE(P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES);
+    const nameB = Buffer.from(name);
+    const opt = Buffer.alloc(16);
+    opt.writeBigUInt64BE(P.NBD_IHAVEOPT, 0);
+    opt.writeUInt32BE(P.NBD_OPT_EXPORT_NAME, 8);
+    opt.writeUInt32BE(nameB.length, 12);
+    s.write(Buffer.concat([flags, opt, nameB]));
+    await take(10); // size and transmission flags
+    const req = Buffer.alloc(P.NBD_REQUEST_SIZE);
+    req.writeUInt32BE(P.NBD_REQUEST_MAGIC, 0);
+    req.writeUInt16BE(P.NBD_CMD_READ, 6);
+    req.write('handle01', 8);
+    P.writeU64(req, offset, 16);
+    req.writeUInt32BE(length, 24);
+    s.write(req);
+    const head = await take(16);
+    assert.equal(head.readUInt32BE(0), P.NBD_SIMPLE_REPLY_MAGIC);
+    assert.equal(head.readUInt32BE(4), 0);
+    assert.equal(head.subarray(8, 16).toString(), 'handle01');
+    return Buffer.from(await take(length));
+  } finally {
+    s.destroy();
+  }
 }
 
 describe('NBD server', () => {
@@ -127,6 +174,48 @@ describe('NBD server', () => {
       } finally {
         await c.close();
       }
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('answers a read as soon as it is ready, while an earlier read is still outstanding', async () => {
+    // An export that reads into the server's reply buffer (readInto), where the read at 0 waits
+    // until released: the read after it must be answered first, with its own bytes.
+    const data = randomBuffer(10, 1 << 20);
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const exp: NbdExport = {
+      size: data.length,
+      readAt: async (o, l) => Buffer.from(data.subarray(o, o + l)),
+      readInto: async (o, target) => {
+        if (o === 0) await gate;
+        data.copy(target, 0, o, o + target.length);
+      },
+    };
+    const sock = path.join(dir, 'order.sock');
+    const server = await NbdServer.listen({ unix: sock }, new Map([['d', exp]]));
+    try {
+      const c = await NbdClient.connect({ socket: sock, exportName: 'd' });
+      try {
+        const order: string[] = [];
+        const slow = c.read(0, 4096).then((b) => {
+          order.push('slow');
+          return b;
+        });
+        const fast = await c.read(65536, 8192);
+        order.push('fast');
+        assert.deepEqual(fast, data.subarray(65536, 65536 + 8192));
+        assert.deepEqual(order, ['fast']);
+        release();
+        assert.deepEqual(await slow, data.subarray(0, 4096));
+        assert.deepEqual(order, ['fast', 'slow']);
+      } finally {
+        await c.close();
+      }
+      // Without structured replies (old-style EXPORT_NAME handshake): simple replies, same bytes.
+      assert.deepEqual(await simpleRead(sock, 'd', 12345, 5000), data.subarray(12345, 12345 + 5000));
+      assert.equal(server.stats.reads, 3);
     } finally {
       await server.close();
     }
