@@ -463,7 +463,11 @@ describe('live backups of a running libvirt domain', { skip: missing ?? false },
 
   it('bad input: one clear line, a distinct exit code, nothing changed', async () => {
     const cases: [string[], keyof typeof EXIT_CODES, RegExp][] = [
-      [['--connect', 'qemu+tcp://backup@host/system'], 'USAGE', /through ssh only/],
+      [
+        ['--connect', 'qemu+tcp://backup@host/system'],
+        'USAGE',
+        /unencrypted and unauthenticated.*--insecure-tcp/,
+      ],
       [['--disks', 'vdz'], 'USAGE', /has no disk 'vdz'/],
       [['--disks', 'hdc'], 'USAGE', /'hdc' cannot be backed up.*cdrom/],
       [['--exclude', 'sda,sdb,sdc'], 'USAGE', /no disk of the domain can be backed up/],
