@@ -374,10 +374,12 @@ describe('bkfs copy through a bucket (issue 13 §3)', () => {
       }
     }
     const list = JSON.parse((await bkfsOk(['-r', back, 'list', 'vm', '--json'])).stdout) as {
-      checkpoints: { name: string; protected: boolean; level: string }[];
-    };
+      name: string;
+      protected: boolean;
+      level: string;
+    }[];
     assert.deepEqual(
-      list.checkpoints.map((c) => [c.name, c.level, c.protected]),
+      list.map((c) => [c.name, c.level, c.protected]),
       [
         ['one', 'full', true],
         ['two', 'inc', false],
