@@ -128,8 +128,8 @@ export interface RestoreResult {
 }
 
 const DEFAULT_CONCURRENCY = 8;
-const DEFAULT_RUN_BYTES = 4 << 20;
-const DEFAULT_CACHE_BYTES = 64 << 20;
+export const DEFAULT_RUN_BYTES = 4 << 20;
+export const DEFAULT_CACHE_BYTES = 64 << 20;
 const SAMPLE_CHECKS = 8;
 const SAMPLE_BYTES = 64 << 10;
 export const DOMAIN_XML = 'domain.xml';
@@ -148,6 +148,36 @@ export interface CopyContext {
   concurrency: number;
   signal: AbortSignal | undefined;
   onBytes: (n: number) => void;
+}
+
+/**
+ * `copyRuns` of one disk with `o`'s tuning, reporting the progress over all disks (`progress`,
+ * shared by the disks of one restore) before the first byte and as bytes land.
+ */
+export function copyDiskRuns(
+  reader: CheckpointReader,
+  disk: DiskRow,
+  target: RestoreTarget,
+  runs: Iterable<Run<ChunkLocation>>,
+  o: CopyTuning & { signal?: AbortSignal; onProgress?: (p: RestoreProgress) => void },
+  progress: { done: number; total: number },
+): Promise<{ data: number; zero: number }> {
+  const report = (): void => o.onProgress?.({ disk: disk.name, done: progress.done, total: progress.total });
+  report();
+  return copyRuns(
+    {
+      reader,
+      disk,
+      target,
+      concurrency: o.concurrency ?? DEFAULT_CONCURRENCY,
+      signal: o.signal,
+      onBytes: (n) => {
+        progress.done += n;
+        report();
+      },
+    },
+    runs,
+  );
 }
 
 /**
@@ -630,21 +660,7 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
             fillGaps: !target.fresh,
           });
         }
-        o.onProgress?.({ disk: j.disk.name, done: progress.done, total: progress.total });
-        const st = await copyRuns(
-          {
-            reader,
-            disk: j.disk,
-            target,
-            concurrency: o.concurrency ?? DEFAULT_CONCURRENCY,
-            signal: o.signal,
-            onBytes: (n) => {
-              progress.done += n;
-              o.onProgress?.({ disk: j.disk.name, done: progress.done, total: progress.total });
-            },
-          },
-          runs,
-        );
+        const st = await copyDiskRuns(reader, j.disk, target, runs, o, progress);
         await target.finish();
         // Images are created 0600 (private-fs.ts); a wider mode only when the user asked for it.
         if (o.mode !== undefined && j.kind !== 'nbd') await fsp.chmod(j.to, o.mode);

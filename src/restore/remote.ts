@@ -53,7 +53,9 @@ import { planRuns } from './plan';
 import { NbdTarget, PARTIAL_SUFFIX } from './targets';
 import {
   configFileName,
-  copyRuns,
+  copyDiskRuns,
+  DEFAULT_CACHE_BYTES,
+  DEFAULT_RUN_BYTES,
   dataBytes,
   DOMAIN_XML,
   planConfigs,
@@ -83,9 +85,6 @@ export interface RemoteRestoreOptions extends CopyTuning {
   signal?: AbortSignal;
 }
 
-const DEFAULT_CONCURRENCY = 8;
-const DEFAULT_RUN_BYTES = 4 << 20;
-const DEFAULT_CACHE_BYTES = 64 << 20;
 /** Starts every line the session script prints (anything else on its stdout is ignored). */
 const LINE_TAG = 'bkfs-restore-session: ';
 /** Prefix of the session's socket directory inside the target directory. */
@@ -460,26 +459,13 @@ export async function runRemoteRestore(repo: Repository, o: RemoteRestoreOptions
       const target = new NbdTarget(client, where, true, client.size);
       let ok = false;
       try {
-        o.onProgress?.({ disk: j.disk.name, done: progress.done, total: progress.total });
-        const st = await copyRuns(
-          {
-            reader,
-            disk: j.disk,
-            target,
-            concurrency: o.concurrency ?? DEFAULT_CONCURRENCY,
-            signal: o.signal,
-            onBytes: (n) => {
-              progress.done += n;
-              o.onProgress?.({ disk: j.disk.name, done: progress.done, total: progress.total });
-            },
-          },
-          planRuns(reader.extents(j.disk.name), {
-            size,
-            maxRun: o.runBytes ?? DEFAULT_RUN_BYTES,
-            zeros: false,
-            fillGaps: false,
-          }),
-        );
+        const runs = planRuns(reader.extents(j.disk.name), {
+          size,
+          maxRun: o.runBytes ?? DEFAULT_RUN_BYTES,
+          zeros: false,
+          fillGaps: false,
+        });
+        const st = await copyDiskRuns(reader, j.disk, target, runs, o, progress);
         await target.finish(); // NBD flush (qemu-nbd fsyncs the image), then disconnect
         ok = true;
         results.push({
