@@ -74,7 +74,11 @@ function machine(cacheDir: string) {
     ok: (args: string[], extra: NodeJS.ProcessEnv = {}) => bkfsOk(['-r', url, ...args], e(extra)),
     run: (args: string[], extra: NodeJS.ProcessEnv = {}) => bkfs(['-r', url, ...args], e(extra)),
     /** The repository's cache directory (`<cacheDir>/<repository id>`). */
-    repoDir: () => path.join(cacheDir, fs.readdirSync(cacheDir).find((n) => /^[0-9a-f]{16}$/.test(n))!),
+    repoDir: () =>
+      path.join(
+        cacheDir,
+        fs.readdirSync(cacheDir).find((n) => /^[0-9a-f]{16}$/.test(n))!,
+      ),
   };
 }
 
@@ -117,7 +121,10 @@ async function mountEquals(m: ReturnType<typeof machine>, cp: string): Promise<v
   const mp = fs.mkdtempSync(path.join(work, 'mnt-'));
   await m.ok(['mount', `${VM}@${cp}`, mp]);
   try {
-    assert.ok(fs.readFileSync(path.join(mp, 'vda.raw')).equals(refs[cp]!), `${VM}@${cp} mounted byte for byte`);
+    assert.ok(
+      fs.readFileSync(path.join(mp, 'vda.raw')).equals(refs[cp]!),
+      `${VM}@${cp} mounted byte for byte`,
+    );
   } finally {
     await unmount(m, mp);
   }
@@ -192,11 +199,30 @@ describe('encrypted repository in a bucket (Ceph RGW)', () => {
   it('full + incremental backups: mount and restore byte-identical at each checkpoint', async () => {
     const xml = path.join(work, 'domain.xml');
     fs.writeFileSync(xml, `<domain><name>${VM}</name><graphics passwd="${XML_MARKER}"/></domain>\n`);
-    await a.ok(['backup', VM, '--disk', `vda=${img}`, '--config', `domain.xml=${xml}`, '-l', 'full', '-c', CPS[0]]);
+    await a.ok([
+      'backup',
+      VM,
+      '--disk',
+      `vda=${img}`,
+      '--config',
+      `domain.xml=${xml}`,
+      '-l',
+      'full',
+      '-c',
+      CPS[0],
+    ]);
     refs[CPS[0]] = await toRaw(path.join(work, 'ref0.raw'));
     const more = path.join(work, 'more.txt');
     fs.writeFileSync(more, Buffer.from(`${MARKER} written later\n`.repeat(4096)).subarray(0, MiB));
-    await run('qemu-io', ['-f', 'qcow2', '-c', `write -s ${more} ${12 * MiB} ${MiB}`, '-c', `write -P 0x5c ${2 * MiB} 64k`, img]);
+    await run('qemu-io', [
+      '-f',
+      'qcow2',
+      '-c',
+      `write -s ${more} ${12 * MiB} ${MiB}`,
+      '-c',
+      `write -P 0x5c ${2 * MiB} 64k`,
+      img,
+    ]);
     const b2 = JSON.parse(
       (await a.ok(['backup', VM, '--disk', `vda=${img}`, '-l', 'inc', '-c', CPS[1], '--json'])).stdout,
     ) as { level: string };
@@ -268,7 +294,10 @@ describe('encrypted repository in a bucket (Ceph RGW)', () => {
     const wrong = await fresh.run(['repair', '--rebuild-index'], { BKFS_PASSWORD_FILE: bad });
     assert.equal(wrong.code, EXIT_CODES.KEY_INVALID, wrong.stderr);
     oneLine(wrong);
-    for (const args of [['list'], ['restore', `${VM}@${CPS[1]}`, '--disk', 'vda', '--to', path.join(work, 'x.raw')]]) {
+    for (const args of [
+      ['list'],
+      ['restore', `${VM}@${CPS[1]}`, '--disk', 'vda', '--to', path.join(work, 'x.raw')],
+    ]) {
       const n = await bkfs(['-r', url, ...args], env(fresh.cacheDir));
       assert.ok(
         n.code === EXIT_CODES.KEY_REQUIRED || n.code === EXIT_CODES.REPO_NOT_FOUND,
@@ -280,7 +309,12 @@ describe('encrypted repository in a bucket (Ceph RGW)', () => {
     const stats = path.join(work, 'rebuild-stats.jsonl');
     const rb = JSON.parse(
       (await fresh.ok(['repair', '--rebuild-index', '--json'], { BKFS_S3_STATS: stats })).stdout,
-    ) as { checkpoints: number; packs: number; problems: string[]; remoteReads: { tailReads: number; wholeReads: number } };
+    ) as {
+      checkpoints: number;
+      packs: number;
+      problems: string[];
+      remoteReads: { tailReads: number; wholeReads: number };
+    };
     assert.equal(rb.checkpoints, 2);
     assert.deepEqual(rb.problems, []);
     assert.equal(rb.remoteReads.wholeReads, 0, 'every pack read by its sealed trailer');
@@ -307,7 +341,10 @@ describe('encrypted repository in a bucket (Ceph RGW)', () => {
     const footA = pa.subarray(pa.length - SEALED_TRAILER_FOOTER_LEN);
     const footB = pb.subarray(pb.length - SEALED_TRAILER_FOOTER_LEN);
     const endA = Number(footA.readBigUInt64BE(4));
-    const sealedB = pb.subarray(pb.length - SEALED_TRAILER_FOOTER_LEN - footB.readUInt32BE(0), pb.length - SEALED_TRAILER_FOOTER_LEN);
+    const sealedB = pb.subarray(
+      pb.length - SEALED_TRAILER_FOOTER_LEN - footB.readUInt32BE(0),
+      pb.length - SEALED_TRAILER_FOOTER_LEN,
+    );
     // Pack A's records, then B's sealed trailer with a clear footer that fits A (length, end).
     const forgedFoot = Buffer.from(footB);
     forgedFoot.writeBigUInt64BE(BigInt(endA), 4);
@@ -339,10 +376,15 @@ describe('encrypted repository in a bucket (Ceph RGW)', () => {
     const foot = pa.subarray(pa.length - SEALED_TRAILER_FOOTER_LEN);
     const end = Number(foot.readBigUInt64BE(4));
     // The plain trailer of the same records, from the sealed one opened with the key.
-    const chunks = decodePackTrailer(pa.subarray(end), pa.length, undefined, { cipher: new Cipher(master), pack: name });
+    const chunks = decodePackTrailer(pa.subarray(end), pa.length, undefined, {
+      cipher: new Cipher(master),
+      pack: name,
+    });
     const plain = encodePackTrailer(chunks, end);
     const rebuild = async (cache: string) =>
-      JSON.parse((await machine(path.join(work, cache)).ok(['repair', '--rebuild-index', '--json'])).stdout) as {
+      JSON.parse(
+        (await machine(path.join(work, cache)).ok(['repair', '--rebuild-index', '--json'])).stdout,
+      ) as {
         checkpoints: number;
         problems: string[];
         remoteReads: { tailReads: number; wholeReads: number };
@@ -428,6 +470,9 @@ describe('encrypted repository in a bucket (Ceph RGW)', () => {
     assert.equal(vj.damaged.length, 1, v.stdout);
     // The checkpoint that does not use that chunk still restores (the full one may share it).
     const l = JSON.parse((await m.ok(['list', '--json'])).stdout) as { name: string; damaged?: boolean }[];
-    assert.ok(l.some((c) => c.name === CPS[1] && c.damaged), JSON.stringify(l));
+    assert.ok(
+      l.some((c) => c.name === CPS[1] && c.damaged),
+      JSON.stringify(l),
+    );
   });
 });
