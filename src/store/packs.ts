@@ -187,11 +187,26 @@ export function decodePackTrailer(
       `pack ${key.pack} trailer`,
     );
     // The sealed trailer is a version-2 trailer whose records end where the clear footer says.
-    return decodePackTrailer(plain, tl.recordsEnd + plain.length, chunkSize);
+    const inner = trailerLength(plain, tl.recordsEnd + plain.length);
+    if (!inner || inner.sealed || inner.length !== plain.length) {
+      throw new BkfsError('DATA_DAMAGED', 'sealed pack trailer has a bad footer inside');
+    }
+    return decodePlainTrailer(plain, inner.recordsEnd, chunkSize, true);
   }
   if (key && !allowPlain) {
     throw new BkfsError('DATA_DAMAGED', 'pack trailer is not sealed in an encrypted repository');
   }
+  // The records of an encrypted repository's packs are sealed (their stored_len counts the seal).
+  return decodePlainTrailer(t, tl.recordsEnd, chunkSize, key !== undefined);
+}
+
+function decodePlainTrailer(
+  t: Buffer,
+  recordsEnd: number,
+  chunkSize: number,
+  sealedRecords: boolean,
+): PackedChunk[] {
+  const tl = { recordsEnd };
   const count = (t.length - TRAILER_FOOTER_LEN) / RECORD_HEADER_LEN;
   const entries = t.subarray(0, t.length - TRAILER_FOOTER_LEN);
   if (
@@ -207,6 +222,7 @@ export function decodePackTrailer(
     const h = decodeRecordHeader(
       entries.subarray(i * RECORD_HEADER_LEN, (i + 1) * RECORD_HEADER_LEN),
       chunkSize,
+      sealedRecords,
     );
     out.push({ ...h, offset: pos + RECORD_HEADER_LEN });
     pos += RECORD_HEADER_LEN + h.storedLen;

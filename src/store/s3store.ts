@@ -135,7 +135,8 @@ export class S3Store implements ObjectStore {
         counts[op] = (counts[op] ?? 0) + 1;
         bytesOut += len(args.request);
         const r = await next(args);
-        bytesIn += len(r.response);
+        // A HEAD's content-length is the object's size, not bytes received.
+        if (!op.startsWith('Head')) bytesIn += len(r.response);
         return r;
       },
       { step: 'deserialize', name: 'bkfsRequestCounter' },

@@ -27,12 +27,13 @@ import { SEAL_OVERHEAD } from '../../src/crypto/seal';
 
 const damaged = (e: unknown): boolean => isBkfsError(e) && e.code === 'DATA_DAMAGED';
 
-function records(n: number): { recs: RecordHeader[]; end: number } {
+/** Records as a pack holds them; `sealed`: an encrypted repository's (stored_len counts the seal). */
+function records(n: number, sealed = false): { recs: RecordHeader[]; end: number } {
   const recs: RecordHeader[] = [];
   let end = PACK_HEADER_LEN;
   for (let i = 0; i < n; i++) {
     const rawLen = 262144;
-    const storedLen = i % 2 === 0 ? rawLen : 1000 + i;
+    const storedLen = (i % 2 === 0 ? rawLen : 1000 + i) + (sealed ? SEAL_OVERHEAD : 0);
     recs.push({ codec: i % 2 === 0 ? 0 : 1, rawLen, storedLen, hash: randomBytes(32) });
     end += RECORD_HEADER_LEN + storedLen;
   }
@@ -95,7 +96,7 @@ describe('sealed pack trailer (pack version 3)', () => {
   const other = 'b2'.repeat(16);
 
   it('round-trips with the key; its clear footer says where the records end and nothing else', () => {
-    const { recs, end } = records(4);
+    const { recs, end } = records(4, true);
     const t = encodePackTrailer(recs, end, { cipher, pack });
     const plainLen = 4 * RECORD_HEADER_LEN + TRAILER_FOOTER_LEN;
     assert.equal(t.length, plainLen + SEAL_OVERHEAD + SEALED_TRAILER_FOOTER_LEN);
@@ -118,12 +119,13 @@ describe('sealed pack trailer (pack version 3)', () => {
       assert.equal(c.offset, off + RECORD_HEADER_LEN);
       assert.ok(c.hash.equals(recs[i]!.hash));
       assert.equal(c.rawLen, recs[i]!.rawLen);
+      assert.equal(c.storedLen, recs[i]!.storedLen, 'a sealed record: raw length + the seal');
       off += RECORD_HEADER_LEN + c.storedLen;
     });
   });
 
   it('does not open without the key, under another key, or moved to another pack', () => {
-    const { recs, end } = records(3);
+    const { recs, end } = records(3, true);
     const t = encodePackTrailer(recs, end, { cipher, pack });
     const size = end + t.length;
     assert.throws(() => decodePackTrailer(t, size), damaged, 'no key');
@@ -136,7 +138,7 @@ describe('sealed pack trailer (pack version 3)', () => {
   });
 
   it('refuses any flipped byte, and a plain trailer where a sealed one is due', () => {
-    const { recs, end } = records(2);
+    const { recs, end } = records(2, true);
     const t = encodePackTrailer(recs, end, { cipher, pack });
     const size = end + t.length;
     for (let i = 0; i < t.length; i++) {
