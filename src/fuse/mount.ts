@@ -141,16 +141,14 @@ export function fuseOps(vfs: CheckpointVfs, onError: (msg: string) => void = () 
         cb(r); // served from the caches: answered without a promise
         return;
       }
-      r
-        .then(
-          (n) => cb(n),
-          (e: unknown) => fail(cb, 'read', path, e),
-        )
-        .catch((e: unknown) => {
-          // fail() itself threw: still answer, never leave an unhandled rejection
-          onError(`read ${path}: ${errorMessage(e)}`);
-          cb(-E.EIO);
-        });
+      r.then(
+        (n) => cb(n),
+        (e: unknown) => fail(cb, 'read', path, e),
+      ).catch((e: unknown) => {
+        // fail() itself threw: still answer, never leave an unhandled rejection
+        onError(`read ${path}: ${errorMessage(e)}`);
+        cb(-E.EIO);
+      });
     },
     release: (_path, fd, cb) => {
       vfs.release(fd);

@@ -74,7 +74,11 @@ before(async () => {
   );
   const repo = Repository.init(repoDir);
   try {
-    await runBackup(repo, { vm: 'vm', disks: [{ name: 'vda', source: new ImageSource(img) }], level: 'full' });
+    await runBackup(repo, {
+      vm: 'vm',
+      disks: [{ name: 'vda', source: new ImageSource(img) }],
+      level: 'full',
+    });
   } finally {
     repo.close();
   }
@@ -87,7 +91,10 @@ before(async () => {
 after(() => fs.rmSync(work, { recursive: true, force: true }));
 
 /** A frames chunk extent of the text area and its frame table (read from the pack). */
-function framesExtent(repo: Repository, reader: CheckpointReader): { ext: PageExtent; table: ReturnType<typeof parseFrameTable> } {
+function framesExtent(
+  repo: Repository,
+  reader: CheckpointReader,
+): { ext: PageExtent; table: ReturnType<typeof parseFrameTable> } {
   const disk = reader.disk('vda');
   const ext = reader
     .page(disk, 0)
@@ -220,7 +227,8 @@ describe('read fast path', () => {
       const c = await NbdClient.connect({ socket: sock, exportName: 'vda' });
       try {
         for (let i = 0; i < 2; i++) await assert.rejects(c.read(diskOff(2), 4096));
-        for (let i = 0; i < 2; i++) assert.ok((await c.read(diskOff(1), 4096)).equals(want(diskOff(1), 4096)));
+        for (let i = 0; i < 2; i++)
+          assert.ok((await c.read(diskOff(1), 4096)).equals(want(diskOff(1), 4096)));
       } finally {
         await c.close();
       }
