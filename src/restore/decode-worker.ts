@@ -7,10 +7,14 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { decodeStored } from '../store/codec';
-import { Cipher, type WorkerKeys } from '../crypto/cipher';
+import type { WorkerKeys } from '../crypto/cipher';
 
+// The cipher module (libsodium) is loaded only for an encrypted repository: start-up is the cost
+// of a worker (the pool decodes on the main thread until a worker said it is ready).
 const keys = (workerData as { keys: WorkerKeys | null } | null)?.keys ?? null;
-const cipher = keys ? Cipher.fromWorkerKeys(keys) : null;
+const cipher = keys
+  ? (require('../crypto/cipher') as typeof import('../crypto/cipher')).Cipher.fromWorkerKeys(keys)
+  : null;
 
 export interface DecodeJob {
   id: number;
@@ -20,11 +24,18 @@ export interface DecodeJob {
   hash: Uint8Array;
 }
 
-export type DecodeAnswer = { id: number; raw: Uint8Array; error?: undefined } | { id: number; error: string };
+export type DecodeAnswer =
+  | { id: number; raw: Uint8Array; error?: undefined }
+  | { id: number; error: string }
+  | { id: 0; ready: true; error?: undefined };
 
 /** `b` as a Uint8Array that owns its whole ArrayBuffer (so it can be transferred). */
 function owned(b: Buffer): Uint8Array {
-  if (b.byteOffset === 0 && b.byteLength === b.buffer.byteLength && !(b.buffer instanceof SharedArrayBuffer)) {
+  if (
+    b.byteOffset === 0 &&
+    b.byteLength === b.buffer.byteLength &&
+    !(b.buffer instanceof SharedArrayBuffer)
+  ) {
     return new Uint8Array(b.buffer as ArrayBuffer, 0, b.byteLength);
   }
   const own = new Uint8Array(b.byteLength);
@@ -38,9 +49,7 @@ parentPort?.on('message', (job: DecodeJob) => {
   let answer: DecodeAnswer;
   let transfer: ArrayBuffer[] = [];
   try {
-    const raw = owned(
-      decodeStored(cipher, stored, job.codec, job.rawLen, hash),
-    );
+    const raw = owned(decodeStored(cipher, stored, job.codec, job.rawLen, hash));
     answer = { id: job.id, raw };
     transfer = [raw.buffer as ArrayBuffer];
   } catch (e) {
@@ -48,3 +57,5 @@ parentPort?.on('message', (job: DecodeJob) => {
   }
   parentPort?.postMessage(answer, transfer);
 });
+
+parentPort?.postMessage({ id: 0, ready: true } satisfies DecodeAnswer);

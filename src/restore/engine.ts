@@ -9,10 +9,11 @@
  * - `planRuns` (plan.ts) turns the extents into data runs (up to `runBytes`, default 4 MiB, of
  *   contiguous chunk pieces) and zero runs. Up to `concurrency` runs (default 8) are in flight:
  *   their chunks are read from the packs in parallel (libuv pool), decompressed and hash-checked
- *   in worker threads (`decode-pool.ts`; `BKFS_RESTORE_WORKERS=0`: on the main thread, through the
- *   reader's loader), and written with one positioned write per run straight from the decoded
- *   chunk buffers (no copy for files). Concurrent loads of one chunk are shared, and decoded
- *   chunks are cached (a disk often holds one chunk many times).
+ *   on the main thread (or, with `BKFS_RESTORE_WORKERS=N`, in N worker threads: `decode-pool.ts`),
+ *   and written with one positioned write per run straight from the decoded chunk buffers (no copy
+ *   for files). Concurrent loads of one chunk are shared, and a chunk loaded a second time is
+ *   cached (`PooledChunks`: a disk often holds one chunk many times, but caching every chunk
+ *   only cycled fresh memory, whose page faults cost more than the decoding).
  * - Full restore into a fresh file/image writes data only (zeros stay holes / unallocated
  *   clusters); into an NBD export whose content is unknown, every other byte becomes WRITE_ZEROES.
  * - Incremental restore (`since`): the two checkpoints' page tables are compared; pages with the
@@ -542,7 +543,8 @@ function sinceOf(
 }
 
 export async function runRestore(repo: Repository, o: RestoreOptions): Promise<RestoreResult> {
-  // The decode workers start first: their threads boot while the restore is planned and checked.
+  // Decode workers (if any) start first: their threads boot while the restore is planned and
+  // checked; until one is ready, chunks are decoded on this thread.
   const n = restoreWorkers();
   const pool = n > 0 ? new DecodePool(n, repo.packs.cipher) : null;
   try {
@@ -654,7 +656,7 @@ async function restoreCheckpoint(
 
   const pin = pinCheckpoints(repo, [reader.checkpoint.id, ...(since ? [since.cp.id] : [])]);
   const progress = { done: 0, total: 0 };
-  const chunks = pool ? new PooledChunks(repo.packs, pool, o.cacheBytes ?? DEFAULT_CACHE_BYTES) : undefined;
+  const chunks = new PooledChunks(repo.packs, pool, o.cacheBytes ?? DEFAULT_CACHE_BYTES);
   const results: DiskRestoreResult[] = [];
   try {
     stillThere(repo, [reader.checkpoint, ...(since ? [since.cp] : [])], reader.vm.name);
