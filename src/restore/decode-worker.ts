@@ -13,7 +13,8 @@ import type { WorkerKeys } from '../crypto/cipher';
 // of a worker (the pool decodes on the main thread until a worker said it is ready).
 const keys = (workerData as { keys: WorkerKeys | null } | null)?.keys ?? null;
 const cipher = keys
-  ? (require('../crypto/cipher') as typeof import('../crypto/cipher')).Cipher.fromWorkerKeys(keys)
+  ? // eslint-disable-next-line @typescript-eslint/no-require-imports
+    (require('../crypto/cipher') as typeof import('../crypto/cipher')).Cipher.fromWorkerKeys(keys)
   : null;
 
 export interface DecodeJob {
