@@ -37,7 +37,9 @@ import {
   PACK_MAGIC,
   PACK_VERSION,
   PACK_VERSION_TRAILER,
+  PACK_VERSION_SEALED_TRAILER,
   RECORD_HEADER_LEN,
+  RECORD_MAGIC,
   TRAILER_FOOTER_LEN,
   decodePackTrailer,
   decodeRecordHeader,
@@ -134,7 +136,7 @@ function scanPack(
     if (
       fs.readSync(fd, head, 0, PACK_HEADER_LEN, 0) !== PACK_HEADER_LEN ||
       !head.subarray(0, 8).equals(PACK_MAGIC) ||
-      (head.readUInt32BE(8) !== PACK_VERSION && head.readUInt32BE(8) !== PACK_VERSION_TRAILER)
+      ![PACK_VERSION, PACK_VERSION_TRAILER, PACK_VERSION_SEALED_TRAILER].includes(head.readUInt32BE(8))
     ) {
       problems.push(`pack ${name} has no valid pack header; skipped`);
       return out;
@@ -145,17 +147,23 @@ function scanPack(
       );
       return out;
     }
-    if (head.readUInt32BE(8) === PACK_VERSION_TRAILER) {
+    // A sealed trailer (version 3) starts where its clear footer says, unchecked without opening
+    // it: the scan reads records until one does not start there with a record magic (a sealed
+    // trailer never does), so a forged footer cannot hide records.
+    let sealedTrailerAt = -1;
+    if (head.readUInt32BE(8) !== PACK_VERSION) {
       // The records end where the trailer starts; a damaged trailer: scan up to the damage.
       const foot = Buffer.alloc(Math.min(size, TRAILER_FOOTER_LEN));
       fs.readSync(fd, foot, 0, foot.length, size - foot.length);
       const tl = trailerLength(foot, size);
-      if (tl) size = tl.recordsEnd;
+      if (tl?.sealed) sealedTrailerAt = tl.recordsEnd;
+      else if (tl) size = tl.recordsEnd;
     }
     const rh = Buffer.alloc(RECORD_HEADER_LEN);
     let pos = PACK_HEADER_LEN;
     while (pos < size) {
       const n = fs.readSync(fd, rh, 0, RECORD_HEADER_LEN, pos);
+      if (pos === sealedTrailerAt && !rh.subarray(0, 4).equals(RECORD_MAGIC)) break;
       if (n < RECORD_HEADER_LEN) {
         problems.push(`pack ${name} ends with a torn record at ${pos}`);
         break;
@@ -192,9 +200,12 @@ function scanPack(
 }
 
 /**
- * The chunks of a pack object in a bucket: its trailer (version 2) from one ranged GET of the
- * tail (a second one if the trailer is longer), else (version 1, or a damaged trailer) the whole
- * object, downloaded into `tmp/` and scanned as a file.
+ * The chunks of a pack object in a bucket: its trailer (version 2; version 3 sealed, opened with
+ * the repository's key) from one ranged GET of the tail (a second one if the trailer is longer),
+ * else (version 1, or a damaged trailer, or a sealed one that does not open: changed, or moved
+ * from another pack) the whole object, downloaded into `tmp/` and scanned as a file. In an
+ * encrypted repository a plain trailer is taken only from a pack whose header says version 2
+ * (written before sealed trailers; one more 16-byte GET).
  */
 async function scanRemotePack(
   store: ObjectStore,
@@ -205,8 +216,9 @@ async function scanRemotePack(
   problems: string[],
   chunkSize: number,
   stats: { tailReads: number; wholeReads: number },
-  sealed: boolean,
+  cipher: Cipher | null,
 ): Promise<ScannedChunk[]> {
+  const sealed = cipher !== null;
   const key = packKey(name);
   if (size >= PACK_HEADER_LEN + TRAILER_FOOTER_LEN) {
     const tailLen = Math.min(size, 64 << 10);
@@ -217,7 +229,13 @@ async function scanRemotePack(
       if (tl.length > tail.length) tail = await store.getRange(key, size - tl.length, tl.length);
       else tail = tail.subarray(tail.length - tl.length);
       try {
-        return decodePackTrailer(tail, size, chunkSize).map((c) => ({
+        let allowPlain = true;
+        if (cipher && !tl.sealed) {
+          const head = await store.getRange(key, 0, PACK_HEADER_LEN);
+          allowPlain = head.length === PACK_HEADER_LEN && head.readUInt32BE(8) === PACK_VERSION_TRAILER;
+        }
+        const key5 = cipher ? { cipher, pack: name } : undefined;
+        return decodePackTrailer(tail, size, chunkSize, key5, allowPlain).map((c) => ({
           pack: packId,
           packName: name,
           offset: c.offset,
@@ -376,7 +394,7 @@ async function build(
             rep.problems,
             chunkSize,
             rep.remoteReads,
-            cipher !== null,
+            cipher,
           )
         : scanPack(p, f.name, packId, rep.problems, chunkSize, cipher !== null);
       db.transaction(() => {
