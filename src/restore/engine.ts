@@ -9,8 +9,11 @@
  * - `planRuns` (plan.ts) turns the extents into data runs (up to `runBytes`, default 4 MiB, of
  *   contiguous chunk pieces) and zero runs. Up to `concurrency` runs (default 8) are in flight:
  *   their chunks are read from the packs in parallel (libuv pool), decompressed and hash-checked
- *   on the main thread, and written with one positioned write per run straight from the decoded
- *   chunk buffers (no copy for files). The loader dedups concurrent loads of one chunk.
+ *   on the main thread (or, with `BKFS_RESTORE_WORKERS=N`, in N worker threads: `decode-pool.ts`),
+ *   and written with one positioned write per run straight from the decoded chunk buffers (no copy
+ *   for files). Concurrent loads of one chunk are shared, and a chunk loaded a second time is
+ *   cached (`PooledChunks`: a disk often holds one chunk many times, but caching every chunk
+ *   only cycled fresh memory, whose page faults cost more than the decoding).
  * - Full restore into a fresh file/image writes data only (zeros stay holes / unallocated
  *   clusters); into an NBD export whose content is unknown, every other byte becomes WRITE_ZEROES.
  * - Incremental restore (`since`): the two checkpoints' page tables are compared; pages with the
@@ -50,6 +53,7 @@ import { rewriteDomainXml, type DiskRewrite } from './domain-xml';
 import { defineDomain, domainUuid } from './libvirt';
 import { checkMarker, diskMapDigest, removeMarker, writeMarker, type MarkerSubject } from './marker';
 import { writeFilePrivate } from '../util/private-fs';
+import { DecodePool, PooledChunks, restoreWorkers } from './decode-pool';
 
 export type FileFormat = 'raw' | 'qcow2';
 
@@ -148,6 +152,13 @@ export interface CopyContext {
   concurrency: number;
   signal: AbortSignal | undefined;
   onBytes: (n: number) => void;
+  /** Where data runs' chunks come from (default: the reader's loader, decoding on this thread). */
+  chunks?: ChunkSource | undefined;
+}
+
+/** A source of checked, decoded chunks (`PooledChunks`: decoded in worker threads). */
+export interface ChunkSource {
+  load(loc: ChunkLocation): Promise<Buffer>;
 }
 
 /**
@@ -161,6 +172,7 @@ export function copyDiskRuns(
   runs: Iterable<Run<ChunkLocation>>,
   o: CopyTuning & { signal?: AbortSignal; onProgress?: (p: RestoreProgress) => void },
   progress: { done: number; total: number },
+  chunks?: ChunkSource,
 ): Promise<{ data: number; zero: number }> {
   const report = (): void => o.onProgress?.({ disk: disk.name, done: progress.done, total: progress.total });
   report();
@@ -175,6 +187,7 @@ export function copyDiskRuns(
         progress.done += n;
         report();
       },
+      chunks,
     },
     runs,
   );
@@ -203,10 +216,13 @@ export async function copyRuns(
     await target.write(s, [buf]);
   };
   const stats = { data: 0, zero: 0 };
+  const load = ctx.chunks
+    ? (loc: ChunkLocation) => ctx.chunks!.load(loc)
+    : (loc: ChunkLocation) => reader.loader.load(loc.id, loc);
   const writeData = async (r: Run<ChunkLocation> & { kind: 'data' }) => {
     const bufs = await Promise.all(
       r.pieces.map(async (pc) => {
-        const raw = await reader.loader.load(pc.loc.id, pc.loc);
+        const raw = await load(pc.loc);
         const b = raw.subarray(pc.chunkOff, pc.chunkOff + pc.length);
         if (b.length !== pc.length) {
           throw new BkfsError(
@@ -527,6 +543,22 @@ function sinceOf(
 }
 
 export async function runRestore(repo: Repository, o: RestoreOptions): Promise<RestoreResult> {
+  // Decode workers (if any) start first: their threads boot while the restore is planned and
+  // checked; until one is ready, chunks are decoded on this thread.
+  const n = restoreWorkers();
+  const pool = n > 0 ? new DecodePool(n, repo.packs.cipher) : null;
+  try {
+    return await restoreCheckpoint(repo, o, pool);
+  } finally {
+    await pool?.close();
+  }
+}
+
+async function restoreCheckpoint(
+  repo: Repository,
+  o: RestoreOptions,
+  pool: DecodePool | null,
+): Promise<RestoreResult> {
   const t0 = Date.now();
   const reader = CheckpointReader.open(repo, o.ref, {
     cacheBytes: o.cacheBytes ?? DEFAULT_CACHE_BYTES,
@@ -624,6 +656,7 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
 
   const pin = pinCheckpoints(repo, [reader.checkpoint.id, ...(since ? [since.cp.id] : [])]);
   const progress = { done: 0, total: 0 };
+  const chunks = new PooledChunks(repo.packs, pool, o.cacheBytes ?? DEFAULT_CACHE_BYTES);
   const results: DiskRestoreResult[] = [];
   try {
     stillThere(repo, [reader.checkpoint, ...(since ? [since.cp] : [])], reader.vm.name);
@@ -660,7 +693,7 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
             fillGaps: !target.fresh,
           });
         }
-        const st = await copyDiskRuns(reader, j.disk, target, runs, o, progress);
+        const st = await copyDiskRuns(reader, j.disk, target, runs, o, progress, chunks);
         await target.finish();
         // Images are created 0600 (private-fs.ts); a wider mode only when the user asked for it.
         if (o.mode !== undefined && j.kind !== 'nbd') await fsp.chmod(j.to, o.mode);
