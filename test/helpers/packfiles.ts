@@ -1,6 +1,7 @@
 /**
  * The pack files of a local repository as the file system shows them (tests look at the disk
- * itself, not through the store under test): every `packs/NN/<name>.pack`, in name order.
+ * itself, not through the store under test): every `packs/NN/<name>.pack` (NN = the name's first
+ * two digits), in name order.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -22,7 +23,7 @@ export function packFilesOnDisk(repoDir: string): { name: string; size: number }
       continue;
     }
     for (const n of names.sort()) {
-      if (!/^[0-9a-f]{32}\.pack$/.test(n)) continue;
+      if (!/^[0-9a-f]{32}\.pack$/.test(n) || !n.startsWith(sd)) continue;
       try {
         out.push({ name: n.slice(0, -'.pack'.length), size: fs.statSync(path.join(root, sd, n)).size });
       } catch {
