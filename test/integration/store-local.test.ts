@@ -99,10 +99,18 @@ describe('a local repository through its store: foreign files are not packs or m
   });
 
   it('stats counts the packs only', async () => {
-    const s = await json<{ repository: { packs: number; packBytes: number } }>(['-r', repo, 'stats', '--json']);
+    const s = await json<{ repository: { packs: number; packBytes: number } }>([
+      '-r',
+      repo,
+      'stats',
+      '--json',
+    ]);
     const packs = packFilesOnDisk(repo);
     assert.equal(s.repository.packs, packs.length);
-    assert.equal(s.repository.packBytes, packs.reduce((a, p) => a + p.size, 0));
+    assert.equal(
+      s.repository.packBytes,
+      packs.reduce((a, p) => a + p.size, 0),
+    );
   });
 
   it('repair --rebuild-index indexes the packs and manifests only; the checkpoint reads back', async () => {
@@ -124,7 +132,9 @@ describe('a local repository through its store: foreign files are not packs or m
   });
 
   it('verify finds a missing manifest and a missing pack through the store', async () => {
-    const uid = fs.readdirSync(path.join(repo, 'manifests')).find((n) => /^[0-9a-f]{32}\.json\.zst$/.test(n))!;
+    const uid = fs
+      .readdirSync(path.join(repo, 'manifests'))
+      .find((n) => /^[0-9a-f]{32}\.json\.zst$/.test(n))!;
     const aside = path.join(work, 'manifest-aside');
     fs.renameSync(path.join(repo, 'manifests', uid), aside);
     const [pack] = packFilesOnDisk(repo);

@@ -78,7 +78,13 @@ describe('LocalStore', () => {
     const d = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-store-list-'));
     try {
       const s = new LocalStore(d);
-      for (const k of ['packs/cd/2.pack', 'packs/ab/1.pack', 'packs/ab/0.pack', 'packsx', 'manifests/m.json.zst']) {
+      for (const k of [
+        'packs/cd/2.pack',
+        'packs/ab/1.pack',
+        'packs/ab/0.pack',
+        'packsx',
+        'manifests/m.json.zst',
+      ]) {
         await s.put(k, Buffer.from(k));
       }
       // A writer's temporary, a hidden file, a name that is no key, a symlink, a directory.
@@ -181,7 +187,10 @@ describe('store helpers', () => {
       fs.mkdirSync(path.join(d, 'tmp'));
       const w = await PackWriter.create(d);
       const data = Buffer.alloc(4096, 7);
-      const pc = await w.append({ codec: CODEC_RAW, rawLen: 4096, storedLen: 4096, hash: hashChunk(data) }, data);
+      const pc = await w.append(
+        { codec: CODEC_RAW, rawLen: 4096, storedLen: 4096, hash: hashChunk(data) },
+        data,
+      );
       await w.seal();
       const reader = new PackReader(d);
       assert.deepEqual(await reader.read(w.name, pc.offset, 4096), data);
