@@ -1,17 +1,19 @@
 /**
- * Benchmark: a repository in a local directory against the same repository in an S3 bucket (a
- * real Ceph RADOS Gateway on 127.0.0.1, test/helpers/rgw.ts), through the real `bkfs` command.
+ * Benchmark (issue 13, "Done when"): four repositories in one run, through the real `bkfs` command:
+ * a local directory, a local directory encrypted (`init --encrypt`), a bucket on a real Ceph RADOS
+ * Gateway on 127.0.0.1 (test/helpers/rgw.ts), and an encrypted bucket.
  *
  *   node dist/bench/s3.js [--data-mib 256] [--disk-mib 512]
  *
  * One qcow2 disk holds `data-mib` of data (even 32 MiB pieces random, odd ones text). Measured,
  * each as the wall time of one bkfs command: a full backup, a restore to a raw file, a sequential
- * read of the whole mounted disk (`bkfs mount` + read of vda.raw), and `bkfs verify`. For the
+ * read of the whole mounted disk (`bkfs mount` + read of vda.raw), and `bkfs verify`. For a
  * bucket, restore, mount-read and verify start with an empty chunk cache (cold: every byte comes
- * from the bucket), and the restore is measured once more with the cache warm. HTTP requests are
- * counted by an SDK middleware (`BKFS_S3_STATS`, src/store/s3store.ts) and given per GiB of data
- * backed up / restored. RGW here is one OSD on a file on the same 2 cores: the figures show the
- * cost of the S3 path (HTTP, SDK, request count), not of a real network or cluster.
+ * from the bucket), and the restore is measured once more with the cache warm. HTTP requests (and
+ * bytes) are counted by an SDK middleware (`BKFS_S3_STATS`, src/store/s3store.ts) and given per GiB
+ * of data backed up / restored. RGW here is one OSD on a file on the same 2 cores: the figures show
+ * the cost of the S3 path (HTTP, SDK, request count) and of encryption, not of a real network or
+ * cluster. The machine's load (`/proc/loadavg`) is sampled during the run and printed in the header.
  */
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -72,8 +74,10 @@ function takeCounts(file: string): Counts {
   if (!fs.existsSync(file)) return out;
   for (const line of fs.readFileSync(file, 'utf8').split('\n')) {
     if (!line) continue;
-    const j = JSON.parse(line) as { requests: Counts };
+    const j = JSON.parse(line) as { requests: Counts; bytesOut?: number; bytesIn?: number };
     for (const [k, v] of Object.entries(j.requests)) out[k] = (out[k] ?? 0) + v;
+    out.bytesOut = (out.bytesOut ?? 0) + (j.bytesOut ?? 0);
+    out.bytesIn = (out.bytesIn ?? 0) + (j.bytesIn ?? 0);
   }
   fs.rmSync(file);
   return out;
@@ -81,10 +85,30 @@ function takeCounts(file: string): Counts {
 
 const sum = (c: Counts, ops: string[]): number => ops.reduce((a, o) => a + (c[o] ?? 0), 0);
 
+function loadavg(): number[] {
+  return fs
+    .readFileSync('/proc/loadavg', 'utf8')
+    .split(' ')
+    .slice(0, 3)
+    .map((x) => Number(x));
+}
+
+interface Target {
+  name: string;
+  repo: string;
+  bucket: boolean;
+  encrypted: boolean;
+  env: NodeJS.ProcessEnv;
+  cache?: string;
+}
+
 async function main(): Promise<void> {
   const dataMib = arg('data-mib', 256);
   const diskMib = arg('disk-mib', Math.max(dataMib * 2, 64));
   const work = fs.mkdtempSync('/var/tmp/bkfs-bench-s3-');
+  const loadStart = fs.readFileSync('/proc/loadavg', 'utf8').trim();
+  const loads: number[] = [];
+  const sampler = setInterval(() => loads.push(loadavg()[0]!), 5000);
   const rgw = await startRgw();
   try {
     const img = path.join(work, 'disk.qcow2');
@@ -101,12 +125,38 @@ async function main(): Promise<void> {
     }
     const bucket = await rgw.bucket('bkfs-bench-s3');
     const stats = path.join(work, 's3-requests.jsonl');
-    const targets = [
-      { name: 'local', repo: path.join(work, 'repo'), env: {} as NodeJS.ProcessEnv },
+    const pw = path.join(work, 'passphrase');
+    fs.writeFileSync(pw, 'bench passphrase\n', { mode: 0o600 });
+    const keyEnv = { BKFS_PASSWORD_FILE: pw, BKFS_PASSWORD_COMMAND: '', BKFS_KEY_FILE: '' };
+    const s3env = (cache: string): NodeJS.ProcessEnv => ({
+      ...rgw.env,
+      BKFS_CACHE_DIR: cache,
+      BKFS_S3_STATS: stats,
+    });
+    const targets: Target[] = [
+      { name: 'local', repo: path.join(work, 'repo'), bucket: false, encrypted: false, env: {} },
+      {
+        name: 'local + encrypted',
+        repo: path.join(work, 'repo-enc'),
+        bucket: false,
+        encrypted: true,
+        env: keyEnv,
+      },
       {
         name: 'RGW',
         repo: `s3://${bucket}/bench`,
-        env: { ...rgw.env, BKFS_CACHE_DIR: path.join(work, 'cache'), BKFS_S3_STATS: stats },
+        bucket: true,
+        encrypted: false,
+        env: s3env(path.join(work, 'cache')),
+        cache: path.join(work, 'cache'),
+      },
+      {
+        name: 'RGW + encrypted',
+        repo: `s3://${bucket}/bench-enc`,
+        bucket: true,
+        encrypted: true,
+        env: { ...s3env(path.join(work, 'cache-enc')), ...keyEnv },
+        cache: path.join(work, 'cache-enc'),
       },
     ];
     const rows: string[][] = [];
@@ -115,13 +165,13 @@ async function main(): Promise<void> {
     for (const t of targets) {
       const r = (args: string[]) => timed(['-r', t.repo, ...args], t.env);
       const coldCache = () => {
-        if (t.name !== 'local') {
-          for (const d of fs.readdirSync(path.join(work, 'cache'))) {
-            fs.rmSync(path.join(work, 'cache', d, 'chunk-cache'), { recursive: true, force: true });
+        if (t.cache) {
+          for (const d of fs.readdirSync(t.cache)) {
+            fs.rmSync(path.join(t.cache, d, 'chunk-cache'), { recursive: true, force: true });
           }
         }
       };
-      await r(['init']);
+      await r(t.encrypted ? ['init', '--encrypt'] : ['init']);
       takeCounts(stats);
       const backup = await r(['backup', 'vm', '--disk', `vda=${img}`, '-l', 'full', '-c', 'full']);
       const cBackup = takeCounts(stats);
@@ -133,7 +183,7 @@ async function main(): Promise<void> {
       takeCounts(stats);
       fs.rmSync(out, { force: true });
       coldCache();
-      const mp = path.join(work, `mnt-${t.name}`);
+      const mp = path.join(work, `mnt-${t.name.replace(/\W+/g, '-')}`);
       fs.mkdirSync(mp);
       await r(['mount', 'vm@full', mp]);
       let mountRead: number;
@@ -153,56 +203,51 @@ async function main(): Promise<void> {
         t.name,
         mbs(backup, dataMib),
         mbs(restore, dataMib),
-        t.name === 'local' ? '-' : mbs(restoreWarm, dataMib),
+        t.bucket ? mbs(restoreWarm, dataMib) : '-',
         mbs(mountRead, diskMib),
         mbs(verify, dataMib),
       ]);
-      if (t.name !== 'local') {
+      if (t.bucket) {
         const puts = ['PutObject', 'UploadPart', 'CreateMultipartUpload', 'CompleteMultipartUpload'];
+        const row = (what: string, c: Counts, put: boolean): string[] => [
+          t.name,
+          what,
+          put ? `${(sum(c, puts) / gib).toFixed(0)}` : '-',
+          `${((c.GetObject ?? 0) / gib).toFixed(0)}`,
+          `${((put ? (c.bytesOut ?? 0) : (c.bytesIn ?? 0)) / MiB / gib).toFixed(0)} MiB`,
+          JSON.stringify(Object.fromEntries(Object.entries(c).filter(([k]) => !k.startsWith('bytes')))),
+        ];
         reqRows.push(
-          [
-            'backup (full)',
-            `${(sum(cBackup, puts) / gib).toFixed(0)} PUT`,
-            `${((cBackup.GetObject ?? 0) / gib).toFixed(0)} GET`,
-            JSON.stringify(cBackup),
-          ],
-          [
-            'restore (cold cache)',
-            `${(sum(cRestore, puts) / gib).toFixed(0)} PUT`,
-            `${((cRestore.GetObject ?? 0) / gib).toFixed(0)} GET`,
-            JSON.stringify(cRestore),
-          ],
-          [
-            'mount read (cold cache)',
-            '-',
-            `${((cMount.GetObject ?? 0) / gib).toFixed(0)} GET`,
-            JSON.stringify(cMount),
-          ],
-          [
-            'verify (cold cache)',
-            '-',
-            `${((cVerify.GetObject ?? 0) / gib).toFixed(0)} GET`,
-            JSON.stringify(cVerify),
-          ],
+          row('backup (full)', cBackup, true),
+          row('restore (cold cache)', cRestore, false),
+          row('mount read (cold cache)', cMount, false),
+          row('verify (cold cache)', cVerify, false),
         );
       }
     }
+    clearInterval(sampler);
+    const loadEnd = fs.readFileSync('/proc/loadavg', 'utf8').trim();
+    const maxLoad = loads.length > 0 ? Math.max(...loads) : loadavg()[0]!;
+    const meanLoad = loads.length > 0 ? loads.reduce((a, b) => a + b, 0) / loads.length : maxLoad;
     const md = [
-      `### Object storage: local directory vs Ceph RGW (${dataMib} MiB of data on a ${diskMib} MiB disk)`,
+      `### Object storage and encryption: local, local + encrypted, RGW, RGW + encrypted (${dataMib} MiB of data on a ${diskMib} MiB disk)`,
+      '',
+      `Machine load during the run (\`/proc/loadavg\`, 2 cores): at the start \`${loadStart}\`, at the end \`${loadEnd}\`; 1-minute load sampled every 5 s: mean ${meanLoad.toFixed(2)}, max ${maxLoad.toFixed(2)}.`,
       '',
       '| repository | full backup | restore (cold cache) | restore (warm cache) | mount sequential read | verify |',
       '| --- | --- | --- | --- | --- | --- |',
       ...rows.map((r) => `| ${r.join(' | ')} |`),
       '',
-      `Requests per GiB of data (RGW; ${dataMib} MiB backed up / restored):`,
+      `Requests per GiB of data (buckets; ${dataMib} MiB backed up / restored); bytes = sent for the backup, received otherwise:`,
       '',
-      '| operation | PUT-type per GiB | GET per GiB | all requests |',
-      '| --- | --- | --- | --- |',
+      '| repository | operation | PUT-type per GiB | GET per GiB | bytes per GiB | all requests |',
+      '| --- | --- | --- | --- | --- | --- |',
       ...reqRows.map((r) => `| ${r.join(' | ')} |`),
       '',
     ].join('\n');
     process.stdout.write(md);
   } finally {
+    clearInterval(sampler);
     await rgw.stop();
     fs.rmSync(work, { recursive: true, force: true });
   }

@@ -39,7 +39,9 @@ import {
   PACK_MAGIC,
   PACK_VERSION,
   PACK_VERSION_TRAILER,
+  PACK_VERSION_SEALED_TRAILER,
   RECORD_HEADER_LEN,
+  RECORD_MAGIC,
   TRAILER_FOOTER_LEN,
   decodePackTrailer,
   decodeRecordHeader,
@@ -137,7 +139,7 @@ async function scanRecords(
   const head = await bytes(0, PACK_HEADER_LEN);
   if (
     !head.subarray(0, 8).equals(PACK_MAGIC) ||
-    (head.readUInt32BE(8) !== PACK_VERSION && head.readUInt32BE(8) !== PACK_VERSION_TRAILER)
+    ![PACK_VERSION, PACK_VERSION_TRAILER, PACK_VERSION_SEALED_TRAILER].includes(head.readUInt32BE(8))
   ) {
     problems.push(`pack ${name} has no valid pack header; skipped`);
     return out;
@@ -149,14 +151,20 @@ async function scanRecords(
     return out;
   }
   let end = size;
-  if (head.readUInt32BE(8) === PACK_VERSION_TRAILER) {
+  // A sealed trailer (version 3) starts where its clear footer says, unchecked without opening
+  // it: the scan reads records until one does not start there with a record magic (a sealed
+  // trailer never does), so a forged footer cannot hide records.
+  let sealedTrailerAt = -1;
+  if (head.readUInt32BE(8) !== PACK_VERSION) {
     // The records end where the trailer starts; a damaged trailer: scan up to the damage.
     const footLen = Math.min(size, TRAILER_FOOTER_LEN);
     const tl = trailerLength(await read(size - footLen, footLen), size);
-    if (tl) end = tl.recordsEnd;
+    if (tl?.sealed) sealedTrailerAt = tl.recordsEnd;
+    else if (tl) end = tl.recordsEnd;
   }
   let pos = PACK_HEADER_LEN;
   while (pos < end) {
+    if (pos === sealedTrailerAt && !(await bytes(pos, Math.min(4, end - pos))).equals(RECORD_MAGIC)) break;
     if (pos + RECORD_HEADER_LEN > end) {
       problems.push(`pack ${name} ends with a torn record at ${pos}`);
       break;
@@ -190,9 +198,12 @@ async function scanRecords(
 }
 
 /**
- * The chunks of a pack in the store, local directory or bucket alike: its trailer (version 2)
- * from one ranged read of the tail (a second one if the trailer is longer), else (version 1, or a
- * damaged trailer) its record headers (`scanRecords`). A pack that vanished or shrank since it
+ * The chunks of a pack in the store, local directory or bucket alike: its trailer (version 2;
+ * version 3 sealed, opened with the repository's key) from one ranged read of the tail (a second
+ * one if the trailer is longer), else (version 1, or a damaged trailer, or a sealed one that does
+ * not open: changed, or moved from another pack) its record headers (`scanRecords`). In an
+ * encrypted repository a plain trailer is taken only from a pack whose header says version 2
+ * (written before sealed trailers; one more 16-byte read). A pack that vanished or shrank since it
  * was listed is a problem, not an error; a store that cannot be reached is an error.
  */
 async function scanPackObject(
@@ -203,8 +214,9 @@ async function scanPackObject(
   problems: string[],
   chunkSize: number,
   stats: { tailReads: number; wholeReads: number },
-  sealed: boolean,
+  cipher: Cipher | null,
 ): Promise<ScannedChunk[]> {
+  const sealed = cipher !== null;
   const key = packKey(name);
   try {
     if (size >= PACK_HEADER_LEN + TRAILER_FOOTER_LEN) {
@@ -216,7 +228,13 @@ async function scanPackObject(
         if (tl.length > tail.length) tail = await store.getRange(key, size - tl.length, tl.length);
         else tail = tail.subarray(tail.length - tl.length);
         try {
-          return decodePackTrailer(tail, size, chunkSize).map((c) => ({
+          let allowPlain = true;
+          if (cipher && !tl.sealed) {
+            const head = await store.getRange(key, 0, PACK_HEADER_LEN);
+            allowPlain = head.length === PACK_HEADER_LEN && head.readUInt32BE(8) === PACK_VERSION_TRAILER;
+          }
+          const key5 = cipher ? { cipher, pack: name } : undefined;
+          return decodePackTrailer(tail, size, chunkSize, key5, allowPlain).map((c) => ({
             pack: packId,
             packName: name,
             offset: c.offset,
@@ -392,7 +410,7 @@ async function build(
         rep.problems,
         chunkSize,
         rep.remoteReads,
-        cipher !== null,
+        cipher,
       );
       db.transaction(() => {
         for (const c of scanned) {

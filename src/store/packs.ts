@@ -28,7 +28,8 @@ import { mkdirPrivate, openPrivate, repoModes } from '../util/private-fs';
 import { holdLease, packKey, remoteStore } from './location';
 import type { RemotePacks } from './remote-packs';
 import type { Cipher } from '../crypto/cipher';
-import { SEAL_OVERHEAD } from '../crypto/seal';
+import { SEAL_OVERHEAD, SealKind } from '../crypto/seal';
+import { registeredCipher } from '../crypto/keyring';
 
 /** Pack header flag (format 5): every record's stored bytes are sealed (FORMAT.md, "Encryption"). */
 export const PACK_FLAG_SEALED = 1;
@@ -38,9 +39,28 @@ export const PACK_MAGIC = Buffer.from('BKFSPACK', 'ascii');
 export const PACK_VERSION = 1;
 /** Version of packs with a trailer index (written to object storage; FORMAT.md "Pack trailer"). */
 export const PACK_VERSION_TRAILER = 2;
+/**
+ * Version of packs with a sealed trailer (encrypted repositories on object storage; FORMAT.md
+ * "Sealed pack trailer (pack version 3)").
+ */
+export const PACK_VERSION_SEALED_TRAILER = 3;
 export const TRAILER_MAGIC = Buffer.from('BKPKTRLR', 'ascii');
 /** Footer: count u32 | records_end u64 | trailer_sum[16] | magic[8]. */
 export const TRAILER_FOOTER_LEN = 4 + 8 + 16 + 8;
+export const SEALED_TRAILER_MAGIC = Buffer.from('BKPKTRLS', 'ascii');
+/** Footer of a sealed trailer: sealed_len u32 | records_end u64 | magic[8]. */
+export const SEALED_TRAILER_FOOTER_LEN = 4 + 8 + 8;
+
+/** The seal context of the trailer of pack `name`: a trailer moved to another pack does not open. */
+function trailerContext(name: string): string {
+  return `pack-trailer ${name}`;
+}
+
+/** What seals (writing) or opens (reading) the trailer of one pack of an encrypted repository. */
+export interface TrailerKey {
+  cipher: Cipher;
+  pack: string;
+}
 export const PACK_HEADER_LEN = 16;
 export const RECORD_MAGIC = Buffer.from('BKCH', 'ascii');
 export const RECORD_HEADER_LEN = 4 + 4 + 4 + 4 + HASH_LEN; // 48
@@ -86,23 +106,51 @@ function trailerSum(entries: Buffer, count: number, recordsEnd: number): Buffer 
  * The trailer of a version-2 pack (FORMAT.md, "Pack trailer"): every record header again, in
  * pack order, then a footer, so that an index rebuild reads the tail of a pack object (one ranged
  * GET) instead of the whole pack. The one function that encodes it (and `decodePackTrailer` the
- * one that reads it): an encrypted repository seals/opens it here.
+ * one that reads it). With `key` (an encrypted repository, pack version 3) that trailer is sealed
+ * as kind 5 bound to the pack's name, followed by a clear 20-byte footer (FORMAT.md, "Sealed pack
+ * trailer").
  */
-export function encodePackTrailer(records: RecordHeader[], recordsEnd: number): Buffer {
+export function encodePackTrailer(records: RecordHeader[], recordsEnd: number, key?: TrailerKey): Buffer {
   const entries = Buffer.concat(records.map((r) => encodeRecordHeader(r)));
   const f = Buffer.alloc(TRAILER_FOOTER_LEN);
   f.writeUInt32BE(records.length, 0);
   f.writeBigUInt64BE(BigInt(recordsEnd), 4);
   trailerSum(entries, records.length, recordsEnd).copy(f, 12);
   TRAILER_MAGIC.copy(f, 28);
-  return Buffer.concat([entries, f]);
+  const plain = Buffer.concat([entries, f]);
+  if (!key) return plain;
+  const sealed = key.cipher.seal(SealKind.PackTrailer, trailerContext(key.pack), plain);
+  const sf = Buffer.alloc(SEALED_TRAILER_FOOTER_LEN);
+  sf.writeUInt32BE(sealed.length, 0);
+  sf.writeBigUInt64BE(BigInt(recordsEnd), 4);
+  SEALED_TRAILER_MAGIC.copy(sf, 12);
+  return Buffer.concat([sealed, sf]);
 }
 
-/** Length of the trailer a footer announces (entries + footer), or null if `footer` is not one. */
+/**
+ * Length of the trailer a footer announces (entries + footer, or sealed trailer + footer), or
+ * null if `footer` is not one. `sealed`: a version-3 trailer (its clear `recordsEnd` is only a
+ * hint until the trailer opens).
+ */
 export function trailerLength(
   footer: Buffer,
   packSize: number,
-): { length: number; recordsEnd: number } | null {
+): { length: number; recordsEnd: number; sealed: boolean } | null {
+  if (footer.length >= SEALED_TRAILER_FOOTER_LEN) {
+    const sf = footer.subarray(footer.length - SEALED_TRAILER_FOOTER_LEN);
+    if (sf.subarray(12).equals(SEALED_TRAILER_MAGIC)) {
+      const sealedLen = sf.readUInt32BE(0);
+      const recordsEnd = Number(sf.readBigUInt64BE(4));
+      const length = sealedLen + SEALED_TRAILER_FOOTER_LEN;
+      if (
+        sealedLen < SEAL_OVERHEAD + TRAILER_FOOTER_LEN ||
+        recordsEnd < PACK_HEADER_LEN ||
+        recordsEnd + length !== packSize
+      )
+        return null;
+      return { length, recordsEnd, sealed: true };
+    }
+  }
   if (footer.length < TRAILER_FOOTER_LEN) return null;
   const f = footer.subarray(footer.length - TRAILER_FOOTER_LEN);
   if (!f.subarray(28).equals(TRAILER_MAGIC)) return null;
@@ -110,17 +158,55 @@ export function trailerLength(
   const recordsEnd = Number(f.readBigUInt64BE(4));
   const length = count * RECORD_HEADER_LEN + TRAILER_FOOTER_LEN;
   if (recordsEnd < PACK_HEADER_LEN || recordsEnd + length !== packSize) return null;
-  return { length, recordsEnd };
+  return { length, recordsEnd, sealed: false };
 }
 
 /**
  * Decode a trailer (entries + footer, as stored at the end of a pack of `packSize` bytes): the
  * chunks with their offsets. DATA_DAMAGED when its sum or any entry is wrong, or the records it
- * describes do not end where it says.
+ * describes do not end where it says. A sealed trailer (version 3) is opened with `key` first:
+ * DATA_DAMAGED too when it was changed, belongs to another pack, or there is no key; in an
+ * encrypted repository (`key` given) a plain trailer is accepted only when `allowPlain` (the
+ * pack's header says version 2, written before sealed trailers).
  */
-export function decodePackTrailer(t: Buffer, packSize: number, chunkSize = MAX_CHUNK_LEN): PackedChunk[] {
+export function decodePackTrailer(
+  t: Buffer,
+  packSize: number,
+  chunkSize = MAX_CHUNK_LEN,
+  key?: TrailerKey,
+  allowPlain = true,
+): PackedChunk[] {
   const tl = trailerLength(t, packSize);
   if (!tl || tl.length !== t.length) throw new BkfsError('DATA_DAMAGED', 'pack trailer has a bad footer');
+  if (tl.sealed) {
+    if (!key) throw new BkfsError('DATA_DAMAGED', 'pack trailer is sealed and no key was given');
+    const plain = key.cipher.open(
+      SealKind.PackTrailer,
+      trailerContext(key.pack),
+      t.subarray(0, t.length - SEALED_TRAILER_FOOTER_LEN),
+      `pack ${key.pack} trailer`,
+    );
+    // The sealed trailer is a version-2 trailer whose records end where the clear footer says.
+    const inner = trailerLength(plain, tl.recordsEnd + plain.length);
+    if (!inner || inner.sealed || inner.length !== plain.length) {
+      throw new BkfsError('DATA_DAMAGED', 'sealed pack trailer has a bad footer inside');
+    }
+    return decodePlainTrailer(plain, inner.recordsEnd, chunkSize, true);
+  }
+  if (key && !allowPlain) {
+    throw new BkfsError('DATA_DAMAGED', 'pack trailer is not sealed in an encrypted repository');
+  }
+  // The records of an encrypted repository's packs are sealed (their stored_len counts the seal).
+  return decodePlainTrailer(t, tl.recordsEnd, chunkSize, key !== undefined);
+}
+
+function decodePlainTrailer(
+  t: Buffer,
+  recordsEnd: number,
+  chunkSize: number,
+  sealedRecords: boolean,
+): PackedChunk[] {
+  const tl = { recordsEnd };
   const count = (t.length - TRAILER_FOOTER_LEN) / RECORD_HEADER_LEN;
   const entries = t.subarray(0, t.length - TRAILER_FOOTER_LEN);
   if (
@@ -136,6 +222,7 @@ export function decodePackTrailer(t: Buffer, packSize: number, chunkSize = MAX_C
     const h = decodeRecordHeader(
       entries.subarray(i * RECORD_HEADER_LEN, (i + 1) * RECORD_HEADER_LEN),
       chunkSize,
+      sealedRecords,
     );
     out.push({ ...h, offset: pos + RECORD_HEADER_LEN });
     pos += RECORD_HEADER_LEN + h.storedLen;
@@ -221,6 +308,8 @@ export class PackWriter {
   private waiters: { end: number; resolve: () => void; reject: (e: unknown) => void }[] = [];
   readonly chunks: PackedChunk[] = [];
   private trailer = false;
+  /** Encrypted repository on object storage: the trailer is sealed with this (pack version 3). */
+  private trailerCipher: Cipher | null = null;
   /** Bytes of the trailer written at seal (0 for version-1 packs). */
   trailerBytes = 0;
 
@@ -241,9 +330,23 @@ export class PackWriter {
   static async create(repoDir: string, tmpSubdir = 'tmp', sealed = false): Promise<PackWriter> {
     const w = new PackWriter(repoDir, randomBytes(16).toString('hex'), tmpSubdir);
     w.fh = await openPrivate(w.tmpPath, 'wx', repoModes(repoDir).file);
-    // Packs for object storage carry a trailer (version 2); local packs stay version 1.
+    // Packs for object storage carry a trailer (version 2; sealed in an encrypted repository,
+    // version 3); local packs stay version 1.
     w.trailer = remoteStore(repoDir) !== null;
-    const h = encodePackHeader(sealed, w.trailer ? PACK_VERSION_TRAILER : PACK_VERSION);
+    if (w.trailer && sealed) {
+      const c = registeredCipher(repoDir);
+      if (!c) {
+        await w.abort();
+        throw new Error(`no key registered for the encrypted repository ${repoDir}`);
+      }
+      w.trailerCipher = c;
+    }
+    const version = !w.trailer
+      ? PACK_VERSION
+      : w.trailerCipher
+        ? PACK_VERSION_SEALED_TRAILER
+        : PACK_VERSION_TRAILER;
+    const h = encodePackHeader(sealed, version);
     await w.fh.write(h, 0, h.length, 0);
     w.pos = h.length;
     w.queuedAt = h.length;
@@ -323,7 +426,11 @@ export class PackWriter {
     if (!this.fh) throw new Error('pack writer is closed');
     await this.drain();
     if (this.trailer) {
-      const t = encodePackTrailer(this.chunks, this.pos);
+      const t = encodePackTrailer(
+        this.chunks,
+        this.pos,
+        this.trailerCipher ? { cipher: this.trailerCipher, pack: this.name } : undefined,
+      );
       await this.fh.write(t, 0, t.length, this.pos);
       this.trailerBytes = t.length;
     }

@@ -119,6 +119,13 @@ export class S3Store implements ObjectStore {
    */
   private countRequests(file: string): void {
     const counts: Record<string, number> = {};
+    let bytesOut = 0;
+    let bytesIn = 0;
+    const len = (m: unknown): number => {
+      const h = (m as { headers?: Record<string, string> } | undefined)?.headers ?? {};
+      const n = Number(h['content-length'] ?? h['Content-Length'] ?? 0);
+      return Number.isFinite(n) ? n : 0;
+    };
     this.client.middlewareStack.add(
       (next, context) => async (args) => {
         const op = String((context as { commandName?: string }).commandName ?? 'unknown').replace(
@@ -126,13 +133,20 @@ export class S3Store implements ObjectStore {
           '',
         );
         counts[op] = (counts[op] ?? 0) + 1;
-        return next(args);
+        bytesOut += len(args.request);
+        const r = await next(args);
+        // A HEAD's content-length is the object's size, not bytes received.
+        if (!op.startsWith('Head')) bytesIn += len(r.response);
+        return r;
       },
       { step: 'deserialize', name: 'bkfsRequestCounter' },
     );
     process.once('exit', () => {
       if (Object.keys(counts).length > 0)
-        fs.appendFileSync(file, JSON.stringify({ pid: process.pid, requests: counts }) + '\n');
+        fs.appendFileSync(
+          file,
+          JSON.stringify({ pid: process.pid, requests: counts, bytesOut, bytesIn }) + '\n',
+        );
     });
   }
 

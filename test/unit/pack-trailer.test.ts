@@ -1,8 +1,10 @@
 /**
  * The pack trailer of version-2 packs (FORMAT.md, "Pack trailer"): the documented layout, a round
  * trip, and every damage (a flipped byte anywhere in it, a wrong length) refused as DATA_DAMAGED,
- * so an index rebuild from a bucket never indexes a chunk at a wrong place. Plus the size parser
- * of `--cache-size`.
+ * so an index rebuild from a bucket never indexes a chunk at a wrong place. The sealed trailer of
+ * version-3 packs (encrypted repositories, FORMAT.md "Sealed pack trailer"): a round trip with the
+ * key (real libsodium), and refused without it, under another key, moved to another pack, with a
+ * byte flipped, or replaced by a plain trailer. Plus the size parser of `--cache-size`.
  */
 import { describe, it } from 'node:test';
 import * as assert from 'node:assert/strict';
@@ -10,6 +12,7 @@ import { randomBytes } from 'node:crypto';
 import {
   PACK_HEADER_LEN,
   RECORD_HEADER_LEN,
+  SEALED_TRAILER_FOOTER_LEN,
   TRAILER_FOOTER_LEN,
   decodePackTrailer,
   encodePackTrailer,
@@ -18,13 +21,19 @@ import {
 } from '../../src/store/packs';
 import { isBkfsError } from '../../src/errors';
 import { parseSize } from '../../src/store/remote-packs';
+import { Cipher } from '../../src/crypto/cipher';
+import { newMasterSecret } from '../../src/crypto/keys';
+import { SEAL_OVERHEAD } from '../../src/crypto/seal';
 
-function records(n: number): { recs: RecordHeader[]; end: number } {
+const damaged = (e: unknown): boolean => isBkfsError(e) && e.code === 'DATA_DAMAGED';
+
+/** Records as a pack holds them; `sealed`: an encrypted repository's (stored_len counts the seal). */
+function records(n: number, sealed = false): { recs: RecordHeader[]; end: number } {
   const recs: RecordHeader[] = [];
   let end = PACK_HEADER_LEN;
   for (let i = 0; i < n; i++) {
     const rawLen = 262144;
-    const storedLen = i % 2 === 0 ? rawLen : 1000 + i;
+    const storedLen = (i % 2 === 0 ? rawLen : 1000 + i) + (sealed ? SEAL_OVERHEAD : 0);
     recs.push({ codec: i % 2 === 0 ? 0 : 1, rawLen, storedLen, hash: randomBytes(32) });
     end += RECORD_HEADER_LEN + storedLen;
   }
@@ -40,7 +49,11 @@ describe('pack trailer', () => {
     assert.equal(t.readUInt32BE(t.length - TRAILER_FOOTER_LEN), 5);
     assert.equal(Number(t.readBigUInt64BE(t.length - TRAILER_FOOTER_LEN + 4)), end);
     const size = end + t.length;
-    assert.deepEqual(trailerLength(t.subarray(t.length - 100), size), { length: t.length, recordsEnd: end });
+    assert.deepEqual(trailerLength(t.subarray(t.length - 100), size), {
+      length: t.length,
+      recordsEnd: end,
+      sealed: false,
+    });
     const got = decodePackTrailer(t, size);
     let off = PACK_HEADER_LEN;
     got.forEach((c, i) => {
@@ -74,6 +87,70 @@ describe('pack trailer', () => {
       () => decodePackTrailer(t, size - 1),
       (e: unknown) => isBkfsError(e) && e.code === 'DATA_DAMAGED',
     );
+  });
+});
+
+describe('sealed pack trailer (pack version 3)', () => {
+  const cipher = new Cipher(newMasterSecret());
+  const pack = 'a1'.repeat(16);
+  const other = 'b2'.repeat(16);
+
+  it('round-trips with the key; its clear footer says where the records end and nothing else', () => {
+    const { recs, end } = records(4, true);
+    const t = encodePackTrailer(recs, end, { cipher, pack });
+    const plainLen = 4 * RECORD_HEADER_LEN + TRAILER_FOOTER_LEN;
+    assert.equal(t.length, plainLen + SEAL_OVERHEAD + SEALED_TRAILER_FOOTER_LEN);
+    assert.equal(t.subarray(t.length - 8).toString('ascii'), 'BKPKTRLS');
+    assert.equal(t.readUInt32BE(t.length - SEALED_TRAILER_FOOTER_LEN), plainLen + SEAL_OVERHEAD);
+    assert.equal(Number(t.readBigUInt64BE(t.length - SEALED_TRAILER_FOOTER_LEN + 4)), end);
+    // No record header (nor a chunk id) in the clear.
+    for (const r of recs) assert.equal(t.indexOf(r.hash), -1);
+    assert.equal(t.indexOf('BKCH'), -1);
+    const size = end + t.length;
+    assert.deepEqual(trailerLength(t.subarray(t.length - 64), size), {
+      length: t.length,
+      recordsEnd: end,
+      sealed: true,
+    });
+    const got = decodePackTrailer(t, size, undefined, { cipher, pack });
+    assert.equal(got.length, 4);
+    let off = PACK_HEADER_LEN;
+    got.forEach((c, i) => {
+      assert.equal(c.offset, off + RECORD_HEADER_LEN);
+      assert.ok(c.hash.equals(recs[i]!.hash));
+      assert.equal(c.rawLen, recs[i]!.rawLen);
+      assert.equal(c.storedLen, recs[i]!.storedLen, 'a sealed record: raw length + the seal');
+      off += RECORD_HEADER_LEN + c.storedLen;
+    });
+  });
+
+  it('does not open without the key, under another key, or moved to another pack', () => {
+    const { recs, end } = records(3, true);
+    const t = encodePackTrailer(recs, end, { cipher, pack });
+    const size = end + t.length;
+    assert.throws(() => decodePackTrailer(t, size), damaged, 'no key');
+    assert.throws(
+      () => decodePackTrailer(t, size, undefined, { cipher: new Cipher(newMasterSecret()), pack }),
+      damaged,
+      'another key',
+    );
+    assert.throws(() => decodePackTrailer(t, size, undefined, { cipher, pack: other }), damaged, 'moved');
+  });
+
+  it('refuses any flipped byte, and a plain trailer where a sealed one is due', () => {
+    const { recs, end } = records(2, true);
+    const t = encodePackTrailer(recs, end, { cipher, pack });
+    const size = end + t.length;
+    for (let i = 0; i < t.length; i++) {
+      const bad = Buffer.from(t);
+      bad[i]! ^= 0x04;
+      assert.throws(() => decodePackTrailer(bad, size, undefined, { cipher, pack }), damaged, `byte ${i}`);
+    }
+    const plain = encodePackTrailer(recs, end);
+    const psize = end + plain.length;
+    assert.throws(() => decodePackTrailer(plain, psize, undefined, { cipher, pack }, false), damaged);
+    // A version-2 pack of an encrypted repository written before sealed trailers still reads.
+    assert.equal(decodePackTrailer(plain, psize, undefined, { cipher, pack }, true).length, 2);
   });
 });
 
