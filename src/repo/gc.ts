@@ -28,35 +28,35 @@
  * A pack holding a live chunk that fails its hash is left alone (the chunk and its checkpoints are
  * marked damaged), so gc never destroys evidence.
  *
+ * Storage: packs are listed, read (through the pack reader) and deleted through the repository's
+ * store (FORMAT.md, "Storage interface"): one code path for a local directory and a bucket; what
+ * a bucket needs more (its writer lease, dropping cached blocks) is inside `deletePack`. The one
+ * local file gc keeps, `gc-pending.json`, is handled by `gc-pending.ts`; this file touches no file.
+ *
  * Memory: the set of live chunk ids and page ids, plus the live stored bytes of one source pack
  * (at most a pack, 64 MiB) while it is copied.
  *
  * Also here: damage bookkeeping shared by verify, gc and the backup commit (`markChunksDamaged`,
  * `healDamagedChunks`, `refreshCheckpointDamage`).
  */
-import * as fs from 'node:fs';
-import * as fsp from 'node:fs/promises';
-import * as path from 'node:path';
 import type Database from 'better-sqlite3';
 import type { Repository } from './repository';
 import { crashPoint, deleteCheckpointRows } from './repository';
 import { activePins } from './pins';
 import { liveSessions, sessionLive } from './sessions';
-import { BkfsError, isBkfsError } from '../errors';
-import { holdLease, packKey, remoteStore } from '../store/location';
+import { readPending, writePending, type PendingPack } from './gc-pending';
+import { isBkfsError } from '../errors';
+import { holdLease, listPacks, packKey } from '../store/location';
 import { decodeStored } from '../store/codec';
 import {
   PACK_HEADER_LEN,
   PACK_TARGET,
   PackWriter,
   RECORD_HEADER_LEN,
-  fsyncDir,
-  packPath,
   checkRecordLengths,
 } from '../store/packs';
-import { openPrivate, repoModes } from '../util/private-fs';
 
-export const PENDING_FILE = 'gc-pending.json';
+export { PENDING_FILE } from './gc-pending';
 
 // ---------------------------------------------------------------------------------------------
 // Damage bookkeeping
@@ -121,147 +121,15 @@ function pinState(repo: Repository): PinState {
   };
 }
 
-interface PendingPack {
-  name: string;
-  size: number;
-  /** Pin files that existed when the pack left the index; it is deleted once all are gone. */
-  pins: string[];
-  /**
-   * Writer sessions (format 3) live when an unindexed file was found: it may be one of theirs,
-   * sealed and about to be indexed; it is deleted only once all of them ended and it is still
-   * not indexed. Absent in files of format 2.
-   */
-  writers?: string[];
-}
-
-/** `gc-pending.json` lists a few names per pack; larger is not ours and is not read whole. */
-export const MAX_PENDING_BYTES = 16 << 20;
-
-function pendingCorrupt(file: string, why: string): BkfsError {
-  return new BkfsError(
-    'REPO_CORRUPT',
-    `${file} is unreadable (${why}); it lists pack files kept for readers: if no bkfs mount or restore runs, remove it (gc then treats those packs as unindexed files)`,
-  );
-}
-
 /**
- * The packs gc keeps for readers. A missing file is an empty list; an unreadable, oversized or
- * malformed one is REPO_CORRUPT (never taken for an empty list: its packs would be lost track of).
+ * Delete a pack from the store: the bucket's writer lease first (a no-op locally), then the
+ * object (locally its file, the directory fsynced), then what the reader holds of it (a
+ * descriptor, or blocks in the chunk cache).
  */
-function readPending(repoDir: string): PendingPack[] {
-  const file = path.join(repoDir, PENDING_FILE);
-  let fd: number;
-  try {
-    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
-    throw pendingCorrupt(file, (e as NodeJS.ErrnoException).code ?? String(e));
-  }
-  let text: string;
-  try {
-    const st = fs.fstatSync(fd);
-    if (!st.isFile()) throw pendingCorrupt(file, 'not a regular file');
-    if (st.size > MAX_PENDING_BYTES) throw pendingCorrupt(file, `${st.size} bytes`);
-    const buf = Buffer.alloc(st.size);
-    text = buf.subarray(0, st.size > 0 ? fs.readSync(fd, buf, 0, st.size, 0) : 0).toString('utf8');
-  } finally {
-    fs.closeSync(fd);
-  }
-  let j: unknown;
-  try {
-    j = JSON.parse(text);
-  } catch {
-    throw pendingCorrupt(file, 'not JSON');
-  }
-  const packs = (j as { packs?: unknown } | null)?.packs;
-  const ok =
-    Array.isArray(packs) &&
-    packs.every(
-      (p: Partial<PendingPack> | null) =>
-        typeof p === 'object' &&
-        p !== null &&
-        typeof p.name === 'string' &&
-        /^[0-9a-zA-Z_-]{1,128}$/.test(p.name) &&
-        Number.isSafeInteger(p.size) &&
-        Array.isArray(p.pins) &&
-        p.pins.every((f) => typeof f === 'string') &&
-        (p.writers === undefined ||
-          (Array.isArray(p.writers) && p.writers.every((f) => typeof f === 'string'))),
-    );
-  if (!ok) throw pendingCorrupt(file, 'not a list of packs');
-  return packs as PendingPack[];
-}
-
-async function writePending(repoDir: string, packs: PendingPack[]): Promise<void> {
-  const file = path.join(repoDir, PENDING_FILE);
-  if (packs.length === 0) {
-    await fsp.rm(file, { force: true });
-    return;
-  }
-  const tmp = `${file}.tmp`;
-  const fh = await openPrivate(tmp, 'w', repoModes(repoDir).file);
-  try {
-    await fh.writeFile(JSON.stringify({ packs }, null, 1));
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await fsp.rename(tmp, file);
-  await fsyncDir(repoDir);
-}
-
-/** Every pack of the repository: its files under `packs/`, or its objects in the bucket. */
-export async function packObjects(repoDir: string): Promise<{ name: string; size: number }[]> {
-  const remote = remoteStore(repoDir);
-  if (!remote) return packFilesOnDisk(repoDir);
-  const out: { name: string; size: number }[] = [];
-  for await (const o of remote.list('packs/')) {
-    const m = /^packs\/[0-9a-f]{2}\/([0-9a-f]{32})\.pack$/.exec(o.key);
-    if (m) out.push({ name: m[1]!, size: o.size });
-  }
-  return out;
-}
-
-/** Delete a pack file, or its object in the bucket (and its blocks in the chunk cache). */
 export async function deletePack(repo: Repository, name: string): Promise<void> {
-  const remote = remoteStore(repo.dir);
-  if (!remote) {
-    await fsp.rm(packPath(repo.dir, name), { force: true });
-    return;
-  }
-  await holdLease(repo.dir, remote);
-  await remote.delete([packKey(name)]);
-  repo.packs.remote?.dropPack(name);
-}
-
-/** Names of every `.pack` file under `packs/`. */
-export function packFilesOnDisk(repoDir: string): { name: string; size: number }[] {
-  const out: { name: string; size: number }[] = [];
-  const root = path.join(repoDir, 'packs');
-  let subdirs: string[] = [];
-  try {
-    subdirs = fs.readdirSync(root);
-  } catch {
-    return out;
-  }
-  for (const sd of subdirs.sort()) {
-    let names: string[] = [];
-    try {
-      names = fs.readdirSync(path.join(root, sd));
-    } catch {
-      continue;
-    }
-    for (const n of names.sort()) {
-      if (!n.endsWith('.pack')) continue;
-      const name = n.slice(0, -'.pack'.length);
-      try {
-        out.push({ name, size: fs.statSync(path.join(root, sd, n)).size });
-      } catch {
-        // removed meanwhile
-      }
-    }
-  }
-  return out;
+  await holdLease(repo.dir, repo.store);
+  await repo.store.delete([packKey(name)]);
+  repo.packs.forget(name);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -708,7 +576,7 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
   };
   if (!o.dryRun) repo.lockWriter('gc');
   try {
-    const filesBefore = await packObjects(repo.dir);
+    const filesBefore = await listPacks(repo.store);
     rep.bytesBefore = filesBefore.reduce((a, f) => a + f.size, 0);
     const pins = pinState(repo);
     const own = repo.session;
@@ -896,46 +764,20 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
           rawLen: number;
           codec: number;
         }[];
-        // Read and check every live chunk of this pack before copying any of it.
+        // Read and check every live chunk of this pack before copying any of it (through the
+        // pack reader: a descriptor locally, ranged GETs and the block cache on object storage).
+        // A store that cannot be reached is an error, never damage.
         const data: Buffer[] = [];
         const bad: number[] = [];
-        if (repo.packs.remote) {
-          // Object storage: ranged GETs through the block cache.
-          for (const r of rows) {
-            try {
-              checkRecordLengths(r, repo.config.chunkSize, repo.cipher !== null);
-              const buf = await repo.packs.read(src.name, r.offset, r.storedLen);
-              decodeStored(repo.cipher, buf, r.codec, r.rawLen, r.hash, repo.config.chunkSize);
-              data.push(buf);
-            } catch (e) {
-              if (isBkfsError(e) && (e.code === 'STORE_UNAVAILABLE' || e.code === 'STORE_ACCESS')) throw e;
-              bad.push(r.id);
-            }
-          }
-        }
-        const fh = repo.packs.remote
-          ? undefined
-          : await fsp.open(packPath(repo.dir, src.name), 'r').catch(() => undefined);
-        if (repo.packs.remote) {
-          // read above
-        } else if (!fh) {
-          bad.push(...rows.map((r) => r.id));
-        } else {
+        for (const r of rows) {
           try {
-            for (const r of rows) {
-              try {
-                checkRecordLengths(r, repo.config.chunkSize, repo.cipher !== null);
-                const buf = Buffer.allocUnsafe(r.storedLen);
-                const { bytesRead } = await fh.read(buf, 0, r.storedLen, r.offset);
-                if (bytesRead !== r.storedLen) throw new Error('truncated');
-                decodeStored(repo.cipher, buf, r.codec, r.rawLen, r.hash, repo.config.chunkSize);
-                data.push(buf);
-              } catch {
-                bad.push(r.id);
-              }
-            }
-          } finally {
-            await fh.close();
+            checkRecordLengths(r, repo.config.chunkSize, repo.cipher !== null);
+            const buf = await repo.packs.read(src.name, r.offset, r.storedLen);
+            decodeStored(repo.cipher, buf, r.codec, r.rawLen, r.hash, repo.config.chunkSize);
+            data.push(buf);
+          } catch (e) {
+            if (isBkfsError(e) && (e.code === 'STORE_UNAVAILABLE' || e.code === 'STORE_ACCESS')) throw e;
+            bad.push(r.id);
           }
         }
         if (bad.length > 0) {
@@ -971,7 +813,7 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
       if (writer) await writer.abort();
       throw e;
     }
-    const after = await packObjects(repo.dir);
+    const after = await listPacks(repo.store);
     rep.bytesAfter = after.reduce((a, f) => a + f.size, 0);
     rep.packsPending = pending.length;
     rep.bytesPending = pending.reduce((a, p) => a + p.size, 0);

@@ -40,6 +40,7 @@ import type { Cipher } from '../crypto/cipher';
 import { cipherOfDb, registerCipher, registeredCipher, unlock } from '../crypto/keyring';
 import { healDamagedChunks, rescueCandidates } from './gc';
 import { holdLease, manifestKey, remoteStore } from '../store/location';
+import type { ObjectStore } from '../store/objstore';
 import { fsyncDirSync, mkdirPrivateSync, repoModes, writeFileDurable } from '../util/private-fs';
 
 export const MANIFEST_DIR = 'manifests';
@@ -486,9 +487,27 @@ export function manifestCipher(repoDir: string): Cipher | null {
 
 /** A manifest's zstd bytes: the file, opened in an encrypted repository (REPO_CORRUPT if it fails). */
 export function readManifestBytes(repoDir: string, uid: string): Buffer {
-  const data = readManifestFile(manifestPath(repoDir, uid));
+  return openManifestObject(repoDir, uid, readManifestFile(manifestPath(repoDir, uid)));
+}
+
+/**
+ * A manifest's zstd bytes from the bytes of its object (read from the store, or the file):
+ * opened in an encrypted repository (REPO_CORRUPT if that fails).
+ */
+export function openManifestObject(repoDir: string, uid: string, data: Buffer): Buffer {
   const c = manifestCipher(repoDir);
   return c ? c.openManifest(uid, data) : data;
+}
+
+/**
+ * Keep a manifest object read from `store` as the repository directory's own copy too, when the
+ * store is not that directory (the cache directory of a bucket: the bucket's copy wins, it is
+ * what other machines see). Nothing to do when the store is the directory itself.
+ */
+export function keepManifestCopy(repoDir: string, store: ObjectStore, uid: string, data: Buffer): void {
+  if (store.kind === 'local' && path.resolve(store.location) === path.resolve(repoDir)) return;
+  mkdirPrivateSync(manifestDir(repoDir), { recursive: true, mode: repoModes(repoDir).dir });
+  writeManifestDurable(manifestPath(repoDir, uid), data);
 }
 
 /**

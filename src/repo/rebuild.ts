@@ -20,12 +20,14 @@
  * leaves the old index in use; a crash in the middle of it is finished by the next
  * `Repository.open`. Locking: the writer lock (taken without opening the index), and it refuses to
  * run while readers hold pins (they use the old index's ids and locations).
- * Memory: hash -> chunk id map (about 100 bytes per chunk) and one manifest at a time.
+ * Storage: packs and manifests are read through the repository's store (FORMAT.md, "Storage
+ * interface"), one code path for a local directory and a bucket: the store is listed, packs are
+ * read by their trailer or record by record with ranged reads, manifests whole. What is local by
+ * nature (the index files, their swap, `tmp/`) is in `index-files.ts`; this file touches no file.
+ * Memory: hash -> chunk id map (about 100 bytes per chunk), every manifest (decoded: they are
+ * sorted by checkpoint id before use), and one scan window of a pack (16 MiB).
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
-import Database from 'better-sqlite3';
-import { BkfsError } from '../errors';
+import { BkfsError, isBkfsError } from '../errors';
 import { SCHEMA } from '../index/schema';
 import type { Cipher } from '../crypto/cipher';
 import { registerCipher, unlock } from '../crypto/keyring';
@@ -43,28 +45,27 @@ import {
   TRAILER_FOOTER_LEN,
   decodePackTrailer,
   decodeRecordHeader,
-  packPath,
   trailerLength,
 } from '../store/packs';
-import { manifestKey, packKey, remoteStore } from '../store/location';
+import { listManifests, listPacks, manifestKey, packKey, storeFor } from '../store/location';
 import type { ObjectStore } from '../store/objstore';
-import { DB_FILE, DB_NEW_FILE, Repository, acquireWriterLock, crashPoint, loadConfig } from './repository';
+import { Repository, acquireWriterLock, loadConfig } from './repository';
 import { activePins } from './pins';
 import {
+  MAX_MANIFEST_FILE,
   decodeManifest,
+  keepManifestCopy,
+  listManifestUids,
+  openManifestObject,
   readManifestBytes,
   storedConfig,
   finishForgetJournals,
   forgottenInJournals,
-  fsyncDirSync,
-  listManifestUids,
-  manifestPath,
   type Manifest,
 } from './manifest';
-import { PENDING_FILE, packObjects, refreshCheckpointDamage } from './gc';
-import { mkdirPrivateSync, precreateDbFile, repoModes } from '../util/private-fs';
-
-const BUILD_FILE = 'index.db.rebuild';
+import { refreshCheckpointDamage } from './gc';
+import { removePending } from './gc-pending';
+import { clearTmp, createBuildDb, installBuiltIndex } from './index-files';
 
 export interface RebuildOptions {
   onProgress?: (phase: 'packs' | 'manifests', done: number, total: number) => void;
@@ -86,7 +87,10 @@ export interface RebuildReport {
   problems: string[];
   /** Where the old index went (null when there was none). */
   oldIndex: string | null;
-  /** Object storage: packs read by their trailer (tail GETs) and whole. */
+  /**
+   * How the packs were read (locally and on object storage alike): by their trailer (tail
+   * reads), or record by record (`wholeReads`: version-1 packs, damaged trailers).
+   */
   remoteReads: { tailReads: number; wholeReads: number };
 }
 
@@ -100,116 +104,110 @@ interface ScannedChunk {
   hash: Buffer;
 }
 
-function fsyncFile(file: string): void {
-  const fd = fs.openSync(file, 'r+');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
+/** Bytes of a pack read at once when it is scanned record by record. */
+const SCAN_WINDOW = 16 << 20;
 
-function rmDbFiles(base: string): void {
-  for (const suffix of ['', '-wal', '-shm', '-journal']) fs.rmSync(`${base}${suffix}`, { force: true });
-}
-
-/** Read every record header of a pack; returns the chunks up to the first problem. */
-function scanPack(
-  file: string,
+/**
+ * Read every record header of a pack through `read` (ranged reads of its object, `size` bytes);
+ * returns the chunks up to the first problem. Reads windows of `SCAN_WINDOW` bytes, so a pack
+ * costs a few reads whatever its records.
+ */
+async function scanRecords(
+  read: (offset: number, length: number) => Promise<Buffer>,
+  size: number,
   name: string,
   packId: number,
   problems: string[],
   chunkSize: number,
   sealed: boolean,
-): ScannedChunk[] {
+): Promise<ScannedChunk[]> {
   const out: ScannedChunk[] = [];
-  let fd: number;
-  try {
-    fd = fs.openSync(file, 'r');
-  } catch (e) {
-    problems.push(`pack ${name} cannot be opened: ${(e as Error).message}`);
+  let win: Buffer = Buffer.alloc(0);
+  let winAt = 0;
+  /** `length` bytes at `pos` (pos + length <= size). */
+  const bytes = async (pos: number, length: number): Promise<Buffer> => {
+    if (pos < winAt || pos + length > winAt + win.length) {
+      win = await read(pos, Math.max(length, Math.min(SCAN_WINDOW, size - pos)));
+      winAt = pos;
+    }
+    return win.subarray(pos - winAt, pos - winAt + length);
+  };
+  if (size < PACK_HEADER_LEN) {
+    problems.push(`pack ${name} has no valid pack header; skipped`);
     return out;
   }
-  try {
-    let size = fs.fstatSync(fd).size;
-    const head = Buffer.alloc(PACK_HEADER_LEN);
-    if (
-      fs.readSync(fd, head, 0, PACK_HEADER_LEN, 0) !== PACK_HEADER_LEN ||
-      !head.subarray(0, 8).equals(PACK_MAGIC) ||
-      ![PACK_VERSION, PACK_VERSION_TRAILER, PACK_VERSION_SEALED_TRAILER].includes(head.readUInt32BE(8))
-    ) {
-      problems.push(`pack ${name} has no valid pack header; skipped`);
-      return out;
+  const head = await bytes(0, PACK_HEADER_LEN);
+  if (
+    !head.subarray(0, 8).equals(PACK_MAGIC) ||
+    ![PACK_VERSION, PACK_VERSION_TRAILER, PACK_VERSION_SEALED_TRAILER].includes(head.readUInt32BE(8))
+  ) {
+    problems.push(`pack ${name} has no valid pack header; skipped`);
+    return out;
+  }
+  if (((head.readUInt32BE(12) & PACK_FLAG_SEALED) !== 0) !== sealed) {
+    problems.push(
+      `pack ${name} is ${sealed ? 'not sealed in an encrypted' : 'sealed in a plain'} repository; skipped`,
+    );
+    return out;
+  }
+  let end = size;
+  // A sealed trailer (version 3) starts where its clear footer says, unchecked without opening
+  // it: the scan reads records until one does not start there with a record magic (a sealed
+  // trailer never does), so a forged footer cannot hide records.
+  let sealedTrailerAt = -1;
+  if (head.readUInt32BE(8) !== PACK_VERSION) {
+    // The records end where the trailer starts; a damaged trailer: scan up to the damage.
+    const footLen = Math.min(size, TRAILER_FOOTER_LEN);
+    const tl = trailerLength(await read(size - footLen, footLen), size);
+    if (tl?.sealed) sealedTrailerAt = tl.recordsEnd;
+    else if (tl) end = tl.recordsEnd;
+  }
+  let pos = PACK_HEADER_LEN;
+  while (pos < end) {
+    if (pos === sealedTrailerAt && !(await bytes(pos, Math.min(4, end - pos))).equals(RECORD_MAGIC)) break;
+    if (pos + RECORD_HEADER_LEN > end) {
+      problems.push(`pack ${name} ends with a torn record at ${pos}`);
+      break;
     }
-    if (((head.readUInt32BE(12) & PACK_FLAG_SEALED) !== 0) !== sealed) {
+    let h;
+    try {
+      h = decodeRecordHeader(await bytes(pos, RECORD_HEADER_LEN), chunkSize, sealed);
+    } catch (e) {
       problems.push(
-        `pack ${name} is ${sealed ? 'not sealed in an encrypted' : 'sealed in a plain'} repository; skipped`,
+        `pack ${name} has a damaged record header at ${pos} (${(e as Error).message}); the rest of the pack is skipped`,
       );
-      return out;
+      break;
     }
-    // A sealed trailer (version 3) starts where its clear footer says, unchecked without opening
-    // it: the scan reads records until one does not start there with a record magic (a sealed
-    // trailer never does), so a forged footer cannot hide records.
-    let sealedTrailerAt = -1;
-    if (head.readUInt32BE(8) !== PACK_VERSION) {
-      // The records end where the trailer starts; a damaged trailer: scan up to the damage.
-      const foot = Buffer.alloc(Math.min(size, TRAILER_FOOTER_LEN));
-      fs.readSync(fd, foot, 0, foot.length, size - foot.length);
-      const tl = trailerLength(foot, size);
-      if (tl?.sealed) sealedTrailerAt = tl.recordsEnd;
-      else if (tl) size = tl.recordsEnd;
+    const start = pos + RECORD_HEADER_LEN;
+    if (start + h.storedLen > end) {
+      problems.push(`pack ${name} is truncated inside the record at ${pos}`);
+      break;
     }
-    const rh = Buffer.alloc(RECORD_HEADER_LEN);
-    let pos = PACK_HEADER_LEN;
-    while (pos < size) {
-      const n = fs.readSync(fd, rh, 0, RECORD_HEADER_LEN, pos);
-      if (pos === sealedTrailerAt && !rh.subarray(0, 4).equals(RECORD_MAGIC)) break;
-      if (n < RECORD_HEADER_LEN) {
-        problems.push(`pack ${name} ends with a torn record at ${pos}`);
-        break;
-      }
-      let h;
-      try {
-        h = decodeRecordHeader(rh, chunkSize, sealed);
-      } catch (e) {
-        problems.push(
-          `pack ${name} has a damaged record header at ${pos} (${(e as Error).message}); the rest of the pack is skipped`,
-        );
-        break;
-      }
-      const start = pos + RECORD_HEADER_LEN;
-      if (start + h.storedLen > size) {
-        problems.push(`pack ${name} is truncated inside the record at ${pos}`);
-        break;
-      }
-      out.push({
-        pack: packId,
-        packName: name,
-        offset: start,
-        storedLen: h.storedLen,
-        rawLen: h.rawLen,
-        codec: h.codec,
-        hash: h.hash,
-      });
-      pos = start + h.storedLen;
-    }
-  } finally {
-    fs.closeSync(fd);
+    out.push({
+      pack: packId,
+      packName: name,
+      offset: start,
+      storedLen: h.storedLen,
+      rawLen: h.rawLen,
+      codec: h.codec,
+      hash: h.hash,
+    });
+    pos = start + h.storedLen;
   }
   return out;
 }
 
 /**
- * The chunks of a pack object in a bucket: its trailer (version 2; version 3 sealed, opened with
- * the repository's key) from one ranged GET of the tail (a second one if the trailer is longer),
- * else (version 1, or a damaged trailer, or a sealed one that does not open: changed, or moved
- * from another pack) the whole object, downloaded into `tmp/` and scanned as a file. In an
+ * The chunks of a pack in the store, local directory or bucket alike: its trailer (version 2;
+ * version 3 sealed, opened with the repository's key) from one ranged read of the tail (a second
+ * one if the trailer is longer), else (version 1, or a damaged trailer, or a sealed one that does
+ * not open: changed, or moved from another pack) its record headers (`scanRecords`). In an
  * encrypted repository a plain trailer is taken only from a pack whose header says version 2
- * (written before sealed trailers; one more 16-byte GET).
+ * (written before sealed trailers; one more 16-byte read). A pack that vanished or shrank since it
+ * was listed is a problem, not an error; a store that cannot be reached is an error.
  */
-async function scanRemotePack(
+async function scanPackObject(
   store: ObjectStore,
-  tmpDir: string,
   name: string,
   size: number,
   packId: number,
@@ -220,46 +218,56 @@ async function scanRemotePack(
 ): Promise<ScannedChunk[]> {
   const sealed = cipher !== null;
   const key = packKey(name);
-  if (size >= PACK_HEADER_LEN + TRAILER_FOOTER_LEN) {
-    const tailLen = Math.min(size, 64 << 10);
-    let tail = await store.getRange(key, size - tailLen, tailLen);
-    stats.tailReads++;
-    const tl = trailerLength(tail, size);
-    if (tl) {
-      if (tl.length > tail.length) tail = await store.getRange(key, size - tl.length, tl.length);
-      else tail = tail.subarray(tail.length - tl.length);
-      try {
-        let allowPlain = true;
-        if (cipher && !tl.sealed) {
-          const head = await store.getRange(key, 0, PACK_HEADER_LEN);
-          allowPlain = head.length === PACK_HEADER_LEN && head.readUInt32BE(8) === PACK_VERSION_TRAILER;
+  try {
+    if (size >= PACK_HEADER_LEN + TRAILER_FOOTER_LEN) {
+      const tailLen = Math.min(size, 64 << 10);
+      let tail = await store.getRange(key, size - tailLen, tailLen);
+      stats.tailReads++;
+      const tl = trailerLength(tail, size);
+      if (tl) {
+        if (tl.length > tail.length) tail = await store.getRange(key, size - tl.length, tl.length);
+        else tail = tail.subarray(tail.length - tl.length);
+        try {
+          let allowPlain = true;
+          if (cipher && !tl.sealed) {
+            const head = await store.getRange(key, 0, PACK_HEADER_LEN);
+            allowPlain = head.length === PACK_HEADER_LEN && head.readUInt32BE(8) === PACK_VERSION_TRAILER;
+          }
+          const key5 = cipher ? { cipher, pack: name } : undefined;
+          return decodePackTrailer(tail, size, chunkSize, key5, allowPlain).map((c) => ({
+            pack: packId,
+            packName: name,
+            offset: c.offset,
+            storedLen: c.storedLen,
+            rawLen: c.rawLen,
+            codec: c.codec,
+            hash: c.hash,
+          }));
+        } catch (e) {
+          problems.push(`pack ${name}: ${(e as Error).message}; the whole pack is read instead`);
         }
-        const key5 = cipher ? { cipher, pack: name } : undefined;
-        return decodePackTrailer(tail, size, chunkSize, key5, allowPlain).map((c) => ({
-          pack: packId,
-          packName: name,
-          offset: c.offset,
-          storedLen: c.storedLen,
-          rawLen: c.rawLen,
-          codec: c.codec,
-          hash: c.hash,
-        }));
-      } catch (e) {
-        problems.push(`pack ${name}: ${(e as Error).message}; the whole pack is read instead`);
       }
     }
-  }
-  stats.wholeReads++;
-  const file = path.join(tmpDir, `${name}.pack.download`);
-  fs.writeFileSync(file, await store.get(key), { mode: 0o600 });
-  try {
-    return scanPack(file, name, packId, problems, chunkSize, sealed);
-  } finally {
-    fs.rmSync(file, { force: true });
+    stats.wholeReads++;
+    return await scanRecords(
+      (offset, length) => store.getRange(key, offset, length),
+      size,
+      name,
+      packId,
+      problems,
+      chunkSize,
+      sealed,
+    );
+  } catch (e) {
+    if (isBkfsError(e) && (e.code === 'NOT_FOUND' || e.code === 'DATA_DAMAGED')) {
+      problems.push(`pack ${name} cannot be read: ${e.message}`);
+      return [];
+    }
+    throw e;
   }
 }
 
-async function remoteChunkIsGood(
+async function chunkIsGood(
   store: ObjectStore,
   c: ScannedChunk,
   chunkSize: number,
@@ -269,43 +277,53 @@ async function remoteChunkIsGood(
     const buf = await store.getRange(packKey(c.packName), c.offset, c.storedLen);
     decodeStored(cipher, buf, c.codec, c.rawLen, c.hash, chunkSize);
     return true;
-  } catch {
+  } catch (e) {
+    if (isBkfsError(e) && (e.code === 'STORE_UNAVAILABLE' || e.code === 'STORE_ACCESS')) throw e;
     return false;
   }
 }
 
 /**
- * A cache directory rebuilt from its bucket: every manifest of the bucket is copied into the
- * local `manifests/` first (the bucket's copy wins: it is what other machines see).
+ * Every manifest's zstd bytes, in uid order: the store's (the bucket's copy, kept in the cache
+ * directory too: `keepManifestCopy`), then any the repository directory has that the store lacks
+ * (a cache directory whose writer died before uploading; none for a local repository, whose
+ * store is its directory). A manifest that cannot be read or opened is a problem, not an error.
  */
-async function fetchManifests(store: ObjectStore, dir: string): Promise<void> {
-  const mdir = path.join(dir, 'manifests');
-  mkdirPrivateSync(mdir, { recursive: true, mode: 0o700 });
-  for await (const o of store.list('manifests/')) {
-    const m = /^manifests\/([0-9a-f]{32})\.json\.zst$/.exec(o.key);
-    if (!m) continue;
-    const data = await store.get(manifestKey(m[1]!));
-    const tmp = path.join(mdir, `.${m[1]}.download`);
-    fs.writeFileSync(tmp, data, { mode: 0o600 });
-    fs.renameSync(tmp, manifestPath(dir, m[1]!));
-  }
-  fsyncDirSync(mdir);
-}
-
-function chunkIsGood(repoDir: string, c: ScannedChunk, chunkSize: number, cipher: Cipher | null): boolean {
-  try {
-    const fd = fs.openSync(packPath(repoDir, c.packName), 'r');
+async function readAllManifests(
+  dir: string,
+  store: ObjectStore,
+  problems: string[],
+  skip: (uid: string) => boolean,
+): Promise<{ uid: string; data: Buffer }[]> {
+  const out: { uid: string; data: Buffer }[] = [];
+  const seen = new Set<string>();
+  for (const { uid, size } of await listManifests(store)) {
+    seen.add(uid);
+    if (skip(uid)) continue;
     try {
-      const buf = Buffer.alloc(c.storedLen);
-      if (fs.readSync(fd, buf, 0, c.storedLen, c.offset) !== c.storedLen) return false;
-      decodeStored(cipher, buf, c.codec, c.rawLen, c.hash, chunkSize);
-      return true;
-    } finally {
-      fs.closeSync(fd);
+      if (size > MAX_MANIFEST_FILE) {
+        throw new BkfsError(
+          'REPO_CORRUPT',
+          `manifest ${uid} is damaged: ${size} bytes is more than a manifest can be`,
+        );
+      }
+      const data = await store.get(manifestKey(uid));
+      keepManifestCopy(dir, store, uid, data);
+      out.push({ uid, data: openManifestObject(dir, uid, data) });
+    } catch (e) {
+      if (isBkfsError(e) && (e.code === 'STORE_UNAVAILABLE' || e.code === 'STORE_ACCESS')) throw e;
+      problems.push((e as Error).message);
     }
-  } catch {
-    return false;
   }
+  for (const uid of listManifestUids(dir)) {
+    if (seen.has(uid) || skip(uid)) continue;
+    try {
+      out.push({ uid, data: readManifestBytes(dir, uid) });
+    } catch (e) {
+      problems.push((e as Error).message);
+    }
+  }
+  return out.sort((a, b) => (a.uid < b.uid ? -1 : a.uid > b.uid ? 1 : 0));
 }
 
 export async function rebuildIndex(dir: string, o: RebuildOptions = {}): Promise<RebuildReport> {
@@ -352,15 +370,8 @@ async function build(
     oldIndex: null,
     remoteReads: { tailReads: 0, wholeReads: 0 },
   };
-  const tmpDir = path.join(dir, 'tmp');
-  mkdirPrivateSync(tmpDir, { recursive: true, mode: repoModes(dir).dir });
-  for (const f of fs.readdirSync(tmpDir)) fs.rmSync(path.join(tmpDir, f), { force: true, recursive: true });
-  const buildPath = path.join(dir, BUILD_FILE);
-  rmDbFiles(buildPath);
-  rmDbFiles(path.join(dir, DB_NEW_FILE));
-
-  precreateDbFile(buildPath, repoModes(dir).file);
-  const db = new Database(buildPath);
+  clearTmp(dir);
+  const db = createBuildDb(dir);
   try {
     db.pragma('journal_mode = MEMORY');
     db.pragma('synchronous = OFF');
@@ -368,10 +379,19 @@ async function build(
     db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('format', String(format));
     db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('repo_id', repoId);
 
-    // Packs -> packs and chunks (object storage: the bucket's manifests first, see fetchManifests).
-    const remote = remoteStore(dir);
-    if (remote) await fetchManifests(remote, dir);
-    const files = await packObjects(dir);
+    // Manifests are listed before the packs: every pack a listed manifest needs was durable
+    // before the manifest was written, so it is in the pack listing that follows.
+    const store = storeFor(dir);
+    const forgotten = forgottenInJournals(dir);
+    const skip = (uid: string): boolean => {
+      if (!forgotten.uids.has(uid)) return false;
+      rep.skippedForgotten++;
+      return true;
+    };
+    const manifestData = await readAllManifests(dir, store, rep.problems, skip);
+
+    // Packs -> packs and chunks, read through the store (the directory, or the bucket).
+    const files = await listPacks(store);
     const insPack = db.prepare('INSERT INTO packs (name, size, created) VALUES (?, ?, ?)');
     const insChunk = db.prepare(
       'INSERT INTO chunks (hash, pack_id, offset, stored_len, raw_len, codec, damaged) VALUES (?, ?, ?, ?, ?, ?, ?)',
@@ -380,23 +400,18 @@ async function build(
     const copies = new Map<string, ScannedChunk[]>();
     let i = 0;
     for (const f of files) {
-      const p = packPath(dir, f.name);
-      const mtime = remote ? Date.now() : fs.statSync(p).mtimeMs;
-      const packId = Number(insPack.run(f.name, f.size, Math.round(mtime)).lastInsertRowid);
+      const packId = Number(insPack.run(f.name, f.size, Date.now()).lastInsertRowid);
       rep.packs++;
-      const scanned = remote
-        ? await scanRemotePack(
-            remote,
-            tmpDir,
-            f.name,
-            f.size,
-            packId,
-            rep.problems,
-            chunkSize,
-            rep.remoteReads,
-            cipher,
-          )
-        : scanPack(p, f.name, packId, rep.problems, chunkSize, cipher !== null);
+      const scanned = await scanPackObject(
+        store,
+        f.name,
+        f.size,
+        packId,
+        rep.problems,
+        chunkSize,
+        rep.remoteReads,
+        cipher,
+      );
       db.transaction(() => {
         for (const c of scanned) {
           const hex = c.hash.toString('hex');
@@ -425,11 +440,7 @@ async function build(
       if (cs.length < 2) continue;
       let good: ScannedChunk | undefined;
       for (const c of cs) {
-        if (
-          remote
-            ? await remoteChunkIsGood(remote, c, chunkSize, cipher)
-            : chunkIsGood(dir, c, chunkSize, cipher)
-        ) {
+        if (await chunkIsGood(store, c, chunkSize, cipher)) {
           good = c;
           break;
         }
@@ -440,15 +451,10 @@ async function build(
     copies.clear();
 
     // Manifests -> catalogue and block maps.
-    const forgotten = forgottenInJournals(dir);
     const manifests: Manifest[] = [];
-    for (const uid of listManifestUids(dir)) {
-      if (forgotten.uids.has(uid)) {
-        rep.skippedForgotten++;
-        continue;
-      }
+    for (const { uid, data } of manifestData.splice(0)) {
       try {
-        const m = decodeManifest(readManifestBytes(dir, uid), `${uid}.json.zst`);
+        const m = decodeManifest(data, `${uid}.json.zst`);
         if (m.repo !== repoId) {
           rep.problems.push(`manifest ${uid} belongs to repository ${m.repo}; skipped`);
           continue;
@@ -622,39 +628,10 @@ async function build(
   } finally {
     db.close();
   }
-  fsyncFile(buildPath);
-  const newPath = path.join(dir, DB_NEW_FILE);
-  fs.renameSync(buildPath, newPath);
-  fsyncDirSync(dir);
-  crashPoint('rebuild-before-swap');
-
-  // Swap: old index (and any -wal/-shm, which must never meet the new file) aside, new in place.
-  const dbPath = path.join(dir, DB_FILE);
-  const stamp = new Date()
-    .toISOString()
-    .replace(/[-:]/g, '')
-    .replace(/\.\d+Z$/, 'Z');
-  const aside = `${DB_FILE}.broken-${stamp}`;
-  let moved = false;
-  for (const suffix of ['', '-wal', '-shm']) {
-    if (fs.existsSync(dbPath + suffix)) {
-      fs.renameSync(dbPath + suffix, path.join(dir, aside + suffix));
-      moved = moved || suffix === '';
-    }
-  }
-  if (moved) rep.oldIndex = aside;
-  fsyncDirSync(dir);
-  crashPoint('rebuild-after-move-aside');
-  try {
-    fs.renameSync(newPath, dbPath);
-  } catch (e) {
-    // A reader's Repository.open may have finished the swap first.
-    if (!fs.existsSync(dbPath)) throw e;
-  }
-  fsyncDirSync(dir);
+  rep.oldIndex = installBuiltIndex(dir);
   // Packs that a gc kept for readers are indexed again now (their chunks are live or dead like
   // any other pack's); finish interrupted forgets against the new index.
-  fs.rmSync(path.join(dir, PENDING_FILE), { force: true });
+  removePending(dir);
   const repo = Repository.open(dir);
   try {
     finishForgetJournals(repo);

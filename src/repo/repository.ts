@@ -46,7 +46,9 @@ import {
   remoteStore,
   resolveLocation,
   retainStore,
+  storeFor,
 } from '../store/location';
+import type { ObjectStore } from '../store/objstore';
 import { RemotePacks } from '../store/remote-packs';
 import { makeDirs, onUserPath } from '../util/userpath';
 import { acquireWriterLock, type LockOptions, type WriterLock } from './lock';
@@ -175,8 +177,16 @@ export class Repository {
     registerCipher(dir, cipher);
   }
 
+  /**
+   * Where the repository's packs, manifests and configuration are (FORMAT.md, "Storage
+   * interface"): a `LocalStore` of this directory, or the bucket of a cache directory.
+   */
+  get store(): ObjectStore {
+    return storeFor(this.dir);
+  }
+
   /** The bucket of a repository on object storage (this directory is its cache), or null. */
-  get remote(): import('../store/objstore').ObjectStore | null {
+  get remote(): ObjectStore | null {
     return remoteStore(this.dir);
   }
 

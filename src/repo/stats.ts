@@ -8,15 +8,17 @@
  *   - dedup ratio = logical / raw; compression ratio = raw / stored; total = logical / stored;
  *   - unique (per checkpoint): chunks that no other checkpoint uses, i.e. about what forgetting
  *     only that checkpoint and running gc would free; unique (per VM): chunks no other VM uses;
- *   - packs: bytes of pack files on disk; reclaimable: pack bytes that are not live chunks (what gc
- *     frees, once forgotten checkpoints are no longer pinned).
- * Read-only, no lock. One pass over the page tables and the extents of the pages in use (pages
- * shared by several checkpoints are read once). Memory: per-chunk counters (a few typed arrays
- * indexed by chunk id) and the page -> chunks lists of the pages in use.
+ *   - packs: bytes of the packs in the store (pack files, or bucket objects); reclaimable: pack
+ *     bytes that are not live chunks (what gc frees, once forgotten checkpoints are no longer
+ *     pinned).
+ * Read-only, no lock; packs are listed through the repository's store. One pass over the page
+ * tables and the extents of the pages in use (pages shared by several checkpoints are read once).
+ * Memory: per-chunk counters (a few typed arrays indexed by chunk id) and the page -> chunks lists
+ * of the pages in use.
  */
 import type { Repository } from './repository';
 import { PACK_HEADER_LEN, RECORD_HEADER_LEN } from '../store/packs';
-import { packFilesOnDisk } from './gc';
+import { listPacks } from '../store/location';
 
 export interface CheckpointStats {
   vm: string;
@@ -69,7 +71,7 @@ function ratio(a: number, b: number): number {
   return b > 0 ? a / b : 0;
 }
 
-export function repositoryStats(repo: Repository, vmName?: string): RepoStats {
+export async function repositoryStats(repo: Repository, vmName?: string): Promise<RepoStats> {
   const db = repo.db;
   const vms = db.prepare('SELECT id, name FROM vms ORDER BY name').all() as { id: number; name: string }[];
   const vmName_ = new Map(vms.map((v) => [v.id, v.name]));
@@ -221,11 +223,9 @@ export function repositoryStats(repo: Repository, vmName?: string): RepoStats {
       return { vm: v.name, ...rest, uniqueStoredBytes: uniqueStored };
     });
   const all = totals(visible);
-  // Object storage: the packs the index knows (listing the bucket is a request per 1000 packs);
-  // a local repository: its pack files.
-  const files = repo.remote
-    ? (repo.db.prepare('SELECT name, size FROM packs').all() as { name: string; size: number }[])
-    : packFilesOnDisk(repo.dir);
+  // The packs in the store: its pack files, or the bucket's pack objects (a listing request per
+  // 1000 packs), orphans and packs kept for readers included.
+  const files = await listPacks(repo.store);
   const packBytes = files.reduce((a, f) => a + f.size, 0);
   const indexedStored = chunkRows.reduce((a, c) => a + c.stored, 0);
   // Live = chunks used by any checkpoint that still has rows (complete or pinned-forgotten).

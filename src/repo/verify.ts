@@ -20,21 +20,17 @@
  * lock for its run; with `markDamaged: false` (`--read-only`) it writes nothing, takes no lock and
  * works while a backup or gc runs: a chunk that gc moved meanwhile is looked up again before it is
  * called damaged.
+ * Storage: manifests are listed and packs sized through the repository's store, chunks read
+ * through the pack reader (FORMAT.md, "Storage interface"); this file touches no file (the source
+ * comparison, which reads host files, is in `verify-sources.ts`).
  * Memory: the set of chunk ids in use.
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import type { Repository } from './repository';
 import { isBkfsError } from '../errors';
 import { decodeStored } from '../store/codec';
-import { packPath } from '../store/packs';
-import { packKey } from '../store/location';
+import { listManifests, packKey } from '../store/location';
 import { getCheckpoint, getVm, listCheckpoints, listVms, type CheckpointRow } from '../index/catalog';
 import { orderedMap } from '../util/pipeline';
-import { CheckpointReader } from '../chain/reader';
-import { NbdClient } from '../nbd/client';
-import { QemuNbd, imageInfo } from '../backup/qemu';
-import { manifestPath } from './manifest';
 import { healDamagedChunks, refreshCheckpointDamage } from './gc';
 import { blockMapProblems, integrityProblems } from './verify-map';
 
@@ -114,9 +110,12 @@ async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<Verif
        FROM disk_pages dp JOIN extents e ON e.page_id = dp.page_id LEFT JOIN chunks c ON c.id = e.chunk_id
       WHERE dp.disk_id = ? ORDER BY dp.page_no, e.offset`,
   );
+  // The manifests in the store (one listing; on object storage, the bucket's: what a rebuild
+  // on another machine has).
+  const manifests = new Set(sel.length > 0 ? (await listManifests(repo.store)).map((m) => m.uid) : []);
   for (const { vm, cp } of sel) {
     const uid = (cp as CheckpointRow & { uid?: string }).uid;
-    if (uid && !fs.existsSync(manifestPath(repo.dir, uid))) {
+    if (uid && !manifests.has(uid)) {
       problems.push(
         `${vm}@${cp.name}: manifest ${uid} is missing (an index rebuild would lose this checkpoint; 'bkfs repair --manifests' writes it)`,
       );
@@ -204,18 +203,9 @@ async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<Verif
     if (!loc.pack) return 'its pack is not in the index';
     let size = packSizes.get(loc.pack);
     if (size === undefined) {
-      const remote = repo.remote;
-      if (remote) {
-        // Object storage: a HEAD of the pack object (a store that cannot be reached is an error,
-        // never damage).
-        size = (await remote.head(packKey(loc.pack)))?.size ?? -1;
-      } else {
-        try {
-          size = fs.statSync(packPath(repo.dir, loc.pack)).size;
-        } catch {
-          size = -1;
-        }
-      }
+      // The pack's size in the store (a stat locally, a HEAD on object storage; a store that
+      // cannot be reached is an error, never damage).
+      size = (await repo.store.head(packKey(loc.pack)))?.size ?? -1;
       packSizes.set(loc.pack, size);
     }
     if (size < 0) return `pack ${loc.pack} is missing`;
@@ -317,136 +307,4 @@ export function chunkUses(repo: Repository, chunkId: number): ChunkUse[] {
     .all(chunkId) as ChunkUse[];
 }
 
-// ---------------------------------------------------------------------------------------------
-// Comparison with the source images
-
-export interface SourceDiff {
-  vm: string;
-  checkpoint: string;
-  disk: string;
-  source: string | null;
-  /** 'same', 'differs', 'gone' (the source image no longer exists) or 'skipped' (none recorded, unreachable). */
-  status: 'same' | 'differs' | 'gone' | 'skipped';
-  reason?: string;
-  bytesCompared: number;
-  bytesDiffering: number;
-  /** Differing byte ranges (runs of equal bytes shorter than 4 KiB inside a run are included). */
-  ranges: { offset: number; length: number }[];
-}
-
-const NBD_URI_RE = /^nbds?(\+unix)?:\/\//;
-const BLOCK = 4 << 20;
-const SEG = 4096;
-
-/** Differing ranges of `a` and `b` (same length) at `base`, appended to `out` (merging). */
-function diffRanges(a: Buffer, b: Buffer, base: number, out: { offset: number; length: number }[]): number {
-  let n = 0;
-  for (let s = 0; s < a.length; s += SEG) {
-    const e = Math.min(a.length, s + SEG);
-    if (a.subarray(s, e).equals(b.subarray(s, e))) continue;
-    let first = s;
-    while (a[first] === b[first]) first++;
-    let last = e - 1;
-    while (a[last] === b[last]) last--;
-    const start = base + first;
-    const end = base + last + 1;
-    const prev = out[out.length - 1];
-    if (prev && start - (prev.offset + prev.length) < SEG) {
-      n += end - (prev.offset + prev.length);
-      prev.length = end - prev.offset;
-    } else {
-      out.push({ offset: start, length: end - start });
-      n += end - start;
-    }
-  }
-  return n;
-}
-
-/**
- * Compare every disk of the given checkpoints with its source as it is now (an image file through
- * `qemu-nbd --read-only`, or an NBD URI), reading both sides in 4 MiB blocks. Meaningful for a
- * checkpoint whose source has not changed since (the latest backup of a stopped VM).
- */
-export async function compareWithSources(
-  repo: Repository,
-  sel: { vm: string; cp: CheckpointRow }[],
-  onProgress?: (done: number, total: number) => void,
-): Promise<SourceDiff[]> {
-  const out: SourceDiff[] = [];
-  for (const { vm, cp } of sel) {
-    const reader = new CheckpointReader(repo, getVm(repo.db, vm), cp, { cacheBytes: 32 << 20 });
-    for (const d of reader.disks) {
-      const r: SourceDiff = {
-        vm,
-        checkpoint: cp.name,
-        disk: d.name,
-        source: d.source,
-        status: 'same',
-        bytesCompared: 0,
-        bytesDiffering: 0,
-        ranges: [],
-      };
-      out.push(r);
-      const src = d.source;
-      if (!src) {
-        Object.assign(r, { status: 'skipped', reason: 'no source recorded' });
-        continue;
-      }
-      let client: NbdClient;
-      let srv: QemuNbd | undefined;
-      if (NBD_URI_RE.test(src)) {
-        try {
-          client = await NbdClient.connect(src);
-        } catch (e) {
-          Object.assign(r, { status: 'skipped', reason: `cannot connect: ${(e as Error).message}` });
-          continue;
-        }
-      } else {
-        if (!fs.existsSync(src)) {
-          Object.assign(r, {
-            status: 'gone',
-            reason: path.isAbsolute(src)
-              ? 'the source image no longer exists'
-              : `the source image no longer exists here (an older bkfs recorded the relative path '${src}')`,
-          });
-          continue;
-        }
-        // The format recorded at backup time (declared or safely probed); never a new probe.
-        const declared = d.format === 'raw' || d.format === 'qcow2' ? d.format : undefined;
-        const info = await imageInfo(src, declared);
-        srv = await QemuNbd.start({ image: src, format: info.format, readOnly: true });
-        try {
-          client = await NbdClient.connect({ socket: srv.socket });
-        } catch (e) {
-          await srv.stop();
-          throw e;
-        }
-      }
-      try {
-        const size = d.virtual_size;
-        if (client.size !== size) {
-          r.status = 'differs';
-          r.reason = `the source is ${client.size} bytes, the checkpoint ${size}`;
-        }
-        const common = Math.min(size, client.size);
-        const blocks: number[] = [];
-        for (let off = 0; off < common; off += BLOCK) blocks.push(off);
-        const results = orderedMap(blocks, 4, async (off) => {
-          const len = Math.min(BLOCK, common - off);
-          const [a, b] = await Promise.all([reader.readAt(d.name, off, len), client.read(off, len)]);
-          return { off, a, b };
-        });
-        for await (const { off, a, b } of results) {
-          r.bytesCompared += a.length;
-          if (!a.equals(b)) r.bytesDiffering += diffRanges(a, b, off, r.ranges);
-          onProgress?.(r.bytesCompared, common);
-        }
-        if (r.ranges.length > 0) r.status = 'differs';
-      } finally {
-        await client.close().catch(() => undefined);
-        if (srv) await srv.stop();
-      }
-    }
-  }
-  return out;
-}
+export { compareWithSources, type SourceDiff } from './verify-sources';

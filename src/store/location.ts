@@ -53,6 +53,43 @@ export function manifestKey(uid: string): string {
   return `manifests/${uid}.json.zst`;
 }
 
+const PACK_KEY = /^packs\/([0-9a-f]{2})\/([0-9a-f]{32})\.pack$/;
+const MANIFEST_KEY = /^manifests\/([0-9a-f]{32})\.json\.zst$/;
+
+/** The pack name of a key (`packs/NN/<name>.pack`, NN its first two digits), or null. */
+export function packNameOfKey(key: string): string | null {
+  const m = PACK_KEY.exec(key);
+  return m && m[2]!.startsWith(m[1]!) ? m[2]! : null;
+}
+
+/** The checkpoint uid of a manifest key (`manifests/<uid>.json.zst`), or null. */
+export function manifestUidOfKey(key: string): string | null {
+  return MANIFEST_KEY.exec(key)?.[1] ?? null;
+}
+
+/**
+ * Every pack of a store, in name order: the objects under `packs/` whose key is a pack's key.
+ * Anything else there (a foreign file, a temporary) is not a pack and is never touched.
+ */
+export async function listPacks(store: ObjectStore): Promise<{ name: string; size: number }[]> {
+  const out: { name: string; size: number }[] = [];
+  for await (const o of store.list('packs/')) {
+    const name = packNameOfKey(o.key);
+    if (name !== null) out.push({ name, size: o.size });
+  }
+  return out;
+}
+
+/** Every manifest of a store: checkpoint uid and object size, in uid order. */
+export async function listManifests(store: ObjectStore): Promise<{ uid: string; size: number }[]> {
+  const out: { uid: string; size: number }[] = [];
+  for await (const o of store.list('manifests/')) {
+    const uid = manifestUidOfKey(o.key);
+    if (uid !== null) out.push({ uid, size: o.size });
+  }
+  return out;
+}
+
 export function defaultCacheRoot(env: NodeJS.ProcessEnv = process.env): string {
   if (env.BKFS_CACHE_DIR) return env.BKFS_CACHE_DIR;
   if (process.getuid?.() === 0) return '/var/cache/bkfs';
@@ -266,8 +303,11 @@ const leases = new Map<string, { timer: NodeJS.Timeout; until: number }>();
  * `lease.json` if absent; renew it if it is this machine's (any writer process of the same cache
  * directory: those coordinate through the local locks); take it over if another machine's has not
  * been renewed for its ttl; else REPO_LOCKED. Renewed in the background while the process lives.
+ * A no-op for a local store, so callers call it before any change of the store, whatever it is.
  */
 export async function holdLease(dir: string, store: ObjectStore): Promise<void> {
+  // A local directory has no lease: its writers coordinate through the local locks alone.
+  if (store.kind === 'local') return;
   const key = path.resolve(dir);
   const held = leases.get(key);
   if (held && held.until > Date.now() + LEASE_TTL_MS / 2) return;

@@ -188,7 +188,8 @@ export class LocalStore implements ObjectStore {
       const st = await fsp.stat(this.file(key));
       return st.isFile() ? { key, size: st.size } : null;
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return null;
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return null;
       throw e;
     }
   }
@@ -206,7 +207,14 @@ export class LocalStore implements ObjectStore {
           withFileTypes: true,
         });
       } catch (e) {
-        if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+        const code = (e as NodeJS.ErrnoException).code;
+        if (code === 'ENOENT' || code === 'ENOTDIR') return;
+        if (code === 'EACCES' || code === 'EPERM') {
+          throw new BkfsError(
+            'PERMISSION_DENIED',
+            `permission denied: cannot list ${path.join(this.root, ...(rel ? rel.split('/') : []))}`,
+          );
+        }
         throw e;
       }
       for (const e of entries) {
@@ -215,8 +223,13 @@ export class LocalStore implements ObjectStore {
         if (e.isDirectory()) {
           if (prefix.startsWith(`${key}/`) || key.startsWith(prefix)) await walk(key);
         } else if (e.isFile() && key.startsWith(prefix)) {
-          const st = await fsp.stat(path.join(this.root, ...key.split('/')));
-          out.push({ key, size: st.size });
+          try {
+            const st = await fsp.stat(path.join(this.root, ...key.split('/')));
+            out.push({ key, size: st.size });
+          } catch (err) {
+            // Deleted between readdir and stat (a gc beside this listing): not there any more.
+            if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+          }
         }
       }
     };
@@ -246,7 +259,8 @@ export class LocalStore implements ObjectStore {
   }
 
   private missing(e: unknown, key: string): unknown {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') {
       return new BkfsError('NOT_FOUND', `object ${key} is not in ${this.location}`);
     }
     return e;

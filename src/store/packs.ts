@@ -626,6 +626,23 @@ export class PackReader {
   }
 
   /**
+   * A pack was deleted (gc): close its descriptor (the space of a deleted file is freed only once
+   * nothing holds it open) or, on object storage, drop its blocks from the chunk cache. Not on the
+   * read path.
+   */
+  forget(name: string): void {
+    if (this.remote) {
+      this.remote.dropPack(name);
+      return;
+    }
+    const e = this.fds.get(name);
+    if (!e) return;
+    this.fds.delete(name);
+    if (e.busy === 0) fs.closeSync(e.fd);
+    else e.doomed = true;
+  }
+
+  /**
    * Close every descriptor; one with reads in flight is closed when its last read returns (those
    * reads complete normally). Later reads open the pack again.
    */

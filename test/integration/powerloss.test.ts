@@ -19,7 +19,7 @@ import { bkfs, bkfsOk, qemuIo } from '../helpers/cli';
 import { randomBuffer, toRaw } from '../helpers/images';
 import { PowerFs } from '../helpers/powerfs';
 import { sweep, type CutOutcome, type Scenario } from '../helpers/powerloss';
-import { packFilesOnDisk } from '../../src/repo/gc';
+import { packFilesOnDisk } from '../helpers/packfiles';
 import { packPath, PACK_HEADER_LEN, RECORD_HEADER_LEN } from '../../src/store/packs';
 import { run } from '../../src/util/proc';
 

@@ -370,11 +370,11 @@ Examples:
     )
     .action(async (vm: string | undefined, opts: { json?: boolean }, cmd: Command) => {
       const { repositoryStats } = await import('../../repo/stats');
-      await withReader(cmd, (repo) => {
+      await withReader(cmd, async (repo) => {
         if (vm !== undefined && !repo.db.prepare('SELECT 1 FROM vms WHERE name = ?').get(vm)) {
           throw new BkfsError('NOT_FOUND', `no VM named '${vm}' in this repository`);
         }
-        const s = repositoryStats(repo, vm);
+        const s = await repositoryStats(repo, vm);
         if (opts.json) {
           printJson(s);
           return;
