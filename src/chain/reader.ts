@@ -13,10 +13,6 @@
  * (the kernel may keep more than one 128 KiB FUSE read in flight) still count as sequential.
  * `readInto` fills a caller's buffer (the FUSE request buffer) without an extra copy; a failed read
  * rejects only after every piece of it has settled, so nothing writes into the buffer afterwards.
- * `readIntoNow` is the same read for request paths (NBD server, mount): when every piece is in the
- * chunk loader's caches (a decoded chunk or decoded frames, hash-checked when decoded) it fills the
- * buffer synchronously and returns the byte count, with no promise, allocation or I/O; otherwise it
- * returns a promise and loads only the pieces that are not cached.
  * Opening a reader costs one query for the checkpoint's disks, whatever the chain length or disk
  * size. A reader pins nothing on disk by itself: mounts hold their own repository handle,
  * and SQLite WAL snapshots keep the rows they read consistent.
@@ -241,88 +237,51 @@ export class CheckpointReader {
    * (e.g. the open file's handle object) keys read-ahead; without it, the disk does.
    */
   async readInto(diskName: string, offset: number, target: Buffer, stream?: object): Promise<number> {
-    return this.readIntoNow(diskName, offset, target, stream);
-  }
-
-  /**
-   * `readInto` without a promise when it can (the request paths of the NBD server and the mount):
-   * when the map pages are cached and every piece of the range is in the chunk caches (decoded
-   * chunk or decoded frames), `target` is filled synchronously and the byte count returned;
-   * otherwise a promise of it (the cached pieces are copied at once, the others loaded). Bad
-   * arguments and a damaged map page throw synchronously; damaged chunks reject. Either way the
-   * access is noted for read-ahead once, and nothing is written into `target` after the result.
-   */
-  readIntoNow(diskName: string, offset: number, target: Buffer, stream?: object): number | Promise<number> {
     const disk = this.disk(diskName);
     checkRange(offset, target.length);
     const end = Math.min(offset + target.length, disk.virtual_size);
     if (end <= offset) return 0;
-    const n = end - offset;
-    const out = target.subarray(0, n);
+    const out = target.subarray(0, end - offset);
     out.fill(0);
-    const pending = this.readRange(disk, offset, end, out, stream);
-    return pending === undefined ? n : pending.then(() => n);
+    await this.readRange(disk, offset, end, out, stream);
+    return end - offset;
   }
 
-  /**
-   * Fill the zeroed `out` with bytes [start, end) of `disk`, noting the access for read-ahead:
-   * undefined when it is already done (everything came from the caches), else a promise.
-   */
-  private readRange(
-    disk: DiskRow,
-    start: number,
-    end: number,
-    out: Buffer,
-    stream?: object,
-  ): Promise<void> | undefined {
-    const done = this.fill(disk, start, end, out); // copies cached pieces, starts every load
+  /** Fill the zeroed `out` with bytes [start, end) of `disk`, noting the access for read-ahead. */
+  private readRange(disk: DiskRow, start: number, end: number, out: Buffer, stream?: object): Promise<void> {
+    const done = this.fill(disk, start, end, out); // starts every load synchronously
     this.noteAccess(disk, start, end, stream ?? disk.name);
     return done;
   }
 
-  private fill(disk: DiskRow, start: number, end: number, out: Buffer): Promise<void> | undefined {
-    let jobs: Promise<void>[] | undefined;
-    let failed: BkfsError | undefined;
+  private async fill(disk: DiskRow, start: number, end: number, out: Buffer): Promise<void> {
+    const jobs: Promise<void>[] = [];
     const firstPage = Math.floor(start / this.pageSpan);
     const lastPage = Math.floor((end - 1) / this.pageSpan);
-    try {
-      for (let p = firstPage; p <= lastPage; p++) {
-        const pg = this.page(disk, p);
-        for (let i = firstOverlapIndex(pg, start); i < pg.length; i++) {
-          const e = pg[i]!;
-          if (e.offset >= end) break;
-          const eEnd = e.offset + e.length;
-          if (eEnd <= start || e.loc === null) continue;
-          const s = Math.max(start, e.offset);
-          const t = Math.min(end, eEnd);
-          const loc = e.loc;
-          const from = e.chunkOff + (s - e.offset);
-          if (loc.pack === '') {
-            failed ??= this.damaged(disk, s, t, `chunk ${loc.id} is in no indexed pack`);
-            continue;
-          }
-          if (this.loader.copyCached(loc.id, loc, from, from + (t - s), out, s - start)) continue;
-          (jobs ??= []).push(this.loader.copyRange(loc.id, loc, from, from + (t - s), out, s - start));
+    for (let p = firstPage; p <= lastPage; p++) {
+      const pg = this.page(disk, p);
+      for (const e of firstOverlap(pg, start)) {
+        if (e.offset >= end) break;
+        const eEnd = e.offset + e.length;
+        if (eEnd <= start || e.loc === null) continue;
+        const s = Math.max(start, e.offset);
+        const t = Math.min(end, eEnd);
+        const loc = e.loc;
+        const from = e.chunkOff + (s - e.offset);
+        if (loc.pack === '') {
+          jobs.push(Promise.reject(this.damaged(disk, s, t, `chunk ${loc.id} is in no indexed pack`)));
+          continue;
         }
+        jobs.push(this.loader.copyRange(loc.id, loc, from, from + (t - s), out, s - start));
       }
-    } catch (e) {
-      // A damaged page: fail once the loads already started have settled.
-      if (jobs === undefined) throw e;
-      return settleAll(jobs).then(() => {
-        throw e;
-      });
     }
-    if (jobs === undefined) {
-      if (failed) throw failed;
-      return undefined;
+    if (jobs.length === 1) {
+      await jobs[0];
+    } else if (jobs.length > 1) {
+      // Wait for every piece before failing: no copy may land in `out` after the caller gave up.
+      const results = await Promise.allSettled(jobs);
+      for (const r of results) if (r.status === 'rejected') throw r.reason;
     }
-    if (jobs.length === 1 && !failed) return jobs[0];
-    // Wait for every piece before failing: no copy may land in `out` after the caller gave up.
-    const bad = failed;
-    return settleAll(jobs).then((err) => {
-      if (err !== undefined) throw err;
-      if (bad) throw bad;
-    });
   }
 
   private noteAccess(disk: DiskRow, start: number, end: number, key: unknown): void {
@@ -350,9 +309,7 @@ export class CheckpointReader {
     const firstPage = Math.floor(start / this.pageSpan);
     const lastPage = Math.floor((end - 1) / this.pageSpan);
     for (let p = firstPage; p <= lastPage; p++) {
-      const pg = this.page(disk, p);
-      for (let i = firstOverlapIndex(pg, start); i < pg.length; i++) {
-        const e = pg[i]!;
+      for (const e of firstOverlap(this.page(disk, p), start)) {
         if (e.offset >= end) break;
         if (e.loc && e.loc.pack !== '' && e.offset + e.length > start && !this.loader.has(e.loc.id)) {
           this.loader.load(e.loc.id, e.loc).catch(() => undefined); // the real read reports errors
@@ -368,8 +325,8 @@ function checkRange(offset: number, length: number): void {
   }
 }
 
-/** Index of the first extent of a sorted page that may overlap `pos` (binary search). */
-function firstOverlapIndex(pg: PageExtent[], pos: number): number {
+/** Extents of a sorted page from the first one that may overlap `pos` (binary search). */
+function* firstOverlap(pg: PageExtent[], pos: number): Generator<PageExtent> {
   let lo = 0;
   let hi = pg.length;
   while (lo < hi) {
@@ -378,12 +335,5 @@ function firstOverlapIndex(pg: PageExtent[], pos: number): number {
     if (e.offset + e.length <= pos) lo = mid + 1;
     else hi = mid;
   }
-  return lo;
-}
-
-/** Wait for every promise; resolves with the first rejection reason (in order), if any. */
-async function settleAll(jobs: Promise<void>[]): Promise<unknown> {
-  const results = await Promise.allSettled(jobs);
-  for (const r of results) if (r.status === 'rejected') return r.reason as unknown;
-  return undefined;
+  for (let i = lo; i < pg.length; i++) yield pg[i]!;
 }

@@ -130,25 +130,17 @@ export function fuseOps(vfs: CheckpointVfs, onError: (msg: string) => void = () 
     },
     read: (path, fd, buf, len, pos, cb) => {
       // `buf` is the kernel request's memory: fill it before cb, never touch it after.
-      let r: number | Promise<number>;
-      try {
-        r = vfs.readNow(fd, pos, buf.length > len ? buf.subarray(0, len) : buf);
-      } catch (e) {
-        fail(cb, 'read', path, e);
-        return;
-      }
-      if (typeof r === 'number') {
-        cb(r); // served from the caches: answered without a promise
-        return;
-      }
-      r.then(
-        (n) => cb(n),
-        (e: unknown) => fail(cb, 'read', path, e),
-      ).catch((e: unknown) => {
-        // fail() itself threw: still answer, never leave an unhandled rejection
-        onError(`read ${path}: ${errorMessage(e)}`);
-        cb(-E.EIO);
-      });
+      vfs
+        .read(fd, pos, buf.length > len ? buf.subarray(0, len) : buf)
+        .then(
+          (n) => cb(n),
+          (e: unknown) => fail(cb, 'read', path, e),
+        )
+        .catch((e: unknown) => {
+          // fail() itself threw: still answer, never leave an unhandled rejection
+          onError(`read ${path}: ${errorMessage(e)}`);
+          cb(-E.EIO);
+        });
     },
     release: (_path, fd, cb) => {
       vfs.release(fd);

@@ -276,14 +276,6 @@ export class CheckpointVfs {
    * at the end of the file). Damaged data: FsError EIO.
    */
   async read(fh: number, offset: number, target: Buffer): Promise<number> {
-    return this.readNow(fh, offset, target);
-  }
-
-  /**
-   * `read` without a promise when the bytes are cached (the FUSE request path): returns the byte
-   * count at once, or a promise of it; errors are FsErrors, thrown or rejected.
-   */
-  readNow(fh: number, offset: number, target: Buffer): number | Promise<number> {
     const h = this.handles.get(fh);
     if (!h) throw new FsError('EBADF', `no open file with handle ${fh}`);
     if (!Number.isSafeInteger(offset) || offset < 0) throw new FsError('EINVAL', `bad offset ${offset}`);
@@ -293,17 +285,12 @@ export class CheckpointVfs {
       return node.data.copy(target, 0, offset, Math.min(node.data.length, offset + target.length));
     }
     const reader = h.reader!;
-    const failed = (e: unknown): never => {
+    try {
+      return await reader.readInto(node.disk.name, offset, target, h); // read-ahead per open file
+    } catch (e) {
       this.reportReadError(reader, node, offset, target.length, e);
       throw new FsError('EIO', errorMessage(e));
-    };
-    let r: number | Promise<number>;
-    try {
-      r = reader.readIntoNow(node.disk.name, offset, target, h); // read-ahead per open file
-    } catch (e) {
-      return failed(e);
     }
-    return typeof r === 'number' ? r : r.catch(failed);
   }
 
   release(fh: number): void {

@@ -67,10 +67,8 @@ export function checkpointExport(reader: CheckpointReader, diskName: string): Nb
   return {
     size: disk.virtual_size,
     readAt: (o, l) => reader.readAt(diskName, o, l),
-    // Synchronous when the bytes are cached (no promise per read), else a promise.
-    readInto: (o, target) => {
-      const r = reader.readIntoNow(diskName, o, target);
-      return typeof r === 'number' ? undefined : r.then(() => undefined);
+    readInto: async (o, target) => {
+      await reader.readInto(diskName, o, target);
     },
     blockStatus: (o, l) => Promise.resolve(blockStatusOf(reader, diskName, o, l)),
   };

@@ -36,10 +36,8 @@ export interface NbdExport {
   /**
    * Optional: fill all of `target` with the bytes at `offset` (in range). The server then reads
    * straight into its reply buffer: one allocation and one socket write per read, no copy.
-   * Returning undefined means `target` is already filled (a cache hit): the reply goes out at
-   * once, without a promise; throwing fails that request only.
    */
-  readInto?(offset: number, target: Buffer): Promise<void> | undefined;
+  readInto?(offset: number, target: Buffer): Promise<void>;
   /**
    * Allocation of `[offset, offset+length)`: extents in order from `offset`, covering at least one
    * byte (they may stop short of `length`). Without it, everything is reported as data.
@@ -133,23 +131,7 @@ class ByteQueue {
       if (this.ended) return null;
       await new Promise<void>((r) => (this.waiter = r));
     }
-    return this.takeNow(n) ?? null;
-  }
-
-  /** Exactly `n` bytes if they have arrived already (no promise), else undefined. */
-  takeNow(n: number): Buffer | undefined {
-    if (this.length < n) return undefined;
-    if (n === 0) return Buffer.alloc(0);
-    const first = this.chunks[0] as Buffer;
-    if (first.length >= n) {
-      // The common case: the bytes are in the first piece (no concatenation).
-      const out = first.subarray(0, n);
-      if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
-      this.length -= n;
-      return out;
-    }
-    const all = Buffer.concat(this.chunks);
+    const all = this.chunks.length === 1 ? (this.chunks[0] as Buffer) : Buffer.concat(this.chunks);
     const out = all.subarray(0, n);
     const rest = all.subarray(n);
     this.chunks = rest.length > 0 ? [rest] : [];
@@ -522,36 +504,25 @@ export class NbdServer {
         sock.uncork();
       } else sock.write(b);
     };
-    const flush = () => {
-      while (sock.writableCorked > 0) sock.uncork();
-    };
     const fail = (handle: Buffer, errno: number, message: string) =>
       send(structured ? structuredError(handle, errno, message) : simpleReply(handle, errno));
-    const failed = (handle: Buffer, what: string, e: unknown): void => {
-      this.stats.errors++;
-      const msg = (e as Error).message;
-      this.onError(`${what} failed: ${msg}`);
-      const errno = (e as { nbdErrno?: number }).nbdErrno ?? P.NBD_EIO;
-      fail(handle, errno, msg);
-    };
     const track = (handle: Buffer, what: string, job: () => Promise<Buffer | Buffer[] | undefined>): void => {
       const p = job().then(
         (reply) => send(reply ?? simpleReply(handle, 0)),
-        (e: unknown) => failed(handle, what, e),
+        (e: unknown) => {
+          this.stats.errors++;
+          const msg = (e as Error).message;
+          this.onError(`${what} failed: ${msg}`);
+          const errno = (e as { nbdErrno?: number }).nbdErrno ?? P.NBD_EIO;
+          fail(handle, errno, msg);
+        },
       );
       const tracked = p.finally(() => inflight.delete(tracked));
       inflight.add(tracked);
     };
     for (;;) {
-      // Requests that have arrived are taken without a promise; replies written meanwhile are
-      // corked and leave in one writev when the loop waits for more (QD16: fewer syscalls).
-      let req = q.takeNow(P.NBD_REQUEST_SIZE);
-      if (req === undefined) {
-        flush();
-        req = (await q.take(P.NBD_REQUEST_SIZE)) ?? undefined;
-        if (req === undefined) break;
-        sock.cork();
-      }
+      const req = await q.take(P.NBD_REQUEST_SIZE);
+      if (!req) break;
       if (req.readUInt32BE(0) !== P.NBD_REQUEST_MAGIC) throw new Error('bad request magic');
       const flags = req.readUInt16BE(4);
       const type = req.readUInt16BE(6);
@@ -562,7 +533,6 @@ export class NbdServer {
       const inRange = offset >= 0 && offset + length <= exp.size;
       if (type === P.NBD_CMD_WRITE) {
         if (length > MAX_REQUEST) throw new Error(`write of ${length} bytes is too large`);
-        flush();
         const payload = await q.take(length);
         if (!payload) break;
         if (!writable) fail(handle, P.NBD_EPERM, 'the export is read-only');
@@ -580,7 +550,6 @@ export class NbdServer {
       }
       switch (type) {
         case P.NBD_CMD_DISC:
-          flush();
           await Promise.all(inflight);
           sock.end();
           return;
@@ -618,30 +587,28 @@ export class NbdServer {
             fail(handle, P.NBD_EINVAL, 'read out of range');
             break;
           }
-          if (exp.readInto && length > 0) {
-            // Header and data in one buffer, filled in place: one write, nothing copied.
-            const head = structured ? 28 : 16;
-            const reply = Buffer.allocUnsafe(head + length);
-            let pending: Promise<void> | undefined;
-            try {
-              pending = exp.readInto(offset, reply.subarray(head));
-            } catch (e) {
-              failed(handle, `read of ${length} bytes at ${offset}`, e);
-              break;
-            }
-            if (pending === undefined) {
-              // Served from the caches: answer now, no promise.
-              send(this.readReply(reply, handle, structured, offset, length));
-              break;
-            }
-            const p = pending;
-            track(handle, `read of ${length} bytes at ${offset}`, async () => {
-              await p;
-              return this.readReply(reply, handle, structured, offset, length);
-            });
-            break;
-          }
           track(handle, `read of ${length} bytes at ${offset}`, async () => {
+            if (exp.readInto && length > 0) {
+              // Header and data in one buffer, filled in place: one write, nothing copied.
+              const head = structured ? 28 : 16;
+              const reply = Buffer.allocUnsafe(head + length);
+              await exp.readInto(offset, reply.subarray(head));
+              this.stats.reads++;
+              this.stats.bytesRead += length;
+              if (!structured) {
+                reply.writeUInt32BE(P.NBD_SIMPLE_REPLY_MAGIC, 0);
+                reply.writeUInt32BE(0, 4);
+                handle.copy(reply, 8);
+              } else {
+                reply.writeUInt32BE(P.NBD_STRUCTURED_REPLY_MAGIC, 0);
+                reply.writeUInt16BE(P.NBD_REPLY_FLAG_DONE, 4);
+                reply.writeUInt16BE(P.NBD_REPLY_TYPE_OFFSET_DATA, 6);
+                handle.copy(reply, 8);
+                reply.writeUInt32BE(8 + length, 16);
+                P.writeU64(reply, offset, 20);
+              }
+              return reply;
+            }
             const data = await exp.readAt(offset, length);
             this.stats.reads++;
             this.stats.bytesRead += length;
@@ -689,34 +656,8 @@ export class NbdServer {
           fail(handle, P.NBD_EINVAL, `unknown command ${type}`);
       }
     }
-    flush();
     await Promise.all(inflight);
     sock.end();
-  }
-
-  /** Write the reply header of a read into the first bytes of `reply` (data already after it). */
-  private readReply(
-    reply: Buffer,
-    handle: Buffer,
-    structured: boolean,
-    offset: number,
-    length: number,
-  ): Buffer {
-    this.stats.reads++;
-    this.stats.bytesRead += length;
-    if (!structured) {
-      reply.writeUInt32BE(P.NBD_SIMPLE_REPLY_MAGIC, 0);
-      reply.writeUInt32BE(0, 4);
-      handle.copy(reply, 8);
-    } else {
-      reply.writeUInt32BE(P.NBD_STRUCTURED_REPLY_MAGIC, 0);
-      reply.writeUInt16BE(P.NBD_REPLY_FLAG_DONE, 4);
-      reply.writeUInt16BE(P.NBD_REPLY_TYPE_OFFSET_DATA, 6);
-      handle.copy(reply, 8);
-      reply.writeUInt32BE(8 + length, 16);
-      P.writeU64(reply, offset, 20);
-    }
-    return reply;
   }
 
   /** Extents from `offset`, clipped to `length`, merged when flags agree, at most `max`. */

@@ -216,24 +216,6 @@ export class ChunkLoader {
   }
 
   /**
-   * The synchronous fast path of `copyRange`: when the caches already hold bytes [from, to) of
-   * chunk `id` (its whole decoded chunk, or every decoded frame the range needs), copy them into
-   * `out` at `outOff` and return true; else return false having written nothing (the caller
-   * loads them with `copyRange`). No I/O, no promise, no allocation: a cache hit costs a lookup
-   * and a copy. Cached bytes were hash-checked when they were decoded.
-   */
-  copyCached(id: number, loc: ChunkLocation, from: number, to: number, out: Buffer, outOff: number): boolean {
-    const whole = this.cache.get(id);
-    if (whole !== undefined) {
-      whole.copy(out, outOff, from, to);
-      return true;
-    }
-    if (loc.codec !== CODEC_FRAMES || !this.frameReads || this.packs.cipher) return false;
-    const table = this.tables.get(id);
-    return table !== undefined && this.frameHits(id, table, from, to, out, outOff);
-  }
-
-  /**
    * Copy bytes [from, to) of chunk `id` into `out` at `outOff` (the range must lie in the chunk).
    * Rejects with DATA_DAMAGED naming the chunk; nothing is written into `out` after it settles.
    */
