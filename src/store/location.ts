@@ -67,27 +67,31 @@ export function manifestUidOfKey(key: string): string | null {
   return MANIFEST_KEY.exec(key)?.[1] ?? null;
 }
 
+/** The objects under `prefix` whose key `parse` accepts, with what it made of the key, in key order. */
+async function listParsed(
+  store: ObjectStore,
+  prefix: string,
+  parse: (key: string) => string | null,
+): Promise<{ id: string; size: number }[]> {
+  const out: { id: string; size: number }[] = [];
+  for await (const o of store.list(prefix)) {
+    const id = parse(o.key);
+    if (id !== null) out.push({ id, size: o.size });
+  }
+  return out;
+}
+
 /**
  * Every pack of a store, in name order: the objects under `packs/` whose key is a pack's key.
  * Anything else there (a foreign file, a temporary) is not a pack and is never touched.
  */
 export async function listPacks(store: ObjectStore): Promise<{ name: string; size: number }[]> {
-  const out: { name: string; size: number }[] = [];
-  for await (const o of store.list('packs/')) {
-    const name = packNameOfKey(o.key);
-    if (name !== null) out.push({ name, size: o.size });
-  }
-  return out;
+  return (await listParsed(store, 'packs/', packNameOfKey)).map((o) => ({ name: o.id, size: o.size }));
 }
 
 /** Every manifest of a store: checkpoint uid and object size, in uid order. */
 export async function listManifests(store: ObjectStore): Promise<{ uid: string; size: number }[]> {
-  const out: { uid: string; size: number }[] = [];
-  for await (const o of store.list('manifests/')) {
-    const uid = manifestUidOfKey(o.key);
-    if (uid !== null) out.push({ uid, size: o.size });
-  }
-  return out;
+  return (await listParsed(store, 'manifests/', manifestUidOfKey)).map((o) => ({ uid: o.id, size: o.size }));
 }
 
 export function defaultCacheRoot(env: NodeJS.ProcessEnv = process.env): string {
