@@ -22,13 +22,12 @@
  * DATA_DAMAGED, which the read paths turn into EIO, as a hash mismatch does in plain repositories.
  */
 import { randomBytes } from 'node:crypto';
-import { Blake3Hasher } from '@napi-rs/blake-hash';
+import { blakeHash } from './blake';
 import { BkfsError } from '../errors';
 import type { RepoKeys } from './keys';
 
 // sodium-native has no type declarations; the two functions used here.
-// eslint-disable-next-line @typescript-eslint/no-require-imports
-const sodium = require('sodium-native') as {
+interface Sodium {
   crypto_aead_xchacha20poly1305_ietf_encrypt(
     c: Buffer,
     m: Buffer,
@@ -45,7 +44,13 @@ const sodium = require('sodium-native') as {
     npub: Buffer,
     k: Buffer,
   ): number;
-};
+}
+let sodiumMod: Sodium | undefined;
+/** Loaded on first use: a plain repository never seals, and `bkfs list` should not pay for it. */
+function sodium(): Sodium {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  return (sodiumMod ??= require('sodium-native') as Sodium);
+}
 
 export const SEAL_VERSION = 1;
 const NONCE = 24;
@@ -69,7 +74,7 @@ function aad(kind: SealKind, keyId: Buffer, context: Buffer): Buffer {
 
 /** The id of a chunk in an encrypted repository: keyed BLAKE3-256 of its plaintext. */
 export function chunkId(keys: RepoKeys, plain: Buffer): Buffer {
-  return Blake3Hasher.newKeyed(keys.idKey).update(plain).digestBuffer();
+  return blakeHash().Blake3Hasher.newKeyed(keys.idKey).update(plain).digestBuffer();
 }
 
 export function seal(keys: RepoKeys, kind: SealKind, context: Buffer, plain: Buffer): Buffer {
@@ -79,7 +84,7 @@ export function seal(keys: RepoKeys, kind: SealKind, context: Buffer, plain: Buf
   keys.keyId.copy(out, 2);
   const nonce = out.subarray(10, HEADER);
   randomBytes(NONCE).copy(nonce);
-  sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+  sodium().crypto_aead_xchacha20poly1305_ietf_encrypt(
     out.subarray(HEADER),
     plain,
     aad(kind, keys.keyId, context),
@@ -116,7 +121,7 @@ export function open(
   }
   const out = Buffer.allocUnsafeSlow(sealed.length - SEAL_OVERHEAD);
   try {
-    sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+    sodium().crypto_aead_xchacha20poly1305_ietf_decrypt(
       out,
       null,
       sealed.subarray(HEADER),

@@ -54,6 +54,9 @@ import {
   PackWriter,
   RECORD_HEADER_LEN,
   checkRecordLengths,
+  trailerBytesFor,
+  trailerKindOf,
+  type TrailerKind,
 } from '../store/packs';
 
 export { PENDING_FILE } from './gc-pending';
@@ -500,7 +503,8 @@ interface PackInfo {
   name: string;
   size: number;
   chunks: number;
-  live: number; // live bytes: header + records of indexed chunks
+  /** Live bytes: header + records of indexed chunks + their trailer entries and footer, if any. */
+  live: number;
   damaged: boolean;
   pinned: boolean;
   /** Holds a deletion candidate (format 3): left until a later gc deleted it. */
@@ -509,7 +513,7 @@ interface PackInfo {
   movedIds?: number[];
 }
 
-function packInfos(db: Database.Database, pinnedChunks: Set<number>): PackInfo[] {
+function packInfos(db: Database.Database, pinnedChunks: Set<number>, trailer: TrailerKind): PackInfo[] {
   const packs = db.prepare('SELECT id, name, size FROM packs ORDER BY id').all() as {
     id: number;
     name: string;
@@ -544,6 +548,9 @@ function packInfos(db: Database.Database, pinnedChunks: Set<number>): PackInfo[]
     if (c.cand) p.candidates = true;
     if (pinnedChunks.has(c.id)) p.pinned = true;
   }
+  // The trailer's entries of live records and its footer are live too (a pack written before
+  // trailers, in a bucket, has none: never count more than the pack holds).
+  for (const p of byId.values()) p.live = Math.min(p.size, p.live + trailerBytesFor(p.chunks, trailer));
   return [...byId.values()];
 }
 
@@ -642,7 +649,8 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
 
     // 4-5. Packs: delete the dead ones, rewrite the ones with dead bytes.
     const pinnedChunks = chunksOfCheckpoints(db, pins.ids);
-    let infos = packInfos(db, pinnedChunks);
+    const trailer = trailerKindOf(repo.remote !== null, repo.encrypted);
+    let infos = packInfos(db, pinnedChunks, trailer);
     if (o.dryRun) {
       // Nothing was deleted: count the dead chunks out of their packs.
       const deadSet = new Map(dead.map((c) => [c.id, c.len]));
@@ -652,7 +660,7 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
         const p = byId.get((packOf.get(id) as { p: number }).p);
         if (p) {
           p.chunks--;
-          p.live -= RECORD_HEADER_LEN + len;
+          p.live -= RECORD_HEADER_LEN + len + trailerBytesFor(1, trailer) - trailerBytesFor(0, trailer);
         }
       }
     }
@@ -692,7 +700,8 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
       rep.packsWritten = plan.packs;
       // Stored bytes of the live chunks, as the real run counts them.
       rep.bytesCopied = candidates.reduce(
-        (a, p) => a + p.live - PACK_HEADER_LEN - p.chunks * RECORD_HEADER_LEN,
+        (a, p) =>
+          a + p.live - PACK_HEADER_LEN - p.chunks * RECORD_HEADER_LEN - trailerBytesFor(p.chunks, trailer),
         0,
       );
       const freed =

@@ -17,7 +17,7 @@
  * of the pages in use.
  */
 import type { Repository } from './repository';
-import { PACK_HEADER_LEN, RECORD_HEADER_LEN } from '../store/packs';
+import { PACK_HEADER_LEN, RECORD_HEADER_LEN, trailerBytesFor, trailerKindOf } from '../store/packs';
 import { listPacks } from '../store/location';
 
 export interface CheckpointStats {
@@ -229,8 +229,11 @@ export async function repositoryStats(repo: Repository, vmName?: string): Promis
   const packBytes = files.reduce((a, f) => a + f.size, 0);
   const indexedStored = chunkRows.reduce((a, c) => a + c.stored, 0);
   // Live = chunks used by any checkpoint that still has rows (complete or pinned-forgotten).
-  let liveBytes = 0;
-  for (const c of chunkRows) if (cpCount[c.id]! > 0) liveBytes += RECORD_HEADER_LEN + c.stored;
+  // A bucket pack's trailer: an entry per live record and a footer per pack are live too.
+  const trailer = trailerKindOf(repo.remote !== null, repo.encrypted);
+  const perEntry = trailerBytesFor(1, trailer) - trailerBytesFor(0, trailer);
+  let liveBytes = files.length * trailerBytesFor(0, trailer);
+  for (const c of chunkRows) if (cpCount[c.id]! > 0) liveBytes += RECORD_HEADER_LEN + c.stored + perEntry;
   const { uniqueStored: _u, ...repoTotals } = all;
   return {
     repository: {

@@ -21,7 +21,7 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { blake3 } from '@napi-rs/blake-hash';
+import { blakeHash } from '../crypto/blake';
 import { BkfsError } from '../errors';
 import { CODEC_FRAMES, CODEC_RAW, CODEC_ZSTD, HASH_LEN, MAX_CHUNK_LEN } from './hash-len';
 import { mkdirPrivate, openPrivate, repoModes } from '../util/private-fs';
@@ -99,7 +99,9 @@ function trailerSum(entries: Buffer, count: number, recordsEnd: number): Buffer 
   const n = Buffer.alloc(12);
   n.writeUInt32BE(count, 0);
   n.writeBigUInt64BE(BigInt(recordsEnd), 4);
-  return blake3(Buffer.concat([Buffer.from('bkfs-pack-trailer-v1\n'), n, entries])).subarray(0, 16);
+  return blakeHash()
+    .blake3(Buffer.concat([Buffer.from('bkfs-pack-trailer-v1\n'), n, entries]))
+    .subarray(0, 16);
 }
 
 /**
@@ -125,6 +127,25 @@ export function encodePackTrailer(records: RecordHeader[], recordsEnd: number, k
   sf.writeBigUInt64BE(BigInt(recordsEnd), 4);
   SEALED_TRAILER_MAGIC.copy(sf, 12);
   return Buffer.concat([sealed, sf]);
+}
+
+/** Which trailer a repository's new packs carry (`PackWriter.create`): none locally. */
+export type TrailerKind = 'none' | 'plain' | 'sealed';
+
+export function trailerKindOf(remote: boolean, encrypted: boolean): TrailerKind {
+  return !remote ? 'none' : encrypted ? 'sealed' : 'plain';
+}
+
+/**
+ * Bytes of the trailer of a pack of `records` records: one entry per record plus the footer (and
+ * the seal and the clear footer when sealed), 0 without a trailer. gc and stats count the entries
+ * of live records and the footer as live, so a bucket pack is not taken for one with unused bytes
+ * because of its trailer (which `--max-unused 0` would rewrite at every gc).
+ */
+export function trailerBytesFor(records: number, kind: TrailerKind): number {
+  if (kind === 'none') return 0;
+  const plain = records * RECORD_HEADER_LEN + TRAILER_FOOTER_LEN;
+  return kind === 'plain' ? plain : plain + SEAL_OVERHEAD + SEALED_TRAILER_FOOTER_LEN;
 }
 
 /**

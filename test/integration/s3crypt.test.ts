@@ -234,6 +234,16 @@ describe('encrypted repository in a bucket (Ceph RGW)', () => {
       await restoreEquals(a, cp);
     }
     assert.match((await a.ok(['verify'])).stdout, /no damage found/);
+    // Sealed trailers are not unused bytes: with nothing forgotten, gc rewrites no pack.
+    const g = JSON.parse((await a.ok(['gc', '--max-unused', '0', '--json'])).stdout) as {
+      packsRewritten: number;
+      packsKeptUnused: number;
+    };
+    assert.deepEqual([g.packsRewritten, g.packsKeptUnused], [0, 0]);
+    const st = JSON.parse((await a.ok(['stats', '--json'])).stdout) as {
+      repository: { reclaimableBytes: number };
+    };
+    assert.equal(st.repository.reclaimableBytes, 0);
   });
 
   it('no object in the bucket holds plaintext: data, domain XML, names, manifest JSON, chunk ids in hex', async () => {

@@ -219,6 +219,16 @@ describe('repository on S3 (Ceph RGW)', () => {
     await c.ok(['restore', 'vm@three', '--disk', 'vda', '--to', out]);
     assert.ok(fs.readFileSync(out).equals(await toRaw(img, path.join(work, 'ref3.raw'))));
     assert.match((await c.ok(['verify'])).stdout, /no damage found/);
+    // The packs' trailers are not unused bytes: a second gc, with nothing forgotten, rewrites nothing.
+    const again = JSON.parse((await c.ok(['gc', '--max-unused', '0', '--json'])).stdout) as {
+      packsRewritten: number;
+      packsKeptUnused: number;
+    };
+    assert.deepEqual([again.packsRewritten, again.packsKeptUnused], [0, 0]);
+    const st = JSON.parse((await c.ok(['stats', '--json'])).stdout) as {
+      repository: { reclaimableBytes: number };
+    };
+    assert.equal(st.repository.reclaimableBytes, 0);
   });
 
   it('a flipped byte in a pack object reads as DATA_DAMAGED, never as other bytes', async () => {

@@ -16,6 +16,8 @@ import {
   TRAILER_FOOTER_LEN,
   decodePackTrailer,
   encodePackTrailer,
+  trailerBytesFor,
+  trailerKindOf,
   trailerLength,
   type RecordHeader,
 } from '../../src/store/packs';
@@ -151,6 +153,24 @@ describe('sealed pack trailer (pack version 3)', () => {
     assert.throws(() => decodePackTrailer(plain, psize, undefined, { cipher, pack }, false), damaged);
     // A version-2 pack of an encrypted repository written before sealed trailers still reads.
     assert.equal(decodePackTrailer(plain, psize, undefined, { cipher, pack }, true).length, 2);
+  });
+});
+
+describe('trailer bytes as gc and stats count them', () => {
+  it('equal the length of the trailer encoded for that many records: plain, sealed, none', () => {
+    const cipher = new Cipher(newMasterSecret());
+    for (const n of [0, 1, 7, 300]) {
+      const { recs, end } = records(n);
+      assert.equal(trailerBytesFor(n, 'plain'), encodePackTrailer(recs, end).length, `plain, ${n} records`);
+      const s = records(n, true);
+      const sealed = encodePackTrailer(s.recs, s.end, { cipher, pack: 'c3'.repeat(16) });
+      assert.equal(trailerBytesFor(n, 'sealed'), sealed.length, `sealed, ${n} records`);
+      assert.equal(trailerBytesFor(n, 'none'), 0);
+    }
+    assert.deepEqual(
+      [trailerKindOf(false, true), trailerKindOf(true, false), trailerKindOf(true, true)],
+      ['none', 'plain', 'sealed'],
+    );
   });
 });
 
