@@ -554,9 +554,85 @@ function packInfos(db: Database.Database, pinnedChunks: Set<number>, trailer: Tr
   return [...byId.values()];
 }
 
+// ---------------------------------------------------------------------------------------------
+// gc run, phase by phase
+
+/** What the phases of one gc run share. */
+interface GcRun {
+  repo: Repository;
+  db: Database.Database;
+  o: GcOptions;
+  rep: GcReport;
+  /** The pins when gc started. */
+  pins: PinState;
+  /** This gc's writer session, if it has one. */
+  own: string | undefined;
+  /** Pack files out of the index kept for readers or writers (`gc-pending.json`), as gc leaves them. */
+  pending: PendingPack[];
+}
+
+/** A chunk no live checkpoint uses (dry run). */
+interface DeadChunk {
+  id: number;
+  len: number;
+}
+
+/** A chunk row as the rewrite copies it. */
+interface ChunkRow {
+  id: number;
+  hash: Buffer;
+  offset: number;
+  storedLen: number;
+  rawLen: number;
+  codec: number;
+}
+
+/** The pack being written by a rewrite, the source packs it takes over, and where their chunks went. */
+interface Rewrite {
+  writer: PackWriter | undefined;
+  group: PackInfo[];
+  moved: { id: number; offset: number }[];
+}
+
+/** Runs gc's steps in order (see the file's header); a dry run only computes the report. */
 export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcReport> {
-  const db = repo.db;
-  const rep: GcReport = {
+  const rep = newReport(o);
+  if (!o.dryRun) repo.lockWriter('gc');
+  try {
+    const filesBefore = await listPacks(repo.store);
+    rep.bytesBefore = filesBefore.reduce((a, f) => a + f.size, 0);
+    const run: GcRun = { repo, db: repo.db, o, rep, pins: pinState(repo), own: repo.session, pending: [] };
+    let dead: DeadChunk[] = [];
+    if (o.dryRun) dead = planRows(run);
+    else sweepRows(run);
+    await sweepFiles(run, filesBefore);
+
+    // 4-5. Packs: delete the dead ones, rewrite the ones with dead bytes.
+    const pinnedChunks = chunksOfCheckpoints(run.db, run.pins.ids);
+    const trailer = trailerKindOf(repo.remote !== null, repo.encrypted);
+    const infos = packInfos(run.db, pinnedChunks, trailer);
+    if (o.dryRun) discountDeadChunks(run.db, infos, dead, trailer);
+    const deadPacks = infos.filter((p) => p.chunks === 0);
+    await deleteDeadPacks(run, deadPacks);
+    const candidates = chooseRewrites(
+      run,
+      infos.filter((p) => p.chunks > 0),
+    );
+    if (o.dryRun) {
+      reportPlan(run, deadPacks, candidates, trailer);
+      return rep;
+    }
+    await rewritePacks(run, candidates);
+    await reportAfter(run);
+    return rep;
+  } finally {
+    if (!o.dryRun) repo.unlockWriter();
+  }
+}
+
+/** A report with every count at 0 and the threshold of the options. */
+function newReport(o: GcOptions): GcReport {
+  return {
     dryRun: o.dryRun === true,
     checkpointsRemoved: 0,
     checkpointsPinned: 0,
@@ -581,254 +657,307 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
     packsSmallMerged: 0,
     chunksWaiting: 0,
   };
-  if (!o.dryRun) repo.lockWriter('gc');
-  try {
-    const filesBefore = await listPacks(repo.store);
-    rep.bytesBefore = filesBefore.reduce((a, f) => a + f.size, 0);
-    const pins = pinState(repo);
-    const own = repo.session;
+}
 
-    let dead: { id: number; len: number }[] = [];
-    if (o.dryRun) {
-      // What a gc alone would remove now: every chunk no live checkpoint uses.
-      const gone = (
-        db.prepare("SELECT id FROM checkpoints WHERE state IN ('forgotten', 'failed')").all() as {
-          id: number;
-        }[]
-      ).map((r) => r.id);
-      rep.checkpointsRemoved = gone.filter((id) => !pins.ids.has(id)).length;
-      rep.checkpointsPinned = gone.length - rep.checkpointsRemoved;
-      const liveChunks = chunksOfPages(db, pagesOf(db, liveCheckpointIds(db, pins.ids)));
-      const allChunks = db.prepare('SELECT id, stored_len AS len FROM chunks').all() as {
-        id: number;
-        len: number;
-      }[];
-      dead = allChunks.filter((c) => !liveChunks.has(c.id));
-      rep.chunksRemoved = dead.length;
-      rep.chunkBytesRemoved = dead.reduce((a, c) => a + c.len, 0);
-    } else {
-      // 1. Heal.
-      rep.extentsHealed = db.transaction(() => healDamagedChunks(db)).immediate();
-      // 2. Rows, sweep and mark (FORMAT.md, "Concurrent writers").
-      const m = markAndSweep(repo, pins, own);
-      Object.assign(rep, m);
-      crashPoint('gc-after-rows');
-    }
+/** Dry run of steps 1-2: counts what a gc alone would remove now (every unused chunk); changes nothing. */
+function planRows(run: GcRun): DeadChunk[] {
+  const { db, rep, pins } = run;
+  const gone = (
+    db.prepare("SELECT id FROM checkpoints WHERE state IN ('forgotten', 'failed')").all() as {
+      id: number;
+    }[]
+  ).map((r) => r.id);
+  rep.checkpointsRemoved = gone.filter((id) => !pins.ids.has(id)).length;
+  rep.checkpointsPinned = gone.length - rep.checkpointsRemoved;
+  const liveChunks = chunksOfPages(db, pagesOf(db, liveCheckpointIds(db, pins.ids)));
+  const allChunks = db.prepare('SELECT id, stored_len AS len FROM chunks').all() as DeadChunk[];
+  const dead = allChunks.filter((c) => !liveChunks.has(c.id));
+  rep.chunksRemoved = dead.length;
+  rep.chunkBytesRemoved = dead.reduce((a, c) => a + c.len, 0);
+  return dead;
+}
 
-    // 3. Pending packs whose readers and writers are gone; pack files the index does not know.
-    // Order matters: files listed (above), THEN live writers, THEN the index (per file): a file
-    // not indexed by then whose writer was already gone will never be indexed.
-    const writersNow = liveSessions(repo.dir)
-      .map((x) => x.name!)
-      .filter((n) => n !== own);
-    const isIndexed = db.prepare('SELECT 1 FROM packs WHERE name = ?');
-    let pending = readPending(repo.dir);
-    const pendingNames = new Set(pending.map((p) => p.name));
-    const stillPending: PendingPack[] = [];
-    for (const p of pending) {
-      const waiting =
-        p.pins.some((f) => pins.files.includes(f)) || (p.writers ?? []).some((w) => sessionLive(repo.dir, w));
-      if (waiting) {
-        stillPending.push(p);
-        continue;
-      }
-      if (isIndexed.get(p.name)) continue; // indexed (by its writer, or a rebuild): a normal pack
-      if (!o.dryRun) await deletePack(repo, p.name);
-    }
-    for (const f of filesBefore) {
-      if (pendingNames.has(f.name) || isIndexed.get(f.name)) continue;
-      if (pins.files.length > 0 || writersNow.length > 0) {
-        stillPending.push({ name: f.name, size: f.size, pins: pins.files, writers: writersNow });
-      } else {
-        rep.orphansRemoved++;
-        if (!o.dryRun) await deletePack(repo, f.name);
-      }
-    }
-    pending = stillPending;
-    if (!o.dryRun) await writePending(repo.dir, pending);
+/** Steps 1-2: heal, then rows, sweep and mark; each transaction leaves a consistent index. */
+function sweepRows(run: GcRun): void {
+  const { db, rep } = run;
+  rep.extentsHealed = db.transaction(() => healDamagedChunks(db)).immediate();
+  const m = markAndSweep(run.repo, run.pins, run.own);
+  Object.assign(rep, m);
+  crashPoint('gc-after-rows');
+}
 
-    // 4-5. Packs: delete the dead ones, rewrite the ones with dead bytes.
-    const pinnedChunks = chunksOfCheckpoints(db, pins.ids);
-    const trailer = trailerKindOf(repo.remote !== null, repo.encrypted);
-    let infos = packInfos(db, pinnedChunks, trailer);
-    if (o.dryRun) {
-      // Nothing was deleted: count the dead chunks out of their packs.
-      const deadSet = new Map(dead.map((c) => [c.id, c.len]));
-      const packOf = db.prepare('SELECT pack_id AS p FROM chunks WHERE id = ?');
-      const byId = new Map(infos.map((p) => [p.id, p]));
-      for (const [id, len] of deadSet) {
-        const p = byId.get((packOf.get(id) as { p: number }).p);
-        if (p) {
-          p.chunks--;
-          p.live -= RECORD_HEADER_LEN + len + trailerBytesFor(1, trailer) - trailerBytesFor(0, trailer);
-        }
-      }
+/**
+ * Step 3: deletes the pending packs whose readers and writers are gone and the pack files the
+ * index does not know, or keeps them pending while a pin or another writer may still see them;
+ * sets `run.pending` and (unless a dry run) writes it. Only unindexed files are deleted.
+ */
+async function sweepFiles(run: GcRun, filesBefore: { name: string; size: number }[]): Promise<void> {
+  const { repo, db, o, rep, pins, own } = run;
+  // Order matters: files listed (by the caller), THEN live writers, THEN the index (per file): a
+  // file not indexed by then whose writer was already gone will never be indexed.
+  const writersNow = liveSessions(repo.dir)
+    .map((x) => x.name!)
+    .filter((n) => n !== own);
+  const isIndexed = db.prepare('SELECT 1 FROM packs WHERE name = ?');
+  const pending = readPending(repo.dir);
+  const pendingNames = new Set(pending.map((p) => p.name));
+  const stillPending: PendingPack[] = [];
+  for (const p of pending) {
+    const waiting =
+      p.pins.some((f) => pins.files.includes(f)) || (p.writers ?? []).some((w) => sessionLive(repo.dir, w));
+    if (waiting) {
+      stillPending.push(p);
+      continue;
     }
-    const deadPacks = infos.filter((p) => p.chunks === 0);
-    rep.packsDeleted = deadPacks.length;
-    if (!o.dryRun && deadPacks.length > 0) {
-      db.transaction(() => {
-        // Re-checked inside: a pack row never gains chunks (writers insert a pack with its chunks).
-        const del = db.prepare(
-          'DELETE FROM packs WHERE id = ? AND NOT EXISTS (SELECT 1 FROM chunks WHERE pack_id = ?)',
-        );
-        for (const p of deadPacks) del.run(p.id, p.id);
-      }).immediate();
-      // No pinned reader reads a dead pack (its chunks are used by no pinned checkpoint).
-      for (const p of deadPacks) await deletePack(repo, p.name);
-    }
-    infos = infos.filter((p) => p.chunks > 0);
-    const movable: PackInfo[] = [];
-    for (const p of infos) {
-      if (p.live < p.size && p.damaged) rep.packsKeptDamaged++;
-      else if (p.live < p.size && p.pinned) rep.packsKeptForReaders++;
-      else if (!p.damaged && !p.pinned && !p.candidates) movable.push(p);
-    }
-    const choice = choosePacks(movable, rep.maxUnused, o.repackSmall === true);
-    const candidates = choice.rewrite.map((i) => movable[i]!);
-    const chosen = new Set(candidates);
-    for (const p of movable) {
-      if (!chosen.has(p) && p.live < p.size) {
-        rep.packsKeptUnused++;
-        rep.bytesKeptUnused += p.size - p.live;
-      }
-    }
-    rep.packsSmallMerged = choice.small.length;
-    if (o.dryRun) {
-      const plan = packsWrittenFor(candidates.map((p) => p.live));
-      rep.packsRewritten = candidates.length;
-      rep.packsWritten = plan.packs;
-      // Stored bytes of the live chunks, as the real run counts them.
-      rep.bytesCopied = candidates.reduce(
-        (a, p) =>
-          a + p.live - PACK_HEADER_LEN - p.chunks * RECORD_HEADER_LEN - trailerBytesFor(p.chunks, trailer),
-        0,
-      );
-      const freed =
-        deadPacks.reduce((a, p) => a + p.size, 0) + candidates.reduce((a, p) => a + p.size, 0) - plan.bytes;
-      rep.packsPending = pending.length;
-      rep.bytesPending = pending.reduce((a, p) => a + p.size, 0);
-      rep.bytesAfter = rep.bytesBefore - freed;
-      rep.bytesFreed = freed;
-      return rep;
-    }
-
-    const total = candidates.reduce((a, p) => a + p.live, 0);
-    let done = 0;
-    let writer: PackWriter | undefined;
-    let group: PackInfo[] = [];
-    let moved: { id: number; offset: number }[] = [];
-    const commitGroup = async (): Promise<void> => {
-      if (!writer) return;
-      const w = writer;
-      writer = undefined;
-      await w.seal();
-      crashPoint('gc-after-new-pack');
-      const g = group;
-      const mv = moved;
-      group = [];
-      moved = [];
-      db.transaction(() => {
-        const packId = Number(
-          db
-            .prepare('INSERT INTO packs (name, size, created) VALUES (?, ?, ?)')
-            .run(w.name, w.size, Date.now()).lastInsertRowid,
-        );
-        const upd = db.prepare('UPDATE chunks SET pack_id = ?, offset = ? WHERE id = ?');
-        for (const m of mv) upd.run(packId, m.offset, m.id);
-        const left = db.prepare('SELECT count(*) AS n FROM chunks WHERE pack_id = ?');
-        const del = db.prepare('DELETE FROM packs WHERE id = ?');
-        for (const p of g) {
-          if ((left.get(p.id) as { n: number }).n !== 0) throw new Error(`pack ${p.name} still has chunks`);
-          del.run(p.id);
-        }
-      }).immediate();
-      rep.packsWritten++;
-      rep.packsRewritten += g.length;
-      crashPoint('gc-after-index');
-      // A pin that appeared during gc may have cached locations in the old packs.
-      const pinsNow = pinState(repo);
-      const nowPinned = pinsNow.ids.size > 0 ? chunksOfCheckpoints(db, pinsNow.ids) : new Set<number>();
-      for (const p of g) {
-        const risky = (p.movedIds ?? []).some((id) => nowPinned.has(id));
-        if (risky) {
-          pending.push({ name: p.name, size: p.size, pins: pinsNow.files });
-          await writePending(repo.dir, pending);
-        } else {
-          await deletePack(repo, p.name);
-        }
-      }
-    };
-    try {
-      for (const src of candidates) {
-        const rows = db
-          .prepare(
-            'SELECT id, hash, offset, stored_len AS storedLen, raw_len AS rawLen, codec FROM chunks WHERE pack_id = ? ORDER BY offset',
-          )
-          .all(src.id) as {
-          id: number;
-          hash: Buffer;
-          offset: number;
-          storedLen: number;
-          rawLen: number;
-          codec: number;
-        }[];
-        // Read and check every live chunk of this pack before copying any of it (through the
-        // pack reader: a descriptor locally, ranged GETs and the block cache on object storage).
-        // A store that cannot be reached is an error, never damage.
-        const data: Buffer[] = [];
-        const bad: number[] = [];
-        for (const r of rows) {
-          try {
-            checkRecordLengths(r, repo.config.chunkSize, repo.cipher !== null);
-            const buf = await repo.packs.read(src.name, r.offset, r.storedLen);
-            decodeStored(repo.cipher, buf, r.codec, r.rawLen, r.hash, repo.config.chunkSize);
-            data.push(buf);
-          } catch (e) {
-            if (isBkfsError(e) && (e.code === 'STORE_UNAVAILABLE' || e.code === 'STORE_ACCESS')) throw e;
-            bad.push(r.id);
-          }
-        }
-        if (bad.length > 0) {
-          markChunksDamaged(db, bad);
-          rep.packsKeptDamaged++;
-          o.onNotice?.(
-            `pack ${src.name} holds ${bad.length} damaged chunk(s): left as it is; run 'bkfs verify' for details`,
-          );
-          done += src.live;
-          continue;
-        }
-        if (writer && group.length > 0 && writer.size + src.live - PACK_HEADER_LEN > PACK_TARGET) {
-          await commitGroup();
-        }
-        writer ??= await PackWriter.create(repo.dir, repo.tmpSubdir, repo.cipher !== null);
-        src.movedIds = [];
-        for (let i = 0; i < rows.length; i++) {
-          const r = rows[i]!;
-          const pc = await writer.append(
-            { codec: r.codec, rawLen: r.rawLen, storedLen: r.storedLen, hash: r.hash },
-            data[i]!,
-          );
-          moved.push({ id: r.id, offset: pc.offset });
-          src.movedIds.push(r.id);
-          rep.bytesCopied += r.storedLen;
-        }
-        group.push(src);
-        done += src.live;
-        o.onProgress?.(done, total);
-      }
-      await commitGroup();
-    } catch (e) {
-      if (writer) await writer.abort();
-      throw e;
-    }
-    const after = await listPacks(repo.store);
-    rep.bytesAfter = after.reduce((a, f) => a + f.size, 0);
-    rep.packsPending = pending.length;
-    rep.bytesPending = pending.reduce((a, p) => a + p.size, 0);
-    rep.bytesFreed = rep.bytesBefore - rep.bytesAfter;
-    return rep;
-  } finally {
-    if (!o.dryRun) repo.unlockWriter();
+    if (isIndexed.get(p.name)) continue; // indexed (by its writer, or a rebuild): a normal pack
+    if (!o.dryRun) await deletePack(repo, p.name);
   }
+  for (const f of filesBefore) {
+    if (pendingNames.has(f.name) || isIndexed.get(f.name)) continue;
+    if (pins.files.length > 0 || writersNow.length > 0) {
+      stillPending.push({ name: f.name, size: f.size, pins: pins.files, writers: writersNow });
+    } else {
+      rep.orphansRemoved++;
+      if (!o.dryRun) await deletePack(repo, f.name);
+    }
+  }
+  run.pending = stillPending;
+  if (!o.dryRun) await writePending(repo.dir, run.pending);
+}
+
+/** Dry run: nothing was deleted, so counts the dead chunks out of their packs' `chunks` and `live`. */
+function discountDeadChunks(
+  db: Database.Database,
+  infos: PackInfo[],
+  dead: DeadChunk[],
+  trailer: TrailerKind,
+): void {
+  const deadSet = new Map(dead.map((c) => [c.id, c.len]));
+  const packOf = db.prepare('SELECT pack_id AS p FROM chunks WHERE id = ?');
+  const byId = new Map(infos.map((p) => [p.id, p]));
+  for (const [id, len] of deadSet) {
+    const p = byId.get((packOf.get(id) as { p: number }).p);
+    if (p) {
+      p.chunks--;
+      p.live -= RECORD_HEADER_LEN + len + trailerBytesFor(1, trailer) - trailerBytesFor(0, trailer);
+    }
+  }
+}
+
+/** Step 4: deletes packs without live chunks: rows (one transaction), then files (a crash leaves orphans). */
+async function deleteDeadPacks(run: GcRun, deadPacks: PackInfo[]): Promise<void> {
+  const { repo, db } = run;
+  run.rep.packsDeleted = deadPacks.length;
+  if (run.o.dryRun || deadPacks.length === 0) return;
+  db.transaction(() => {
+    // Re-checked inside: a pack row never gains chunks (writers insert a pack with its chunks).
+    const del = db.prepare(
+      'DELETE FROM packs WHERE id = ? AND NOT EXISTS (SELECT 1 FROM chunks WHERE pack_id = ?)',
+    );
+    for (const p of deadPacks) del.run(p.id, p.id);
+  }).immediate();
+  // No pinned reader reads a dead pack (its chunks are used by no pinned checkpoint).
+  for (const p of deadPacks) await deletePack(repo, p.name);
+}
+
+/** Which packs with live chunks to rewrite (`choosePacks` over the movable ones); counts the ones kept. */
+function chooseRewrites(run: GcRun, infos: PackInfo[]): PackInfo[] {
+  const rep = run.rep;
+  const movable: PackInfo[] = [];
+  for (const p of infos) {
+    if (p.live < p.size && p.damaged) rep.packsKeptDamaged++;
+    else if (p.live < p.size && p.pinned) rep.packsKeptForReaders++;
+    else if (!p.damaged && !p.pinned && !p.candidates) movable.push(p);
+  }
+  const choice = choosePacks(movable, rep.maxUnused, run.o.repackSmall === true);
+  const candidates = choice.rewrite.map((i) => movable[i]!);
+  const chosen = new Set(candidates);
+  for (const p of movable) {
+    if (!chosen.has(p) && p.live < p.size) {
+      rep.packsKeptUnused++;
+      rep.bytesKeptUnused += p.size - p.live;
+    }
+  }
+  rep.packsSmallMerged = choice.small.length;
+  return candidates;
+}
+
+/** Dry run: reports what the rewrite of `candidates` would write and what gc would free. */
+function reportPlan(run: GcRun, deadPacks: PackInfo[], candidates: PackInfo[], trailer: TrailerKind): void {
+  const { rep, pending } = run;
+  const plan = packsWrittenFor(candidates.map((p) => p.live));
+  rep.packsRewritten = candidates.length;
+  rep.packsWritten = plan.packs;
+  // Stored bytes of the live chunks, as the real run counts them.
+  rep.bytesCopied = candidates.reduce(
+    (a, p) =>
+      a + p.live - PACK_HEADER_LEN - p.chunks * RECORD_HEADER_LEN - trailerBytesFor(p.chunks, trailer),
+    0,
+  );
+  const freed =
+    deadPacks.reduce((a, p) => a + p.size, 0) + candidates.reduce((a, p) => a + p.size, 0) - plan.bytes;
+  rep.packsPending = pending.length;
+  rep.bytesPending = pending.reduce((a, p) => a + p.size, 0);
+  rep.bytesAfter = rep.bytesBefore - freed;
+  rep.bytesFreed = freed;
+}
+
+/**
+ * Step 5: copies the live chunks of `candidates` into new packs, committing each full one
+ * (`commitGroup`); a pack holding a damaged live chunk is left as it is. On an error the pack being
+ * written is aborted: it was never indexed.
+ */
+async function rewritePacks(run: GcRun, candidates: PackInfo[]): Promise<void> {
+  const total = candidates.reduce((a, p) => a + p.live, 0);
+  let done = 0;
+  const rw: Rewrite = { writer: undefined, group: [], moved: [] };
+  try {
+    for (const src of candidates) {
+      const copied = await copyPack(run, rw, src);
+      done += src.live;
+      if (copied) run.o.onProgress?.(done, total);
+    }
+    await commitGroup(run, rw);
+  } catch (e) {
+    if (rw.writer) await rw.writer.abort();
+    throw e;
+  }
+}
+
+/**
+ * Appends the live chunks of `src` to the pack being written (committing it first when `src`
+ * would overfill it); false, with the chunks marked damaged and nothing copied, when one fails.
+ */
+async function copyPack(run: GcRun, rw: Rewrite, src: PackInfo): Promise<boolean> {
+  const { repo, rep } = run;
+  const { rows, data, bad } = await readLiveChunks(run, src);
+  if (bad.length > 0) {
+    markChunksDamaged(run.db, bad);
+    rep.packsKeptDamaged++;
+    run.o.onNotice?.(
+      `pack ${src.name} holds ${bad.length} damaged chunk(s): left as it is; run 'bkfs verify' for details`,
+    );
+    return false;
+  }
+  if (rw.writer && rw.group.length > 0 && rw.writer.size + src.live - PACK_HEADER_LEN > PACK_TARGET) {
+    await commitGroup(run, rw);
+  }
+  const writer = (rw.writer ??= await PackWriter.create(repo.dir, repo.tmpSubdir, repo.cipher !== null));
+  src.movedIds = [];
+  for (let i = 0; i < rows.length; i++) {
+    const r = rows[i]!;
+    const pc = await writer.append(
+      { codec: r.codec, rawLen: r.rawLen, storedLen: r.storedLen, hash: r.hash },
+      data[i]!,
+    );
+    rw.moved.push({ id: r.id, offset: pc.offset });
+    src.movedIds.push(r.id);
+    rep.bytesCopied += r.storedLen;
+  }
+  rw.group.push(src);
+  return true;
+}
+
+/**
+ * Reads and checks every live chunk of `src` before any of it is copied (through the pack reader:
+ * a descriptor locally, ranged GETs and the block cache on object storage). Returns the chunk rows
+ * in offset order, their stored bytes, and the ids of those that fail. A store that cannot be
+ * reached is an error, never damage.
+ */
+async function readLiveChunks(
+  run: GcRun,
+  src: PackInfo,
+): Promise<{ rows: ChunkRow[]; data: Buffer[]; bad: number[] }> {
+  const repo = run.repo;
+  const rows = run.db
+    .prepare(
+      'SELECT id, hash, offset, stored_len AS storedLen, raw_len AS rawLen, codec FROM chunks WHERE pack_id = ? ORDER BY offset',
+    )
+    .all(src.id) as ChunkRow[];
+  const data: Buffer[] = [];
+  const bad: number[] = [];
+  for (const r of rows) {
+    try {
+      checkRecordLengths(r, repo.config.chunkSize, repo.cipher !== null);
+      const buf = await repo.packs.read(src.name, r.offset, r.storedLen);
+      decodeStored(repo.cipher, buf, r.codec, r.rawLen, r.hash, repo.config.chunkSize);
+      data.push(buf);
+    } catch (e) {
+      if (isBkfsError(e) && (e.code === 'STORE_UNAVAILABLE' || e.code === 'STORE_ACCESS')) throw e;
+      bad.push(r.id);
+    }
+  }
+  return { rows, data, bad };
+}
+
+/**
+ * Seals the pack being written (crash point `gc-after-new-pack`: an unindexed new pack), indexes
+ * it in ONE transaction with its group (`indexNewPack`; crash point `gc-after-index`: unindexed
+ * old packs), then releases the old packs. Both crash states are cleaned by step 3 of a later gc.
+ */
+async function commitGroup(run: GcRun, rw: Rewrite): Promise<void> {
+  if (!rw.writer) return;
+  const w = rw.writer;
+  rw.writer = undefined;
+  await w.seal();
+  crashPoint('gc-after-new-pack');
+  const g = rw.group;
+  const mv = rw.moved;
+  rw.group = [];
+  rw.moved = [];
+  indexNewPack(run.db, w, mv, g);
+  run.rep.packsWritten++;
+  run.rep.packsRewritten += g.length;
+  crashPoint('gc-after-index');
+  await releaseOldPacks(run, g);
+}
+
+/** ONE transaction: inserts the new pack, re-points the moved chunks, deletes the emptied packs' rows. */
+function indexNewPack(
+  db: Database.Database,
+  w: PackWriter,
+  moved: { id: number; offset: number }[],
+  group: PackInfo[],
+): void {
+  db.transaction(() => {
+    const packId = Number(
+      db.prepare('INSERT INTO packs (name, size, created) VALUES (?, ?, ?)').run(w.name, w.size, Date.now())
+        .lastInsertRowid,
+    );
+    const upd = db.prepare('UPDATE chunks SET pack_id = ?, offset = ? WHERE id = ?');
+    for (const m of moved) upd.run(packId, m.offset, m.id);
+    const left = db.prepare('SELECT count(*) AS n FROM chunks WHERE pack_id = ?');
+    const del = db.prepare('DELETE FROM packs WHERE id = ?');
+    for (const p of group) {
+      if ((left.get(p.id) as { n: number }).n !== 0) throw new Error(`pack ${p.name} still has chunks`);
+      del.run(p.id);
+    }
+  }).immediate();
+}
+
+/** Deletes the packs a rewrite emptied, or records them pending if a pin that appeared since may read one. */
+async function releaseOldPacks(run: GcRun, group: PackInfo[]): Promise<void> {
+  const { repo, db } = run;
+  // A pin that appeared during gc may have cached locations in the old packs.
+  const pinsNow = pinState(repo);
+  const nowPinned = pinsNow.ids.size > 0 ? chunksOfCheckpoints(db, pinsNow.ids) : new Set<number>();
+  for (const p of group) {
+    const risky = (p.movedIds ?? []).some((id) => nowPinned.has(id));
+    if (risky) {
+      run.pending.push({ name: p.name, size: p.size, pins: pinsNow.files });
+      await writePending(repo.dir, run.pending);
+    } else {
+      await deletePack(repo, p.name);
+    }
+  }
+}
+
+/** The store's pack bytes after gc, and what is left pending. */
+async function reportAfter(run: GcRun): Promise<void> {
+  const rep = run.rep;
+  const after = await listPacks(run.repo.store);
+  rep.bytesAfter = after.reduce((a, f) => a + f.size, 0);
+  rep.packsPending = run.pending.length;
+  rep.bytesPending = run.pending.reduce((a, p) => a + p.size, 0);
+  rep.bytesFreed = rep.bytesBefore - rep.bytesAfter;
 }

@@ -27,6 +27,7 @@
  * Memory: hash -> chunk id map (about 100 bytes per chunk), every manifest (decoded: they are
  * sorted by checkpoint id before use), and one scan window of a pack (16 MiB).
  */
+import type Database from 'better-sqlite3';
 import { BkfsError, isBkfsError } from '../errors';
 import { SCHEMA } from '../index/schema';
 import type { Cipher } from '../crypto/cipher';
@@ -62,6 +63,7 @@ import {
   finishForgetJournals,
   forgottenInJournals,
   type Manifest,
+  type ManifestDisk,
 } from './manifest';
 import { refreshCheckpointDamage } from './gc';
 import { removePending } from './gc-pending';
@@ -347,6 +349,24 @@ export async function rebuildIndex(dir: string, o: RebuildOptions = {}): Promise
   }
 }
 
+/** What the phases of one rebuild share. */
+interface Build {
+  repoId: string;
+  chunkSize: number;
+  pageSpan: number;
+  cipher: Cipher | null;
+  o: RebuildOptions;
+  /** The index being built (`index.db.rebuild`). */
+  db: Database.Database;
+  rep: RebuildReport;
+  /** Chunk id of every hash (hex) indexed so far: from the packs, then placeholders. */
+  chunkIds: Map<string, number>;
+}
+
+const INSERT_CHUNK =
+  'INSERT INTO chunks (hash, pack_id, offset, stored_len, raw_len, codec, damaged) VALUES (?, ?, ?, ?, ?, ?, ?)';
+
+/** Builds the new index as `index.db.rebuild`, phase by phase, then swaps it in (`installIndex`). */
 async function build(
   dir: string,
   repoId: string,
@@ -356,7 +376,43 @@ async function build(
   format: number,
   cipher: Cipher | null,
 ): Promise<RebuildReport> {
-  const rep: RebuildReport = {
+  const rep = newRebuildReport();
+  clearTmp(dir);
+  const db = createBuildDb(dir);
+  try {
+    initBuildDb(db, format, repoId);
+    const b: Build = { repoId, chunkSize, pageSpan, cipher, o, db, rep, chunkIds: new Map() };
+
+    // Manifests are listed before the packs: every pack a listed manifest needs was durable
+    // before the manifest was written, so it is in the pack listing that follows.
+    const store = storeFor(dir);
+    const forgotten = forgottenInJournals(dir);
+    const skip = (uid: string): boolean => {
+      if (!forgotten.uids.has(uid)) return false;
+      rep.skippedForgotten++;
+      return true;
+    };
+    const manifestData = await readAllManifests(dir, store, rep.problems, skip);
+
+    const copies = await indexPacks(b, store);
+    await pickIntactCopies(b, store, copies);
+
+    const manifests = decodeManifests(b, manifestData);
+    const vmIds = insertVms(db, manifests);
+    rep.vms = vmIds.size;
+    restoreCheckpoints(b, manifests, vmIds);
+    reserveCheckpointIds(db, forgotten.maxId, manifests);
+    refreshCheckpointDamage(db);
+  } finally {
+    db.close();
+  }
+  rep.oldIndex = installIndex(dir);
+  return rep;
+}
+
+/** A report with every count at 0. */
+function newRebuildReport(): RebuildReport {
+  return {
     packs: 0,
     chunks: 0,
     duplicateChunks: 0,
@@ -370,265 +426,329 @@ async function build(
     oldIndex: null,
     remoteReads: { tailReads: 0, wholeReads: 0 },
   };
-  clearTmp(dir);
-  const db = createBuildDb(dir);
-  try {
-    db.pragma('journal_mode = MEMORY');
-    db.pragma('synchronous = OFF');
-    db.exec(SCHEMA);
-    db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('format', String(format));
-    db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('repo_id', repoId);
+}
 
-    // Manifests are listed before the packs: every pack a listed manifest needs was durable
-    // before the manifest was written, so it is in the pack listing that follows.
-    const store = storeFor(dir);
-    const forgotten = forgottenInJournals(dir);
-    const skip = (uid: string): boolean => {
-      if (!forgotten.uids.has(uid)) return false;
-      rep.skippedForgotten++;
-      return true;
-    };
-    const manifestData = await readAllManifests(dir, store, rep.problems, skip);
+/** Schema and meta rows of the new index; no journal nor fsyncs (the file is fsynced before its swap). */
+function initBuildDb(db: Database.Database, format: number, repoId: string): void {
+  db.pragma('journal_mode = MEMORY');
+  db.pragma('synchronous = OFF');
+  db.exec(SCHEMA);
+  db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('format', String(format));
+  db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)').run('repo_id', repoId);
+}
 
-    // Packs -> packs and chunks, read through the store (the directory, or the bucket).
-    const files = await listPacks(store);
-    const insPack = db.prepare('INSERT INTO packs (name, size, created) VALUES (?, ?, ?)');
-    const insChunk = db.prepare(
-      'INSERT INTO chunks (hash, pack_id, offset, stored_len, raw_len, codec, damaged) VALUES (?, ?, ?, ?, ?, ?, ?)',
+/**
+ * Packs -> `packs` and `chunks` rows (one transaction per pack), read through the store (the
+ * directory, or the bucket). A hash found again is indexed once; returns every copy of each hash.
+ */
+async function indexPacks(b: Build, store: ObjectStore): Promise<Map<string, ScannedChunk[]>> {
+  const { db, rep } = b;
+  const files = await listPacks(store);
+  const insPack = db.prepare('INSERT INTO packs (name, size, created) VALUES (?, ?, ?)');
+  const insChunk = db.prepare(INSERT_CHUNK);
+  const copies = new Map<string, ScannedChunk[]>();
+  let i = 0;
+  for (const f of files) {
+    const packId = Number(insPack.run(f.name, f.size, Date.now()).lastInsertRowid);
+    rep.packs++;
+    const scanned = await scanPackObject(
+      store,
+      f.name,
+      f.size,
+      packId,
+      rep.problems,
+      b.chunkSize,
+      rep.remoteReads,
+      b.cipher,
     );
-    const chunkIds = new Map<string, number>();
-    const copies = new Map<string, ScannedChunk[]>();
-    let i = 0;
-    for (const f of files) {
-      const packId = Number(insPack.run(f.name, f.size, Date.now()).lastInsertRowid);
-      rep.packs++;
-      const scanned = await scanPackObject(
-        store,
-        f.name,
-        f.size,
-        packId,
-        rep.problems,
-        chunkSize,
-        rep.remoteReads,
-        cipher,
-      );
-      db.transaction(() => {
-        for (const c of scanned) {
-          const hex = c.hash.toString('hex');
-          const first = copies.get(hex);
-          if (first) {
-            first.push(c);
-            rep.duplicateChunks++;
-            continue;
-          }
-          copies.set(hex, [c]);
-          const id = Number(
-            insChunk.run(c.hash, c.pack, c.offset, c.storedLen, c.rawLen, c.codec, 0).lastInsertRowid,
-          );
-          chunkIds.set(hex, id);
-          rep.chunks++;
-        }
-      })();
-      o.onProgress?.('packs', ++i, files.length);
-    }
-    // A hash stored more than once (a chunk stored again after damage, a crash before indexing):
-    // index the first copy that is intact.
-    const repoint = db.prepare(
-      'UPDATE chunks SET pack_id = ?, offset = ?, stored_len = ?, raw_len = ?, codec = ?, damaged = ? WHERE id = ?',
-    );
-    for (const [hex, cs] of copies) {
-      if (cs.length < 2) continue;
-      let good: ScannedChunk | undefined;
-      for (const c of cs) {
-        if (await chunkIsGood(store, c, chunkSize, cipher)) {
-          good = c;
-          break;
-        }
-      }
-      const c = good ?? cs[0]!;
-      repoint.run(c.pack, c.offset, c.storedLen, c.rawLen, c.codec, good ? 0 : 1, chunkIds.get(hex)!);
-    }
-    copies.clear();
-
-    // Manifests -> catalogue and block maps.
-    const manifests: Manifest[] = [];
-    for (const { uid, data } of manifestData.splice(0)) {
-      try {
-        const m = decodeManifest(data, `${uid}.json.zst`);
-        if (m.repo !== repoId) {
-          rep.problems.push(`manifest ${uid} belongs to repository ${m.repo}; skipped`);
+    db.transaction(() => {
+      for (const c of scanned) {
+        const hex = c.hash.toString('hex');
+        const first = copies.get(hex);
+        if (first) {
+          first.push(c);
+          rep.duplicateChunks++;
           continue;
         }
-        manifests.push(m);
-      } catch (e) {
-        rep.problems.push((e as Error).message);
+        copies.set(hex, [c]);
+        const id = Number(
+          insChunk.run(c.hash, c.pack, c.offset, c.storedLen, c.rawLen, c.codec, 0).lastInsertRowid,
+        );
+        b.chunkIds.set(hex, id);
+        rep.chunks++;
       }
-    }
-    manifests.sort((a, b) => a.checkpoint.id - b.checkpoint.id);
-    rep.manifests = manifests.length;
+    })();
+    b.o.onProgress?.('packs', ++i, files.length);
+  }
+  return copies;
+}
 
-    const vmIds = new Map<string, number>();
-    const insVm = db.prepare('INSERT INTO vms (name, created) VALUES (?, ?)');
-    for (const m of manifests) {
-      const id = vmIds.get(m.vm.name);
-      if (id === undefined) {
-        vmIds.set(m.vm.name, Number(insVm.run(m.vm.name, m.vm.created).lastInsertRowid));
+/**
+ * A hash stored more than once (a chunk stored again after damage, a crash before indexing):
+ * index the first copy that is intact (damaged when none is). Empties `copies`.
+ */
+async function pickIntactCopies(
+  b: Build,
+  store: ObjectStore,
+  copies: Map<string, ScannedChunk[]>,
+): Promise<void> {
+  const repoint = b.db.prepare(
+    'UPDATE chunks SET pack_id = ?, offset = ?, stored_len = ?, raw_len = ?, codec = ?, damaged = ? WHERE id = ?',
+  );
+  for (const [hex, cs] of copies) {
+    if (cs.length < 2) continue;
+    let good: ScannedChunk | undefined;
+    for (const c of cs) {
+      if (await chunkIsGood(store, c, b.chunkSize, b.cipher)) {
+        good = c;
+        break;
       }
     }
-    rep.vms = vmIds.size;
-    const insCp = db.prepare(
+    const c = good ?? cs[0]!;
+    repoint.run(c.pack, c.offset, c.storedLen, c.rawLen, c.codec, good ? 0 : 1, b.chunkIds.get(hex)!);
+  }
+  copies.clear();
+}
+
+/** Decodes the manifests (emptying `manifestData`) of this repository, sorted by checkpoint id. */
+function decodeManifests(b: Build, manifestData: { uid: string; data: Buffer }[]): Manifest[] {
+  const manifests: Manifest[] = [];
+  for (const { uid, data } of manifestData.splice(0)) {
+    try {
+      const m = decodeManifest(data, `${uid}.json.zst`);
+      if (m.repo !== b.repoId) {
+        b.rep.problems.push(`manifest ${uid} belongs to repository ${m.repo}; skipped`);
+        continue;
+      }
+      manifests.push(m);
+    } catch (e) {
+      b.rep.problems.push((e as Error).message);
+    }
+  }
+  manifests.sort((x, y) => x.checkpoint.id - y.checkpoint.id);
+  b.rep.manifests = manifests.length;
+  return manifests;
+}
+
+/** One `vms` row per VM name the manifests use (in manifest order); returns their ids. */
+function insertVms(db: Database.Database, manifests: Manifest[]): Map<string, number> {
+  const vmIds = new Map<string, number>();
+  const insVm = db.prepare('INSERT INTO vms (name, created) VALUES (?, ?)');
+  for (const m of manifests) {
+    const id = vmIds.get(m.vm.name);
+    if (id === undefined) {
+      vmIds.set(m.vm.name, Number(insVm.run(m.vm.name, m.vm.created).lastInsertRowid));
+    }
+  }
+  return vmIds;
+}
+
+/** The statements the checkpoint phase runs, prepared once. */
+function checkpointStatements(db: Database.Database) {
+  return {
+    insCp: db.prepare(
       `INSERT INTO checkpoints (id, uid, vm_id, name, level, state, chain_id, parent_id, base_id, started, finished,
                                 bytes_read, bytes_new_raw, bytes_new_stored, chunks_new, libvirt_checkpoint, protected, damaged)
        VALUES (?, ?, ?, ?, ?, 'complete', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-    );
-    const insCfg = db.prepare('INSERT INTO configs (checkpoint_id, name, data) VALUES (?, ?, ?)');
-    const insDisk = db.prepare(
+    ),
+    insCfg: db.prepare('INSERT INTO configs (checkpoint_id, name, data) VALUES (?, ?, ?)'),
+    insDisk: db.prepare(
       `INSERT INTO disks (id, checkpoint_id, name, virtual_size, source, format, bitmap, bytes_read, bytes_zero)
        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-    );
-    const insDp = db.prepare('INSERT INTO disk_pages (disk_id, page_no, page_id) VALUES (?, ?, ?)');
-    const insExt = db.prepare(
+    ),
+    insDp: db.prepare('INSERT INTO disk_pages (disk_id, page_no, page_id) VALUES (?, ?, ?)'),
+    insExt: db.prepare(
       'INSERT INTO extents (page_id, offset, length, chunk_id, chunk_off, origin) VALUES (?, ?, ?, ?, ?, ?)',
-    );
-    const nameTaken = db.prepare('SELECT 1 FROM checkpoints WHERE vm_id = ? AND name = ?');
-    const idTaken = db.prepare('SELECT 1 FROM checkpoints WHERE id = ? OR uid = ?');
-    const pageIds = new Map<string, number>();
-    const placeholders = new Set<number>();
-    let nextPage = 0;
-    i = 0;
-    for (const m of manifests) {
-      const c = m.checkpoint;
-      const vmId = vmIds.get(m.vm.name)!;
-      const where = `${m.vm.name}@${c.name}`;
-      if (nameTaken.get(vmId, c.name) || idTaken.get(c.id, c.uid)) {
-        rep.problems.push(`manifest ${c.uid} (${where}) clashes with another checkpoint; skipped`);
-        continue;
-      }
-      let missing = 0;
-      // Map entries made by this manifest's transaction, forgotten again if it rolls back.
-      const newPages: string[] = [];
-      const newHashes: string[] = [];
-      try {
-        db.transaction(() => {
-          insCp.run(
-            c.id,
-            c.uid,
-            vmId,
-            c.name,
-            c.level,
-            c.chain.id,
-            c.parent?.id ?? null,
-            c.base?.id ?? null,
-            c.started,
-            c.finished,
-            c.bytesRead,
-            c.bytesNewRaw,
-            c.bytesNewStored,
-            c.chunksNew,
-            c.libvirtCheckpoint,
-            c.protected ? 1 : 0,
-            0,
-          );
-          for (const cfg of m.configs)
-            insCfg.run(
-              c.id,
-              cfg.name,
-              storedConfig(cipher, m.checkpoint.uid, cfg.name, Buffer.from(cfg.data, 'base64')),
-            );
-          const idOfHash = (h: number): number => {
-            const hex = m.hashes[h];
-            if (hex === undefined) throw new Error(`hash index ${h} out of range`);
-            let id = chunkIds.get(hex);
-            if (id === undefined) {
-              // No pack holds it: a damaged placeholder, so the checkpoint lists as DAMAGED.
-              id = Number(insChunk.run(Buffer.from(hex, 'hex'), 0, 0, 0, chunkSize, 0, 1).lastInsertRowid);
-              chunkIds.set(hex, id);
-              newHashes.push(hex);
-              placeholders.add(id);
-              rep.missingChunks++;
-            }
-            if (placeholders.has(id)) missing++;
-            return id;
-          };
-          for (const d of m.disks) {
-            insDisk.run(
-              d.id,
-              c.id,
-              d.name,
-              d.virtualSize,
-              d.source,
-              d.format,
-              d.bitmap,
-              d.bytesRead,
-              d.bytesZero,
-            );
-            const x = d.extents;
-            let prevEnd = 0;
-            let page = -1;
-            let rows: [number, number, number | null, number, number][] = [];
-            let sumRows: SumExtent[] = [];
-            const sums: PageSum[] = [];
-            const flush = (): void => {
-              if (page < 0 || rows.length === 0) return;
-              sums.push(pageSum(page, sumRows));
-              const key = hashChunk(Buffer.from(JSON.stringify(rows))).toString('hex');
-              let pid = pageIds.get(key);
-              if (pid === undefined) {
-                pid = ++nextPage;
-                pageIds.set(key, pid);
-                newPages.push(key);
-                for (const r of rows) insExt.run(pid, r[0], r[1], r[2], r[3], r[4]);
-              }
-              insDp.run(d.id, page, pid);
-            };
-            for (let k = 0; k < x.length; k += 5) {
-              const offset = prevEnd + x[k]!;
-              const length = x[k + 1]!;
-              const h = x[k + 2]!;
-              const chunkOff = x[k + 3]!;
-              const origin = m.origins[x[k + 4]!];
-              if (!origin || length <= 0 || offset < 0) throw new Error(`malformed extent at ${offset}`);
-              const p = Math.floor(offset / pageSpan);
-              if (p !== page) {
-                flush();
-                page = p;
-                rows = [];
-                sumRows = [];
-              }
-              rows.push([offset, length, h < 0 ? null : idOfHash(h), chunkOff, origin.disk]);
-              sumRows.push({
-                offset,
-                length,
-                chunkOff,
-                hash: h < 0 ? null : Buffer.from(m.hashes[h]!, 'hex'),
-              });
-              prevEnd = offset + length;
-            }
-            flush();
-            writeDiskSums(db, d.id, d.virtualSize, pageSpan, sums);
-          }
-          if (missing > 0) db.prepare('UPDATE checkpoints SET damaged = 1 WHERE id = ?').run(c.id);
-        })();
-        rep.checkpoints++;
-        if (missing > 0) rep.damagedCheckpoints.push(where);
-      } catch (e) {
-        for (const k of newPages) pageIds.delete(k);
-        for (const h of newHashes) chunkIds.delete(h);
-        rep.problems.push(`manifest ${c.uid} (${where}) could not be restored: ${(e as Error).message}`);
-      }
-      o.onProgress?.('manifests', ++i, manifests.length);
-    }
-    // Ids of forgotten checkpoints are never reused.
-    const maxId = Math.max(forgotten.maxId, ...manifests.map((m) => m.checkpoint.id), 0);
-    if (maxId > 0) {
-      db.prepare("DELETE FROM sqlite_sequence WHERE name = 'checkpoints'").run();
-      db.prepare("INSERT INTO sqlite_sequence (name, seq) VALUES ('checkpoints', ?)").run(maxId);
-    }
-    refreshCheckpointDamage(db);
-  } finally {
-    db.close();
+    ),
+    nameTaken: db.prepare('SELECT 1 FROM checkpoints WHERE vm_id = ? AND name = ?'),
+    idTaken: db.prepare('SELECT 1 FROM checkpoints WHERE id = ? OR uid = ?'),
+    insChunk: db.prepare(INSERT_CHUNK),
+  };
+}
+
+/** What the checkpoint phase shares across manifests. */
+interface Restore {
+  b: Build;
+  st: ReturnType<typeof checkpointStatements>;
+  /** Page id of each stored page, by a key of its rows: identical pages are stored once. */
+  pageIds: Map<string, number>;
+  /** Ids of placeholder chunks (hashes no pack holds). */
+  placeholders: Set<number>;
+  /** The last page id given. */
+  nextPage: number;
+}
+
+/** What one manifest's transaction did: chunks missing, map entries made (forgotten if it rolls back). */
+interface ManifestTx {
+  missing: number;
+  newPages: string[];
+  newHashes: string[];
+}
+
+/** An `extents` row of a page: offset, length, chunk id (null: zeros), offset in the chunk, origin disk. */
+type ExtentRow = [number, number, number | null, number, number];
+
+/** Manifests -> catalogue and block maps, one transaction per checkpoint (one that fails leaves no row). */
+function restoreCheckpoints(b: Build, manifests: Manifest[], vmIds: Map<string, number>): void {
+  const r: Restore = {
+    b,
+    st: checkpointStatements(b.db),
+    pageIds: new Map(),
+    placeholders: new Set(),
+    nextPage: 0,
+  };
+  let i = 0;
+  for (const m of manifests) {
+    if (!restoreCheckpoint(r, m, vmIds.get(m.vm.name)!)) continue;
+    b.o.onProgress?.('manifests', ++i, manifests.length);
   }
-  rep.oldIndex = installBuiltIndex(dir);
+}
+
+/** One manifest's checkpoint, in one transaction; false when it clashes with one restored already. */
+function restoreCheckpoint(r: Restore, m: Manifest, vmId: number): boolean {
+  const { b } = r;
+  const c = m.checkpoint;
+  const where = `${m.vm.name}@${c.name}`;
+  if (r.st.nameTaken.get(vmId, c.name) || r.st.idTaken.get(c.id, c.uid)) {
+    b.rep.problems.push(`manifest ${c.uid} (${where}) clashes with another checkpoint; skipped`);
+    return false;
+  }
+  const tx: ManifestTx = { missing: 0, newPages: [], newHashes: [] };
+  try {
+    b.db.transaction(() => insertCheckpoint(r, tx, m, vmId))();
+    b.rep.checkpoints++;
+    if (tx.missing > 0) b.rep.damagedCheckpoints.push(where);
+  } catch (e) {
+    for (const k of tx.newPages) r.pageIds.delete(k);
+    for (const h of tx.newHashes) b.chunkIds.delete(h);
+    b.rep.problems.push(`manifest ${c.uid} (${where}) could not be restored: ${(e as Error).message}`);
+  }
+  return true;
+}
+
+/** In the checkpoint's transaction: its row, configurations, disks, block maps (damaged if missing chunks). */
+function insertCheckpoint(r: Restore, tx: ManifestTx, m: Manifest, vmId: number): void {
+  const { b, st } = r;
+  const c = m.checkpoint;
+  st.insCp.run(
+    c.id,
+    c.uid,
+    vmId,
+    c.name,
+    c.level,
+    c.chain.id,
+    c.parent?.id ?? null,
+    c.base?.id ?? null,
+    c.started,
+    c.finished,
+    c.bytesRead,
+    c.bytesNewRaw,
+    c.bytesNewStored,
+    c.chunksNew,
+    c.libvirtCheckpoint,
+    c.protected ? 1 : 0,
+    0,
+  );
+  for (const cfg of m.configs)
+    st.insCfg.run(
+      c.id,
+      cfg.name,
+      storedConfig(b.cipher, m.checkpoint.uid, cfg.name, Buffer.from(cfg.data, 'base64')),
+    );
+  for (const d of m.disks) {
+    st.insDisk.run(d.id, c.id, d.name, d.virtualSize, d.source, d.format, d.bitmap, d.bytesRead, d.bytesZero);
+    insertDiskMap(r, tx, m, d);
+  }
+  if (tx.missing > 0) b.db.prepare('UPDATE checkpoints SET damaged = 1 WHERE id = ?').run(c.id);
+}
+
+/** Chunk id of hash index `h` of `m`; a hash no pack holds gets a damaged placeholder row (missing). */
+function chunkIdOf(r: Restore, tx: ManifestTx, m: Manifest, h: number): number {
+  const { b } = r;
+  const hex = m.hashes[h];
+  if (hex === undefined) throw new Error(`hash index ${h} out of range`);
+  let id = b.chunkIds.get(hex);
+  if (id === undefined) {
+    // No pack holds it: a damaged placeholder, so the checkpoint lists as DAMAGED.
+    id = Number(r.st.insChunk.run(Buffer.from(hex, 'hex'), 0, 0, 0, b.chunkSize, 0, 1).lastInsertRowid);
+    b.chunkIds.set(hex, id);
+    tx.newHashes.push(hex);
+    r.placeholders.add(id);
+    b.rep.missingChunks++;
+  }
+  if (r.placeholders.has(id)) tx.missing++;
+  return id;
+}
+
+/** A disk's block map: its extents cut into pages of `pageSpan` bytes (`storePage`), then its page sums. */
+function insertDiskMap(r: Restore, tx: ManifestTx, m: Manifest, d: ManifestDisk): void {
+  const x = d.extents;
+  let prevEnd = 0;
+  let page = -1;
+  let rows: ExtentRow[] = [];
+  let sumRows: SumExtent[] = [];
+  const sums: PageSum[] = [];
+  const flush = (): void => {
+    if (page < 0 || rows.length === 0) return;
+    sums.push(pageSum(page, sumRows));
+    storePage(r, tx, d.id, page, rows);
+  };
+  for (let k = 0; k < x.length; k += 5) {
+    const offset = prevEnd + x[k]!;
+    const length = x[k + 1]!;
+    const h = x[k + 2]!;
+    const chunkOff = x[k + 3]!;
+    const origin = m.origins[x[k + 4]!];
+    if (!origin || length <= 0 || offset < 0) throw new Error(`malformed extent at ${offset}`);
+    const p = Math.floor(offset / r.b.pageSpan);
+    if (p !== page) {
+      flush();
+      page = p;
+      rows = [];
+      sumRows = [];
+    }
+    rows.push([offset, length, h < 0 ? null : chunkIdOf(r, tx, m, h), chunkOff, origin.disk]);
+    sumRows.push({
+      offset,
+      length,
+      chunkOff,
+      hash: h < 0 ? null : Buffer.from(m.hashes[h]!, 'hex'),
+    });
+    prevEnd = offset + length;
+  }
+  flush();
+  writeDiskSums(r.b.db, d.id, d.virtualSize, r.b.pageSpan, sums);
+}
+
+/** Page `pageNo` of disk `diskId`: a page with the same rows as one stored already is shared, else stored. */
+function storePage(r: Restore, tx: ManifestTx, diskId: number, pageNo: number, rows: ExtentRow[]): void {
+  const key = hashChunk(Buffer.from(JSON.stringify(rows))).toString('hex');
+  let pid = r.pageIds.get(key);
+  if (pid === undefined) {
+    pid = ++r.nextPage;
+    r.pageIds.set(key, pid);
+    tx.newPages.push(key);
+    for (const e of rows) r.st.insExt.run(pid, e[0], e[1], e[2], e[3], e[4]);
+  }
+  r.st.insDp.run(diskId, pageNo, pid);
+}
+
+/** Ids of forgotten checkpoints are never reused: the checkpoint id sequence starts after every id known. */
+function reserveCheckpointIds(db: Database.Database, forgottenMaxId: number, manifests: Manifest[]): void {
+  const maxId = Math.max(forgottenMaxId, ...manifests.map((m) => m.checkpoint.id), 0);
+  if (maxId > 0) {
+    db.prepare("DELETE FROM sqlite_sequence WHERE name = 'checkpoints'").run();
+    db.prepare("INSERT INTO sqlite_sequence (name, seq) VALUES ('checkpoints', ?)").run(maxId);
+  }
+}
+
+/**
+ * Swaps the built index in (`installBuiltIndex`: a crash before the swap leaves the old index, one
+ * in its middle is finished by the next open), then finishes what needs the new index; returns
+ * where the old index went.
+ */
+function installIndex(dir: string): string | null {
+  const oldIndex = installBuiltIndex(dir);
   // Packs that a gc kept for readers are indexed again now (their chunks are live or dead like
   // any other pack's); finish interrupted forgets against the new index.
   removePending(dir);
@@ -638,5 +758,5 @@ async function build(
   } finally {
     repo.close();
   }
-  return rep;
+  return oldIndex;
 }
