@@ -7,10 +7,11 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { Command } from 'commander';
 import { BkfsError } from '../../errors';
-import type { BackupResult, DiskSpec } from '../../backup/engine';
+import type { BackupOptions, BackupResult, DiskSpec } from '../../backup/engine';
+import type { LibvirtBackupResult } from '../../backup/libvirt';
 import type { Level } from '../../index/catalog';
 import { bytes, duration, rate, ratio } from '../../util/format';
-import { out, retryLocked, withLongJob, withRepo } from '../context';
+import { out, retryLocked, withLongJob, withRepo, type LongJob } from '../context';
 import { printJson } from '../json';
 
 const LEVELS = ['full', 'inc', 'diff', 'copy', 'auto'];
@@ -90,11 +91,9 @@ function checkModeOptions(opts: BackupCliOptions): void {
   if (bad) throw new BkfsError('USAGE', `${bad[0]} needs --libvirt DOMAIN`);
 }
 
-export function registerBackup(program: Command): void {
-  program
-    .command('backup')
-    .description('back up the disks of a VM into a new checkpoint')
-    .argument('[vm]', 'VM name in the repository (default with --libvirt: the domain name)')
+/** The options of `backup`: the engine's (--disk ...), then --libvirt's. */
+function backupOptions(cmd: Command): Command {
+  return cmd
     .option(
       '-d, --disk <name=source>',
       'disk to back up: NAME=IMAGE, NAME=raw:IMAGE, NAME=qcow2:IMAGE or NAME=NBD-URI (repeatable)',
@@ -138,10 +137,10 @@ export function registerBackup(program: Command): void {
       '--nbd-ports <min-max>',
       'with --nbd-tls/--insecure-tcp/qemu+tls: TCP ports the NBD server on the hypervisor may use (default 10809-10872)',
     )
-    .option('--json', 'machine-readable summary')
-    .addHelpText(
-      'after',
-      `
+    .option('--json', 'machine-readable summary');
+}
+
+const BACKUP_HELP = `
 Levels: full starts a new chain; inc stores the changes since the previous checkpoint; diff the
 changes since the chain's full; copy is a standalone full that no chain builds on; auto is inc when
 possible, otherwise full.
@@ -164,118 +163,159 @@ Examples:
   bkfs backup --libvirt web --connect 'qemu+ssh://root@kvm1/system?keyfile=/root/.ssh/bkfs'
   bkfs backup --libvirt web --connect 'qemu+tls://kvm1/system?pkipath=/etc/pki/bkfs'      # NBD+TLS
   bkfs backup --libvirt web --connect qemu+ssh://root@kvm1/system --nbd-tls /etc/pki/bkfs
-  bkfs backup web --libvirt web --exclude vdb                             # auto: incremental`,
-    )
-    .action(async (vmArg: string | undefined, opts: BackupCliOptions, cmd: Command) => {
-      if (vmArg === undefined && opts.libvirt === undefined) {
-        throw new BkfsError(
-          'USAGE',
-          'backup needs a VM name (or --libvirt DOMAIN, whose name it then takes)',
-        );
-      }
-      const vm = vmArg ?? (opts.libvirt as string);
-      if (vm.includes('@')) {
-        throw new BkfsError(
-          'USAGE',
-          `backup takes a VM name, got '${vm}' (name the new checkpoint with --checkpoint NAME)`,
-        );
-      }
-      if (!LEVELS.includes(opts.level)) {
-        throw new BkfsError('USAGE', `--level must be one of ${LEVELS.join(', ')}, got '${opts.level}'`);
-      }
-      checkModeOptions(opts);
-      if (opts.libvirt === undefined && opts.disk.length === 0) {
-        throw new BkfsError('USAGE', 'no disks to back up (give --disk NAME=SOURCE or --libvirt DOMAIN)');
-      }
-      const disks =
-        opts.libvirt === undefined ? await parseDiskSpecs(opts.disk, opts.bitmap ?? null, opts.format) : [];
-      // qemu-img info of each image runs while the engine's modules load and the repository opens.
-      for (const d of disks) d.source.startProbe?.();
-      const configs = opts.config.map((c) => {
-        const eq = c.indexOf('=');
-        const name = eq > 0 ? c.slice(0, eq) : path.basename(c);
-        const file = eq > 0 ? c.slice(eq + 1) : c;
-        if (!fs.existsSync(file)) throw new BkfsError('USAGE', `configuration file ${file} does not exist`);
-        return { name, data: fs.readFileSync(file) };
-      });
-      const { runBackup } = await import('../../backup/engine');
-      const { backupLibvirt } = await import('../../backup/libvirt');
-      const { res, diskCount, extra, libvirt } = await withLongJob(`backup ${vm}`, async (job) => {
-        const common = {
-          vm,
-          level: opts.level as Level | 'auto',
-          ...(opts.checkpoint !== undefined ? { checkpoint: opts.checkpoint } : {}),
-          configs,
-          ...job,
-        };
-        if (opts.libvirt === undefined) {
-          const r: BackupResult = await retryLocked(cmd, () =>
-            withRepo(cmd, (repo) => runBackup(repo, { ...common, disks })),
-          );
-          return { res: r, diskCount: disks.length, extra: [] as string[], libvirt: undefined };
+  bkfs backup web --libvirt web --exclude vdb                             # auto: incremental`;
+
+/** Checks the arguments before anything runs; returns the VM name. */
+function backupVm(vmArg: string | undefined, opts: BackupCliOptions): string {
+  if (vmArg === undefined && opts.libvirt === undefined) {
+    throw new BkfsError('USAGE', 'backup needs a VM name (or --libvirt DOMAIN, whose name it then takes)');
+  }
+  const vm = vmArg ?? (opts.libvirt as string);
+  if (vm.includes('@')) {
+    throw new BkfsError(
+      'USAGE',
+      `backup takes a VM name, got '${vm}' (name the new checkpoint with --checkpoint NAME)`,
+    );
+  }
+  if (!LEVELS.includes(opts.level)) {
+    throw new BkfsError('USAGE', `--level must be one of ${LEVELS.join(', ')}, got '${opts.level}'`);
+  }
+  checkModeOptions(opts);
+  if (opts.libvirt === undefined && opts.disk.length === 0) {
+    throw new BkfsError('USAGE', 'no disks to back up (give --disk NAME=SOURCE or --libvirt DOMAIN)');
+  }
+  return vm;
+}
+
+/** `--config NAME=FILE` (or FILE, saved under its base name): the files' contents. */
+function readConfigs(specs: string[]): { name: string; data: Buffer }[] {
+  return specs.map((c) => {
+    const eq = c.indexOf('=');
+    const name = eq > 0 ? c.slice(0, eq) : path.basename(c);
+    const file = eq > 0 ? c.slice(eq + 1) : c;
+    if (!fs.existsSync(file)) throw new BkfsError('USAGE', `configuration file ${file} does not exist`);
+    return { name, data: fs.readFileSync(file) };
+  });
+}
+
+/** What the engine and the libvirt backup share: the checkpoint to make, with the job's callbacks. */
+type CommonBackupOptions = Pick<BackupOptions, 'vm' | 'level' | 'checkpoint' | 'configs'> & LongJob;
+
+/** What a backup ran, for its summary. */
+interface BackupOutcome {
+  res: BackupResult;
+  diskCount: number;
+  extra: string[];
+  libvirt: LibvirtBackupResult | undefined;
+}
+
+async function libvirtBackup(
+  cmd: Command,
+  { backupLibvirt }: typeof import('../../backup/libvirt'),
+  domain: string,
+  opts: BackupCliOptions,
+  common: CommonBackupOptions,
+): Promise<BackupOutcome> {
+  const nbdPorts =
+    opts.nbdPorts !== undefined
+      ? (await import('../../backup/libvirt-plan')).parsePortRange(opts.nbdPorts)
+      : undefined;
+  const lv = await retryLocked(cmd, () =>
+    withRepo(cmd, (repo) =>
+      backupLibvirt(repo, {
+        ...common,
+        domain,
+        ...(opts.connect !== undefined ? { connect: opts.connect } : {}),
+        ...(opts.disks.length > 0 ? { disks: opts.disks } : {}),
+        ...(opts.exclude.length > 0 ? { exclude: opts.exclude } : {}),
+        freeze: opts.freeze,
+        ...(opts.scratchDir !== undefined ? { scratchDir: opts.scratchDir } : {}),
+        ...(opts.nbdTls !== undefined ? { nbdTls: path.resolve(opts.nbdTls) } : {}),
+        ...(opts.insecureTcp ? { insecureTcp: true } : {}),
+        ...(nbdPorts !== undefined ? { nbdPorts } : {}),
+      }),
+    ),
+  );
+  const line =
+    `  libvirt   domain ${lv.domain}, disks ${lv.disks.join(', ')}, ${lv.consistency}` +
+    (lv.libvirtCheckpoint ? `, checkpoint ${lv.libvirtCheckpoint}` : ', no libvirt checkpoint');
+  return { res: lv, diskCount: lv.disks.length, extra: [line], libvirt: lv };
+}
+
+function printBackupJson(vm: string, { res, diskCount, libvirt }: BackupOutcome): void {
+  const cp = res.checkpoint;
+  printJson({
+    vm,
+    checkpoint: cp.name,
+    level: res.level,
+    time: cp.started,
+    durationMs: res.durationMs,
+    disks: diskCount,
+    virtualSize: res.virtualSize,
+    bytesRead: res.bytesRead,
+    bytesZero: res.bytesZero,
+    chunks: res.chunks,
+    libvirt: libvirt
+      ? {
+          domain: libvirt.domain,
+          disks: libvirt.disks,
+          consistency: libvirt.consistency,
+          checkpoint: libvirt.libvirtCheckpoint ?? null,
         }
-        const domain = opts.libvirt;
-        const nbdPorts =
-          opts.nbdPorts !== undefined
-            ? (await import('../../backup/libvirt-plan')).parsePortRange(opts.nbdPorts)
-            : undefined;
-        const lv = await retryLocked(cmd, () =>
-          withRepo(cmd, (repo) =>
-            backupLibvirt(repo, {
-              ...common,
-              domain,
-              ...(opts.connect !== undefined ? { connect: opts.connect } : {}),
-              ...(opts.disks.length > 0 ? { disks: opts.disks } : {}),
-              ...(opts.exclude.length > 0 ? { exclude: opts.exclude } : {}),
-              freeze: opts.freeze,
-              ...(opts.scratchDir !== undefined ? { scratchDir: opts.scratchDir } : {}),
-              ...(opts.nbdTls !== undefined ? { nbdTls: path.resolve(opts.nbdTls) } : {}),
-              ...(opts.insecureTcp ? { insecureTcp: true } : {}),
-              ...(nbdPorts !== undefined ? { nbdPorts } : {}),
-            }),
-          ),
-        );
-        const line =
-          `  libvirt   domain ${lv.domain}, disks ${lv.disks.join(', ')}, ${lv.consistency}` +
-          (lv.libvirtCheckpoint ? `, checkpoint ${lv.libvirtCheckpoint}` : ', no libvirt checkpoint');
-        return { res: lv, diskCount: lv.disks.length, extra: [line], libvirt: lv };
-      });
-      if (opts.json) {
-        const cp = res.checkpoint;
-        printJson({
-          vm,
-          checkpoint: cp.name,
-          level: res.level,
-          time: cp.started,
-          durationMs: res.durationMs,
-          disks: diskCount,
-          virtualSize: res.virtualSize,
-          bytesRead: res.bytesRead,
-          bytesZero: res.bytesZero,
-          chunks: res.chunks,
-          libvirt: libvirt
-            ? {
-                domain: libvirt.domain,
-                disks: libvirt.disks,
-                consistency: libvirt.consistency,
-                checkpoint: libvirt.libvirtCheckpoint ?? null,
-              }
-            : null,
-        });
-        return;
-      }
-      const secs = res.durationMs / 1000;
-      const st = res.chunks;
-      out(
-        `${vm}@${res.checkpoint.name}: ${res.level} backup of ${diskCount} disk(s), ${bytes(res.virtualSize)} virtual`,
-      );
-      out(
-        `  read      ${bytes(res.bytesRead)} in ${duration(res.durationMs)} (${rate(res.bytesRead / Math.max(secs, 0.001))}), ${bytes(res.bytesZero)} zeros skipped`,
-      );
-      out(
-        `  new data  ${bytes(st.newRawBytes)} in ${st.newChunks} chunks, stored as ${bytes(st.newStoredBytes)} (compression ${ratio(st.newRawBytes, st.newStoredBytes)})`,
-      );
-      out(`  dedup     ${bytes(st.dedupBytes)} in ${st.dedupChunks} chunks already stored`);
-      for (const l of extra) out(l);
-    });
+      : null,
+  });
+}
+
+function printBackup(vm: string, { res, diskCount, extra }: BackupOutcome): void {
+  const secs = res.durationMs / 1000;
+  const st = res.chunks;
+  out(
+    `${vm}@${res.checkpoint.name}: ${res.level} backup of ${diskCount} disk(s), ${bytes(res.virtualSize)} virtual`,
+  );
+  out(
+    `  read      ${bytes(res.bytesRead)} in ${duration(res.durationMs)} (${rate(res.bytesRead / Math.max(secs, 0.001))}), ${bytes(res.bytesZero)} zeros skipped`,
+  );
+  out(
+    `  new data  ${bytes(st.newRawBytes)} in ${st.newChunks} chunks, stored as ${bytes(st.newStoredBytes)} (compression ${ratio(st.newRawBytes, st.newStoredBytes)})`,
+  );
+  out(`  dedup     ${bytes(st.dedupBytes)} in ${st.dedupChunks} chunks already stored`);
+  for (const l of extra) out(l);
+}
+
+async function backupAction(vmArg: string | undefined, opts: BackupCliOptions, cmd: Command): Promise<void> {
+  const vm = backupVm(vmArg, opts);
+  const disks =
+    opts.libvirt === undefined ? await parseDiskSpecs(opts.disk, opts.bitmap ?? null, opts.format) : [];
+  // qemu-img info of each image runs while the engine's modules load and the repository opens.
+  for (const d of disks) d.source.startProbe?.();
+  const configs = readConfigs(opts.config);
+  const { runBackup } = await import('../../backup/engine');
+  const libvirtModule = await import('../../backup/libvirt');
+  const outcome = await withLongJob(`backup ${vm}`, async (job): Promise<BackupOutcome> => {
+    const common: CommonBackupOptions = {
+      vm,
+      level: opts.level as Level | 'auto',
+      ...(opts.checkpoint !== undefined ? { checkpoint: opts.checkpoint } : {}),
+      configs,
+      ...job,
+    };
+    if (opts.libvirt !== undefined) return libvirtBackup(cmd, libvirtModule, opts.libvirt, opts, common);
+    const r: BackupResult = await retryLocked(cmd, () =>
+      withRepo(cmd, (repo) => runBackup(repo, { ...common, disks })),
+    );
+    return { res: r, diskCount: disks.length, extra: [], libvirt: undefined };
+  });
+  if (opts.json) printBackupJson(vm, outcome);
+  else printBackup(vm, outcome);
+}
+
+export function registerBackup(program: Command): void {
+  backupOptions(
+    program
+      .command('backup')
+      .description('back up the disks of a VM into a new checkpoint')
+      .argument('[vm]', 'VM name in the repository (default with --libvirt: the domain name)'),
+  )
+    .addHelpText('after', BACKUP_HELP)
+    .action(backupAction);
 }

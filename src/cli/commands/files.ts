@@ -8,7 +8,7 @@ import { Writable } from 'node:stream';
 import { Command, Option } from 'commander';
 import { BkfsError, errorMessage } from '../../errors';
 import { engineFromEnv, type EngineChoice } from '../../files/engine';
-import type { FilesOptions, Overview } from '../../files/ops';
+import type { DiffResult, FilesOptions, FindResult, Overview } from '../../files/ops';
 import type { ListEntry, SessionStats } from '../../files/session';
 import { modeString, type DiffItem, type FileEntry } from '../../files/tree';
 import { bytes } from '../../util/format';
@@ -252,7 +252,47 @@ export async function umountFilesAction(dir: string, lazy: boolean, json = false
   return true;
 }
 
-export function registerFiles(program: Command): void {
+type LsOptions = EngineCliOptions & { long?: boolean; json?: boolean };
+type CpOptions = EngineCliOptions & {
+  recursive?: boolean;
+  force?: boolean;
+  verify?: boolean;
+  json?: boolean;
+};
+type FindOptions = EngineCliOptions & { ignoreCase?: boolean; json?: boolean };
+type DiffOptions = EngineCliOptions & { checksum?: boolean; json?: boolean };
+
+/** `bkfs ls VM[@CP]` (an overview of disks and filesystems) or `bkfs ls ADDRESS` (a directory). */
+async function lsAction(address: string, opts: LsOptions, cmd: Command): Promise<void> {
+  const { overview, listFiles } = await import('../../files/ops');
+  await withInterrupt((signal) =>
+    withReader(cmd, async (repo) => {
+      const fo = filesOptions(opts, signal);
+      if (!address.includes(':')) {
+        const o = await overview(repo, address, fo);
+        if (opts.json) printJson(o);
+        else printOverview(o);
+        return;
+      }
+      const r = await listFiles(repo, address, fo);
+      if (opts.json) {
+        printJson(r);
+        return;
+      }
+      const name = (e: ListEntry): string => (r.dir ? e.name : e.path) + (e.kind === 'dir' ? '/' : '');
+      if (opts.long)
+        out(
+          table(
+            ['MODE', 'UID', 'GID', 'SIZE', 'MTIME (UTC)', 'NAME'],
+            r.entries.map((e) => longRow(e, name(e))),
+          ),
+        );
+      else for (const e of r.entries) out(name(e));
+    }),
+  );
+}
+
+function registerLs(program: Command): void {
   engineOptions(
     program
       .command('ls')
@@ -274,37 +314,41 @@ Examples:
   bkfs ls web:vg0/root:/home              LVM logical volume (latest checkpoint)
 ${ENGINE_HELP}`,
     )
-    .action(
-      async (address: string, opts: EngineCliOptions & { long?: boolean; json?: boolean }, cmd: Command) => {
-        const { overview, listFiles } = await import('../../files/ops');
-        await withInterrupt((signal) =>
-          withReader(cmd, async (repo) => {
-            const fo = filesOptions(opts, signal);
-            if (!address.includes(':')) {
-              const o = await overview(repo, address, fo);
-              if (opts.json) printJson(o);
-              else printOverview(o);
-              return;
-            }
-            const r = await listFiles(repo, address, fo);
-            if (opts.json) {
-              printJson(r);
-              return;
-            }
-            const name = (e: ListEntry): string => (r.dir ? e.name : e.path) + (e.kind === 'dir' ? '/' : '');
-            if (opts.long)
-              out(
-                table(
-                  ['MODE', 'UID', 'GID', 'SIZE', 'MTIME (UTC)', 'NAME'],
-                  r.entries.map((e) => longRow(e, name(e))),
-                ),
-              );
-            else for (const e of r.entries) out(name(e));
-          }),
-        );
-      },
-    );
+    .action(lsAction);
+}
 
+async function cpAction(source: string, dest: string, opts: CpOptions, cmd: Command): Promise<void> {
+  if (opts.verify && opts.recursive)
+    throw new BkfsError('USAGE', '--verify checks one copied file; not with -R');
+  const { copyOut } = await import('../../files/ops');
+  await withInterrupt((signal) =>
+    withReader(cmd, async (repo) => {
+      const r = await copyOut(
+        repo,
+        source,
+        dest,
+        {
+          recursive: opts.recursive ?? false,
+          force: opts.force ?? false,
+          ...(opts.verify ? { verify: true } : {}),
+        },
+        filesOptions(opts, signal),
+      );
+      if (opts.json) printJson(r);
+      else {
+        out(
+          `${r.vm}@${r.checkpoint}:${r.source} -> ${r.dest} (${r.kind}${r.action !== 'create' ? `, ${r.action}d` : ''})`,
+        );
+        if (r.verified)
+          out(
+            `verified: ${r.dest} matches ${r.vm}@${r.checkpoint}:${r.source} (sha256 ${r.verified.sha256})`,
+          );
+      }
+    }),
+  );
+}
+
+function registerCp(program: Command): void {
   engineOptions(
     program
       .command('cp')
@@ -328,44 +372,10 @@ Examples:
   bkfs cp --verify web@check2:/etc/hosts ./hosts    # then: copy matches web@check2:/etc/hosts
 ${ENGINE_HELP}`,
     )
-    .action(
-      async (
-        source: string,
-        dest: string,
-        opts: EngineCliOptions & { recursive?: boolean; force?: boolean; verify?: boolean; json?: boolean },
-        cmd: Command,
-      ) => {
-        if (opts.verify && opts.recursive)
-          throw new BkfsError('USAGE', '--verify checks one copied file; not with -R');
-        const { copyOut } = await import('../../files/ops');
-        await withInterrupt((signal) =>
-          withReader(cmd, async (repo) => {
-            const r = await copyOut(
-              repo,
-              source,
-              dest,
-              {
-                recursive: opts.recursive ?? false,
-                force: opts.force ?? false,
-                ...(opts.verify ? { verify: true } : {}),
-              },
-              filesOptions(opts, signal),
-            );
-            if (opts.json) printJson(r);
-            else {
-              out(
-                `${r.vm}@${r.checkpoint}:${r.source} -> ${r.dest} (${r.kind}${r.action !== 'create' ? `, ${r.action}d` : ''})`,
-              );
-              if (r.verified)
-                out(
-                  `verified: ${r.dest} matches ${r.vm}@${r.checkpoint}:${r.source} (sha256 ${r.verified.sha256})`,
-                );
-            }
-          }),
-        );
-      },
-    );
+    .action(cpAction);
+}
 
+function registerCat(program: Command): void {
   engineOptions(
     program
       .command('cat')
@@ -393,7 +403,9 @@ ${ENGINE_HELP}`,
         }),
       );
     });
+}
 
+function registerChecksum(program: Command): void {
   engineOptions(
     program
       .command('checksum')
@@ -426,7 +438,47 @@ ${ENGINE_HELP}`,
         }),
       );
     });
+}
 
+function printFind(r: FindResult): void {
+  if (r.missing.length > 0)
+    note(`the searched path does not exist in ${r.missing.map((c) => `${r.vm}@${c}`).join(', ')}`);
+  if (r.matches.length === 0) {
+    out(`no match in ${r.checkpoints.length} checkpoint(s) of ${r.vm}`);
+    return;
+  }
+  for (const m of r.matches) {
+    out(m.path);
+    out(
+      table(
+        ['  CHECKPOINT', 'STATE', 'SIZE', 'MTIME (UTC)', 'MODE'],
+        m.history.map((h) => [
+          `  ${h.checkpoint}`,
+          h.state,
+          h.entry ? String(h.entry.size) : '-',
+          h.entry ? time(h.entry.mtimeSec) : '-',
+          h.entry ? modeString(h.entry.kind, h.entry.mode) : '-',
+        ]),
+      ),
+    );
+  }
+}
+
+async function findAction(scope: string, pattern: string, opts: FindOptions, cmd: Command): Promise<void> {
+  const { findFiles } = await import('../../files/ops');
+  await withInterrupt((signal) =>
+    withReader(cmd, async (repo) => {
+      const r = await findFiles(repo, scope, pattern, {
+        ...filesOptions(opts, signal),
+        ignoreCase: opts.ignoreCase ?? false,
+      });
+      if (opts.json) printJson(r);
+      else printFind(r);
+    }),
+  );
+}
+
+function registerFind(program: Command): void {
   engineOptions(
     program
       .command('find')
@@ -453,50 +505,44 @@ Examples:
   bkfs find web '/home/*/.ssh/authorized_keys'
 ${ENGINE_HELP}`,
     )
-    .action(
-      async (
-        scope: string,
-        pattern: string,
-        opts: EngineCliOptions & { ignoreCase?: boolean; json?: boolean },
-        cmd: Command,
-      ) => {
-        const { findFiles } = await import('../../files/ops');
-        await withInterrupt((signal) =>
-          withReader(cmd, async (repo) => {
-            const r = await findFiles(repo, scope, pattern, {
-              ...filesOptions(opts, signal),
-              ignoreCase: opts.ignoreCase ?? false,
-            });
-            if (opts.json) {
-              printJson(r);
-              return;
-            }
-            if (r.missing.length > 0)
-              note(`the searched path does not exist in ${r.missing.map((c) => `${r.vm}@${c}`).join(', ')}`);
-            if (r.matches.length === 0) {
-              out(`no match in ${r.checkpoints.length} checkpoint(s) of ${r.vm}`);
-              return;
-            }
-            for (const m of r.matches) {
-              out(m.path);
-              out(
-                table(
-                  ['  CHECKPOINT', 'STATE', 'SIZE', 'MTIME (UTC)', 'MODE'],
-                  m.history.map((h) => [
-                    `  ${h.checkpoint}`,
-                    h.state,
-                    h.entry ? String(h.entry.size) : '-',
-                    h.entry ? time(h.entry.mtimeSec) : '-',
-                    h.entry ? modeString(h.entry.kind, h.entry.mode) : '-',
-                  ]),
-                ),
-              );
-            }
-          }),
-        );
-      },
-    );
+    .action(findAction);
+}
 
+function printDiff(r: DiffResult, checksum: boolean | undefined): void {
+  const sign = { added: '+', removed: '-', changed: 'M' } as const;
+  for (const d of r.items) {
+    const e = d.after ?? d.before;
+    out(`${sign[d.change]} ${d.path}${e?.kind === 'dir' ? '/' : ''}${describeChange(d)}`);
+  }
+  const n = (c: DiffItem['change']): number => r.items.filter((d) => d.change === c).length;
+  note(
+    `${r.vm}@${r.from} -> ${r.to} ${r.path}: ${n('added')} added, ${n('removed')} removed, ${n('changed')} changed${checksum ? ` (${r.checksummed} same-size same-mtime files checksummed)` : ''}`,
+  );
+}
+
+async function diffAction(
+  from: string,
+  to: string,
+  guestPath: string | undefined,
+  opts: DiffOptions,
+  cmd: Command,
+): Promise<void> {
+  // A path without its leading '/' is taken as absolute (as in addresses).
+  if (guestPath !== undefined && !guestPath.startsWith('/')) guestPath = `/${guestPath}`;
+  const { diffCheckpoints } = await import('../../files/ops');
+  await withInterrupt((signal) =>
+    withReader(cmd, async (repo) => {
+      const r = await diffCheckpoints(repo, from, to, guestPath, {
+        ...filesOptions(opts, signal),
+        checksum: opts.checksum ?? false,
+      });
+      if (opts.json) printJson(r);
+      else printDiff(r, opts.checksum);
+    }),
+  );
+}
+
+function registerDiff(program: Command): void {
   engineOptions(
     program
       .command('diff')
@@ -518,38 +564,15 @@ Examples:
   bkfs diff web@check1 web@check3 --checksum --json
 ${ENGINE_HELP}`,
     )
-    .action(
-      async (
-        from: string,
-        to: string,
-        guestPath: string | undefined,
-        opts: EngineCliOptions & { checksum?: boolean; json?: boolean },
-        cmd: Command,
-      ) => {
-        // A path without its leading '/' is taken as absolute (as in addresses).
-        if (guestPath !== undefined && !guestPath.startsWith('/')) guestPath = `/${guestPath}`;
-        const { diffCheckpoints } = await import('../../files/ops');
-        await withInterrupt((signal) =>
-          withReader(cmd, async (repo) => {
-            const r = await diffCheckpoints(repo, from, to, guestPath, {
-              ...filesOptions(opts, signal),
-              checksum: opts.checksum ?? false,
-            });
-            if (opts.json) {
-              printJson(r);
-              return;
-            }
-            const sign = { added: '+', removed: '-', changed: 'M' } as const;
-            for (const d of r.items) {
-              const e = d.after ?? d.before;
-              out(`${sign[d.change]} ${d.path}${e?.kind === 'dir' ? '/' : ''}${describeChange(d)}`);
-            }
-            const n = (c: DiffItem['change']): number => r.items.filter((d) => d.change === c).length;
-            note(
-              `${r.vm}@${r.from} -> ${r.to} ${r.path}: ${n('added')} added, ${n('removed')} removed, ${n('changed')} changed${opts.checksum ? ` (${r.checksummed} same-size same-mtime files checksummed)` : ''}`,
-            );
-          }),
-        );
-      },
-    );
+    .action(diffAction);
+}
+
+/** ls, cp, cat, checksum, find, diff (in this order: the order of `bkfs --help`). */
+export function registerFiles(program: Command): void {
+  registerLs(program);
+  registerCp(program);
+  registerCat(program);
+  registerChecksum(program);
+  registerFind(program);
+  registerDiff(program);
 }

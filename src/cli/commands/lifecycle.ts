@@ -7,7 +7,8 @@ import * as fs from 'node:fs';
 import { BkfsError } from '../../errors';
 import type { ForgetResult } from '../../repo/forget';
 import type { GcReport } from '../../repo/gc';
-import type { Totals } from '../../repo/stats';
+import type { RebuildReport } from '../../repo/rebuild';
+import type { RepoStats, Totals } from '../../repo/stats';
 import type { RetentionPolicy } from '../../repo/retention';
 import type { Repository } from '../../repo/repository';
 import { bytes, localTime, ratio } from '../../util/format';
@@ -120,7 +121,64 @@ function count(name: string, v: string | undefined): number | undefined {
   return v === undefined ? undefined : parseIntOption(name, v);
 }
 
-export function registerLifecycle(program: Command): void {
+/** The retention policy of `forget --keep-*`; an empty policy when none is given. */
+async function forgetPolicy(opts: ForgetCli): Promise<RetentionPolicy> {
+  const policy: RetentionPolicy = {};
+  const counts = [
+    ['keepLast', '--keep-last'],
+    ['keepHourly', '--keep-hourly'],
+    ['keepDaily', '--keep-daily'],
+    ['keepWeekly', '--keep-weekly'],
+    ['keepMonthly', '--keep-monthly'],
+    ['keepYearly', '--keep-yearly'],
+  ] as const;
+  for (const [key, flag] of counts) {
+    const n = count(flag, opts[key]);
+    if (n !== undefined) policy[key] = n;
+  }
+  if (opts.keepWithin !== undefined) {
+    const { parseKeepWithin } = await import('../../repo/retention');
+    try {
+      policy.keepWithin = parseKeepWithin(opts.keepWithin);
+    } catch (e) {
+      throw new BkfsError('USAGE', `--${(e as Error).message}`);
+    }
+  }
+  return policy;
+}
+
+async function forgetAction(refs: string[], opts: ForgetCli, cmd: Command): Promise<void> {
+  const policy = await forgetPolicy(opts);
+  const byPolicy = Object.keys(policy).length > 0;
+  if (byPolicy && (refs.length > 1 || refs.some((r) => r.includes('@')))) {
+    throw new BkfsError('USAGE', 'with --keep-* give at most one VM name, not checkpoints');
+  }
+  if (!byPolicy && refs.length === 0) {
+    throw new BkfsError(
+      'USAGE',
+      'give checkpoints (VM@CHECKPOINT) or a policy (--keep-last, --keep-daily, ...)',
+    );
+  }
+  const { forgetByName, forgetByPolicy } = await import('../../repo/forget');
+  const { runGc } = await import('../../repo/gc');
+  await withRepo(cmd, async (repo) => {
+    const dry = opts.dryRun === true ? { dryRun: true } : {};
+    const r = await retryLocked(cmd, () =>
+      byPolicy ? forgetByPolicy(repo, refs[0], policy, dry) : forgetByName(repo, refs, dry),
+    );
+    let gc: GcReport | undefined;
+    if (opts.prune && !opts.dryRun) gc = await retryLocked(cmd, () => runGc(repo));
+    if (opts.json) {
+      printJson(gc ? { ...r, gc } : r);
+      return;
+    }
+    printForget(r);
+    if (gc) printGc(gc);
+    else if (!r.dryRun && r.removed.length > 0) out("run 'bkfs gc' to free their space");
+  });
+}
+
+function registerForget(program: Command): void {
   program
     .command('forget')
     .description('remove checkpoints from the catalogue, by name or by a retention policy (then run gc)')
@@ -151,90 +209,78 @@ Examples:
   bkfs forget web --keep-hourly 24 --keep-within 30d --keep-yearly 5
   bkfs forget --keep-daily 14 --prune        # every VM, then free the space`,
     )
-    .action(async (refs: string[], opts: ForgetCli, cmd: Command) => {
-      const policy: RetentionPolicy = {};
-      const counts = [
-        ['keepLast', '--keep-last'],
-        ['keepHourly', '--keep-hourly'],
-        ['keepDaily', '--keep-daily'],
-        ['keepWeekly', '--keep-weekly'],
-        ['keepMonthly', '--keep-monthly'],
-        ['keepYearly', '--keep-yearly'],
-      ] as const;
-      for (const [key, flag] of counts) {
-        const n = count(flag, opts[key]);
-        if (n !== undefined) policy[key] = n;
-      }
-      if (opts.keepWithin !== undefined) {
-        const { parseKeepWithin } = await import('../../repo/retention');
-        try {
-          policy.keepWithin = parseKeepWithin(opts.keepWithin);
-        } catch (e) {
-          throw new BkfsError('USAGE', `--${(e as Error).message}`);
-        }
-      }
-      const byPolicy = Object.keys(policy).length > 0;
-      if (byPolicy && (refs.length > 1 || refs.some((r) => r.includes('@')))) {
-        throw new BkfsError('USAGE', 'with --keep-* give at most one VM name, not checkpoints');
-      }
-      if (!byPolicy && refs.length === 0) {
-        throw new BkfsError(
-          'USAGE',
-          'give checkpoints (VM@CHECKPOINT) or a policy (--keep-last, --keep-daily, ...)',
-        );
-      }
-      const { forgetByName, forgetByPolicy } = await import('../../repo/forget');
-      const { runGc } = await import('../../repo/gc');
-      await withRepo(cmd, async (repo) => {
-        const dry = opts.dryRun === true ? { dryRun: true } : {};
-        const r = await retryLocked(cmd, () =>
-          byPolicy ? forgetByPolicy(repo, refs[0], policy, dry) : forgetByName(repo, refs, dry),
-        );
-        let gc: GcReport | undefined;
-        if (opts.prune && !opts.dryRun) gc = await retryLocked(cmd, () => runGc(repo));
-        if (opts.json) {
-          printJson(gc ? { ...r, gc } : r);
-          return;
-        }
-        printForget(r);
-        if (gc) printGc(gc);
-        else if (!r.dryRun && r.removed.length > 0) out("run 'bkfs gc' to free their space");
-      });
-    });
+    .action(forgetAction);
+}
 
-  for (const value of [true, false]) {
-    const name = value ? 'protect' : 'unprotect';
-    program
-      .command(name)
-      .description(
-        value
-          ? 'protect checkpoints: no retention policy removes them and forget by name refuses them'
-          : 'remove the protection of checkpoints',
-      )
-      .argument('<refs...>', 'VM@CHECKPOINT')
-      .option('--json', 'machine-readable output')
-      .addHelpText(
-        'after',
-        `
+/** `protect` (value true) or `unprotect` (false). */
+function registerProtect(program: Command, value: boolean): void {
+  const name = value ? 'protect' : 'unprotect';
+  program
+    .command(name)
+    .description(
+      value
+        ? 'protect checkpoints: no retention policy removes them and forget by name refuses them'
+        : 'remove the protection of checkpoints',
+    )
+    .argument('<refs...>', 'VM@CHECKPOINT')
+    .option('--json', 'machine-readable output')
+    .addHelpText(
+      'after',
+      `
 Examples:
   bkfs ${name} web@check1
   bkfs ${name} web@check1 db@check7 --json`,
-      )
-      .action(async (refs: string[], opts: { json?: boolean }, cmd: Command) => {
-        const { setProtected } = await import('../../repo/forget');
-        await withRepo(cmd, async (repo) => {
-          const changed = await retryLocked(cmd, () => setProtected(repo, refs, value));
-          const names = changed.map((c) => `${c.vm}@${c.name}`);
-          if (opts.json) {
-            printJson({ protected: value, changed: changed.map((c) => ({ vm: c.vm, name: c.name })) });
-            return;
-          }
-          if (names.length === 0) out(`nothing to do: already ${value ? 'protected' : 'unprotected'}`);
-          else out(`${value ? 'protected' : 'unprotected'} ${names.join(', ')}`);
-        });
+    )
+    .action(async (refs: string[], opts: { json?: boolean }, cmd: Command) => {
+      const { setProtected } = await import('../../repo/forget');
+      await withRepo(cmd, async (repo) => {
+        const changed = await retryLocked(cmd, () => setProtected(repo, refs, value));
+        const names = changed.map((c) => `${c.vm}@${c.name}`);
+        if (opts.json) {
+          printJson({ protected: value, changed: changed.map((c) => ({ vm: c.vm, name: c.name })) });
+          return;
+        }
+        if (names.length === 0) out(`nothing to do: already ${value ? 'protected' : 'unprotected'}`);
+        else out(`${value ? 'protected' : 'unprotected'} ${names.join(', ')}`);
       });
-  }
+    });
+}
 
+interface GcCli {
+  dryRun?: boolean;
+  json?: boolean;
+  maxUnused: string;
+  repackSmall?: boolean;
+}
+
+async function gcAction(opts: GcCli, cmd: Command): Promise<void> {
+  const maxUnused = parseMaxUnused(opts.maxUnused);
+  const { runGc } = await import('../../repo/gc');
+  const bar = new ProgressBar('gc');
+  try {
+    const r = await retryLocked(cmd, () =>
+      withRepo(cmd, (repo) =>
+        runGc(repo, {
+          ...(opts.dryRun ? { dryRun: true } : {}),
+          maxUnused,
+          ...(opts.repackSmall ? { repackSmall: true } : {}),
+          onProgress: (d, t) => bar.update(d, t),
+          onNotice: (m) => {
+            bar.done();
+            note(m);
+          },
+        }),
+      ),
+    );
+    bar.done();
+    if (opts.json) printJson(r);
+    else printGc(r);
+  } finally {
+    bar.done();
+  }
+}
+
+function registerGc(program: Command): void {
   program
     .command('gc')
     .alias('prune')
@@ -268,38 +314,56 @@ Examples:
   bkfs gc --max-unused 0 --repack-small
   bkfs --retry-lock 10m gc --json`,
     )
-    .action(
-      async (
-        opts: { dryRun?: boolean; json?: boolean; maxUnused: string; repackSmall?: boolean },
-        cmd: Command,
-      ) => {
-        const maxUnused = parseMaxUnused(opts.maxUnused);
-        const { runGc } = await import('../../repo/gc');
-        const bar = new ProgressBar('gc');
-        try {
-          const r = await retryLocked(cmd, () =>
-            withRepo(cmd, (repo) =>
-              runGc(repo, {
-                ...(opts.dryRun ? { dryRun: true } : {}),
-                maxUnused,
-                ...(opts.repackSmall ? { repackSmall: true } : {}),
-                onProgress: (d, t) => bar.update(d, t),
-                onNotice: (m) => {
-                  bar.done();
-                  note(m);
-                },
-              }),
-            ),
-          );
-          bar.done();
-          if (opts.json) printJson(r);
-          else printGc(r);
-        } finally {
-          bar.done();
-        }
-      },
-    );
+    .action(gcAction);
+}
 
+function printRebuild(r: RebuildReport): void {
+  out(
+    `rebuilt the index: ${r.checkpoints} checkpoint(s) of ${r.vms} VM(s) from ${r.manifests} manifest(s), ${r.chunks} chunks in ${r.packs} pack(s)`,
+  );
+  if (r.skippedForgotten) out(`skipped ${r.skippedForgotten} manifest(s) of forgotten checkpoints`);
+  if (r.duplicateChunks) out(`${r.duplicateChunks} duplicate chunk copies (gc removes them)`);
+  for (const p of r.problems) out(`problem: ${p}`);
+  if (r.missingChunks) {
+    out(`${r.missingChunks} chunk(s) are in no pack; damaged: ${r.damagedCheckpoints.join(', ')}`);
+  }
+  if (r.oldIndex) out(`the old index is kept as ${r.oldIndex}`);
+}
+
+interface RepairCli {
+  rebuildIndex?: boolean;
+  manifests?: boolean;
+  json?: boolean;
+}
+
+async function repairAction(opts: RepairCli, cmd: Command): Promise<void> {
+  if (!opts.rebuildIndex && !opts.manifests) {
+    throw new BkfsError('USAGE', 'say what to repair: --rebuild-index or --manifests');
+  }
+  const dir = repoPath(cmd);
+  let rebuilt: object | undefined;
+  if (opts.rebuildIndex) {
+    const { rebuildIndex } = await import('../../repo/rebuild');
+    const bar = new ProgressBar('rebuild');
+    const r = await retryLocked(cmd, () => rebuildIndex(dir, { onProgress: (_p, d, t) => bar.update(d, t) }));
+    bar.done();
+    if (opts.json) {
+      if (opts.manifests) rebuilt = r;
+      else printJson(r);
+    } else printRebuild(r);
+  }
+  if (opts.manifests) {
+    const manifest = await import('../../repo/manifest');
+    const written = await retryLocked(cmd, () =>
+      withRepo(cmd, (repo) => writeMissingManifests(repo, manifest)),
+    );
+    if (!opts.json)
+      out(`wrote ${written.length} missing manifest(s)${written.length ? `: ${written.join(', ')}` : ''}`);
+    else printJson({ ...rebuilt, written });
+  }
+}
+
+function registerRepair(program: Command): void {
   program
     .command('repair')
     .description('repair the index: rebuild it from packs and manifests, or rewrite missing manifests')
@@ -313,48 +377,46 @@ Examples:
   bkfs repair --manifests
   bkfs repair --rebuild-index`,
     )
-    .action(async (opts: { rebuildIndex?: boolean; manifests?: boolean; json?: boolean }, cmd: Command) => {
-      if (!opts.rebuildIndex && !opts.manifests) {
-        throw new BkfsError('USAGE', 'say what to repair: --rebuild-index or --manifests');
-      }
-      const dir = repoPath(cmd);
-      let rebuilt: object | undefined;
-      if (opts.rebuildIndex) {
-        const { rebuildIndex } = await import('../../repo/rebuild');
-        const bar = new ProgressBar('rebuild');
-        const r = await retryLocked(cmd, () =>
-          rebuildIndex(dir, { onProgress: (_p, d, t) => bar.update(d, t) }),
-        );
-        bar.done();
-        if (opts.json) {
-          if (opts.manifests) rebuilt = r;
-          else printJson(r);
-        } else {
-          out(
-            `rebuilt the index: ${r.checkpoints} checkpoint(s) of ${r.vms} VM(s) from ${r.manifests} manifest(s), ${r.chunks} chunks in ${r.packs} pack(s)`,
-          );
-          if (r.skippedForgotten) out(`skipped ${r.skippedForgotten} manifest(s) of forgotten checkpoints`);
-          if (r.duplicateChunks) out(`${r.duplicateChunks} duplicate chunk copies (gc removes them)`);
-          for (const p of r.problems) out(`problem: ${p}`);
-          if (r.missingChunks) {
-            out(`${r.missingChunks} chunk(s) are in no pack; damaged: ${r.damagedCheckpoints.join(', ')}`);
-          }
-          if (r.oldIndex) out(`the old index is kept as ${r.oldIndex}`);
-        }
-      }
-      if (opts.manifests) {
-        const manifest = await import('../../repo/manifest');
-        const written = await retryLocked(cmd, () =>
-          withRepo(cmd, (repo) => writeMissingManifests(repo, manifest)),
-        );
-        if (!opts.json)
-          out(
-            `wrote ${written.length} missing manifest(s)${written.length ? `: ${written.join(', ')}` : ''}`,
-          );
-        else printJson({ ...rebuilt, written });
-      }
-    });
+    .action(repairAction);
+}
 
+function statsLine(label: string, t: Totals): string {
+  return `${label}: ${t.checkpoints} checkpoint(s), logical ${bytes(t.logicalBytes)}, unique ${bytes(t.rawBytes)} in ${t.chunks} chunks, stored ${bytes(t.storedBytes)} (dedup ${ratio(t.logicalBytes, t.rawBytes)}, compression ${ratio(t.rawBytes, t.storedBytes)}, total ${ratio(t.logicalBytes, t.storedBytes)})`;
+}
+
+function printStats(s: RepoStats, vm: string | undefined): void {
+  if (vm === undefined) {
+    const r = s.repository;
+    out(statsLine('repository', r));
+    out(`packs: ${r.packs} file(s), ${bytes(r.packBytes)}; reclaimable by gc ${bytes(r.reclaimableBytes)}`);
+    const e = r.encryption;
+    out(
+      e.encrypted
+        ? `encryption: ${e.cipher}, key id ${e.keyId}, ${e.slots} key slot(s)`
+        : 'encryption: none (plain repository)',
+    );
+  }
+  for (const v of s.vms) out(`${statsLine(`VM ${v.vm}`, v)}; only this VM: ${bytes(v.uniqueStoredBytes)}`);
+  if (s.checkpoints.length > 0) {
+    out('');
+    out(
+      table(
+        ['CHECKPOINT', 'LEVEL', 'TIME', 'VIRTUAL', 'LOGICAL', 'ONLY HERE (STORED)', 'FLAGS'],
+        s.checkpoints.map((c) => [
+          `${c.vm}@${c.name}`,
+          c.level,
+          localTime(c.time),
+          bytes(c.virtualSize),
+          bytes(c.logicalBytes),
+          bytes(c.uniqueStoredBytes),
+          [c.protected ? 'protected' : '', c.damaged ? 'DAMAGED' : ''].filter(Boolean).join(',') || '-',
+        ]),
+      ),
+    );
+  }
+}
+
+function registerStats(program: Command): void {
   program
     .command('stats')
     .description('logical and stored size, dedup and compression, per VM and per checkpoint')
@@ -375,45 +437,20 @@ Examples:
           throw new BkfsError('NOT_FOUND', `no VM named '${vm}' in this repository`);
         }
         const s = await repositoryStats(repo, vm);
-        if (opts.json) {
-          printJson(s);
-          return;
-        }
-        const line = (label: string, t: Totals) =>
-          `${label}: ${t.checkpoints} checkpoint(s), logical ${bytes(t.logicalBytes)}, unique ${bytes(t.rawBytes)} in ${t.chunks} chunks, stored ${bytes(t.storedBytes)} (dedup ${ratio(t.logicalBytes, t.rawBytes)}, compression ${ratio(t.rawBytes, t.storedBytes)}, total ${ratio(t.logicalBytes, t.storedBytes)})`;
-        if (vm === undefined) {
-          const r = s.repository;
-          out(line('repository', r));
-          out(
-            `packs: ${r.packs} file(s), ${bytes(r.packBytes)}; reclaimable by gc ${bytes(r.reclaimableBytes)}`,
-          );
-          const e = r.encryption;
-          out(
-            e.encrypted
-              ? `encryption: ${e.cipher}, key id ${e.keyId}, ${e.slots} key slot(s)`
-              : 'encryption: none (plain repository)',
-          );
-        }
-        for (const v of s.vms) out(`${line(`VM ${v.vm}`, v)}; only this VM: ${bytes(v.uniqueStoredBytes)}`);
-        if (s.checkpoints.length > 0) {
-          out('');
-          out(
-            table(
-              ['CHECKPOINT', 'LEVEL', 'TIME', 'VIRTUAL', 'LOGICAL', 'ONLY HERE (STORED)', 'FLAGS'],
-              s.checkpoints.map((c) => [
-                `${c.vm}@${c.name}`,
-                c.level,
-                localTime(c.time),
-                bytes(c.virtualSize),
-                bytes(c.logicalBytes),
-                bytes(c.uniqueStoredBytes),
-                [c.protected ? 'protected' : '', c.damaged ? 'DAMAGED' : ''].filter(Boolean).join(',') || '-',
-              ]),
-            ),
-          );
-        }
+        if (opts.json) printJson(s);
+        else printStats(s, vm);
       });
     });
+}
+
+/** forget, protect, unprotect, gc (alias prune), repair, stats (in this order: the order of `bkfs --help`). */
+export function registerLifecycle(program: Command): void {
+  registerForget(program);
+  registerProtect(program, true);
+  registerProtect(program, false);
+  registerGc(program);
+  registerRepair(program);
+  registerStats(program);
 }
 
 /** `repair --manifests`: write the manifest of each complete checkpoint that has none. */
