@@ -7,13 +7,24 @@ import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import { Command, Option } from 'commander';
 import { BkfsError, errorMessage } from '../../errors';
-import { engineFromEnv, type EngineChoice } from '../../files/engine';
+import type { EngineChoice } from '../../files/engine';
 import type { DiffResult, FilesOptions, FindResult, Overview } from '../../files/ops';
 import type { ListEntry, SessionStats } from '../../files/session';
 import { modeString, type DiffItem, type FileEntry } from '../../files/tree';
 import { bytes } from '../../util/format';
 import { interruptSignal, note, out, table, withReader } from '../context';
 import { printJson } from '../json';
+
+/**
+ * The engine `BKFS_FILES_ENGINE` names (or the default). `files/engine` is loaded here, when a
+ * command runs, not with this module: it pulls in the libguestfs driver (child processes, crypto),
+ * which `bkfs --help` does not need (start-up).
+ */
+function defaultEngine(): EngineChoice {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { engineFromEnv } = require('../../files/engine') as typeof import('../../files/engine');
+  return engineFromEnv(process.env.BKFS_FILES_ENGINE);
+}
 
 interface EngineCliOptions {
   engine?: string;
@@ -45,7 +56,7 @@ function engineOptions(cmd: Command): Command {
 
 function filesOptions(o: EngineCliOptions, signal: AbortSignal): FilesOptions {
   return {
-    engine: (o.engine as EngineChoice | undefined) ?? engineFromEnv(process.env.BKFS_FILES_ENGINE),
+    engine: (o.engine as EngineChoice | undefined) ?? defaultEngine(),
     ...(o.guestfsTcg ? { guestfsTcg: true } : {}),
     onNotice: (m) => note(m),
     signal,
@@ -198,7 +209,7 @@ export async function mountFilesAction(
   dir: string,
   opts: { engine?: string; guestfsTcg?: boolean; json?: boolean },
 ): Promise<void> {
-  const engine = (opts.engine ?? engineFromEnv(process.env.BKFS_FILES_ENGINE)) as EngineChoice;
+  const engine = (opts.engine ?? defaultEngine()) as EngineChoice;
   if (!['auto', 'guestfs', 'kernel'].includes(engine)) {
     throw new BkfsError('USAGE', `--engine must be auto, guestfs or kernel, got '${engine}'`);
   }
