@@ -242,6 +242,21 @@ export function rescueCandidates(db: Database.Database, cpId: number): number {
   return decided.size;
 }
 
+/** What gc's index step reports. */
+type SweepCounts = Pick<
+  GcReport,
+  'checkpointsRemoved' | 'checkpointsPinned' | 'chunksRemoved' | 'chunkBytesRemoved' | 'chunksWaiting'
+>;
+
+/** State shared by the phases of `markAndSweep`. */
+interface SweepCtx {
+  repo: Repository;
+  db: Database.Database;
+  pins: PinState;
+  own: string | undefined;
+  out: SweepCounts;
+}
+
 /**
  * gc's index step (caller holds the maintenance lock and a session `own`): record the writers of
  * generations that have none, then ONE transaction deletes the rows of forgotten/failed
@@ -250,108 +265,131 @@ export function rescueCandidates(db: Database.Database, cpId: number): number {
  * one), and marks every other unused chunk as a candidate of a new generation. Then the writers
  * live now are recorded for it; when there are none, its candidates are deleted at once (a gc
  * with no backup beside it removes every unused chunk, as before format 3).
+ * Crash safety: each transaction leaves a consistent index; a crash between them leaves a
+ * generation with no writers recorded, which the next gc records first (and never deletes early).
  */
-function markAndSweep(
-  repo: Repository,
-  pins: PinState,
-  own: string | undefined,
-): Pick<
-  GcReport,
-  'checkpointsRemoved' | 'checkpointsPinned' | 'chunksRemoved' | 'chunkBytesRemoved' | 'chunksWaiting'
-> {
-  const db = repo.db;
-  const others = (): string[] =>
-    liveSessions(repo.dir)
-      .map((x) => x.name!)
-      .filter((n) => n !== own);
-  const unrecorded = gcMarks(db).filter((m) => m.sessions === null);
-  if (unrecorded.length > 0) {
-    const now = JSON.stringify(others());
-    const st = db.prepare('UPDATE gc_marks SET sessions = ? WHERE gen = ? AND sessions IS NULL');
-    db.transaction(() => {
-      for (const m of unrecorded) st.run(now, m.gen);
-    }).immediate();
-  }
-  const live = (sname: string) => sessionLive(repo.dir, sname);
-  // Ended writers stay ended: deciding this before the transaction is safe.
-  const deletable = new Set(
-    gcMarks(db)
-      .filter((m) => markDeletable(m, live, own))
-      .map((m) => m.gen),
-  );
-  const out = {
+function markAndSweep(repo: Repository, pins: PinState, own: string | undefined): SweepCounts {
+  const out: SweepCounts = {
     checkpointsRemoved: 0,
     checkpointsPinned: 0,
     chunksRemoved: 0,
     chunkBytesRemoved: 0,
     chunksWaiting: 0,
   };
-  const gen = db
-    .transaction((): number => {
-      const gone = (
-        db.prepare("SELECT id FROM checkpoints WHERE state IN ('forgotten', 'failed')").all() as {
-          id: number;
-        }[]
-      ).map((r) => r.id);
-      const removable = gone.filter((id) => !pins.ids.has(id));
-      out.checkpointsRemoved = removable.length;
-      out.checkpointsPinned = gone.length - removable.length;
-      for (const id of removable) deleteCheckpointRows(db, id);
-      // Pages no page table uses (left by an interrupted forget of an older bkfs, or by hand).
-      // A writer inserts a page's extents and its page-table row in one transaction.
-      db.exec('DELETE FROM extents WHERE page_id NOT IN (SELECT page_id FROM disk_pages)');
-      const liveChunks = chunksOfPages(db, pagesOf(db, liveCheckpointIds(db, pins.ids)));
-      const del = db.prepare('DELETE FROM chunks WHERE id = ?');
-      const mark = db.prepare('UPDATE chunks SET candidate = ? WHERE id = ?');
-      const g = ((db.prepare('SELECT max(gen) AS m FROM gc_marks').get() as { m: number | null }).m ?? 0) + 1;
-      let marked = 0;
-      const rows = db.prepare('SELECT id, stored_len AS len, candidate AS cand FROM chunks').all() as {
-        id: number;
-        len: number;
-        cand: number | null;
-      }[];
-      for (const c of rows) {
-        if (liveChunks.has(c.id)) continue; // a live candidate: a running writer rescues it
-        if (c.cand === null) {
-          mark.run(g, c.id);
-          marked++;
-        } else if (deletable.has(c.cand)) {
-          del.run(c.id);
-          out.chunksRemoved++;
-          out.chunkBytesRemoved += c.len;
-        }
-      }
-      const delMark = db.prepare(
-        'DELETE FROM gc_marks WHERE gen = ? AND NOT EXISTS (SELECT 1 FROM chunks WHERE candidate = ?)',
-      );
-      for (const d of deletable) delMark.run(d, d);
-      if (marked === 0) return 0;
-      db.prepare('INSERT INTO gc_marks (gen, time, sessions) VALUES (?, ?, NULL)').run(g, Date.now());
-      return g;
-    })
-    .immediate();
-  if (gen === 0) {
-    out.chunksWaiting = countWaiting(db);
-    return out;
+  const ctx: SweepCtx = { repo, db: repo.db, pins, own, out };
+  recordMissingWriters(ctx);
+  const deletable = deletableGenerations(ctx);
+  const gen = ctx.db.transaction((): number => sweepAndMark(ctx, deletable)).immediate();
+  if (gen !== 0) recordWritersOrDelete(ctx, gen);
+  out.chunksWaiting = countWaiting(ctx.db);
+  return out;
+}
+
+/** Session names of the live writers other than gc's own. */
+function otherWriters(ctx: SweepCtx): string[] {
+  return liveSessions(ctx.repo.dir)
+    .map((x) => x.name!)
+    .filter((n) => n !== ctx.own);
+}
+
+/** Generations whose writers were never recorded (gc died in between) get the writers live now (one transaction). */
+function recordMissingWriters(ctx: SweepCtx): void {
+  const { db } = ctx;
+  const unrecorded = gcMarks(db).filter((m) => m.sessions === null);
+  if (unrecorded.length === 0) return;
+  const now = JSON.stringify(otherWriters(ctx));
+  const st = db.prepare('UPDATE gc_marks SET sessions = ? WHERE gen = ? AND sessions IS NULL');
+  db.transaction(() => {
+    for (const m of unrecorded) st.run(now, m.gen);
+  }).immediate();
+}
+
+/** Generations whose writers have all ended (ended writers stay ended: safe to decide before the transaction). */
+function deletableGenerations(ctx: SweepCtx): Set<number> {
+  const live = (sname: string) => sessionLive(ctx.repo.dir, sname);
+  return new Set(
+    gcMarks(ctx.db)
+      .filter((m) => markDeletable(m, live, ctx.own))
+      .map((m) => m.gen),
+  );
+}
+
+/** Inside the transaction: rows of unpinned gone checkpoints, candidates, a new generation; returns it (0: none). */
+function sweepAndMark(ctx: SweepCtx, deletable: Set<number>): number {
+  const { db } = ctx;
+  removeGoneCheckpoints(ctx);
+  // Pages no page table uses (left by an interrupted forget of an older bkfs, or by hand).
+  // A writer inserts a page's extents and its page-table row in one transaction.
+  db.exec('DELETE FROM extents WHERE page_id NOT IN (SELECT page_id FROM disk_pages)');
+  const liveChunks = chunksOfPages(db, pagesOf(db, liveCheckpointIds(db, ctx.pins.ids)));
+  const g = ((db.prepare('SELECT max(gen) AS m FROM gc_marks').get() as { m: number | null }).m ?? 0) + 1;
+  const marked = sweepCandidates(ctx, liveChunks, deletable, g);
+  const delMark = db.prepare(
+    'DELETE FROM gc_marks WHERE gen = ? AND NOT EXISTS (SELECT 1 FROM chunks WHERE candidate = ?)',
+  );
+  for (const d of deletable) delMark.run(d, d);
+  if (marked === 0) return 0;
+  db.prepare('INSERT INTO gc_marks (gen, time, sessions) VALUES (?, ?, NULL)').run(g, Date.now());
+  return g;
+}
+
+/** Delete the rows of forgotten/failed checkpoints that nobody pins; count them and the pinned ones. */
+function removeGoneCheckpoints(ctx: SweepCtx): void {
+  const { db, out } = ctx;
+  const gone = (
+    db.prepare("SELECT id FROM checkpoints WHERE state IN ('forgotten', 'failed')").all() as {
+      id: number;
+    }[]
+  ).map((r) => r.id);
+  const removable = gone.filter((id) => !ctx.pins.ids.has(id));
+  out.checkpointsRemoved = removable.length;
+  out.checkpointsPinned = gone.length - removable.length;
+  for (const id of removable) deleteCheckpointRows(db, id);
+}
+
+/** Unused chunks: deletable candidates are deleted, others not yet candidates marked with `g`; returns how many marked. */
+function sweepCandidates(ctx: SweepCtx, liveChunks: Set<number>, deletable: Set<number>, g: number): number {
+  const { db, out } = ctx;
+  const del = db.prepare('DELETE FROM chunks WHERE id = ?');
+  const mark = db.prepare('UPDATE chunks SET candidate = ? WHERE id = ?');
+  let marked = 0;
+  const rows = db.prepare('SELECT id, stored_len AS len, candidate AS cand FROM chunks').all() as {
+    id: number;
+    len: number;
+    cand: number | null;
+  }[];
+  for (const c of rows) {
+    if (liveChunks.has(c.id)) continue; // a live candidate: a running writer rescues it
+    if (c.cand === null) {
+      mark.run(g, c.id);
+      marked++;
+    } else if (deletable.has(c.cand)) {
+      del.run(c.id);
+      out.chunksRemoved++;
+      out.chunkBytesRemoved += c.len;
+    }
   }
+  return marked;
+}
+
+/** Record the writers live after generation `gen` committed; with none, delete its candidates at once (own transaction). */
+function recordWritersOrDelete(ctx: SweepCtx, gen: number): void {
+  const { db, out } = ctx;
   // Writers live AFTER the marking committed: every writer that may hold a candidate's id.
-  const writers = others();
+  const writers = otherWriters(ctx);
   db.transaction(() =>
     db.prepare('UPDATE gc_marks SET sessions = ? WHERE gen = ?').run(JSON.stringify(writers), gen),
   ).immediate();
-  if (writers.length === 0) {
-    db.transaction(() => {
-      const r = db
-        .prepare('SELECT count(*) AS n, coalesce(sum(stored_len), 0) AS b FROM chunks WHERE candidate = ?')
-        .get(gen) as { n: number; b: number };
-      db.prepare('DELETE FROM chunks WHERE candidate = ?').run(gen);
-      db.prepare('DELETE FROM gc_marks WHERE gen = ?').run(gen);
-      out.chunksRemoved += r.n;
-      out.chunkBytesRemoved += r.b;
-    }).immediate();
-  }
-  out.chunksWaiting = countWaiting(db);
-  return out;
+  if (writers.length > 0) return;
+  db.transaction(() => {
+    const r = db
+      .prepare('SELECT count(*) AS n, coalesce(sum(stored_len), 0) AS b FROM chunks WHERE candidate = ?')
+      .get(gen) as { n: number; b: number };
+    db.prepare('DELETE FROM chunks WHERE candidate = ?').run(gen);
+    db.prepare('DELETE FROM gc_marks WHERE gen = ?').run(gen);
+    out.chunksRemoved += r.n;
+    out.chunkBytesRemoved += r.b;
+  }).immediate();
 }
 
 function countWaiting(db: Database.Database): number {

@@ -109,10 +109,23 @@ interface ScannedChunk {
 /** Bytes of a pack read at once when it is scanned record by record. */
 const SCAN_WINDOW = 16 << 20;
 
+/** A pack being scanned record by record: where to read it, and the window last read. */
+interface PackScan {
+  read: (offset: number, length: number) => Promise<Buffer>;
+  size: number;
+  name: string;
+  packId: number;
+  problems: string[];
+  chunkSize: number;
+  sealed: boolean;
+  win: Buffer;
+  winAt: number;
+}
+
 /**
  * Read every record header of a pack through `read` (ranged reads of its object, `size` bytes);
  * returns the chunks up to the first problem. Reads windows of `SCAN_WINDOW` bytes, so a pack
- * costs a few reads whatever its records.
+ * costs a few reads whatever its records. Read-only (a crash anywhere in it changes nothing).
  */
 async function scanRecords(
   read: (offset: number, length: number) => Promise<Buffer>,
@@ -123,35 +136,59 @@ async function scanRecords(
   chunkSize: number,
   sealed: boolean,
 ): Promise<ScannedChunk[]> {
-  const out: ScannedChunk[] = [];
-  let win: Buffer = Buffer.alloc(0);
-  let winAt = 0;
-  /** `length` bytes at `pos` (pos + length <= size). */
-  const bytes = async (pos: number, length: number): Promise<Buffer> => {
-    if (pos < winAt || pos + length > winAt + win.length) {
-      win = await read(pos, Math.max(length, Math.min(SCAN_WINDOW, size - pos)));
-      winAt = pos;
-    }
-    return win.subarray(pos - winAt, pos - winAt + length);
+  const s: PackScan = {
+    read,
+    size,
+    name,
+    packId,
+    problems,
+    chunkSize,
+    sealed,
+    win: Buffer.alloc(0),
+    winAt: 0,
   };
-  if (size < PACK_HEADER_LEN) {
-    problems.push(`pack ${name} has no valid pack header; skipped`);
-    return out;
+  const head = await readPackHeader(s);
+  if (!head) return [];
+  const { end, sealedTrailerAt } = await recordsEnd(s, head);
+  return readRecords(s, end, sealedTrailerAt);
+}
+
+/** `length` bytes at `pos` (pos + length <= size), from the window or a new window read there. */
+async function scanBytes(s: PackScan, pos: number, length: number): Promise<Buffer> {
+  if (pos < s.winAt || pos + length > s.winAt + s.win.length) {
+    s.win = await s.read(pos, Math.max(length, Math.min(SCAN_WINDOW, s.size - pos)));
+    s.winAt = pos;
   }
-  const head = await bytes(0, PACK_HEADER_LEN);
+  return s.win.subarray(pos - s.winAt, pos - s.winAt + length);
+}
+
+/** The pack header if valid and sealed as the repository is; else null, with the problem noted. */
+async function readPackHeader(s: PackScan): Promise<Buffer | null> {
+  const { name, sealed, problems } = s;
+  if (s.size < PACK_HEADER_LEN) {
+    problems.push(`pack ${name} has no valid pack header; skipped`);
+    return null;
+  }
+  const head = await scanBytes(s, 0, PACK_HEADER_LEN);
   if (
     !head.subarray(0, 8).equals(PACK_MAGIC) ||
     ![PACK_VERSION, PACK_VERSION_TRAILER, PACK_VERSION_SEALED_TRAILER].includes(head.readUInt32BE(8))
   ) {
     problems.push(`pack ${name} has no valid pack header; skipped`);
-    return out;
+    return null;
   }
   if (((head.readUInt32BE(12) & PACK_FLAG_SEALED) !== 0) !== sealed) {
     problems.push(
       `pack ${name} is ${sealed ? 'not sealed in an encrypted' : 'sealed in a plain'} repository; skipped`,
     );
-    return out;
+    return null;
   }
+  return head;
+}
+
+/** Where the records end (the trailer's start, else the pack's end), and where a sealed trailer may start (-1: none). */
+async function recordsEnd(s: PackScan, head: Buffer): Promise<{ end: number; sealedTrailerAt: number }> {
+  const { size } = s;
   let end = size;
   // A sealed trailer (version 3) starts where its clear footer says, unchecked without opening
   // it: the scan reads records until one does not start there with a record magic (a sealed
@@ -160,20 +197,28 @@ async function scanRecords(
   if (head.readUInt32BE(8) !== PACK_VERSION) {
     // The records end where the trailer starts; a damaged trailer: scan up to the damage.
     const footLen = Math.min(size, TRAILER_FOOTER_LEN);
-    const tl = trailerLength(await read(size - footLen, footLen), size);
+    const tl = trailerLength(await s.read(size - footLen, footLen), size);
     if (tl?.sealed) sealedTrailerAt = tl.recordsEnd;
     else if (tl) end = tl.recordsEnd;
   }
+  return { end, sealedTrailerAt };
+}
+
+/** The records from the header up to `end`, stopping at the first torn or damaged one (noted as a problem). */
+async function readRecords(s: PackScan, end: number, sealedTrailerAt: number): Promise<ScannedChunk[]> {
+  const { name, problems } = s;
+  const out: ScannedChunk[] = [];
   let pos = PACK_HEADER_LEN;
   while (pos < end) {
-    if (pos === sealedTrailerAt && !(await bytes(pos, Math.min(4, end - pos))).equals(RECORD_MAGIC)) break;
+    if (pos === sealedTrailerAt && !(await scanBytes(s, pos, Math.min(4, end - pos))).equals(RECORD_MAGIC))
+      break;
     if (pos + RECORD_HEADER_LEN > end) {
       problems.push(`pack ${name} ends with a torn record at ${pos}`);
       break;
     }
     let h;
     try {
-      h = decodeRecordHeader(await bytes(pos, RECORD_HEADER_LEN), chunkSize, sealed);
+      h = decodeRecordHeader(await scanBytes(s, pos, RECORD_HEADER_LEN), s.chunkSize, s.sealed);
     } catch (e) {
       problems.push(
         `pack ${name} has a damaged record header at ${pos} (${(e as Error).message}); the rest of the pack is skipped`,
@@ -186,7 +231,7 @@ async function scanRecords(
       break;
     }
     out.push({
-      pack: packId,
+      pack: s.packId,
       packName: name,
       offset: start,
       storedLen: h.storedLen,

@@ -98,12 +98,52 @@ export async function verifyRepository(repo: Repository, o: VerifyOptions = {}):
   }
 }
 
+/** The verify run itself (steps 1, 4, 2, then the damage transaction); the caller holds any lock. */
 async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<VerifyReport> {
-  const db = repo.db;
   const sel = selectCheckpoints(repo, o);
   const problems: string[] = [];
+  const used = await checkIndex(repo, sel, problems);
+  // Block maps against their digests and manifests, and SQLite's own check (verify-map.ts).
+  problems.push(...integrityProblems(repo), ...blockMapProblems(repo, sel));
+  const deep = newDeepCheck(repo);
+  const locs = locateChunks(deep, sampleIds([...used], o.samplePercent));
+  const { damaged, recovered } = await readBackChunks(deep, locs, o);
+  let unmarked = 0;
+  if (o.markDamaged !== false)
+    unmarked = recordDamage(
+      repo,
+      damaged.map((d) => d.chunkId),
+      recovered,
+    );
+  return {
+    checkpoints: sel.length,
+    chunksChecked: locs.length,
+    bytesChecked: deep.bytesChecked,
+    problems,
+    damaged,
+    recovered: unmarked,
+  };
+}
+
+/** An extent of a disk's block map, with its chunk's raw length (null: no such chunk). */
+interface ExtentRow {
+  pageNo: number;
+  offset: number;
+  length: number;
+  chunkId: number | null;
+  chunkOff: number;
+  rawLen: number | null;
+  present: number | null;
+}
+
+/** Step 1: manifests and block maps of the selection; appends problems, returns the chunk ids used. */
+async function checkIndex(
+  repo: Repository,
+  sel: { vm: string; cp: CheckpointRow }[],
+  problems: string[],
+): Promise<Set<number>> {
+  const db = repo.db;
   const used = new Set<number>();
-  const span = repo.config.pageSpan;
   const extStmt = db.prepare(
     `SELECT dp.page_no AS pageNo, e.offset AS offset, e.length AS length, e.chunk_id AS chunkId,
             e.chunk_off AS chunkOff, c.raw_len AS rawLen, c.id AS present
@@ -127,114 +167,160 @@ async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<Verif
     }[];
     if (disks.length === 0) problems.push(`${vm}@${cp.name}: checkpoint has no disks`);
     for (const d of disks) {
-      let prevEnd = -1;
-      let prevPage = -1;
-      const where = `${vm}@${cp.name} disk ${d.name}`;
-      for (const r of extStmt.iterate(d.id) as IterableIterator<{
-        pageNo: number;
-        offset: number;
-        length: number;
-        chunkId: number | null;
-        chunkOff: number;
-        rawLen: number | null;
-        present: number | null;
-      }>) {
-        if (r.pageNo !== prevPage) prevEnd = -1;
-        prevPage = r.pageNo;
-        if (r.length <= 0) problems.push(`${where}: empty extent at ${r.offset}`);
-        if (r.offset < prevEnd) problems.push(`${where}: overlapping extents at ${r.offset}`);
-        if (
-          Math.floor(r.offset / span) !== r.pageNo ||
-          Math.floor((r.offset + r.length - 1) / span) !== r.pageNo
-        ) {
-          problems.push(`${where}: extent at ${r.offset} is outside its page ${r.pageNo}`);
-        }
-        if (r.offset + r.length > d.virtual_size)
-          problems.push(`${where}: extent at ${r.offset} is past the disk's end`);
-        prevEnd = r.offset + r.length;
-        if (r.chunkId === null) continue;
-        if (r.present === null) {
-          problems.push(`${where}: extent at ${r.offset} references missing chunk ${r.chunkId}`);
-          continue;
-        }
-        if (r.chunkOff + r.length > (r.rawLen ?? 0)) {
-          problems.push(`${where}: extent at ${r.offset} reaches past the end of chunk ${r.chunkId}`);
-        }
-        used.add(r.chunkId);
-      }
+      const rows = extStmt.iterate(d.id) as IterableIterator<ExtentRow>;
+      checkDiskExtents(
+        `${vm}@${cp.name} disk ${d.name}`,
+        d.virtual_size,
+        repo.config.pageSpan,
+        rows,
+        problems,
+        used,
+      );
     }
   }
+  return used;
+}
 
-  // Block maps against their digests and manifests, and SQLite's own check (verify-map.ts).
-  problems.push(...integrityProblems(repo), ...blockMapProblems(repo, sel));
-
-  let ids = [...used];
-  if (o.samplePercent !== undefined && o.samplePercent < 100) {
-    const keep = Math.max(1, Math.ceil((ids.length * o.samplePercent) / 100));
-    for (let i = ids.length - 1; i > 0; i--) {
-      const j = Math.floor(Math.random() * (i + 1));
-      [ids[i], ids[j]] = [ids[j]!, ids[i]!];
+/** One disk's extents (in page and offset order): bounds, order, chunk references; adds used chunks. */
+function checkDiskExtents(
+  where: string,
+  virtualSize: number,
+  span: number,
+  rows: IterableIterator<ExtentRow>,
+  problems: string[],
+  used: Set<number>,
+): void {
+  let prevEnd = -1;
+  let prevPage = -1;
+  for (const r of rows) {
+    if (r.pageNo !== prevPage) prevEnd = -1;
+    prevPage = r.pageNo;
+    if (r.length <= 0) problems.push(`${where}: empty extent at ${r.offset}`);
+    if (r.offset < prevEnd) problems.push(`${where}: overlapping extents at ${r.offset}`);
+    if (
+      Math.floor(r.offset / span) !== r.pageNo ||
+      Math.floor((r.offset + r.length - 1) / span) !== r.pageNo
+    ) {
+      problems.push(`${where}: extent at ${r.offset} is outside its page ${r.pageNo}`);
     }
-    ids = ids.slice(0, keep);
+    if (r.offset + r.length > virtualSize)
+      problems.push(`${where}: extent at ${r.offset} is past the disk's end`);
+    prevEnd = r.offset + r.length;
+    if (r.chunkId === null) continue;
+    if (r.present === null) {
+      problems.push(`${where}: extent at ${r.offset} references missing chunk ${r.chunkId}`);
+      continue;
+    }
+    if (r.chunkOff + r.length > (r.rawLen ?? 0)) {
+      problems.push(`${where}: extent at ${r.offset} reaches past the end of chunk ${r.chunkId}`);
+    }
+    used.add(r.chunkId);
   }
-  const locStmt = db.prepare(
+}
+
+/** All the ids, or (samplePercent < 100) a random share of them, at least one. */
+function sampleIds(ids: number[], samplePercent: number | undefined): number[] {
+  if (samplePercent === undefined || samplePercent >= 100) return ids;
+  const keep = Math.max(1, Math.ceil((ids.length * samplePercent) / 100));
+  for (let i = ids.length - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [ids[i], ids[j]] = [ids[j]!, ids[i]!];
+  }
+  return ids.slice(0, keep);
+}
+
+/** Where a chunk is stored, as the index says. */
+interface Loc {
+  id: number;
+  hash: Buffer;
+  pack: string | null;
+  packSize: number | null;
+  offset: number;
+  storedLen: number;
+  rawLen: number;
+  codec: number;
+  damaged: number;
+}
+
+/** State of step 2 (deep check): the location lookup, pack sizes seen, bytes read back. */
+interface DeepCheck {
+  repo: Repository;
+  locStmt: { get(id: number): unknown };
+  packSizes: Map<string, number>;
+  bytesChecked: number;
+}
+
+/** A deep check of the repository, nothing read yet. */
+function newDeepCheck(repo: Repository): DeepCheck {
+  const locStmt = repo.db.prepare(
     `SELECT c.id AS id, c.hash AS hash, p.name AS pack, p.size AS packSize, c.offset AS offset,
             c.stored_len AS storedLen, c.raw_len AS rawLen, c.codec AS codec, c.damaged AS damaged
        FROM chunks c LEFT JOIN packs p ON p.id = c.pack_id WHERE c.id = ?`,
   );
-  type Loc = {
-    id: number;
-    hash: Buffer;
-    pack: string | null;
-    packSize: number | null;
-    offset: number;
-    storedLen: number;
-    rawLen: number;
-    codec: number;
-    damaged: number;
-  };
-  const locs = ids.map((id) => locStmt.get(id) as Loc | undefined).filter((l): l is Loc => l !== undefined);
+  return { repo, locStmt, packSizes: new Map(), bytesChecked: 0 };
+}
+
+/** The locations of the chunks still indexed, in pack order. */
+function locateChunks(deep: DeepCheck, ids: number[]): Loc[] {
+  const locs = ids
+    .map((id) => deep.locStmt.get(id) as Loc | undefined)
+    .filter((l): l is Loc => l !== undefined);
   locs.sort((a, b) => (a.pack ?? '').localeCompare(b.pack ?? '') || a.offset - b.offset);
-  const packSizes = new Map<string, number>();
+  return locs;
+}
+
+/** Read one chunk back and decode it: undefined if good, else why not (store errors are thrown). */
+async function checkChunk(deep: DeepCheck, loc: Loc): Promise<string | undefined> {
+  const { repo, packSizes } = deep;
+  if (!loc.pack) return 'its pack is not in the index';
+  let size = packSizes.get(loc.pack);
+  if (size === undefined) {
+    // The pack's size in the store (a stat locally, a HEAD on object storage; a store that
+    // cannot be reached is an error, never damage).
+    size = (await repo.store.head(packKey(loc.pack)))?.size ?? -1;
+    packSizes.set(loc.pack, size);
+  }
+  if (size < 0) return `pack ${loc.pack} is missing`;
+  if (loc.offset + loc.storedLen > size) return `pack ${loc.pack} is truncated`;
+  try {
+    const stored = await repo.packs.read(loc.pack, loc.offset, loc.storedLen);
+    decodeStored(repo.cipher, stored, loc.codec, loc.rawLen, loc.hash, repo.config.chunkSize);
+    deep.bytesChecked += loc.storedLen;
+    return undefined;
+  } catch (e) {
+    if (isBkfsError(e) && (e.code === 'STORE_UNAVAILABLE' || e.code === 'STORE_ACCESS')) throw e;
+    return (e as Error).message;
+  }
+}
+
+/** Check a chunk; if it fails, look it up again (gc may have moved or removed it) and retry there. */
+async function checkChunkAgain(
+  deep: DeepCheck,
+  loc: Loc,
+): Promise<{ loc: Loc; error?: string; gone?: boolean }> {
+  let error = await checkChunk(deep, loc);
+  if (error !== undefined) {
+    // gc may have moved or removed the chunk since it was looked up: look again.
+    const now = deep.locStmt.get(loc.id) as Loc | undefined;
+    if (!now) return { loc, gone: true };
+    if (now.pack !== loc.pack || now.offset !== loc.offset) {
+      deep.packSizes.delete(now.pack ?? '');
+      error = await checkChunk(deep, now);
+    }
+  }
+  return error === undefined ? { loc } : { loc, error };
+}
+
+/** Step 2: read back the chunks (a few in flight); the damaged ones, and the marked ones that read fine. */
+async function readBackChunks(
+  deep: DeepCheck,
+  locs: Loc[],
+  o: VerifyOptions,
+): Promise<{ damaged: DamagedChunk[]; recovered: number[] }> {
   const damaged: DamagedChunk[] = [];
-  let done = 0;
-  let bytesChecked = 0;
-  const check = async (loc: Loc): Promise<string | undefined> => {
-    if (!loc.pack) return 'its pack is not in the index';
-    let size = packSizes.get(loc.pack);
-    if (size === undefined) {
-      // The pack's size in the store (a stat locally, a HEAD on object storage; a store that
-      // cannot be reached is an error, never damage).
-      size = (await repo.store.head(packKey(loc.pack)))?.size ?? -1;
-      packSizes.set(loc.pack, size);
-    }
-    if (size < 0) return `pack ${loc.pack} is missing`;
-    if (loc.offset + loc.storedLen > size) return `pack ${loc.pack} is truncated`;
-    try {
-      const stored = await repo.packs.read(loc.pack, loc.offset, loc.storedLen);
-      decodeStored(repo.cipher, stored, loc.codec, loc.rawLen, loc.hash, repo.config.chunkSize);
-      bytesChecked += loc.storedLen;
-      return undefined;
-    } catch (e) {
-      if (isBkfsError(e) && (e.code === 'STORE_UNAVAILABLE' || e.code === 'STORE_ACCESS')) throw e;
-      return (e as Error).message;
-    }
-  };
-  const results = orderedMap(locs, 4, async (loc): Promise<{ loc: Loc; error?: string; gone?: boolean }> => {
-    let error = await check(loc);
-    if (error !== undefined) {
-      // gc may have moved or removed the chunk since it was looked up: look again.
-      const now = locStmt.get(loc.id) as Loc | undefined;
-      if (!now) return { loc, gone: true };
-      if (now.pack !== loc.pack || now.offset !== loc.offset) {
-        packSizes.delete(now.pack ?? '');
-        error = await check(now);
-      }
-    }
-    return error === undefined ? { loc } : { loc, error };
-  });
   const recovered: number[] = [];
-  for await (const r of results) {
+  let done = 0;
+  for await (const r of orderedMap(locs, 4, (loc) => checkChunkAgain(deep, loc))) {
     done++;
     o.onProgress?.(done, locs.length);
     if (r.error !== undefined) {
@@ -242,27 +328,13 @@ async function verifyUnlocked(repo: Repository, o: VerifyOptions): Promise<Verif
         chunkId: r.loc.id,
         hash: r.loc.hash.toString('hex'),
         error: r.error,
-        uses: chunkUses(repo, r.loc.id),
+        uses: chunkUses(deep.repo, r.loc.id),
       });
     } else if (!r.gone && r.loc.damaged === 1) {
       recovered.push(r.loc.id);
     }
   }
-  let unmarked = 0;
-  if (o.markDamaged !== false)
-    unmarked = recordDamage(
-      repo,
-      damaged.map((d) => d.chunkId),
-      recovered,
-    );
-  return {
-    checkpoints: sel.length,
-    chunksChecked: locs.length,
-    bytesChecked,
-    problems,
-    damaged,
-    recovered: unmarked,
-  };
+  return { damaged, recovered };
 }
 
 /**
