@@ -16,6 +16,8 @@
  *      `complete` in one transaction (`commitCheckpoint`).
  * Failure or interruption at any point: the `running` rows are deleted (or, after a crash, by the
  * next writer), change tracking added in step 4 is rolled back, and the repository is as before.
+ * Phases: `checkBackupRequest` + `makePlan` (1-2), `insertRunningCheckpoint`, `startTracking`,
+ * `ingestDisks` (4), `commitBackup` (5), `dropStaleTracking` (after a full), `abortBackup` (failure).
  *
  * Memory: bounded by the read window (`readConcurrency` x `readSize`) plus the pool's jobs, never
  * by disk size; dirty/allocation maps are consumed as streams, window by window.
@@ -46,7 +48,7 @@ import { isZero } from '../store/codec';
 import { orderedMap } from '../util/pipeline';
 import { NbdClient } from '../nbd/client';
 import type { BackupSource, BitmapHistory } from './sources';
-import { performance } from 'node:perf_hooks';
+import { performance, type EventLoopUtilization } from 'node:perf_hooks';
 
 export interface DiskSpec {
   name: string;
@@ -320,9 +322,110 @@ function checkAborted(signal?: AbortSignal): void {
   if (signal?.aborted) throw new BkfsError('INTERRUPTED', 'backup interrupted');
 }
 
+/** State one backup shares between its phases (created once the writer lock is held). */
+interface BackupRun {
+  repo: Repository;
+  opts: BackupOptions;
+  plan: Plan;
+  /** Wall-clock start (`started`, `durationMs`) and `performance` start (stats). */
+  t0: number;
+  tStart: number;
+  /** Time of the last `markPhase`. */
+  tMark: number;
+  pool: IngestPool;
+  chunks: ChunkWriter;
+  /** Disks whose source prepared change tracking: rolled back on failure. */
+  prepared: DiskPlan[];
+  /** The `running` checkpoint row, until it is committed (then undefined again). */
+  cpId: number | undefined;
+  diskRows: TrackedDisk[];
+  progress: { done: number; total: number };
+  bytesRead: number;
+  bytesZero: number;
+  virtualSize: number;
+}
+
+/** A disk of the new checkpoint: its plan, its `disks` row and the bitmap started for it. */
+interface TrackedDisk {
+  plan: DiskPlan;
+  diskId: number;
+  newBitmap: string | null;
+}
+
+type PhaseKey = 'planMs' | 'startMs' | 'trackMs' | 'openMs';
+
+/** Add the time since the last mark to `stats[k]` (when stats are kept) and set a new mark. */
+function markPhase(run: BackupRun, k: PhaseKey): void {
+  const now = performance.now();
+  if (run.opts.stats) run.opts.stats[k] += now - run.tMark;
+  run.tMark = now;
+}
+
 export async function runBackup(repo: Repository, opts: BackupOptions): Promise<BackupResult> {
   const t0 = Date.now();
   const tStart = performance.now();
+  checkBackupRequest(opts);
+  const { plan, disks } = await makePlan(repo, opts);
+  checkAborted(opts.signal);
+  const tMark = performance.now();
+  if (opts.stats) opts.stats.planMs += tMark - tStart;
+
+  // Shared with other backups and with forget/gc (FORMAT.md, "Concurrent writers").
+  repo.lockWriter(`backup ${opts.vm}`, { kind: 'backup' });
+  const run = newBackupRun(repo, opts, plan, { t0, tStart, tMark });
+  try {
+    const uid = opts.uid ?? newCheckpointUid();
+    run.cpId = insertRunningCheckpoint(run, uid);
+    const pageIds = new IdBlock(repo.db, 'page', 1024);
+    markPhase(run, 'startMs');
+    await startTracking(run, disks, uid);
+    await ingestDisks(run, () => pageIds.take());
+    const committedId = await commitBackup(run);
+    await dropStaleTracking(run);
+    return {
+      checkpoint: checkpointById(repo.db, committedId)!,
+      level: plan.level,
+      bytesRead: run.bytesRead,
+      bytesZero: run.bytesZero,
+      virtualSize: run.virtualSize,
+      chunks: run.chunks.stats,
+      durationMs: Date.now() - t0,
+    };
+  } catch (e) {
+    await abortBackup(run);
+    throw e;
+  } finally {
+    await run.pool.close();
+    repo.unlockWriter();
+  }
+}
+
+/** The state of a backup that now holds the writer lock: its ingest pool and chunk writer. */
+function newBackupRun(
+  repo: Repository,
+  opts: BackupOptions,
+  plan: Plan,
+  times: { t0: number; tStart: number; tMark: number },
+): BackupRun {
+  return {
+    repo,
+    opts,
+    plan,
+    ...times,
+    pool: new IngestPool(repo.config.compression.level, opts.workers, repo.cipher),
+    chunks: new ChunkWriter(repo.db, repo.dir, undefined, repo.tmpSubdir, repo.cipher !== null),
+    prepared: [],
+    cpId: undefined,
+    diskRows: [],
+    progress: { done: 0, total: 0 },
+    bytesRead: 0,
+    bytesZero: 0,
+    virtualSize: 0,
+  };
+}
+
+/** Check the names and the disk list of a request; touches nothing. */
+function checkBackupRequest(opts: BackupOptions): void {
   checkName('VM', opts.vm);
   if (opts.checkpoint !== undefined) checkName('checkpoint', opts.checkpoint);
   if (opts.disks.length === 0) throw new BkfsError('USAGE', 'no disks to back up (give --disk NAME=SOURCE)');
@@ -332,230 +435,269 @@ export async function runBackup(repo: Repository, opts: BackupOptions): Promise<
     if (seen.has(d.name)) throw new BkfsError('USAGE', `disk '${d.name}' is given twice`);
     seen.add(d.name);
   }
-  const { plan, disks } = await makePlan(repo, opts);
-  checkAborted(opts.signal);
-  let tMark = performance.now();
-  const mark = (k: 'planMs' | 'startMs' | 'trackMs' | 'openMs'): void => {
-    const now = performance.now();
-    if (opts.stats) opts.stats[k] += now - tMark;
-    tMark = now;
-  };
-  if (opts.stats) opts.stats.planMs += tMark - tStart;
+}
 
-  // Shared with other backups and with forget/gc (FORMAT.md, "Concurrent writers").
-  repo.lockWriter(`backup ${opts.vm}`, { kind: 'backup' });
+/**
+ * Insert the checkpoint as `running` in one short write transaction: the name is chosen and the row
+ * inserted with no other writer in between (a crash leaves a `running` row the next writer deletes).
+ */
+function insertRunningCheckpoint(run: BackupRun, uid: string): number {
+  const { repo, opts, plan } = run;
   const db = repo.db;
-  let cpId: number | undefined;
-  const pool = new IngestPool(repo.config.compression.level, opts.workers, repo.cipher);
-  const chunks = new ChunkWriter(db, repo.dir, undefined, repo.tmpSubdir, repo.cipher !== null);
-  const prepared: DiskPlan[] = [];
-  try {
-    const uid = opts.uid ?? newCheckpointUid();
-    // One short write transaction: the name is chosen and the row inserted with no other writer
-    // in between; a VM that another live writer is backing up is refused (its bitmaps and chain
-    // would be shared by two backups at once).
-    cpId = db
-      .transaction((): number => {
-        const name = opts.checkpoint ?? nextCheckpointName(repo, opts.vm);
-        const vm = ensureVm(db, opts.vm);
-        const busy = db
-          .prepare(
-            "SELECT writer FROM checkpoints WHERE vm_id = ? AND state = 'running' AND writer IS NOT NULL",
-          )
-          .all(vm.id) as { writer: string }[];
-        const other = busy.find((b) => b.writer !== repo.session && sessionLive(repo.dir, b.writer));
-        if (other) {
-          throw new BkfsError(
-            'REPO_LOCKED',
-            `VM '${opts.vm}' is being backed up by another process (pid ${other.writer.split('-')[0]})`,
-          );
-        }
-        if (db.prepare('SELECT 1 FROM checkpoints WHERE vm_id = ? AND name = ?').get(vm.id, name)) {
-          throw new BkfsError('BAD_NAME', `VM '${opts.vm}' already has a checkpoint named '${name}'`);
-        }
-        const ins = db
-          .prepare(
-            `INSERT INTO checkpoints (uid, vm_id, name, level, state, chain_id, parent_id, base_id, started, libvirt_checkpoint, writer)
-             VALUES (?, ?, ?, ?, 'running', 0, ?, ?, ?, ?, ?)`,
-          )
-          .run(
-            uid,
-            vm.id,
-            name,
-            plan.level,
-            plan.parent?.id ?? null,
-            plan.base?.id ?? null,
-            t0,
-            opts.libvirtCheckpoint ?? null,
-            repo.session ?? null,
-          );
-        const id = Number(ins.lastInsertRowid);
-        db.prepare('UPDATE checkpoints SET chain_id = ? WHERE id = ?').run(plan.base?.chain_id ?? id, id);
-        return id;
-      })
-      .immediate();
-
-    const pageIds = new IdBlock(db, 'page', 1024);
-    const allocPage = () => pageIds.take();
-    const progress = { done: 0, total: 0 };
-    let bytesRead = 0;
-    let bytesZero = 0;
-    let virtualSize = 0;
-    // Change tracking for the new checkpoint starts before any data is read.
-    const diskRows: { plan: DiskPlan; diskId: number; newBitmap: string | null }[] = [];
-    mark('startMs');
-    for (const dp of disks) {
-      const newBitmap = plan.level === 'copy' ? null : await dp.spec.source.prepare(bitmapName(uid));
-      mark('trackMs');
-      prepared.push(dp);
-      const id = cpId;
-      const r = db
-        .transaction(() =>
-          db
-            .prepare(
-              'INSERT INTO disks (checkpoint_id, name, virtual_size, source, format, bitmap) VALUES (?, ?, ?, ?, ?, ?)',
-            )
-            .run(id, dp.spec.name, dp.size, dp.spec.source.location, dp.format, newBitmap),
+  // A VM that another live writer is backing up is refused (its bitmaps and chain would be shared
+  // by two backups at once).
+  return db
+    .transaction((): number => {
+      const name = opts.checkpoint ?? nextCheckpointName(repo, opts.vm);
+      const vm = ensureVm(db, opts.vm);
+      const busy = db
+        .prepare(
+          "SELECT writer FROM checkpoints WHERE vm_id = ? AND state = 'running' AND writer IS NOT NULL",
         )
-        .immediate();
-      diskRows.push({ plan: dp, diskId: Number(r.lastInsertRowid), newBitmap });
-      virtualSize += dp.size;
-    }
-    const stats = opts.stats;
-    let elu = performance.eventLoopUtilization();
-    let tIngest = 0;
-    for (const d of diskRows) {
-      checkAborted(opts.signal);
-      tMark = performance.now();
-      const src = await d.plan.spec.source.open(d.plan.readBitmap);
-      mark('openMs');
-      let readers: NbdClient[] = [src.client];
-      if (stats) {
-        if (tIngest === 0) stats.setupMs = performance.now() - tStart;
-        tIngest = performance.now();
-        elu = performance.eventLoopUtilization();
-      }
-      try {
-        if (src.dirtyContext && !src.client.hasMetaContext(src.dirtyContext)) {
-          throw new BkfsError(
-            'CHAIN_BROKEN',
-            `${d.plan.spec.source.location} does not export ${src.dirtyContext}: use --level full`,
-          );
-        }
-        if (src.client.size !== d.plan.size) {
-          throw new BkfsError(
-            'SIZE_CHANGED',
-            `disk '${d.plan.spec.name}' changed size while being backed up`,
-          );
-        }
-        const writer = new DiskMapWriter(
-          db,
-          repo.config.pageSpan,
-          d.diskId,
-          d.plan.baseDisk?.id ?? null,
-          allocPage,
+        .all(vm.id) as { writer: string }[];
+      const other = busy.find((b) => b.writer !== repo.session && sessionLive(repo.dir, b.writer));
+      if (other) {
+        throw new BkfsError(
+          'REPO_LOCKED',
+          `VM '${opts.vm}' is being backed up by another process (pid ${other.writer.split('-')[0]})`,
         );
-        const r = await backupDisk({
-          client: src.client,
-          dirtyContext: src.dirtyContext,
-          size: d.plan.size,
-          chunkSize: repo.config.chunkSize,
-          pageSpan: repo.config.pageSpan,
-          recordZeros: d.plan.baseDisk !== null,
-          diskId: d.diskId,
-          writer,
-          pool,
-          chunks,
-          readers: (readers = await moreReaders(src.client, opts.connections ?? DEFAULT_CONNECTIONS)),
-          readSize: Math.max(opts.readSize ?? DEFAULT_READ_SIZE, repo.config.chunkSize),
-          readConcurrency: opts.readConcurrency ?? DEFAULT_READ_CONCURRENCY,
-          signal: opts.signal,
-          stats,
-          onBytes: (n, total) => {
-            if (total !== undefined) progress.total += total;
-            progress.done += n;
-            opts.onProgress?.({ disk: d.plan.spec.name, done: progress.done, total: progress.total });
-          },
-        });
-        writer.finish();
-        if (stats) stats.connections = Math.max(stats.connections, readers.length);
-        bytesRead += r.read;
-        bytesZero += r.zero;
-        db.transaction(() =>
-          db
-            .prepare('UPDATE disks SET bytes_read = ?, bytes_zero = ? WHERE id = ?')
-            .run(r.read, r.zero, d.diskId),
-        ).immediate();
-        if (stats) {
-          stats.ingestMs += performance.now() - tIngest;
-          const u = performance.eventLoopUtilization(elu);
-          stats.mainBusyMs += u.active;
-          stats.mainIdleMs += u.idle;
-        }
-      } finally {
-        for (const c of readers.slice(1)) await c.close().catch(() => undefined);
-        await src.close();
       }
-    }
-    const tCommit = performance.now();
-    await chunks.finish();
-    // Chunks another backup indexed first: point this backup's extents at those rows.
-    chunks.applyRemap(diskRows.map((d) => d.diskId));
-    checkAborted(opts.signal);
-    // Manifest (durable), then one transaction: configs, statistics, state = 'complete'.
-    commitCheckpoint(repo, cpId, {
-      configs: opts.configs ?? [],
-      bytesRead,
-      bytesNewRaw: chunks.stats.newRawBytes,
-      bytesNewStored: chunks.stats.newStoredBytes,
-      chunksNew: chunks.stats.newChunks,
-    });
-    const committedId = cpId;
-    cpId = undefined;
-    // Object storage: the manifest goes to the bucket after the index commit.
-    await publishManifests(repo, true);
-    if (stats) {
-      stats.commitMs = performance.now() - tCommit;
-      stats.hashMs = pool.times.hashMs;
-      stats.compressMs = pool.times.compressMs;
-      stats.chunks = pool.times.chunks;
-      stats.rawChunks = pool.times.rawCodecChunks;
-      stats.wallMs = performance.now() - tStart;
-    }
-    // The checkpoint is committed. Drop change tracking that no longer serves a chain.
-    if (plan.level === 'full') {
-      const history: BitmapHistory = {
-        expected: '',
-        known: knownBitmaps(repo, opts.vm),
-        legacyPrefix: legacyBitmapPrefix(repo.config.id),
-      };
-      for (const d of diskRows) {
-        const keep = new Set(d.newBitmap ? [d.newBitmap] : []);
-        await d.plan.spec.source
-          .afterCommit(keep, history, true)
-          .catch((e: unknown) => opts.onNotice?.(`could not remove old bitmaps: ${(e as Error).message}`));
+      if (db.prepare('SELECT 1 FROM checkpoints WHERE vm_id = ? AND name = ?').get(vm.id, name)) {
+        throw new BkfsError('BAD_NAME', `VM '${opts.vm}' already has a checkpoint named '${name}'`);
       }
-    }
-    return {
-      checkpoint: checkpointById(db, committedId)!,
-      level: plan.level,
-      bytesRead,
-      bytesZero,
-      virtualSize,
-      chunks: chunks.stats,
-      durationMs: Date.now() - t0,
-    };
-  } catch (e) {
-    await chunks.abort();
-    for (const dp of prepared) await dp.spec.source.rollback();
-    if (cpId !== undefined) {
-      const id = cpId;
-      db.transaction(() => deleteCheckpointRows(db, id)).immediate();
-    }
-    throw e;
+      const ins = db
+        .prepare(
+          `INSERT INTO checkpoints (uid, vm_id, name, level, state, chain_id, parent_id, base_id, started, libvirt_checkpoint, writer)
+             VALUES (?, ?, ?, ?, 'running', 0, ?, ?, ?, ?, ?)`,
+        )
+        .run(
+          uid,
+          vm.id,
+          name,
+          plan.level,
+          plan.parent?.id ?? null,
+          plan.base?.id ?? null,
+          run.t0,
+          opts.libvirtCheckpoint ?? null,
+          repo.session ?? null,
+        );
+      const id = Number(ins.lastInsertRowid);
+      db.prepare('UPDATE checkpoints SET chain_id = ? WHERE id = ?').run(plan.base?.chain_id ?? id, id);
+      return id;
+    })
+    .immediate();
+}
+
+/**
+ * Start change tracking for the new checkpoint on every disk (before any data is read) and insert
+ * each disk's row; every disk that prepared tracking is in `run.prepared`, for rollback.
+ */
+async function startTracking(run: BackupRun, disks: DiskPlan[], uid: string): Promise<void> {
+  const db = run.repo.db;
+  for (const dp of disks) {
+    const newBitmap = run.plan.level === 'copy' ? null : await dp.spec.source.prepare(bitmapName(uid));
+    markPhase(run, 'trackMs');
+    run.prepared.push(dp);
+    const id = run.cpId;
+    const r = db
+      .transaction(() =>
+        db
+          .prepare(
+            'INSERT INTO disks (checkpoint_id, name, virtual_size, source, format, bitmap) VALUES (?, ?, ?, ?, ?, ?)',
+          )
+          .run(id, dp.spec.name, dp.size, dp.spec.source.location, dp.format, newBitmap),
+      )
+      .immediate();
+    run.diskRows.push({ plan: dp, diskId: Number(r.lastInsertRowid), newBitmap });
+    run.virtualSize += dp.size;
+  }
+}
+
+/** Event-loop and timing marks of the ingest phase, carried from disk to disk. */
+interface IngestTimes {
+  elu: EventLoopUtilization;
+  tIngest: number;
+}
+
+/** Read, chunk and index every disk in turn (data goes to packs, maps to the `running` rows). */
+async function ingestDisks(run: BackupRun, allocPage: () => number): Promise<void> {
+  const times: IngestTimes = { elu: performance.eventLoopUtilization(), tIngest: 0 };
+  for (const d of run.diskRows) await ingestDisk(run, d, allocPage, times);
+}
+
+/** Open one disk's source, back it up into its page map and record its byte counts. */
+async function ingestDisk(
+  run: BackupRun,
+  d: TrackedDisk,
+  allocPage: () => number,
+  times: IngestTimes,
+): Promise<void> {
+  const { repo, opts } = run;
+  const stats = opts.stats;
+  checkAborted(opts.signal);
+  run.tMark = performance.now();
+  const src = await d.plan.spec.source.open(d.plan.readBitmap);
+  markPhase(run, 'openMs');
+  let readers: NbdClient[] = [src.client];
+  if (stats) {
+    if (times.tIngest === 0) stats.setupMs = performance.now() - run.tStart;
+    times.tIngest = performance.now();
+    times.elu = performance.eventLoopUtilization();
+  }
+  try {
+    checkOpenedSource(d, src);
+    const writer = new DiskMapWriter(
+      repo.db,
+      repo.config.pageSpan,
+      d.diskId,
+      d.plan.baseDisk?.id ?? null,
+      allocPage,
+    );
+    readers = await moreReaders(src.client, opts.connections ?? DEFAULT_CONNECTIONS);
+    const r = await backupDisk(diskJob(run, d, src.client, src.dirtyContext, writer, readers));
+    writer.finish();
+    recordDiskTotals(run, d, r, readers.length, times);
   } finally {
-    await pool.close();
-    repo.unlockWriter();
+    for (const c of readers.slice(1)) await c.close().catch(() => undefined);
+    await src.close();
+  }
+}
+
+/** The `backupDisk` job of one disk: its source connections, map writer and tuning; progress goes to `onProgress`. */
+function diskJob(
+  run: BackupRun,
+  d: TrackedDisk,
+  client: NbdClient,
+  dirtyContext: string | null,
+  writer: DiskMapWriter,
+  readers: NbdClient[],
+): DiskJob {
+  const { repo, opts } = run;
+  const stats = opts.stats;
+  return {
+    client,
+    dirtyContext,
+    size: d.plan.size,
+    chunkSize: repo.config.chunkSize,
+    pageSpan: repo.config.pageSpan,
+    recordZeros: d.plan.baseDisk !== null,
+    diskId: d.diskId,
+    writer,
+    pool: run.pool,
+    chunks: run.chunks,
+    readers,
+    readSize: Math.max(opts.readSize ?? DEFAULT_READ_SIZE, repo.config.chunkSize),
+    readConcurrency: opts.readConcurrency ?? DEFAULT_READ_CONCURRENCY,
+    signal: opts.signal,
+    stats,
+    onBytes: (n, total) => {
+      if (total !== undefined) run.progress.total += total;
+      run.progress.done += n;
+      opts.onProgress?.({ disk: d.plan.spec.name, done: run.progress.done, total: run.progress.total });
+    },
+  };
+}
+
+/** Refuse a source that lost its dirty bitmap or changed size since it was probed. */
+function checkOpenedSource(d: TrackedDisk, src: { client: NbdClient; dirtyContext: string | null }): void {
+  if (src.dirtyContext && !src.client.hasMetaContext(src.dirtyContext)) {
+    throw new BkfsError(
+      'CHAIN_BROKEN',
+      `${d.plan.spec.source.location} does not export ${src.dirtyContext}: use --level full`,
+    );
+  }
+  if (src.client.size !== d.plan.size) {
+    throw new BkfsError('SIZE_CHANGED', `disk '${d.plan.spec.name}' changed size while being backed up`);
+  }
+}
+
+/** Add a disk's read/zero bytes to the run, store them in its row and update the stats. */
+function recordDiskTotals(
+  run: BackupRun,
+  d: TrackedDisk,
+  r: { read: number; zero: number },
+  connections: number,
+  times: IngestTimes,
+): void {
+  const stats = run.opts.stats;
+  const db = run.repo.db;
+  if (stats) stats.connections = Math.max(stats.connections, connections);
+  run.bytesRead += r.read;
+  run.bytesZero += r.zero;
+  db.transaction(() =>
+    db.prepare('UPDATE disks SET bytes_read = ?, bytes_zero = ? WHERE id = ?').run(r.read, r.zero, d.diskId),
+  ).immediate();
+  if (stats) {
+    stats.ingestMs += performance.now() - times.tIngest;
+    const u = performance.eventLoopUtilization(times.elu);
+    stats.mainBusyMs += u.active;
+    stats.mainIdleMs += u.idle;
+  }
+}
+
+/**
+ * Seal the packs (fsync), write the manifest (durable), then flip the checkpoint to `complete` in
+ * one transaction (`commitCheckpoint`); returns its id. A crash before the flip leaves it `running`.
+ */
+async function commitBackup(run: BackupRun): Promise<number> {
+  const { repo, opts, chunks, pool } = run;
+  const stats = opts.stats;
+  const tCommit = performance.now();
+  await chunks.finish();
+  // Chunks another backup indexed first: point this backup's extents at those rows.
+  chunks.applyRemap(run.diskRows.map((d) => d.diskId));
+  checkAborted(opts.signal);
+  const committedId = run.cpId!;
+  // Manifest (durable), then one transaction: configs, statistics, state = 'complete'.
+  commitCheckpoint(repo, committedId, {
+    configs: opts.configs ?? [],
+    bytesRead: run.bytesRead,
+    bytesNewRaw: chunks.stats.newRawBytes,
+    bytesNewStored: chunks.stats.newStoredBytes,
+    chunksNew: chunks.stats.newChunks,
+  });
+  run.cpId = undefined;
+  // Object storage: the manifest goes to the bucket after the index commit.
+  await publishManifests(repo, true);
+  if (stats) {
+    stats.commitMs = performance.now() - tCommit;
+    stats.hashMs = pool.times.hashMs;
+    stats.compressMs = pool.times.compressMs;
+    stats.chunks = pool.times.chunks;
+    stats.rawChunks = pool.times.rawCodecChunks;
+    stats.wallMs = performance.now() - run.tStart;
+  }
+  return committedId;
+}
+
+/** After the commit of a full: drop change tracking that no longer serves a chain (notices only). */
+async function dropStaleTracking(run: BackupRun): Promise<void> {
+  const { repo, opts } = run;
+  if (run.plan.level !== 'full') return;
+  const history: BitmapHistory = {
+    expected: '',
+    known: knownBitmaps(repo, opts.vm),
+    legacyPrefix: legacyBitmapPrefix(repo.config.id),
+  };
+  for (const d of run.diskRows) {
+    const keep = new Set(d.newBitmap ? [d.newBitmap] : []);
+    await d.plan.spec.source
+      .afterCommit(keep, history, true)
+      .catch((e: unknown) => opts.onNotice?.(`could not remove old bitmaps: ${(e as Error).message}`));
+  }
+}
+
+/**
+ * Undo a failed backup: drop unsealed pack data, roll back the change tracking it started and delete
+ * its `running` rows, so the repository is as before.
+ */
+async function abortBackup(run: BackupRun): Promise<void> {
+  await run.chunks.abort();
+  for (const dp of run.prepared) await dp.spec.source.rollback();
+  if (run.cpId !== undefined) {
+    const id = run.cpId;
+    const db = run.repo.db;
+    db.transaction(() => deleteCheckpointRows(db, id)).immediate();
   }
 }
 

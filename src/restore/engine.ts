@@ -554,11 +554,70 @@ export async function runRestore(repo: Repository, o: RestoreOptions): Promise<R
   }
 }
 
+/** State one restore shares between its phases: what it restores, from where, and into what. */
+interface RestoreRun {
+  repo: Repository;
+  o: RestoreOptions;
+  /** Start of the restore (`durationMs`). */
+  t0: number;
+  reader: CheckpointReader;
+  /** `VM@CHECKPOINT` of the restored checkpoint, for messages. */
+  cpRef: string;
+  /** The checkpoint the target already holds (`--since`), and its `VM@CHECKPOINT`. */
+  since: { reader: CheckpointReader; cp: CheckpointRow } | undefined;
+  sinceRef: string | null;
+  jobs: Job[];
+  /** Target directory of a whole-VM restore; null for one disk or an NBD export. */
+  dir: string | null;
+  /** Incremental restore: the targets exist and are updated in place. */
+  update: boolean;
+}
+
+/** Progress over all disks of one restore. */
+type RestoreCounter = { done: number; total: number };
+
 async function restoreCheckpoint(
   repo: Repository,
   o: RestoreOptions,
   pool: DecodePool | null,
 ): Promise<RestoreResult> {
+  const run = openRestore(repo, o);
+  const { reader, since } = run;
+  // Everything that can be checked is checked before anything is written.
+  const sinceDisks = await checkTargets(run);
+  const cfg = await planRestoreConfigs(run);
+  makeTargetDir(run);
+
+  const pin = pinCheckpoints(repo, [reader.checkpoint.id, ...(since ? [since.cp.id] : [])]);
+  const progress: RestoreCounter = { done: 0, total: 0 };
+  const chunks = new PooledChunks(repo.packs, pool, o.cacheBytes ?? DEFAULT_CACHE_BYTES);
+  const results: DiskRestoreResult[] = [];
+  try {
+    stillThere(repo, [reader.checkpoint, ...(since ? [since.cp] : [])], reader.vm.name);
+    for (const j of run.jobs) {
+      if (o.signal?.aborted) throw interrupted();
+      results.push(await restoreDisk(run, j, sinceDisks.get(j.disk.name), progress, chunks));
+    }
+    const defined = await writeRestoreConfigs(run, cfg);
+    return {
+      vm: reader.vm.name,
+      checkpoint: reader.checkpoint.name,
+      since: since ? since.cp.name : null,
+      disks: results,
+      configs: cfg ? [...cfg.files.keys()] : [],
+      domainXml: cfg?.domainXml ?? null,
+      defined,
+      durationMs: Date.now() - run.t0,
+    };
+  } catch (e) {
+    throw withPartialNote(e, run.jobs);
+  } finally {
+    pin.release();
+  }
+}
+
+/** Open the checkpoint (and `--since`'s) and resolve the target of each disk; writes nothing. */
+function openRestore(repo: Repository, o: RestoreOptions): RestoreRun {
   const t0 = Date.now();
   const reader = CheckpointReader.open(repo, o.ref, {
     cacheBytes: o.cacheBytes ?? DEFAULT_CACHE_BYTES,
@@ -568,183 +627,221 @@ async function restoreCheckpoint(
   const since = o.since !== undefined ? sinceOf(repo, reader, o.since) : undefined;
   const sinceRef = since ? `${since.reader.vm.name}@${since.cp.name}` : null;
   const { jobs, dir } = resolveJobs(reader, o);
-  const update = since !== undefined;
+  return { repo, o, t0, reader, cpRef, since, sinceRef, jobs, dir, update: since !== undefined };
+}
 
-  // Everything that can be checked is checked before anything is written.
+/**
+ * Check every job's disk against `--since` and its target, before anything is written; returns
+ * each disk's row at `since` (empty without `--since`). May set a job's `kind` to its image's format.
+ */
+async function checkTargets(run: RestoreRun): Promise<Map<string, DiskRow>> {
   const sinceDisks = new Map<string, DiskRow>();
-  for (const j of jobs) {
-    if (since) {
-      const sd = since.reader.disks.find((d) => d.name === j.disk.name);
-      if (!sd) {
-        throw new BkfsError(
-          'CHAIN_BROKEN',
-          `disk '${j.disk.name}' is not in ${sinceRef}: restore it without --since`,
-        );
-      }
-      if (sd.virtual_size !== j.disk.virtual_size) {
-        throw new BkfsError(
-          'SIZE_CHANGED',
-          `disk '${j.disk.name}' is ${j.disk.virtual_size} bytes at ${cpRef} but ${sd.virtual_size} at ${sinceRef}: restore without --since`,
-        );
-      }
-      sinceDisks.set(j.disk.name, sd);
-      // Proof that the target holds `since` (marker.ts), or a full compare below.
-      if (!o.verifyTarget) {
-        if (j.kind === 'nbd') {
-          throw new BkfsError(
-            'TARGET_MISMATCH',
-            `${j.to} is an NBD export and carries no bkfs restore marker: add --verify-target to compare it with ${sinceRef} in full, or restore without --since`,
-          );
-        }
-        if (fs.existsSync(j.to)) checkMarker(j.to, subject(repo, since.reader.vm.name, since.cp, sd));
-      }
+  for (const j of run.jobs) {
+    if (run.since) sinceDisks.set(j.disk.name, checkSinceDisk(run, run.since, j));
+    await checkTarget(run, j);
+  }
+  return sinceDisks;
+}
+
+/** The job's disk at `since`: same size, and (without --verify-target) a marker proving the target holds it. */
+function checkSinceDisk(run: RestoreRun, since: NonNullable<RestoreRun['since']>, j: Job): DiskRow {
+  const { o, sinceRef } = run;
+  const sd = since.reader.disks.find((d) => d.name === j.disk.name);
+  if (!sd) {
+    throw new BkfsError(
+      'CHAIN_BROKEN',
+      `disk '${j.disk.name}' is not in ${sinceRef}: restore it without --since`,
+    );
+  }
+  if (sd.virtual_size !== j.disk.virtual_size) {
+    throw new BkfsError(
+      'SIZE_CHANGED',
+      `disk '${j.disk.name}' is ${j.disk.virtual_size} bytes at ${run.cpRef} but ${sd.virtual_size} at ${sinceRef}: restore without --since`,
+    );
+  }
+  // Proof that the target holds `since` (marker.ts), or a full compare when the disk is restored.
+  if (!o.verifyTarget) {
+    if (j.kind === 'nbd') {
+      throw new BkfsError(
+        'TARGET_MISMATCH',
+        `${j.to} is an NBD export and carries no bkfs restore marker: add --verify-target to compare it with ${sinceRef} in full, or restore without --since`,
+      );
     }
-    if (j.kind === 'nbd') continue;
-    if (dir !== null && !update) {
-      if (fs.existsSync(j.to) && !o.force) {
-        throw new BkfsError('TARGET_EXISTS', `${j.to} exists (use --force to replace it)`);
-      }
-      continue; // the directory is created below
+    if (fs.existsSync(j.to)) checkMarker(j.to, subject(run.repo, since.reader.vm.name, since.cp, sd));
+  }
+  return sd;
+}
+
+/** A file target must not exist (fresh restore, unless --force) or must be an image of the right format (update). */
+async function checkTarget(run: RestoreRun, j: Job): Promise<void> {
+  const { o, update } = run;
+  if (j.kind === 'nbd') return;
+  if (run.dir !== null && !update) {
+    if (fs.existsSync(j.to) && !o.force) {
+      throw new BkfsError('TARGET_EXISTS', `${j.to} exists (use --force to replace it)`);
     }
-    checkFileTarget(j.to, update ? 'update' : 'fresh', o.force ?? false);
-    if (update) {
-      const fmt = await detectImageFormat(j.to);
-      if (fmt !== j.kind) {
-        if (o.format) {
-          throw new BkfsError('TARGET_INVALID', `${j.to} is a ${fmt} image, not ${o.format}`);
-        }
-        j.kind = fmt;
+    return; // the directory is created by makeTargetDir
+  }
+  checkFileTarget(j.to, update ? 'update' : 'fresh', o.force ?? false);
+  if (update) {
+    const fmt = await detectImageFormat(j.to);
+    if (fmt !== j.kind) {
+      if (o.format) {
+        throw new BkfsError('TARGET_INVALID', `${j.to} is a ${fmt} image, not ${o.format}`);
       }
+      j.kind = fmt;
     }
   }
-  const configs = dir !== null ? reader.configs() : [];
+}
+
+/** Plan the configuration files of a whole-VM restore and check --define and their paths; writes nothing. */
+async function planRestoreConfigs(run: RestoreRun): Promise<ConfigPlan | null> {
+  const { o, dir, jobs } = run;
+  const configs = dir !== null ? run.reader.configs() : [];
   const diskMap: Record<string, DiskRewrite> = {};
   for (const j of jobs) {
     if (j.kind !== 'nbd') diskMap[j.disk.name] = { path: path.resolve(j.to), format: j.kind };
   }
-  let existingUuid: string | null = null;
-  if (o.define !== undefined) {
-    if (dir === null)
-      throw new BkfsError('USAGE', '--define needs a whole-VM restore into a directory (no --disk)');
-    if (!configs.some((c) => configFileName(c.name) === DOMAIN_XML)) {
-      throw new BkfsError(
-        'NOT_FOUND',
-        `${cpRef} has no saved ${DOMAIN_XML} to define (back up with --config ${DOMAIN_XML}=FILE)`,
-      );
-    }
-    existingUuid = await domainUuid(o.define, o.connect);
-    if (existingUuid !== null && !o.force) {
-      throw new BkfsError(
-        'TARGET_EXISTS',
-        `libvirt already has a domain named '${o.define}' (use --force to redefine it)`,
-      );
-    }
-  }
+  const existingUuid = o.define !== undefined ? await checkDefine(run, o.define, configs) : null;
   const cfg = dir !== null ? planConfigs(dir, configs, diskMap, o.define, existingUuid ?? undefined) : null;
-  if (cfg && !update && !o.force) {
+  if (cfg && !run.update && !o.force) {
     for (const p of cfg.files.keys()) {
       if (fs.existsSync(p)) throw new BkfsError('TARGET_EXISTS', `${p} exists (use --force to replace it)`);
     }
   }
-  if (dir !== null) {
-    // One level at a time, coded errors naming the user's path (makeDirs; 0700 like mkdirPrivate).
-    // A directory for a domain to be defined must let libvirt's QEMU user reach the disks (libvirt
-    // chowns the image files, not their directories): 0711, searchable but not listable; the
-    // images in it stay 0600.
-    makeDirs(dir, 'restore target', o.define !== undefined ? 0o711 : 0o700);
-  }
+  return cfg;
+}
 
-  const pin = pinCheckpoints(repo, [reader.checkpoint.id, ...(since ? [since.cp.id] : [])]);
-  const progress = { done: 0, total: 0 };
-  const chunks = new PooledChunks(repo.packs, pool, o.cacheBytes ?? DEFAULT_CACHE_BYTES);
-  const results: DiskRestoreResult[] = [];
+/** Check that `--define NAME` can be done; returns the UUID of libvirt's domain NAME, if any. */
+async function checkDefine(
+  run: RestoreRun,
+  name: string,
+  configs: { name: string; data: Buffer }[],
+): Promise<string | null> {
+  const { o } = run;
+  if (run.dir === null)
+    throw new BkfsError('USAGE', '--define needs a whole-VM restore into a directory (no --disk)');
+  if (!configs.some((c) => configFileName(c.name) === DOMAIN_XML)) {
+    throw new BkfsError(
+      'NOT_FOUND',
+      `${run.cpRef} has no saved ${DOMAIN_XML} to define (back up with --config ${DOMAIN_XML}=FILE)`,
+    );
+  }
+  const existingUuid = await domainUuid(name, o.connect);
+  if (existingUuid !== null && !o.force) {
+    throw new BkfsError(
+      'TARGET_EXISTS',
+      `libvirt already has a domain named '${name}' (use --force to redefine it)`,
+    );
+  }
+  return existingUuid;
+}
+
+/** Create the target directory of a whole-VM restore (the first write of the restore). */
+function makeTargetDir(run: RestoreRun): void {
+  if (run.dir === null) return;
+  // One level at a time, coded errors naming the user's path (makeDirs; 0700 like mkdirPrivate).
+  // A directory for a domain to be defined must let libvirt's QEMU user reach the disks (libvirt
+  // chowns the image files, not their directories): 0711, searchable but not listable; the
+  // images in it stay 0600.
+  makeDirs(run.dir, 'restore target', run.o.define !== undefined ? 0o711 : 0o700);
+}
+
+/**
+ * Restore one disk into its target. Crash safety: the target carries no marker while it is
+ * written (a crash leaves none); the marker is written only after `target.finish()`.
+ */
+async function restoreDisk(
+  run: RestoreRun,
+  j: Job,
+  sd: DiskRow | undefined,
+  progress: RestoreCounter,
+  chunks: PooledChunks,
+): Promise<DiskRestoreResult> {
+  const { o, reader } = run;
+  const t1 = Date.now();
+  const size = j.disk.virtual_size;
+  // No marker may claim a content while the file is being written (a crash leaves none).
+  if (j.kind !== 'nbd' && !run.update) removeMarker(j.to);
+  const target = await openTarget(j, size, run.update);
+  let ok = false;
   try {
-    stillThere(repo, [reader.checkpoint, ...(since ? [since.cp] : [])], reader.vm.name);
-    for (const j of jobs) {
-      if (o.signal?.aborted) throw interrupted();
-      const t1 = Date.now();
-      const size = j.disk.virtual_size;
-      // No marker may claim a content while the file is being written (a crash leaves none).
-      if (j.kind !== 'nbd' && !update) removeMarker(j.to);
-      const target = await openTarget(j, size, update);
-      let ok = false;
-      try {
-        let runs: Iterable<Run<ChunkLocation>>;
-        let diffInfo: DiskDiff | undefined;
-        if (since) {
-          const sd = sinceDisks.get(j.disk.name)!;
-          diffInfo = diffDisks(repo, since.reader, sd, reader, j.disk);
-          if (o.verifyTarget) await compareTarget(since.reader, sd, target, sinceRef!, o.signal);
-          else await checkSince(reader, j.disk, diffInfo.samePages, target, sinceRef!);
-          if (j.kind !== 'nbd') removeMarker(j.to);
-          progress.total += diffInfo.extents.reduce((n, e) => n + (e.loc ? e.length : 0), 0);
-          runs = planRuns(diffInfo.extents, {
-            size,
-            maxRun: o.runBytes ?? DEFAULT_RUN_BYTES,
-            zeros: true,
-            fillGaps: false,
-          });
-        } else {
-          progress.total += dataBytes(repo, j.disk.id);
-          runs = planRuns(reader.extents(j.disk.name), {
-            size,
-            maxRun: o.runBytes ?? DEFAULT_RUN_BYTES,
-            zeros: !target.fresh,
-            fillGaps: !target.fresh,
-          });
-        }
-        const st = await copyDiskRuns(reader, j.disk, target, runs, o, progress, chunks);
-        await target.finish();
-        // Images are created 0600 (private-fs.ts); a wider mode only when the user asked for it.
-        if (o.mode !== undefined && j.kind !== 'nbd') await fsp.chmod(j.to, o.mode);
-        ok = true;
-        if (j.kind !== 'nbd') writeMarker(j.to, subject(repo, reader.vm.name, reader.checkpoint, j.disk));
-        if (j.kind === 'nbd' && target.size > size) {
-          o.onNotice?.(
-            `${target.description} is larger than the disk (${target.size} > ${size} bytes); bytes past ${size} were left as they were`,
-          );
-        }
-        results.push({
-          disk: j.disk.name,
-          target: target.description,
-          format: j.kind,
-          virtualSize: size,
-          bytesWritten: st.data,
-          bytesZeroed: st.zero,
-          holes: target.fresh ? size - st.data : 0,
-          ...(diffInfo
-            ? { pagesCompared: diffInfo.pagesCompared, pagesSkipped: diffInfo.samePages.length }
-            : {}),
-          durationMs: Date.now() - t1,
-        });
-      } finally {
-        if (!ok) await target.abort();
-      }
-    }
-    let defined: string | null = null;
-    if (cfg) {
-      for (const n of cfg.notes) o.onNotice?.(n);
-      await writeConfigFiles(cfg.files);
-      if (o.define !== undefined && cfg.domainXml) {
-        await defineDomain(cfg.domainXml, o.connect);
-        defined = o.define;
-      }
+    const { runs, diffInfo } = await planDiskRuns(run, j, sd, target, progress);
+    const st = await copyDiskRuns(reader, j.disk, target, runs, o, progress, chunks);
+    await target.finish();
+    // Images are created 0600 (private-fs.ts); a wider mode only when the user asked for it.
+    if (o.mode !== undefined && j.kind !== 'nbd') await fsp.chmod(j.to, o.mode);
+    ok = true;
+    if (j.kind !== 'nbd') writeMarker(j.to, subject(run.repo, reader.vm.name, reader.checkpoint, j.disk));
+    if (j.kind === 'nbd' && target.size > size) {
+      o.onNotice?.(
+        `${target.description} is larger than the disk (${target.size} > ${size} bytes); bytes past ${size} were left as they were`,
+      );
     }
     return {
-      vm: reader.vm.name,
-      checkpoint: reader.checkpoint.name,
-      since: since ? since.cp.name : null,
-      disks: results,
-      configs: cfg ? [...cfg.files.keys()] : [],
-      domainXml: cfg?.domainXml ?? null,
-      defined,
-      durationMs: Date.now() - t0,
+      disk: j.disk.name,
+      target: target.description,
+      format: j.kind,
+      virtualSize: size,
+      bytesWritten: st.data,
+      bytesZeroed: st.zero,
+      holes: target.fresh ? size - st.data : 0,
+      ...(diffInfo ? { pagesCompared: diffInfo.pagesCompared, pagesSkipped: diffInfo.samePages.length } : {}),
+      durationMs: Date.now() - t1,
     };
-  } catch (e) {
-    throw withPartialNote(e, jobs);
   } finally {
-    pin.release();
+    if (!ok) await target.abort();
   }
+}
+
+/**
+ * The runs to write to one opened target and add them to `progress.total`. With `--since`: first
+ * proves the target holds `since` (compare or spot checks), then removes its marker, then diffs.
+ */
+async function planDiskRuns(
+  run: RestoreRun,
+  j: Job,
+  sd: DiskRow | undefined,
+  target: RestoreTarget,
+  progress: RestoreCounter,
+): Promise<{ runs: Iterable<Run<ChunkLocation>>; diffInfo: DiskDiff | undefined }> {
+  const { repo, o, reader, since } = run;
+  const size = j.disk.virtual_size;
+  if (since) {
+    const diffInfo = diffDisks(repo, since.reader, sd!, reader, j.disk);
+    if (o.verifyTarget) await compareTarget(since.reader, sd!, target, run.sinceRef!, o.signal);
+    else await checkSince(reader, j.disk, diffInfo.samePages, target, run.sinceRef!);
+    if (j.kind !== 'nbd') removeMarker(j.to);
+    progress.total += diffInfo.extents.reduce((n, e) => n + (e.loc ? e.length : 0), 0);
+    const runs = planRuns(diffInfo.extents, {
+      size,
+      maxRun: o.runBytes ?? DEFAULT_RUN_BYTES,
+      zeros: true,
+      fillGaps: false,
+    });
+    return { runs, diffInfo };
+  }
+  progress.total += dataBytes(repo, j.disk.id);
+  const runs = planRuns(reader.extents(j.disk.name), {
+    size,
+    maxRun: o.runBytes ?? DEFAULT_RUN_BYTES,
+    zeros: !target.fresh,
+    fillGaps: !target.fresh,
+  });
+  return { runs, diffInfo: undefined };
+}
+
+/** Write the planned configuration files (temp file + rename each), then define the domain if asked. */
+async function writeRestoreConfigs(run: RestoreRun, cfg: ConfigPlan | null): Promise<string | null> {
+  const { o } = run;
+  if (!cfg) return null;
+  for (const n of cfg.notes) o.onNotice?.(n);
+  await writeConfigFiles(cfg.files);
+  if (o.define !== undefined && cfg.domainXml) {
+    await defineDomain(cfg.domainXml, o.connect);
+    return o.define;
+  }
+  return null;
 }
 
 /**
