@@ -12,7 +12,7 @@ import { parse as parseToml, TomlError } from 'smol-toml';
 import { z } from 'zod';
 import { BkfsError } from '../errors';
 import { parseDuration } from '../util/format';
-import { parseKeepWithin, type KeepWithin, type RetentionPolicy } from '../repo/retention';
+import { KEEP_COUNT_FLAGS, parseKeepWithin, type KeepWithin, type RetentionPolicy } from '../repo/retention';
 
 export const DEFAULT_URI = 'qemu:///system';
 export const LEVEL_MODES = ['auto', 'full', 'inc', 'diff', 'copy'] as const;
@@ -339,15 +339,7 @@ function normalize(raw: Raw, file: string, text: string): JobSpec {
 /** The `forget` options that express `policy` (for the child `bkfs forget`). */
 export function retentionArgs(policy: RetentionPolicy): string[] {
   const out: string[] = [];
-  const flags = [
-    ['keepLast', '--keep-last'],
-    ['keepHourly', '--keep-hourly'],
-    ['keepDaily', '--keep-daily'],
-    ['keepWeekly', '--keep-weekly'],
-    ['keepMonthly', '--keep-monthly'],
-    ['keepYearly', '--keep-yearly'],
-  ] as const;
-  for (const [k, flag] of flags) if (policy[k] !== undefined) out.push(flag, String(policy[k]));
+  for (const [k, flag] of KEEP_COUNT_FLAGS) if (policy[k] !== undefined) out.push(flag, String(policy[k]));
   const w = policy.keepWithin;
   if (w) {
     const span = `${w.years ? `${w.years}y` : ''}${w.months ? `${w.months}m` : ''}${w.days ? `${w.days}d` : ''}${w.hours ? `${w.hours}h` : ''}`;

@@ -24,6 +24,16 @@ export interface RetentionPolicy {
   keepWithin?: KeepWithin;
 }
 
+/** The count rules of a policy and the `forget` option of each (the CLI and job files share them). */
+export const KEEP_COUNT_FLAGS = [
+  ['keepLast', '--keep-last'],
+  ['keepHourly', '--keep-hourly'],
+  ['keepDaily', '--keep-daily'],
+  ['keepWeekly', '--keep-weekly'],
+  ['keepMonthly', '--keep-monthly'],
+  ['keepYearly', '--keep-yearly'],
+] as const;
+
 /** A calendar span for keep-within: years and months count calendar months, days calendar days. */
 export interface KeepWithin {
   years: number;

@@ -124,20 +124,12 @@ function count(name: string, v: string | undefined): number | undefined {
 /** The retention policy of `forget --keep-*`; an empty policy when none is given. */
 async function forgetPolicy(opts: ForgetCli): Promise<RetentionPolicy> {
   const policy: RetentionPolicy = {};
-  const counts = [
-    ['keepLast', '--keep-last'],
-    ['keepHourly', '--keep-hourly'],
-    ['keepDaily', '--keep-daily'],
-    ['keepWeekly', '--keep-weekly'],
-    ['keepMonthly', '--keep-monthly'],
-    ['keepYearly', '--keep-yearly'],
-  ] as const;
-  for (const [key, flag] of counts) {
+  const { KEEP_COUNT_FLAGS, parseKeepWithin } = await import('../../repo/retention');
+  for (const [key, flag] of KEEP_COUNT_FLAGS) {
     const n = count(flag, opts[key]);
     if (n !== undefined) policy[key] = n;
   }
   if (opts.keepWithin !== undefined) {
-    const { parseKeepWithin } = await import('../../repo/retention');
     try {
       policy.keepWithin = parseKeepWithin(opts.keepWithin);
     } catch (e) {
