@@ -55,7 +55,7 @@ import {
   RECORD_HEADER_LEN,
   checkRecordLengths,
   trailerBytesFor,
-  trailerKindOf,
+  trailerEntryLen,
   type TrailerKind,
 } from '../store/packs';
 
@@ -647,7 +647,7 @@ export async function runGc(repo: Repository, o: GcOptions = {}): Promise<GcRepo
 
     // 4-5. Packs: delete the dead ones, rewrite the ones with dead bytes.
     const pinnedChunks = chunksOfCheckpoints(run.db, run.pins.ids);
-    const trailer = trailerKindOf(repo.remote !== null, repo.encrypted);
+    const trailer = repo.trailerKind;
     const infos = packInfos(run.db, pinnedChunks, trailer);
     if (o.dryRun) discountDeadChunks(run.db, infos, dead, trailer);
     const deadPacks = infos.filter((p) => p.chunks === 0);
@@ -777,7 +777,7 @@ function discountDeadChunks(
     const p = byId.get((packOf.get(id) as { p: number }).p);
     if (p) {
       p.chunks--;
-      p.live -= RECORD_HEADER_LEN + len + trailerBytesFor(1, trailer) - trailerBytesFor(0, trailer);
+      p.live -= RECORD_HEADER_LEN + len + trailerEntryLen(trailer);
     }
   }
 }

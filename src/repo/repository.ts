@@ -37,7 +37,7 @@ import {
   unlock,
   type EncryptionConfig,
 } from '../crypto/keyring';
-import { PackReader } from '../store/packs';
+import { PackReader, trailerKindOf, type TrailerKind } from '../store/packs';
 import {
   CHUNK_CACHE_DIR,
   initRemote,
@@ -192,6 +192,11 @@ export class Repository {
 
   get encrypted(): boolean {
     return this.cipher !== null;
+  }
+
+  /** The trailer this repository's new packs carry (none locally; gc and stats count it as live). */
+  get trailerKind(): TrailerKind {
+    return trailerKindOf(this.remote !== null, this.encrypted);
   }
 
   static init(dir: string, opts: InitOptions = {}): Repository {

@@ -17,7 +17,7 @@
  * of the pages in use.
  */
 import type { Repository } from './repository';
-import { PACK_HEADER_LEN, RECORD_HEADER_LEN, trailerBytesFor, trailerKindOf } from '../store/packs';
+import { PACK_HEADER_LEN, RECORD_HEADER_LEN, trailerBytesFor, trailerEntryLen } from '../store/packs';
 import { listPacks } from '../store/location';
 
 export interface CheckpointStats {
@@ -311,8 +311,8 @@ async function packStats(
   const indexedStored = chunkRows.reduce((a, c) => a + c.stored, 0);
   // Live = chunks used by any checkpoint that still has rows (complete or pinned-forgotten).
   // A bucket pack's trailer: an entry per live record and a footer per pack are live too.
-  const trailer = trailerKindOf(repo.remote !== null, repo.encrypted);
-  const perEntry = trailerBytesFor(1, trailer) - trailerBytesFor(0, trailer);
+  const trailer = repo.trailerKind;
+  const perEntry = trailerEntryLen(trailer);
   let liveBytes = files.length * trailerBytesFor(0, trailer);
   for (const c of chunkRows) if (cpCount[c.id]! > 0) liveBytes += RECORD_HEADER_LEN + c.stored + perEntry;
   return {

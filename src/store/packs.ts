@@ -144,8 +144,13 @@ export function trailerKindOf(remote: boolean, encrypted: boolean): TrailerKind 
  */
 export function trailerBytesFor(records: number, kind: TrailerKind): number {
   if (kind === 'none') return 0;
-  const plain = records * RECORD_HEADER_LEN + TRAILER_FOOTER_LEN;
+  const plain = records * trailerEntryLen(kind) + TRAILER_FOOTER_LEN;
   return kind === 'plain' ? plain : plain + SEAL_OVERHEAD + SEALED_TRAILER_FOOTER_LEN;
+}
+
+/** Bytes one record adds to its pack's trailer: its header again (0 without a trailer). */
+export function trailerEntryLen(kind: TrailerKind): number {
+  return kind === 'none' ? 0 : RECORD_HEADER_LEN;
 }
 
 /**
