@@ -22,13 +22,18 @@ async function keys(s: ObjectStore, prefix: string): Promise<string[]> {
 }
 
 describe('LocalStore', () => {
+  let parent: string;
   let dir: string;
   let store: LocalStore;
   before(() => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-store-objstore-'));
+    // The store in a private parent: a key that escaped it would land beside it, in `parent`
+    // (not in /tmp, where other files may have any name).
+    parent = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-store-objstore-'));
+    dir = path.join(parent, 'store');
+    fs.mkdirSync(dir);
     store = new LocalStore(dir);
   });
-  after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  after(() => fs.rmSync(parent, { recursive: true, force: true }));
 
   it('refuses keys that could leave the store (.., absolute, empty, odd characters) with USAGE', async () => {
     for (const k of ['', '..', '../x', 'a/../../x', '/etc/passwd', 'a//b', 'a/./b', 'a/', 'a b', 'a\\b']) {
@@ -41,7 +46,7 @@ describe('LocalStore', () => {
     await assert.rejects(keys(store, '../'), code('USAGE'));
     await assert.rejects(keys(store, '/etc/'), code('USAGE'));
     assert.deepEqual(fs.readdirSync(dir), [], 'nothing was created');
-    assert.equal(fs.existsSync(path.join(path.dirname(dir), 'x')), false);
+    assert.deepEqual(fs.readdirSync(parent), ['store'], 'nothing was created beside the store');
   });
 
   it('put ifAbsent: the second one is TARGET_EXISTS and the first content stays', async () => {
