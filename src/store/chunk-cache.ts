@@ -150,6 +150,20 @@ class FrameCache {
 }
 
 const SLAB_SHIFT = 6;
+
+/** Size of a pooled buffer for a whole stored chunk (a 256 KiB chunk's stored bytes are smaller). */
+const STORED_SLOT = 256 * 1024;
+const STORED_POOL_MAX = 16;
+
+/** A whole stored chunk being read, shared by its concurrent readers (`borrowStored`). */
+interface StoredRead {
+  p: Promise<Buffer>;
+  /** Holders that have not given it back. */
+  refs: number;
+  settled: boolean;
+  /** The pooled buffer behind `p`'s bytes, until it goes back to the pool. */
+  pooled: Buffer | undefined;
+}
 /** Slot size of the frame cache: frames of this bkfs (32 KiB); larger frames are decoded uncached. */
 const FRAME_SLOT = 32 * 1024;
 
@@ -165,8 +179,12 @@ export class ChunkLoader {
   /** Checked frame tables of codec-2 chunks, by chunk id. */
   private readonly tables: LRUCache<number, FrameTable>;
   /** Whole stored bytes of codec-2 chunks being read (shared by concurrent first reads; not kept). */
-  private readonly storedInflight = new Map<number, Promise<Buffer>>();
+  private readonly storedInflight = new Map<number, StoredRead>();
+  /** Reused buffers for whole stored chunks (`STORED_SLOT` bytes each), see `borrowStored`. */
+  private readonly storedPool: Buffer[] = [];
   framesDecoded = 0;
+  /** Pooled buffers for whole stored chunks allocated so far (statistics; tests check the reuse). */
+  storedBuffers = 0;
   /** Read small ranges of frames chunks frame by frame (false: always whole chunks; for A/B in bench/). */
   frameReads = true;
   private readonly locStmt: Database.Statement;
@@ -243,21 +261,27 @@ export class ChunkLoader {
     if (table && this.frameHits(id, table, from, to, out, outOff)) return;
     try {
       if (!table) {
-        // First read of this chunk: its whole stored bytes, one read (shared with concurrent ones).
-        const data = await this.storedBytes(id, loc);
-        table = this.tables.get(id);
-        if (!table) {
-          table = parseFrameTable(data, loc.rawLen, loc.storedLen, loc.hash);
-          this.tables.set(id, table);
+        // First read of this chunk: its whole stored bytes, one read (shared with concurrent ones),
+        // in a pooled buffer lent until this continuation returns (everything below is synchronous).
+        const lent = this.borrowStored(id, loc);
+        try {
+          const data = await lent.p;
+          table = this.tables.get(id);
+          if (!table) {
+            table = parseFrameTable(data, loc.rawLen, loc.storedLen, loc.hash);
+            this.tables.set(id, table);
+          }
+          const t = table;
+          this.eachFrame(t, from, to, (i, f) => {
+            const key = frameKey(id, i);
+            const raw =
+              this.frames.get(key) ??
+              this.decodeTo(key, f, data.subarray(f.storedOff, f.storedOff + f.storedLen));
+            copyFrame(raw, f, from, to, out, outOff); // at once: a cache slot is only lent
+          });
+        } finally {
+          this.giveBack(lent);
         }
-        const t = table;
-        this.eachFrame(t, from, to, (i, f) => {
-          const key = frameKey(id, i);
-          const raw =
-            this.frames.get(key) ??
-            this.decodeTo(key, f, data.subarray(f.storedOff, f.storedOff + f.storedLen));
-          copyFrame(raw, f, from, to, out, outOff); // at once: a cache slot is only lent
-        });
         return;
       }
       // The table is known: read and decode only the missing frames (each one small read).
@@ -398,19 +422,56 @@ export class ChunkLoader {
     return p;
   }
 
-  /** The whole stored bytes of a chunk: being read, or read now (one read, shared; not kept). */
-  private storedBytes(id: number, loc: ChunkLocation): Promise<Buffer> {
-    const running = this.storedInflight.get(id);
-    if (running) return running;
-    const p = this.packs
-      .read(loc.pack, loc.offset, loc.storedLen)
-      .then((data) => {
-        this.bytesFromStore += loc.storedLen;
-        return data;
-      })
-      .finally(() => this.storedInflight.delete(id));
-    this.storedInflight.set(id, p);
-    return p;
+  /**
+   * The whole stored bytes of a chunk: being read, or read now (one read, shared; not kept). The
+   * caller holds a reference until `giveBack`, and uses the bytes only synchronously after its
+   * `await`: the buffer goes back to the pool once the read has settled and every holder gave it
+   * back. Pooling matters: a fresh 128 KiB buffer per cold random read made V8 run a full
+   * mark-compact every ~100 ms (external memory), which set the QD1 tail (bench/README.md).
+   */
+  private borrowStored(id: number, loc: ChunkLocation): StoredRead {
+    let r = this.storedInflight.get(id);
+    if (!r) {
+      const pooled =
+        loc.storedLen <= STORED_SLOT ? (this.storedPool.pop() ?? this.newStoredBuffer()) : undefined;
+      const target = pooled ? pooled.subarray(0, loc.storedLen) : Buffer.allocUnsafe(loc.storedLen);
+      const entry: StoredRead = {
+        refs: 0,
+        settled: false,
+        pooled,
+        p: this.packs.readInto(loc.pack, loc.offset, target).then(() => {
+          this.bytesFromStore += loc.storedLen;
+          return target;
+        }),
+      };
+      // Registered before any holder's await, so it runs first: later holders find no entry.
+      const settle = (): void => {
+        this.storedInflight.delete(id);
+        entry.settled = true;
+        this.recycle(entry);
+      };
+      entry.p.then(settle, settle);
+      this.storedInflight.set(id, entry);
+      r = entry;
+    }
+    r.refs++;
+    return r;
+  }
+
+  private newStoredBuffer(): Buffer {
+    this.storedBuffers++;
+    return Buffer.allocUnsafeSlow(STORED_SLOT);
+  }
+
+  private giveBack(r: StoredRead): void {
+    r.refs--;
+    this.recycle(r);
+  }
+
+  private recycle(r: StoredRead): void {
+    if (!r.settled || r.refs > 0 || r.pooled === undefined) return;
+    if (this.storedPool.length < STORED_POOL_MAX) this.storedPool.push(r.pooled);
+    r.pooled = undefined;
   }
 
   private damage(id: number, loc: ChunkLocation, e: unknown): BkfsError {
@@ -425,8 +486,23 @@ export class ChunkLoader {
   private async fetch(id: number, given?: ChunkLocation): Promise<Buffer> {
     const loc = given ?? this.location(id);
     const running = this.storedInflight.get(id);
-    const stored = running ? await running : await this.packs.read(loc.pack, loc.offset, loc.storedLen);
-    if (!running) this.bytesFromStore += loc.storedLen;
+    if (running) running.refs++;
+    try {
+      const stored = running ? await running.p : await this.packs.read(loc.pack, loc.offset, loc.storedLen);
+      if (!running) this.bytesFromStore += loc.storedLen;
+      const raw = this.decodeFetched(id, loc, stored);
+      // Pooled stored bytes go back to the pool: a result that is a view of them must own its bytes.
+      return running && raw.buffer === stored.buffer ? this.recache(id, raw) : raw;
+    } finally {
+      if (running) this.giveBack(running);
+    }
+  }
+
+  /**
+   * Decode and check a chunk's stored bytes and cache the result. The result never shares memory
+   * with `stored` unless `stored` was the caller's own read (codec 0): pooled bytes are never kept.
+   */
+  private decodeFetched(id: number, loc: ChunkLocation, stored: Buffer): Buffer {
     const c = this.packs.cipher;
     let raw: Buffer;
     try {
@@ -447,6 +523,12 @@ export class ChunkLoader {
     this.chunksDecoded++;
     this.cache.set(id, raw);
     return raw;
+  }
+
+  private recache(id: number, view: Buffer): Buffer {
+    const own = Buffer.from(view);
+    this.cache.set(id, own);
+    return own;
   }
 
   clear(): void {

@@ -368,6 +368,48 @@ describe('ChunkLoader.copyRange over a real pack', () => {
     assert.ok(loader.framesDecoded > 20);
   });
 
+  it('first reads share pooled stored-bytes buffers: concurrent frame reads and whole loads get their own bytes', async () => {
+    // A cache too small to keep tables or chunks for long: first reads (whole stored chunk into a
+    // pooled buffer) keep recurring, concurrently with whole-chunk loads that share the same read.
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(
+          fc.array(
+            fc.record({
+              chunk: fc.integer({ min: 0, max: 4 }),
+              whole: fc.boolean(),
+              at: fc.integer({ min: 0, max: 256 * KiB - 4096 }),
+            }),
+            { minLength: 1, maxLength: 12 },
+          ),
+          { minLength: 1, maxLength: 6 },
+        ),
+        async (batches) => {
+          const loader = new ChunkLoader(db, packs, 48 * KiB);
+          for (const batch of batches) {
+            await Promise.all(
+              batch.map(async ({ chunk, whole, at }) => {
+                const c = chunks[chunk]!;
+                if (whole) {
+                  const raw = await loader.load(c.loc.id, c.loc);
+                  assert.ok(raw.equals(c.raw), `chunk ${chunk} whole`);
+                  return;
+                }
+                const out = Buffer.alloc(4096);
+                await loader.copyRange(c.loc.id, c.loc, at, at + 4096, out, 0);
+                assert.ok(out.equals(c.raw.subarray(at, at + 4096)), `chunk ${chunk} at ${at}`);
+              }),
+            );
+            loader.clear();
+          }
+          // Buffers go back to the pool: never more than the reads that were in flight at once.
+          assert.ok(loader.storedBuffers <= Math.max(...batches.map((b) => b.length)));
+        },
+      ),
+      { numRuns: 60 },
+    );
+  });
+
   it('a frame damaged after its table was cached fails alone (DATA_DAMAGED); a damaged table fails the chunk', async () => {
     const c = chunks[5]!;
     const file = packPath(dir, c.loc.pack);
