@@ -412,7 +412,7 @@ function newBackupRun(
     opts,
     plan,
     ...times,
-    pool: new IngestPool(repo.config.compression.level, opts.workers, repo.cipher),
+    pool: new IngestPool(repo.config.compression.level, opts.workers, repo.cipher, repo.writesRawFrames),
     chunks: new ChunkWriter(repo.db, repo.dir, undefined, repo.tmpSubdir, repo.cipher !== null),
     prepared: [],
     cpId: undefined,
@@ -907,7 +907,7 @@ async function backupDisk(job: DiskJob): Promise<{ read: number; zero: number }>
                 st.poolMs += now - tp;
                 tp = now;
               }
-              const id = await job.chunks.put(enc.hash, enc.codec, enc.stored, p.length);
+              const id = await job.chunks.put(enc.hash, enc.codec, enc.stored, p.length, enc.tail);
               if (st) st.putMs += performance.now() - tp;
               return {
                 offset: p.offset,

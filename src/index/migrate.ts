@@ -20,7 +20,12 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type Database from 'better-sqlite3';
 import type { Repository } from '../repo/repository';
-import { PLAIN_FORMAT_VERSION, SCHEMA_V2_TABLES, SCHEMA_V3_CHANGES } from './schema';
+import {
+  PLAIN_FORMAT_VERSION,
+  RAW_FRAMES_FORMAT_VERSION,
+  SCHEMA_V2_TABLES,
+  SCHEMA_V3_CHANGES,
+} from './schema';
 import { repoModes, writeFileDurable } from '../util/private-fs';
 import { pageSum, writeDiskSums, type PageSum, type SumExtent } from './mapsum';
 
@@ -133,11 +138,43 @@ export function migrateToV4(repo: Repository): boolean {
   return migrated;
 }
 
+/**
+ * Bring a local plain repository from format 4 to 6 (raw frames; FORMAT.md "Raw frames (format
+ * 6)"): no table changes, only the number, set in the index, then in `bkfs-repo.json`, before this
+ * writer writes a raw-frames record, so that an older bkfs, which refuses such records as damaged,
+ * refuses the repository instead. Encrypted repositories (5) and repositories in a bucket (whose
+ * configuration lives in the bucket) keep their format and get no raw frames. Returns true if the
+ * index changed.
+ */
+export function migrateToV6(repo: Repository): boolean {
+  if (!upgradesToRawFrames(repo)) return false;
+  const db = repo.db;
+  let migrated = false;
+  if (indexFormat(db) < RAW_FRAMES_FORMAT_VERSION) {
+    db.prepare("UPDATE meta SET value = '6' WHERE key = 'format'").run();
+    migrated = true;
+  }
+  const cfgPath = path.join(repo.dir, 'bkfs-repo.json');
+  const raw = JSON.parse(fs.readFileSync(cfgPath, 'utf8')) as Record<string, unknown>;
+  if (typeof raw.format !== 'number' || raw.format < RAW_FRAMES_FORMAT_VERSION) {
+    raw.format = RAW_FRAMES_FORMAT_VERSION;
+    writeFileDurable(cfgPath, Buffer.from(JSON.stringify(raw, null, 2) + '\n'), repoModes(repo.dir).file);
+  }
+  (repo.config as { format: number }).format = RAW_FRAMES_FORMAT_VERSION;
+  return migrated;
+}
+
+/** Whether migrations take this repository to format 6: local and plain. */
+function upgradesToRawFrames(repo: Repository): boolean {
+  return repo.config.encryption === undefined && repo.remote === null;
+}
+
 /** Does this repository need a migration (index or config older than this bkfs writes)? */
 export function needsMigration(repo: Repository): boolean {
-  if (indexFormat(repo.db) < PLAIN_FORMAT_VERSION) return true;
+  const target = upgradesToRawFrames(repo) ? PLAIN_FORMAT_VERSION : 4;
+  if (indexFormat(repo.db) < target) return true;
   const raw = JSON.parse(fs.readFileSync(path.join(repo.dir, 'bkfs-repo.json'), 'utf8')) as {
     format?: unknown;
   };
-  return typeof raw.format !== 'number' || raw.format < PLAIN_FORMAT_VERSION;
+  return typeof raw.format !== 'number' || raw.format < target;
 }

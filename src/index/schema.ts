@@ -7,17 +7,23 @@
  * is read as is (without digest checks) and migrated by the first writer (`src/index/migrate.ts`).
  * Format 3 = format 2 + concurrent writers (`SCHEMA_V3_CHANGES`). Format 4 = format 3 + chunks of
  * codec 2 (frames, `src/store/codec.ts`); no table changes: the first writer only renumbers (so
- * that an older bkfs, which cannot decode codec 2, refuses it).
+ * that an older bkfs, which cannot decode codec 2, refuses it). Format 6 = format 4 + raw frames
+ * (codec-2 records longer than their chunk); no table changes either, renumbered the same way.
  */
-/** The highest repository format this bkfs reads (and writes for encrypted repositories). */
-export const FORMAT_VERSION = 5;
+/** The highest repository format this bkfs reads (and writes for plain repositories). */
+export const FORMAT_VERSION = 6;
 /**
- * The format of plain (unencrypted) repositories: version 5 only adds encryption (FORMAT.md,
- * "Encryption (format 5)"), so a plain repository stays at 4, migrations stop there, and an older
- * bkfs keeps reading it. An encrypted repository is created at 5 and refused by older bkfs.
+ * The format of plain (unencrypted) repositories: 6 = 4 + raw frames (an incompressible chunk
+ * stored as frames that are all raw, FORMAT.md "Raw frames (format 6)"). Local plain repositories
+ * are migrated to it by their first writer; a plain repository in a bucket stays at the format it
+ * was created with (its configuration lives in the bucket). Version 5 only adds encryption
+ * (FORMAT.md, "Encryption (format 5)"): an encrypted repository is created at 5 and stays there
+ * (its chunks are sealed whole, so raw frames would not make its reads cheaper).
  */
-export const PLAIN_FORMAT_VERSION = 4;
+export const PLAIN_FORMAT_VERSION = 6;
 export const ENCRYPTED_FORMAT_VERSION = 5;
+/** From this format on, a plain repository's writers store incompressible chunks as raw frames. */
+export const RAW_FRAMES_FORMAT_VERSION = 6;
 
 /** Tables added by format 2. */
 export const SCHEMA_V2_TABLES = `

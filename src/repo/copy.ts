@@ -61,7 +61,7 @@ import { CheckpointReader, type PageExtent } from '../chain/reader';
 import { ChunkLoader, type ChunkLocation } from '../store/chunk-cache';
 import { ChunkWriter, type ChunkStats } from '../store/chunk-writer';
 import { IngestPool } from '../store/ingest-pool';
-import { decodeStored, type Codec } from '../store/codec';
+import { CODEC_RAW, decodeStored, isRawFrames, type Codec } from '../store/codec';
 import { pageSum, writeDiskSums, type PageSum } from '../index/mapsum';
 import { reserveIdsInTx } from '../index/ids';
 import { buildManifest, readConfigs, removeManifest, storedConfig, writeManifest } from './manifest';
@@ -753,20 +753,34 @@ class CopyJob {
       );
     if (!this.recompress) {
       let stored: Buffer;
+      let raw: Buffer;
       try {
         stored = await this.src.packs.read(loc.pack, loc.offset, loc.storedLen);
         this.bytesFromSource += stored.length;
         // Never pass on bytes that are not the chunk: decode and hash them first.
-        decodeStored(this.src.cipher, stored, loc.codec, loc.rawLen, loc.hash, this.src.config.chunkSize);
+        raw = decodeStored(
+          this.src.cipher,
+          stored,
+          loc.codec,
+          loc.rawLen,
+          loc.hash,
+          this.src.config.chunkSize,
+        );
       } catch (e) {
         throw damaged(e);
       }
-      const id = await writer.put(loc.hash, loc.codec as Codec, stored, loc.rawLen);
+      const rec = recordForDestination(loc, stored, raw, this.dst.writesRawFrames);
+      const id = await writer.put(loc.hash, rec.codec, rec.stored, loc.rawLen);
       return { chunk: { id, hash: loc.hash }, present: false };
     }
     // A chunk is read once: the loader's cache only has to hold the ones in flight.
     this.loader ??= new ChunkLoader(this.src.db, this.src.packs, 16 << 20);
-    this.pool ??= new IngestPool(this.dst.config.compression.level, undefined, this.dst.cipher);
+    this.pool ??= new IngestPool(
+      this.dst.config.compression.level,
+      undefined,
+      this.dst.cipher,
+      this.dst.writesRawFrames,
+    );
     let raw: Buffer;
     try {
       raw = await this.loader.load(loc.id, loc);
@@ -779,7 +793,7 @@ class CopyJob {
       const hit = this.findStmt.get(enc.hash) as { id: number } | undefined;
       if (hit) return { chunk: { id: hit.id, hash: enc.hash }, present: true };
     }
-    const id = await writer.put(enc.hash, enc.codec, enc.stored, raw.length);
+    const id = await writer.put(enc.hash, enc.codec, enc.stored, raw.length, enc.tail);
     return { chunk: { id, hash: enc.hash }, present: false };
   }
 
@@ -912,4 +926,23 @@ function sameRows(a: readonly Row[], b: readonly Row[]): boolean {
     if (x.chunkId !== null && (!x.hash || !y.hash || !x.hash.equals(y.hash))) return false;
   }
   return true;
+}
+
+/**
+ * The record a chunk copied as stored bytes gets in the destination: the source's own, except a
+ * raw-frames record (format 6) for a destination that does not write raw frames (a plain
+ * repository in a bucket created before format 6): an older bkfs reading that repository would
+ * refuse the record as damaged, so it gets the chunk's raw bytes as codec 0, as it would have had
+ * before format 6. `raw` is the decoded, hash-checked chunk.
+ */
+export function recordForDestination(
+  loc: { codec: number; storedLen: number; rawLen: number },
+  stored: Buffer,
+  raw: Buffer,
+  destinationWritesRawFrames: boolean,
+): { codec: Codec; stored: Buffer } {
+  if (!destinationWritesRawFrames && isRawFrames(loc.codec, loc.storedLen, loc.rawLen)) {
+    return { codec: CODEC_RAW, stored: raw };
+  }
+  return { codec: loc.codec as Codec, stored };
 }

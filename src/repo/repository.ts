@@ -26,7 +26,13 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import Database from 'better-sqlite3';
 import { BkfsError } from '../errors';
-import { ENCRYPTED_FORMAT_VERSION, FORMAT_VERSION, PLAIN_FORMAT_VERSION, SCHEMA } from '../index/schema';
+import {
+  ENCRYPTED_FORMAT_VERSION,
+  FORMAT_VERSION,
+  PLAIN_FORMAT_VERSION,
+  RAW_FRAMES_FORMAT_VERSION,
+  SCHEMA,
+} from '../index/schema';
 import type { Cipher } from '../crypto/cipher';
 import type { KeySlot } from '../crypto/keys';
 import {
@@ -192,6 +198,18 @@ export class Repository {
 
   get encrypted(): boolean {
     return this.cipher !== null;
+  }
+
+  /**
+   * Whether this repository's writers store incompressible chunks as raw frames (FORMAT.md, "Raw
+   * frames (format 6)"): plain repositories of format 6, once a writer has migrated them.
+   */
+  get writesRawFrames(): boolean {
+    return (
+      this.cipher === null &&
+      this.config.encryption === undefined &&
+      this.config.format >= RAW_FRAMES_FORMAT_VERSION
+    );
   }
 
   /** The trailer this repository's new packs carry (none locally; gc and stats count it as live). */
@@ -369,6 +387,7 @@ export class Repository {
         mig.migrateToV2(this);
         mig.migrateToV3(this);
         mig.migrateToV4(this);
+        mig.migrateToV6(this);
       } finally {
         ex.release();
       }
@@ -670,8 +689,10 @@ export function loadConfig(dir: string): RepoConfig {
       `repository ${dir} has format ${String(config.format)}; this bkfs reads format ${FORMAT_VERSION} (upgrade bkfs)`,
     );
   }
-  if (config.format >= ENCRYPTED_FORMAT_VERSION || config.encryption !== undefined) {
-    if (config.format < ENCRYPTED_FORMAT_VERSION) {
+  // Format 5 is the encrypted one (6 is plain, with raw frames): encryption settings and format 5
+  // go together.
+  if (config.format === ENCRYPTED_FORMAT_VERSION || config.encryption !== undefined) {
+    if (config.format !== ENCRYPTED_FORMAT_VERSION) {
       throw new BkfsError('REPO_CORRUPT', `${cfgPath} has encryption settings but format ${config.format}`);
     }
     config.encryption = checkEncryptionConfig(config.encryption, cfgPath);

@@ -30,14 +30,17 @@ export type DecodeAnswer =
   | { id: number; error: string }
   | { id: 0; ready: true; error?: undefined };
 
-/** `b` as a Uint8Array that owns its whole ArrayBuffer (so it can be transferred). */
-function owned(b: Buffer): Uint8Array {
+/**
+ * `b` as a Uint8Array whose ArrayBuffer can be transferred: its own, or a view of `stored` (the
+ * job's bytes, transferred to this thread: raw frames decode to a view of them), else a copy (a
+ * view of anything else may be of Node's shared allocation pool).
+ */
+function owned(b: Buffer, stored: Buffer): Uint8Array {
   if (
-    b.byteOffset === 0 &&
-    b.byteLength === b.buffer.byteLength &&
+    ((b.byteOffset === 0 && b.byteLength === b.buffer.byteLength) || b.buffer === stored.buffer) &&
     !(b.buffer instanceof SharedArrayBuffer)
   ) {
-    return new Uint8Array(b.buffer as ArrayBuffer, 0, b.byteLength);
+    return new Uint8Array(b.buffer as ArrayBuffer, b.byteOffset, b.byteLength);
   }
   const own = new Uint8Array(b.byteLength);
   own.set(b);
@@ -50,7 +53,7 @@ parentPort?.on('message', (job: DecodeJob) => {
   let answer: DecodeAnswer;
   let transfer: ArrayBuffer[] = [];
   try {
-    const raw = owned(decodeStored(cipher, stored, job.codec, job.rawLen, hash));
+    const raw = owned(decodeStored(cipher, stored, job.codec, job.rawLen, hash), stored);
     answer = { id: job.id, raw };
     transfer = [raw.buffer as ArrayBuffer];
   } catch (e) {

@@ -151,8 +151,8 @@ class FrameCache {
 
 const SLAB_SHIFT = 6;
 
-/** Size of a pooled buffer for a whole stored chunk (a 256 KiB chunk's stored bytes are smaller). */
-const STORED_SLOT = 256 * 1024;
+/** Size of a pooled buffer for a whole stored chunk (a 256 KiB chunk's, raw frames and table included). */
+const STORED_SLOT = 260 * 1024;
 const STORED_POOL_MAX = 16;
 
 /** A whole stored chunk being read, shared by its concurrent readers (`borrowStored`). */

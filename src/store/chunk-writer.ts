@@ -75,10 +75,11 @@ export class ChunkWriter {
    * Store a chunk (or find it stored) and resolve with its id once its bytes are written (not yet
    * durable: that is `finish()`). Placement runs in call order; the writes of chunks placed while
    * an earlier write is in flight go out together (PackWriter.append), so a put does not wait for
-   * the writes of the puts before it. `stored` must not change until the promise settles.
+   * the writes of the puts before it. `stored` must not change until the promise settles. `tail`
+   * (raw frames, `IngestResult.tail`): more stored bytes, written after `stored`, same rule.
    */
-  put(hash: Buffer, codec: Codec, stored: Buffer, rawLen: number): Promise<number> {
-    const placed = this.chain.then(() => this.place(hash, codec, stored, rawLen));
+  put(hash: Buffer, codec: Codec, stored: Buffer, rawLen: number, tail?: Buffer): Promise<number> {
+    const placed = this.chain.then(() => this.place(hash, codec, stored, rawLen, tail));
     this.chain = placed.catch(() => undefined);
     return placed.then(async (r) => {
       await r.written;
@@ -91,6 +92,7 @@ export class ChunkWriter {
     codec: Codec,
     stored: Buffer,
     rawLen: number,
+    tail?: Buffer,
   ): Promise<{ id: number; written: Promise<unknown> | null }> {
     if (this.sealError !== undefined) throw this.sealError;
     const key = hash.toString('hex');
@@ -102,12 +104,13 @@ export class ChunkWriter {
     }
     this.pack ??= await PackWriter.create(this.repoDir, this.tmpSubdir, this.sealed);
     const id = this.ids.take();
-    const written = this.pack.append({ codec, rawLen, storedLen: stored.length, hash }, stored);
+    const storedLen = stored.length + (tail?.length ?? 0);
+    const written = this.pack.append({ codec, rawLen, storedLen, hash }, stored, tail);
     written.catch(() => undefined); // observed by the caller of put(), and by seal()
     this.pending.set(key, id);
     this.stats.newChunks++;
     this.stats.newRawBytes += rawLen;
-    this.stats.newStoredBytes += stored.length;
+    this.stats.newStoredBytes += storedLen;
     if (this.pack.size >= this.packTarget) await this.startSeal();
     return { id, written };
   }

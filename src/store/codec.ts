@@ -6,7 +6,8 @@
  *   collision-resistant; it is also re-checked on every read, so damaged data never reaches a user.
  * - Compression: zstd (`zstd-napi`, synchronous, reusable contexts) at level 1 by default: 2.6x on
  *   disk-like data at 310–380 MB/s per core, decompression ~1 GB/s. A chunk that does not shrink
- *   is stored raw (codec 0), so random data costs no decompression on read.
+ *   is stored raw (codec 0; from format 6, in a plain repository, as raw frames), so random data
+ *   costs no decompression on read.
  *
  * - Frames (codec 2, repository format 4): a chunk larger than `frameSize` (default 32 KiB) is
  *   compressed as independently decodable pieces behind a frame table with a 16-byte BLAKE3 of each
@@ -21,6 +22,7 @@ import * as zstd from 'zstd-napi/binding';
 import { BkfsError } from '../errors';
 
 import { CODEC_FRAMES, CODEC_RAW, CODEC_ZSTD, MAX_CHUNK_LEN } from './hash-len';
+export { maxFrameTableLen } from './hash-len';
 export { CODEC_FRAMES, CODEC_RAW, CODEC_ZSTD, MAX_CHUNK_LEN };
 export type Codec = typeof CODEC_RAW | typeof CODEC_ZSTD | typeof CODEC_FRAMES;
 
@@ -38,6 +40,15 @@ let dctx: zstd.DCtx | undefined;
 export interface Encoded {
   codec: Codec;
   data: Buffer;
+}
+
+/**
+ * `Encoded` in parts: the stored bytes are `data` followed by `tail` when there is one. Raw frames
+ * (format 6) are their frame table (`data`) and the raw chunk itself (`tail`), so a writer sends
+ * both to the pack with one `writev` instead of copying 256 KiB into a new buffer.
+ */
+export interface EncodedParts extends Encoded {
+  tail?: Buffer;
 }
 
 /**
@@ -93,18 +104,33 @@ function compressToScratch(raw: Buffer, level: number, keep: number): number {
  *
  * A chunk longer than `frameSize` is written as frames (codec 2); `hash` is its BLAKE3 (computed
  * here when not given), which the frame table is bound to. `frameSize` 0 writes one zstd frame
- * (codec 1, what repository formats 1-2 hold).
+ * (codec 1, what repository formats 1-2 hold). `rawFrames` (repository format 6, plain): a chunk
+ * of more than one frame that does not compress is written as frames that are all raw (its bytes
+ * behind a frame table) instead of codec 0, so a random read of it reads and hashes one frame.
  */
 export function encodeChunk(
   raw: Buffer,
   level: number,
   hash?: Buffer,
   frameSize = DEFAULT_FRAME_SIZE,
+  rawFrames = false,
 ): Encoded {
+  const e = encodeChunkParts(raw, level, hash, frameSize, rawFrames);
+  return e.tail ? { codec: e.codec, data: Buffer.concat([e.data, e.tail]) } : e;
+}
+
+/** `encodeChunk`, with raw frames as table + the raw chunk (`EncodedParts`): what writers use. */
+export function encodeChunkParts(
+  raw: Buffer,
+  level: number,
+  hash?: Buffer,
+  frameSize = DEFAULT_FRAME_SIZE,
+  rawFrames = false,
+): EncodedParts {
   const keep = keepLimit(raw.length);
   if (keep <= 0) return { codec: CODEC_RAW, data: raw };
   if (frameSize > 0 && raw.length > frameSize)
-    return encodeFrames(raw, level, hash ?? hashChunk(raw), frameSize);
+    return encodeFrames(raw, level, hash ?? hashChunk(raw), frameSize, rawFrames);
   const n = compressToScratch(raw, level, keep);
   if (n < 0) return { codec: CODEC_RAW, data: raw };
   const out = Buffer.allocUnsafeSlow(n);
@@ -183,7 +209,13 @@ let framesScratch: Buffer | undefined;
  * so a chunk that ends up raw (random data) allocates nothing, and a compressed one is copied once
  * into its exact-size result (bench/README.md, "Third session").
  */
-function encodeFrames(raw: Buffer, level: number, hash: Buffer, frameSize: number): Encoded {
+function encodeFrames(
+  raw: Buffer,
+  level: number,
+  hash: Buffer,
+  frameSize: number,
+  rawFrames: boolean,
+): EncodedParts {
   let shift = MIN_FRAME_SHIFT;
   while (shift < MAX_FRAME_SHIFT && 1 << shift < frameSize) shift++;
   const size = 1 << shift;
@@ -191,6 +223,10 @@ function encodeFrames(raw: Buffer, level: number, hash: Buffer, frameSize: numbe
   const tableLen = tableLenFor(count);
   const keep = keepLimit(raw.length);
   if (tableLen >= keep || count > 0xffff) return { codec: CODEC_RAW, data: raw };
+  const stored = (): EncodedParts =>
+    rawFrames && raw.length + tableLen <= MAX_CHUNK_LEN
+      ? encodeRawFrames(raw, hash, shift, count)
+      : { codec: CODEC_RAW, data: raw };
   if (!framesScratch || framesScratch.length < keep) {
     framesScratch = Buffer.allocUnsafeSlow(Math.max(keep, 256 * 1024));
   }
@@ -215,10 +251,10 @@ function encodeFrames(raw: Buffer, level: number, hash: Buffer, frameSize: numbe
     if (i === 0 && n < 0 && count > 1 && !wholeChunkShrinks(c, raw, keep)) {
       // The first frame did not shrink, and zstd over the whole chunk does not either (one call
       // that fails fast on incompressible data, ~6x cheaper than trying every frame): store raw.
-      return { codec: CODEC_RAW, data: raw };
+      return stored();
     }
     const len = n < 0 ? piece.length : n;
-    if (pos + len > keep) return { codec: CODEC_RAW, data: raw }; // frames do not save 1/32 overall
+    if (pos + len > keep) return stored(); // frames do not save 1/32 overall
     if (n < 0) piece.copy(out, pos);
     const e = FRAME_HEADER_LEN + i * FRAME_ENTRY_LEN;
     out.writeUInt32BE(len, e);
@@ -230,6 +266,35 @@ function encodeFrames(raw: Buffer, level: number, hash: Buffer, frameSize: numbe
   const data = Buffer.allocUnsafeSlow(pos);
   out.copy(data, 0, 0, pos);
   return { codec: CODEC_FRAMES, data };
+}
+
+/**
+ * A frames record whose frames are all raw (kind 0; repository format 6): the table (`data`), then
+ * the chunk's raw bytes (`tail`, the caller's buffer: not copied). Costs one BLAKE3 pass over the
+ * chunk (the frame hashes); its stored length is the raw length plus the table (~190 bytes for
+ * 256 KiB in 32 KiB frames).
+ */
+function encodeRawFrames(raw: Buffer, hash: Buffer, shift: number, count: number): EncodedParts {
+  const tableLen = tableLenFor(count);
+  const data = Buffer.allocUnsafeSlow(tableLen);
+  data.writeUInt8(shift, 0);
+  data.writeUInt8(0, 1);
+  data.writeUInt16BE(count, 2);
+  const size = 1 << shift;
+  for (let i = 0; i < count; i++) {
+    const piece = raw.subarray(i * size, Math.min(raw.length, (i + 1) * size));
+    const e = FRAME_HEADER_LEN + i * FRAME_ENTRY_LEN;
+    data.writeUInt32BE(piece.length, e);
+    data.writeUInt8(0, e + 4);
+    frameHash(piece).copy(data, e + 5);
+  }
+  tableSum(hash, raw.length, data.subarray(0, tableLen - FRAME_SUM_LEN)).copy(data, tableLen - FRAME_SUM_LEN);
+  return { codec: CODEC_FRAMES, data, tail: raw };
+}
+
+/** Whether a codec-2 record holds its chunk's bytes uncompressed (all frames raw, format 6). */
+export function isRawFrames(codec: number, storedLen: number, rawLen: number): boolean {
+  return codec === CODEC_FRAMES && storedLen > rawLen;
 }
 
 /**
@@ -322,15 +387,20 @@ export function decodeFrameInto(f: FrameEntry, stored: Buffer, out: Buffer): voi
   if (!frameHash(out).equals(f.hash)) throw new BkfsError('DATA_DAMAGED', 'chunk frame hash mismatch');
 }
 
-/** Every frame of a codec-2 chunk, decoded into one buffer (hashes: the caller checks the chunk's). */
+/**
+ * Every frame of a codec-2 chunk, decoded into one buffer (hashes: the caller checks the chunk's).
+ * Raw frames (format 6) are returned as a view of `stored` after the table, without a copy.
+ */
 function decodeAllFrames(stored: Buffer, rawLen: number, chunkHash?: Buffer): Buffer {
   const t = parseFrameTable(stored, rawLen, stored.length, chunkHash);
-  const out = Buffer.allocUnsafe(rawLen);
-  for (const f of t.frames) {
-    const src = stored.subarray(f.storedOff, f.storedOff + f.storedLen);
-    if (f.kind === 0) src.copy(out, f.rawOff);
-    else decompressInto(src, out.subarray(f.rawOff, f.rawOff + f.rawLen));
-  }
+  const allRaw = t.frames.every((f) => f.kind === 0);
+  const out = allRaw ? stored.subarray(t.tableLen, t.tableLen + rawLen) : Buffer.allocUnsafe(rawLen);
+  if (!allRaw)
+    for (const f of t.frames) {
+      const src = stored.subarray(f.storedOff, f.storedOff + f.storedLen);
+      if (f.kind === 0) src.copy(out, f.rawOff);
+      else decompressInto(src, out.subarray(f.rawOff, f.rawOff + f.rawLen));
+    }
   if (!chunkHash)
     for (const f of t.frames) {
       if (!frameHash(out.subarray(f.rawOff, f.rawOff + f.rawLen)).equals(f.hash)) {

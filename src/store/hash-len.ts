@@ -15,3 +15,11 @@ export const CODEC_FRAMES = 2;
  * length above it is damage (or a hostile file), refused before anything is allocated.
  */
 export const MAX_CHUNK_LEN = 16 << 20;
+
+/**
+ * Largest frame table a codec-2 chunk of `rawLen` raw bytes can have (frames of the smallest size,
+ * 4 KiB): a frames record whose frames are all raw (format 6) stores its raw bytes plus its table.
+ */
+export function maxFrameTableLen(rawLen: number): number {
+  return 4 + Math.ceil(rawLen / 4096) * 21 + 16;
+}

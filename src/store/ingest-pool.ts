@@ -19,6 +19,8 @@ export interface IngestResult {
   hash: Buffer;
   codec: Codec;
   stored: Buffer;
+  /** Raw frames (format 6): the chunk's bytes (the caller's own), stored after `stored` (the table). */
+  tail?: Buffer;
 }
 
 /** Time the workers spent, summed over workers (ms of thread time, not wall time). */
@@ -34,6 +36,7 @@ interface WorkerAnswer {
   hash: Uint8Array;
   codec: Codec;
   stored: Uint8Array | null;
+  tail: boolean;
   hashMs: number;
   compressMs: number;
 }
@@ -56,10 +59,12 @@ export class IngestPool {
     private readonly level: number,
     size = Math.max(1, Math.min(4, os.availableParallelism())),
     cipher: Cipher | null = null,
+    /** Write incompressible chunks as raw frames (`Repository.writesRawFrames`, format 6). */
+    rawFrames = false,
   ) {
     for (let i = 0; i < size; i++) {
       const w = new Worker(path.join(__dirname, 'ingest-worker.js'), {
-        workerData: { keys: cipher ? cipher.workerKeys() : null },
+        workerData: { keys: cipher ? cipher.workerKeys() : null, rawFrames: rawFrames && !cipher },
       });
       w.on('message', (m: WorkerAnswer) => {
         const p = this.pending.get(m.id);
@@ -67,13 +72,15 @@ export class IngestPool {
         this.times.hashMs += m.hashMs;
         this.times.compressMs += m.compressMs;
         this.times.chunks++;
-        if (m.codec === 0) this.times.rawCodecChunks++;
+        // Stored uncompressed: codec 0, or raw frames (format 6).
+        if (m.codec === 0 || m.tail) this.times.rawCodecChunks++;
         this.pending.delete(m.id);
         this.load[p.worker]!--;
         p.resolve({
           hash: Buffer.from(m.hash.buffer, m.hash.byteOffset, m.hash.byteLength),
           codec: m.codec,
           stored: m.stored ? Buffer.from(m.stored.buffer, m.stored.byteOffset, m.stored.byteLength) : p.data,
+          ...(m.tail ? { tail: p.data } : {}),
         });
       });
       w.on('error', (e) => this.fail(e));

@@ -23,7 +23,7 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { blakeHash } from '../crypto/blake';
 import { BkfsError } from '../errors';
-import { CODEC_FRAMES, CODEC_RAW, CODEC_ZSTD, HASH_LEN, MAX_CHUNK_LEN } from './hash-len';
+import { CODEC_FRAMES, CODEC_RAW, CODEC_ZSTD, HASH_LEN, MAX_CHUNK_LEN, maxFrameTableLen } from './hash-len';
 import { mkdirPrivate, openPrivate, repoModes } from '../util/private-fs';
 import { holdLease, packKey, remoteStore } from './location';
 import type { RemotePacks } from './remote-packs';
@@ -296,7 +296,12 @@ export function checkRecordLengths(
     r.rawLen > 0 &&
     r.rawLen <= max &&
     r.storedLen > 0 &&
-    (r.codec === CODEC_RAW ? r.storedLen === r.rawLen : r.storedLen < r.rawLen);
+    r.storedLen <= MAX_CHUNK_LEN &&
+    (r.codec === CODEC_RAW
+      ? r.storedLen === r.rawLen
+      : r.codec === CODEC_ZSTD
+        ? r.storedLen < r.rawLen
+        : r.storedLen <= r.rawLen + maxFrameTableLen(r.rawLen)); // frames: raw frames (format 6) add a table
   if (!ok) {
     throw new BkfsError(
       'DATA_DAMAGED',
@@ -389,15 +394,21 @@ export class PackWriter {
    * Append a record. Its place in the pack is fixed at once (synchronously, in call order); the
    * bytes are written together with the records appended while an earlier write was in flight
    * (one `writev` for many records), and the promise resolves once this record's bytes are in the
-   * file. `stored` must not change until then.
+   * file. `stored` (and `tail`, more stored bytes written after it: raw frames) must not change
+   * until then; together they are `rec.storedLen` bytes.
    */
-  append(rec: RecordHeader, stored: Buffer): Promise<PackedChunk> {
+  append(rec: RecordHeader, stored: Buffer, tail?: Buffer): Promise<PackedChunk> {
     if (!this.fh) return Promise.reject(new Error('pack writer is closed'));
     if (this.writeError !== undefined) return Promise.reject(this.writeError);
+    const len = stored.length + (tail?.length ?? 0);
+    if (len !== rec.storedLen) {
+      return Promise.reject(new Error(`record of ${len} stored bytes declares ${rec.storedLen}`));
+    }
     const header = encodeRecordHeader(rec);
     const pc: PackedChunk = { ...rec, offset: this.pos + header.length };
     this.queue.push(header, stored);
-    this.pos += header.length + stored.length;
+    if (tail) this.queue.push(tail);
+    this.pos += header.length + len;
     this.chunks.push(pc);
     const end = this.pos;
     const p = new Promise<PackedChunk>((resolve, reject) => {

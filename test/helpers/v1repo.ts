@@ -1,6 +1,6 @@
 /**
  * Older-format repositories for tests, from one written by this bkfs (see src/index/schema.ts):
- * format 4 adds no tables to 3, format 3 is format 2 plus SCHEMA_V3_CHANGES, format 2 is format 1
+ * formats 4 and 6 add no tables to 3, format 3 is format 2 plus SCHEMA_V3_CHANGES, format 2 is format 1
  * plus the `disk_maps` table. Undoing those and writing the number back gives the schema the older
  * code wrote (tests compare the result with SCHEMA_V1). Chunks stay as this bkfs wrote them (codec
  * 2 frames unless written with BKFS_FRAME_SIZE=0).
@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import Database from 'better-sqlite3';
 
-/** Format 4/3 -> 2: what format 3 added, removed (format 4 only renumbered). */
+/** Format 6/4/3 -> 2: what format 3 added, removed (formats 4 and 6 only renumbered). */
 export function downgradeToV2(repoDir: string): void {
   const db = new Database(path.join(repoDir, 'index.db'));
   try {

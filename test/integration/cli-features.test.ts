@@ -13,7 +13,7 @@ import { BKFS, bkfs, bkfsOk, type CliResult } from '../helpers/cli';
 import { randomBuffer } from '../helpers/images';
 import { Repository } from '../../src/repo/repository';
 import { EXIT_CODES } from '../../src/cli/exit-codes';
-import { FORMAT_VERSION, PLAIN_FORMAT_VERSION } from '../../src/index/schema';
+import { ENCRYPTED_FORMAT_VERSION, FORMAT_VERSION, PLAIN_FORMAT_VERSION } from '../../src/index/schema';
 
 /** A bkfs run whose stderr can be watched while it runs. */
 function spawnBkfs(args: string[]): { saw: (re: RegExp) => Promise<void>; done: Promise<CliResult> } {
@@ -189,7 +189,7 @@ describe('global options and version', () => {
     assert.match(
       a.stdout,
       new RegExp(
-        `^repository format ${PLAIN_FORMAT_VERSION} \\(reads ${all}; writes ${PLAIN_FORMAT_VERSION}, or ${FORMAT_VERSION} when encrypted\\)$`,
+        `^repository format ${PLAIN_FORMAT_VERSION} \\(reads ${all}; writes ${PLAIN_FORMAT_VERSION}, or ${ENCRYPTED_FORMAT_VERSION} when encrypted\\)$`,
         'm',
       ),
     );

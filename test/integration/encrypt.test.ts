@@ -22,6 +22,7 @@ import { fromPaperKey } from '../../src/crypto/keys';
 import { forgetMasters, rememberMaster } from '../../src/crypto/keyring';
 import { getConfigs } from '../../src/index/catalog';
 import { daemonAlive, mountAt, readState } from '../../src/fuse/state';
+import { PLAIN_FORMAT_VERSION } from '../../src/index/schema';
 
 const MiB = 1 << 20;
 const MARKER = 'BKFS-CRYPT-TEST-MARKER-6f1d2c9e';
@@ -411,14 +412,14 @@ describe('bkfs on an encrypted repository', () => {
     assert.equal(v.code, EXIT_CODES.VERIFY_FAILED, v.stderr + v.stdout);
   });
 
-  it('plain repositories are unaffected: format 4, no encryption, unsealed packs, no key asked', async () => {
+  it('plain repositories are unaffected: format 6, no encryption, unsealed packs, no key asked', async () => {
     const plain = path.join(work, 'plain');
     await bkfsOk(['-r', plain, 'init'], env());
     const cfg = JSON.parse(fs.readFileSync(path.join(plain, 'bkfs-repo.json'), 'utf8')) as Record<
       string,
       unknown
     >;
-    assert.equal(cfg.format, 4);
+    assert.equal(cfg.format, PLAIN_FORMAT_VERSION);
     assert.equal(cfg.encryption, undefined);
     await bkfsOk(['-r', plain, 'backup', 'vm', '--disk', `vda=${img}`], env());
     const packs = allFiles(plain).filter((f) => f.endsWith('.pack'));

@@ -22,8 +22,11 @@ import {
   encodeChunk,
   frameTablePrefixLen,
   hashChunk,
+  isRawFrames,
+  maxFrameTableLen,
   parseFrameTable,
 } from '../../src/store/codec';
+import { recordForDestination } from '../../src/repo/copy';
 import { ChunkLoader, type ChunkLocation } from '../../src/store/chunk-cache';
 import { PackReader, PackWriter, checkRecordLengths, packPath } from '../../src/store/packs';
 import { randomBuffer, textFile } from '../helpers/images';
@@ -480,47 +483,163 @@ describe('ChunkLoader.copyRange over a real pack', () => {
   });
 });
 
-describe('format 3 -> 4', () => {
-  it('the first writer renumbers a format-3 repository (index and config) before writing frames chunks', () => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-format4-readpath-'));
+describe('raw frames (format 6)', () => {
+  it('an incompressible chunk is stored as raw frames behind a checked table, when the repository writes them', () => {
+    const raw = randomBuffer(41, 256 * KiB);
+    const h = hashChunk(raw);
+    assert.equal(encodeChunk(raw, 1, h).codec, CODEC_RAW, 'before format 6: codec 0');
+    const enc = encodeChunk(raw, 1, h, undefined, true);
+    assert.equal(enc.codec, CODEC_FRAMES);
+    const t = parseFrameTable(enc.data, raw.length, enc.data.length, h);
+    assert.equal(t.frames.length, 8);
+    assert.ok(t.frames.every((f) => f.kind === 0 && f.storedLen === f.rawLen));
+    assert.equal(enc.data.length, raw.length + t.tableLen);
+    assert.ok(t.tableLen <= maxFrameTableLen(raw.length));
+    assert.ok(isRawFrames(enc.codec, enc.data.length, raw.length));
+    assert.ok(enc.data.subarray(t.tableLen).equals(raw));
+    checkRecordLengths({ codec: enc.codec, rawLen: raw.length, storedLen: enc.data.length });
+    assert.deepEqual(decodeChunk(enc.data, CODEC_FRAMES, raw.length, h), raw);
+    for (const f of t.frames) {
+      const one = decodeFrame(f, enc.data.subarray(f.storedOff, f.storedOff + f.storedLen));
+      assert.ok(one.equals(raw.subarray(f.rawOff, f.rawOff + f.rawLen)));
+    }
+    // Bound to its chunk: another chunk's hash fails the table, a changed byte its frame.
+    assert.throws(() => decodeChunk(enc.data, CODEC_FRAMES, raw.length, hashChunk(Buffer.alloc(8))), damaged);
+    const bad = Buffer.from(enc.data);
+    bad[t.tableLen + 5 * 32 * KiB + 9]! ^= 1;
+    assert.throws(() => decodeChunk(bad, CODEC_FRAMES, raw.length, h), damaged);
+    const f5 = t.frames[5]!;
+    assert.throws(() => decodeFrame(f5, bad.subarray(f5.storedOff, f5.storedOff + f5.storedLen)), damaged);
+    // A compressible chunk is unchanged by the option; records longer than raw + table are refused.
+    const mixed = mixedChunk(3);
+    const m = encodeChunk(mixed, 1, hashChunk(mixed), undefined, true);
+    assert.equal(m.codec, CODEC_FRAMES);
+    assert.ok(m.data.length < mixed.length && !isRawFrames(m.codec, m.data.length, mixed.length));
+    assert.throws(
+      () =>
+        checkRecordLengths({
+          codec: CODEC_FRAMES,
+          rawLen: raw.length,
+          storedLen: raw.length + maxFrameTableLen(raw.length) + 1,
+        }),
+      damaged,
+    );
+    assert.throws(
+      () => checkRecordLengths({ codec: 1, rawLen: raw.length, storedLen: raw.length + 100 }),
+      damaged,
+    );
+  });
+
+  it('a random 4 KiB read of a raw-frames chunk reads and hashes one frame once the table is known', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-rawframes-'));
+    fs.mkdirSync(path.join(dir, 'tmp'));
+    fs.mkdirSync(path.join(dir, 'packs'));
+    const db = new Database(':memory:');
+    db.exec(
+      'CREATE TABLE chunks (id, hash, pack_id, offset, stored_len, raw_len, codec); CREATE TABLE packs (id, name)',
+    );
+    const packs = new PackReader(dir);
     try {
-      const repoDir = path.join(dir, 'repo');
-      Repository.init(repoDir).close();
-      const fmt = (): [string, number] => {
-        const d = new Database(path.join(repoDir, 'index.db'), { readonly: true });
-        try {
-          const v = (d.prepare("SELECT value FROM meta WHERE key = 'format'").get() as { value: string })
-            .value;
-          return [
-            v,
-            (JSON.parse(fs.readFileSync(path.join(repoDir, 'bkfs-repo.json'), 'utf8')) as { format: number })
-              .format,
-          ];
-        } finally {
-          d.close();
-        }
+      const raw = randomBuffer(42, 256 * KiB);
+      const hash = hashChunk(raw);
+      const enc = encodeChunk(raw, 1, hash, undefined, true);
+      const w = await PackWriter.create(dir);
+      const pc = await w.append(
+        { codec: enc.codec, rawLen: raw.length, storedLen: enc.data.length, hash },
+        enc.data,
+      );
+      await w.seal();
+      const loc: ChunkLocation = {
+        id: 1,
+        hash,
+        pack: w.name,
+        offset: pc.offset,
+        storedLen: enc.data.length,
+        rawLen: raw.length,
+        codec: enc.codec,
       };
-      assert.equal(PLAIN_FORMAT_VERSION, 4);
-      assert.deepEqual(fmt(), ['4', 4], 'init writes format 4');
-      const d = new Database(path.join(repoDir, 'index.db'));
-      d.prepare("UPDATE meta SET value = '3' WHERE key = 'format'").run();
-      d.close();
-      const cfg = path.join(repoDir, 'bkfs-repo.json');
-      fs.writeFileSync(cfg, JSON.stringify({ ...JSON.parse(fs.readFileSync(cfg, 'utf8')), format: 3 }));
-      const ro = Repository.open(repoDir);
-      ro.close();
-      assert.deepEqual(fmt(), ['3', 3], 'readers do not migrate');
-      const w = Repository.open(repoDir);
-      try {
-        w.lockWriter('test');
-        assert.equal(w.config.format, 4);
-        w.unlockWriter();
-      } finally {
-        w.close();
-      }
-      assert.deepEqual(fmt(), ['4', 4]);
+      const loader = new ChunkLoader(db, packs, 64 << 20);
+      const out = Buffer.alloc(4096);
+      await loader.copyRange(1, loc, 100 * KiB, 104 * KiB, out, 0);
+      assert.ok(out.equals(raw.subarray(100 * KiB, 104 * KiB)));
+      assert.equal(loader.bytesFromStore, enc.data.length, 'first read: the whole record, once');
+      assert.equal(loader.framesDecoded, 1);
+      assert.equal(loader.chunksDecoded, 0, 'the 256 KiB chunk is neither hashed nor cached whole');
+      await loader.copyRange(1, loc, 200 * KiB, 204 * KiB, out, 0);
+      assert.ok(out.equals(raw.subarray(200 * KiB, 204 * KiB)));
+      assert.equal(loader.bytesFromStore, enc.data.length + 32 * KiB, 'then one 32 KiB frame');
+      assert.deepEqual(await loader.load(1, loc), raw);
     } finally {
+      packs.close();
+      db.close();
       fs.rmSync(dir, { recursive: true, force: true });
     }
   });
+
+  it('bkfs copy gives a destination without raw frames the raw bytes as codec 0, others the record', () => {
+    const raw = randomBuffer(43, 256 * KiB);
+    const enc = encodeChunk(raw, 1, hashChunk(raw), undefined, true);
+    const loc = { codec: enc.codec, storedLen: enc.data.length, rawLen: raw.length };
+    assert.deepEqual(recordForDestination(loc, enc.data, raw, false), { codec: CODEC_RAW, stored: raw });
+    assert.deepEqual(recordForDestination(loc, enc.data, raw, true), {
+      codec: CODEC_FRAMES,
+      stored: enc.data,
+    });
+    const mixed = mixedChunk(4);
+    const m = encodeChunk(mixed, 1, hashChunk(mixed), undefined, true);
+    const mloc = { codec: m.codec, storedLen: m.data.length, rawLen: mixed.length };
+    assert.equal(recordForDestination(mloc, m.data, mixed, false).stored, m.data);
+  });
+});
+
+describe('format 3 and 4 -> 6', () => {
+  for (const from of [3, 4]) {
+    it(`the first writer renumbers a local plain format-${from} repository to 6 (index and config) before writing`, () => {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bkfs-format6-readpath-'));
+      try {
+        const repoDir = path.join(dir, 'repo');
+        Repository.init(repoDir).close();
+        const fmt = (): [string, number] => {
+          const d = new Database(path.join(repoDir, 'index.db'), { readonly: true });
+          try {
+            const v = (d.prepare("SELECT value FROM meta WHERE key = 'format'").get() as { value: string })
+              .value;
+            return [
+              v,
+              (
+                JSON.parse(fs.readFileSync(path.join(repoDir, 'bkfs-repo.json'), 'utf8')) as {
+                  format: number;
+                }
+              ).format,
+            ];
+          } finally {
+            d.close();
+          }
+        };
+        assert.equal(PLAIN_FORMAT_VERSION, 6);
+        assert.deepEqual(fmt(), ['6', 6], 'init writes format 6');
+        const d = new Database(path.join(repoDir, 'index.db'));
+        d.prepare("UPDATE meta SET value = ? WHERE key = 'format'").run(String(from));
+        d.close();
+        const cfg = path.join(repoDir, 'bkfs-repo.json');
+        fs.writeFileSync(cfg, JSON.stringify({ ...JSON.parse(fs.readFileSync(cfg, 'utf8')), format: from }));
+        const ro = Repository.open(repoDir);
+        assert.equal(ro.writesRawFrames, false, `a format-${from} repository gets no raw frames`);
+        ro.close();
+        assert.deepEqual(fmt(), [String(from), from], 'readers do not migrate');
+        const w = Repository.open(repoDir);
+        try {
+          w.lockWriter('test');
+          assert.equal(w.config.format, 6);
+          assert.equal(w.writesRawFrames, true);
+          w.unlockWriter();
+        } finally {
+          w.close();
+        }
+        assert.deepEqual(fmt(), ['6', 6]);
+      } finally {
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  }
 });

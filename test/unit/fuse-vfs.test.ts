@@ -3,6 +3,7 @@
  * (qemu-img / qemu-io / qemu-nbd) of a small qcow2, read through `CheckpointVfs` and compared byte
  * for byte with `qemu-img convert -O raw` of the image at each checkpoint.
  */
+import { CODEC_FRAMES, parseFrameTable } from '../../src/store/codec';
 import { describe, it, before, after } from 'node:test';
 import * as assert from 'node:assert/strict';
 import * as fs from 'node:fs';
@@ -315,8 +316,20 @@ describe('CheckpointVfs on damaged data', () => {
       const reader = CheckpointReader.open(repo, 'web@check1');
       const ext = reader.page(reader.disk('vda'), 0).find((e) => e.offset <= at && at < e.offset + e.length);
       assert.ok(ext?.loc, 'an extent with data at the damaged offset');
+      // Damage the stored bytes that hold `at`: in a frames chunk (codec 2, the random data is raw
+      // frames since format 6) the frame with that offset, since other frames still read.
+      let damageAt = ext.loc.offset + Math.floor(ext.loc.storedLen / 2);
+      if (ext.loc.codec === CODEC_FRAMES) {
+        const stored = fs
+          .readFileSync(packPath(copy, ext.loc.pack))
+          .subarray(ext.loc.offset, ext.loc.offset + ext.loc.storedLen);
+        const t = parseFrameTable(stored, ext.loc.rawLen, ext.loc.storedLen, ext.loc.hash);
+        const inChunk = at - ext.offset + ext.chunkOff;
+        const f = t.frames.find((x) => x.rawOff <= inChunk && inChunk < x.rawOff + x.rawLen)!;
+        damageAt = ext.loc.offset + f.storedOff + Math.floor(f.storedLen / 2);
+      }
       const fd = fs.openSync(packPath(copy, ext.loc.pack), 'r+');
-      fs.writeSync(fd, Buffer.alloc(64, 0xa5), 0, 64, ext.loc.offset + Math.floor(ext.loc.storedLen / 2));
+      fs.writeSync(fd, Buffer.alloc(64, 0xa5), 0, 64, damageAt);
       fs.closeSync(fd);
 
       vfs = CheckpointVfs.open(repo, { ref: 'web@check1', onDamage: (d) => reports.push(d) });

@@ -268,7 +268,7 @@ describe('gc deletion candidates beside running writers', () => {
     assert.equal(markDeletable({ gen: 1, time: 0, sessions: null }, isLive), false, 'writers never recorded');
   });
 
-  it('a format-2 repository is read as it is and migrated (through 3) to format 4 by the first writer', async () => {
+  it('a format-2 repository is read as it is and migrated (through 3 and 4) to format 6 by the first writer', async () => {
     const dir = newRepo();
     const data = randomBuffer(5, CHUNK);
     const w = writer(dir, 'a');
@@ -283,10 +283,10 @@ describe('gc deletion candidates beside running writers', () => {
     const r = Repository.open(dir);
     assert.equal(indexFormat(r.db), 2, 'a reader does not migrate');
     r.lockWriter('gc');
-    assert.equal(indexFormat(r.db), 4);
+    assert.equal(indexFormat(r.db), 6);
     r.close();
-    assert.equal((JSON.parse(fs.readFileSync(cfgPath, 'utf8')) as { format: number }).format, 4);
+    assert.equal((JSON.parse(fs.readFileSync(cfgPath, 'utf8')) as { format: number }).format, 6);
     assert.equal((await gc(dir)).chunksRemoved, 0);
-    assert.ok((await readBack(dir, 'a@c1', CHUNK)).equals(data), 'read as format 4');
+    assert.ok((await readBack(dir, 'a@c1', CHUNK)).equals(data), 'read as format 6');
   });
 });
