@@ -464,10 +464,8 @@ export class Repository {
     const { finishForgetJournals, removeManifest } = require('./manifest') as typeof import('./manifest');
     const running = this.db
       .prepare("SELECT id, uid, writer FROM checkpoints WHERE state = 'running'")
-      .all() as { id: number; uid: string; writer: string | null }[];
-    const dead = running.filter(
-      (r) => r.writer !== this.session && (r.writer === null || !sessionLive(this.dir, r.writer)),
-    );
+      .all() as RunningCheckpoint[];
+    const dead = deadRunningCheckpoints(this.db, this.dir, this.session, running);
     if (dead.length > 0) {
       // Manifest first: a crash in between leaves a running row without a manifest, never a
       // manifest that an index rebuild would take for a committed checkpoint.
@@ -709,3 +707,33 @@ export {
   type LockInfo,
   type LockOptions,
 } from './lock';
+
+/** A `running` checkpoint as recovery lists it. */
+export interface RunningCheckpoint {
+  id: number;
+  uid: string;
+  writer: string | null;
+}
+
+/**
+ * Which of `seen` (checkpoints listed as `running` a moment ago) belong to writers that are gone,
+ * so that recovery may delete their manifests and rows; `self` is the caller's own session.
+ *
+ * The order matters. A writer ends its session only after it committed its checkpoint (or gave it
+ * up), so the sessions are checked first and the states read again afterwards: a checkpoint whose
+ * writer committed and exited between the listing and the session check is `complete` by then and
+ * is left alone. (Checking only the listing's state let a concurrent recovery delete the manifest
+ * of a checkpoint committed in between: complete in the index, no manifest on disk.) A checkpoint
+ * still `running` once its session is found dead can never be committed any more.
+ */
+export function deadRunningCheckpoints(
+  db: Database.Database,
+  dir: string,
+  self: string | undefined,
+  seen: readonly RunningCheckpoint[],
+): RunningCheckpoint[] {
+  const gone = seen.filter((r) => r.writer !== self && (r.writer === null || !sessionLive(dir, r.writer)));
+  if (gone.length === 0) return gone;
+  const st = db.prepare('SELECT state FROM checkpoints WHERE id = ?');
+  return gone.filter((r) => (st.get(r.id) as { state: string } | undefined)?.state === 'running');
+}

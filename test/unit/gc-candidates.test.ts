@@ -13,7 +13,8 @@
  *     before;
  *   - two writers storing the same new chunk at once: one chunk row, the second writer's extents
  *     re-pointed to it (`applyRemap`), nothing dangling;
- *   - recovery deletes a `running` checkpoint only once its writer's session is gone;
+ *   - recovery deletes a `running` checkpoint only once its writer's session is gone, and never one
+ *     whose writer committed between recovery's listing and its session check;
  *   - `markDeletable` (pure);
  *   - a format-2 repository (the format-3 additions dropped again) is read as it is and migrated
  *     to format 3 by the first writer.
@@ -23,14 +24,15 @@ import * as assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { Repository } from '../../src/repo/repository';
+import { deadRunningCheckpoints, Repository, type RunningCheckpoint } from '../../src/repo/repository';
+import { sessionLive } from '../../src/repo/sessions';
 import { ChunkWriter } from '../../src/store/chunk-writer';
 import { hashChunk } from '../../src/store/codec';
 import { CODEC_RAW } from '../../src/store/hash-len';
 import { DiskMapWriter } from '../../src/index/pagemap';
 import { IdBlock } from '../../src/index/ids';
 import { ensureVm } from '../../src/index/catalog';
-import { commitCheckpoint } from '../../src/repo/manifest';
+import { commitCheckpoint, manifestPath } from '../../src/repo/manifest';
 import { markDeletable, runGc } from '../../src/repo/gc';
 import { CheckpointReader } from '../../src/chain/reader';
 import { randomBuffer } from '../helpers/images';
@@ -256,6 +258,47 @@ describe('gc deletion candidates beside running writers', () => {
     other.lockWriter('forget');
     assert.equal(state(), undefined);
     other.close();
+  });
+
+  it('recovery that listed a checkpoint as running keeps its manifest when its writer committed and exited before the session check', async () => {
+    const dir = newRepo();
+    const w1 = writer(dir, 'a');
+    const data = randomBuffer(7, CHUNK);
+    const other = Repository.open(dir);
+    try {
+      const { id } = await storeChunk(w1, data);
+      const { cp, disk } = runningCheckpoint(w1, 'a', id, data);
+      writeMap(w1, disk, id, data);
+      // What a concurrent recovery lists first, while the checkpoint is still running ...
+      const seen = other.db
+        .prepare("SELECT id, uid, writer FROM checkpoints WHERE state = 'running'")
+        .all() as RunningCheckpoint[];
+      assert.deepEqual(
+        seen.map((r) => r.id),
+        [cp],
+      );
+      assert.deepEqual(
+        deadRunningCheckpoints(other.db, dir, undefined, seen),
+        [],
+        'a live writer is not dead',
+      );
+      // ... then its writer commits (manifest written) and ends its session ...
+      commit(w1, cp);
+      const uid = (other.db.prepare('SELECT uid FROM checkpoints WHERE id = ?').get(cp) as { uid: string })
+        .uid;
+      w1.close();
+      assert.equal(sessionLive(dir, seen[0]!.writer!), false);
+      // ... so the session check says "gone", yet the checkpoint is complete: not dead.
+      assert.deepEqual(deadRunningCheckpoints(other.db, dir, undefined, seen), []);
+      other.lockWriter('forget'); // recovers
+      assert.ok(fs.existsSync(manifestPath(dir, uid)), 'the committed checkpoint keeps its manifest');
+      assert.equal(
+        (other.db.prepare('SELECT state FROM checkpoints WHERE id = ?').get(cp) as { state: string }).state,
+        'complete',
+      );
+    } finally {
+      other.close();
+    }
   });
 
   it('markDeletable: only when every recorded writer ended (pure)', () => {
