@@ -491,19 +491,61 @@ class CopyJob {
 
   private async copyOne(s: SourceCheckpoint, index: number, count: number): Promise<CopiedCheckpoint> {
     const t0 = Date.now();
-    const src = this.src;
     const dst = this.dst;
     const db = dst.db;
     const where = `${s.vm}@${s.row.name}`;
-    const reader = new CheckpointReader(src, { id: s.row.vm_id, name: s.vm, created: s.vmCreated }, s.row, {
-      cacheBytes: 16 << 20,
-    });
-    const srcDisks = reader.disks;
-    // Plaintext here; sealed again for the destination (bound to the same uid) if it is encrypted.
-    const configs = readConfigs(src.db, s.row.id);
+    const reader = new CheckpointReader(
+      this.src,
+      { id: s.row.vm_id, name: s.vm, created: s.vmCreated },
+      s.row,
+      {
+        cacheBytes: 16 << 20,
+      },
+    );
+    const { own, other } = this.originsOf(s, reader.disks);
+    const { cpId, diskIds, origins } = this.insertRunning(s, reader.disks, own, other, where);
+    const writer = new ChunkWriter(db, dst.dir, this.o.packTarget, dst.tmpSubdir, dst.cipher !== null);
+    let copied: { chunks: number; present: number };
+    try {
+      copied = await this.copyPages(s, reader, writer, diskIds, origins, { where, index, count });
+      await writer.finish();
+      if (writer.packsIndexed > 0) this.afterBatch();
+      writer.applyRemap([...diskIds.values()]);
+      aborted(this.o.signal);
+      this.commit(cpId);
+    } catch (e) {
+      await writer.abort();
+      db.transaction(() => deleteCheckpointRows(db, cpId)).immediate();
+      throw e;
+    }
+    this.cpMap.set(s.row.id, cpId);
+    const st: ChunkStats = writer.stats;
+    return {
+      vm: s.vm,
+      name: s.row.name,
+      uid: s.row.uid,
+      level: s.row.level,
+      time: s.row.started,
+      chunks: copied.chunks,
+      chunksTransferred: st.newChunks,
+      rawBytesTransferred: st.newRawBytes,
+      bytesTransferred: st.newStoredBytes,
+      chunksPresent: copied.present,
+      durationMs: Date.now() - t0,
+    };
+  }
 
-    // Extent origins: this checkpoint's own disks, disks of checkpoints the destination has, or
-    // disks it does not have (dangling).
+  /**
+   * Where the extents of checkpoint `s` come from: its own disks (`own`: source disk id -> name),
+   * or disks of other checkpoints (`other`: source disk id -> the destination's disk id, or null
+   * when the destination does not have that checkpoint: a dangling origin).
+   */
+  private originsOf(
+    s: SourceCheckpoint,
+    srcDisks: readonly DiskRow[],
+  ): { own: Map<number, string>; other: Map<number, number | null> } {
+    const src = this.src;
+    const db = this.dst.db;
     const originStmt = src.db.prepare(
       `SELECT DISTINCT e.origin AS origin FROM disk_pages dp JOIN extents e ON e.page_id = dp.page_id WHERE dp.disk_id = ?`,
     );
@@ -529,6 +571,26 @@ class CopyJob {
       }
     }
 
+    return { own, other };
+  }
+
+  /**
+   * Step 1 of a checkpoint's copy (FORMAT.md, "Copying checkpoints between repositories"): one transaction inserts the
+   * checkpoint as `running` with its configs and disks, after the dangling ids it needs; returns its
+   * id, its disks' ids and the translation of every extent origin.
+   */
+  private insertRunning(
+    s: SourceCheckpoint,
+    srcDisks: readonly DiskRow[],
+    own: Map<number, string>,
+    other: Map<number, number | null>,
+    where: string,
+  ): { cpId: number; diskIds: Map<string, number>; origins: Map<number, number> } {
+    const src = this.src;
+    const dst = this.dst;
+    const db = dst.db;
+    // Plaintext here; sealed again for the destination (bound to the same uid) if it is encrypted.
+    const configs = readConfigs(src.db, s.row.id);
     const diskIds = new Map<string, number>();
     const origins = new Map<number, number>();
     const cpId = db
@@ -621,83 +683,78 @@ class CopyJob {
       })
       .immediate();
 
-    const writer = new ChunkWriter(db, dst.dir, this.o.packTarget, dst.tmpSubdir, dst.cipher !== null);
+    return { cpId, diskIds, origins };
+  }
+
+  /**
+   * Steps 2-3: every disk's pages, in groups of pages whose chunks are sent (those the destination
+   * lacks) before the pages are written. Returns how many distinct chunks the checkpoint uses and
+   * how many of them the destination had.
+   */
+  private async copyPages(
+    s: SourceCheckpoint,
+    reader: CheckpointReader,
+    writer: ChunkWriter,
+    diskIds: Map<string, number>,
+    origins: Map<number, number>,
+    at: { where: string; index: number; count: number },
+  ): Promise<{ chunks: number; present: number }> {
+    const { where, index, count } = at;
+    const src = this.src;
+    const dst = this.dst;
+    const db = dst.db;
+    const srcDisks = reader.disks;
     const chunkMap = new Map<string, DestChunk>();
     let present = 0;
-    try {
-      const total = srcDisks.reduce((a, d) => a + d.virtual_size, 0);
-      let done = 0;
-      const shareCp = this.shareCheckpoint(s.row);
-      for (const d of srcDisks) {
-        const diskId = diskIds.get(d.name)!;
-        const share = shareCp === undefined ? null : this.shareDisk(shareCp, d);
-        const pw = new PageWriter(db, dst.config.pageSpan, diskId, share);
-        const pageNos = reader.pageNos(d);
-        const GROUP = 4;
-        for (let i = 0; i < pageNos.length; i += GROUP) {
-          aborted(this.o.signal);
-          const group = pageNos.slice(i, i + GROUP).map((p) => reader.page(d, p));
-          const inflight = new Map<string, Promise<void>>();
-          for (const exts of group) {
-            for (const e of exts) {
-              if (!e.loc) continue;
-              const hex = e.loc.hash.toString('hex');
-              if (chunkMap.has(hex) || inflight.has(hex)) continue;
-              const loc = e.loc;
-              inflight.set(
-                hex,
-                this.limit(() => this.transfer(loc, writer, where)).then((r) => {
-                  if (r.present) present++;
-                  chunkMap.set(hex, r.chunk);
-                  if (writer.packsIndexed > 0) this.afterBatch();
-                }),
-              );
-            }
+    const total = srcDisks.reduce((a, d) => a + d.virtual_size, 0);
+    let done = 0;
+    const shareCp = this.shareCheckpoint(s.row);
+    for (const d of srcDisks) {
+      const diskId = diskIds.get(d.name)!;
+      const share = shareCp === undefined ? null : this.shareDisk(shareCp, d);
+      const pw = new PageWriter(db, dst.config.pageSpan, diskId, share);
+      const pageNos = reader.pageNos(d);
+      const GROUP = 4;
+      for (let i = 0; i < pageNos.length; i += GROUP) {
+        aborted(this.o.signal);
+        const group = pageNos.slice(i, i + GROUP).map((p) => reader.page(d, p));
+        const inflight = new Map<string, Promise<void>>();
+        for (const exts of group) {
+          for (const e of exts) {
+            if (!e.loc) continue;
+            const hex = e.loc.hash.toString('hex');
+            if (chunkMap.has(hex) || inflight.has(hex)) continue;
+            const loc = e.loc;
+            inflight.set(
+              hex,
+              this.limit(() => this.transfer(loc, writer, where)).then((r) => {
+                if (r.present) present++;
+                chunkMap.set(hex, r.chunk);
+                if (writer.packsIndexed > 0) this.afterBatch();
+              }),
+            );
           }
-          const settled = await Promise.allSettled(inflight.values());
-          const failed = settled.find((x): x is PromiseRejectedResult => x.status === 'rejected');
-          if (failed) throw failed.reason;
-          for (const exts of group) {
-            for (const e of exts) pw.add(this.row(e, chunkMap, origins));
-          }
-          const last = pageNos[Math.min(i + GROUP, pageNos.length) - 1]!;
-          this.o.onProgress?.({
-            checkpoint: where,
-            index,
-            count,
-            done: done + Math.min(d.virtual_size, (last + 1) * src.config.pageSpan),
-            total,
-          });
         }
-        pw.finish(d.virtual_size);
-        done += d.virtual_size;
-        this.o.onProgress?.({ checkpoint: where, index, count, done, total });
+        const settled = await Promise.allSettled(inflight.values());
+        const failed = settled.find((x): x is PromiseRejectedResult => x.status === 'rejected');
+        if (failed) throw failed.reason;
+        for (const exts of group) {
+          for (const e of exts) pw.add(this.row(e, chunkMap, origins));
+        }
+        const last = pageNos[Math.min(i + GROUP, pageNos.length) - 1]!;
+        this.o.onProgress?.({
+          checkpoint: where,
+          index,
+          count,
+          done: done + Math.min(d.virtual_size, (last + 1) * src.config.pageSpan),
+          total,
+        });
       }
-      await writer.finish();
-      if (writer.packsIndexed > 0) this.afterBatch();
-      writer.applyRemap([...diskIds.values()]);
-      aborted(this.o.signal);
-      this.commit(cpId);
-    } catch (e) {
-      await writer.abort();
-      db.transaction(() => deleteCheckpointRows(db, cpId)).immediate();
-      throw e;
+      pw.finish(d.virtual_size);
+      done += d.virtual_size;
+      this.o.onProgress?.({ checkpoint: where, index, count, done, total });
     }
-    this.cpMap.set(s.row.id, cpId);
-    const st: ChunkStats = writer.stats;
-    return {
-      vm: s.vm,
-      name: s.row.name,
-      uid: s.row.uid,
-      level: s.row.level,
-      time: s.row.started,
-      chunks: chunkMap.size,
-      chunksTransferred: st.newChunks,
-      rawBytesTransferred: st.newRawBytes,
-      bytesTransferred: st.newStoredBytes,
-      chunksPresent: present,
-      durationMs: Date.now() - t0,
-    };
+    return { chunks: chunkMap.size, present };
   }
 
   /** The first batch of chunks is committed (test crash/pause point `copy-after-pack`, once). */
