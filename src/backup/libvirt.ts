@@ -89,6 +89,7 @@ import {
   parseCheckpoint,
   parseDomain,
   type BackupJob,
+  type DomainDisk,
   type DomainInfo,
   type LibvirtCheckpoint,
 } from './libvirt-xml';
@@ -467,28 +468,9 @@ async function liveBackup(
   const name = o.checkpoint ?? nextCheckpointName(names);
   if (names.includes(name))
     throw new BkfsError('BAD_NAME', `VM '${o.vm}' already has a checkpoint named '${name}'`);
-  const prefix = legacyPrefix(repo.config.id);
   const uid = newCheckpointUid();
   const lvName = level === 'copy' ? null : libvirtCheckpointName(uid);
-
-  // Checkpoints of this repository that no checkpoint records: left by an interrupted backup
-  // (its checkpoint row still 'running', or named the bkfs 0.1 way). Those of other repositories,
-  // copies of this one included, are never touched: their chains need them.
-  const known = knownLibvirtCheckpoints(repo);
-  const existing = await checkpointNames(v, o.domain);
-  const pending = pendingLibvirtCheckpoints(repo);
-  for (const n of pending) if (known.has(n) || !existing.includes(n)) clearPending(repo, n);
-  const orphans = new Set([
-    ...ownCheckpointsToDelete(existing, prefix, known),
-    ...[...pending].filter((n) => existing.includes(n) && !known.has(n)),
-  ]);
-  for (const n of orphans) {
-    await deleteCheckpoint(v, o.domain, n, notice);
-    clearPending(repo, n);
-    notice(
-      `deleted libvirt checkpoint '${n}' of domain '${o.domain}': no checkpoint of the repository uses it`,
-    );
-  }
+  const known = await deleteOrphanCheckpoints(repo, v, o.domain, notice);
   if (lvName !== null && known.has(lvName)) {
     throw new BkfsError(
       'BAD_NAME',
@@ -584,31 +566,7 @@ async function liveBackup(
       );
     }
     checkAborted(o.signal);
-    const disks: DiskSpec[] = sel.selected.map((d) => {
-      const jd = job.disks.find((x) => x.name === d.target);
-      return {
-        name: d.target,
-        source: new PullSource({
-          socket: nbdSocket,
-          ...(tcp
-            ? {
-                tcp: {
-                  host: dp.host,
-                  port: job.tcp?.port ?? port,
-                  ...(dp.transport.kind === 'tls' ? { tls: { certDir: dp.transport.certDir } } : {}),
-                },
-              }
-            : {}),
-          target: d.target,
-          exportName: jd?.exportName ?? d.target,
-          exportBitmap: jd?.exportBitmap ?? null,
-          incremental: job.incremental,
-          newCheckpoint: lvName !== null && d.format === 'qcow2' ? lvName : null,
-          location: d.source ?? d.target,
-          format: d.format ?? 'raw',
-        }),
-      };
-    });
+    const disks = pullSources(sel.selected, job, { socket: nbdSocket, tcp: tcp ? port : null, dp, lvName });
     const res = await runBackup(repo, {
       vm: o.vm,
       disks,
@@ -631,21 +589,7 @@ async function liveBackup(
     await endJob(v, o.domain, jobDir).catch((e: unknown) =>
       notice(`could not end the backup job: ${(e as Error).message} (run 'virsh domjobabort ${o.domain}')`),
     );
-    if (level === 'full' && lvName !== null) {
-      // A new chain: this VM's older libvirt checkpoints serve no inc/diff any more.
-      const keep = knownLibvirtCheckpoints(repo, o.vm);
-      keep.add(lvName);
-      const names = await checkpointNames(v, o.domain);
-      const old = new Set([
-        ...ownCheckpointsToDelete(names, prefix, keep),
-        ...[...vmLibvirtCheckpoints(repo, o.vm)].filter((n) => names.includes(n) && !keep.has(n)),
-      ]);
-      for (const n of old) {
-        await deleteCheckpoint(v, o.domain, n, notice).catch((e: unknown) =>
-          notice(`could not delete old libvirt checkpoint '${n}': ${(e as Error).message}`),
-        );
-      }
-    }
+    if (level === 'full' && lvName !== null) await deleteOlderChain(repo, v, o, lvName, notice);
     return {
       ...res,
       domain: o.domain,
@@ -672,6 +616,99 @@ async function liveBackup(
       .catch((e: unknown) => notice(`could not remove the job directory ${jobDir}: ${(e as Error).message}`));
     await guard?.disarm();
   }
+}
+
+/**
+ * Delete the libvirt checkpoints of this repository that no checkpoint records: left by an
+ * interrupted backup (its checkpoint row still 'running', or named the bkfs 0.1 way). Those of
+ * other repositories, copies of this one included, are never touched: their chains need them.
+ * Returns the libvirt checkpoints the repository's checkpoints record.
+ */
+async function deleteOrphanCheckpoints(
+  repo: Repository,
+  v: Virsh,
+  domain: string,
+  notice: (m: string) => void,
+): Promise<Set<string>> {
+  const known = knownLibvirtCheckpoints(repo);
+  const existing = await checkpointNames(v, domain);
+  const pending = pendingLibvirtCheckpoints(repo);
+  for (const n of pending) if (known.has(n) || !existing.includes(n)) clearPending(repo, n);
+  const orphans = new Set([
+    ...ownCheckpointsToDelete(existing, legacyPrefix(repo.config.id), known),
+    ...[...pending].filter((n) => existing.includes(n) && !known.has(n)),
+  ]);
+  for (const n of orphans) {
+    await deleteCheckpoint(v, domain, n, notice);
+    clearPending(repo, n);
+    notice(
+      `deleted libvirt checkpoint '${n}' of domain '${domain}': no checkpoint of the repository uses it`,
+    );
+  }
+  return known;
+}
+
+/**
+ * After a committed full (`lvName` its libvirt checkpoint): a new chain, so this VM's older
+ * libvirt checkpoints serve no inc/diff any more; deleted (a failure is a notice).
+ */
+async function deleteOlderChain(
+  repo: Repository,
+  v: Virsh,
+  o: LibvirtBackupOptions,
+  lvName: string,
+  notice: (m: string) => void,
+): Promise<void> {
+  const keep = knownLibvirtCheckpoints(repo, o.vm);
+  keep.add(lvName);
+  const names = await checkpointNames(v, o.domain);
+  const old = new Set([
+    ...ownCheckpointsToDelete(names, legacyPrefix(repo.config.id), keep),
+    ...[...vmLibvirtCheckpoints(repo, o.vm)].filter((n) => names.includes(n) && !keep.has(n)),
+  ]);
+  for (const n of old) {
+    await deleteCheckpoint(v, o.domain, n, notice).catch((e: unknown) =>
+      notice(`could not delete old libvirt checkpoint '${n}': ${(e as Error).message}`),
+    );
+  }
+}
+
+/**
+ * The backup job's NBD exports as the engine's disk sources: over the job's Unix socket, or over
+ * TCP (`at.tcp`: the port bkfs asked for, unless the job reports another) with TLS when the data
+ * path has it.
+ */
+function pullSources(
+  selected: readonly DomainDisk[],
+  job: BackupJob,
+  at: { socket: string; tcp: number | null; dp: DataPath; lvName: string | null },
+): DiskSpec[] {
+  const { dp, lvName } = at;
+  return selected.map((d) => {
+    const jd = job.disks.find((x) => x.name === d.target);
+    return {
+      name: d.target,
+      source: new PullSource({
+        socket: at.socket,
+        ...(at.tcp !== null
+          ? {
+              tcp: {
+                host: dp.host,
+                port: job.tcp?.port ?? at.tcp,
+                ...(dp.transport.kind === 'tls' ? { tls: { certDir: dp.transport.certDir } } : {}),
+              },
+            }
+          : {}),
+        target: d.target,
+        exportName: jd?.exportName ?? d.target,
+        exportBitmap: jd?.exportBitmap ?? null,
+        incremental: job.incremental,
+        newCheckpoint: lvName !== null && d.format === 'qcow2' ? lvName : null,
+        location: d.source ?? d.target,
+        format: d.format ?? 'raw',
+      }),
+    };
+  });
 }
 
 function scratchBase(o: LibvirtBackupOptions): string {
