@@ -494,14 +494,8 @@ class CopyJob {
     const dst = this.dst;
     const db = dst.db;
     const where = `${s.vm}@${s.row.name}`;
-    const reader = new CheckpointReader(
-      this.src,
-      { id: s.row.vm_id, name: s.vm, created: s.vmCreated },
-      s.row,
-      {
-        cacheBytes: 16 << 20,
-      },
-    );
+    const vm = { id: s.row.vm_id, name: s.vm, created: s.vmCreated };
+    const reader = new CheckpointReader(this.src, vm, s.row, { cacheBytes: 16 << 20 });
     const { own, other } = this.originsOf(s, reader.disks);
     const { cpId, diskIds, origins } = this.insertRunning(s, reader.disks, own, other, where);
     const writer = new ChunkWriter(db, dst.dir, this.o.packTarget, dst.tmpSubdir, dst.cipher !== null);
