@@ -181,6 +181,7 @@ export async function serveCheckpoint(opts: ServeOptions): Promise<void> {
       server = await NbdServer.listen(canonicalListen(opts.listen), exports, {
         ...(tlsCreds ? { tls: tlsCreds } : {}),
         onError: (m) => log(`error: ${m}`),
+        gatherReplies: true, // a process of its own: nothing here waits on its clients
       });
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;

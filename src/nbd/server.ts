@@ -73,6 +73,15 @@ export interface TlsCreds {
 export interface ServerOptions {
   tls?: TlsCreds;
   onError?: (msg: string) => void;
+  /**
+   * Gather the replies that complete while other requests of the connection are in flight until
+   * the event loop's check phase, so that they leave in one write (at QD16 one write per reply was
+   * a quarter of the serving thread; bench/README.md). Only for a server whose process never waits
+   * synchronously on its own clients (a standalone `bkfs serve`): the file-restore engine reads
+   * its in-process export through kernel mounts, and a reply held back while that process blocked
+   * (a synchronous umount, or exit) never left and deadlocked it. Off by default.
+   */
+  gatherReplies?: boolean;
 }
 
 export const MAX_REQUEST = 32 << 20;
@@ -496,12 +505,21 @@ export class NbdServer {
     const { sock, q } = conn;
     const inflight = new Set<Promise<void>>();
     const writable = isWritable(exp);
-    // Every reply leaves at once. Gathering the replies of one event-loop turn (cork until the
-    // check phase) gave ~8 % more IOPS at QD16 but deadlocked the file-restore engine, whose own
-    // process serves the NBD disk that its kernel mounts read: a reply held back while the main
-    // thread blocked (a synchronous umount, or exit) never left (bench/README.md).
+    // A lone request's reply leaves at once; with `gatherReplies`, those that complete while
+    // others are in flight wait for the check phase and leave together (ServerOptions).
+    const gather = this.opts.gatherReplies === true;
+    let corked = false;
+    const flush = (): void => {
+      corked = false;
+      if (!sock.destroyed) sock.uncork();
+    };
     const send = (b: Buffer | Buffer[]) => {
       if (sock.destroyed) return;
+      if (gather && !corked && inflight.size > 1) {
+        corked = true;
+        sock.cork();
+        setImmediate(flush);
+      }
       if (Array.isArray(b)) {
         sock.cork();
         for (const x of b) sock.write(x);

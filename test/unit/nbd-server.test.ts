@@ -179,45 +179,57 @@ describe('NBD server', () => {
     }
   });
 
-  it('answers a read as soon as it is ready, while an earlier read is still outstanding', async () => {
-    // An export that reads into the server's reply buffer (readInto), where the read at 0 waits
-    // until released: the read after it must be answered first, with its own bytes.
-    const data = randomBuffer(10, 1 << 20);
-    let release!: () => void;
-    const gate = new Promise<void>((r) => (release = r));
-    const exp: NbdExport = {
-      size: data.length,
-      readAt: async (o, l) => Buffer.from(data.subarray(o, o + l)),
-      readInto: async (o, target) => {
-        if (o === 0) await gate;
-        data.copy(target, 0, o, o + target.length);
-      },
-    };
-    const sock = path.join(dir, 'order.sock');
-    const server = await NbdServer.listen({ unix: sock }, new Map([['d', exp]]));
-    try {
-      const c = await NbdClient.connect({ socket: sock, exportName: 'd' });
+  for (const gatherReplies of [false, true]) {
+    it(`answers a read as soon as it is ready, while an earlier read is still outstanding${gatherReplies ? ' (replies gathered per event-loop turn)' : ''}`, async () => {
+      // An export that reads into the server's reply buffer (readInto), where the read at 0 waits
+      // until released: the read after it must be answered first, with its own bytes.
+      const data = randomBuffer(10, 1 << 20);
+      let release!: () => void;
+      const gate = new Promise<void>((r) => (release = r));
+      const exp: NbdExport = {
+        size: data.length,
+        readAt: async (o, l) => Buffer.from(data.subarray(o, o + l)),
+        readInto: async (o, target) => {
+          if (o === 0) await gate;
+          data.copy(target, 0, o, o + target.length);
+        },
+      };
+      const sock = path.join(dir, `order-${gatherReplies}.sock`);
+      const server = await NbdServer.listen({ unix: sock }, new Map([['d', exp]]), { gatherReplies });
       try {
-        const order: string[] = [];
-        const slow = c.read(0, 4096).then((b) => {
-          order.push('slow');
-          return b;
-        });
-        const fast = await c.read(65536, 8192);
-        order.push('fast');
-        assert.deepEqual(fast, data.subarray(65536, 65536 + 8192));
-        assert.deepEqual(order, ['fast']);
-        release();
-        assert.deepEqual(await slow, data.subarray(0, 4096));
-        assert.deepEqual(order, ['fast', 'slow']);
+        const c = await NbdClient.connect({ socket: sock, exportName: 'd' });
+        try {
+          const order: string[] = [];
+          const slow = c.read(0, 4096).then((b) => {
+            order.push('slow');
+            return b;
+          });
+          const fast = await c.read(65536, 8192);
+          order.push('fast');
+          assert.deepEqual(fast, data.subarray(65536, 65536 + 8192));
+          assert.deepEqual(order, ['fast']);
+          // Many reads in flight at once (their replies complete together): each gets its own bytes.
+          let seed = 3;
+          const next = () => (seed = (seed * 48271) % 0x7fffffff);
+          const many = Array.from({ length: 64 }, () => {
+            const at = 4096 + (next() % (data.length - 4096 - 70000));
+            const len = 1 + (next() % 65536);
+            return c.read(at, len).then((b) => assert.deepEqual(b, data.subarray(at, at + len)));
+          });
+          await Promise.all(many);
+          assert.deepEqual(order, ['fast']);
+          release();
+          assert.deepEqual(await slow, data.subarray(0, 4096));
+          assert.deepEqual(order, ['fast', 'slow']);
+        } finally {
+          await c.close();
+        }
+        // Without structured replies (old-style EXPORT_NAME handshake): simple replies, same bytes.
+        assert.deepEqual(await simpleRead(sock, 'd', 12345, 5000), data.subarray(12345, 12345 + 5000));
+        assert.equal(server.stats.reads, 67);
       } finally {
-        await c.close();
+        await server.close();
       }
-      // Without structured replies (old-style EXPORT_NAME handshake): simple replies, same bytes.
-      assert.deepEqual(await simpleRead(sock, 'd', 12345, 5000), data.subarray(12345, 12345 + 5000));
-      assert.equal(server.stats.reads, 3);
-    } finally {
-      await server.close();
-    }
-  });
+    });
+  }
 });
