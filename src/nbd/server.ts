@@ -194,6 +194,54 @@ function isWritable(e: NbdExport): boolean {
   return !!(e.write && e.zero && e.trim && e.flush);
 }
 
+/** The reply to a read of `length` bytes at `offset` (in range), simple or structured. */
+async function readReply(
+  exp: NbdExport,
+  handle: Buffer,
+  offset: number,
+  length: number,
+  structured: boolean,
+): Promise<Buffer | Buffer[]> {
+  if (exp.readInto && length > 0) {
+    // Header and data in one buffer, filled in place: one write, nothing copied.
+    const head = structured ? 28 : 16;
+    const reply = Buffer.allocUnsafe(head + length);
+    await exp.readInto(offset, reply.subarray(head));
+    if (!structured) {
+      reply.writeUInt32BE(P.NBD_SIMPLE_REPLY_MAGIC, 0);
+      reply.writeUInt32BE(0, 4);
+      handle.copy(reply, 8);
+    } else {
+      reply.writeUInt32BE(P.NBD_STRUCTURED_REPLY_MAGIC, 0);
+      reply.writeUInt16BE(P.NBD_REPLY_FLAG_DONE, 4);
+      reply.writeUInt16BE(P.NBD_REPLY_TYPE_OFFSET_DATA, 6);
+      handle.copy(reply, 8);
+      reply.writeUInt32BE(8 + length, 16);
+      P.writeU64(reply, offset, 20);
+    }
+    return reply;
+  }
+  const data = await exp.readAt(offset, length);
+  const body = data.length === length ? data : Buffer.concat([data, Buffer.alloc(length - data.length)]);
+  if (!structured) return [simpleReply(handle, 0), body];
+  if (length === 0) return structuredHeader(handle, P.NBD_REPLY_TYPE_NONE, P.NBD_REPLY_FLAG_DONE, 0);
+  const h = structuredHeader(handle, P.NBD_REPLY_TYPE_OFFSET_DATA, P.NBD_REPLY_FLAG_DONE, 8 + length);
+  const off = Buffer.allocUnsafe(8);
+  P.writeU64(off, offset, 0);
+  return [h, off, body];
+}
+
+/** The `base:allocation` block status reply carrying `ext`. */
+function blockStatusReply(handle: Buffer, ext: BlockExtent[]): Buffer[] {
+  const body = Buffer.allocUnsafe(4 + 8 * ext.length);
+  body.writeUInt32BE(META_BASE_ALLOCATION, 0);
+  ext.forEach((e, i) => {
+    body.writeUInt32BE(e.length, 4 + 8 * i);
+    body.writeUInt32BE(e.flags, 8 + 8 * i);
+  });
+  return [structuredHeader(handle, P.NBD_REPLY_TYPE_BLOCK_STATUS, P.NBD_REPLY_FLAG_DONE, body.length), body];
+}
+
 function transmissionFlags(e: NbdExport): number {
   let f = P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH | P.NBD_FLAG_CAN_MULTI_CONN | P.NBD_FLAG_SEND_CACHE;
   if (isWritable(e)) f |= P.NBD_FLAG_SEND_FUA | P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES;
@@ -610,44 +658,10 @@ export class NbdServer {
             break;
           }
           track(handle, `read of ${length} bytes at ${offset}`, async () => {
-            if (exp.readInto && length > 0) {
-              // Header and data in one buffer, filled in place: one write, nothing copied.
-              const head = structured ? 28 : 16;
-              const reply = Buffer.allocUnsafe(head + length);
-              await exp.readInto(offset, reply.subarray(head));
-              this.stats.reads++;
-              this.stats.bytesRead += length;
-              if (!structured) {
-                reply.writeUInt32BE(P.NBD_SIMPLE_REPLY_MAGIC, 0);
-                reply.writeUInt32BE(0, 4);
-                handle.copy(reply, 8);
-              } else {
-                reply.writeUInt32BE(P.NBD_STRUCTURED_REPLY_MAGIC, 0);
-                reply.writeUInt16BE(P.NBD_REPLY_FLAG_DONE, 4);
-                reply.writeUInt16BE(P.NBD_REPLY_TYPE_OFFSET_DATA, 6);
-                handle.copy(reply, 8);
-                reply.writeUInt32BE(8 + length, 16);
-                P.writeU64(reply, offset, 20);
-              }
-              return reply;
-            }
-            const data = await exp.readAt(offset, length);
+            const reply = await readReply(exp, handle, offset, length, structured);
             this.stats.reads++;
             this.stats.bytesRead += length;
-            const body =
-              data.length === length ? data : Buffer.concat([data, Buffer.alloc(length - data.length)]);
-            if (!structured) return [simpleReply(handle, 0), body];
-            if (length === 0)
-              return structuredHeader(handle, P.NBD_REPLY_TYPE_NONE, P.NBD_REPLY_FLAG_DONE, 0);
-            const h = structuredHeader(
-              handle,
-              P.NBD_REPLY_TYPE_OFFSET_DATA,
-              P.NBD_REPLY_FLAG_DONE,
-              8 + length,
-            );
-            const off = Buffer.allocUnsafe(8);
-            P.writeU64(off, offset, 0);
-            return [h, off, body];
+            return reply;
           });
           break;
         case P.NBD_CMD_BLOCK_STATUS:
@@ -662,16 +676,7 @@ export class NbdServer {
           track(handle, `block status at ${offset}`, async () => {
             const reqOne = (flags & P.NBD_CMD_FLAG_REQ_ONE) !== 0;
             const ext = await this.extents(exp, offset, length, reqOne ? 1 : MAX_EXTENTS);
-            const body = Buffer.allocUnsafe(4 + 8 * ext.length);
-            body.writeUInt32BE(META_BASE_ALLOCATION, 0);
-            ext.forEach((e, i) => {
-              body.writeUInt32BE(e.length, 4 + 8 * i);
-              body.writeUInt32BE(e.flags, 8 + 8 * i);
-            });
-            return [
-              structuredHeader(handle, P.NBD_REPLY_TYPE_BLOCK_STATUS, P.NBD_REPLY_FLAG_DONE, body.length),
-              body,
-            ];
+            return blockStatusReply(handle, ext);
           });
           break;
         default:
