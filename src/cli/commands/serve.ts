@@ -12,6 +12,7 @@ import { BkfsError } from '../../errors';
 import { parseCheckpointRef } from '../../index/catalog';
 import { bytes } from '../../util/format';
 import type { ServeState } from '../../nbd/serve';
+import type { ListenAddress } from '../../nbd/server';
 import { note, out, repoPath, withRepo } from '../context';
 import { printJson } from '../json';
 import { DEFAULT_CACHE_SIZE, parseSize } from './mount';
@@ -98,136 +99,164 @@ Examples:
   bkfs serve --list
   bkfs serve --stop --listen unix:/run/web.sock`,
     )
-    .action(async (ref: string | undefined, opts: ServeCliOptions, cmd: Command) => {
-      const { canonicalListen, listServes, serveLogPath, stopServe } = await import('../../nbd/serve');
-      const { formatListen, parseListen } = await import('../../nbd/server');
-      if (opts.list) {
-        const all = listServes();
-        if (opts.json) {
-          printJson(all);
-          return;
+    .action(serveAction);
+}
+
+async function serveAction(ref: string | undefined, opts: ServeCliOptions, cmd: Command): Promise<void> {
+  const { canonicalListen, listServes, stopServe } = await import('../../nbd/serve');
+  const { formatListen, parseListen } = await import('../../nbd/server');
+  if (opts.list) {
+    const all = listServes();
+    if (opts.json) printJson(all);
+    else if (all.length === 0) out('no bkfs serve daemon is running');
+    else all.forEach(describe);
+    return;
+  }
+  if (opts.listen === undefined)
+    throw new BkfsError('USAGE', 'serve needs --listen unix:PATH or tcp:HOST:PORT');
+  const addr = parseListen(opts.listen);
+  if (!addr) throw new BkfsError('USAGE', `--listen takes unix:PATH or tcp:HOST:PORT, got '${opts.listen}'`);
+  const listen = formatListen(canonicalListen(addr));
+  if (opts.stop) {
+    const s = await stopServe(listen);
+    if (!s) throw new BkfsError('NOT_FOUND', `no bkfs serve daemon listens on ${listen}`);
+    if (opts.json) printJson({ stopped: listen, pid: s.pid });
+    else out(`stopped the serve daemon on ${listen} (pid ${s.pid})`);
+    return;
+  }
+  if (ref === undefined) throw new BkfsError('USAGE', 'serve needs VM[@CHECKPOINT]');
+  const req = serveRequest(ref, addr, listen, opts, cmd);
+  if (opts.readyFd !== undefined || opts.foreground) await serveHere(req, opts);
+  else await startServeDaemon(req, opts, cmd);
+}
+
+/** What to serve, from the command line, checked. */
+interface ServeRequest {
+  ref: string;
+  addr: ListenAddress;
+  listen: string;
+  repoDir: string;
+  overlayDir?: string;
+  tlsDir?: string;
+  cacheBytes: number;
+  socketOwner?: { uid: number; gid: number };
+}
+
+function serveRequest(
+  ref: string,
+  addr: ListenAddress,
+  listen: string,
+  opts: ServeCliOptions,
+  cmd: Command,
+): ServeRequest {
+  parseCheckpointRef(ref);
+  if (opts.writable && opts.overlayDir === undefined)
+    throw new BkfsError('USAGE', '--writable needs --overlay-dir DIR (writes never go into the backup)');
+  if (opts.overlayDir !== undefined && !opts.writable)
+    throw new BkfsError('USAGE', '--overlay-dir is only used with --writable');
+  const req: ServeRequest = {
+    ref,
+    addr,
+    listen,
+    repoDir: path.resolve(repoPath(cmd)),
+    cacheBytes: parseSize('--cache-size', opts.cacheSize),
+  };
+  if (opts.overlayDir !== undefined) req.overlayDir = path.resolve(opts.overlayDir);
+  if (opts.tlsCreds !== undefined) req.tlsDir = path.resolve(opts.tlsCreds);
+  if (opts.socketOwner !== undefined) {
+    const m = /^(\d+):(\d+)$/.exec(opts.socketOwner);
+    if (!m) throw new BkfsError('USAGE', `--socket-owner takes UID:GID, got '${opts.socketOwner}'`);
+    req.socketOwner = { uid: Number(m[1]), gid: Number(m[2]) };
+  }
+  return req;
+}
+
+/** Serve in this process (`--foreground`, or the daemon started by `startServeDaemon`). */
+async function serveHere(req: ServeRequest, opts: ServeCliOptions): Promise<void> {
+  const fd = opts.readyFd === undefined ? undefined : Number(opts.readyFd);
+  if (fd !== undefined && !Number.isInteger(fd)) throw new BkfsError('USAGE', '--ready-fd takes a number');
+  const { serveCheckpoint, serveLogPath } = await import('../../nbd/serve');
+  const { sendReady, sendReadyError } = await import('../../fuse/daemon');
+  const daemon = fd !== undefined;
+  const log = daemon
+    ? (line: string) => process.stderr.write(`${new Date().toISOString()} bkfs[${process.pid}]: ${line}\n`)
+    : (line: string) => note(line);
+  const ac = new AbortController();
+  const onSignal = (sig: NodeJS.Signals) => {
+    if (ac.signal.aborted) return;
+    log(`${sig} received`);
+    ac.abort();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  process.on('SIGHUP', daemon ? () => undefined : onSignal);
+  let ready = false;
+  try {
+    await serveCheckpoint({
+      repoDir: req.repoDir,
+      ref: req.ref,
+      ...(opts.disk !== undefined ? { disk: opts.disk } : {}),
+      listen: req.addr,
+      ...(req.tlsDir !== undefined ? { tlsDir: req.tlsDir } : {}),
+      ...(req.overlayDir !== undefined ? { overlayDir: req.overlayDir } : {}),
+      ...(req.socketOwner !== undefined ? { socketOwner: req.socketOwner } : {}),
+      cacheBytes: req.cacheBytes,
+      ...(daemon ? { logFile: serveLogPath(req.listen) } : {}),
+      log,
+      stop: ac.signal,
+      onReady: (state) => {
+        ready = true;
+        if (fd !== undefined) sendReady<ServeState>(fd, { ok: true, info: state });
+        else if (opts.json) printJson(state);
+        else {
+          describe(state);
+          out(`serving in the foreground: Ctrl-C or 'bkfs serve --stop --listen ${state.listen}' stops`);
         }
-        if (all.length === 0) out('no bkfs serve daemon is running');
-        for (const s of all) describe(s);
-        return;
-      }
-      if (opts.listen === undefined)
-        throw new BkfsError('USAGE', 'serve needs --listen unix:PATH or tcp:HOST:PORT');
-      const addr = parseListen(opts.listen);
-      if (!addr) {
-        throw new BkfsError('USAGE', `--listen takes unix:PATH or tcp:HOST:PORT, got '${opts.listen}'`);
-      }
-      const listen = formatListen(canonicalListen(addr));
-      if (opts.stop) {
-        const s = await stopServe(listen);
-        if (!s) throw new BkfsError('NOT_FOUND', `no bkfs serve daemon listens on ${listen}`);
-        if (opts.json) printJson({ stopped: listen, pid: s.pid });
-        else out(`stopped the serve daemon on ${listen} (pid ${s.pid})`);
-        return;
-      }
-      if (ref === undefined) throw new BkfsError('USAGE', 'serve needs VM[@CHECKPOINT]');
-      parseCheckpointRef(ref);
-      if (opts.writable && opts.overlayDir === undefined)
-        throw new BkfsError('USAGE', '--writable needs --overlay-dir DIR (writes never go into the backup)');
-      if (opts.overlayDir !== undefined && !opts.writable)
-        throw new BkfsError('USAGE', '--overlay-dir is only used with --writable');
-      const overlayDir = opts.overlayDir !== undefined ? path.resolve(opts.overlayDir) : undefined;
-      const tlsDir = opts.tlsCreds !== undefined ? path.resolve(opts.tlsCreds) : undefined;
-      const cacheBytes = parseSize('--cache-size', opts.cacheSize);
-      const repoDir = path.resolve(repoPath(cmd));
-      let socketOwner: { uid: number; gid: number } | undefined;
-      if (opts.socketOwner !== undefined) {
-        const m = /^(\d+):(\d+)$/.exec(opts.socketOwner);
-        if (!m) throw new BkfsError('USAGE', `--socket-owner takes UID:GID, got '${opts.socketOwner}'`);
-        socketOwner = { uid: Number(m[1]), gid: Number(m[2]) };
-      }
-      if (opts.readyFd !== undefined || opts.foreground) {
-        const fd = opts.readyFd === undefined ? undefined : Number(opts.readyFd);
-        if (fd !== undefined && !Number.isInteger(fd))
-          throw new BkfsError('USAGE', '--ready-fd takes a number');
-        const { serveCheckpoint } = await import('../../nbd/serve');
-        const { sendReady, sendReadyError } = await import('../../fuse/daemon');
-        const daemon = fd !== undefined;
-        const log = daemon
-          ? (line: string) =>
-              process.stderr.write(`${new Date().toISOString()} bkfs[${process.pid}]: ${line}\n`)
-          : (line: string) => note(line);
-        const ac = new AbortController();
-        const onSignal = (sig: NodeJS.Signals) => {
-          if (ac.signal.aborted) return;
-          log(`${sig} received`);
-          ac.abort();
-        };
-        process.on('SIGINT', onSignal);
-        process.on('SIGTERM', onSignal);
-        process.on('SIGHUP', daemon ? () => undefined : onSignal);
-        let ready = false;
-        try {
-          await serveCheckpoint({
-            repoDir,
-            ref,
-            ...(opts.disk !== undefined ? { disk: opts.disk } : {}),
-            listen: addr,
-            ...(tlsDir !== undefined ? { tlsDir } : {}),
-            ...(overlayDir !== undefined ? { overlayDir } : {}),
-            ...(socketOwner !== undefined ? { socketOwner } : {}),
-            cacheBytes,
-            ...(daemon ? { logFile: serveLogPath(listen) } : {}),
-            log,
-            stop: ac.signal,
-            onReady: (state) => {
-              ready = true;
-              if (fd !== undefined) sendReady<ServeState>(fd, { ok: true, info: state });
-              else if (opts.json) printJson(state);
-              else {
-                describe(state);
-                out(
-                  `serving in the foreground: Ctrl-C or 'bkfs serve --stop --listen ${state.listen}' stops`,
-                );
-              }
-            },
-          });
-        } catch (e) {
-          if (!ready) sendReadyError(fd, e);
-          throw e;
-        }
-        return;
-      }
-      // Check what can be checked here, so errors come with their own exit codes at once.
-      await withRepo(cmd, async (repo) => {
-        const { resolveRef } = await import('../../index/catalog');
-        resolveRef(repo.db, ref);
-      });
-      if (tlsDir !== undefined) (await import('../../nbd/serve')).loadTlsCreds(tlsDir);
-      const { startDaemon } = await import('../../fuse/daemon');
-      const state = await startDaemon<ServeState>({
-        command: process.execPath,
-        args: [
-          bkfsBin(),
-          '-r',
-          repoDir,
-          'serve',
-          ref,
-          '--listen',
-          listen,
-          '--foreground',
-          '--cache-size',
-          String(cacheBytes),
-          ...(opts.disk !== undefined ? ['--disk', opts.disk] : []),
-          ...(tlsDir !== undefined ? ['--tls-creds', tlsDir] : []),
-          ...(overlayDir !== undefined ? ['--writable', '--overlay-dir', overlayDir] : []),
-          ...(opts.socketOwner !== undefined ? ['--socket-owner', opts.socketOwner] : []),
-          '--ready-fd',
-          '3',
-        ],
-        logFile: serveLogPath(listen),
-        repoDir,
-      });
-      if (opts.json) {
-        printJson(state);
-        return;
-      }
-      describe(state);
-      out(`log: ${state.log ?? '-'}; stop with: bkfs serve --stop --listen ${state.listen}`);
+      },
     });
+  } catch (e) {
+    if (!ready) sendReadyError(fd, e);
+    throw e;
+  }
+}
+
+/** Start a detached daemon (this program with `--foreground --ready-fd 3`); return once it listens. */
+async function startServeDaemon(req: ServeRequest, opts: ServeCliOptions, cmd: Command): Promise<void> {
+  // Check what can be checked here, so errors come with their own exit codes at once.
+  await withRepo(cmd, async (repo) => {
+    const { resolveRef } = await import('../../index/catalog');
+    resolveRef(repo.db, req.ref);
+  });
+  const { loadTlsCreds, serveLogPath } = await import('../../nbd/serve');
+  if (req.tlsDir !== undefined) loadTlsCreds(req.tlsDir);
+  const { startDaemon } = await import('../../fuse/daemon');
+  const state = await startDaemon<ServeState>({
+    command: process.execPath,
+    args: [
+      bkfsBin(),
+      '-r',
+      req.repoDir,
+      'serve',
+      req.ref,
+      '--listen',
+      req.listen,
+      '--foreground',
+      '--cache-size',
+      String(req.cacheBytes),
+      ...(opts.disk !== undefined ? ['--disk', opts.disk] : []),
+      ...(req.tlsDir !== undefined ? ['--tls-creds', req.tlsDir] : []),
+      ...(req.overlayDir !== undefined ? ['--writable', '--overlay-dir', req.overlayDir] : []),
+      ...(opts.socketOwner !== undefined ? ['--socket-owner', opts.socketOwner] : []),
+      '--ready-fd',
+      '3',
+    ],
+    logFile: serveLogPath(req.listen),
+    repoDir: req.repoDir,
+  });
+  if (opts.json) {
+    printJson(state);
+    return;
+  }
+  describe(state);
+  out(`log: ${state.log ?? '-'}; stop with: bkfs serve --stop --listen ${state.listen}`);
 }
