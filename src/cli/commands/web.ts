@@ -221,36 +221,7 @@ Examples:
         await serveForeground(cmd, opts, fd);
         return;
       }
-      const state = await import('../../web/state');
-      const { startDaemon } = await import('../../fuse/daemon');
-      state.parseListen(opts.listen);
-      const dir = state.ensureStateDir(state.webStateDir());
-      const args = [bkfsBin(), '-r', path.resolve(repoPath(cmd)), 'web', '--listen', opts.listen];
-      for (const [flag, v] of [
-        ['--tls-cert', opts.tlsCert],
-        ['--tls-key', opts.tlsKey],
-        ['--restore-root', opts.restoreRoot],
-        ['--static-dir', opts.staticDir],
-        ['--engine', opts.engine],
-      ] as const) {
-        if (v !== undefined) args.push(flag, path.isAbsolute(v) || flag === '--engine' ? v : path.resolve(v));
-      }
-      if (opts.http) args.push('--http');
-      if (opts.insecureHttp) args.push('--insecure-http');
-      if (opts.guestfsTcg) args.push('--guestfs-tcg');
-      args.push('--max-sessions', opts.maxSessions, '--idle-timeout', opts.idleTimeout, '--ready-fd', '3');
-      const info = await startDaemon<WebInfo>({
-        command: process.execPath,
-        args,
-        logFile: state.daemonLogFile(dir),
-        repoDir: path.resolve(repoPath(cmd)),
-      });
-      if (opts.json) {
-        printJson(info);
-        return;
-      }
-      describe(info);
-      out(`log: ${info.log ?? '-'}; stop with: bkfs web stop`);
+      await startWebDaemon(opts, cmd);
     });
 
   web
@@ -258,31 +229,12 @@ Examples:
     .description('stop the web server started with --daemon')
     .option('--json', 'machine-readable result')
     .addHelpText('after', '\nExamples:\n  bkfs web stop')
-    .action(async (_o: unknown, cmd: Command) => {
-      const opts = cmd.optsWithGlobals<{ json?: boolean }>(); // --json is also an option of 'web'
-      const state = await import('../../web/state');
-      const { stopDaemon } = await import('../../fuse/state');
-      const file = state.daemonStateFile(state.webStateDir());
-      let s: { pid: number; startTime: number | null; url: string };
-      try {
-        s = JSON.parse(fs.readFileSync(file, 'utf8')) as typeof s;
-      } catch {
-        throw new BkfsError('NOT_FOUND', `no bkfs web server is running (no ${file})`);
-      }
-      await stopDaemon({
-        pid: s.pid,
-        startTime: s.startTime,
-        mountpoint: '',
-        repo: '',
-        ref: null,
-        log: null,
-        started: '',
-      });
-      fs.rmSync(file, { force: true });
-      if (opts.json) printJson({ stopped: s.url, pid: s.pid });
-      else out(`stopped the bkfs web server at ${s.url} (pid ${s.pid})`);
-    });
+    .action(stopWeb);
 
+  registerTokens(web);
+}
+
+function registerTokens(web: Command): void {
   const token = web
     .command('token')
     .description('API tokens of the web server')
@@ -353,4 +305,64 @@ Examples:
       removeToken(state.tokensFile(state.webStateDir()), name);
       out(`removed token '${name}'`);
     });
+}
+
+/** `bkfs web --daemon`: start a detached server (this program with `--ready-fd 3`); return once it listens. */
+async function startWebDaemon(opts: WebCliOptions, cmd: Command): Promise<void> {
+  const state = await import('../../web/state');
+  const { startDaemon } = await import('../../fuse/daemon');
+  state.parseListen(opts.listen);
+  const dir = state.ensureStateDir(state.webStateDir());
+  const args = [bkfsBin(), '-r', path.resolve(repoPath(cmd)), 'web', '--listen', opts.listen];
+  for (const [flag, v] of [
+    ['--tls-cert', opts.tlsCert],
+    ['--tls-key', opts.tlsKey],
+    ['--restore-root', opts.restoreRoot],
+    ['--static-dir', opts.staticDir],
+    ['--engine', opts.engine],
+  ] as const) {
+    if (v !== undefined) args.push(flag, path.isAbsolute(v) || flag === '--engine' ? v : path.resolve(v));
+  }
+  if (opts.http) args.push('--http');
+  if (opts.insecureHttp) args.push('--insecure-http');
+  if (opts.guestfsTcg) args.push('--guestfs-tcg');
+  args.push('--max-sessions', opts.maxSessions, '--idle-timeout', opts.idleTimeout, '--ready-fd', '3');
+  const info = await startDaemon<WebInfo>({
+    command: process.execPath,
+    args,
+    logFile: state.daemonLogFile(dir),
+    repoDir: path.resolve(repoPath(cmd)),
+  });
+  if (opts.json) {
+    printJson(info);
+    return;
+  }
+  describe(info);
+  out(`log: ${info.log ?? '-'}; stop with: bkfs web stop`);
+}
+
+/** `bkfs web stop`. */
+async function stopWeb(_o: unknown, cmd: Command): Promise<void> {
+  const opts = cmd.optsWithGlobals<{ json?: boolean }>(); // --json is also an option of 'web'
+  const state = await import('../../web/state');
+  const { stopDaemon } = await import('../../fuse/state');
+  const file = state.daemonStateFile(state.webStateDir());
+  let s: { pid: number; startTime: number | null; url: string };
+  try {
+    s = JSON.parse(fs.readFileSync(file, 'utf8')) as typeof s;
+  } catch {
+    throw new BkfsError('NOT_FOUND', `no bkfs web server is running (no ${file})`);
+  }
+  await stopDaemon({
+    pid: s.pid,
+    startTime: s.startTime,
+    mountpoint: '',
+    repo: '',
+    ref: null,
+    log: null,
+    started: '',
+  });
+  fs.rmSync(file, { force: true });
+  if (opts.json) printJson({ stopped: s.url, pid: s.pid });
+  else out(`stopped the bkfs web server at ${s.url} (pid ${s.pid})`);
 }
