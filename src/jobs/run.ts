@@ -20,6 +20,7 @@ import { PROGRESS_JSON_PREFIX } from '../cli/progress';
 import { Virsh } from '../backup/libvirt-virsh';
 import type { HostSpec, JobSpec } from './jobfile';
 import { retentionArgs } from './jobfile';
+import type { RetentionPolicy } from '../repo/retention';
 import { decideLevel, Scheduler, selectDomains, type HistoryItem, type LevelDecision } from './plan';
 
 /** The bkfs executable the children run (this installation's). */
@@ -422,40 +423,7 @@ export async function runJob(job: JobSpec, o: RunOptions = {}): Promise<RunResul
       results.push(emptyResult(t, 'planned'));
     }
   } else {
-    const sched = new Scheduler(
-      runnable,
-      job.concurrency,
-      (h) => job.hosts.find((x) => x.name === h)!.concurrency,
-    );
-    await new Promise<void>((resolve) => {
-      const pump = () => {
-        if (o.signal?.aborted) {
-          // Nothing new starts; the ones queued are reported as interrupted.
-          for (let t = sched.next(); t; t = sched.next()) {
-            sched.finish(t);
-            const r = emptyResult(t, 'interrupted');
-            r.error = {
-              code: 'INTERRUPTED',
-              exitCode: null,
-              message: 'not started: the run was interrupted',
-            };
-            results.push(r);
-            hooks.onEnd?.(r);
-          }
-        }
-        for (let t = sched.next(); t; t = sched.next()) {
-          const task = t;
-          void backupOne(job, task, o).then((r) => {
-            sched.finish(task);
-            results.push(r);
-            hooks.onEnd?.(r);
-            pump();
-          });
-        }
-        if (sched.done) resolve();
-      };
-      pump();
-    });
+    await runBackups(job, runnable, o, results);
   }
   // Summary order: as the job lists hosts and the hosts list domains.
   const order = new Map(tasks.map((t, i) => [t, i]));
@@ -463,75 +431,14 @@ export async function runJob(job: JobSpec, o: RunOptions = {}): Promise<RunResul
     order.get(tasks.find((t) => t.host === r.host && t.domain === r.domain && t.vm === r.vm)!) ?? 0;
   results.sort((a, b) => key(a) - key(b));
 
-  let retention: RetentionResult | null = null;
-  let gc: GcResult | null = null;
   const env = o.env ?? process.env;
-  const common = ['-r', job.repository, '--retry-lock', job.retryLock];
-  if (!o.dryRun && !o.signal?.aborted && job.retention) {
-    const vms = results.filter((r) => r.result === 'ok').map((r) => r.vm!);
-    retention = { ok: true, error: null, vms, removed: 0, kept: 0 };
-    hooks.onStep?.('retention');
-    for (const vm of vms) {
-      const args = [...common, 'forget', vm, ...retentionArgs(job.retention), '--json'];
-      log(`[retention] bkfs ${args.join(' ')}`);
-      const c = await runChild(args, env, o.signal, (l) => log(`[retention ${vm}] ${l}`));
-      if (c.code !== 0) {
-        retention.ok = false;
-        retention.error = childError(c, `bkfs forget ${vm}`);
-        log(`[retention] ${vm} failed: ${retention.error.message}`);
-        break;
-      }
-      const j = JSON.parse(c.stdout) as { removed: unknown[]; kept: unknown[] };
-      retention.removed += j.removed.length;
-      retention.kept += j.kept.length;
-    }
-  }
-  if (!o.dryRun && !o.signal?.aborted && job.gc.enabled && (retention === null || retention.ok)) {
-    hooks.onStep?.('gc');
-    const args = [...common, 'gc', '--json', ...(job.gc.maxUnused ? ['--max-unused', job.gc.maxUnused] : [])];
-    log(`[gc] bkfs ${args.join(' ')}`);
-    const c = await runChild(args, env, o.signal, (l) => log(`[gc] ${l}`));
-    if (c.code === 0) {
-      const report = JSON.parse(c.stdout) as { bytesFreed: number };
-      gc = { ok: true, error: null, bytesFreed: report.bytesFreed, report };
-    } else {
-      gc = { ok: false, error: childError(c, 'bkfs gc'), bytesFreed: null, report: null };
-      log(`[gc] failed: ${gc.error!.message}`);
-    }
-  }
-  let copy: CopyStepResult | null = null;
-  const copyVms = results.filter((r) => r.result === 'ok').map((r) => r.vm!);
-  if (!o.dryRun && !o.signal?.aborted && job.copy && copyVms.length > 0) {
-    hooks.onStep?.('copy');
-    const args = [...common, 'copy', ...copyVms, '--to', job.copy.to, '--json'];
-    log(`[copy] bkfs ${args.join(' ')}`);
-    const c = await runChild(args, env, o.signal, (l) => log(`[copy] ${l}`));
-    copy = {
-      ok: c.code === 0,
-      error: null,
-      to: job.copy.to,
-      vms: copyVms,
-      copied: 0,
-      skipped: 0,
-      chunksTransferred: 0,
-      bytesTransferred: 0,
-    };
-    if (c.code === 0) {
-      const j = JSON.parse(c.stdout) as {
-        copied: unknown[];
-        skipped: unknown[];
-        chunksTransferred: number;
-        bytesTransferred: number;
-      };
-      copy.copied = j.copied.length;
-      copy.skipped = j.skipped.length;
-      copy.chunksTransferred = j.chunksTransferred;
-      copy.bytesTransferred = j.bytesTransferred;
-    } else {
-      copy.error = childError(c, 'bkfs copy');
-      log(`[copy] failed: ${copy.error.message}`);
-    }
-  }
+  // Each step runs unless this is a dry run or the run was interrupted (before or during a step).
+  const go = () => !o.dryRun && !o.signal?.aborted;
+  const okVms = results.filter((r) => r.result === 'ok').map((r) => r.vm!);
+  const retention = go() && job.retention ? await retentionStep(job, job.retention, okVms, env, o) : null;
+  const gc =
+    go() && job.gc.enabled && (retention === null || retention.ok) ? await gcStep(job, env, o) : null;
+  const copy = go() && job.copy && okVms.length > 0 ? await copyStep(job, job.copy, okVms, env, o) : null;
   const finished = Date.now();
   const failed = results.filter((r) => r.result === 'failed' || r.result === 'interrupted').length;
   return {
@@ -549,6 +456,141 @@ export async function runJob(job: JobSpec, o: RunOptions = {}): Promise<RunResul
     failed,
     interrupted: o.signal?.aborted === true,
   };
+}
+
+/** The backups of `runnable`, as many at once as the job and each host allow; results pushed as they end. */
+async function runBackups(
+  job: JobSpec,
+  runnable: VmTask[],
+  o: RunOptions,
+  results: VmResult[],
+): Promise<void> {
+  const hooks = o.hooks ?? {};
+  const sched = new Scheduler(
+    runnable,
+    job.concurrency,
+    (h) => job.hosts.find((x) => x.name === h)!.concurrency,
+  );
+  await new Promise<void>((resolve) => {
+    const pump = () => {
+      if (o.signal?.aborted) {
+        // Nothing new starts; the ones queued are reported as interrupted.
+        for (let t = sched.next(); t; t = sched.next()) {
+          sched.finish(t);
+          const r = emptyResult(t, 'interrupted');
+          r.error = {
+            code: 'INTERRUPTED',
+            exitCode: null,
+            message: 'not started: the run was interrupted',
+          };
+          results.push(r);
+          hooks.onEnd?.(r);
+        }
+      }
+      for (let t = sched.next(); t; t = sched.next()) {
+        const task = t;
+        void backupOne(job, task, o).then((r) => {
+          sched.finish(task);
+          results.push(r);
+          hooks.onEnd?.(r);
+          pump();
+        });
+      }
+      if (sched.done) resolve();
+    };
+    pump();
+  });
+}
+
+/** `bkfs --retry-lock … -r REPO`: the options every step's child starts with. */
+function commonArgs(job: JobSpec): string[] {
+  return ['-r', job.repository, '--retry-lock', job.retryLock];
+}
+
+/** Retention: `bkfs forget VM --keep-…` for each VM backed up; stops at the first failure. */
+async function retentionStep(
+  job: JobSpec,
+  policy: RetentionPolicy,
+  vms: string[],
+  env: NodeJS.ProcessEnv,
+  o: RunOptions,
+): Promise<RetentionResult> {
+  const log = o.hooks?.log ?? (() => {});
+  const retention: RetentionResult = { ok: true, error: null, vms, removed: 0, kept: 0 };
+  o.hooks?.onStep?.('retention');
+  for (const vm of vms) {
+    const args = [...commonArgs(job), 'forget', vm, ...retentionArgs(policy), '--json'];
+    log(`[retention] bkfs ${args.join(' ')}`);
+    const c = await runChild(args, env, o.signal, (l) => log(`[retention ${vm}] ${l}`));
+    if (c.code !== 0) {
+      retention.ok = false;
+      retention.error = childError(c, `bkfs forget ${vm}`);
+      log(`[retention] ${vm} failed: ${retention.error.message}`);
+      break;
+    }
+    const j = JSON.parse(c.stdout) as { removed: unknown[]; kept: unknown[] };
+    retention.removed += j.removed.length;
+    retention.kept += j.kept.length;
+  }
+  return retention;
+}
+
+/** `bkfs gc` after the backups (and retention). */
+async function gcStep(job: JobSpec, env: NodeJS.ProcessEnv, o: RunOptions): Promise<GcResult> {
+  const log = o.hooks?.log ?? (() => {});
+  o.hooks?.onStep?.('gc');
+  const maxUnused = job.gc.maxUnused ? ['--max-unused', job.gc.maxUnused] : [];
+  const args = [...commonArgs(job), 'gc', '--json', ...maxUnused];
+  log(`[gc] bkfs ${args.join(' ')}`);
+  const c = await runChild(args, env, o.signal, (l) => log(`[gc] ${l}`));
+  if (c.code === 0) {
+    const report = JSON.parse(c.stdout) as { bytesFreed: number };
+    return { ok: true, error: null, bytesFreed: report.bytesFreed, report };
+  }
+  const gc: GcResult = { ok: false, error: childError(c, 'bkfs gc'), bytesFreed: null, report: null };
+  log(`[gc] failed: ${gc.error!.message}`);
+  return gc;
+}
+
+/** `bkfs copy VM… --to DEST` of the VMs backed up. */
+async function copyStep(
+  job: JobSpec,
+  dest: { to: string },
+  vms: string[],
+  env: NodeJS.ProcessEnv,
+  o: RunOptions,
+): Promise<CopyStepResult> {
+  const log = o.hooks?.log ?? (() => {});
+  o.hooks?.onStep?.('copy');
+  const args = [...commonArgs(job), 'copy', ...vms, '--to', dest.to, '--json'];
+  log(`[copy] bkfs ${args.join(' ')}`);
+  const c = await runChild(args, env, o.signal, (l) => log(`[copy] ${l}`));
+  const copy: CopyStepResult = {
+    ok: c.code === 0,
+    error: null,
+    to: dest.to,
+    vms,
+    copied: 0,
+    skipped: 0,
+    chunksTransferred: 0,
+    bytesTransferred: 0,
+  };
+  if (c.code === 0) {
+    const j = JSON.parse(c.stdout) as {
+      copied: unknown[];
+      skipped: unknown[];
+      chunksTransferred: number;
+      bytesTransferred: number;
+    };
+    copy.copied = j.copied.length;
+    copy.skipped = j.skipped.length;
+    copy.chunksTransferred = j.chunksTransferred;
+    copy.bytesTransferred = j.bytesTransferred;
+  } else {
+    copy.error = childError(c, 'bkfs copy');
+    log(`[copy] failed: ${copy.error.message}`);
+  }
+  return copy;
 }
 
 /** The run's failure, or null when everything succeeded (`JOB_PARTIAL` / `INTERRUPTED`). */
