@@ -408,31 +408,55 @@ async function negotiate(
     throw protoError(`unexpected reply ${sr.type} to NBD_OPT_STRUCTURED_REPLY`);
   }
 
-  // Meta contexts. Ungranted contexts are just missing; an error reply selects none.
+  const contexts =
+    structured && metaContexts.length > 0
+      ? await setMetaContexts(send, rd, exportName, metaContexts)
+      : new Map<string, number>();
+  const go = await optGo(send, rd, exportName, defaults);
+  if (go === 'unsupported') return exportNameOption(structured, contexts);
+  return { ...go, structured, contexts, mode: 'go' };
+}
+
+/** NBD_OPT_SET_META_CONTEXT: the granted contexts. Ungranted ones are just missing; an error reply selects none. */
+async function setMetaContexts(
+  send: (b: Buffer) => void,
+  rd: HandshakeReader,
+  exportName: string,
+  metaContexts: readonly string[],
+): Promise<Map<string, number>> {
   const contexts = new Map<string, number>();
-  if (structured && metaContexts.length > 0) {
-    send(P.encodeOption(P.NBD_OPT_SET_META_CONTEXT, P.encodeMetaContextData(exportName, metaContexts)));
-    for (;;) {
-      const r = await readOptReply(rd, P.NBD_OPT_SET_META_CONTEXT);
-      if (r.type === P.NBD_REP_META_CONTEXT) {
-        if (r.data.length < 4) throw protoError('short NBD_REP_META_CONTEXT reply');
-        contexts.set(r.data.toString('utf8', 4), r.data.readUInt32BE(0));
-      } else if (r.type === P.NBD_REP_ACK) {
-        break;
-      } else if (r.type === P.NBD_REP_ERR_TLS_REQD) {
-        throw tlsRequired(r);
-      } else if (r.type === P.NBD_REP_ERR_SHUTDOWN) {
-        throw optError('NBD server refused the connection', r);
-      } else if (r.type & P.NBD_REP_FLAG_ERROR) {
-        contexts.clear();
-        break;
-      } else {
-        throw protoError(`unexpected reply ${r.type} to NBD_OPT_SET_META_CONTEXT`);
-      }
+  send(P.encodeOption(P.NBD_OPT_SET_META_CONTEXT, P.encodeMetaContextData(exportName, metaContexts)));
+  for (;;) {
+    const r = await readOptReply(rd, P.NBD_OPT_SET_META_CONTEXT);
+    if (r.type === P.NBD_REP_META_CONTEXT) {
+      if (r.data.length < 4) throw protoError('short NBD_REP_META_CONTEXT reply');
+      contexts.set(r.data.toString('utf8', 4), r.data.readUInt32BE(0));
+    } else if (r.type === P.NBD_REP_ACK) {
+      return contexts;
+    } else if (r.type === P.NBD_REP_ERR_TLS_REQD) {
+      throw tlsRequired(r);
+    } else if (r.type === P.NBD_REP_ERR_SHUTDOWN) {
+      throw optError('NBD server refused the connection', r);
+    } else if (r.type & P.NBD_REP_FLAG_ERROR) {
+      return new Map();
+    } else {
+      throw protoError(`unexpected reply ${r.type} to NBD_OPT_SET_META_CONTEXT`);
     }
   }
+}
 
-  // NBD_OPT_GO with NBD_INFO_BLOCK_SIZE (we honour size constraints).
+type GoResult = Pick<Negotiated, 'size' | 'flags' | 'minBlock' | 'prefBlock' | 'maxBlock'>;
+
+/**
+ * NBD_OPT_GO with NBD_INFO_BLOCK_SIZE (we honour size constraints): the export's size, flags and
+ * block sizes, or 'unsupported' when the server wants the old NBD_OPT_EXPORT_NAME.
+ */
+async function optGo(
+  send: (b: Buffer) => void,
+  rd: HandshakeReader,
+  exportName: string,
+  defaults: { minBlock: number; prefBlock: number; maxBlock: number },
+): Promise<GoResult | 'unsupported'> {
   send(P.encodeOption(P.NBD_OPT_GO, P.encodeGoData(exportName, [P.NBD_INFO_BLOCK_SIZE])));
   let size = -1;
   let flags = 0;
@@ -461,9 +485,9 @@ async function negotiate(
       if (size < 0) throw protoError('NBD server accepted NBD_OPT_GO without sending NBD_INFO_EXPORT');
       // maxBlock must be a multiple of minBlock so that split requests stay aligned.
       maxBlock = Math.max(minBlock, maxBlock - (maxBlock % minBlock));
-      return { size, flags, structured, contexts, minBlock, prefBlock, maxBlock, mode: 'go' };
+      return { size, flags, minBlock, prefBlock, maxBlock };
     } else if (r.type === P.NBD_REP_ERR_UNSUP) {
-      return exportNameOption(structured, contexts);
+      return 'unsupported';
     } else if (r.type === P.NBD_REP_ERR_TLS_REQD) {
       throw tlsRequired(r);
     } else if (r.type === P.NBD_REP_ERR_UNKNOWN) {
