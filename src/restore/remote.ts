@@ -368,20 +368,7 @@ export async function runRemoteRestore(repo: Repository, o: RemoteRestoreOptions
     readAheadBytes: 0,
   });
   const cpRef = `${reader.vm.name}@${reader.checkpoint.name}`;
-  let jobs: RemoteJob[];
-  let dir: string;
-  if (o.disk !== undefined) {
-    if (o.define !== undefined)
-      throw new BkfsError('USAGE', '--define needs a whole-VM restore into a directory (no --disk)');
-    const kind = o.format ?? (/\.qcow2$/i.test(to) ? 'qcow2' : 'raw');
-    jobs = [{ disk: reader.disk(o.disk), kind, to }];
-    dir = path.posix.dirname(to);
-  } else {
-    if (reader.disks.length === 0) throw new BkfsError('NOT_FOUND', 'the checkpoint has no disks');
-    const kind = o.format ?? 'raw';
-    jobs = reader.disks.map((disk) => ({ disk, kind, to: path.posix.join(to, `${disk.name}.${kind}`) }));
-    dir = to;
-  }
+  const { jobs, dir } = remoteJobs(reader, o, to);
   const configs = o.disk === undefined ? reader.configs() : [];
   if (o.define !== undefined && !configs.some((c) => configFileName(c.name) === DOMAIN_XML)) {
     throw new BkfsError(
@@ -404,22 +391,7 @@ export async function runRemoteRestore(repo: Repository, o: RemoteRestoreOptions
   try {
     const virshUri = await site.open(o.remote.uri);
     const v = new Virsh(virshUri, o.remote.uri);
-    let existingUuid: string | null = null;
-    if (o.define !== undefined) {
-      const args = ['-q', 'domuuid', o.define];
-      const r = await v.tryRun(args);
-      if (r.code === 0) existingUuid = r.stdout.trim() || null;
-      else {
-        const e = v.error(['domuuid', o.define], r);
-        if (e.code !== 'SOURCE_NOT_FOUND') throw e;
-      }
-      if (existingUuid !== null && !o.force) {
-        throw new BkfsError(
-          'TARGET_EXISTS',
-          `libvirt on ${host} already has a domain named '${o.define}' (use --force to redefine it)`,
-        );
-      }
-    }
+    const existingUuid = o.define !== undefined ? await existingDomain(v, o.define, host, o.force) : null;
     const diskMap: Record<string, DiskRewrite> = {};
     for (const j of jobs) diskMap[j.disk.name] = { path: j.to, format: j.kind };
     const cfg =
@@ -448,41 +420,7 @@ export async function runRemoteRestore(repo: Repository, o: RemoteRestoreOptions
     const results: DiskRestoreResult[] = [];
     for (const [i, j] of jobs.entries()) {
       if (o.signal?.aborted) throw new BkfsError('INTERRUPTED', 'restore interrupted');
-      const t1 = Date.now();
-      const size = j.disk.virtual_size;
-      const client = await connectForwarded(session.sockets[i]!, session);
-      const where = `${host}:${j.to}`;
-      if (client.readOnly || client.size < size) {
-        await client.close().catch(() => undefined);
-        throw new BkfsError('REMOTE_FAILED', `qemu-nbd on ${host} serves ${j.to} read-only or too small`);
-      }
-      const target = new NbdTarget(client, where, true, client.size);
-      let ok = false;
-      try {
-        const runs = planRuns(reader.extents(j.disk.name), {
-          size,
-          maxRun: o.runBytes ?? DEFAULT_RUN_BYTES,
-          zeros: false,
-          fillGaps: false,
-        });
-        const st = await copyDiskRuns(reader, j.disk, target, runs, o, progress);
-        await target.finish(); // NBD flush (qemu-nbd fsyncs the image), then disconnect
-        ok = true;
-        results.push({
-          disk: j.disk.name,
-          target: where,
-          format: j.kind,
-          virtualSize: size,
-          bytesWritten: st.data,
-          bytesZeroed: st.zero,
-          holes: size - st.data,
-          durationMs: Date.now() - t1,
-        });
-      } catch (e) {
-        throw session.alive ? e : session.droppedError();
-      } finally {
-        if (!ok) await target.abort();
-      }
+      results.push(await restoreDiskOver(reader, j, session, i, host, o, progress));
     }
 
     for (const n of cfg.notes) o.onNotice?.(n);
@@ -491,20 +429,10 @@ export async function runRemoteRestore(repo: Repository, o: RemoteRestoreOptions
     await session.expect('committed');
     session.committed = true;
 
-    let defined: string | null = null;
-    if (o.define !== undefined && cfg.domainXml) {
-      const local = path.join(site.xmlDir(), DOMAIN_XML);
-      await writeFilePrivate(local, cfg.files.get(cfg.domainXml)!);
-      const r = await v.tryRun(['-q', 'define', local]);
-      if (r.code !== 0) {
-        const e = v.error(['define'], r);
-        throw new BkfsError(
-          e.code,
-          `${e.message} (the restored files are in place on ${host}: ${cfg.domainXml})`,
-        );
-      }
-      defined = o.define;
-    }
+    const defined =
+      o.define !== undefined && cfg.domainXml
+        ? await defineRemote(v, site, cfg.files.get(cfg.domainXml)!, cfg.domainXml, o.define, host)
+        : null;
     return {
       vm: reader.vm.name,
       checkpoint: reader.checkpoint.name,
@@ -521,4 +449,106 @@ export async function runRemoteRestore(repo: Repository, o: RemoteRestoreOptions
     await session?.close();
     await site.close();
   }
+}
+
+/** The disks to restore and the directory they go into (`--disk`: one file; else one per disk). */
+function remoteJobs(
+  reader: CheckpointReader,
+  o: RemoteRestoreOptions,
+  to: string,
+): { jobs: RemoteJob[]; dir: string } {
+  if (o.disk !== undefined) {
+    if (o.define !== undefined)
+      throw new BkfsError('USAGE', '--define needs a whole-VM restore into a directory (no --disk)');
+    const kind = o.format ?? (/\.qcow2$/i.test(to) ? 'qcow2' : 'raw');
+    return { jobs: [{ disk: reader.disk(o.disk), kind, to }], dir: path.posix.dirname(to) };
+  }
+  if (reader.disks.length === 0) throw new BkfsError('NOT_FOUND', 'the checkpoint has no disks');
+  const kind = o.format ?? 'raw';
+  const jobs = reader.disks.map((disk) => ({ disk, kind, to: path.posix.join(to, `${disk.name}.${kind}`) }));
+  return { jobs, dir: to };
+}
+
+/** The UUID of the remote domain `name`, null when there is none; TARGET_EXISTS unless `force`. */
+async function existingDomain(v: Virsh, name: string, host: string, force?: boolean): Promise<string | null> {
+  const r = await v.tryRun(['-q', 'domuuid', name]);
+  let uuid: string | null = null;
+  if (r.code === 0) uuid = r.stdout.trim() || null;
+  else {
+    const e = v.error(['domuuid', name], r);
+    if (e.code !== 'SOURCE_NOT_FOUND') throw e;
+  }
+  if (uuid !== null && !force) {
+    throw new BkfsError(
+      'TARGET_EXISTS',
+      `libvirt on ${host} already has a domain named '${name}' (use --force to redefine it)`,
+    );
+  }
+  return uuid;
+}
+
+/** Copy one disk into the remote qemu-nbd serving its target (socket `i` of the session). */
+async function restoreDiskOver(
+  reader: CheckpointReader,
+  j: RemoteJob,
+  session: RemoteSession,
+  i: number,
+  host: string,
+  o: RemoteRestoreOptions,
+  progress: { done: number; total: number },
+): Promise<DiskRestoreResult> {
+  const t1 = Date.now();
+  const size = j.disk.virtual_size;
+  const client = await connectForwarded(session.sockets[i]!, session);
+  const where = `${host}:${j.to}`;
+  if (client.readOnly || client.size < size) {
+    await client.close().catch(() => undefined);
+    throw new BkfsError('REMOTE_FAILED', `qemu-nbd on ${host} serves ${j.to} read-only or too small`);
+  }
+  const target = new NbdTarget(client, where, true, client.size);
+  let ok = false;
+  try {
+    const runs = planRuns(reader.extents(j.disk.name), {
+      size,
+      maxRun: o.runBytes ?? DEFAULT_RUN_BYTES,
+      zeros: false,
+      fillGaps: false,
+    });
+    const st = await copyDiskRuns(reader, j.disk, target, runs, o, progress);
+    await target.finish(); // NBD flush (qemu-nbd fsyncs the image), then disconnect
+    ok = true;
+    return {
+      disk: j.disk.name,
+      target: where,
+      format: j.kind,
+      virtualSize: size,
+      bytesWritten: st.data,
+      bytesZeroed: st.zero,
+      holes: size - st.data,
+      durationMs: Date.now() - t1,
+    };
+  } catch (e) {
+    throw session.alive ? e : session.droppedError();
+  } finally {
+    if (!ok) await target.abort();
+  }
+}
+
+/** `virsh define` of the restored domain XML (`remotePath` on the host) as `name`; returns the name. */
+async function defineRemote(
+  v: Virsh,
+  site: SshJobSite,
+  xml: Buffer,
+  remotePath: string,
+  name: string,
+  host: string,
+): Promise<string> {
+  const local = path.join(site.xmlDir(), DOMAIN_XML);
+  await writeFilePrivate(local, xml);
+  const r = await v.tryRun(['-q', 'define', local]);
+  if (r.code !== 0) {
+    const e = v.error(['define'], r);
+    throw new BkfsError(e.code, `${e.message} (the restored files are in place on ${host}: ${remotePath})`);
+  }
+  return name;
 }
