@@ -459,6 +459,118 @@ async function liveBackup(
   const notice = (m: string) => o.onNotice?.(m);
   const sel = selectDisks(dom.disks, level, true, choiceOf(o));
   noteSkipped(o, sel);
+  const { name, uid, lvName } = await newLiveCheckpoint(repo, v, o, level, notice);
+  checkAborted(o.signal);
+
+  // One private directory holds the job's socket, scratch files and XML; QEMU owns it. On a
+  // remote hypervisor it is made there, and the XML files virsh reads go to a local one.
+  const jobDir = await site.makeJobDir(
+    scratchBase(o),
+    dom.name || o.domain,
+    sel.selected[0]?.source ?? null,
+    {
+      pid: process.pid,
+      host: os.hostname(),
+      repo: repo.dir,
+    },
+  );
+  const socket = path.join(jobDir, SOCKET_NAME);
+  let guard: Guard | undefined;
+  const state = { begun: false, committed: false };
+  try {
+    const tcp = dp.transport.kind === 'tls' || dp.transport.kind === 'tcp';
+    if (!tcp && socket.length > MAX_SOCKET_PATH) {
+      throw new BkfsError('USAGE', `socket path ${socket} is too long: choose a shorter --scratch-dir`);
+    }
+    const xml = new JobXml(site, jobDir, tcp ? dp : null, socket, incremental, dom, sel, o);
+    const args = ['backup-begin', o.domain, xml.writeBackup()];
+    if (lvName !== null) {
+      args.push(
+        xml.writeCheckpoint(lvName, `bkfs checkpoint ${o.vm}@${name} of repository ${repo.config.id}`),
+      );
+    }
+    const started = await site.startGuard(v, o.domain, tcp ? null : socket, jobDir);
+    guard = started.guard;
+    const nbdSocket = started.socket ?? socket;
+
+    const consistency = await beginJob(repo, v, o, guard, xml, args, lvName, state, notice);
+    const job = await backupJobOf(v, o.domain);
+    if (!job || bkfsJobKey(job) !== jobDir) {
+      throw new BkfsError(
+        'EXTERNAL_TOOL',
+        `the backup job of domain '${o.domain}' is not the one bkfs started`,
+      );
+    }
+    checkAborted(o.signal);
+    const disks = pullSources(sel.selected, job, {
+      socket: nbdSocket,
+      tcp: tcp ? xml.port : null,
+      dp,
+      lvName,
+    });
+    const res = await runBackup(repo, {
+      vm: o.vm,
+      disks,
+      level,
+      checkpoint: name,
+      configs,
+      ...(lvName !== null ? { libvirtCheckpoint: lvName } : {}),
+      uid,
+      ...(o.onProgress ? { onProgress: o.onProgress } : {}),
+      ...(o.onNotice ? { onNotice: o.onNotice } : {}),
+      ...(o.signal ? { signal: o.signal } : {}),
+      ...(o.readSize ? { readSize: o.readSize } : {}),
+      ...(o.readConcurrency ? { readConcurrency: o.readConcurrency } : {}),
+      ...(o.workers ? { workers: o.workers } : {}),
+    });
+    state.committed = true;
+    state.begun = false;
+    if (lvName !== null) clearPending(repo, lvName);
+    // The checkpoint is committed: a job that will not end is worth a note, not a failure.
+    await endJob(v, o.domain, jobDir).catch((e: unknown) =>
+      notice(`could not end the backup job: ${(e as Error).message} (run 'virsh domjobabort ${o.domain}')`),
+    );
+    if (level === 'full' && lvName !== null) await deleteOlderChain(repo, v, o, lvName, notice);
+    return {
+      ...res,
+      domain: o.domain,
+      disks: sel.selected.map((d) => d.target),
+      skipped: sel.skipped,
+      libvirtCheckpoint: lvName,
+      consistency,
+    };
+  } finally {
+    if (state.begun) {
+      await endJob(v, o.domain, jobDir).catch((e: unknown) =>
+        notice(`could not end the backup job: ${(e as Error).message} (run 'virsh domjobabort ${o.domain}')`),
+      );
+      if (!state.committed && lvName !== null) {
+        await deleteCheckpoint(v, o.domain, lvName, notice)
+          .then(() => clearPending(repo, lvName))
+          .catch((e: unknown) =>
+            notice(`could not delete libvirt checkpoint '${lvName}': ${(e as Error).message}`),
+          );
+      }
+    }
+    await site
+      .removeJobDir(jobDir)
+      .catch((e: unknown) => notice(`could not remove the job directory ${jobDir}: ${(e as Error).message}`));
+    await guard?.disarm();
+  }
+}
+
+/**
+ * The new checkpoint's name (`--checkpoint` or the next free one), its uid and the libvirt
+ * checkpoint it will create (none for a copy). Orphan libvirt checkpoints of this repository are
+ * deleted first; a libvirt name another VM of the repository records is BAD_NAME.
+ */
+async function newLiveCheckpoint(
+  repo: Repository,
+  v: Virsh,
+  o: LibvirtBackupOptions,
+  level: ResolvedLevel,
+  notice: (m: string) => void,
+): Promise<{ name: string; uid: string; lvName: string | null }> {
   const vm = findVm(repo.db, o.vm);
   const names = vm
     ? (repo.db.prepare('SELECT name FROM checkpoints WHERE vm_id = ?').all(vm.id) as { name: string }[]).map(
@@ -477,145 +589,111 @@ async function liveBackup(
       `libvirt checkpoint '${lvName}' is used by another VM of this repository: give --checkpoint NAME`,
     );
   }
-  checkAborted(o.signal);
+  return { name, uid, lvName };
+}
 
-  // One private directory holds the job's socket, scratch files and XML; QEMU owns it. On a
-  // remote hypervisor it is made there, and the XML files virsh reads go to a local one.
-  const jobDir = await site.makeJobDir(
-    scratchBase(o),
-    dom.name || o.domain,
-    sel.selected[0]?.source ?? null,
-    {
-      pid: process.pid,
-      host: os.hostname(),
-      repo: repo.dir,
-    },
-  );
-  const socket = path.join(jobDir, SOCKET_NAME);
-  const xmlDir = site.xmlDir(jobDir);
-  let guard: Guard | undefined;
-  let begun = false;
-  let committed = false;
-  try {
-    const tcp = dp.transport.kind === 'tls' || dp.transport.kind === 'tcp';
-    if (!tcp && socket.length > MAX_SOCKET_PATH) {
-      throw new BkfsError('USAGE', `socket path ${socket} is too long: choose a shorter --scratch-dir`);
-    }
-    const selected = new Set(sel.selected.map((d) => d.target));
-    const ports = new PortPicker(o.nbdPorts ?? DEFAULT_NBD_PORTS);
-    let port = 0;
-    const bxmlPath = path.join(xmlDir, 'backup.xml');
-    const writeBackupXml = (): void => {
-      if (tcp) port = ports.next();
-      const bxml = backupXml(
-        tcp ? { host: dp.host, port, tls: dp.transport.kind === 'tls' } : socket,
-        incremental,
-        dom.disks.map((d) =>
-          selected.has(d.target)
-            ? { name: d.target, scratch: site.scratchFile(jobDir, d.target) }
-            : { name: d.target },
-        ),
-      );
-      fs.writeFileSync(bxmlPath, bxml);
-    };
-    writeBackupXml();
-    const args = ['backup-begin', o.domain, bxmlPath];
-    if (lvName !== null) {
-      const cxmlPath = path.join(xmlDir, 'checkpoint.xml');
-      fs.writeFileSync(
-        cxmlPath,
-        checkpointXml(
-          lvName,
-          `bkfs checkpoint ${o.vm}@${name} of repository ${repo.config.id}`,
-          dom.disks.map((d) => ({ name: d.target, bitmap: selected.has(d.target) && d.format === 'qcow2' })),
-        ),
-      );
-      args.push(cxmlPath);
-    }
-    const started = await site.startGuard(v, o.domain, tcp ? null : socket, jobDir);
-    guard = started.guard;
-    const nbdSocket = started.socket ?? socket;
+/**
+ * The XML files `virsh backup-begin` reads: the backup job (pull mode, its NBD server on the
+ * job's socket or, over TCP, on a port picked from `--nbd-ports`, rewritten with the next port when
+ * that one is taken) and the libvirt checkpoint it creates.
+ */
+class JobXml {
+  port = 0;
+  private readonly ports: PortPicker;
+  private readonly dir: string;
+  private readonly selected: Set<string>;
 
-    const fz = o.freeze === false ? { frozen: false, thaw: false } : await freeze(v, o.domain, guard, notice);
-    try {
-      checkAborted(o.signal);
-      begun = true;
-      if (lvName !== null) markPending(repo, lvName, o.domain);
-      for (;;) {
-        const r = await v.tryRun(args);
-        if (r.code === 0) break;
-        // Another program holds the port on the hypervisor: the next one of the range.
-        if (
-          !tcp ||
-          !ports.more() ||
-          !/address already in use|Failed to bind socket|EADDRINUSE/i.test(r.stderr)
-        ) {
-          throw v.error(args, r);
-        }
-        writeBackupXml();
-      }
-    } finally {
-      if (fz.thaw && (await thaw(v, o.domain, notice))) guard.tell('thawed');
-    }
-    const consistency = fz.frozen ? 'frozen' : 'crash-consistent';
-    const job = await backupJobOf(v, o.domain);
-    if (!job || bkfsJobKey(job) !== jobDir) {
-      throw new BkfsError(
-        'EXTERNAL_TOOL',
-        `the backup job of domain '${o.domain}' is not the one bkfs started`,
-      );
-    }
-    checkAborted(o.signal);
-    const disks = pullSources(sel.selected, job, { socket: nbdSocket, tcp: tcp ? port : null, dp, lvName });
-    const res = await runBackup(repo, {
-      vm: o.vm,
-      disks,
-      level,
-      checkpoint: name,
-      configs,
-      ...(lvName !== null ? { libvirtCheckpoint: lvName } : {}),
-      uid,
-      ...(o.onProgress ? { onProgress: o.onProgress } : {}),
-      ...(o.onNotice ? { onNotice: o.onNotice } : {}),
-      ...(o.signal ? { signal: o.signal } : {}),
-      ...(o.readSize ? { readSize: o.readSize } : {}),
-      ...(o.readConcurrency ? { readConcurrency: o.readConcurrency } : {}),
-      ...(o.workers ? { workers: o.workers } : {}),
-    });
-    committed = true;
-    begun = false;
-    if (lvName !== null) clearPending(repo, lvName);
-    // The checkpoint is committed: a job that will not end is worth a note, not a failure.
-    await endJob(v, o.domain, jobDir).catch((e: unknown) =>
-      notice(`could not end the backup job: ${(e as Error).message} (run 'virsh domjobabort ${o.domain}')`),
-    );
-    if (level === 'full' && lvName !== null) await deleteOlderChain(repo, v, o, lvName, notice);
-    return {
-      ...res,
-      domain: o.domain,
-      disks: sel.selected.map((d) => d.target),
-      skipped: sel.skipped,
-      libvirtCheckpoint: lvName,
-      consistency,
-    };
-  } finally {
-    if (begun) {
-      await endJob(v, o.domain, jobDir).catch((e: unknown) =>
-        notice(`could not end the backup job: ${(e as Error).message} (run 'virsh domjobabort ${o.domain}')`),
-      );
-      if (!committed && lvName !== null) {
-        await deleteCheckpoint(v, o.domain, lvName, notice)
-          .then(() => clearPending(repo, lvName))
-          .catch((e: unknown) =>
-            notice(`could not delete libvirt checkpoint '${lvName}': ${(e as Error).message}`),
-          );
-      }
-    }
-    await site
-      .removeJobDir(jobDir)
-      .catch((e: unknown) => notice(`could not remove the job directory ${jobDir}: ${(e as Error).message}`));
-    await guard?.disarm();
+  constructor(
+    private readonly site: JobSite,
+    private readonly jobDir: string,
+    private readonly tcp: DataPath | null,
+    private readonly socket: string,
+    private readonly incremental: string | null,
+    private readonly dom: DomainInfo,
+    sel: DiskSelection,
+    o: LibvirtBackupOptions,
+  ) {
+    this.ports = new PortPicker(o.nbdPorts ?? DEFAULT_NBD_PORTS);
+    this.dir = site.xmlDir(jobDir);
+    this.selected = new Set(sel.selected.map((d) => d.target));
   }
+
+  /** Another port to try, when there is one. */
+  morePorts(): boolean {
+    return this.tcp !== null && this.ports.more();
+  }
+
+  /** (Re)write the backup XML, over TCP with the next port; returns its path. */
+  writeBackup(): string {
+    const tcp = this.tcp;
+    if (tcp !== null) this.port = this.ports.next();
+    const file = path.join(this.dir, 'backup.xml');
+    const xml = backupXml(
+      tcp !== null ? { host: tcp.host, port: this.port, tls: tcp.transport.kind === 'tls' } : this.socket,
+      this.incremental,
+      this.dom.disks.map((d) =>
+        this.selected.has(d.target)
+          ? { name: d.target, scratch: this.site.scratchFile(this.jobDir, d.target) }
+          : { name: d.target },
+      ),
+    );
+    fs.writeFileSync(file, xml);
+    return file;
+  }
+
+  /** Write the checkpoint XML (a bitmap on every selected qcow2 disk); returns its path. */
+  writeCheckpoint(lvName: string, description: string): string {
+    const file = path.join(this.dir, 'checkpoint.xml');
+    fs.writeFileSync(
+      file,
+      checkpointXml(
+        lvName,
+        description,
+        this.dom.disks.map((d) => ({
+          name: d.target,
+          bitmap: this.selected.has(d.target) && d.format === 'qcow2',
+        })),
+      ),
+    );
+    return file;
+  }
+}
+
+/**
+ * Freeze the guest's file systems (unless `--no-freeze`), `virsh backup-begin` (over TCP, the next
+ * port while the hypervisor says the one tried is in use), thaw. `state.begun` is set before the
+ * job can exist, so the caller ends it and deletes its libvirt checkpoint on failure. Returns the
+ * consistency of what the job reads.
+ */
+async function beginJob(
+  repo: Repository,
+  v: Virsh,
+  o: LibvirtBackupOptions,
+  guard: Guard,
+  xml: JobXml,
+  args: string[],
+  lvName: string | null,
+  state: { begun: boolean },
+  notice: (m: string) => void,
+): Promise<'frozen' | 'crash-consistent'> {
+  const fz = o.freeze === false ? { frozen: false, thaw: false } : await freeze(v, o.domain, guard, notice);
+  try {
+    checkAborted(o.signal);
+    state.begun = true;
+    if (lvName !== null) markPending(repo, lvName, o.domain);
+    for (;;) {
+      const r = await v.tryRun(args);
+      if (r.code === 0) break;
+      // Another program holds the port on the hypervisor: the next one of the range.
+      if (!xml.morePorts() || !/address already in use|Failed to bind socket|EADDRINUSE/i.test(r.stderr)) {
+        throw v.error(args, r);
+      }
+      xml.writeBackup();
+    }
+  } finally {
+    if (fz.thaw && (await thaw(v, o.domain, notice))) guard.tell('thawed');
+  }
+  return fz.frozen ? 'frozen' : 'crash-consistent';
 }
 
 /**

@@ -452,43 +452,10 @@ export class NbdServer {
         }
         case P.NBD_OPT_GO:
         case P.NBD_OPT_INFO: {
-          if (data.length < 6) {
-            sock.write(optionReply(opt, P.NBD_REP_ERR_INVALID));
-            break;
-          }
-          const nameLen = data.readUInt32BE(0);
-          if (4 + nameLen + 2 > data.length) {
-            sock.write(optionReply(opt, P.NBD_REP_ERR_INVALID));
-            break;
-          }
-          const name = data.subarray(4, 4 + nameLen).toString('utf8');
-          const nInfo = data.readUInt16BE(4 + nameLen);
-          const infos: number[] = [];
-          for (let i = 0; i < nInfo && 4 + nameLen + 2 + 2 * i + 2 <= data.length; i++) {
-            infos.push(data.readUInt16BE(4 + nameLen + 2 + 2 * i));
-          }
-          const exp = this.exports.get(name);
-          if (!exp) {
-            sock.write(optionReply(opt, P.NBD_REP_ERR_UNKNOWN, Buffer.from(`no export named "${name}"`)));
-            break;
-          }
-          const info = Buffer.alloc(12);
-          info.writeUInt16BE(P.NBD_INFO_EXPORT, 0);
-          P.writeU64(info, exp.size, 2);
-          info.writeUInt16BE(transmissionFlags(exp), 10);
-          sock.write(optionReply(opt, P.NBD_REP_INFO, info));
-          if (infos.includes(P.NBD_INFO_BLOCK_SIZE)) {
-            const bs = Buffer.alloc(14);
-            bs.writeUInt16BE(P.NBD_INFO_BLOCK_SIZE, 0);
-            bs.writeUInt32BE(1, 2);
-            bs.writeUInt32BE(4096, 6);
-            bs.writeUInt32BE(MAX_REQUEST, 10);
-            sock.write(optionReply(opt, P.NBD_REP_INFO, bs));
-          }
-          sock.write(optionReply(opt, P.NBD_REP_ACK));
-          if (opt === P.NBD_OPT_GO) {
-            chosen = exp;
-            chosenName = name;
+          const found = this.optInfo(sock, opt, data);
+          if (found && opt === P.NBD_OPT_GO) {
+            chosen = found.exp;
+            chosenName = found.name;
           }
           break;
         }
@@ -512,28 +479,8 @@ export class NbdServer {
           break;
         case P.NBD_OPT_LIST_META_CONTEXT:
         case P.NBD_OPT_SET_META_CONTEXT: {
-          const mq = parseMetaQuery(data);
-          if (!mq || (opt === P.NBD_OPT_SET_META_CONTEXT && !structured)) {
-            sock.write(optionReply(opt, P.NBD_REP_ERR_INVALID));
-            break;
-          }
-          if (!this.exports.has(mq.name)) {
-            sock.write(optionReply(opt, P.NBD_REP_ERR_UNKNOWN, Buffer.from(`no export named "${mq.name}"`)));
-            break;
-          }
-          const want =
-            opt === P.NBD_OPT_LIST_META_CONTEXT && mq.queries.length === 0
-              ? true
-              : mq.queries.some(matchesBaseAllocation);
-          if (opt === P.NBD_OPT_SET_META_CONTEXT) metaExport = want ? mq.name : undefined;
-          if (want) {
-            const n = Buffer.from(P.BASE_ALLOCATION);
-            const b = Buffer.alloc(4 + n.length);
-            b.writeUInt32BE(META_BASE_ALLOCATION, 0);
-            n.copy(b, 4);
-            sock.write(optionReply(opt, P.NBD_REP_META_CONTEXT, b));
-          }
-          sock.write(optionReply(opt, P.NBD_REP_ACK));
+          const r = this.optMetaContext(sock, opt, data, structured);
+          if (r && opt === P.NBD_OPT_SET_META_CONTEXT) metaExport = r.set;
           break;
         }
         default:
@@ -542,6 +489,82 @@ export class NbdServer {
     }
     const blockStatus = metaExport !== undefined && metaExport === chosenName;
     await this.transmission(conn, chosen, structured, blockStatus);
+  }
+
+  /**
+   * NBD_OPT_INFO / NBD_OPT_GO: the export's size and flags (and block sizes when asked), then ACK.
+   * Returns the export, or undefined after an error reply.
+   */
+  private optInfo(sock: net.Socket, opt: number, data: Buffer): { exp: NbdExport; name: string } | undefined {
+    if (data.length < 6) {
+      sock.write(optionReply(opt, P.NBD_REP_ERR_INVALID));
+      return undefined;
+    }
+    const nameLen = data.readUInt32BE(0);
+    if (4 + nameLen + 2 > data.length) {
+      sock.write(optionReply(opt, P.NBD_REP_ERR_INVALID));
+      return undefined;
+    }
+    const name = data.subarray(4, 4 + nameLen).toString('utf8');
+    const nInfo = data.readUInt16BE(4 + nameLen);
+    const infos: number[] = [];
+    for (let i = 0; i < nInfo && 4 + nameLen + 2 + 2 * i + 2 <= data.length; i++) {
+      infos.push(data.readUInt16BE(4 + nameLen + 2 + 2 * i));
+    }
+    const exp = this.exports.get(name);
+    if (!exp) {
+      sock.write(optionReply(opt, P.NBD_REP_ERR_UNKNOWN, Buffer.from(`no export named "${name}"`)));
+      return undefined;
+    }
+    const info = Buffer.alloc(12);
+    info.writeUInt16BE(P.NBD_INFO_EXPORT, 0);
+    P.writeU64(info, exp.size, 2);
+    info.writeUInt16BE(transmissionFlags(exp), 10);
+    sock.write(optionReply(opt, P.NBD_REP_INFO, info));
+    if (infos.includes(P.NBD_INFO_BLOCK_SIZE)) {
+      const bs = Buffer.alloc(14);
+      bs.writeUInt16BE(P.NBD_INFO_BLOCK_SIZE, 0);
+      bs.writeUInt32BE(1, 2);
+      bs.writeUInt32BE(4096, 6);
+      bs.writeUInt32BE(MAX_REQUEST, 10);
+      sock.write(optionReply(opt, P.NBD_REP_INFO, bs));
+    }
+    sock.write(optionReply(opt, P.NBD_REP_ACK));
+    return { exp, name };
+  }
+
+  /**
+   * NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: only `base:allocation` exists. Returns
+   * the export the context is set for (undefined: none asked), or null after an error reply.
+   */
+  private optMetaContext(
+    sock: net.Socket,
+    opt: number,
+    data: Buffer,
+    structured: boolean,
+  ): { set: string | undefined } | null {
+    const mq = parseMetaQuery(data);
+    if (!mq || (opt === P.NBD_OPT_SET_META_CONTEXT && !structured)) {
+      sock.write(optionReply(opt, P.NBD_REP_ERR_INVALID));
+      return null;
+    }
+    if (!this.exports.has(mq.name)) {
+      sock.write(optionReply(opt, P.NBD_REP_ERR_UNKNOWN, Buffer.from(`no export named "${mq.name}"`)));
+      return null;
+    }
+    const want =
+      opt === P.NBD_OPT_LIST_META_CONTEXT && mq.queries.length === 0
+        ? true
+        : mq.queries.some(matchesBaseAllocation);
+    if (want) {
+      const n = Buffer.from(P.BASE_ALLOCATION);
+      const b = Buffer.alloc(4 + n.length);
+      b.writeUInt32BE(META_BASE_ALLOCATION, 0);
+      n.copy(b, 4);
+      sock.write(optionReply(opt, P.NBD_REP_META_CONTEXT, b));
+    }
+    sock.write(optionReply(opt, P.NBD_REP_ACK));
+    return { set: want ? mq.name : undefined };
   }
 
   private async transmission(

@@ -418,31 +418,7 @@ export async function instantRestore(
 ): Promise<InstantPrepared> {
   const t0 = Date.now();
   const reader = CheckpointReader.open(repo, o.ref);
-  const ref = `${reader.vm.name}@${reader.checkpoint.name}`;
-  const saved = reader.configs().find((c) => configFileName(c.name) === DOMAIN_XML);
-  if (!saved) {
-    throw new BkfsError(
-      'NOT_FOUND',
-      `${ref} has no saved ${DOMAIN_XML} (a libvirt backup saves it; else back up with --config domain.xml=FILE)`,
-    );
-  }
-  const savedXml = saved.data.toString('utf8');
-  const name = o.define ?? /<name>([^<]*)<\/name>/.exec(savedXml)?.[1]?.trim();
-  if (!name) throw new BkfsError('USAGE', `the saved ${DOMAIN_XML} has no <name>: give --define NAME`);
-  const dir = path.resolve(o.dir);
-  const socket = path.join(dir, SOCKET_FILE);
-  if (Buffer.byteLength(socket) > SOCKET_MAX) {
-    throw new BkfsError(
-      'USAGE',
-      `--to ${dir}: too long for the export's Unix socket (${socket}); use a shorter path`,
-    );
-  }
-  if (await domainExists(name)) {
-    throw new BkfsError(
-      'TARGET_EXISTS',
-      `libvirt already has a domain named '${name}' (give --define NEWNAME, or undefine the old one)`,
-    );
-  }
+  const { ref, saved, name, dir, socket } = await instantTarget(reader, o);
   const disks: InstantDisk[] = reader.disks.map((d) => ({
     name: d.name,
     overlay: path.join(dir, `${configFileName(d.name)}.qcow2`),
@@ -481,49 +457,8 @@ export async function instantRestore(
   saveState(s);
   try {
     await hooks.startExport(s);
-    for (const d of disks) {
-      const backing = JSON.stringify({
-        driver: 'nbd',
-        server: { type: 'unix', path: socket },
-        export: d.name,
-        'reconnect-delay': 30,
-      });
-      const r = await run(
-        'qemu-img',
-        [
-          'create',
-          '-q',
-          '-f',
-          'qcow2',
-          '-u',
-          '-F',
-          'raw',
-          '-b',
-          `json:${backing}`,
-          d.overlay,
-          String(d.size),
-        ],
-        { allowFail: true },
-      );
-      if (r.code !== 0)
-        throw new BkfsError('EXTERNAL_TOOL', `qemu-img create ${d.overlay}: ${lastLine(r.stderr)}`);
-      fs.chmodSync(d.overlay, 0o600);
-    }
-    const x = instantDomainXml(savedXml, { name, socket, disks });
-    for (const u of x.untouched)
-      hooks.onNotice?.(`domain.xml: disk ${u} was not backed up; its source is unchanged`);
-    if (x.missing.length > 0)
-      throw new BkfsError(
-        'TARGET_INVALID',
-        `the saved ${DOMAIN_XML} has no <disk> for ${x.missing.join(', ')}`,
-      );
-    s.policies = x.policies;
-    writeFileDurable(path.join(dir, 'domain.orig.xml'), saved.data, 0o600);
-    const xmlFile = path.join(dir, DOMAIN_XML);
-    writeFileDurable(xmlFile, Buffer.from(x.xml, 'utf8'), 0o600);
-    await virsh(['define', xmlFile]);
-    s.phase = 'defined';
-    saveState(s);
+    for (const d of disks) await createOverlay(d, socket);
+    await defineInstant(s, saved, hooks);
     if (!o.start) {
       s.driver = null;
       saveState(s);
@@ -547,6 +482,79 @@ export async function instantRestore(
     saveState(s);
     throw e;
   }
+}
+
+/**
+ * What an instant restore of `reader`'s checkpoint needs before it touches anything: the saved
+ * domain XML, the domain's name (`--define`, else the saved one; no domain of that name may
+ * exist), the directory and the export's socket in it (short enough for a Unix socket).
+ */
+async function instantTarget(
+  reader: CheckpointReader,
+  o: InstantOptions,
+): Promise<{ ref: string; saved: { data: Buffer }; name: string; dir: string; socket: string }> {
+  const ref = `${reader.vm.name}@${reader.checkpoint.name}`;
+  const saved = reader.configs().find((c) => configFileName(c.name) === DOMAIN_XML);
+  if (!saved) {
+    throw new BkfsError(
+      'NOT_FOUND',
+      `${ref} has no saved ${DOMAIN_XML} (a libvirt backup saves it; else back up with --config domain.xml=FILE)`,
+    );
+  }
+  const name = o.define ?? /<name>([^<]*)<\/name>/.exec(saved.data.toString('utf8'))?.[1]?.trim();
+  if (!name) throw new BkfsError('USAGE', `the saved ${DOMAIN_XML} has no <name>: give --define NAME`);
+  const dir = path.resolve(o.dir);
+  const socket = path.join(dir, SOCKET_FILE);
+  if (Buffer.byteLength(socket) > SOCKET_MAX) {
+    throw new BkfsError(
+      'USAGE',
+      `--to ${dir}: too long for the export's Unix socket (${socket}); use a shorter path`,
+    );
+  }
+  if (await domainExists(name)) {
+    throw new BkfsError(
+      'TARGET_EXISTS',
+      `libvirt already has a domain named '${name}' (give --define NEWNAME, or undefine the old one)`,
+    );
+  }
+  return { ref, saved, name, dir, socket };
+}
+
+/** The disk's qcow2 overlay (0600) whose backing file is its export on `socket`. */
+async function createOverlay(d: InstantDisk, socket: string): Promise<void> {
+  const backing = JSON.stringify({
+    driver: 'nbd',
+    server: { type: 'unix', path: socket },
+    export: d.name,
+    'reconnect-delay': 30,
+  });
+  const r = await run(
+    'qemu-img',
+    ['create', '-q', '-f', 'qcow2', '-u', '-F', 'raw', '-b', `json:${backing}`, d.overlay, String(d.size)],
+    { allowFail: true },
+  );
+  if (r.code !== 0)
+    throw new BkfsError('EXTERNAL_TOOL', `qemu-img create ${d.overlay}: ${lastLine(r.stderr)}`);
+  fs.chmodSync(d.overlay, 0o600);
+}
+
+/** Write the domain XML pointing at the overlays (and the saved one beside it), `virsh define` it. */
+async function defineInstant(s: InstantState, saved: { data: Buffer }, hooks: InstantHooks): Promise<void> {
+  const x = instantDomainXml(saved.data.toString('utf8'), { name: s.name, socket: s.socket, disks: s.disks });
+  for (const u of x.untouched)
+    hooks.onNotice?.(`domain.xml: disk ${u} was not backed up; its source is unchanged`);
+  if (x.missing.length > 0)
+    throw new BkfsError(
+      'TARGET_INVALID',
+      `the saved ${DOMAIN_XML} has no <disk> for ${x.missing.join(', ')}`,
+    );
+  s.policies = x.policies;
+  writeFileDurable(path.join(s.dir, 'domain.orig.xml'), saved.data, 0o600);
+  const xmlFile = path.join(s.dir, DOMAIN_XML);
+  writeFileDurable(xmlFile, Buffer.from(x.xml, 'utf8'), 0o600);
+  await virsh(['define', xmlFile]);
+  s.phase = 'defined';
+  saveState(s);
 }
 
 /** The copy to independence of a started instant restore (nothing to do when only defined). */
