@@ -31,60 +31,7 @@ Examples:
   TZ=UTC bkfs snapshots web
   bkfs list web --json | jq -r '.[].name'`,
     )
-    .action(async (vmName: string | undefined, opts: { json?: boolean }, cmd: Command) => {
-      const cat = await import('../../index/catalog');
-      const { getVm, listVms, listCheckpoints, parseCheckpointRef } = cat;
-      await withReader(cmd, (repo) => {
-        if (vmName !== undefined) {
-          parseCheckpointRef(vmName); // 'web@' is a usage error like everywhere
-          if (vmName.includes('@'))
-            throw new BkfsError(
-              'USAGE',
-              `list takes a VM name, got '${vmName}' (see one checkpoint with 'bkfs info')`,
-            );
-        }
-        const vms = vmName ? [getVm(repo.db, vmName)] : listVms(repo.db);
-        const rows = vms.flatMap((vm) =>
-          listCheckpoints(repo.db, vm.id).map((cp) => describe(cat, repo, vm.name, cp)),
-        );
-        if (opts.json) {
-          printJson(rows);
-          return;
-        }
-        if (rows.length === 0) {
-          out(vmName ? `VM '${vmName}' has no checkpoints` : 'the repository has no checkpoints');
-          return;
-        }
-        out(
-          table(
-            [
-              'CHECKPOINT',
-              'LEVEL',
-              'PARENT',
-              'TIME',
-              'DISKS',
-              'VIRTUAL',
-              'READ',
-              'NEW STORED',
-              'TOOK',
-              'FLAGS',
-            ],
-            rows.map((r) => [
-              `${r.vm}@${r.name}`,
-              r.level,
-              r.parent ?? '-',
-              localTime(Date.parse(r.time)),
-              r.disks.map((d) => d.name).join(','),
-              bytes(r.virtualSize),
-              bytes(r.bytesRead),
-              bytes(r.bytesNewStored),
-              duration(r.durationMs),
-              [r.protected ? 'protected' : '', r.damaged ? 'DAMAGED' : ''].filter(Boolean).join(',') || '-',
-            ]),
-          ),
-        );
-      });
-    });
+    .action(listAction);
 
   program
     .command('info')
@@ -99,33 +46,81 @@ Examples:
   bkfs info web@check3
   bkfs info web@check3 --json`,
     )
-    .action(async (ref: string, opts: { json?: boolean }, cmd: Command) => {
-      const cat = await import('../../index/catalog');
-      const { resolveRef, getConfigs } = cat;
-      await withReader(cmd, (repo) => {
-        const { vm, checkpoint } = resolveRef(repo.db, ref);
-        const d = describe(cat, repo, vm.name, checkpoint);
-        const configs = getConfigs(repo.db, checkpoint.id).map((c) => ({
-          name: c.name,
-          size: c.data.length,
-        }));
-        if (opts.json) {
-          printJson({ ...d, configs });
-          return;
-        }
-        out(`checkpoint  ${d.vm}@${d.name}`);
-        out(`level       ${d.level}${d.parent ? ` (parent ${d.parent})` : ''}`);
-        out(`time        ${localTime(Date.parse(d.time))} (took ${duration(d.durationMs)})`);
-        out(
-          `read        ${bytes(d.bytesRead)}; new data ${bytes(d.bytesNewRaw)} stored as ${bytes(d.bytesNewStored)} (${d.chunksNew} chunks)`,
+    .action(infoAction);
+}
+
+/** `bkfs list [VM]`: the checkpoints, oldest first, as a table or JSON. */
+async function listAction(vmName: string | undefined, opts: { json?: boolean }, cmd: Command): Promise<void> {
+  const cat = await import('../../index/catalog');
+  const { getVm, listVms, listCheckpoints, parseCheckpointRef } = cat;
+  await withReader(cmd, (repo) => {
+    if (vmName !== undefined) {
+      parseCheckpointRef(vmName); // 'web@' is a usage error like everywhere
+      if (vmName.includes('@'))
+        throw new BkfsError(
+          'USAGE',
+          `list takes a VM name, got '${vmName}' (see one checkpoint with 'bkfs info')`,
         );
-        if (d.libvirtCheckpoint) out(`libvirt     checkpoint ${d.libvirtCheckpoint}`);
-        for (const k of d.disks) {
-          out(
-            `disk ${k.name}  ${bytes(k.virtualSize)} virtual, ${bytes(k.bytesRead)} read, from ${k.source ?? '?'} (${k.format ?? '?'})${k.bitmap ? `, bitmap ${k.bitmap}` : ''}`,
-          );
-        }
-        for (const c of configs) out(`config ${c.name}  ${bytes(c.size)}`);
-      });
-    });
+    }
+    const vms = vmName ? [getVm(repo.db, vmName)] : listVms(repo.db);
+    const rows = vms.flatMap((vm) =>
+      listCheckpoints(repo.db, vm.id).map((cp) => describe(cat, repo, vm.name, cp)),
+    );
+    if (opts.json) {
+      printJson(rows);
+      return;
+    }
+    if (rows.length === 0) {
+      out(vmName ? `VM '${vmName}' has no checkpoints` : 'the repository has no checkpoints');
+      return;
+    }
+    out(
+      table(
+        ['CHECKPOINT', 'LEVEL', 'PARENT', 'TIME', 'DISKS', 'VIRTUAL', 'READ', 'NEW STORED', 'TOOK', 'FLAGS'],
+        rows.map((r) => [
+          `${r.vm}@${r.name}`,
+          r.level,
+          r.parent ?? '-',
+          localTime(Date.parse(r.time)),
+          r.disks.map((d) => d.name).join(','),
+          bytes(r.virtualSize),
+          bytes(r.bytesRead),
+          bytes(r.bytesNewStored),
+          duration(r.durationMs),
+          [r.protected ? 'protected' : '', r.damaged ? 'DAMAGED' : ''].filter(Boolean).join(',') || '-',
+        ]),
+      ),
+    );
+  });
+}
+
+/** `bkfs info VM[@CP]`: one checkpoint in detail. */
+async function infoAction(ref: string, opts: { json?: boolean }, cmd: Command): Promise<void> {
+  const cat = await import('../../index/catalog');
+  const { resolveRef, getConfigs } = cat;
+  await withReader(cmd, (repo) => {
+    const { vm, checkpoint } = resolveRef(repo.db, ref);
+    const d = describe(cat, repo, vm.name, checkpoint);
+    const configs = getConfigs(repo.db, checkpoint.id).map((c) => ({
+      name: c.name,
+      size: c.data.length,
+    }));
+    if (opts.json) {
+      printJson({ ...d, configs });
+      return;
+    }
+    out(`checkpoint  ${d.vm}@${d.name}`);
+    out(`level       ${d.level}${d.parent ? ` (parent ${d.parent})` : ''}`);
+    out(`time        ${localTime(Date.parse(d.time))} (took ${duration(d.durationMs)})`);
+    out(
+      `read        ${bytes(d.bytesRead)}; new data ${bytes(d.bytesNewRaw)} stored as ${bytes(d.bytesNewStored)} (${d.chunksNew} chunks)`,
+    );
+    if (d.libvirtCheckpoint) out(`libvirt     checkpoint ${d.libvirtCheckpoint}`);
+    for (const k of d.disks) {
+      out(
+        `disk ${k.name}  ${bytes(k.virtualSize)} virtual, ${bytes(k.bytesRead)} read, from ${k.source ?? '?'} (${k.format ?? '?'})${k.bitmap ? `, bitmap ${k.bitmap}` : ''}`,
+      );
+    }
+    for (const c of configs) out(`config ${c.name}  ${bytes(c.size)}`);
+  });
 }

@@ -96,25 +96,7 @@ Examples:
     .command('list')
     .description('list the key slots (reads bkfs-repo.json only; needs no key)')
     .option('--json', 'machine-readable output')
-    .action(async (opts: { json?: boolean }, cmd: Command) => {
-      const { loadConfig } = await import('../../repo/repository');
-      const dir = repoPath(cmd);
-      const cfg = loadConfig(dir);
-      const enc = cfg.encryption;
-      if (opts.json) {
-        printJson({
-          encrypted: enc !== undefined,
-          ...(enc ? { cipher: enc.cipher, keyId: enc.keyId, slots: enc.slots.map(view) } : {}),
-        });
-        return;
-      }
-      if (!enc) {
-        out(`repository ${dir} is not encrypted`);
-        return;
-      }
-      out(`key id ${enc.keyId} (${enc.cipher}), ${enc.slots.length} slot(s):`);
-      for (const s of enc.slots) out(`  ${s.name.padEnd(16)} ${s.kind.padEnd(10)} created ${s.created}`);
-    });
+    .action(keyList);
 
   key
     .command('add')
@@ -186,27 +168,7 @@ Examples:
       const keyFile = cmd.optsWithGlobals<{ keyFile?: string }>().keyFile;
       let changed = '';
       await changeSlots(cmd, 'key change-passphrase', (slots, master) => {
-        const pw = slots.filter((s) => s.kind === 'passphrase');
-        let target: KeySlot | undefined;
-        if (opts.name !== undefined) {
-          target = pw.find((s) => s.name === opts.name);
-          if (!target) throw new BkfsError('NOT_FOUND', `no passphrase key slot named '${opts.name}'`);
-        } else {
-          // The slot the current passphrase opens (the repository was unlocked with it).
-          const env = { ...process.env };
-          delete env.BKFS_PAPER_KEY_FILE;
-          let sources: { kind: string; secret: Buffer }[] = [];
-          if (!canPrompt() || process.env.BKFS_PASSWORD_FILE || process.env.BKFS_PASSWORD_COMMAND) {
-            try {
-              sources = cliKeyProvider(keyFile)({ dir: '', repoId: '', kinds: new Set(['passphrase']) });
-            } catch {
-              sources = [];
-            }
-          }
-          target = pw.find((s) => sources.some((x) => x.kind === 'passphrase' && openSlot(s, x.secret)));
-          target ??= pw.length === 1 ? pw[0] : undefined;
-          if (!target) throw new BkfsError('USAGE', 'several passphrase slots: name one with --name');
-        }
+        const target = passphraseSlot(slots, opts.name, keyFile, openSlot);
         const secret = newPassphraseOrFail(opts.newPasswordFile);
         const next = makeSlot(master, 'passphrase', secret, target.name);
         changed = target.name;
@@ -214,4 +176,57 @@ Examples:
       });
       out(`changed the passphrase of key slot ${changed}`);
     });
+}
+
+/** `bkfs key list`: the slots as bkfs-repo.json has them (no key needed). */
+async function keyList(opts: { json?: boolean }, cmd: Command): Promise<void> {
+  const { loadConfig } = await import('../../repo/repository');
+  const dir = repoPath(cmd);
+  const cfg = loadConfig(dir);
+  const enc = cfg.encryption;
+  if (opts.json) {
+    printJson({
+      encrypted: enc !== undefined,
+      ...(enc ? { cipher: enc.cipher, keyId: enc.keyId, slots: enc.slots.map(view) } : {}),
+    });
+    return;
+  }
+  if (!enc) {
+    out(`repository ${dir} is not encrypted`);
+    return;
+  }
+  out(`key id ${enc.keyId} (${enc.cipher}), ${enc.slots.length} slot(s):`);
+  for (const s of enc.slots) out(`  ${s.name.padEnd(16)} ${s.kind.padEnd(10)} created ${s.created}`);
+}
+
+/**
+ * The passphrase slot `key change-passphrase` replaces: the one named, else the one the current
+ * passphrase opens (the repository was unlocked with it), else the only one.
+ */
+function passphraseSlot(
+  slots: KeySlot[],
+  name: string | undefined,
+  keyFile: string | undefined,
+  openSlot: (s: KeySlot, secret: Buffer) => unknown,
+): KeySlot {
+  const pw = slots.filter((s) => s.kind === 'passphrase');
+  let target: KeySlot | undefined;
+  if (name !== undefined) {
+    target = pw.find((s) => s.name === name);
+    if (!target) throw new BkfsError('NOT_FOUND', `no passphrase key slot named '${name}'`);
+  } else {
+    // The slot the current passphrase opens (the repository was unlocked with it).
+    let sources: { kind: string; secret: Buffer }[] = [];
+    if (!canPrompt() || process.env.BKFS_PASSWORD_FILE || process.env.BKFS_PASSWORD_COMMAND) {
+      try {
+        sources = cliKeyProvider(keyFile)({ dir: '', repoId: '', kinds: new Set(['passphrase']) });
+      } catch {
+        sources = [];
+      }
+    }
+    target = pw.find((s) => sources.some((x) => x.kind === 'passphrase' && openSlot(s, x.secret)));
+    target ??= pw.length === 1 ? pw[0] : undefined;
+    if (!target) throw new BkfsError('USAGE', 'several passphrase slots: name one with --name');
+  }
+  return target;
 }

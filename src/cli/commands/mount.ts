@@ -202,63 +202,7 @@ Examples:
   bkfs mount --all /mnt/backups && ls /mnt/backups/web/latest/
   bkfs umount /mnt/web`,
     )
-    .action(
-      async (first: string | undefined, second: string | undefined, opts: MountCliOptions, cmd: Command) => {
-        const form = mountForm(first, second, opts.all ?? false);
-        const ref = form.ref;
-        const { canonicalMountpoint, logPath } = await import('../../fuse/state');
-        const { prepareMountpoint, startDaemon } = await import('../../fuse/daemon');
-        const mountpoint = canonicalMountpoint(form.dir);
-        if (ref !== undefined) parseCheckpointRef(ref); // BAD_NAME before anything else
-        if (opts.files) {
-          if (ref === undefined)
-            throw new BkfsError('USAGE', '--files needs VM[@CP] and a directory, not --all');
-          const { mountFilesAction } = await import('./files');
-          return mountFilesAction(cmd, ref, mountpoint, opts);
-        }
-        const cacheBytes = parseSize('--cache-size', opts.cacheSize);
-        const fileMode = parseMode(opts.mode);
-        const repoDir = path.resolve(repoPath(cmd));
-        if (opts.readyFd !== undefined || opts.foreground) {
-          const fd = opts.readyFd === undefined ? undefined : Number(opts.readyFd);
-          if (fd !== undefined && !Number.isInteger(fd))
-            throw new BkfsError('USAGE', '--ready-fd takes a number');
-          await runForeground(repoDir, ref, mountpoint, cacheBytes, fileMode, fd);
-          return;
-        }
-        // Check what can be checked here, so errors come with their own exit codes at once.
-        await withReader(cmd, (repo) => {
-          if (ref !== undefined) resolveRef(repo.db, ref);
-        });
-        await prepareMountpoint(mountpoint, note);
-        const info = await startDaemon({
-          command: process.execPath,
-          args: [
-            bkfsBin(),
-            '-r',
-            repoDir,
-            'mount',
-            ...(ref !== undefined ? [ref] : ['--all']),
-            mountpoint,
-            '--foreground',
-            '--cache-size',
-            String(cacheBytes),
-            '--mode',
-            opts.mode,
-            '--ready-fd',
-            '3',
-          ],
-          logFile: logPath(mountpoint),
-          repoDir,
-        });
-        if (opts.json) {
-          printJson({ ...info, repository: repoDir });
-          return;
-        }
-        describeMount(info, repoDir);
-        out(`log: ${info.log ?? '-'}; unmount with: bkfs umount ${mountpoint}`);
-      },
-    );
+    .action(mountAction);
 
   program
     .command('umount')
@@ -290,4 +234,77 @@ Examples:
         out(`unmounted ${mountpoint}`);
       }
     });
+}
+
+/** `bkfs mount`: one checkpoint or --all, in this process (--foreground) or by a daemon it waits for. */
+async function mountAction(
+  first: string | undefined,
+  second: string | undefined,
+  opts: MountCliOptions,
+  cmd: Command,
+): Promise<void> {
+  const form = mountForm(first, second, opts.all ?? false);
+  const ref = form.ref;
+  const { canonicalMountpoint } = await import('../../fuse/state');
+  const { prepareMountpoint } = await import('../../fuse/daemon');
+  const mountpoint = canonicalMountpoint(form.dir);
+  if (ref !== undefined) parseCheckpointRef(ref); // BAD_NAME before anything else
+  if (opts.files) {
+    if (ref === undefined) throw new BkfsError('USAGE', '--files needs VM[@CP] and a directory, not --all');
+    const { mountFilesAction } = await import('./files');
+    return mountFilesAction(cmd, ref, mountpoint, opts);
+  }
+  const cacheBytes = parseSize('--cache-size', opts.cacheSize);
+  const fileMode = parseMode(opts.mode);
+  const repoDir = path.resolve(repoPath(cmd));
+  if (opts.readyFd !== undefined || opts.foreground) {
+    const fd = opts.readyFd === undefined ? undefined : Number(opts.readyFd);
+    if (fd !== undefined && !Number.isInteger(fd)) throw new BkfsError('USAGE', '--ready-fd takes a number');
+    await runForeground(repoDir, ref, mountpoint, cacheBytes, fileMode, fd);
+    return;
+  }
+  // Check what can be checked here, so errors come with their own exit codes at once.
+  await withReader(cmd, (repo) => {
+    if (ref !== undefined) resolveRef(repo.db, ref);
+  });
+  await prepareMountpoint(mountpoint, note);
+  const info = await startMountDaemon(repoDir, ref, mountpoint, cacheBytes, opts.mode);
+  if (opts.json) {
+    printJson({ ...info, repository: repoDir });
+    return;
+  }
+  describeMount(info, repoDir);
+  out(`log: ${info.log ?? '-'}; unmount with: bkfs umount ${mountpoint}`);
+}
+
+/** Start `bkfs mount --foreground` as a daemon and wait until it has mounted (or failed). */
+async function startMountDaemon(
+  repoDir: string,
+  ref: string | undefined,
+  mountpoint: string,
+  cacheBytes: number,
+  mode: string,
+): Promise<MountedInfo> {
+  const { startDaemon } = await import('../../fuse/daemon');
+  const { logPath } = await import('../../fuse/state');
+  return startDaemon({
+    command: process.execPath,
+    args: [
+      bkfsBin(),
+      '-r',
+      repoDir,
+      'mount',
+      ...(ref !== undefined ? [ref] : ['--all']),
+      mountpoint,
+      '--foreground',
+      '--cache-size',
+      String(cacheBytes),
+      '--mode',
+      mode,
+      '--ready-fd',
+      '3',
+    ],
+    logFile: logPath(mountpoint),
+    repoDir,
+  });
 }

@@ -5,6 +5,7 @@ import type { ExportResult } from '../../restore/export';
 import { bytes, duration, rate } from '../../util/format';
 import { out, parseIntOption, withLongJob, withReader } from '../context';
 import { printJson } from '../json';
+import type { SshTarget } from '../../backup/libvirt-plan';
 
 interface RestoreCliOptions {
   to: string;
@@ -115,73 +116,12 @@ Examples:
   bkfs restore web --to /var/lib/libvirt/images/web2 --format qcow2 --define web2
   bkfs restore web@check3 --connect qemu+ssh://root@kvm2/system --to /var/lib/libvirt/images/web2 --define web2`,
     )
-    .action(async (ref: string, opts: RestoreCliOptions, cmd: Command) => {
-      if (opts.format !== undefined && opts.format !== 'raw' && opts.format !== 'qcow2') {
-        throw new BkfsError('USAGE', `--format must be raw or qcow2, got '${opts.format}'`);
-      }
-      const concurrency =
-        opts.concurrency !== undefined ? parseIntOption('--concurrency', opts.concurrency) : undefined;
-      if (concurrency === 0) throw new BkfsError('USAGE', '--concurrency must be at least 1');
-      if (opts.mode !== undefined && !/^0?[0-7]{3}$/.test(opts.mode)) {
-        throw new BkfsError('USAGE', `--mode must be octal permission bits like 0640, got '${opts.mode}'`);
-      }
-      const mode = opts.mode !== undefined ? parseInt(opts.mode, 8) : undefined;
-      const { parseLibvirtUri } = await import('../../backup/libvirt-plan');
-      const remote = opts.connect !== undefined ? parseLibvirtUri(opts.connect) : null;
-      if (remote) {
-        for (const [given, flag] of [
-          [opts.since !== undefined, '--since'],
-          [opts.verifyTarget, '--verify-target'],
-          [opts.mode !== undefined, '--mode'],
-        ] as const) {
-          if (given) throw new BkfsError('USAGE', `${flag} does not apply to a restore onto a remote host`);
-        }
-        if (/^nbds?(\+unix)?:\/\//i.test(opts.to)) {
-          throw new BkfsError('USAGE', '--to: with --connect qemu+ssh://, --to is a path on the remote host');
-        }
-        const { runRemoteRestore } = await import('../../restore/remote');
-        const res = await withLongJob(`restore ${ref}`, (job) =>
-          withReader(cmd, (repo) =>
-            runRemoteRestore(repo, {
-              ref,
-              remote,
-              to: opts.to,
-              ...(opts.disk !== undefined ? { disk: opts.disk } : {}),
-              ...(opts.format !== undefined ? { format: opts.format as FileFormat } : {}),
-              ...(opts.define !== undefined ? { define: opts.define } : {}),
-              ...(concurrency !== undefined ? { concurrency } : {}),
-              force: opts.force ?? false,
-              ...job,
-            }),
-          ),
-        );
-        if (opts.json) printJson(res);
-        else printRestore(res);
-        return;
-      }
-      const { runRestore } = await import('../../restore/engine');
-      const res = await withLongJob(`restore ${ref}`, (job) =>
-        withReader(cmd, (repo) =>
-          runRestore(repo, {
-            ref,
-            to: opts.to,
-            ...(opts.disk !== undefined ? { disk: opts.disk } : {}),
-            ...(opts.format !== undefined ? { format: opts.format as FileFormat } : {}),
-            ...(opts.since !== undefined ? { since: opts.since } : {}),
-            ...(opts.verifyTarget ? { verifyTarget: true } : {}),
-            ...(opts.define !== undefined ? { define: opts.define } : {}),
-            ...(opts.connect !== undefined ? { connect: opts.connect } : {}),
-            ...(concurrency !== undefined ? { concurrency } : {}),
-            ...(mode !== undefined ? { mode } : {}),
-            force: opts.force ?? false,
-            ...job,
-          }),
-        ),
-      );
-      if (opts.json) printJson(res);
-      else printRestore(res);
-    });
+    .action(restoreAction);
 
+  registerExport(program);
+}
+
+function registerExport(program: Command): void {
   program
     .command('export')
     .description('export a checkpoint as a qcow2 backing chain (one layer per checkpoint of its chain)')
@@ -221,4 +161,83 @@ Examples:
       if (opts.json) printJson(res);
       else printExport(res);
     });
+}
+
+/** `bkfs restore`: check the options, then restore locally (files, qcow2, NBD) or onto `--connect`. */
+async function restoreAction(ref: string, opts: RestoreCliOptions, cmd: Command): Promise<void> {
+  if (opts.format !== undefined && opts.format !== 'raw' && opts.format !== 'qcow2') {
+    throw new BkfsError('USAGE', `--format must be raw or qcow2, got '${opts.format}'`);
+  }
+  const concurrency =
+    opts.concurrency !== undefined ? parseIntOption('--concurrency', opts.concurrency) : undefined;
+  if (concurrency === 0) throw new BkfsError('USAGE', '--concurrency must be at least 1');
+  if (opts.mode !== undefined && !/^0?[0-7]{3}$/.test(opts.mode)) {
+    throw new BkfsError('USAGE', `--mode must be octal permission bits like 0640, got '${opts.mode}'`);
+  }
+  const mode = opts.mode !== undefined ? parseInt(opts.mode, 8) : undefined;
+  const { parseLibvirtUri } = await import('../../backup/libvirt-plan');
+  const remote = opts.connect !== undefined ? parseLibvirtUri(opts.connect) : null;
+  if (remote) {
+    await restoreRemote(ref, opts, cmd, remote, concurrency);
+    return;
+  }
+  const { runRestore } = await import('../../restore/engine');
+  const res = await withLongJob(`restore ${ref}`, (job) =>
+    withReader(cmd, (repo) =>
+      runRestore(repo, {
+        ref,
+        to: opts.to,
+        ...(opts.disk !== undefined ? { disk: opts.disk } : {}),
+        ...(opts.format !== undefined ? { format: opts.format as FileFormat } : {}),
+        ...(opts.since !== undefined ? { since: opts.since } : {}),
+        ...(opts.verifyTarget ? { verifyTarget: true } : {}),
+        ...(opts.define !== undefined ? { define: opts.define } : {}),
+        ...(opts.connect !== undefined ? { connect: opts.connect } : {}),
+        ...(concurrency !== undefined ? { concurrency } : {}),
+        ...(mode !== undefined ? { mode } : {}),
+        force: opts.force ?? false,
+        ...job,
+      }),
+    ),
+  );
+  if (opts.json) printJson(res);
+  else printRestore(res);
+}
+
+/** `bkfs restore --connect qemu+ssh://`: the disks written onto that hypervisor. */
+async function restoreRemote(
+  ref: string,
+  opts: RestoreCliOptions,
+  cmd: Command,
+  remote: SshTarget,
+  concurrency: number | undefined,
+): Promise<void> {
+  for (const [given, flag] of [
+    [opts.since !== undefined, '--since'],
+    [opts.verifyTarget, '--verify-target'],
+    [opts.mode !== undefined, '--mode'],
+  ] as const) {
+    if (given) throw new BkfsError('USAGE', `${flag} does not apply to a restore onto a remote host`);
+  }
+  if (/^nbds?(\+unix)?:\/\//i.test(opts.to)) {
+    throw new BkfsError('USAGE', '--to: with --connect qemu+ssh://, --to is a path on the remote host');
+  }
+  const { runRemoteRestore } = await import('../../restore/remote');
+  const res = await withLongJob(`restore ${ref}`, (job) =>
+    withReader(cmd, (repo) =>
+      runRemoteRestore(repo, {
+        ref,
+        remote,
+        to: opts.to,
+        ...(opts.disk !== undefined ? { disk: opts.disk } : {}),
+        ...(opts.format !== undefined ? { format: opts.format as FileFormat } : {}),
+        ...(opts.define !== undefined ? { define: opts.define } : {}),
+        ...(concurrency !== undefined ? { concurrency } : {}),
+        force: opts.force ?? false,
+        ...job,
+      }),
+    ),
+  );
+  if (opts.json) printJson(res);
+  else printRestore(res);
 }
