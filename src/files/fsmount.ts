@@ -148,15 +148,7 @@ export async function mountFiles(repo: Repository, o: FilesMountOptions): Promis
       `${dir} already holds a bkfs --files mount: run 'bkfs umount ${dir}' first`,
     );
   }
-  let st: fs.Stats;
-  try {
-    st = await fsp.stat(dir);
-  } catch {
-    throw new BkfsError('TARGET_INVALID', `mount point ${dir} does not exist (create the directory first)`);
-  }
-  if (!st.isDirectory()) throw new BkfsError('TARGET_INVALID', `mount point ${dir} is not a directory`);
-  if ((await fsp.readdir(dir)).length > 0)
-    throw new BkfsError('TARGET_INVALID', `mount point ${dir} is not empty`);
+  await checkEmptyDir(dir);
 
   const { vm, checkpoint } = resolveRef(repo.db, o.ref);
   const ref = `${vm.name}@${checkpoint.name}`;
@@ -226,35 +218,7 @@ export async function mountFiles(repo: Repository, o: FilesMountOptions): Promis
       );
     }
     if (engine === 'kernel') {
-      for (const v of volumes) {
-        const name = volumeDirName(v);
-        const drv = kernelDriver(v, support);
-        if ('reason' in drv || v.disk === undefined) {
-          const note = 'reason' in drv ? drv.reason : 'not on a disk';
-          o.onNotice?.(`fs/${name} not mounted: ${note}`);
-          state.volumes.push({ name, id: v.id, type: v.probe?.type ?? '?', mounted: false, note });
-          continue;
-        }
-        const target = path.join(fsDir, name);
-        await fsp.mkdir(target);
-        const opts = [
-          ...kernelMountOptions(v.probe?.type ?? '', []),
-          'loop',
-          `offset=${v.offset}`,
-          `sizelimit=${v.size}`,
-        ];
-        const file = path.join(disksDir, `${v.disk}.raw`);
-        const m = await run('mount', ['-t', drv.driver, '-o', opts.join(','), file, target], {
-          allowFail: true,
-        });
-        const ok = m.code === 0;
-        if (!ok) {
-          await fsp.rmdir(target).catch(() => undefined);
-          o.onNotice?.(`fs/${name} not mounted: ${m.stderr.trim().split('\n').pop() ?? ''}`);
-        }
-        state.volumes.push({ name, id: v.id, type: v.probe?.type ?? '?', mounted: ok });
-        writeFilesState(state);
-      }
+      for (const v of volumes) await kernelMountVolume(v, state, support, o);
     } else {
       await startGuestfish(
         state,
@@ -271,6 +235,56 @@ export async function mountFiles(repo: Repository, o: FilesMountOptions): Promis
     );
     throw e;
   }
+}
+
+/** The mount point exists, is a directory and is empty. */
+async function checkEmptyDir(dir: string): Promise<void> {
+  let st: fs.Stats;
+  try {
+    st = await fsp.stat(dir);
+  } catch {
+    throw new BkfsError('TARGET_INVALID', `mount point ${dir} does not exist (create the directory first)`);
+  }
+  if (!st.isDirectory()) throw new BkfsError('TARGET_INVALID', `mount point ${dir} is not a directory`);
+  if ((await fsp.readdir(dir)).length > 0)
+    throw new BkfsError('TARGET_INVALID', `mount point ${dir} is not empty`);
+}
+
+/** Mount one guest filesystem read-only below fs/ from its disk file in disks/ (loop at its offset). */
+async function kernelMountVolume(
+  v: Volume,
+  state: FilesMountState,
+  support: ReturnType<typeof detectKernelSupport>,
+  o: FilesMountOptions,
+): Promise<void> {
+  const { disksDir, fsDir } = state;
+  const name = volumeDirName(v);
+  const drv = kernelDriver(v, support);
+  if ('reason' in drv || v.disk === undefined) {
+    const note = 'reason' in drv ? drv.reason : 'not on a disk';
+    o.onNotice?.(`fs/${name} not mounted: ${note}`);
+    state.volumes.push({ name, id: v.id, type: v.probe?.type ?? '?', mounted: false, note });
+    return;
+  }
+  const target = path.join(fsDir, name);
+  await fsp.mkdir(target);
+  const opts = [
+    ...kernelMountOptions(v.probe?.type ?? '', []),
+    'loop',
+    `offset=${v.offset}`,
+    `sizelimit=${v.size}`,
+  ];
+  const file = path.join(disksDir, `${v.disk}.raw`);
+  const m = await run('mount', ['-t', drv.driver, '-o', opts.join(','), file, target], {
+    allowFail: true,
+  });
+  const ok = m.code === 0;
+  if (!ok) {
+    await fsp.rmdir(target).catch(() => undefined);
+    o.onNotice?.(`fs/${name} not mounted: ${m.stderr.trim().split('\n').pop() ?? ''}`);
+  }
+  state.volumes.push({ name, id: v.id, type: v.probe?.type ?? '?', mounted: ok });
+  writeFilesState(state);
 }
 
 async function startGuestfish(

@@ -173,80 +173,17 @@ export function buildManifest(
     return r ? { id, uid: r.uid, name: r.name } : { id, uid: null, name: null };
   };
   const configs = o.configs ?? readConfigs(db, cpId);
-  const hashes: string[] = [];
-  const hashIdx = new Map<string, number>();
-  const origins: Manifest['origins'] = [];
-  const originIdx = new Map<number, number>();
-  const originStmt = db.prepare(
-    `SELECT d.name AS diskName, c.uid AS uid, c.name AS cpName
-       FROM disks d JOIN checkpoints c ON c.id = d.checkpoint_id WHERE d.id = ?`,
-  );
+  const t = new ManifestTables(db);
   const extStmt = db.prepare(
     `SELECT e.offset AS offset, e.length AS length, e.chunk_id AS chunkId, e.chunk_off AS chunkOff,
             e.origin AS origin, c.hash AS hash
        FROM disk_pages dp JOIN extents e ON e.page_id = dp.page_id LEFT JOIN chunks c ON c.id = e.chunk_id
       WHERE dp.disk_id = ? ORDER BY dp.page_no, e.offset`,
   );
-  const diskRows = db.prepare('SELECT * FROM disks WHERE checkpoint_id = ? ORDER BY name').all(cpId) as {
-    id: number;
-    name: string;
-    virtual_size: number;
-    source: string | null;
-    format: string | null;
-    bitmap: string | null;
-    bytes_read: number;
-    bytes_zero: number;
-  }[];
-  const disks: ManifestDisk[] = diskRows.map((d) => {
-    const ext: number[] = [];
-    let prevEnd = 0;
-    for (const e of extStmt.iterate(d.id) as IterableIterator<{
-      offset: number;
-      length: number;
-      chunkId: number | null;
-      chunkOff: number;
-      origin: number;
-      hash: Buffer | null;
-    }>) {
-      let h = -1;
-      if (e.chunkId !== null) {
-        if (!e.hash)
-          throw new Error(`extent at ${e.offset} of disk ${d.id} references missing chunk ${e.chunkId}`);
-        const hex = e.hash.toString('hex');
-        h = hashIdx.get(hex) ?? -1;
-        if (h < 0) {
-          h = hashes.length;
-          hashes.push(hex);
-          hashIdx.set(hex, h);
-        }
-      }
-      let oi = originIdx.get(e.origin);
-      if (oi === undefined) {
-        const r = originStmt.get(e.origin) as { diskName: string; uid: string; cpName: string } | undefined;
-        oi = origins.length;
-        origins.push({
-          disk: e.origin,
-          checkpoint: r?.uid ?? null,
-          checkpointName: r?.cpName ?? null,
-          diskName: r?.diskName ?? null,
-        });
-        originIdx.set(e.origin, oi);
-      }
-      ext.push(e.offset - prevEnd, e.length, h, e.chunkOff, oi);
-      prevEnd = e.offset + e.length;
-    }
-    return {
-      id: d.id,
-      name: d.name,
-      virtualSize: d.virtual_size,
-      source: d.source,
-      format: d.format,
-      bitmap: d.bitmap,
-      bytesRead: d.bytes_read,
-      bytesZero: d.bytes_zero,
-      extents: ext,
-    };
-  });
+  const diskRows = db
+    .prepare('SELECT * FROM disks WHERE checkpoint_id = ? ORDER BY name')
+    .all(cpId) as DiskRowM[];
+  const disks = diskRows.map((d) => manifestDisk(d, extStmt, t));
   return {
     magic: MANIFEST_MAGIC,
     version: MANIFEST_VERSION,
@@ -270,9 +207,97 @@ export function buildManifest(
       chain: ref(cp.chain_id) ?? { id: cp.chain_id, uid: null, name: null },
     },
     configs: configs.map((c) => ({ name: c.name, data: c.data.toString('base64') })),
-    hashes,
-    origins,
+    hashes: t.hashes,
+    origins: t.origins,
     disks,
+  };
+}
+
+interface DiskRowM {
+  id: number;
+  name: string;
+  virtual_size: number;
+  source: string | null;
+  format: string | null;
+  bitmap: string | null;
+  bytes_read: number;
+  bytes_zero: number;
+}
+
+/** A manifest's shared tables: chunk hashes and extent origins, each stored once, by index. */
+class ManifestTables {
+  readonly hashes: string[] = [];
+  readonly origins: Manifest['origins'] = [];
+  private readonly hashIdx = new Map<string, number>();
+  private readonly originIdx = new Map<number, number>();
+  private readonly originStmt: Database.Statement;
+
+  constructor(db: Database.Database) {
+    this.originStmt = db.prepare(
+      `SELECT d.name AS diskName, c.uid AS uid, c.name AS cpName
+         FROM disks d JOIN checkpoints c ON c.id = d.checkpoint_id WHERE d.id = ?`,
+    );
+  }
+
+  hash(h: Buffer): number {
+    const hex = h.toString('hex');
+    let i = this.hashIdx.get(hex);
+    if (i === undefined) {
+      i = this.hashes.length;
+      this.hashes.push(hex);
+      this.hashIdx.set(hex, i);
+    }
+    return i;
+  }
+
+  origin(disk: number): number {
+    let i = this.originIdx.get(disk);
+    if (i === undefined) {
+      const r = this.originStmt.get(disk) as { diskName: string; uid: string; cpName: string } | undefined;
+      i = this.origins.length;
+      this.origins.push({
+        disk,
+        checkpoint: r?.uid ?? null,
+        checkpointName: r?.cpName ?? null,
+        diskName: r?.diskName ?? null,
+      });
+      this.originIdx.set(disk, i);
+    }
+    return i;
+  }
+}
+
+/** One disk of the manifest: its extents as (gap, length, hash index, chunk offset, origin index). */
+function manifestDisk(d: DiskRowM, extStmt: Database.Statement, t: ManifestTables): ManifestDisk {
+  const ext: number[] = [];
+  let prevEnd = 0;
+  for (const e of extStmt.iterate(d.id) as IterableIterator<{
+    offset: number;
+    length: number;
+    chunkId: number | null;
+    chunkOff: number;
+    origin: number;
+    hash: Buffer | null;
+  }>) {
+    let h = -1;
+    if (e.chunkId !== null) {
+      if (!e.hash)
+        throw new Error(`extent at ${e.offset} of disk ${d.id} references missing chunk ${e.chunkId}`);
+      h = t.hash(e.hash);
+    }
+    ext.push(e.offset - prevEnd, e.length, h, e.chunkOff, t.origin(e.origin));
+    prevEnd = e.offset + e.length;
+  }
+  return {
+    id: d.id,
+    name: d.name,
+    virtualSize: d.virtual_size,
+    source: d.source,
+    format: d.format,
+    bitmap: d.bitmap,
+    bytesRead: d.bytes_read,
+    bytesZero: d.bytes_zero,
+    extents: ext,
   };
 }
 

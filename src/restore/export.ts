@@ -112,44 +112,14 @@ export async function runExport(repo: Repository, o: ExportOptions): Promise<Exp
   const disks = o.disk !== undefined ? [top.disk(o.disk)] : top.disks;
   const pathCps = chainPath(repo, checkpoint);
 
-  const plans = new Map<string, LayerPlan[]>();
-  for (const d of disks) {
-    // Walk down from CP while the disk is there; the lowest layer found is the bottom.
-    const layers: { cp: CheckpointRow; disk: DiskRow }[] = [];
-    for (let i = pathCps.length - 1; i >= 0; i--) {
-      const cp = pathCps[i]!;
-      const row = checkpointDisks(repo.db, cp.id).find((x) => x.name === d.name);
-      if (!row || row.virtual_size !== d.virtual_size) break;
-      layers.unshift({ cp, disk: row });
-    }
-    const diskDir = path.join(o.to, d.name);
-    plans.set(
-      d.name,
-      layers.map((l, i) => ({
-        cp: l.cp,
-        disk: l.disk,
-        file: path.join(diskDir, `${l.cp.name}.qcow2`),
-        backing: i === 0 ? null : `${layers[i - 1]!.cp.name}.qcow2`,
-        complete: i === 0,
-      })),
-    );
-  }
+  const plans = planLayers(repo, disks, pathCps, o.to);
   const diskMap: Record<string, DiskRewrite> = {};
   for (const [name, layers] of plans) {
     diskMap[name] = { path: path.resolve(layers[layers.length - 1]!.file), format: 'qcow2' };
   }
   const cfg = o.disk === undefined ? planConfigs(o.to, top.configs(), diskMap, undefined) : null;
 
-  // Check every target before writing anything.
-  if (fs.existsSync(o.to) && !fs.statSync(o.to).isDirectory()) {
-    throw new BkfsError('TARGET_INVALID', `${o.to} exists and is not a directory`);
-  }
-  if (!o.force) {
-    const files = [...[...plans.values()].flat().map((l) => l.file), ...(cfg ? cfg.files.keys() : [])];
-    for (const f of files) {
-      if (fs.existsSync(f)) throw new BkfsError('TARGET_EXISTS', `${f} exists (use --force to replace it)`);
-    }
-  }
+  checkTargets(o, plans, cfg);
   // One level at a time, coded errors naming the user's path (makeDirs; 0700 like mkdirPrivate).
   for (const name of plans.keys()) makeDirs(path.join(o.to, name), 'export target');
 
@@ -162,47 +132,23 @@ export async function runExport(repo: Repository, o: ExportOptions): Promise<Exp
     for (const l of layers) progress.total += dataBytes(repo, l.disk.id, l.complete ? undefined : l.disk.id);
   }
   const out: ExportResult['disks'] = [];
-  let partial: string | undefined;
+  const partial: { path?: string } = {};
   try {
     stillThere(repo, pathCps, vm.name);
     for (const [name, layers] of plans) {
       const done: ExportLayer[] = [];
       for (const l of layers) {
         if (o.signal?.aborted) throw new BkfsError('INTERRUPTED', 'export interrupted');
-        const reader = new CheckpointReader(repo, vm, l.cp, { loader, readAheadBytes: 0 });
-        const size = l.disk.virtual_size;
-        const target = await createQcow2(l.file, size, l.backing !== null ? { backing: l.backing } : {});
-        partial = target.partialPath;
-        let ok = false;
-        try {
-          const own = l.complete ? reader.extents(name) : ownExtents(reader, name, l.disk.id);
-          const st = await copyRuns(
-            {
-              reader,
-              disk: l.disk,
-              target,
-              concurrency: o.concurrency ?? 8,
-              signal: o.signal,
-              onBytes: (n) => {
-                progress.done += n;
-                o.onProgress?.({ disk: name, done: progress.done, total: progress.total });
-              },
-            },
-            planRuns(own, { size, maxRun: o.runBytes ?? 4 << 20, zeros: !l.complete, fillGaps: false }),
-          );
-          await target.finish();
-          ok = true;
-          partial = undefined;
-          done.push({
-            checkpoint: l.cp.name,
-            file: l.file,
-            backing: l.backing,
-            bytesWritten: st.data,
-            bytesZeroed: st.zero,
-          });
-        } finally {
-          if (!ok) await target.abort();
-        }
+        done.push(
+          await exportLayer(
+            new CheckpointReader(repo, vm, l.cp, { loader, readAheadBytes: 0 }),
+            name,
+            l,
+            o,
+            progress,
+            partial,
+          ),
+        );
       }
       out.push({
         disk: name,
@@ -216,8 +162,8 @@ export async function runExport(repo: Repository, o: ExportOptions): Promise<Exp
       await writeConfigFiles(cfg.files);
     }
   } catch (e) {
-    if (partial !== undefined && fs.existsSync(partial) && e instanceof BkfsError) {
-      throw new BkfsError(e.code, `${e.message} (partial layer left in ${partial})`, e.data);
+    if (partial.path !== undefined && fs.existsSync(partial.path) && e instanceof BkfsError) {
+      throw new BkfsError(e.code, `${e.message} (partial layer left in ${partial.path})`, e.data);
     }
     throw e;
   } finally {
@@ -232,6 +178,101 @@ export async function runExport(repo: Repository, o: ExportOptions): Promise<Exp
     domainXml: cfg?.domainXml ?? null,
     durationMs: Date.now() - t0,
   };
+}
+
+/**
+ * The layers of each disk, bottom first: walking down from the checkpoint while the disk is there
+ * with the same size, the lowest found is the complete bottom layer; each names the one below.
+ */
+function planLayers(
+  repo: Repository,
+  disks: readonly DiskRow[],
+  pathCps: CheckpointRow[],
+  to: string,
+): Map<string, LayerPlan[]> {
+  const plans = new Map<string, LayerPlan[]>();
+  for (const d of disks) {
+    const layers: { cp: CheckpointRow; disk: DiskRow }[] = [];
+    for (let i = pathCps.length - 1; i >= 0; i--) {
+      const cp = pathCps[i]!;
+      const row = checkpointDisks(repo.db, cp.id).find((x) => x.name === d.name);
+      if (!row || row.virtual_size !== d.virtual_size) break;
+      layers.unshift({ cp, disk: row });
+    }
+    const diskDir = path.join(to, d.name);
+    plans.set(
+      d.name,
+      layers.map((l, i) => ({
+        cp: l.cp,
+        disk: l.disk,
+        file: path.join(diskDir, `${l.cp.name}.qcow2`),
+        backing: i === 0 ? null : `${layers[i - 1]!.cp.name}.qcow2`,
+        complete: i === 0,
+      })),
+    );
+  }
+  return plans;
+}
+
+/** Every target checked before anything is written: a directory, and no file there unless --force. */
+function checkTargets(
+  o: ExportOptions,
+  plans: Map<string, LayerPlan[]>,
+  cfg: { files: Map<string, unknown> } | null,
+): void {
+  if (fs.existsSync(o.to) && !fs.statSync(o.to).isDirectory()) {
+    throw new BkfsError('TARGET_INVALID', `${o.to} exists and is not a directory`);
+  }
+  if (!o.force) {
+    const files = [...[...plans.values()].flat().map((l) => l.file), ...(cfg ? cfg.files.keys() : [])];
+    for (const f of files) {
+      if (fs.existsSync(f)) throw new BkfsError('TARGET_EXISTS', `${f} exists (use --force to replace it)`);
+    }
+  }
+}
+
+/** Write one layer: its qcow2 (backed by the layer below) with the extents it owns (all: bottom). */
+async function exportLayer(
+  reader: CheckpointReader,
+  name: string,
+  l: LayerPlan,
+  o: ExportOptions,
+  progress: { done: number; total: number },
+  partial: { path?: string },
+): Promise<ExportLayer> {
+  const size = l.disk.virtual_size;
+  const target = await createQcow2(l.file, size, l.backing !== null ? { backing: l.backing } : {});
+  partial.path = target.partialPath;
+  let ok = false;
+  try {
+    const own = l.complete ? reader.extents(name) : ownExtents(reader, name, l.disk.id);
+    const st = await copyRuns(
+      {
+        reader,
+        disk: l.disk,
+        target,
+        concurrency: o.concurrency ?? 8,
+        signal: o.signal,
+        onBytes: (n) => {
+          progress.done += n;
+          o.onProgress?.({ disk: name, done: progress.done, total: progress.total });
+        },
+      },
+      planRuns(own, { size, maxRun: o.runBytes ?? 4 << 20, zeros: !l.complete, fillGaps: false }),
+    );
+    await target.finish();
+    ok = true;
+    partial.path = undefined;
+    return {
+      checkpoint: l.cp.name,
+      file: l.file,
+      backing: l.backing,
+      bytesWritten: st.data,
+      bytesZeroed: st.zero,
+    };
+  } finally {
+    if (!ok) await target.abort();
+  }
 }
 
 function* ownExtents(reader: CheckpointReader, disk: string, diskId: number) {
