@@ -64,7 +64,14 @@ import { IngestPool } from '../store/ingest-pool';
 import { CODEC_RAW, decodeStored, isRawFrames, type Codec } from '../store/codec';
 import { pageSum, writeDiskSums, type PageSum } from '../index/mapsum';
 import { reserveIdsInTx } from '../index/ids';
-import { buildManifest, readConfigs, removeManifest, storedConfig, writeManifest } from './manifest';
+import {
+  buildManifest,
+  readConfigs,
+  removeManifest,
+  storedConfig,
+  writeManifest,
+  type ExtentRow,
+} from './manifest';
 import { healDamagedChunks, refreshCheckpointDamage, rescueCandidates } from './gc';
 import { crashPoint, deleteCheckpointRows, type Repository } from './repository';
 import { pinCheckpoints } from './pins';
@@ -319,14 +326,7 @@ interface DestChunk {
   hash: Buffer;
 }
 
-interface Row {
-  offset: number;
-  length: number;
-  chunkId: number | null;
-  chunkOff: number;
-  origin: number;
-  hash: Buffer | null;
-}
+type Row = ExtentRow;
 
 class CopyJob {
   private readonly sameIds: boolean;

@@ -33,7 +33,7 @@ import type Database from 'better-sqlite3';
 import { compress } from 'zstd-napi';
 import * as zstd from 'zstd-napi/binding';
 import { BkfsError } from '../errors';
-import type { CheckpointRow } from '../index/catalog';
+import type { CheckpointRow, DiskRow } from '../index/catalog';
 import type { Repository } from './repository';
 import { crashPoint, loadConfig } from './repository';
 import type { Cipher } from '../crypto/cipher';
@@ -182,7 +182,7 @@ export function buildManifest(
   );
   const diskRows = db
     .prepare('SELECT * FROM disks WHERE checkpoint_id = ? ORDER BY name')
-    .all(cpId) as DiskRowM[];
+    .all(cpId) as DiskRow[];
   const disks = diskRows.map((d) => manifestDisk(d, extStmt, t));
   return {
     magic: MANIFEST_MAGIC,
@@ -213,15 +213,14 @@ export function buildManifest(
   };
 }
 
-interface DiskRowM {
-  id: number;
-  name: string;
-  virtual_size: number;
-  source: string | null;
-  format: string | null;
-  bitmap: string | null;
-  bytes_read: number;
-  bytes_zero: number;
+/** An extent of the index with its chunk's hash (null: a zero extent, or a chunk gone missing). */
+export interface ExtentRow {
+  offset: number;
+  length: number;
+  chunkId: number | null;
+  chunkOff: number;
+  origin: number;
+  hash: Buffer | null;
 }
 
 /** A manifest's shared tables: chunk hashes and extent origins, each stored once, by index. */
@@ -268,17 +267,10 @@ class ManifestTables {
 }
 
 /** One disk of the manifest: its extents as (gap, length, hash index, chunk offset, origin index). */
-function manifestDisk(d: DiskRowM, extStmt: Database.Statement, t: ManifestTables): ManifestDisk {
+function manifestDisk(d: DiskRow, extStmt: Database.Statement, t: ManifestTables): ManifestDisk {
   const ext: number[] = [];
   let prevEnd = 0;
-  for (const e of extStmt.iterate(d.id) as IterableIterator<{
-    offset: number;
-    length: number;
-    chunkId: number | null;
-    chunkOff: number;
-    origin: number;
-    hash: Buffer | null;
-  }>) {
+  for (const e of extStmt.iterate(d.id) as IterableIterator<ExtentRow>) {
     let h = -1;
     if (e.chunkId !== null) {
       if (!e.hash)
